@@ -1,0 +1,6 @@
+"""KV caches: the :class:`KVCache` interface and the preallocated :class:`StaticKVCache`."""
+
+from dspark.cache.base import CACHES, CacheCapacityError, CacheConfig, KVCache, register_cache
+from dspark.cache.static import StaticKVCache
+
+__all__ = ["CACHES", "CacheCapacityError", "CacheConfig", "KVCache", "StaticKVCache", "register_cache"]

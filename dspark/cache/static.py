@@ -1,0 +1,70 @@
+"""A preallocated KV cache in the gpt-fast style: no allocation per step, rollback by lengths."""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.cache.base import KVCache, register_cache
+
+
+@register_cache("static")
+class StaticKVCache(KVCache):
+    """Keys and values preallocated as one buffer ``[layers, B, 2, H_kv, max_len, D]``.
+
+    ``keys`` and ``values`` are its views ``[layers, B, H_kv, max_len, D]``; one indexed write per
+    layer stores both.
+
+    Args:
+        num_layers, batch_size, num_kv_heads, max_len, head_dim: the buffer shape.
+        dtype, device: of the buffers.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if min(num_layers, batch_size, num_kv_heads, max_len, head_dim) < 1:
+            raise ValueError(
+                f"StaticKVCache dimensions must be >= 1, got layers={num_layers} batch={batch_size} "
+                f"kv_heads={num_kv_heads} max_len={max_len} head_dim={head_dim}"
+            )
+        # zeros, not empty: masked-out garbage must still be finite so softmax never sees NaN * 0
+        self.buffer = torch.zeros(num_layers, batch_size, 2, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.keys, self.values = self.buffer[:, :, 0], self.buffer[:, :, 1]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._rows = torch.arange(batch_size, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.buffer.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.buffer.shape[4]
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> "StaticKVCache":
+        """Needs a native model (one exposing ``cache_shape()``: layers, kv heads, head dim)."""
+        if not hasattr(model, "cache_shape"):
+            raise TypeError(f"the static KV cache needs a native dspark model; {type(model).__name__} "
+                            "uses cache.name=hf_dynamic")
+        num_layers, num_kv_heads, head_dim = model.cache_shape()
+        return cls(num_layers, batch_size, num_kv_heads, max_len, head_dim, dtype=model.dtype, device=model.device)
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        self.lengths.copy_(lengths)
+
+    def advance(self, num_new: torch.Tensor) -> None:
+        """``lengths += num_new`` (``[B]`` int64): commit the tokens just written."""
+        self.lengths += num_new
+
+    def write(self, layer: int, keys_values: torch.Tensor, positions: torch.Tensor,
+              kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values ``[B, T, 2, H_kv, D]`` of ``layer`` at ``positions`` ``[B, T]``
+        (always ``lengths[:, None] + arange(T)``, computed once per forward by the model).
+
+        Returns the keys and values of positions ``[0, kv_len)``, each ``[B, H_kv, kv_len, D]``; the
+        caller masks what a request has not written. Padding tokens are written past the length too
+        (the caller guarantees ``max(lengths) + T ≤ kv_len ≤ max_len``) and are never committed.
+        """
+        # indexing dims 0 and 3 of [B, 2, H, S, D] puts the indexed dims first: [B, T, 2, H, D]
+        self.buffer[layer][self._rows.unsqueeze(1), :, :, positions] = keys_values
+        return self.keys[layer, :, :, :kv_len], self.values[layer, :, :, :kv_len]

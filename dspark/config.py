@@ -1,0 +1,165 @@
+"""Config composition: YAML (or dict) + dotlist overrides, checked against structured schemas.
+
+A config has six sections — ``target``, ``drafter``, ``verifier``, ``sampler``, ``cache``,
+``engine``. The schema of ``target`` and ``engine`` is fixed; the schema of each component section
+is the ``config_class`` of the component it names (``name:`` or ``_target_:``), so every key is
+checked against what that component accepts and a misspelled key is an error. A component
+section may be written as a bare name: ``drafter: none`` means ``drafter: {name: none}``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dspark.engine import EngineConfig
+
+
+class ConfigError(ValueError):
+    """A config has an unknown section or key, or a value of the wrong type (the message says which)."""
+
+
+@dataclass
+class TargetConfig:
+    """Config section ``target``.
+
+    Attributes:
+        path: Hugging Face checkpoint directory of the target model.
+        random: instead of ``path``, an architecture spec for a randomly initialised model
+            (``model_type`` plus ``transformers`` config keys, and an optional ``seed``) — for tests,
+            benchmarks and trying dspark without weights.
+        tokenizer: tokenizer directory (default: ``path``), or ``bytes`` for a built-in byte-level
+            tokenizer (256 byte tokens + EOS), or ``null`` for token-id prompts only.
+        backend: ``auto`` (native when the architecture allows), ``native`` or ``hf``.
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` …
+        trust_remote_code: allow ``transformers`` to run code shipped with a checkpoint (off by default).
+    """
+
+    path: str | None = None
+    random: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    backend: str = "auto"
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+SECTIONS = ("target", "drafter", "verifier", "sampler", "cache", "engine")
+FIXED_SCHEMAS = {"target": TargetConfig, "engine": EngineConfig}
+
+
+def _component_registries():
+    from dspark.cache import CACHES
+    from dspark.drafters import DRAFTERS
+    from dspark.samplers import SAMPLERS
+    from dspark.verifiers import VERIFIERS
+
+    return {"drafter": DRAFTERS, "verifier": VERIFIERS, "sampler": SAMPLERS, "cache": CACHES}
+
+
+def config_dirs() -> list[Path]:
+    """Where bare config names (``ar``, ``ngram`` …) are looked up: ``$DSPARK_CONFIG_PATH``, then the repo's ``configs/``."""
+    dirs = [Path(p) for p in os.environ.get("DSPARK_CONFIG_PATH", "").split(os.pathsep) if p]
+    return dirs + [Path(__file__).resolve().parent.parent / "configs"]
+
+
+def _read(config) -> DictConfig:
+    if isinstance(config, DictConfig):
+        return config.copy()
+    if isinstance(config, dict):
+        return OmegaConf.create(config)
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file() and path.suffix == "":
+            for directory in config_dirs():
+                if (directory / f"{config}.yaml").is_file():
+                    path = directory / f"{config}.yaml"
+                    break
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(config)!r} not found (searched also: {', '.join(map(str, config_dirs()))})")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        return loaded
+    raise TypeError(f"config must be a YAML path, a dict or a DictConfig, got {type(config).__name__}")
+
+
+def load_config(config=None, overrides=()) -> DictConfig:
+    """Compose and validate a config.
+
+    Args:
+        config: YAML path (or a bare name found in :func:`config_dirs`), dict, ``DictConfig`` or ``None``
+            (all defaults).
+        overrides: dotlist strings such as ``"drafter.num_speculative_tokens=5"``.
+
+    Returns:
+        A read-only ``DictConfig`` whose sections are typed by their schemas.
+
+    Raises:
+        ConfigError: unknown section or key (the message lists the allowed ones) or a badly typed value.
+    """
+    raw = _read(config) if config is not None else OmegaConf.create({})
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot apply overrides {overrides}: {err}") from err
+
+    unknown = [key for key in raw if key not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; allowed sections: {', '.join(SECTIONS)}")
+
+    registries = _component_registries()
+    composed = {}
+    for section in SECTIONS:
+        value = raw.get(section)
+        if isinstance(value, str):  # `drafter: none`
+            value = OmegaConf.create({"name": value})
+        if value is None:
+            value = OmegaConf.create({})
+        if not isinstance(value, DictConfig):
+            raise ConfigError(f"config section {section!r} must be a mapping or a component name, got {value!r}")
+        if section in FIXED_SCHEMAS:
+            schema = FIXED_SCHEMAS[section]
+        else:
+            defaults = OmegaConf.structured(registries[section].base.config_class)
+            name = value.get("name", defaults.get("name"))
+            cls = registries[section].resolve(name, value.get("_target_"))
+            schema = cls.config_class
+            if "name" not in value and not value.get("_target_"):
+                value.name = name
+        composed[section] = _merge_section(section, schema, value)
+    result = OmegaConf.create(composed)
+    OmegaConf.set_readonly(result, True)
+    return result
+
+
+def _merge_section(section: str, schema: type, value: DictConfig) -> DictConfig:
+    structured = OmegaConf.structured(schema)
+    allowed = [f.name for f in fields(schema)]
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"unknown key {section}.{key} for {schema.__name__}; allowed keys: {', '.join(allowed)}")
+    try:
+        return OmegaConf.merge(structured, value)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid value in section {section!r}: {err.msg if hasattr(err, 'msg') else err}") from err
+
+
+def section_object(cfg: DictConfig, section: str):
+    """The dataclass instance of one composed section (what a component's constructor receives)."""
+    return OmegaConf.to_object(cfg[section])
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The composed config as YAML (for logs and reproducibility)."""
+    return OmegaConf.to_yaml(cfg)

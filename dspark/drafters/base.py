@@ -1,0 +1,101 @@
+"""The drafter interface: propose up to γ tokens per request for the target to verify."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from dspark.records import DecodingState, DraftProposal, ModelOutput, SamplingParams, VerificationResult
+from dspark.registry import Registry
+
+
+@dataclass
+class DrafterConfig:
+    """Config section ``drafter`` (subclasses add their own keys).
+
+    Attributes:
+        name: registered drafter (``none``, ``ngram``, ``draft_model`` …).
+        _target_: dotted path of a user's :class:`Drafter` subclass (wins over ``name``).
+        num_speculative_tokens: γ, drafts proposed per round.
+    """
+
+    name: str = "none"
+    _target_: str | None = None
+    num_speculative_tokens: int = 0
+
+
+class Drafter(ABC):
+    """Proposes draft tokens; keeps whatever per-request state it needs in step with the target.
+
+    Life cycle per ``generate`` batch: :meth:`start` once after the target's prefill, then per round
+    :meth:`propose` → (target verifies) → :meth:`commit`. Subclasses register themselves with
+    ``@register_drafter("name")`` and declare a ``config_class`` dataclass for their config keys.
+
+    Args:
+        config: this drafter's config section.
+        target: the target model (drafters may share its embedding or read its hidden states).
+        sampler: the sampler the verifier uses; drafters that sample must use it for ``q``.
+        draft_model: an optional separate model (for drafters that need one).
+    """
+
+    config_class = DrafterConfig
+    #: target decoder layers whose hidden states this drafter reads (passed to :meth:`start` / :meth:`commit`)
+    hidden_layers: tuple[int, ...] = ()
+
+    def __init__(self, config: DrafterConfig, *, target, sampler, draft_model=None):
+        gamma = config.num_speculative_tokens
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < self.min_gamma:
+            raise ValueError(
+                f"drafter.num_speculative_tokens must be an integer >= {self.min_gamma} for drafter "
+                f"{getattr(self, 'registered_name', type(self).__name__)!r}, got {gamma!r}"
+            )
+        self.config = config
+        self.target = target
+        self.sampler = sampler
+        self.draft_model = draft_model
+
+    #: smallest allowed γ (1 for real drafters; the ``none`` drafter allows 0)
+    min_gamma = 1
+
+    @property
+    def gamma(self) -> int:
+        """γ, the number of drafts per round."""
+        return self.config.num_speculative_tokens
+
+    def num_uniforms(self, params: SamplingParams) -> int:
+        """Uniform draws per request per round that :meth:`propose` consumes (0 if it never samples)."""
+        return 0
+
+    def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
+        """Called once per batch after the target's prefill.
+
+        ``target_output.hidden_states`` holds :attr:`hidden_layers` over the prompt ``[B, P_max, H]``;
+        ``max_len`` bounds the positions any request will reach (size caches with it).
+        """
+
+    @abstractmethod
+    def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
+        """Draft up to γ tokens after each request's anchor.
+
+        Args:
+            state: the batch (``state.tokens`` holds prompt + generated tokens, ``state.anchor`` the last).
+            uniforms: ``[B, num_uniforms(params)]`` draws in ``[0, 1)`` from each request's generator.
+
+        Returns:
+            a :class:`DraftProposal` of width γ.
+        """
+
+    def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
+               target_output: ModelOutput) -> None:
+        """After verification: drop rejected drafts from the drafter's own state.
+
+        ``state`` is already updated with the emitted tokens; ``target_output.hidden_states`` covers the
+        verified inputs ``[anchor, x_1..x_γ]`` (``[B, γ+1, H]`` per layer); of those, the anchor and the
+        first ``result.num_accepted[b]`` drafts are now committed context.
+        """
+
+
+DRAFTERS: Registry = Registry("drafter", Drafter)
+register_drafter = DRAFTERS.register

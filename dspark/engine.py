@@ -1,0 +1,334 @@
+"""The decoding engine: prefill, then speculative rounds until every request is done.
+
+One round, for a batch of ``B`` requests (vocabulary of anchor / draft / accepted / recovered /
+bonus tokens in :mod:`dspark.records`):
+
+1. **draft** — the drafter proposes ``x_1..x_γ`` after each anchor;
+2. **schedule** — choose how many drafts to verify per request (all of them, for now);
+3. **verify forward** — one target forward over ``[anchor, x_1..x_ℓ]`` per request;
+4. **verify** — the verifier keeps ``n_b`` drafts and picks the recovered or bonus token;
+5. **accept** — append the ``n_b + 1`` tokens, stopping at EOS or ``max_new_tokens``;
+6. **roll back** — the target cache keeps the anchor and the accepted drafts; the drafter
+   drops its rejected state.
+
+All loop state lives on the model's device; the host reads one small tensor per round (which
+requests are done, and the longest cache) — the only synchronisation in the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dspark.cache import CacheConfig, StaticKVCache
+from dspark.drafters import Drafter
+from dspark.records import DecodingState, DraftProposal, SamplingParams
+from dspark.samplers import Sampler
+from dspark.verifiers import Verifier
+
+
+@dataclass
+class EngineConfig:
+    """Config section ``engine``.
+
+    Attributes:
+        max_batch_size: requests decoded together; longer prompt lists are split into batches.
+        kv_len_multiple: attention reads the cache up to the longest request rounded up to this
+            multiple (fewer distinct shapes for compiled kernels; 1 = exact).
+        progress: show a progress bar over rounds.
+        compile: ``torch.compile`` the target's round forward (static shapes: attention reads the
+            whole cache, one graph per batch size). Pays off for small models whose step time is
+            dominated by per-operation overhead; the first round of each shape compiles (seconds
+            to a minute).
+    """
+
+    max_batch_size: int = 64
+    kv_len_multiple: int = 16
+    progress: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"engine.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.kv_len_multiple < 1:
+            raise ValueError(f"engine.kv_len_multiple must be >= 1, got {self.kv_len_multiple}")
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one ``generate`` call (aggregated over its requests).
+
+    Attributes:
+        rounds: decoding rounds (target verification forwards of the batch), prefill excluded.
+        target_forwards: request-rounds, i.e. target forwards summed over requests.
+        generated_tokens: tokens generated, over all requests.
+        drafted_tokens / verified_tokens / accepted_tokens: over all request-rounds.
+        mean_accepted_length: τ, tokens emitted per target forward (accepted drafts + the bonus or
+            recovered token), averaged over request-rounds.
+        acceptance_by_position: conditional acceptance at draft position k: P(x_k accepted |
+            x_1..x_{k-1} accepted and x_k verified); ``None`` where position k was never verified.
+        reached_by_position / accepted_by_position_counts: the counts behind it (denominator, numerator).
+        wall_time_s, prefill_time_s: seconds; tokens_per_second: generated tokens / wall time.
+        per_request: the same counters per request (generated, target_forwards, accepted, verified).
+    """
+
+    rounds: int = 0
+    target_forwards: int = 0
+    generated_tokens: int = 0
+    drafted_tokens: int = 0
+    verified_tokens: int = 0
+    accepted_tokens: int = 0
+    mean_accepted_length: float = 0.0
+    acceptance_by_position: list[float | None] = field(default_factory=list)
+    reached_by_position: list[int] = field(default_factory=list)
+    accepted_by_position_counts: list[int] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    tokens_per_second: float = 0.0
+    per_request: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        acc = ", ".join("-" if a is None else f"{a:.2f}" for a in self.acceptance_by_position)
+        return (f"{self.generated_tokens} tokens in {self.wall_time_s:.2f}s ({self.tokens_per_second:.1f} tok/s), "
+                f"{self.rounds} rounds, tau={self.mean_accepted_length:.2f}"
+                + (f", acceptance by position [{acc}]" if acc else ""))
+
+    @staticmethod
+    def merge(parts: list["GenerationStats"]) -> "GenerationStats":
+        """Combine the stats of consecutive batches of one call."""
+        if len(parts) == 1:
+            return parts[0]
+        total = GenerationStats()
+        for name in ("rounds", "target_forwards", "generated_tokens", "drafted_tokens", "verified_tokens",
+                     "accepted_tokens", "wall_time_s", "prefill_time_s"):
+            setattr(total, name, sum(getattr(p, name) for p in parts))
+        total.per_request = [r for p in parts for r in p.per_request]
+        emitted = sum(r["accepted"] + r["target_forwards"] for r in total.per_request)
+        total.mean_accepted_length = emitted / max(total.target_forwards, 1)
+        reached = [sum(column) for column in zip(*(p.reached_by_position for p in parts))]
+        accepted = [sum(column) for column in zip(*(p.accepted_by_position_counts for p in parts))]
+        total.reached_by_position, total.accepted_by_position_counts = reached, accepted
+        total.acceptance_by_position = [a / r if r else None for a, r in zip(accepted, reached)]
+        total.tokens_per_second = total.generated_tokens / max(total.wall_time_s, 1e-9)
+        return total
+
+
+class Engine:
+    """Runs batched speculative (or plain, with the ``none`` drafter) decoding.
+
+    Args:
+        target: the target model (a dspark model: ``forward(input_ids, cache, num_new, …)``).
+        drafter, verifier, sampler: the round's components.
+        cache_class: the :class:`~dspark.cache.KVCache` subclass for the target (default: static).
+        cache_config, engine_config: the ``cache`` and ``engine`` config sections.
+        eos_token_ids: tokens that end a request (may be empty).
+    """
+
+    def __init__(self, target, drafter: Drafter, verifier: Verifier, sampler: Sampler, *, cache_class=None,
+                 cache_config: CacheConfig | None = None, engine_config: EngineConfig | None = None,
+                 eos_token_ids: list[int] | tuple[int, ...] = ()):
+        self.target = target
+        self.drafter = drafter
+        self.verifier = verifier
+        self.sampler = sampler
+        self.cache_config = cache_config or CacheConfig()
+        self.cache_class = cache_class or StaticKVCache
+        self.config = engine_config or EngineConfig()
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.device = target.device
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
+        self._cache = None
+        self._round_forward = torch.compile(target, dynamic=False) if self.config.compile else target
+
+    # ------------------------------------------------------------------ sizing
+    def cache_len_needed(self, max_prompt_len: int, max_new_tokens: int) -> int:
+        """Positions per request a batch needs: prompt + budget + one round of lookahead (γ + 1)."""
+        return max_prompt_len + max_new_tokens + self.drafter.gamma + 1
+
+    def check_fits(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """Raise ``ValueError`` (before any compute) if a request cannot fit in the cache or the model."""
+        capacity = self.cache_config.max_len
+        max_positions = getattr(self.target, "max_position_embeddings", None)
+        for i, length in enumerate(prompt_lengths):
+            if capacity is not None and length > capacity:
+                raise ValueError(f"prompt {i} has {length} tokens, longer than the KV cache (cache.max_len={capacity})")
+            if capacity is not None and self.cache_len_needed(length, max_new_tokens) > capacity:
+                raise ValueError(
+                    f"prompt {i} ({length} tokens) + max_new_tokens ({max_new_tokens}) + one round of lookahead "
+                    f"({self.drafter.gamma + 1}) needs {self.cache_len_needed(length, max_new_tokens)} cache positions, "
+                    f"more than cache.max_len={capacity}"
+                )
+            if max_positions is not None and length + max_new_tokens > max_positions:
+                raise ValueError(
+                    f"prompt {i} ({length} tokens) + max_new_tokens ({max_new_tokens}) exceeds the target's "
+                    f"max_position_embeddings ({max_positions})"
+                )
+
+    def _get_cache(self, batch_size: int, max_len: int):
+        """Reuse the cache when it is big enough for this batch; allocate otherwise (not per step)."""
+        if self.cache_config.max_len is not None:
+            max_len = self.cache_config.max_len
+        cache = self._cache
+        if cache is None or cache.batch_size != batch_size or cache.max_len < max_len:
+            cache = self._cache = self.cache_class.for_model(self.target, batch_size, max_len)
+        cache.reset()
+        return cache
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
+                 seeds: list[int], ignore_eos: bool = False, progress=None) -> tuple[list[list[int]], GenerationStats]:
+        """Decode one batch of token-id prompts (already validated); return generated ids and stats."""
+        started = time.perf_counter()
+        batch, device, gamma = len(prompts), self.device, self.drafter.gamma
+        prompt_lengths = [len(p) for p in prompts]
+        max_prompt = max(prompt_lengths)
+        max_len = self.cache_len_needed(max_prompt, max_new_tokens)
+
+        tokens = torch.zeros(batch, max_len, dtype=torch.long)
+        for b, prompt in enumerate(prompts):
+            tokens[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        lengths = torch.tensor(prompt_lengths, dtype=torch.long)
+        state = DecodingState(tokens=tokens.to(device), prompt_lengths=lengths.to(device), lengths=lengths.clone().to(device),
+                              done=torch.zeros(batch, dtype=torch.bool, device=device),
+                              max_new_tokens=max_new_tokens, params=params)
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        stopper = _Stopper(self._eos if not ignore_eos else self._eos[:0], max_new_tokens)
+        counters = _Counters(batch, gamma, device)
+        cache = self._get_cache(batch, max_len)
+
+        # prefill: the prompt goes into the cache; its last logits give the first token
+        last = state.prompt_lengths - 1
+        out = self.target(state.tokens[:, :max_prompt], cache, state.prompt_lengths,
+                          logits_positions=last.unsqueeze(1), hidden_layers=self.drafter.hidden_layers,
+                          kv_len=max_prompt)
+        no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0), num_tokens=state.tokens.new_zeros(batch))
+        uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
+        first = self.verifier.verify(out.logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
+        stopper.append(state, first.tokens, torch.ones_like(state.lengths))
+        self.drafter.start(state, out, max_len)
+        prefill_time = time.perf_counter() - started
+
+        status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()  # the one sync
+        while not all(status[:batch]):
+            active, kv_bound = [not d for d in status[:batch]], status[batch]
+            self._round(state, cache, generators, active, kv_bound, stopper, counters)
+            if progress is not None:
+                progress.update(1)
+            status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()
+
+        generated = [state.tokens[b, prompt_lengths[b]: int(state.lengths[b])].tolist() for b in range(batch)]
+        wall = time.perf_counter() - started
+        return generated, counters.stats(generated, wall, prefill_time)
+
+    def _round(self, state: DecodingState, cache, generators, active: list[bool], kv_bound: int,
+               stopper: "_Stopper", counters: "_Counters") -> None:
+        """One speculative round over the batch (finished requests ride along with nothing to verify)."""
+        params, gamma = state.params, self.drafter.gamma
+        n_draft = self.drafter.num_uniforms(params)
+        uniforms = _draw_uniforms(generators, active, n_draft + self.verifier.num_uniforms(gamma, params), self.device)
+
+        # 1. draft: x_1..x_γ after each anchor                                   tokens [B, γ]
+        proposal = self.drafter.propose(state, uniforms[:, :n_draft])
+        # 2. schedule: verify every proposed draft of every unfinished request    [B]
+        finished = state.done.clone()
+        num_verify = torch.where(finished, 0, proposal.num_tokens)
+        proposal = replace(proposal, num_tokens=num_verify)
+        # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
+        inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
+        num_new = torch.where(finished, 0, num_verify + 1)
+        kv_len = cache.max_len if self.config.compile else min(
+            _round_up(kv_bound + gamma + 1, self.config.kv_len_multiple), cache.max_len)
+        out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
+        # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
+        result = self.verifier.verify(out.logits, proposal, sampler=self.sampler, params=params,
+                                      uniforms=uniforms[:, n_draft:])
+        num_accepted = torch.where(finished, 0, result.num_accepted)
+        # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens
+        stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))
+        # 6. roll back: the target cache keeps the anchor and the accepted drafts
+        cache.rollback(num_verify - num_accepted)
+        self.drafter.commit(state, proposal, replace(result, num_accepted=num_accepted), out)
+        counters.update(finished, num_verify, num_accepted, proposal.num_tokens)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _draw_uniforms(generators: list[torch.Generator], active: list[bool], count: int, device) -> torch.Tensor:
+    """``[B, count]`` uniforms in [0, 1); each active request draws from its own generator, finished
+    requests draw nothing (their rows are zeros), so a request's stream never depends on the batch."""
+    uniforms = torch.zeros(len(generators), count, device=device)
+    for b, generator in enumerate(generators):
+        if active[b] and count:
+            uniforms[b].uniform_(generator=generator)
+    return uniforms
+
+
+class _Stopper:
+    """Appends emitted tokens to the state and marks requests done at EOS or the token budget."""
+
+    def __init__(self, eos: torch.Tensor, max_new_tokens: int):
+        self.eos = eos
+        self.max_new_tokens = max_new_tokens
+
+    def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor) -> None:
+        """emitted ``[B, K]``, of which the first ``num_emitted[b]`` are real."""
+        width = emitted.shape[1]
+        offsets = torch.arange(width, device=emitted.device)
+        num_emitted = torch.minimum(num_emitted, self.max_new_tokens - state.num_generated)
+        if self.eos.numel():
+            is_eos = torch.isin(emitted, self.eos) & (offsets < num_emitted.unsqueeze(1))
+            hit_eos = is_eos.any(1)
+            num_emitted = torch.where(hit_eos, is_eos.long().argmax(1) + 1, num_emitted)
+        else:
+            hit_eos = torch.zeros_like(state.done)
+        # positions past num_emitted receive padding past the request's length: harmless, never read
+        state.tokens.scatter_(1, state.lengths.unsqueeze(1) + offsets, emitted)
+        state.lengths += num_emitted
+        state.done |= hit_eos | (state.num_generated >= self.max_new_tokens)
+
+
+class _Counters:
+    """Device-side statistics, read once at the end."""
+
+    def __init__(self, batch: int, gamma: int, device):
+        self.gamma = gamma
+        self.rounds = 0
+        self.forwards = torch.zeros(batch, dtype=torch.long, device=device)
+        self.drafted = torch.zeros(batch, dtype=torch.long, device=device)
+        self.verified = torch.zeros(batch, dtype=torch.long, device=device)
+        self.accepted = torch.zeros(batch, dtype=torch.long, device=device)
+        self.reached = torch.zeros(gamma, dtype=torch.long, device=device)  # x_k verified, x_<k accepted
+        self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
+
+    def update(self, finished, num_verify, num_accepted, num_drafted) -> None:
+        self.rounds += 1
+        self.forwards += ~finished
+        self.drafted += torch.where(finished, 0, num_drafted)
+        self.verified += num_verify
+        self.accepted += num_accepted
+        if self.gamma:
+            k = torch.arange(self.gamma, device=num_verify.device)
+            reached = (k < num_verify.unsqueeze(1)) & (k <= num_accepted.unsqueeze(1))
+            self.reached += reached.sum(0)
+            self.accepted_at += (k < num_accepted.unsqueeze(1)).sum(0)
+
+    def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
+        forwards, drafted, verified, accepted = (t.tolist() for t in (self.forwards, self.drafted, self.verified, self.accepted))
+        reached, accepted_at = self.reached.tolist(), self.accepted_at.tolist()
+        total_generated = sum(len(g) for g in generated)
+        return GenerationStats(
+            rounds=self.rounds, target_forwards=sum(forwards), generated_tokens=total_generated,
+            drafted_tokens=sum(drafted), verified_tokens=sum(verified), accepted_tokens=sum(accepted),
+            mean_accepted_length=(sum(accepted) + sum(forwards)) / max(sum(forwards), 1),
+            acceptance_by_position=[a / r if r else None for a, r in zip(accepted_at, reached)],
+            reached_by_position=reached, accepted_by_position_counts=accepted_at,
+            wall_time_s=wall, prefill_time_s=prefill, tokens_per_second=total_generated / max(wall, 1e-9),
+            per_request=[dict(generated=len(g), target_forwards=f, drafted=d, verified=v, accepted=a)
+                         for g, f, d, v, a in zip(generated, forwards, drafted, verified, accepted)],
+        )

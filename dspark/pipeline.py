@@ -1,0 +1,216 @@
+"""The public API: :func:`build_pipeline` composes a config into a :class:`Pipeline` that generates."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dspark.config import load_config, section_object
+from dspark.engine import Engine, GenerationStats
+from dspark.models import load_model, random_hf_model
+from dspark.records import SamplingParams
+from dspark.tokenization import has_tokenizer_files, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`Pipeline.generate` returns.
+
+    Attributes:
+        token_ids: generated tokens only, one list per request (EOS included when it ended the request).
+        texts: decoded generations (special tokens skipped) when the pipeline has a tokenizer, else ``None``.
+        stats: :class:`~dspark.engine.GenerationStats` of the call.
+    """
+
+    token_ids: list[list[int]]
+    texts: list[str] | None
+    stats: GenerationStats
+
+
+class Pipeline:
+    """A target, a drafter, a verifier, a sampler and a cache, composed into a generator.
+
+    Build one with :func:`build_pipeline`.
+    """
+
+    def __init__(self, config: DictConfig, engine: Engine, tokenizer=None):
+        self.config = config
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    @property
+    def target(self):
+        """The target model."""
+        return self.engine.target
+
+    @property
+    def drafter(self):
+        """The drafter."""
+        return self.engine.drafter
+
+    def encode(self, prompts) -> list[list[int]]:
+        """Validate prompts and turn them into token-id lists (strings need a tokenizer)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a list of strings or a list of token-id lists")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: give at least one prompt")
+        vocab = self.target.vocab_size
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is a string but this pipeline has no tokenizer; pass token-id lists, "
+                                     "or a tokenizer (build_pipeline(tokenizer=...) or target.tokenizer)")
+                if prompt == "":
+                    raise ValueError(f"prompt {i} is an empty string")
+                ids = self.tokenizer(prompt)["input_ids"]
+            elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+                ids = [int(t) for t in prompt]
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            else:
+                raise TypeError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} is empty (0 tokens)")
+            encoded.append(ids)
+        return encoded
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
+                 progress: bool | None = None) -> GenerationResult:
+        """Generate continuations of ``prompts``.
+
+        Args:
+            prompts: ``list[str]`` (needs a tokenizer) or ``list[list[int]]``.
+            max_new_tokens: generation budget per request (≥ 1).
+            temperature, top_k, top_p, min_p: sampling settings (see :class:`~dspark.records.SamplingParams`).
+            seed: one int (request ``i`` uses ``seed + i``), one int per request, or ``None`` (fresh
+                seeds from ``torch``'s global generator).
+            ignore_eos: keep generating past EOS until ``max_new_tokens``.
+            progress: show a progress bar (default: ``engine.progress``).
+
+        All arguments are checked before any compute; a bad one raises ``ValueError``/``TypeError``.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
+                                else temperature, top_k, top_p, min_p).validate()
+        encoded = self.encode(prompts)
+        seeds = _request_seeds(seed, len(encoded))
+        self.engine.check_fits([len(p) for p in encoded], max_new_tokens)
+
+        show = self.engine.config.progress if progress is None else progress
+        bar = _progress_bar(show, max_new_tokens)
+        token_ids, parts = [], []
+        size = self.engine.config.max_batch_size
+        for start in range(0, len(encoded), size):
+            ids, stats = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
+                                              seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar)
+            token_ids += ids
+            parts.append(stats)
+        if bar is not None:
+            bar.close()
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+        return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts))
+
+
+def _request_seeds(seed, count: int) -> list[int]:
+    if seed is None:
+        return torch.randint(0, 2**62, (count,)).tolist()
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, a list of ints, or None")
+    if isinstance(seed, int):
+        return [seed + i for i in range(count)]
+    seeds = list(seed)
+    if len(seeds) != count or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seed must be an int or one int per request ({count}), got {seed!r}")
+    return seeds
+
+
+def _progress_bar(show: bool, total_tokens: int):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="decoding rounds", unit="round")
+
+
+def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenizer=None, overrides=()) -> Pipeline:
+    """Compose a config into a :class:`Pipeline`.
+
+    Args:
+        config: YAML path or bare config name (``"ar"``), dict, ``DictConfig`` or ``None``.
+        target_model: a ``transformers`` model, a dspark model or a checkpoint directory that replaces
+            ``target.path`` / ``target.random``.
+        draft_model: the same for drafters that need a separate model (replaces the drafter's configured one).
+        tokenizer: a tokenizer object or directory (default: ``target.tokenizer``, else the target
+            checkpoint's own tokenizer files if it has them).
+        overrides: dotlist strings, e.g. ``["drafter.num_speculative_tokens=5"]``.
+    """
+    from dspark.cache import CACHES
+    from dspark.drafters import DRAFTERS
+    from dspark.samplers import SAMPLERS
+    from dspark.verifiers import VERIFIERS
+
+    cfg = load_config(config, overrides)
+    target_cfg = section_object(cfg, "target")
+    # resolve every component class first: a bad name fails before any model is loaded
+    sampler_cls = SAMPLERS.resolve(cfg.sampler.name, cfg.sampler.get("_target_"))
+    verifier_cls = VERIFIERS.resolve(cfg.verifier.name, cfg.verifier.get("_target_"))
+    drafter_cls = DRAFTERS.resolve(cfg.drafter.name, cfg.drafter.get("_target_"))
+    cache_cls = CACHES.resolve(cfg.cache.name, cfg.cache.get("_target_"))
+
+    source = target_model
+    if source is None:
+        if target_cfg.path is not None:
+            source = target_cfg.path
+        elif target_cfg.random is not None:
+            spec = dict(target_cfg.random)
+            seed = int(spec.pop("seed", 0))
+            source = random_hf_model(spec, seed=seed)
+        else:
+            raise ValueError("no target model: set target.path (a checkpoint directory) or target.random, "
+                             "or pass build_pipeline(target_model=...)")
+    target = load_model(source, dtype=target_cfg.dtype, device=target_cfg.device, backend=target_cfg.backend,
+                        trust_remote_code=target_cfg.trust_remote_code)
+
+    if tokenizer is None:
+        if target_cfg.tokenizer is not None:
+            tokenizer = target_cfg.tokenizer
+        elif isinstance(source, (str, Path)) and has_tokenizer_files(source):
+            tokenizer = source
+    tokenizer = load_tokenizer(tokenizer)
+
+    sampler = sampler_cls(section_object(cfg, "sampler"))
+    verifier = verifier_cls(section_object(cfg, "verifier"))
+    drafter = drafter_cls(section_object(cfg, "drafter"), target=target, sampler=sampler, draft_model=draft_model)
+    if not hasattr(target, "cache_shape") and cfg.cache.name == "static" and not cfg.cache.get("_target_"):
+        log.info("the transformers adapter cannot use the static cache; using cache.name=hf_dynamic")
+        cache_cls = CACHES.get("hf_dynamic")
+    engine = Engine(target, drafter, verifier, sampler, cache_class=cache_cls, cache_config=section_object(cfg, "cache"),
+                    engine_config=section_object(cfg, "engine"), eos_token_ids=_eos_ids(target, tokenizer))
+    return Pipeline(cfg, engine, tokenizer)
+
+
+def _eos_ids(target, tokenizer) -> list[int]:
+    """EOS ids from the target's generation config, else its config, else the tokenizer."""
+    ids = []
+    hf_config = getattr(target, "hf_config", None)
+    generation_config = getattr(target, "generation_config", None)
+    for source in (generation_config, hf_config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids = [value] if isinstance(value, int) else list(value)
+            break
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return [i for i in ids if 0 <= i < target.vocab_size]

@@ -1,0 +1,142 @@
+"""The small typed records that pass between the components of one decoding round.
+
+Vocabulary (used everywhere in dspark):
+
+* **anchor** — the last committed token of a request. It is not yet in the target's KV cache;
+  each round feeds it to the target first.
+* **draft tokens** ``x_1..x_ℓ`` — the drafter's proposal for the tokens after the anchor.
+* **accepted tokens** — the longest prefix of the drafts that verification keeps.
+* **recovered token** — after the first rejected draft ``x_k``, a token sampled from the residual
+  ``norm(max(0, p_k − q_k))``; it replaces ``x_k``.
+* **bonus token** — when every verified draft is accepted, a token sampled from ``p_{ℓ+1}``.
+
+Every round emits the accepted tokens followed by exactly one recovered-or-bonus token, which
+becomes the next anchor. Shapes use ``B`` = batch, ``γ`` = drafts per round (the drafter's
+``num_speculative_tokens``), ``V`` = vocabulary, ``H`` = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How logits become the distribution tokens are drawn from (validated by :meth:`validate`).
+
+    ``temperature == 0`` means greedy (argmax); ``top_k == 0`` and ``top_p == 1`` and
+    ``min_p == 0`` disable those filters.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding takes the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        """Raise ``ValueError`` naming the bad parameter and the allowed range; return self."""
+        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
+        if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1] (0 = disabled), got {self.min_p!r}")
+        return self
+
+
+@dataclass
+class DraftProposal:
+    """What a drafter proposes for one round.
+
+    Attributes:
+        tokens: ``[B, γ]`` int64 draft tokens ``x_1..x_γ``; entries past ``num_tokens[b]`` are padding.
+        num_tokens: ``[B]`` int64, ``ℓ_b ≤ γ`` drafts that request ``b`` offers (0 for finished requests).
+        probs: ``[B, γ, V]`` float draft distributions ``q_k`` the tokens were sampled from, after the
+            sampler's processing; ``None`` for deterministic drafters (``q`` is one-hot at ``tokens``).
+        confidence: ``[B, γ]`` float predicted acceptance per position, or ``None``.
+    """
+
+    tokens: torch.Tensor
+    num_tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+
+    @property
+    def gamma(self) -> int:
+        """γ, the width of the proposal."""
+        return self.tokens.shape[1]
+
+
+@dataclass
+class VerificationResult:
+    """What the verifier decided for one round.
+
+    Attributes:
+        num_accepted: ``[B]`` int64 accepted drafts ``n_b ≤ ℓ_b``.
+        tokens: ``[B, γ+1]`` int64: the accepted drafts in ``[:, :n_b]`` and the recovered or bonus
+            token at ``[:, n_b]``; entries after that are padding. A round emits ``n_b + 1`` tokens.
+    """
+
+    num_accepted: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class ModelOutput:
+    """A forward pass of a language model over ``T`` new tokens per request.
+
+    Attributes:
+        logits: ``[B, K, V]`` float logits at the requested positions (``K = T`` unless the caller
+            asked for a subset with ``logits_positions``).
+        hidden_states: one ``[B, T, H]`` tensor per requested layer id (outputs of those decoder
+            layers, before the final norm), in the order requested.
+    """
+
+    logits: torch.Tensor
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class DecodingState:
+    """Per-request state of a batch being decoded; every tensor lives on the model's device.
+
+    Attributes:
+        tokens: ``[B, W]`` int64 prompt followed by the generated tokens (right-padded).
+        prompt_lengths: ``[B]`` int64 prompt length ``P_b``.
+        lengths: ``[B]`` int64 committed tokens ``P_b + generated_b``; the anchor is
+            ``tokens[b, lengths[b] - 1]``.
+        done: ``[B]`` bool, request finished (EOS or ``max_new_tokens``).
+        max_new_tokens: the per-call generation budget (a Python int).
+        params: the sampling parameters of this call.
+    """
+
+    tokens: torch.Tensor
+    prompt_lengths: torch.Tensor
+    lengths: torch.Tensor
+    done: torch.Tensor
+    max_new_tokens: int
+    params: SamplingParams
+
+    @property
+    def batch_size(self) -> int:
+        """B."""
+        return self.tokens.shape[0]
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """``[B]`` the last committed token of each request."""
+        return self.tokens.gather(1, (self.lengths - 1).unsqueeze(1)).squeeze(1)
+
+    @property
+    def num_generated(self) -> torch.Tensor:
+        """``[B]`` tokens generated so far."""
+        return self.lengths - self.prompt_lengths

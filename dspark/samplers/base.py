@@ -1,0 +1,69 @@
+"""The sampler interface: the one place where logits become the distribution tokens are drawn from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from dspark.records import SamplingParams
+from dspark.registry import Registry
+
+
+@dataclass
+class SamplerConfig:
+    """Config section ``sampler``: ``name`` of a registered sampler (``default``)."""
+
+    name: str = "default"
+
+
+def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: the token ``i`` with ``cdf[i-1] ≤ u·total < cdf[i]``.
+
+    Args:
+        probs: ``[..., V]`` non-negative weights (need not sum to 1; each row must have mass).
+        uniforms: ``[...]`` draws in ``[0, 1)``, one per row.
+
+    Returns:
+        ``[...]`` int64 tokens. A token of zero weight is never returned.
+    """
+    cdf = probs.cumsum(-1)
+    total = cdf[..., -1:].contiguous()
+    token = torch.searchsorted(cdf, uniforms.unsqueeze(-1).to(cdf.dtype) * total, right=True)
+    # u·total may round up to total: clamp to the last token that has weight
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(token, last).squeeze(-1)
+
+
+class Sampler(ABC):
+    """Turns logits into processed probabilities (temperature, top-k, top-p, min-p) and samples.
+
+    The drafter and the verifier both call the same sampler, so the draft distribution ``q`` and
+    the target distribution ``p`` see identical processing: that is what makes speculative
+    sampling equal to sampling from the target alone with the same settings.
+    """
+
+    config_class = SamplerConfig
+
+    def __init__(self, config: SamplerConfig | None = None):
+        self.config = config or SamplerConfig()
+
+    @abstractmethod
+    def probs(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """``[..., V]`` logits → ``[..., V]`` processed probabilities (float32, float64 if the logits are).
+
+        With ``params.greedy`` the result is one-hot at the argmax.
+        """
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` → ``[...]`` argmax tokens (the first on ties, like ``transformers``)."""
+        return logits.argmax(-1)
+
+    def sample(self, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Draw one token per row of ``probs`` ``[..., V]`` with ``uniforms`` ``[...]`` in ``[0, 1)``."""
+        return sample_from(probs, uniforms)
+
+
+SAMPLERS: Registry = Registry("sampler", Sampler)
+register_sampler = SAMPLERS.register

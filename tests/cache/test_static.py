@@ -1,0 +1,60 @@
+"""StaticKVCache: O(1) rollback by lengths, capacity errors."""
+
+import pytest
+import torch
+
+from dspark.cache import CacheCapacityError, StaticKVCache
+from dspark.models import load_model
+
+from helpers import tiny_hf_model
+
+
+def test_rollback_then_reappend_equals_never_appended(family):
+    model = load_model(tiny_hf_model(family, scale=3.0), dtype="float64")
+    prompt = torch.randint(0, model.vocab_size, (2, 6))
+    rejected = torch.randint(0, model.vocab_size, (2, 4))
+    following = torch.randint(0, model.vocab_size, (2, 3))
+
+    clean = model.new_cache(2, 16)
+    model(prompt, clean)
+    expected = model(following, clean).logits
+
+    cache = model.new_cache(2, 16)
+    model(prompt, cache)
+    model(rejected, cache)
+    buffer_before = cache.buffer.clone()
+    cache.rollback(torch.tensor([4, 4]))
+    assert cache.lengths.tolist() == [6, 6]
+    assert torch.equal(cache.buffer, buffer_before)  # rollback moved lengths only: nothing copied
+    assert torch.equal(model(following, cache).logits, expected)
+
+
+def test_partial_rollback_per_request():
+    model = load_model(tiny_hf_model("llama", scale=3.0), dtype="float64")
+    tokens = torch.randint(0, model.vocab_size, (2, 8))
+    cache = model.new_cache(2, 16)
+    model(tokens, cache)
+    cache.rollback(torch.tensor([3, 0]))  # request 0 forgets its last 3 tokens, request 1 keeps all
+    nxt = torch.randint(0, model.vocab_size, (2, 1))
+    got = model(nxt, cache).logits
+    for b, keep in ((0, 5), (1, 8)):
+        alone = model.new_cache(1, 16)
+        ref = model(torch.cat([tokens[b, :keep], nxt[b]]).unsqueeze(0), alone).logits[0, -1]
+        assert torch.allclose(got[b, 0], ref, atol=1e-12)
+
+
+def test_capacity_overflow_is_a_clear_error():
+    model = load_model(tiny_hf_model("llama"))
+    cache = model.new_cache(1, 8)
+    model(torch.zeros(1, 6, dtype=torch.long), cache)
+    with pytest.raises(CacheCapacityError, match=r"needs 9 positions per request but the cache holds 8"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+    assert cache.lengths.tolist() == [6]  # the failed forward changed nothing
+
+
+def test_shape_layout_and_bad_dimensions():
+    cache = StaticKVCache(num_layers=2, batch_size=3, num_kv_heads=4, max_len=10, head_dim=8)
+    assert cache.keys.shape == (2, 3, 4, 10, 8) and cache.values.shape == (2, 3, 4, 10, 8)
+    assert cache.batch_size == 3 and cache.max_len == 10
+    with pytest.raises(ValueError, match="dimensions must be >= 1"):
+        StaticKVCache(num_layers=2, batch_size=0, num_kv_heads=4, max_len=10, head_dim=8)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny randomly initialised models of each supported family (built in memory)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray download fails fast
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None, print_blob=True)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from helpers import FAMILIES, tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    """Each model family with a native implementation."""
+    return request.param
+
+
+@pytest.fixture
+def hf_model(family):
+    """A tiny random ``transformers`` model of the family (float32)."""
+    return tiny_hf_model(family)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

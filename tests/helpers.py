@@ -1,0 +1,69 @@
+"""Test helpers: tiny model specs and exact statistics (no scipy needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.models import random_hf_model
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+# GQA everywhere; qwen2 ties its embeddings, llama and qwen3 do not
+TINY = {
+    "llama": dict(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=False, eos_token_id=100, bos_token_id=1, pad_token_id=0),
+    "qwen2": dict(model_type="qwen2", vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                  tie_word_embeddings=True, eos_token_id=100, bos_token_id=1, pad_token_id=0),
+    "qwen3": dict(model_type="qwen3", vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                  tie_word_embeddings=False, eos_token_id=100, bos_token_id=1, pad_token_id=0),
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0, scale: float = 1.0, **overrides):
+    """A tiny random ``transformers`` model; ``scale`` multiplies every weight (sharper distributions)."""
+    model = random_hf_model({**TINY[family], **overrides}, seed=seed)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(scale)
+    return model
+
+
+def ragged_prompts(vocab: int, lengths=(5, 1, 9, 3), seed: int = 0) -> list[list[int]]:
+    """Prompts of different lengths with ids in ``[2, vocab-2]`` (no EOS / pad)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab - 2, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generation of one prompt, EOS not stopping it."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit; cells with expected count < ``min_expected`` are pooled.
+
+    Returns the p-value, from the regularised upper incomplete gamma function.
+    """
+    observed = observed.double().flatten()
+    expected = expected_probs.double().flatten() * observed.sum()
+    small = expected < min_expected
+    if small.any():
+        observed = torch.cat([observed[~small], observed[small].sum().view(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().view(1)])
+        if expected[-1] < min_expected:  # pooled remainder still tiny: fold it into the largest cell
+            top = expected[:-1].argmax()
+            observed[top] += observed[-1]
+            expected[top] += expected[-1]
+            observed, expected = observed[:-1], expected[:-1]
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = observed.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))

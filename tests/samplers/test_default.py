@@ -1,0 +1,105 @@
+"""DefaultSampler: processed distributions against their definitions; inverse-CDF sampling."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dspark.records import SamplingParams
+from dspark.samplers import DefaultSampler, sample_from
+
+from helpers import chi_square_p_value
+
+sampler = DefaultSampler()
+
+
+def reference_probs(logits: list[float], temperature: float, top_k: int, top_p: float, min_p: float) -> list[float]:
+    """The definitions, one token at a time, in float64 Python arithmetic."""
+    scaled = [x / temperature for x in logits]
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    keep = set(range(len(scaled)))
+    if 0 < top_k < len(scaled):
+        kth = scaled[order[top_k - 1]]
+        keep = {i for i in keep if scaled[i] >= kth}
+    if top_p < 1.0:
+        z = sum(math.exp(scaled[i]) for i in keep)
+        mass, nucleus = 0.0, set()
+        for i in order:
+            if i not in keep:
+                continue
+            if mass >= top_p:
+                break
+            nucleus.add(i)
+            mass += math.exp(scaled[i]) / z
+        keep = nucleus
+    z = sum(math.exp(scaled[i]) for i in keep)
+    probs = [math.exp(scaled[i]) / z if i in keep else 0.0 for i in range(len(scaled))]
+    if min_p > 0:
+        top = max(probs)
+        probs = [p if p >= min_p * top else 0.0 for p in probs]
+        total = sum(probs)
+        probs = [p / total for p in probs]
+    return probs
+
+
+@given(
+    logits=st.lists(st.floats(-8, 8, allow_nan=False), min_size=2, max_size=12, unique=True),
+    temperature=st.sampled_from([0.3, 0.7, 1.0, 2.5]),
+    top_k=st.integers(0, 12),
+    top_p=st.sampled_from([1.0, 0.95, 0.8, 0.5, 0.1]),
+    min_p=st.sampled_from([0.0, 0.05, 0.3]),
+)
+def test_processed_distribution_matches_definition(logits, temperature, top_k, top_p, min_p):
+    params = SamplingParams(temperature, top_k, top_p, min_p).validate()
+    got = sampler.probs(torch.tensor(logits, dtype=torch.float64), params)
+    expected = torch.tensor(reference_probs(logits, temperature, top_k, top_p, min_p), dtype=torch.float64)
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+
+
+def test_greedy_is_one_hot_at_first_argmax():
+    probs = sampler.probs(torch.tensor([[1.0, 3.0, 3.0, -1.0]]), SamplingParams())
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert sampler.greedy(torch.tensor([1.0, 3.0, 3.0])).item() == 1
+
+
+@given(weights=st.lists(st.sampled_from([0.0, 0.0, 1e-6, 0.1, 0.5, 1.0, 3.0]), min_size=1, max_size=10))
+def test_inverse_cdf_frequencies_on_a_grid(weights):
+    if sum(weights) == 0:
+        weights = weights[:-1] + [1.0]
+    probs = torch.tensor(weights, dtype=torch.float64)
+    n = 20000
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = sample_from(probs.expand(n, -1), grid)
+    counts = torch.bincount(tokens, minlength=len(weights)).double()
+    assert (counts[probs == 0] == 0).all()
+    assert torch.allclose(counts / n, probs / probs.sum(), atol=2.0 / n)
+
+
+def test_inverse_cdf_never_returns_zero_weight_tokens_at_the_edges():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]])
+    for u in (0.0, 1e-12, 0.3, 1 - 1e-7, 0.9999999999999999):
+        assert sample_from(probs, torch.tensor([u], dtype=torch.float64)).item() in (1, 3)
+    probs32 = torch.tensor([[0.1, 0.9, 0.0]], dtype=torch.float32)
+    assert sample_from(probs32, torch.tensor([0.99999994])).item() == 1
+
+
+def test_sampled_tokens_follow_processed_distribution_chi_square():
+    """Significance 0.001, fixed seed: 20,000 draws from a top-k/top-p processed distribution."""
+    logits = torch.randn(16, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    probs = sampler.probs(logits, SamplingParams(0.8, 10, 0.9, 0.0))
+    uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    counts = torch.bincount(sample_from(probs.expand(20000, -1), uniforms), minlength=16)
+    assert chi_square_p_value(counts, probs) > 1e-3
+    skewed = probs.roll(1)
+    assert chi_square_p_value(counts, skewed) < 1e-3  # the test has power
+
+
+def test_sampling_params_validation_messages():
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0).validate()
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        SamplingParams(temperature=float("nan")).validate()
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+        SamplingParams(top_k=True).validate()

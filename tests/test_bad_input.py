@@ -1,0 +1,78 @@
+"""Bad input fails with a clear error before any compute."""
+
+import pytest
+import torch
+
+import dspark
+
+from helpers import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return dspark.build_pipeline({"target": {"device": "cpu"}, "cache": {"max_len": 32}},
+                                 target_model=tiny_hf_model("llama"))
+
+
+@pytest.fixture
+def no_compute(pipe, monkeypatch):
+    """Fail the test if the target model runs."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the target ran before the input was validated")
+    monkeypatch.setattr(pipe.target, "forward", forbidden)
+
+
+@pytest.mark.parametrize("prompts, kwargs, error, match", [
+    ([[1, 2]], dict(max_new_tokens=0), ValueError, "max_new_tokens must be an integer >= 1"),
+    ([[1, 2]], dict(max_new_tokens=2.5), ValueError, "max_new_tokens must be an integer >= 1"),
+    ([[1, 2]], dict(max_new_tokens=4, temperature=-0.1), ValueError, r"temperature must be a number >= 0"),
+    ([[1, 2]], dict(max_new_tokens=4, top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, top_k=-1), ValueError, "top_k must be an integer >= 0"),
+    ([[1, 2]], dict(max_new_tokens=4, min_p=2.0), ValueError, r"min_p must be in \[0, 1\]"),
+    ([], dict(max_new_tokens=4), ValueError, "prompts is empty"),
+    ([[1, 2], []], dict(max_new_tokens=4), ValueError, r"prompt 1 is empty \(0 tokens\)"),
+    (["hi"], dict(max_new_tokens=4), ValueError, "prompt 0 is a string but this pipeline has no tokenizer"),
+    ("hi", dict(max_new_tokens=4), TypeError, "prompts must be a list"),
+    ([[1, 200]], dict(max_new_tokens=4), ValueError, r"token ids outside the vocabulary \[0, 101\): \[200\]"),
+    ([list(range(40))], dict(max_new_tokens=4), ValueError, r"prompt 0 has 40 tokens, longer than the KV cache \(cache.max_len=32\)"),
+    ([list(range(30))], dict(max_new_tokens=4), ValueError, r"needs 35 cache positions, more than cache.max_len=32"),
+    ([[1, 2]], dict(max_new_tokens=4, seed=[1, 2]), ValueError, "one int per request"),
+])
+def test_bad_generate_arguments(pipe, no_compute, prompts, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipe.generate(prompts, **kwargs)
+
+
+def test_prompt_beyond_max_position_embeddings():
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}}, target_model=tiny_hf_model("llama"))
+    with pytest.raises(ValueError, match=r"exceeds the target's max_position_embeddings \(256\)"):
+        pipe.generate([list(range(2, 100)) * 2], max_new_tokens=100)
+
+
+def test_no_target_is_an_error():
+    with pytest.raises(ValueError, match="no target model: set target.path"):
+        dspark.build_pipeline({})
+
+
+def test_unknown_component_fails_before_loading_the_model(monkeypatch):
+    import dspark.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded before the config was checked"))
+    with pytest.raises(KeyError, match="unknown sampler 'nucleus'"):
+        dspark.build_pipeline({"sampler": "nucleus", "target": {"path": "/nonexistent"}})
+
+
+def test_bad_dtype_and_backend():
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; allowed: float32"):
+        dspark.build_pipeline({"target": {"dtype": "float8", "device": "cpu"}}, target_model=tiny_hf_model("llama"))
+    with pytest.raises(ValueError, match="target.backend must be one of auto, native, hf"):
+        dspark.build_pipeline({"target": {"backend": "onnx", "device": "cpu"}}, target_model=tiny_hf_model("llama"))
+
+
+def test_greedy_verifier_refuses_sampling():
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "verifier": "greedy"}, target_model=tiny_hf_model("llama"))
+    with pytest.raises(ValueError, match="greedy verifier only supports temperature 0"):
+        pipe.generate([[1, 2]], max_new_tokens=3, temperature=1.0)
+    assert len(pipe.generate([[1, 2]], max_new_tokens=3).token_ids[0]) <= 3
+    assert torch.is_tensor(pipe.engine._eos)

@@ -1,0 +1,29 @@
+"""The dspark console script."""
+
+import json
+
+from dspark.cli import main
+
+
+def test_generate_prints_text_and_summary(capsys, tmp_path):
+    stats = tmp_path / "stats.json"
+    code = main(["generate", "--config", "ar", "--prompt", "Hello", "--max-new-tokens", "5", "--stats-json", str(stats),
+                 "target.device=cpu", "engine.max_batch_size=2"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "[dspark]" in out.err and "tau=1.00" in out.err
+    assert json.loads(stats.read_text())["generated_tokens"] <= 5
+
+
+def test_generate_token_ids(capsys):
+    assert main(["generate", "--prompt-ids", "1 2 3", "--prompt-ids", "4,5", "--print-ids", "--max-new-tokens", "3",
+                 "--temperature", "1.0", "target.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "--- request 1" in out
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    assert main(["generate", "--prompt", "x", "drafter.num_speculatve_tokens=3"]) == 2
+    assert "unknown key drafter.num_speculatve_tokens" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--max-new-tokens", "0", "target.device=cpu"]) == 2
+    assert "max_new_tokens must be an integer >= 1" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Config composition: sections, component schemas, overrides, clear errors."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from dspark.config import ConfigError, load_config
+from dspark.drafters import Drafter, DrafterConfig, register_drafter
+from dspark.records import DraftProposal
+from dspark.registry import UnknownComponentError
+
+
+def test_defaults_and_bare_name_sections():
+    cfg = load_config({"drafter": "none", "verifier": "greedy"})
+    assert cfg.drafter.name == "none" and cfg.drafter.num_speculative_tokens == 0
+    assert cfg.verifier.name == "greedy" and cfg.sampler.name == "default" and cfg.cache.name == "static"
+    assert cfg.engine.max_batch_size == 64 and cfg.target.trust_remote_code is False
+
+
+def test_repo_config_by_name_and_dotlist_override():
+    cfg = load_config("ar", ["engine.max_batch_size=4", "target.dtype=float64"])
+    assert cfg.engine.max_batch_size == 4 and cfg.target.dtype == "float64"
+    assert cfg.target.random.model_type == "qwen3"
+
+
+def test_misspelled_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"unknown key drafter.num_speculatve_tokens .* allowed keys: name, _target_, num_speculative_tokens"):
+        load_config({"drafter": {"name": "none", "num_speculatve_tokens": 0}})
+    with pytest.raises(ConfigError, match=r"unknown key engine.max_batchsize"):
+        load_config(None, ["engine.max_batchsize=3"])
+
+
+def test_unknown_section_lists_allowed():
+    with pytest.raises(ConfigError, match=r"unknown config section\(s\) \['drafer'\]; allowed sections: target, drafter"):
+        load_config({"drafer": "none"})
+
+
+def test_unknown_component_lists_registered():
+    with pytest.raises(UnknownComponentError, match=r"unknown drafter 'eagle9'; registered drafters: .*none"):
+        load_config({"drafter": "eagle9"})
+    with pytest.raises(UnknownComponentError, match=r"registered verifiers: chain, greedy"):
+        load_config({"verifier": {"name": "tree"}})
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(None, ["engine.max_batch_size=lots"])
+
+
+def test_bad_engine_values_are_errors():
+    from dspark.config import section_object
+
+    with pytest.raises(ValueError, match="engine.max_batch_size must be >= 1"):
+        section_object(load_config(None, ["engine.max_batch_size=0"]), "engine")
+
+
+@dataclass
+class EchoConfig(DrafterConfig):
+    name: str = "echo_test"
+    repeat_token: int = 7
+
+
+@register_drafter("echo_test")
+class EchoDrafter(Drafter):
+    """Test drafter: proposes ``repeat_token`` γ times."""
+
+    config_class = EchoConfig
+
+    def propose(self, state, uniforms):
+        tokens = torch.full((state.batch_size, self.gamma), self.config.repeat_token, device=state.tokens.device)
+        return DraftProposal(tokens=tokens, num_tokens=torch.full((state.batch_size,), self.gamma))
+
+
+def test_component_schema_comes_from_the_named_class():
+    cfg = load_config({"drafter": {"name": "echo_test", "num_speculative_tokens": 2, "repeat_token": 3}})
+    assert cfg.drafter.repeat_token == 3
+    with pytest.raises(ConfigError, match=r"unknown key drafter.repeat for EchoConfig"):
+        load_config({"drafter": {"name": "echo_test", "repeat": 3}})
+
+
+def test_target_path_selects_a_user_subclass():
+    cfg = load_config({"drafter": {"_target_": "test_config.EchoDrafter", "num_speculative_tokens": 1}})
+    assert cfg.drafter._target_ == "test_config.EchoDrafter" and cfg.drafter.repeat_token == 7
+    with pytest.raises(TypeError, match="is not a subclass of Drafter"):
+        load_config({"drafter": {"_target_": "test_config.EchoConfig"}})
+    with pytest.raises(ImportError, match="cannot import module 'no_such_module'"):
+        load_config({"drafter": {"_target_": "no_such_module.Thing"}})
+
+
+def test_registering_a_name_twice_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        register_drafter("none")(EchoDrafter)
+    with pytest.raises(TypeError, match="needs a subclass of Drafter"):
+        register_drafter("not_a_drafter")(EchoConfig)

@@ -1,0 +1,113 @@
+"""build_pipeline / generate with the autoregressive (`none`) drafter: parity, invariance, stopping."""
+
+import pytest
+import torch
+
+import dspark
+
+from helpers import hf_greedy, ragged_prompts, tiny_hf_model
+
+AR = {"drafter": "none", "verifier": "chain", "target": {"device": "cpu"}}
+
+
+def build(model, *overrides, config=AR, **kwargs):
+    return dspark.build_pipeline(config, target_model=model, overrides=list(overrides), **kwargs)
+
+
+def test_greedy_equals_transformers_generate(family):
+    hf = tiny_hf_model(family, scale=3.0)
+    prompts = ragged_prompts(hf.config.vocab_size, lengths=(5, 1, 9, 3, 12))
+    result = build(hf).generate(prompts, max_new_tokens=16, ignore_eos=True)
+    for prompt, ids in zip(prompts, result.token_ids):
+        assert ids == hf_greedy(hf, prompt, 16)
+    assert result.stats.generated_tokens == 5 * 16
+    assert result.stats.mean_accepted_length == 1.0 and result.stats.acceptance_by_position == []
+
+
+def test_greedy_through_the_transformers_adapter_equals_native(family):
+    hf = tiny_hf_model(family, scale=3.0)
+    prompts = ragged_prompts(hf.config.vocab_size)
+    native = build(hf).generate(prompts, max_new_tokens=10, ignore_eos=True)
+    adapter = build(hf, "target.backend=hf")
+    assert type(adapter.target).__name__ == "HFCausalLM"
+    assert adapter.generate(prompts, max_new_tokens=10, ignore_eos=True).token_ids == native.token_ids
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_invariance_float64(temperature):
+    hf = tiny_hf_model("qwen3", scale=3.0)
+    pipe = build(hf, "target.dtype=float64")
+    prompts = ragged_prompts(hf.config.vocab_size, lengths=(4, 9, 2, 6))
+    seeds = [11, 12, 13, 14]
+    batched = pipe.generate(prompts, max_new_tokens=12, temperature=temperature, top_k=20, seed=seeds, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        alone = pipe.generate([prompt], max_new_tokens=12, temperature=temperature, top_k=20, seed=[seeds[i]],
+                              ignore_eos=True)
+        assert alone.token_ids[0] == batched.token_ids[i]
+
+
+def test_sampling_depends_on_seed_and_is_reproducible():
+    pipe = build(tiny_hf_model("llama"))
+    prompts = ragged_prompts(101, lengths=(3, 3))
+    a = pipe.generate(prompts, max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True).token_ids
+    b = pipe.generate(prompts, max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True).token_ids
+    c = pipe.generate(prompts, max_new_tokens=20, temperature=1.0, seed=6, ignore_eos=True).token_ids
+    assert a == b and a != c
+    assert a[0] != a[1]  # seed 5 gives request i the seed 5 + i
+
+
+def test_eos_stops_each_request_and_is_included():
+    hf = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 6, 2, 8))
+    free = build(hf).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
+    # make the 4th generated token of request 0 the EOS: stop there, others unaffected
+    eos = free[0][3]
+    pipe = build(hf)
+    pipe.engine.eos_token_ids = (eos,)
+    pipe.engine._eos = torch.tensor([eos])
+    stopped = pipe.generate(prompts, max_new_tokens=12).token_ids
+    for full, got in zip(free, stopped):
+        cut = full.index(eos) + 1 if eos in full else len(full)
+        assert got == full[:cut]
+    assert stopped[0][-1] == eos and len(stopped[0]) <= 4
+
+
+def test_max_new_tokens_and_stats():
+    pipe = build(tiny_hf_model("qwen2"))
+    result = pipe.generate([[3, 4, 5], [6]], max_new_tokens=1, ignore_eos=True)
+    assert [len(t) for t in result.token_ids] == [1, 1]
+    assert result.stats.rounds == 0 and result.stats.target_forwards == 0
+    result = pipe.generate([[3, 4, 5], [6]], max_new_tokens=7, ignore_eos=True)
+    assert result.stats.rounds == 6 and result.stats.target_forwards == 12 and result.stats.generated_tokens == 14
+    assert result.stats.tokens_per_second > 0 and "14 tokens" in result.stats.summary()
+
+
+def test_max_batch_size_splits_without_changing_results():
+    hf = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 6, 2, 8, 5))
+    whole = build(hf).generate(prompts, max_new_tokens=6, ignore_eos=True)
+    split = build(hf, "engine.max_batch_size=2").generate(prompts, max_new_tokens=6, ignore_eos=True)
+    assert split.token_ids == whole.token_ids
+    assert split.stats.generated_tokens == whole.stats.generated_tokens == 30
+
+
+def test_string_prompts_with_the_byte_tokenizer():
+    pipe = build(tiny_hf_model("llama", vocab_size=258), "target.tokenizer=bytes")
+    result = pipe.generate(["hello", "a longer prompt"], max_new_tokens=5, ignore_eos=True)
+    assert len(result.texts) == 2 and all(isinstance(t, str) for t in result.texts)
+    assert pipe.tokenizer.decode(pipe.tokenizer("héllo ✓")["input_ids"]) == "héllo ✓"
+
+
+def test_build_from_checkpoint_directory(tmp_path):
+    hf = tiny_hf_model("qwen3", scale=3.0)
+    hf.save_pretrained(tmp_path)
+    pipe = dspark.build_pipeline({"target": {"path": str(tmp_path), "device": "cpu"}})
+    prompt = ragged_prompts(101, lengths=(6,))
+    assert pipe.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids[0] == hf_greedy(hf, prompt[0], 8)
+    assert pipe.engine.eos_token_ids == (100,)
+
+
+def test_quick_start_config_runs():
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
+    result = pipe.generate(["Hello"], max_new_tokens=4)
+    assert len(result.token_ids[0]) <= 4 and isinstance(result.texts[0], str)
