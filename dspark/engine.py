@@ -209,23 +209,25 @@ class Engine:
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
         first = self.verifier.verify(out.logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         stopper.append(state, first.tokens, torch.ones_like(state.lengths))
+        state.max_cache_len = max_prompt
         self.drafter.start(state, out, max_len)
         prefill_time = time.perf_counter() - started
 
         status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()  # the one sync
         while not all(status[:batch]):
-            active, kv_bound = [not d for d in status[:batch]], status[batch]
-            self._round(state, cache, generators, active, kv_bound, stopper, counters)
+            active, state.max_cache_len = [not d for d in status[:batch]], status[batch]
+            self._round(state, cache, generators, active, stopper, counters)
             if progress is not None:
                 progress.update(1)
             status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()
 
-        generated = [state.tokens[b, prompt_lengths[b]: int(state.lengths[b])].tolist() for b in range(batch)]
+        rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
+        generated = [row[1 + prompt_lengths[b]: 1 + row[0]] for b, row in enumerate(rows)]
         wall = time.perf_counter() - started
         return generated, counters.stats(generated, wall, prefill_time)
 
-    def _round(self, state: DecodingState, cache, generators, active: list[bool], kv_bound: int,
-               stopper: "_Stopper", counters: "_Counters") -> None:
+    def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
+               counters: "_Counters") -> None:
         """One speculative round over the batch (finished requests ride along with nothing to verify)."""
         params, gamma = state.params, self.drafter.gamma
         n_draft = self.drafter.num_uniforms(params)
@@ -241,17 +243,18 @@ class Engine:
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
         num_new = torch.where(finished, 0, num_verify + 1)
         kv_len = cache.max_len if self.config.compile else min(
-            _round_up(kv_bound + gamma + 1, self.config.kv_len_multiple), cache.max_len)
+            _round_up(state.max_cache_len + gamma + 1, self.config.kv_len_multiple), cache.max_len)
         out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
         # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
         result = self.verifier.verify(out.logits, proposal, sampler=self.sampler, params=params,
                                       uniforms=uniforms[:, n_draft:])
         num_accepted = torch.where(finished, 0, result.num_accepted)
-        # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens
-        stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))
-        # 6. roll back: the target cache keeps the anchor and the accepted drafts
-        cache.rollback(num_verify - num_accepted)
-        self.drafter.commit(state, proposal, replace(result, num_accepted=num_accepted), out)
+        # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
+        emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))
+        # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
+        cache.rollback(num_new - emitted)
+        kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
+        self.drafter.commit(state, proposal, kept, out)
         counters.update(finished, num_verify, num_accepted, proposal.num_tokens)
 
 
@@ -276,8 +279,9 @@ class _Stopper:
         self.eos = eos
         self.max_new_tokens = max_new_tokens
 
-    def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor) -> None:
-        """emitted ``[B, K]``, of which the first ``num_emitted[b]`` are real."""
+    def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
+        """Append ``emitted`` ``[B, K]``, of which the first ``num_emitted[b]`` are real; return how many
+        were kept ``[B]`` (fewer after an EOS or when the budget runs out)."""
         width = emitted.shape[1]
         offsets = torch.arange(width, device=emitted.device)
         num_emitted = torch.minimum(num_emitted, self.max_new_tokens - state.num_generated)
@@ -291,6 +295,7 @@ class _Stopper:
         state.tokens.scatter_(1, state.lengths.unsqueeze(1) + offsets, emitted)
         state.lengths += num_emitted
         state.done |= hit_eos | (state.num_generated >= self.max_new_tokens)
+        return num_emitted
 
 
 class _Counters:
@@ -319,8 +324,10 @@ class _Counters:
             self.accepted_at += (k < num_accepted.unsqueeze(1)).sum(0)
 
     def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
-        forwards, drafted, verified, accepted = (t.tolist() for t in (self.forwards, self.drafted, self.verified, self.accepted))
-        reached, accepted_at = self.reached.tolist(), self.accepted_at.tolist()
+        batch, gamma = self.forwards.shape[0], self.gamma
+        flat = torch.cat([self.forwards, self.drafted, self.verified, self.accepted, self.reached, self.accepted_at]).tolist()
+        forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
+        reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
         total_generated = sum(len(g) for g in generated)
         return GenerationStats(
             rounds=self.rounds, target_forwards=sum(forwards), generated_tokens=total_generated,

@@ -117,6 +117,8 @@ class DecodingState:
         done: ``[B]`` bool, request finished (EOS or ``max_new_tokens``).
         max_new_tokens: the per-call generation budget (a Python int).
         params: the sampling parameters of this call.
+        max_cache_len: host-side upper bound on the target cache's longest length, refreshed by the
+            engine's one synchronisation per round (drafters size their forwards with it).
     """
 
     tokens: torch.Tensor
@@ -125,6 +127,7 @@ class DecodingState:
     done: torch.Tensor
     max_new_tokens: int
     params: SamplingParams
+    max_cache_len: int = 0
 
     @property
     def batch_size(self) -> int:

@@ -1,6 +1,8 @@
 """Drafters: propose tokens for the target to verify."""
 
 from dspark.drafters.base import DRAFTERS, Drafter, DrafterConfig, register_drafter
+from dspark.drafters.draft_model import DraftModelConfig, DraftModelDrafter
 from dspark.drafters.none import NoDrafter
+from dspark.drafters.ngram import NgramConfig, NgramDrafter
 
-__all__ = ["DRAFTERS", "Drafter", "DrafterConfig", "NoDrafter", "register_drafter"]
+__all__ = ["DRAFTERS", "DraftModelConfig", "DraftModelDrafter", "Drafter", "DrafterConfig", "NgramConfig", "NgramDrafter", "NoDrafter", "register_drafter"]

@@ -1,0 +1,74 @@
+"""Prompt lookup: propose the tokens that followed the last occurrence of the current suffix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.records import DecodingState, DraftProposal
+
+
+@dataclass
+class NgramConfig(DrafterConfig):
+    """Config of the ``ngram`` drafter.
+
+    Attributes:
+        num_speculative_tokens: γ, tokens proposed after a match.
+        min_n, max_n: n-gram sizes tried, longest first.
+    """
+
+    name: str = "ngram"
+    num_speculative_tokens: int = 4
+    min_n: int = 1
+    max_n: int = 3
+
+
+@register_drafter("ngram")
+class NgramDrafter(Drafter):
+    """Prompt-lookup decoding over each request's own context (prompt + generated tokens).
+
+    For the longest ``n`` in ``[min_n, max_n]`` whose last ``n`` tokens occurred earlier in the
+    context, propose the (up to γ) tokens that followed the most recent earlier occurrence.
+    Deterministic (``q`` is one-hot). Vectorised over the batch on the device: for growing ``n``
+    the match mask at every window end is refined by one shifted comparison, ``[B, W]`` bool
+    each, reading the token buffer in place.
+    """
+
+    config_class = NgramConfig
+
+    def __init__(self, config: NgramConfig, *, target, sampler, draft_model=None):
+        super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
+        if not 1 <= config.min_n <= config.max_n:
+            raise ValueError(f"ngram drafter needs 1 <= min_n <= max_n, got min_n={config.min_n}, max_n={config.max_n}")
+
+    def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
+        tokens, lengths = state.tokens, state.lengths  # [B, W], [B]
+        batch, width = tokens.shape
+        device = tokens.device
+        ends = torch.arange(width, device=device)  # candidate window ends e (last token of an earlier n-gram)
+        # an earlier occurrence must end before the suffix's own last token, with a successor in context
+        usable = ends.unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [B, W]
+
+        best_end = torch.full((batch,), -1, dtype=torch.long, device=device)
+        match = usable
+        for n in range(1, self.config.max_n + 1):
+            # suffix token n from the end, compared with the token n-1 before each window end
+            suffix_token = tokens.gather(1, (lengths - n).clamp(min=0).unsqueeze(1))  # [B, 1]
+            # same[:, e] = (tokens[:, e - (n-1)] == suffix_token), False where e < n-1
+            same = F.pad(tokens[:, : width - n + 1] == suffix_token, (n - 1, 0), value=False)
+            match = match & same & (lengths >= n + 1).unsqueeze(1)
+            if n >= self.config.min_n:
+                # most recent matching end for this n; longer n overrides shorter
+                latest = torch.where(match, ends, -1).amax(1)
+                best_end = torch.where(latest >= 0, latest, best_end)
+
+        found = best_end >= 0
+        start = best_end + 1  # first proposed token
+        offsets = torch.arange(self.gamma, device=device)
+        positions = (start.unsqueeze(1) + offsets).clamp(max=width - 1)
+        drafts = tokens.gather(1, positions)
+        num_tokens = torch.where(found, torch.clamp(lengths - start, max=self.gamma), 0)
+        return DraftProposal(tokens=drafts, num_tokens=num_tokens)

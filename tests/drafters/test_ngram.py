@@ -1,0 +1,50 @@
+"""The n-gram (prompt lookup) drafter against a plain-Python reference."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dspark.drafters.ngram import NgramConfig, NgramDrafter
+from dspark.records import DecodingState, SamplingParams
+
+
+def reference(context: list[int], gamma: int, min_n: int, max_n: int) -> list[int]:
+    """Longest n first; the most recent earlier occurrence of the last n tokens; what followed it."""
+    for n in range(max_n, min_n - 1, -1):
+        if len(context) < n + 1:
+            continue
+        suffix = context[-n:]
+        for end in range(len(context) - 2, n - 2, -1):  # window ends before the suffix's last token
+            if context[end - n + 1: end + 1] == suffix:
+                return context[end + 1: end + 1 + gamma]
+    return []
+
+
+def state_of(contexts: list[list[int]], width: int) -> DecodingState:
+    tokens = torch.zeros(len(contexts), width, dtype=torch.long)
+    for b, c in enumerate(contexts):
+        tokens[b, : len(c)] = torch.tensor(c)
+    lengths = torch.tensor([len(c) for c in contexts])
+    return DecodingState(tokens=tokens, prompt_lengths=lengths.clone(), lengths=lengths,
+                         done=torch.zeros(len(contexts), dtype=torch.bool), max_new_tokens=1, params=SamplingParams())
+
+
+@given(contexts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=24), min_size=1, max_size=5),
+       gamma=st.integers(1, 5), min_n=st.integers(1, 3), extra=st.integers(0, 2))
+def test_matches_reference(contexts, gamma, min_n, extra):
+    max_n = min_n + extra
+    drafter = NgramDrafter(NgramConfig(num_speculative_tokens=gamma, min_n=min_n, max_n=max_n), target=None, sampler=None)
+    proposal = drafter.propose(state_of(contexts, width=32), torch.zeros(len(contexts), 0))
+    for b, context in enumerate(contexts):
+        expected = reference(context, gamma, min_n, max_n)
+        n = proposal.num_tokens[b].item()
+        assert proposal.tokens[b, :n].tolist() == expected
+    assert proposal.probs is None and proposal.tokens.shape == (len(contexts), gamma)
+
+
+def test_bad_n_range_is_an_error():
+    with pytest.raises(ValueError, match="needs 1 <= min_n <= max_n, got min_n=3, max_n=2"):
+        NgramDrafter(NgramConfig(min_n=3, max_n=2), target=None, sampler=None)
+    with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 1"):
+        NgramDrafter(NgramConfig(num_speculative_tokens=0), target=None, sampler=None)

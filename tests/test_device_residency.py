@@ -1,0 +1,68 @@
+"""The decoding loop keeps its state on the device: one host synchronisation per round."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dspark
+
+from helpers import ragged_prompts, tiny_hf_model
+
+# ops whose result the host must wait for (data-dependent values or shapes)
+SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2",
+            "aten.unique_consecutive", "aten.item", "aten.equal", "aten.is_nonzero"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts data-dependent ops and ``Tensor.tolist`` calls (which do not dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in SYNC_OPS:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        counter, original = self, torch.Tensor.tolist
+
+        def tolist(tensor):
+            counter.syncs.append("tolist")
+            return original(tensor)
+
+        self._original, torch.Tensor.tolist = original, tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._original
+        return super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("drafter", [{"name": "none"}, {"name": "ngram", "num_speculative_tokens": 4},
+                                     {"name": "draft_model", "num_speculative_tokens": 3}])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_sync_inside_a_round_and_one_per_round(drafter, temperature):
+    target = tiny_hf_model("qwen3", scale=3.0)
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": drafter}, target_model=target,
+                                 draft_model=tiny_hf_model("qwen3", seed=4, scale=3.0))
+    engine = pipe.engine
+    inside_rounds: list[str] = []
+    original_round = engine._round
+
+    def counted_round(*args, **kwargs):
+        with SyncCounter() as counter:
+            original_round(*args, **kwargs)
+        inside_rounds.extend(counter.syncs)
+
+    engine._round = counted_round
+    prompts = ragged_prompts(101, lengths=(5, 2, 8, 3))
+    with SyncCounter() as total:
+        result = pipe.generate(prompts, max_new_tokens=20, temperature=temperature, seed=0, ignore_eos=True)
+    assert inside_rounds == []
+    rounds = result.stats.rounds
+    assert rounds > 3
+    # one status read per round (+1 before the first), then one read of the outputs and one of the stats
+    assert total.syncs == ["tolist"] * (rounds + 3)

@@ -1,0 +1,151 @@
+"""Speculative decoding end to end, for every drafter: greedy equivalence with autoregressive
+decoding, batch invariance, and the statistical check that sampling keeps the target's distribution."""
+
+import itertools
+
+import pytest
+import torch
+
+import dspark
+from dspark.verifiers import ChainVerifier, register_verifier
+from dspark.records import VerificationResult
+
+from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
+
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self"]
+
+
+def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
+    if drafter == "none":
+        section = {"name": "none"}
+    elif drafter == "ngram":
+        section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
+    else:
+        section = {"name": "draft_model", "num_speculative_tokens": gamma}
+        if draft is None:
+            draft = target if drafter == "draft_model_self" else tiny_hf_model(
+                target.config.model_type, seed=7, scale=3.0, num_hidden_layers=1)
+    return dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": section}, target_model=target,
+                                 draft_model=draft, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+@pytest.mark.parametrize("drafter", DRAFTERS[1:])
+def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
+    target = tiny_hf_model(family, scale=3.0)
+    prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9, 3, 14))
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids
+    result = spec_pipeline(target, drafter, gamma).generate(prompts, max_new_tokens=24, ignore_eos=True)
+    assert result.token_ids == expected
+    if drafter == "draft_model_self":  # the target drafting for itself: everything is accepted
+        assert result.stats.acceptance_by_position[0] == 1.0
+        assert result.stats.mean_accepted_length > min(gamma, 3)
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_invariance_float64(drafter, temperature):
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64")
+    prompts = ragged_prompts(101, lengths=(4, 9, 2, 6))
+    seeds = [21, 22, 23, 24]
+    batched = pipe.generate(prompts, max_new_tokens=14, temperature=temperature, seed=seeds, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        alone = pipe.generate([prompt], max_new_tokens=14, temperature=temperature, seed=[seeds[i]], ignore_eos=True)
+        assert alone.token_ids[0] == batched.token_ids[i]
+
+
+def test_eos_inside_accepted_drafts_stops_there():
+    target = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 6))
+    free = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids
+    eos = free[0][5]
+    pipe = spec_pipeline(target, "draft_model_self", 7)  # accepts everything: EOS lands mid-round
+    pipe.engine.eos_token_ids, pipe.engine._eos = (eos,), torch.tensor([eos])
+    got = pipe.generate(prompts, max_new_tokens=20).token_ids
+    for full, ids in zip(free, got):
+        assert ids == full[: full.index(eos) + 1] if eos in full else ids == full
+
+
+# ---------------------------------------------------------------- statistical losslessness
+
+VOCAB = 12
+PROMPT = [3, 7, 1]
+
+
+def tiny_pair():
+    target = tiny_hf_model("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, scale=12.0, eos_token_id=None)
+    draft = tiny_hf_model("llama", seed=3, vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_hidden_layers=1, scale=12.0,
+                          eos_token_id=None)
+    return target, draft
+
+
+def exact_joint(target, params) -> torch.Tensor:
+    """P(y1, y2, y3 | PROMPT) of the target with the sampler's processing, enumerated: ``[V, V, V]``."""
+    from dspark.models import load_model
+    from dspark.samplers import DefaultSampler
+
+    model, sampler = load_model(target, dtype="float64"), DefaultSampler()
+    seqs = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(VOCAB), repeat=2)])
+    with torch.inference_mode():
+        logits = model(seqs, model.new_cache(len(seqs), 8)).logits  # [V*V, 5, V]
+    p = sampler.probs(logits, params)
+    p1 = p[0, 2]  # after the prompt
+    p2 = p[:, 3].view(VOCAB, VOCAB, VOCAB)[:, 0]  # rows a*V+b, any b: after (prompt, a)
+    p3 = p[:, 4].view(VOCAB, VOCAB, VOCAB)  # after (prompt, a, b)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def empirical_joint(pipe, params, samples=20000) -> torch.Tensor:
+    counts = torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.long)
+    batch = 5000
+    for start in range(0, samples, batch):
+        result = pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=params.temperature, top_k=params.top_k,
+                               top_p=params.top_p, seed=1000 + start, ignore_eos=True)
+        ids = torch.tensor(result.token_ids)
+        counts += torch.bincount(ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2],
+                                 minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
+    return counts
+
+
+SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.SamplingParams(1.0, top_k=4),
+            "top_p_0.8": dspark.SamplingParams(0.9, top_p=0.8)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram"])
+def test_chi_square_joint_of_first_three_tokens(setting, drafter):
+    """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
+    params = SETTINGS[setting]
+    target, draft = tiny_pair()
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
+    counts = empirical_joint(pipe, params)
+    assert chi_square_p_value(counts, exact_joint(target, params)) > 1e-3
+
+
+@register_verifier("accept_always_test")
+class AcceptAlways(ChainVerifier):
+    """Deliberately broken: accepts every draft, then samples the bonus from p."""
+
+    def verify(self, target_logits, proposal, *, sampler, params, uniforms):
+        result = super().verify(target_logits, proposal, sampler=sampler, params=params, uniforms=uniforms)
+        tokens = torch.cat([proposal.tokens, result.tokens[:, -1:]], 1)
+        bonus = sampler.sample(sampler.probs(target_logits.gather(
+            1, proposal.num_tokens.view(-1, 1, 1).expand(-1, 1, target_logits.shape[-1])).squeeze(1), params),
+            uniforms[:, -1])
+        tokens.scatter_(1, proposal.num_tokens.unsqueeze(1), bonus.unsqueeze(1))
+        return VerificationResult(num_accepted=proposal.num_tokens.clone(), tokens=tokens)
+
+
+@pytest.mark.slow
+def test_chi_square_detects_a_broken_verifier():
+    params = SETTINGS["temperature_1"]
+    target, draft = tiny_pair()
+    pipe = spec_pipeline(target, "draft_model", 3, "engine.max_batch_size=5000", "verifier.name=accept_always_test",
+                         draft=draft)
+    counts = empirical_joint(pipe, params)
+    assert chi_square_p_value(counts, exact_joint(target, params)) < 1e-3
