@@ -304,19 +304,13 @@ class _Counters:
     def __init__(self, batch: int, gamma: int, device):
         self.gamma = gamma
         self.rounds = 0
-        self.forwards = torch.zeros(batch, dtype=torch.long, device=device)
-        self.drafted = torch.zeros(batch, dtype=torch.long, device=device)
-        self.verified = torch.zeros(batch, dtype=torch.long, device=device)
-        self.accepted = torch.zeros(batch, dtype=torch.long, device=device)
+        self.per_request = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
         self.reached = torch.zeros(gamma, dtype=torch.long, device=device)  # x_k verified, x_<k accepted
         self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
 
     def update(self, finished, num_verify, num_accepted, num_drafted) -> None:
         self.rounds += 1
-        self.forwards += ~finished
-        self.drafted += torch.where(finished, 0, num_drafted)
-        self.verified += num_verify
-        self.accepted += num_accepted
+        self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verify, num_accepted])
         if self.gamma:
             k = torch.arange(self.gamma, device=num_verify.device)
             reached = (k < num_verify.unsqueeze(1)) & (k <= num_accepted.unsqueeze(1))
@@ -324,8 +318,8 @@ class _Counters:
             self.accepted_at += (k < num_accepted.unsqueeze(1)).sum(0)
 
     def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
-        batch, gamma = self.forwards.shape[0], self.gamma
-        flat = torch.cat([self.forwards, self.drafted, self.verified, self.accepted, self.reached, self.accepted_at]).tolist()
+        batch, gamma = self.per_request.shape[1], self.gamma
+        flat = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at]).tolist()
         forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
         reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
         total_generated = sum(len(g) for g in generated)

@@ -201,28 +201,29 @@ def load_hf_weights(model: NativeCausalLM, hf_tensors: dict[str, torch.Tensor]) 
         log.warning("ignoring %d checkpoint tensors the architecture does not use: %s", len(ignored), ", ".join(ignored[:10]))
 
     t = hf_tensors
-    native: dict[str, torch.Tensor] = {"embed_tokens.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
+    native: dict[str, torch.Tensor] = {"embed_tokens.weight": t["model.embed_tokens.weight"], "norm": t["model.norm.weight"]}
     native["lm_head.weight"] = t["model.embed_tokens.weight"] if args.tie_word_embeddings else t["lm_head.weight"]
     for i in range(args.num_layers):
         p, n = f"model.layers.{i}.", f"layers.{i}."
-        native[n + "attention_norm.weight"] = t[p + "input_layernorm.weight"]
-        native[n + "ffn_norm.weight"] = t[p + "post_attention_layernorm.weight"]
-        native[n + "attention.wqkv.weight"] = torch.cat([t[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
-        native[n + "attention.wo.weight"] = t[p + "self_attn.o_proj.weight"]
-        native[n + "feed_forward.w13.weight"] = torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
-        native[n + "feed_forward.w2.weight"] = t[p + "mlp.down_proj.weight"]
+        native[n + "attention_norm"] = t[p + "input_layernorm.weight"]
+        native[n + "ffn_norm"] = t[p + "post_attention_layernorm.weight"]
+        native[n + "wqkv.weight"] = torch.cat([t[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        native[n + "wo.weight"] = t[p + "self_attn.o_proj.weight"]
+        native[n + "w13.weight"] = torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+        native[n + "w2.weight"] = t[p + "mlp.down_proj.weight"]
         if args.qkv_bias:
-            native[n + "attention.wqkv.bias"] = torch.cat([t[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+            native[n + "wqkv.bias"] = torch.cat([t[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
         if args.o_bias:
-            native[n + "attention.wo.bias"] = t[p + "self_attn.o_proj.bias"]
+            native[n + "wo.bias"] = t[p + "self_attn.o_proj.bias"]
         if args.mlp_bias:
-            native[n + "feed_forward.w13.bias"] = torch.cat([t[p + "mlp.gate_proj.bias"], t[p + "mlp.up_proj.bias"]])
-            native[n + "feed_forward.w2.bias"] = t[p + "mlp.down_proj.bias"]
+            native[n + "w13.bias"] = torch.cat([t[p + "mlp.gate_proj.bias"], t[p + "mlp.up_proj.bias"]])
+            native[n + "w2.bias"] = t[p + "mlp.down_proj.bias"]
         if args.qk_norm:
-            native[n + "attention.qk_norm"] = torch.cat([t[p + "self_attn.q_norm.weight"].expand(args.num_heads, -1),
+            native[n + "qk_norm"] = torch.cat([t[p + "self_attn.q_norm.weight"].expand(args.num_heads, -1),
                                                           t[p + "self_attn.k_norm.weight"].expand(args.num_kv_heads, -1)])
     with torch.no_grad():
         params = model.state_dict()
+        assert set(native) == set(params), sorted(set(native) ^ set(params))  # the mapping covers every parameter
         for name, tensor in native.items():
             params[name].copy_(tensor)
 

@@ -114,76 +114,48 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm with a learned scale."""
+class Block(nn.Module):
+    """One pre-norm decoder layer: ``x + attention(norm(x))``, then ``x + SwiGLU(norm(x))``.
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with fused q/k/v projection, rotary embedding and a KV cache."""
+    Grouped-query attention with fused q/k/v and gate/up projections; q and k heads share one
+    norm call (Qwen3) and one rotary call. The forward calls functional ops on the parameters
+    directly: on small models the per-module call overhead is a visible share of a decode step.
+    """
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.eps = layer, args.rms_norm_eps
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.attention_norm = nn.Parameter(torch.ones(args.hidden_size))
         self.wqkv = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(q_dim, args.hidden_size, bias=args.o_bias)
-        self.eps = args.rms_norm_eps
-        # Qwen3 RMS-normalises every q and k head: one scale per head row (q heads, then k heads),
-        # so q and k go through a single norm call
+        # Qwen3 RMS-normalises every q and k head: one scale row per head (q heads, then k heads)
         self.qk_norm = nn.Parameter(torch.ones(args.num_heads + args.num_kv_heads, args.head_dim)) if args.qk_norm else None
+        self.wo = nn.Linear(q_dim, args.hidden_size, bias=args.o_bias)
+        self.ffn_norm = nn.Parameter(torch.ones(args.hidden_size))
+        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up
+        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
                 positions: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """x ``[B, T, H]``; rope: cos, signed sin ``[B, T, 1, D]``; mask ``[B, 1, T, kv_len]`` bool → ``[B, T, H]``."""
-        batch, num_new, _ = x.shape
-        heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.wqkv(x).view(batch, num_new, heads + 2 * kv_heads, self.head_dim)
-        qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads:]  # q and k heads share norm+rope calls
+        """x ``[B, T, H]``; rope: cos, signed sin ``[B, T, 1, D]``; positions ``[B, T]``;
+        mask ``[B, 1, T, kv_len]`` bool → ``[B, T, H]``."""
+        batch, num_new, hidden = x.shape
+        heads, kv_heads, eps = self.num_heads, self.num_kv_heads, self.eps
+
+        h = F.rms_norm(x, (hidden,), self.attention_norm, eps)
+        qkv = F.linear(h, self.wqkv.weight, self.wqkv.bias).view(batch, num_new, heads + 2 * kv_heads, self.head_dim)
+        qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads:]
         if self.qk_norm is not None:
-            qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps) * self.qk_norm
+            qk = F.rms_norm(qk, (self.head_dim,), eps=eps) * self.qk_norm
         qk = apply_rotary(qk, *rope)
-        q, k = qk[:, :, :heads], qk[:, :, heads:]
-        keys, values = cache.write(self.layer, torch.stack((k, v), 2), positions, kv_len)  # [B, H_kv, kv_len, D]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                           enable_gqa=heads != kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(batch, num_new, -1))
+        keys, values = cache.write(self.layer, torch.stack((qk[:, :, heads:], v), 2), positions, kv_len)
+        y = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=heads != kv_heads)  # [B, heads, T, D]
+        x = x + F.linear(y.transpose(1, 2).reshape(batch, num_new, -1), self.wo.weight, self.wo.bias)
 
-
-class FeedForward(nn.Module):
-    """SwiGLU MLP with the gate and up projections fused."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
-
-    def __init__(self, args: ModelArgs, layer: int):
-        super().__init__()
-        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attention = Attention(args, layer)
-        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.feed_forward = FeedForward(args)
-
-    def forward(self, x, rope, cache, positions, mask, kv_len):
-        x = x + self.attention(self.attention_norm(x), rope, cache, positions, mask, kv_len)
-        return x + self.feed_forward(self.ffn_norm(x))
+        gate, up = F.linear(F.rms_norm(x, (hidden,), self.ffn_norm, eps), self.w13.weight, self.w13.bias).chunk(2, -1)
+        return x + F.linear(F.silu(gate) * up, self.w2.weight, self.w2.bias)
 
 
 class NativeCausalLM(nn.Module):
@@ -201,7 +173,7 @@ class NativeCausalLM(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = nn.Parameter(torch.ones(args.hidden_size))
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -313,5 +285,5 @@ class NativeCausalLM(nn.Module):
 
         if logits_positions is not None:
             x = x.gather(1, logits_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.args.rms_norm_eps))
         return ModelOutput(logits=logits, hidden_states=[hidden[i] for i in hidden_layers])
