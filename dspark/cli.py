@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key[.key]=value
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from dspark.config import find_config
     from dspark.pipeline import build_pipeline
 
-    pipe = build_pipeline(args.config, overrides=args.overrides)
-    prompts: list = list(args.prompt or [])
+    # positional words that are not `section.key=value` overrides are prompts: `dspark generate "def f():"`
+    positional = [o for o in args.overrides if not OVERRIDE.match(o)]
+    overrides = [o for o in args.overrides if OVERRIDE.match(o)]
+    pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
+    prompts: list = positional + list(args.prompt or [])
     for ids in args.prompt_ids or []:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])
     if not prompts:
-        raise SystemExit("dspark generate: give at least one --prompt TEXT or --prompt-ids 'ID ID ...'")
+        raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT or --prompt-ids 'ID ID ...'")
     result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                            ignore_eos=args.ignore_eos, progress=args.progress)
@@ -32,12 +39,34 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dspark.training import load_train_config, train
+
+    cfg = load_train_config(args.config, [*args.overrides, f"kind={args.kind}"])
+    report = train(cfg)
+    print(json.dumps(report["test"], indent=2))
+    print(f"[dspark] exported {cfg.output_dir} ({report['parameters'] / 1e6:.2f}M parameters, "
+          f"{report['train_seconds'] / 60:.1f} min)", file=sys.stderr)
+    return 0
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from dspark.data.build import build_data, load_data_config
+
+    manifest = build_data(load_data_config(args.config, args.overrides))
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dspark`` argument parser (one sub-command per task)."""
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text with a config-composed pipeline")
-    gen.add_argument("--config", default="ar", help="YAML config path or bare name in configs/ (default: ar)")
+    gen = sub.add_parser("generate", help="generate text with a config-composed pipeline",
+                         usage='dspark generate ["PROMPT"] [--config CONFIG] [options] [section.key=value ...]')
+    gen.add_argument("--config", default=None,
+                     help="YAML config path or bare name in configs/ (default: configs/default.yaml when present, "
+                          "else the built-in defaults: the embedded dspark-tiny model)")
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -50,14 +79,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")
     gen.add_argument("--stats-json", help="also write the stats to this JSON file")
-    gen.add_argument("overrides", nargs="*", help="config overrides, e.g. drafter.num_speculative_tokens=5")
+    gen.add_argument("overrides", nargs="*", help='the prompt, then config overrides, e.g. drafter.num_speculative_tokens=5')
     gen.set_defaults(func=_generate)
+
+    tr = sub.add_parser("train", help="train the embedded target or draft model (Lightning)")
+    tr.add_argument("kind", choices=["target", "draft"])
+    tr.add_argument("--config", required=True, help="configs/train/target.yaml or configs/train/draft.yaml")
+    tr.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=100")
+    tr.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="build the stdlib corpus artefacts")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="tokenizer, prompt sets and manifest from the stdlib corpus")
+    build.add_argument("--config", default="configs/data/stdlib.yaml")
+    build.add_argument("overrides", nargs="*")
+    build.set_defaults(func=_data_build)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dspark`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse cannot place a `key=value ...` positional list after options of a sub-command:
+    # collect the leftovers and accept those that are overrides
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or (args.command != "generate" and "=" not in item)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as err:

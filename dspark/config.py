@@ -28,11 +28,13 @@ class ConfigError(ValueError):
 class TargetConfig:
     """Config section ``target``.
 
+    The model is the first of: ``build_pipeline(target_model=...)``, ``path``, ``random``, ``name``.
+
     Attributes:
+        name: an embedded model shipped with dspark (``dspark-tiny``, the default).
         path: Hugging Face checkpoint directory of the target model.
-        random: instead of ``path``, an architecture spec for a randomly initialised model
-            (``model_type`` plus ``transformers`` config keys, and an optional ``seed``) — for tests,
-            benchmarks and trying dspark without weights.
+        random: an architecture spec for a randomly initialised model (``model_type`` plus
+            ``transformers`` config keys, and an optional ``seed``) — for tests and benchmarks.
         tokenizer: tokenizer directory (default: ``path``), or ``bytes`` for a built-in byte-level
             tokenizer (256 byte tokens + EOS), or ``null`` for token-id prompts only.
         backend: ``auto`` (native when the architecture allows), ``native`` or ``hf``.
@@ -41,6 +43,7 @@ class TargetConfig:
         trust_remote_code: allow ``transformers`` to run code shipped with a checkpoint (off by default).
     """
 
+    name: str | None = "dspark-tiny"
     path: str | None = None
     random: dict[str, Any] | None = None
     tokenizer: str | None = None
@@ -69,6 +72,14 @@ def config_dirs() -> list[Path]:
     return dirs + [Path(__file__).resolve().parent.parent / "configs"]
 
 
+def find_config(name: str) -> Path | None:
+    """``configs/<name>.yaml`` from :func:`config_dirs`, or ``None`` (then built-in defaults apply)."""
+    for directory in config_dirs():
+        if (directory / f"{name}.yaml").is_file():
+            return directory / f"{name}.yaml"
+    return None
+
+
 def _read(config) -> DictConfig:
     if isinstance(config, DictConfig):
         return config.copy()
@@ -77,10 +88,7 @@ def _read(config) -> DictConfig:
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
         if not path.is_file() and path.suffix == "":
-            for directory in config_dirs():
-                if (directory / f"{config}.yaml").is_file():
-                    path = directory / f"{config}.yaml"
-                    break
+            path = find_config(str(config)) or path
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(config)!r} not found (searched also: {', '.join(map(str, config_dirs()))})")
         loaded = OmegaConf.load(path)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from dspark.config import load_config, section_object
 from dspark.engine import Engine, GenerationStats
 from dspark.models import load_model, random_hf_model
+from dspark.models.loading import resolve_checkpoint
 from dspark.records import SamplingParams
 from dspark.tokenization import has_tokenizer_files, load_tokenizer
 
@@ -177,17 +178,19 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
             spec = dict(target_cfg.random)
             seed = int(spec.pop("seed", 0))
             source = random_hf_model(spec, seed=seed)
+        elif target_cfg.name is not None:
+            source = resolve_checkpoint(target_cfg.name)
         else:
-            raise ValueError("no target model: set target.path (a checkpoint directory) or target.random, "
-                             "or pass build_pipeline(target_model=...)")
+            raise ValueError("no target model: set target.name (an embedded model), target.path (a checkpoint "
+                             "directory) or target.random, or pass build_pipeline(target_model=...)")
     target = load_model(source, dtype=target_cfg.dtype, device=target_cfg.device, backend=target_cfg.backend,
                         trust_remote_code=target_cfg.trust_remote_code)
 
     if tokenizer is None:
         if target_cfg.tokenizer is not None:
             tokenizer = target_cfg.tokenizer
-        elif isinstance(source, (str, Path)) and has_tokenizer_files(source):
-            tokenizer = source
+        elif isinstance(source, (str, Path)) and has_tokenizer_files(resolve_checkpoint(source)):
+            tokenizer = resolve_checkpoint(source)
     tokenizer = load_tokenizer(tokenizer)
 
     sampler = sampler_cls(section_object(cfg, "sampler"))

@@ -51,8 +51,8 @@ def test_prompt_beyond_max_position_embeddings():
 
 
 def test_no_target_is_an_error():
-    with pytest.raises(ValueError, match="no target model: set target.path"):
-        dspark.build_pipeline({})
+    with pytest.raises(ValueError, match=r"no target model: set target.name \(an embedded model\), target.path"):
+        dspark.build_pipeline({"target": {"name": None}})
 
 
 def test_unknown_component_fails_before_loading_the_model(monkeypatch):

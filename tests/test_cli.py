@@ -16,7 +16,7 @@ def test_generate_prints_text_and_summary(capsys, tmp_path):
 
 
 def test_generate_token_ids(capsys):
-    assert main(["generate", "--prompt-ids", "1 2 3", "--prompt-ids", "4,5", "--print-ids", "--max-new-tokens", "3",
+    assert main(["generate", "--config", "ar", "--prompt-ids", "1 2 3", "--prompt-ids", "4,5", "--print-ids", "--max-new-tokens", "3",
                  "--temperature", "1.0", "target.device=cpu"]) == 0
     out = capsys.readouterr().out
     assert "--- request 1" in out
@@ -25,5 +25,5 @@ def test_generate_token_ids(capsys):
 def test_bad_override_is_a_clear_error(capsys):
     assert main(["generate", "--prompt", "x", "drafter.num_speculatve_tokens=3"]) == 2
     assert "unknown key drafter.num_speculatve_tokens" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--max-new-tokens", "0", "target.device=cpu"]) == 2
+    assert main(["generate", "--config", "ar", "--prompt", "x", "--max-new-tokens", "0", "target.device=cpu"]) == 2
     assert "max_new_tokens must be an integer >= 1" in capsys.readouterr().err

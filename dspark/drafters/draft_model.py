@@ -17,7 +17,9 @@ class DraftModelConfig(DrafterConfig):
 
     Attributes:
         num_speculative_tokens: γ, tokens drafted autoregressively per round.
-        path: checkpoint directory of the draft model (``build_pipeline(draft_model=...)`` replaces it).
+        path: checkpoint directory or embedded model name of the draft model (default: the embedded
+            ``dspark-tiny-draft``, distilled from ``dspark-tiny``); ``build_pipeline(draft_model=...)``
+            replaces it.
         random: instead of ``path``, an architecture spec for a random draft model (tests).
         dtype: the draft model's dtype (``null`` = the target's).
         backend: ``auto``, ``native`` or ``hf`` (as for the target).
@@ -25,7 +27,7 @@ class DraftModelConfig(DrafterConfig):
 
     name: str = "draft_model"
     num_speculative_tokens: int = 4
-    path: str | None = None
+    path: str | None = "dspark-tiny-draft"
     random: dict[str, Any] | None = None
     dtype: str | None = None
     backend: str = "auto"
@@ -49,12 +51,12 @@ class DraftModelDrafter(Drafter):
         from dspark.models import load_model, random_hf_model
 
         source = draft_model
-        if source is None and config.path is not None:
-            source = config.path
         if source is None and config.random is not None:
             spec = dict(config.random)
             seed = int(spec.pop("seed", 0))
             source = random_hf_model(spec, seed=seed)
+        if source is None and config.path is not None:
+            source = config.path
         if source is None:
             raise ValueError("drafter 'draft_model' needs a draft model: set drafter.path (a checkpoint directory) "
                              "or pass build_pipeline(draft_model=...)")

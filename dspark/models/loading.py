@@ -46,12 +46,22 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def resolve_checkpoint(source):
+    """An embedded model name (``dspark-tiny`` …) → its shipped directory; anything else unchanged."""
+    from dspark.assets import is_embedded_name, resolve_model
+
+    if isinstance(source, str) and is_embedded_name(source):
+        return resolve_model(source)
+    return source
+
+
 def load_model(source, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                backend: str = "auto", trust_remote_code: bool = False):
     """Build a dspark language model from ``source``.
 
     Args:
-        source: a checkpoint directory (``config.json`` + safetensors), a ``transformers``
+        source: a checkpoint directory (``config.json`` + safetensors), an embedded model name
+            (``dspark-tiny``, ``dspark-tiny-draft``), a ``transformers``
             ``PreTrainedModel``, or an existing dspark model (returned moved to dtype/device).
         dtype: parameter dtype name or ``torch.dtype``.
         device: ``"cpu"``, ``"cuda"``, ``"auto"`` …
@@ -64,6 +74,7 @@ def load_model(source, *, dtype: str | torch.dtype = "float32", device: str | to
     if backend not in ("auto", "native", "hf"):
         raise ValueError(f"target.backend must be one of auto, native, hf; got {backend!r}")
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    source = resolve_checkpoint(source)
     if getattr(source, "is_dspark_model", False):
         return source.to(dtype=torch_dtype, device=torch_device).requires_grad_(False)
 

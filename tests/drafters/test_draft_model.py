@@ -14,7 +14,7 @@ from helpers import ragged_prompts, tiny_hf_model
 def test_build_time_errors():
     target = load_model(tiny_hf_model("llama"))
     with pytest.raises(ValueError, match="needs a draft model: set drafter.path"):
-        DraftModelDrafter(DraftModelConfig(), target=target, sampler=DefaultSampler())
+        DraftModelDrafter(DraftModelConfig(path=None), target=target, sampler=DefaultSampler())
     with pytest.raises(ValueError, match=r"draft model vocabulary \(64 tokens\) differs from the target's \(101 tokens\)"):
         DraftModelDrafter(DraftModelConfig(), target=target, sampler=DefaultSampler(),
                           draft_model=tiny_hf_model("llama", vocab_size=64))
@@ -25,7 +25,8 @@ def test_build_time_errors():
 
 def test_pipeline_reports_missing_draft_model():
     with pytest.raises(ValueError, match="needs a draft model"):
-        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "draft_model"}, target_model=tiny_hf_model("llama"))
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "path": None}},
+                              target_model=tiny_hf_model("llama"))
 
 
 def test_draft_cache_tracks_committed_context():

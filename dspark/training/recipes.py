@@ -1,0 +1,205 @@
+"""Training recipes behind ``dspark train target`` and ``dspark train draft``.
+
+A recipe reads a structured config (``configs/train/*.yaml``), trains with Lightning (progress
+bar, CSV logs, a checkpoint every validation, resume from the last one), then exports a Hugging
+Face checkpoint directory (safetensors, tokenizer, generation config), evaluates it on the test
+split, writes ``metrics.json`` beside it and draws the loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from dspark.training.modules import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Config of a training run (keys are checked: a misspelled key is an error).
+
+    Attributes:
+        kind: ``target`` (next-token training) or ``draft`` (distillation from ``teacher``).
+        model: ``transformers`` config of the model to train (``model_type`` plus its keys).
+        tokenizer: tokenizer directory (built by ``dspark data build``).
+        teacher: for ``draft``: the teacher checkpoint directory or embedded name.
+        seq_len, batch_size, max_steps: sequence length, sequences per step, optimiser steps.
+        optim: learning-rate schedule and AdamW settings.
+        precision: Lightning precision (``bf16-mixed`` uses the CPU's bfloat16 units when present).
+        val_every: steps between validations (and checkpoints); log_every: steps between logged
+            training losses; max_eval_blocks caps evaluation.
+        distill_temperature, ce_weight: distillation settings (``draft`` only).
+        run_dir: logs and Lightning checkpoints; output_dir: the exported checkpoint directory.
+        save_dtype: dtype of the exported weights. resume: continue from ``run_dir``'s last checkpoint.
+        plot: PNG of the loss curves (``null`` to skip). corpus: corpus split settings.
+        threads: torch CPU threads (``null`` = torch's default).
+    """
+
+    kind: str = "target"
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "dspark/assets/dspark-tiny/tokenizer"
+    teacher: str | None = None
+    seq_len: int = 512
+    batch_size: int = 8
+    max_steps: int = 4000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: str = "bf16-mixed"
+    val_every: int = 500
+    log_every: int = 10
+    max_eval_blocks: int | None = None
+    distill_temperature: float = 1.0
+    ce_weight: float = 0.0
+    seed: int = 0
+    run_dir: str = "runs/target"
+    output_dir: str = "dspark/assets/dspark-tiny/target"
+    save_dtype: str = "bfloat16"
+    resume: bool = True
+    plot: str | None = None
+    corpus: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+
+
+def load_train_config(path=None, overrides=()) -> TrainConfig:
+    """Structured training config from YAML + dotlist overrides (unknown keys are errors)."""
+    schema = OmegaConf.structured(TrainConfig)
+    user = OmegaConf.load(path) if path else OmegaConf.create({})
+    cfg = OmegaConf.to_object(OmegaConf.merge(schema, user, OmegaConf.from_dotlist(list(overrides))))
+    if cfg.kind not in ("target", "draft"):
+        raise ValueError(f"train kind must be 'target' or 'draft', got {cfg.kind!r}")
+    if cfg.kind == "draft" and not cfg.teacher:
+        raise ValueError("training a draft model needs `teacher` (a target checkpoint directory or embedded name)")
+    if "model_type" not in cfg.model:
+        raise ValueError("the training config's `model` needs model_type (e.g. qwen3) and the architecture keys")
+    return cfg
+
+
+def train(cfg: TrainConfig, *, documents=None) -> dict:
+    """Run a recipe end to end; return the metrics it wrote to ``output_dir/metrics.json``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from transformers import AutoTokenizer
+
+    from dspark.training.data import CorpusDataModule, token_byte_lengths
+    from dspark.training.modules import DistillationModule, LanguageModelModule, build_hf_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    spec = {**cfg.model, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None}
+    model = build_hf_model(spec)
+    byte_lengths = token_byte_lengths(tokenizer)
+    if cfg.kind == "target":
+        module = LanguageModelModule(model, byte_lengths, cfg.optim, cfg.max_steps)
+    else:
+        from dspark.models.loading import resolve_checkpoint
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.teacher), dtype=torch.float32)
+        if teacher.config.vocab_size != len(tokenizer):
+            raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != tokenizer vocabulary {len(tokenizer)}")
+        module = DistillationModule(model, teacher, byte_lengths, cfg.optim, cfg.max_steps,
+                                    temperature=cfg.distill_temperature, ce_weight=cfg.ce_weight)
+    data = CorpusDataModule(tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                            num_samples=cfg.max_steps * cfg.batch_size, seed=cfg.seed, corpus=cfg.corpus,
+                            max_eval_blocks=cfg.max_eval_blocks, documents=documents)
+
+    run_dir = Path(cfg.run_dir)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.val_every)
+    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator="auto", devices=1,
+                        val_check_interval=cfg.val_every, check_val_every_n_epoch=None, log_every_n_steps=cfg.log_every,
+                        logger=CSVLogger(run_dir, name="logs"), callbacks=[checkpoints],
+                        gradient_clip_val=1.0, enable_progress_bar=True, num_sanity_val_steps=0)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # our own Lightning checkpoint from this run directory (not a downloaded file)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume and last.is_file() else None)
+    train_seconds = time.time() - started
+
+    test = trainer.test(module, datamodule=data, verbose=False)
+    metrics = {k.split("/dataloader_idx")[0]: float(v) for result in test for k, v in result.items()}
+    export(module.model, tokenizer, cfg.output_dir, cfg.save_dtype)
+    report = {"kind": cfg.kind, "parameters": sum(p.numel() for p in module.model.parameters()),
+              "train_seconds": round(train_seconds, 1), "steps": cfg.max_steps, "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
+              "test": metrics, "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine()}
+    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.plot:
+        plot_curves(training_logs(run_dir), cfg.plot, title=f"{cfg.kind} training")
+    return report
+
+
+def export(model, tokenizer, output_dir: str, dtype: str) -> None:
+    """Save a Hugging Face checkpoint directory: safetensors weights in ``dtype``, tokenizer, EOS."""
+    from dspark.models.loading import resolve_dtype
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(resolve_dtype(dtype))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    model.to(torch.float32)
+
+
+def training_logs(run_dir) -> list[Path]:
+    """The CSV logs of a run, oldest first (a resumed run adds a ``version_N``)."""
+    versions = Path(run_dir, "logs").glob("version_*/metrics.csv")
+    return sorted(versions, key=lambda p: int(p.parent.name.split("_")[1]))
+
+
+def read_logged(csv_paths: list[Path], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one logged metric across the given CSV logs."""
+    import csv
+
+    points = []
+    for path in csv_paths:
+        with open(path) as f:
+            points += [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+    return points
+
+
+def plot_curves(csv_paths: list[Path], png_path, title: str) -> None:
+    """Training and validation curves from a run's Lightning CSV logs, drawn to a PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = set()
+    for path in csv_paths:
+        with open(path) as f:
+            keys |= set(csv.DictReader(f).fieldnames or [])
+    series = {key: read_logged(csv_paths, key) for key in sorted(keys)
+              if key.endswith("loss") or key.endswith("_kl") or key == "train/kl"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, points in sorted(series.items()):
+        if not points:
+            continue
+        steps, values = zip(*points)
+        ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None,
+                alpha=0.5 if key.startswith("train") else 1.0)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

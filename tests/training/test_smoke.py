@@ -1,0 +1,85 @@
+"""A few steps of `dspark train` on a tiny corpus: the loss falls, a checkpoint is written, resume continues."""
+
+import pytest
+import torch
+
+from dspark.data.corpus import Document
+from dspark.data.tokenizer import train_tokenizer
+from dspark.training import load_train_config, train
+from dspark.training.modules import distillation_kl
+from dspark.training.recipes import read_logged, training_logs
+
+TINY_MODEL = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128,
+              "tie_word_embeddings": True}
+
+
+def tiny_corpus():
+    code = "def add(a, b):\n    return a + b\n\n" * 40
+    prose = "The function adds two numbers and returns the sum. " * 40
+    return [Document(f"m{i}.py", "code", split, code) for i, split in enumerate(["train"] * 6 + ["validation", "test"])] + \
+           [Document(f"d{i}", "prose", split, prose) for i, split in enumerate(["train"] * 6 + ["validation", "test"])]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer([d.text for d in tiny_corpus()], vocab_size=512).save_pretrained(path)
+    return path
+
+
+def config(tmp_path, tokenizer_dir, **overrides):
+    base = [f"model={TINY_MODEL}".replace("'", ""), f"tokenizer={tokenizer_dir}", "seq_len=32", "batch_size=4",
+            "precision=32-true", "val_every=4", "log_every=1", f"run_dir={tmp_path / 'run'}",
+            f"output_dir={tmp_path / 'out'}", "optim.warmup_steps=2", "optim.lr=5e-3", "save_dtype=float32"]
+    return load_train_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def logged(run_dir, key):
+    return read_logged(training_logs(run_dir), key)
+
+
+def test_train_lowers_loss_checkpoints_and_resumes(tmp_path, tokenizer_dir):
+    report = train(config(tmp_path, tokenizer_dir, max_steps=4, plot=tmp_path / "loss.png"), documents=tiny_corpus())
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert set(report["test"]) == {"test/code_loss", "test/code_bpb", "test/prose_loss", "test/prose_bpb"}
+
+    train(config(tmp_path, tokenizer_dir, max_steps=12, plot=tmp_path / "loss.png"), documents=tiny_corpus())  # resumes
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    losses = logged(tmp_path / "run", "train/loss")
+    steps = [s for s, _ in losses]
+    assert steps == sorted(steps) and steps[-1] == 11 and steps.count(0) == 1  # no restart from step 0
+    assert losses[-1][1] < losses[0][1] - 0.5  # nats per token
+
+    from dspark.models import load_model
+
+    model = load_model(tmp_path / "out")  # the export loads through the Hugging Face checkpoint path
+    assert model.vocab_size == 512 or model.vocab_size > 0
+
+
+def test_distillation_steps_lower_the_kl(tmp_path, tokenizer_dir):
+    teacher_cfg = config(tmp_path / "t", tokenizer_dir, max_steps=8)
+    train(teacher_cfg, documents=tiny_corpus())
+    cfg = config(tmp_path / "d", tokenizer_dir, max_steps=8, kind="draft", teacher=str(tmp_path / "t" / "out"))
+    report = train(cfg, documents=tiny_corpus())
+    kl = logged(tmp_path / "d" / "run", "train/kl")
+    assert kl[-1][1] < kl[0][1]
+    assert "test/code_top1_agreement" in report["test"]
+
+
+def test_distillation_kl_on_hand_made_distributions():
+    p = torch.tensor([[0.5, 0.5, 0.0]])
+    q = torch.tensor([[0.25, 0.25, 0.5]])
+    expected = 0.5 * torch.log(torch.tensor(2.0)) * 2  # sum p log(p/q) = log 2
+    assert torch.allclose(distillation_kl(q.log(), p.clamp_min(1e-30).log()), expected, atol=1e-6)
+    assert distillation_kl(p.log().clamp_min(-1e9), p.log().clamp_min(-1e9)).abs() < 1e-6
+
+
+def test_bad_training_configs():
+    with pytest.raises(ValueError, match="needs `teacher`"):
+        load_train_config(None, ["kind=draft", "model={model_type: qwen3}"])
+    with pytest.raises(ValueError, match="needs model_type"):
+        load_train_config(None, [])
+    with pytest.raises(Exception, match="max_step"):
+        load_train_config(None, ["max_step=3", "model={model_type: qwen3}"])
