@@ -7,7 +7,8 @@
 from dspark.cache import KVCache, StaticKVCache, register_cache
 from dspark.config import load_config
 from dspark.drafters import Drafter, DrafterConfig, register_drafter
-from dspark.engine import Engine, EngineConfig, GenerationStats
+from dspark.engine import Engine, EngineConfig
+from dspark.stats import GenerationStats
 from dspark.pipeline import GenerationResult, Pipeline, build_pipeline
 from dspark.records import DecodingState, DraftProposal, ModelOutput, SamplingParams, VerificationResult
 from dspark.samplers import Sampler, register_sampler

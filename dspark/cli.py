@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key[.key]=value
 
@@ -58,6 +59,15 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from dspark.bench import load_bench_config, run_bench
+
+    cfg = load_bench_config(args.config, args.overrides)
+    report = run_bench(cfg, progress=not args.no_progress)
+    print(Path(cfg.output_dir, "bench.md").read_text())
+    return 1 if report["greedy_mismatches"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dspark`` argument parser (one sub-command per task)."""
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding.")
@@ -87,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="configs/train/target.yaml or configs/train/draft.yaml")
     tr.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=100")
     tr.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="measure acceptance and speed against autoregressive decoding and transformers")
+    bench.add_argument("--config", default="configs/bench/default.yaml")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("overrides", nargs="*", help="e.g. repeats=5 batch_sizes=[1,4]")
+    bench.set_defaults(func=_bench)
 
     data = sub.add_parser("data", help="build the stdlib corpus artefacts")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -18,7 +18,7 @@ requests are done, and the longest cache) — the only synchronisation in the lo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,7 @@ from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
+from dspark.stats import GenerationStats, RoundCounters
 from dspark.verifiers import Verifier
 
 
@@ -42,78 +43,21 @@ class EngineConfig:
             whole cache, one graph per batch size). Pays off for small models whose step time is
             dominated by per-operation overhead; the first round of each shape compiles (seconds
             to a minute).
+        time_phases: split each round's time into draft / verify / other (host clock; on CUDA this
+            adds synchronisations, so keep it for measurements).
     """
 
     max_batch_size: int = 64
     kv_len_multiple: int = 16
     progress: bool = False
     compile: bool = False
+    time_phases: bool = False
 
     def __post_init__(self):
         if self.max_batch_size < 1:
             raise ValueError(f"engine.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.kv_len_multiple < 1:
             raise ValueError(f"engine.kv_len_multiple must be >= 1, got {self.kv_len_multiple}")
-
-
-@dataclass
-class GenerationStats:
-    """Counters of one ``generate`` call (aggregated over its requests).
-
-    Attributes:
-        rounds: decoding rounds (target verification forwards of the batch), prefill excluded.
-        target_forwards: request-rounds, i.e. target forwards summed over requests.
-        generated_tokens: tokens generated, over all requests.
-        drafted_tokens / verified_tokens / accepted_tokens: over all request-rounds.
-        mean_accepted_length: τ, tokens emitted per target forward (accepted drafts + the bonus or
-            recovered token), averaged over request-rounds.
-        acceptance_by_position: conditional acceptance at draft position k: P(x_k accepted |
-            x_1..x_{k-1} accepted and x_k verified); ``None`` where position k was never verified.
-        reached_by_position / accepted_by_position_counts: the counts behind it (denominator, numerator).
-        wall_time_s, prefill_time_s: seconds; tokens_per_second: generated tokens / wall time.
-        per_request: the same counters per request (generated, target_forwards, accepted, verified).
-    """
-
-    rounds: int = 0
-    target_forwards: int = 0
-    generated_tokens: int = 0
-    drafted_tokens: int = 0
-    verified_tokens: int = 0
-    accepted_tokens: int = 0
-    mean_accepted_length: float = 0.0
-    acceptance_by_position: list[float | None] = field(default_factory=list)
-    reached_by_position: list[int] = field(default_factory=list)
-    accepted_by_position_counts: list[int] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    prefill_time_s: float = 0.0
-    tokens_per_second: float = 0.0
-    per_request: list[dict] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One line for logs and the CLI."""
-        acc = ", ".join("-" if a is None else f"{a:.2f}" for a in self.acceptance_by_position)
-        return (f"{self.generated_tokens} tokens in {self.wall_time_s:.2f}s ({self.tokens_per_second:.1f} tok/s), "
-                f"{self.rounds} rounds, tau={self.mean_accepted_length:.2f}"
-                + (f", acceptance by position [{acc}]" if acc else ""))
-
-    @staticmethod
-    def merge(parts: list["GenerationStats"]) -> "GenerationStats":
-        """Combine the stats of consecutive batches of one call."""
-        if len(parts) == 1:
-            return parts[0]
-        total = GenerationStats()
-        for name in ("rounds", "target_forwards", "generated_tokens", "drafted_tokens", "verified_tokens",
-                     "accepted_tokens", "wall_time_s", "prefill_time_s"):
-            setattr(total, name, sum(getattr(p, name) for p in parts))
-        total.per_request = [r for p in parts for r in p.per_request]
-        emitted = sum(r["accepted"] + r["target_forwards"] for r in total.per_request)
-        total.mean_accepted_length = emitted / max(total.target_forwards, 1)
-        reached = [sum(column) for column in zip(*(p.reached_by_position for p in parts))]
-        accepted = [sum(column) for column in zip(*(p.accepted_by_position_counts for p in parts))]
-        total.reached_by_position, total.accepted_by_position_counts = reached, accepted
-        total.acceptance_by_position = [a / r if r else None for a, r in zip(accepted, reached)]
-        total.tokens_per_second = total.generated_tokens / max(total.wall_time_s, 1e-9)
-        return total
 
 
 class Engine:
@@ -197,7 +141,7 @@ class Engine:
                               max_new_tokens=max_new_tokens, params=params)
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         stopper = _Stopper(self._eos if not ignore_eos else self._eos[:0], max_new_tokens)
-        counters = _Counters(batch, gamma, device)
+        counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
 
         # prefill: the prompt goes into the cache; its last logits give the first token
@@ -227,14 +171,17 @@ class Engine:
         return generated, counters.stats(generated, wall, prefill_time)
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
-               counters: "_Counters") -> None:
+               counters: RoundCounters) -> None:
         """One speculative round over the batch (finished requests ride along with nothing to verify)."""
         params, gamma = state.params, self.drafter.gamma
+        clock = _PhaseClock(self.config.time_phases, self.device)
         n_draft = self.drafter.num_uniforms(params)
         uniforms = _draw_uniforms(generators, active, n_draft + self.verifier.num_uniforms(gamma, params), self.device)
 
         # 1. draft: x_1..x_γ after each anchor                                   tokens [B, γ]
+        clock.start()
         proposal = self.drafter.propose(state, uniforms[:, :n_draft])
+        clock.lap(counters, 0)
         # 2. schedule: verify every proposed draft of every unfinished request    [B]
         finished = state.done.clone()
         num_verify = torch.where(finished, 0, proposal.num_tokens)
@@ -249,6 +196,7 @@ class Engine:
         result = self.verifier.verify(out.logits, proposal, sampler=self.sampler, params=params,
                                       uniforms=uniforms[:, n_draft:])
         num_accepted = torch.where(finished, 0, result.num_accepted)
+        clock.lap(counters, 1)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
         emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))
         # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
@@ -256,6 +204,27 @@ class Engine:
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
         self.drafter.commit(state, proposal, kept, out)
         counters.update(finished, num_verify, num_accepted, proposal.num_tokens)
+
+
+class _PhaseClock:
+    """Adds the host-clock seconds of drafting (phase 0) and of the verify forward + verification
+    (phase 1) to ``counters.phase_seconds`` (no-op unless enabled)."""
+
+    def __init__(self, enabled: bool, device):
+        self.enabled = enabled
+        self.sync = torch.cuda.synchronize if enabled and torch.device(device).type == "cuda" else (lambda: None)
+
+    def start(self) -> None:
+        if self.enabled:
+            self.sync()
+            self.last = time.perf_counter()
+
+    def lap(self, counters: RoundCounters, phase: int) -> None:
+        if self.enabled:
+            self.sync()
+            now = time.perf_counter()
+            counters.phase_seconds[phase] += now - self.last
+            self.last = now
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -296,40 +265,3 @@ class _Stopper:
         state.lengths += num_emitted
         state.done |= hit_eos | (state.num_generated >= self.max_new_tokens)
         return num_emitted
-
-
-class _Counters:
-    """Device-side statistics, read once at the end."""
-
-    def __init__(self, batch: int, gamma: int, device):
-        self.gamma = gamma
-        self.rounds = 0
-        self.per_request = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
-        self.reached = torch.zeros(gamma, dtype=torch.long, device=device)  # x_k verified, x_<k accepted
-        self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
-
-    def update(self, finished, num_verify, num_accepted, num_drafted) -> None:
-        self.rounds += 1
-        self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verify, num_accepted])
-        if self.gamma:
-            k = torch.arange(self.gamma, device=num_verify.device)
-            reached = (k < num_verify.unsqueeze(1)) & (k <= num_accepted.unsqueeze(1))
-            self.reached += reached.sum(0)
-            self.accepted_at += (k < num_accepted.unsqueeze(1)).sum(0)
-
-    def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
-        batch, gamma = self.per_request.shape[1], self.gamma
-        flat = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at]).tolist()
-        forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
-        reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
-        total_generated = sum(len(g) for g in generated)
-        return GenerationStats(
-            rounds=self.rounds, target_forwards=sum(forwards), generated_tokens=total_generated,
-            drafted_tokens=sum(drafted), verified_tokens=sum(verified), accepted_tokens=sum(accepted),
-            mean_accepted_length=(sum(accepted) + sum(forwards)) / max(sum(forwards), 1),
-            acceptance_by_position=[a / r if r else None for a, r in zip(accepted_at, reached)],
-            reached_by_position=reached, accepted_by_position_counts=accepted_at,
-            wall_time_s=wall, prefill_time_s=prefill, tokens_per_second=total_generated / max(wall, 1e-9),
-            per_request=[dict(generated=len(g), target_forwards=f, drafted=d, verified=v, accepted=a)
-                         for g, f, d, v, a in zip(generated, forwards, drafted, verified, accepted)],
-        )

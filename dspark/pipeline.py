@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig
 
 from dspark.config import load_config, section_object
-from dspark.engine import Engine, GenerationStats
+from dspark.engine import Engine
+from dspark.stats import GenerationStats
 from dspark.models import load_model, random_hf_model
 from dspark.models.loading import resolve_checkpoint
 from dspark.records import SamplingParams

@@ -74,6 +74,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        object.__setattr__(self, "hf_source", model)  # a plain reference, not a second submodule
         self.hf_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self._captured: dict[int, torch.Tensor] = {}

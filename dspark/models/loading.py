@@ -104,6 +104,8 @@ def load_model(source, *, dtype: str | torch.dtype = "float32", device: str | to
             load_hf_weights(model, state_dict_fn())
             model.hf_config = config
             model.generation_config = _generation_config(source)
+            # the checkpoint directory or transformers model it came from (a plain reference, not a submodule)
+            object.__setattr__(model, "hf_source", source)
             return model.to(dtype=torch_dtype, device=torch_device).eval().requires_grad_(False)
 
     from dspark.models.hf_adapter import HFCausalLM
@@ -120,7 +122,7 @@ def _read_config(path: Path, trust_remote_code: bool):
 
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # includes json.JSONDecodeError for a corrupt file
         raise CheckpointError(f"cannot read {path / 'config.json'}: {err}") from err
 
 
@@ -149,14 +151,23 @@ def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if single.is_file() or index.is_file():
         from safetensors.torch import load_file
 
+        def read(file: Path) -> dict[str, torch.Tensor]:
+            try:
+                return load_file(file)
+            except Exception as err:  # safetensors raises its own error types for corrupt headers/data
+                raise CheckpointError(f"cannot read {file}: {err} (the file is corrupt or truncated)") from err
+
         if single.is_file():
-            return load_file(single)
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return read(single)
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot read {index}: {err}") from err
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
             if not (path / shard).is_file():
                 raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
-            tensors.update(load_file(path / shard))
+            tensors.update(read(path / shard))
         return tensors
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)

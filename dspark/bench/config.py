@@ -1,0 +1,97 @@
+"""The ``dspark bench`` config: which pipelines, prompts and settings to measure side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+
+@dataclass
+class PipelineSpec:
+    """One dspark pipeline in the matrix.
+
+    Attributes:
+        label: name in the tables (``none``, ``ngram``, ``draft_model`` …).
+        config: pipeline config (YAML path or bare name in ``configs/``; ``null`` = built-in defaults).
+        overrides: dotlist overrides for this pipeline.
+        speculative: whether the γ sweep applies (``false`` for the ``none`` baseline).
+    """
+
+    label: str = "none"
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    speculative: bool = True
+
+
+@dataclass
+class PeerConfig:
+    """Hugging Face ``generate`` peers, run on the same models, prompts and settings.
+
+    ``assisted`` uses the draft model of the first ``draft_model`` pipeline and ``prompt_lookup``
+    the first ``ngram`` pipeline's γ; both only at batch size 1 (``transformers`` supports no more).
+    """
+
+    plain: bool = True
+    assisted: bool = True
+    prompt_lookup: bool = True
+
+
+@dataclass
+class BenchConfig:
+    """Config of ``dspark bench`` (``configs/bench/default.yaml``).
+
+    Attributes:
+        pipelines: the dspark pipelines; one labelled ``none`` is the baseline for speedups.
+        domains: shipped prompt sets (``code``, ``prose``, ``calibration``) or JSONL files of ``{"prompt": ...}``.
+        num_prompts: prompts per domain (the first ones of each set).
+        temperatures, batch_sizes, gammas: the matrix (γ applies to speculative pipelines).
+        max_new_tokens: tokens generated per prompt (EOS ignored, so every variant does the same work).
+        repeats, warmup: measured and discarded passes; passes alternate over the variants.
+        common_overrides: dotlist overrides applied to every pipeline (e.g. ``target.device=cpu``).
+        peers: the ``transformers`` peers. check_greedy: compare greedy outputs with ``transformers``.
+        output_dir: where ``bench.json``, ``bench.md`` and the PNGs go.
+        seed: sampling seed; threads: torch CPU threads (``null`` = default).
+    """
+
+    pipelines: list[PipelineSpec] = field(default_factory=lambda: [PipelineSpec("none", None, ["drafter=none"], False)])
+    domains: list[str] = field(default_factory=lambda: ["code", "prose"])
+    num_prompts: int = 8
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    gammas: list[int] = field(default_factory=lambda: [4])
+    max_new_tokens: int = 128
+    repeats: int = 3
+    warmup: int = 1
+    common_overrides: list[str] = field(default_factory=list)
+    peers: PeerConfig = field(default_factory=PeerConfig)
+    check_greedy: bool = True
+    output_dir: str = "bench_out"
+    seed: int = 0
+    threads: int | None = None
+
+    def validate(self) -> "BenchConfig":
+        """Raise ``ValueError`` naming the bad setting."""
+        if not self.pipelines:
+            raise ValueError("bench needs at least one pipeline")
+        labels = [p.label for p in self.pipelines]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"pipeline labels must be unique, got {labels}")
+        for name, values, low in (("batch_sizes", self.batch_sizes, 1), ("gammas", self.gammas, 1)):
+            if not values or any(v < low for v in values):
+                raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {values}")
+        if any(t < 0 for t in self.temperatures) or not self.temperatures:
+            raise ValueError(f"temperatures must be a non-empty list of numbers >= 0, got {self.temperatures}")
+        for name in ("num_prompts", "max_new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        return self
+
+
+def load_bench_config(path=None, overrides=()) -> BenchConfig:
+    """Structured bench config from YAML + dotlist overrides (a misspelled key is an error)."""
+    schema = OmegaConf.structured(BenchConfig)
+    user = OmegaConf.load(path) if path else OmegaConf.create({})
+    return OmegaConf.to_object(OmegaConf.merge(schema, user, OmegaConf.from_dotlist(list(overrides)))).validate()

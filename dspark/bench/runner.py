@@ -1,0 +1,218 @@
+"""Runs the bench matrix: every variant of a cell alternates with the others, after a warm-up."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspark.bench.config import BenchConfig
+from dspark.stats import GenerationStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """One pass of a variant over a cell's prompts."""
+
+    seconds: float
+    tokens: int
+    outputs: list[list[int]]
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class Variant:
+    """Something that generates: a dspark pipeline at one γ, or a ``transformers`` peer."""
+
+    label: str
+    kind: str  # "dspark" or "hf"
+    family: str  # pipeline label or peer name ("none", "ngram", "draft_model", "hf_plain", ...)
+    gamma: int | None
+    run: Callable[[list[list[int]], float, int, int], RunResult]
+    batch_sizes: tuple[int, ...] | None = None  # None = every batch size
+
+
+@dataclass
+class CellResult:
+    """Measurements of one variant in one (domain, temperature, batch size) cell."""
+
+    domain: str
+    temperature: float
+    batch_size: int
+    variant: str
+    kind: str
+    family: str
+    gamma: int | None
+    tokens_per_s: list[float] = field(default_factory=list)
+    stats: list[GenerationStats] = field(default_factory=list)
+    outputs: list[list[int]] | None = None
+
+
+def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
+    """Token ids of the first ``count`` prompts of a shipped set or a JSONL file."""
+    from dspark.assets import PROMPT_SETS, prompt_set_path
+    from dspark.data.eval_sets import read_jsonl
+
+    path = prompt_set_path(domain) if domain in PROMPT_SETS else Path(domain)
+    if not path.is_file():
+        raise FileNotFoundError(f"bench domain {domain!r} is neither a shipped prompt set ({', '.join(PROMPT_SETS)}) nor a file")
+    records = read_jsonl(path)[:count]
+    if tokenizer is None:
+        raise ValueError("bench prompts are text: the pipelines need a tokenizer")
+    return [tokenizer(r["prompt"])["input_ids"] for r in records]
+
+
+def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int) -> Variant:
+    """A variant that runs ``pipe.generate`` over the prompts in batches."""
+    def run(prompts, temperature, batch_size, max_new_tokens):
+        outputs, parts = [], []
+        started = time.perf_counter()
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            result = pipe.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
+                                   ignore_eos=True)
+            outputs += result.token_ids
+            parts.append(result.stats)
+        seconds = time.perf_counter() - started
+        return RunResult(seconds, sum(len(o) for o in outputs), outputs, GenerationStats.merge(parts))
+    return Variant(label, "dspark", family, gamma, run)
+
+
+def hf_variant(label: str, family: str, gamma: int | None, model, pad_id: int, seed: int, batch_sizes=None,
+               **generate_kwargs) -> Variant:
+    """A variant that runs ``transformers``' ``model.generate`` (left padding for batches)."""
+    def run(prompts, temperature, batch_size, max_new_tokens):
+        outputs = []
+        started = time.perf_counter()
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+                dict(do_sample=False)
+            torch.manual_seed(seed + start)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=None,
+                                     eos_token_id=None, pad_token_id=pad_id, **sampling, **generate_kwargs)
+            outputs += out[:, width:].tolist()
+        seconds = time.perf_counter() - started
+        return RunResult(seconds, sum(len(o) for o in outputs), outputs)
+    return Variant(label, "hf", family, gamma, run, tuple(batch_sizes) if batch_sizes else None)
+
+
+def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
+    """The dspark pipelines (each speculative one at every γ) and the requested peers; and the tokenizer."""
+    from dspark.pipeline import build_pipeline
+
+    variants, tokenizer = [], None
+    first_pipe, first_draft_model, first_ngram = None, None, None
+    for spec in cfg.pipelines:
+        gammas = cfg.gammas if spec.speculative else [None]
+        for gamma in gammas:
+            overrides = [*cfg.common_overrides, *spec.overrides, "engine.time_phases=true"]
+            if gamma is not None:
+                overrides.append(f"drafter.num_speculative_tokens={gamma}")
+            pipe = build_pipeline(spec.config, overrides=overrides)
+            tokenizer = tokenizer or pipe.tokenizer
+            first_pipe = first_pipe or pipe
+            label = spec.label if gamma is None else f"{spec.label} g={gamma}"
+            variants.append(dspark_variant(label, spec.label, gamma, pipe, cfg.seed))
+            drafter = pipe.config.drafter.name
+            if drafter == "draft_model" and first_draft_model is None:
+                first_draft_model = pipe
+            if drafter == "ngram" and first_ngram is None:
+                first_ngram = pipe
+    if cfg.peers.plain or cfg.peers.assisted or cfg.peers.prompt_lookup:
+        target_hf = hf_model_of(first_pipe.target)
+        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        if cfg.peers.plain:
+            variants.append(hf_variant("hf plain", "hf_plain", None, target_hf, pad, cfg.seed))
+        if cfg.peers.assisted and first_draft_model is not None:
+            draft_hf = hf_model_of(first_draft_model.drafter.model)
+            for gamma in cfg.gammas:
+                variants.append(hf_variant(f"hf assisted g={gamma}", "hf_assisted", gamma, target_hf, pad, cfg.seed, (1,),
+                                           assistant_model=draft_hf, num_assistant_tokens=gamma,
+                                           num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0))
+        if cfg.peers.prompt_lookup and first_ngram is not None:
+            max_n = first_ngram.config.drafter.max_n
+            for gamma in cfg.gammas:
+                variants.append(hf_variant(f"hf prompt lookup g={gamma}", "hf_prompt_lookup", gamma, target_hf, pad,
+                                           cfg.seed, (1,), prompt_lookup_num_tokens=gamma, max_matching_ngram_size=max_n))
+    return variants, tokenizer
+
+
+def hf_model_of(model):
+    """A ``transformers`` model with the same weights as a dspark model (for the peers)."""
+    from transformers import AutoModelForCausalLM
+
+    source = getattr(model, "hf_source", None)
+    if source is None:
+        raise ValueError("transformers peers need a model loaded by dspark.models.load_model")
+    if isinstance(source, (str, Path)):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=model.dtype).eval()
+    return source.to(model.dtype).eval()
+
+
+def run_matrix(cfg: BenchConfig, variants: list[Variant], tokenizer, progress: bool = True) -> list[CellResult]:
+    """Measure every cell; passes alternate over the variants (rotating the order each pass)."""
+    from tqdm.auto import tqdm
+
+    cells = [(d, t, b) for d in cfg.domains for t in cfg.temperatures for b in cfg.batch_sizes]
+    prompts = {d: load_prompts(d, tokenizer, cfg.num_prompts) for d in cfg.domains}
+    total = sum(len([v for v in variants if v.batch_sizes is None or b in v.batch_sizes]) for _, _, b in cells)
+    bar = tqdm(total=total * (cfg.warmup + cfg.repeats), desc="bench", unit="run", disable=not progress)
+    results: list[CellResult] = []
+    for domain, temperature, batch in cells:
+        active = [v for v in variants if v.batch_sizes is None or batch in v.batch_sizes]
+        cell = {v.label: CellResult(domain, temperature, batch, v.label, v.kind, v.family, v.gamma) for v in active}
+        for p in range(cfg.warmup + cfg.repeats):
+            order = active[p % len(active):] + active[: p % len(active)]
+            for variant in order:
+                bar.set_postfix_str(f"{domain} T={temperature} B={batch} {variant.label}")
+                result = variant.run(prompts[domain], temperature, batch, cfg.max_new_tokens)
+                bar.update(1)
+                if p < cfg.warmup:
+                    continue
+                record = cell[variant.label]
+                record.tokens_per_s.append(result.tokens / result.seconds)
+                if result.stats is not None:
+                    record.stats.append(result.stats)
+                if record.outputs is None:
+                    record.outputs = result.outputs
+        results += cell.values()
+    bar.close()
+    return results
+
+
+def greedy_mismatches(results: list[CellResult]) -> list[dict]:
+    """Prompts where a dspark variant's greedy output differs from ``transformers``' plain generate
+    (batch 1, temperature 0), with the first differing position. Reported, never averaged away."""
+    mismatches = []
+    for r in results:
+        if r.temperature != 0 or r.batch_size != 1 or r.kind != "dspark":
+            continue
+        reference = next((x for x in results if x.family == "hf_plain" and x.domain == r.domain
+                          and x.temperature == 0 and x.batch_size == 1), None)
+        if reference is None or reference.outputs is None:
+            continue
+        for i, (ours, theirs) in enumerate(zip(r.outputs, reference.outputs)):
+            if ours != theirs:
+                first = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                mismatches.append(dict(domain=r.domain, variant=r.variant, prompt=i, first_difference=first))
+    for m in mismatches:
+        print(f"GREEDY MISMATCH vs transformers: {m}", file=sys.stderr)
+    return mismatches
+
+
+def median(values: list[float]) -> float:
+    """Median (``nan`` for no values)."""
+    return statistics.median(values) if values else float("nan")

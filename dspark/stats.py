@@ -1,0 +1,142 @@
+"""Decoding statistics: the metrics, defined once, and the device-side counters behind them.
+
+Definitions (per ``generate`` call, over all request-rounds, prefill excluded):
+
+* **τ (mean accepted length)** — tokens emitted per target forward: accepted drafts plus the
+  one recovered or bonus token. Plain decoding has τ = 1.
+* **conditional acceptance at position k** — P(x_k accepted | x_1..x_{k-1} accepted and x_k
+  verified): accepted-at-k over reached-k, where a request-round *reaches* k when it verified at
+  least k drafts and accepted the first k-1.
+* **drafted / verified / accepted tokens** — drafts proposed, drafts the target verified (after
+  scheduling), drafts accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def conditional_acceptance(reached: list[int], accepted: list[int]) -> list[float | None]:
+    """Acceptance rate per draft position from its counts (``None`` where a position was never reached)."""
+    return [a / r if r else None for a, r in zip(accepted, reached)]
+
+
+def mean_accepted_length(accepted_tokens: int, target_forwards: int) -> float:
+    """τ: (accepted drafts + one emitted token per forward) / forwards; 0 with no forwards."""
+    return (accepted_tokens + target_forwards) / target_forwards if target_forwards else 0.0
+
+
+def position_counts(num_verified: torch.Tensor, num_accepted: torch.Tensor, gamma: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position (reached, accepted) counts ``[γ]`` of one round, from ``ℓ_b`` and ``n_b`` ``[B]``."""
+    k = torch.arange(gamma, device=num_verified.device)
+    reached = (k < num_verified.unsqueeze(1)) & (k <= num_accepted.unsqueeze(1))
+    accepted = k < num_accepted.unsqueeze(1)
+    return reached.sum(0), accepted.sum(0)
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one ``generate`` call (aggregated over its requests; see the module docstring).
+
+    Attributes:
+        rounds: decoding rounds (target verification forwards of the batch), prefill excluded.
+        target_forwards: request-rounds, i.e. target forwards summed over requests.
+        generated_tokens: tokens generated, over all requests.
+        drafted_tokens / verified_tokens / accepted_tokens: over all request-rounds.
+        mean_accepted_length: τ.
+        acceptance_by_position: conditional acceptance per draft position (``None``: never reached).
+        reached_by_position / accepted_by_position_counts: the counts behind it.
+        wall_time_s, prefill_time_s: seconds; tokens_per_second: generated tokens / wall time.
+        draft_time_s / verify_time_s / other_time_s: the decoding time (wall minus prefill) split into
+            drafting, target forward + verification, and the rest (accepting, rollback, bookkeeping,
+            the per-round sync) — only with ``engine.time_phases``; else 0.
+        per_request: the counters per request (generated, target_forwards, drafted, verified, accepted).
+    """
+
+    rounds: int = 0
+    target_forwards: int = 0
+    generated_tokens: int = 0
+    drafted_tokens: int = 0
+    verified_tokens: int = 0
+    accepted_tokens: int = 0
+    mean_accepted_length: float = 0.0
+    acceptance_by_position: list[float | None] = field(default_factory=list)
+    reached_by_position: list[int] = field(default_factory=list)
+    accepted_by_position_counts: list[int] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    tokens_per_second: float = 0.0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    other_time_s: float = 0.0
+    per_request: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        acc = ", ".join("-" if a is None else f"{a:.2f}" for a in self.acceptance_by_position)
+        return (f"{self.generated_tokens} tokens in {self.wall_time_s:.2f}s ({self.tokens_per_second:.1f} tok/s), "
+                f"{self.rounds} rounds, tau={self.mean_accepted_length:.2f}"
+                + (f", acceptance by position [{acc}]" if acc else ""))
+
+    @staticmethod
+    def merge(parts: list["GenerationStats"]) -> "GenerationStats":
+        """Combine the stats of consecutive batches of one call."""
+        if len(parts) == 1:
+            return parts[0]
+        total = GenerationStats()
+        for name in ("rounds", "target_forwards", "generated_tokens", "drafted_tokens", "verified_tokens",
+                     "accepted_tokens", "wall_time_s", "prefill_time_s", "draft_time_s", "verify_time_s", "other_time_s"):
+            setattr(total, name, sum(getattr(p, name) for p in parts))
+        total.per_request = [r for p in parts for r in p.per_request]
+        total.mean_accepted_length = mean_accepted_length(total.accepted_tokens, total.target_forwards)
+        total.reached_by_position = [sum(c) for c in zip(*(p.reached_by_position for p in parts))]
+        total.accepted_by_position_counts = [sum(c) for c in zip(*(p.accepted_by_position_counts for p in parts))]
+        total.acceptance_by_position = conditional_acceptance(total.reached_by_position, total.accepted_by_position_counts)
+        total.tokens_per_second = total.generated_tokens / max(total.wall_time_s, 1e-9)
+        return total
+
+
+class RoundCounters:
+    """Device-side counters updated every round and read once at the end (no host sync)."""
+
+    def __init__(self, batch: int, gamma: int, device):
+        self.gamma = gamma
+        self.rounds = 0
+        self.per_request = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
+        self.reached = torch.zeros(gamma, dtype=torch.long, device=device)
+        self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
+        self.phase_seconds = [0.0, 0.0]  # draft, verify (host clock; engine.time_phases)
+
+    def update(self, finished: torch.Tensor, num_verified: torch.Tensor, num_accepted: torch.Tensor,
+               num_drafted: torch.Tensor) -> None:
+        """Count one round: ``finished`` ``[B]`` bool (requests that were already done), and ``ℓ_b``,
+        ``n_b``, drafts proposed ``[B]`` (zero for finished requests)."""
+        self.rounds += 1
+        self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
+        if self.gamma:
+            reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
+            self.reached += reached
+            self.accepted_at += accepted
+
+    def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
+        """Read the counters (one device-to-host copy) into a :class:`GenerationStats`."""
+        batch, gamma = self.per_request.shape[1], self.gamma
+        flat = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at]).tolist()
+        forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
+        reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
+        total_generated = sum(len(g) for g in generated)
+        draft, verify = self.phase_seconds
+        return GenerationStats(
+            rounds=self.rounds, target_forwards=sum(forwards), generated_tokens=total_generated,
+            drafted_tokens=sum(drafted), verified_tokens=sum(verified), accepted_tokens=sum(accepted),
+            mean_accepted_length=mean_accepted_length(sum(accepted), sum(forwards)),
+            acceptance_by_position=conditional_acceptance(reached, accepted_at),
+            reached_by_position=reached, accepted_by_position_counts=accepted_at,
+            wall_time_s=wall, prefill_time_s=prefill, tokens_per_second=total_generated / max(wall, 1e-9),
+            draft_time_s=draft, verify_time_s=verify,
+            other_time_s=max(0.0, wall - prefill - draft - verify) if draft or verify else 0.0,
+            per_request=[dict(generated=len(g), target_forwards=f, drafted=d, verified=v, accepted=a)
+                         for g, f, d, v, a in zip(generated, forwards, drafted, verified, accepted)],
+        )

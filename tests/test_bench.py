@@ -1,0 +1,54 @@
+"""dspark bench end to end on tiny random models (seconds), and its report."""
+
+import json
+
+import pytest
+
+from dspark.bench import load_bench_config, run_bench
+
+TINY = ("{model_type: llama, vocab_size: 258, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+        "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 512, seed: 0}")
+DRAFT = TINY.replace("seed: 0", "seed: 1")
+
+
+def smoke_config(tmp_path, prompts_file):
+    common = [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"]
+    return load_bench_config(None, [
+        "pipelines=[{label: none, overrides: [drafter=none], speculative: false},"
+        " {label: ngram, overrides: [drafter.name=ngram]},"
+        f" {{label: draft_model, overrides: [drafter.name=draft_model, 'drafter.random={DRAFT}']}}]",
+        f"domains=[{prompts_file}]", "num_prompts=2", "temperatures=[0.0, 1.0]", "batch_sizes=[1, 2]", "gammas=[2]",
+        "max_new_tokens=6", "repeats=1", "warmup=0", f"output_dir={tmp_path / 'out'}",
+        "common_overrides=[" + ", ".join(f"'{c}'" for c in common) + "]"])
+
+
+def test_bench_smoke_writes_every_metric(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "The quick brown fox"}\n')
+    report = run_bench(smoke_config(tmp_path, prompts), progress=False)
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["greedy_mismatches"] == [] and report["greedy_mismatches"] == []
+    assert {"cpu", "torch_threads", "torch", "transformers"} <= set(data["environment"])
+    variants = {r["variant"] for r in data["rows"]}
+    assert {"none", "ngram g=2", "draft_model g=2", "hf plain", "hf assisted g=2", "hf prompt lookup g=2"} <= variants
+    for row in data["rows"]:
+        assert row["tokens_per_s"] > 0 and row["repeats"] == 1
+        if row["kind"] == "dspark":
+            for key in ("tau", "acceptance_by_position", "drafted_per_round", "verified_per_round", "accepted_per_round",
+                        "draft_ms_per_round", "verify_ms_per_round", "other_ms_per_round", "speedup_vs_none",
+                        "ratio_vs_peer"):
+                assert key in row, key
+            assert row["ratio_vs_peer"] is not None or row["batch_size"] > 1
+    assert all(r["batch_size"] == 1 for r in data["rows"] if r["family"] in ("hf_assisted", "hf_prompt_lookup"))
+    assert (tmp_path / "out" / "bench.md").read_text().count("\n| ") >= len(data["rows"])
+    for png in ("acceptance_by_position.png", "speedup_by_batch.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_bad_bench_configs():
+    with pytest.raises(ValueError, match="batch_sizes must be a non-empty list of integers >= 1"):
+        load_bench_config(None, ["batch_sizes=[0]"])
+    with pytest.raises(ValueError, match="pipeline labels must be unique"):
+        load_bench_config(None, ["pipelines=[{label: a}, {label: a}]"])
+    with pytest.raises(Exception, match="repeat"):
+        load_bench_config(None, ["repeat=3"])

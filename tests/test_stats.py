@@ -1,0 +1,43 @@
+"""Metric definitions on hand-made acceptance traces."""
+
+import torch
+
+from dspark.stats import GenerationStats, RoundCounters, conditional_acceptance, mean_accepted_length
+
+
+def test_tau_and_conditional_acceptance_of_a_known_trace():
+    # one request, γ = 3, four rounds: (verified ℓ, accepted n)
+    trace = [(3, 3), (3, 1), (3, 0), (2, 2)]
+    counters = RoundCounters(batch=1, gamma=3, device="cpu")
+    for ell, n in trace:
+        counters.update(torch.tensor([False]), torch.tensor([ell]), torch.tensor([n]), torch.tensor([3]))
+    stats = counters.stats([[0] * 10], wall=1.0, prefill=0.2)
+    # position 1 reached in all 4 rounds, accepted in 3; position 2 reached in 3 (n>=1 and ℓ>=2), accepted in 2;
+    # position 3 reached where ℓ>=3 and n>=2: only round 1, accepted there
+    assert stats.reached_by_position == [4, 3, 1] and stats.accepted_by_position_counts == [3, 2, 1]
+    assert stats.acceptance_by_position == [0.75, 2 / 3, 1.0]
+    assert stats.mean_accepted_length == (6 + 4) / 4  # 6 accepted + one emitted token per forward
+    assert stats.drafted_tokens == 12 and stats.verified_tokens == 11 and stats.accepted_tokens == 6
+    assert stats.rounds == 4 and stats.target_forwards == 4
+
+
+def test_finished_requests_do_not_count():
+    counters = RoundCounters(batch=2, gamma=2, device="cpu")
+    counters.update(torch.tensor([False, True]), torch.tensor([2, 0]), torch.tensor([1, 0]), torch.tensor([2, 2]))
+    stats = counters.stats([[1, 2], [3]], wall=1.0, prefill=0.0)
+    assert stats.target_forwards == 1 and stats.drafted_tokens == 2
+    assert stats.per_request[1] == dict(generated=1, target_forwards=0, drafted=0, verified=0, accepted=0)
+
+
+def test_helpers_and_merge():
+    assert conditional_acceptance([2, 0], [1, 0]) == [0.5, None]
+    assert mean_accepted_length(0, 0) == 0.0 and mean_accepted_length(3, 3) == 2.0
+    a = GenerationStats(rounds=2, target_forwards=2, accepted_tokens=2, generated_tokens=4, wall_time_s=1.0,
+                        reached_by_position=[2], accepted_by_position_counts=[2],
+                        per_request=[dict(generated=4, target_forwards=2, drafted=2, verified=2, accepted=2)])
+    b = GenerationStats(rounds=2, target_forwards=2, accepted_tokens=0, generated_tokens=2, wall_time_s=1.0,
+                        reached_by_position=[2], accepted_by_position_counts=[0],
+                        per_request=[dict(generated=2, target_forwards=2, drafted=2, verified=2, accepted=0)])
+    merged = GenerationStats.merge([a, b])
+    assert merged.mean_accepted_length == 1.5 and merged.acceptance_by_position == [0.5]
+    assert merged.tokens_per_second == 3.0
