@@ -86,6 +86,8 @@ class Engine:
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
         self._cache = None
         self._round_forward = torch.compile(target, dynamic=False) if self.config.compile else target
+        if self.config.compile:
+            drafter.compile()
 
     # ------------------------------------------------------------------ sizing
     def cache_len_needed(self, max_prompt_len: int, max_new_tokens: int) -> int:
@@ -115,6 +117,8 @@ class Engine:
         """Reuse the cache when it is big enough for this batch; allocate otherwise (not per step)."""
         if self.cache_config.max_len is not None:
             max_len = self.cache_config.max_len
+        elif self.config.compile:  # compiled rounds read the whole cache: few distinct sizes, few recompilations
+            max_len = _round_up(max_len, COMPILED_CACHE_BUCKET)
         cache = self._cache
         if cache is None or cache.batch_size != batch_size or cache.max_len < max_len:
             cache = self._cache = self.cache_class.for_model(self.target, batch_size, max_len)
@@ -154,7 +158,7 @@ class Engine:
         first = self.verifier.verify(out.logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         stopper.append(state, first.tokens, torch.ones_like(state.lengths))
         state.max_cache_len = max_prompt
-        self.drafter.start(state, out, max_len)
+        self.drafter.start(state, out, cache.max_len)
         prefill_time = time.perf_counter() - started
 
         status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()  # the one sync
@@ -183,8 +187,8 @@ class Engine:
         proposal = self.drafter.propose(state, uniforms[:, :n_draft])
         clock.lap(counters, 0)
         # 2. schedule: verify every proposed draft of every unfinished request    [B]
-        finished = state.done.clone()
-        num_verify = torch.where(finished, 0, proposal.num_tokens)
+        finished, num_drafted = state.done.clone(), proposal.num_tokens
+        num_verify = torch.where(finished, 0, num_drafted)
         proposal = replace(proposal, num_tokens=num_verify)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
@@ -203,7 +207,7 @@ class Engine:
         cache.rollback(num_new - emitted)
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
         self.drafter.commit(state, proposal, kept, out)
-        counters.update(finished, num_verify, num_accepted, proposal.num_tokens)
+        counters.update(finished, num_verify, num_accepted, num_drafted)
 
 
 class _PhaseClock:
@@ -225,6 +229,9 @@ class _PhaseClock:
             now = time.perf_counter()
             counters.phase_seconds[phase] += now - self.last
             self.last = now
+
+
+COMPILED_CACHE_BUCKET = 256
 
 
 def _round_up(value: int, multiple: int) -> int:

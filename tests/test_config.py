@@ -21,7 +21,7 @@ def test_defaults_and_bare_name_sections():
 def test_repo_config_by_name_and_dotlist_override():
     cfg = load_config("ar", ["engine.max_batch_size=4", "target.dtype=float64"])
     assert cfg.engine.max_batch_size == 4 and cfg.target.dtype == "float64"
-    assert cfg.target.random.model_type == "qwen3"
+    assert cfg.target.name == "dspark-tiny" and cfg.target.random is None
 
 
 def test_misspelled_key_is_an_error():

@@ -68,6 +68,10 @@ class Drafter(ABC):
         """Uniform draws per request per round that :meth:`propose` consumes (0 if it never samples)."""
         return 0
 
+    def compile(self) -> None:
+        """Compile the drafter's own model forwards (called once when ``engine.compile`` is set);
+        drafters without a model of their own have nothing to compile."""
+
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         """Called once per batch after the target's prefill.
 

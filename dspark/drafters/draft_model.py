@@ -65,6 +65,11 @@ class DraftModelDrafter(Drafter):
             raise ValueError(f"draft model vocabulary ({self.model.vocab_size} tokens) differs from the target's "
                              f"({target.vocab_size} tokens); a draft model must share the target's tokenizer")
         self.cache = None
+        self._forward, self._static_kv = self.model, False
+
+    def compile(self) -> None:
+        # static shapes: every step reads the whole draft cache (one graph per batch size and step width)
+        self._forward, self._static_kv = torch.compile(self.model, dynamic=False), True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
@@ -87,8 +92,8 @@ class DraftModelDrafter(Drafter):
         anchor = state.anchor
         first = torch.stack([torch.where(self.pending, self.last_draft, anchor), anchor], 1)  # [B, 2]
         num_new = torch.where(active, 1 + self.pending.long(), 0)
-        kv_len = min(state.max_cache_len + gamma + 2, self.cache.max_len)
-        out = self.model(first, self.cache, num_new, logits_positions=(num_new - 1).clamp(min=0).unsqueeze(1),
+        kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + gamma + 2, self.cache.max_len)
+        out = self._forward(first, self.cache, num_new, logits_positions=(num_new - 1).clamp(min=0).unsqueeze(1),
                          kv_len=kv_len)
         drafts, probs = [], []
         for k in range(gamma):
@@ -101,7 +106,7 @@ class DraftModelDrafter(Drafter):
                 probs.append(q)
             drafts.append(token)
             if k < gamma - 1:
-                out = self.model(token.unsqueeze(1), self.cache, active.long(), kv_len=kv_len)
+                out = self._forward(token.unsqueeze(1), self.cache, active.long(), kv_len=kv_len)
         tokens = torch.stack(drafts, 1)  # [B, γ]
         return DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0),
                              probs=torch.stack(probs, 1) if probs else None)

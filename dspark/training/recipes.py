@@ -192,8 +192,9 @@ def plot_curves(csv_paths: list[Path], png_path, title: str) -> None:
         if not points:
             continue
         steps, values = zip(*points)
-        ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None,
-                alpha=0.5 if key.startswith("train") else 1.0)
+        marker = "*" if len(points) == 1 else "o" if key.startswith("val") else None  # test: one final point
+        ax.plot(steps, values, label=key, marker=marker, markersize=12 if marker == "*" else 6,
+                linestyle="none" if marker == "*" else "-", alpha=0.5 if key.startswith("train") else 1.0)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("nats per token")
     ax.set_title(title)

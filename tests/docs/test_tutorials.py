@@ -14,34 +14,17 @@ from markdown_blocks import read_blocks, run_page
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("*.md"))
-
-# pages that need the embedded trained models (shipped under dspark/assets/dspark-tiny/)
-NEEDS_EMBEDDED = {"generate.md": ("dspark-tiny", "dspark-tiny-draft")}
+RUNNABLE_PAGES = TUTORIALS + [DOCS / "embedded-models.md"]
 
 
-def _missing_embedded(names) -> str | None:
-    from dspark.assets import MissingAssetError, resolve_model
-
-    for name in names:
-        try:
-            resolve_model(name)
-        except MissingAssetError as err:
-            return str(err)
-    return None
-
-
-@pytest.mark.parametrize("page", TUTORIALS, ids=[p.name for p in TUTORIALS])
-def test_tutorial_runs(page: Path, tmp_path: Path):
-    if page.name in NEEDS_EMBEDDED:
-        missing = _missing_embedded(NEEDS_EMBEDDED[page.name])
-        if missing:
-            pytest.skip(f"{page.name} uses the embedded models, which are not in this checkout yet: {missing}")
+@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=[p.name for p in RUNNABLE_PAGES])
+def test_page_runs(page: Path, tmp_path: Path):
     run_page(page, tmp_path)
 
 
 def test_tutorials_exist_and_have_code():
     names = {p.name for p in TUTORIALS}
-    assert {"generate.md", "custom-drafter.md", "hf-checkpoint.md"} <= names
+    assert {"generate.md", "custom-drafter.md", "hf-checkpoint.md", "bench.md"} <= names
     for page in TUTORIALS:
         blocks = read_blocks(page)
         runnable = [b for b in blocks if b.runs]

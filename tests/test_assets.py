@@ -1,0 +1,64 @@
+"""The embedded dspark-tiny models: shipped inside the package, loaded like any HF checkpoint."""
+
+import shutil
+
+import pytest
+import torch
+
+import dspark
+from dspark import assets
+from dspark.models import CheckpointError, load_model
+
+
+def test_target_loads_like_any_checkpoint_and_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    path = assets.resolve_model("dspark-tiny")
+    ours = load_model("dspark-tiny", dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert ours.args.model_type == "qwen3" and 4e6 <= sum(p.numel() for p in theirs.parameters()) <= 10e6
+    ids = torch.randint(3, ours.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = theirs(ids).logits
+        got = ours(ids, ours.new_cache(2, 48)).logits
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_draft_is_small_and_shares_the_vocabulary():
+    target = load_model("dspark-tiny")
+    draft = load_model("dspark-tiny-draft")
+    n_target = sum(p.numel() for p in target.parameters()) - (0 if target.args.tie_word_embeddings else target.lm_head.weight.numel())
+    n_draft = sum(p.numel() for p in draft.parameters()) - (0 if draft.args.tie_word_embeddings else draft.lm_head.weight.numel())
+    assert n_draft <= n_target / 8
+    assert draft.vocab_size == target.vocab_size == 4096
+
+
+def test_shipped_files_fit_the_budget_and_manifest_records_provenance():
+    total = sum(f.stat().st_size for f in (assets.ASSETS / "dspark-tiny").rglob("*") if f.is_file())
+    assert total <= 40e6
+    manifest = assets.manifest()
+    assert manifest["corpus"]["python"] and len(manifest["corpus"]["sha256"]) == 64
+    assert manifest["tokenizer"] == {"vocab_size": 4096, "eos_id": 0, "pad_id": 1, "mask_id": 2}
+
+
+def test_default_pipeline_generates_offline():
+    pipe = dspark.build_pipeline("default", overrides=["target.device=cpu"])
+    result = pipe.generate(["def fibonacci(n):"], max_new_tokens=24)
+    assert result.texts[0].strip() and result.stats.mean_accepted_length > 1.0
+    plain = dspark.build_pipeline(None, overrides=["target.device=cpu"])  # built-in defaults: the same target
+    assert plain.generate(["def fibonacci(n):"], max_new_tokens=24).token_ids == result.token_ids
+
+
+def test_missing_or_corrupt_shipped_file_is_named(tmp_path, monkeypatch):
+    copy = tmp_path / "dspark-tiny"
+    shutil.copytree(assets.ASSETS / "dspark-tiny", copy)
+    (copy / "target" / "tokenizer.json").unlink()
+    monkeypatch.setattr(assets, "ASSETS", tmp_path)
+    with pytest.raises(assets.MissingAssetError, match=r"dspark-tiny/target/tokenizer.json is missing"):
+        assets.resolve_model("dspark-tiny")
+    weights = copy / "draft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cannot read .*dspark-tiny/draft/model.safetensors"):
+        load_model("dspark-tiny-draft")
+    with pytest.raises(KeyError, match="unknown embedded model 'dspark-huge'; embedded models: dspark-tiny"):
+        assets.resolve_model("dspark-huge")
