@@ -1,6 +1,6 @@
 """Prompt lookup where it should shine: greedy decoding of a random model falls into a loop.
 
-    python benchmarks/ngram_loop.py [--repeats 5] [--new-tokens 256] [--gammas 2 4 8]
+    python benchmarks/ngram_loop.py [--repeats 5] [--new-tokens 512] [--gammas 2 4 8]
 
 Same random ~6M Qwen3 as benchmarks/ar_vs_hf.py, 64-token random prompts, greedy. For batch 1
 and 8, runs `none` and `ngram` (each γ) alternately after a warm-up and prints median tokens/s,
@@ -23,7 +23,7 @@ from ar_vs_hf import QWEN3_6M
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])

@@ -27,3 +27,18 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "unknown key drafter.num_speculatve_tokens" in capsys.readouterr().err
     assert main(["generate", "--config", "ar", "--prompt", "x", "--max-new-tokens", "0", "target.device=cpu"]) == 2
     assert "max_new_tokens must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_generate_with_no_flags_uses_the_embedded_models(capsys):
+    """`dspark generate "def fibonacci(n):"` — the README's first command — runs offline as is."""
+    assert main(["generate", "def fibonacci(n):", "--max-new-tokens", "16", "target.device=cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "tau=" in out.err and "acceptance by position" in out.err  # speculative by default
+
+
+def test_unknown_flag_is_rejected(capsys):
+    try:
+        main(["generate", "--max-new-tokns", "3", "x"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    assert "unrecognized arguments: --max-new-tokns" in capsys.readouterr().err

@@ -149,3 +149,14 @@ def test_chi_square_detects_a_broken_verifier():
                          draft=draft)
     counts = empirical_joint(pipe, params)
     assert chi_square_p_value(counts, exact_joint(target, params)) < 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_rounds_match_eager_autoregressive():
+    """engine.compile: the compiled target and draft-model forwards give the same greedy tokens."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
+    compiled = spec_pipeline(target, "draft_model", 3, "engine.compile=true")
+    assert compiled.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
+    assert compiled.engine.cache_class is not None and compiled.engine._cache.max_len % 256 == 0

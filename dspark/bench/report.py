@@ -106,6 +106,8 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
                     label=f"{r['variant']} T={r['temperature']:g}")
         ax.set(title=f"{domain}: conditional acceptance", xlabel="draft position k", ylabel="P(accept k | 1..k-1 accepted)",
                ylim=(0, 1.02))
+        longest = max((len(r.get("acceptance_by_position") or []) for r in rows), default=1)
+        ax.set_xticks(range(1, longest + 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -125,6 +127,8 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set(title=f"{domain}: speedup over autoregressive", xlabel="batch size", ylabel="tokens/s ÷ none")
         ax.set_xscale("log", base=2)
+        sizes = sorted({r["batch_size"] for r in rows})
+        ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
