@@ -163,6 +163,20 @@ def _merge_section(section: str, schema: type, value: DictConfig) -> DictConfig:
         raise ConfigError(f"invalid value in section {section!r}: {err.msg if hasattr(err, 'msg') else err}") from err
 
 
+def load_structured(schema: type, path=None, overrides=()):
+    """A dataclass instance from a YAML file (or nothing) plus dotlist overrides, checked against
+    ``schema``: unknown keys and badly typed values raise :class:`ConfigError` naming them.
+
+    Used by the configs that are not pipelines (``dspark train``, ``dspark bench``, ``dspark data``).
+    """
+    user = OmegaConf.load(path) if path else OmegaConf.create({})
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), user, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid {schema.__name__}: {err}") from err
+
+
 def section_object(cfg: DictConfig, section: str):
     """The dataclass instance of one composed section (what a component's constructor receives)."""
     return OmegaConf.to_object(cfg[section])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import OmegaConf
+from dspark.config import load_structured
 
 
 @dataclass
@@ -92,6 +92,4 @@ class BenchConfig:
 
 def load_bench_config(path=None, overrides=()) -> BenchConfig:
     """Structured bench config from YAML + dotlist overrides (a misspelled key is an error)."""
-    schema = OmegaConf.structured(BenchConfig)
-    user = OmegaConf.load(path) if path else OmegaConf.create({})
-    return OmegaConf.to_object(OmegaConf.merge(schema, user, OmegaConf.from_dotlist(list(overrides)))).validate()
+    return load_structured(BenchConfig, path, overrides).validate()

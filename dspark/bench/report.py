@@ -88,35 +88,22 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], output_dir: Path) -> list[Path]:
     """``acceptance_by_position.png`` (per drafter and domain) and ``speedup_by_batch.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
     domains = sorted({r["domain"] for r in rows})
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
-        for r in rows:
-            if r["domain"] != domain or not r.get("acceptance_by_position") or r["batch_size"] != min(
-                    x["batch_size"] for x in rows):
-                continue
-            acc = [a if a is not None else float("nan") for a in r["acceptance_by_position"]]
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", linestyle="-" if r["temperature"] == 0 else "--",
-                    label=f"{r['variant']} T={r['temperature']:g}")
-        ax.set(title=f"{domain}: conditional acceptance", xlabel="draft position k", ylabel="P(accept k | 1..k-1 accepted)",
-               ylim=(0, 1.02))
-        longest = max((len(r.get("acceptance_by_position") or []) for r in rows), default=1)
-        ax.set_xticks(range(1, longest + 1))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(output_dir / "acceptance_by_position.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    smallest_batch = min(r["batch_size"] for r in rows)
+    longest = max((len(r.get("acceptance_by_position") or []) for r in rows), default=1)
+    sizes = sorted({r["batch_size"] for r in rows})
 
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
+    def acceptance(ax, domain):
+        for r in rows:
+            if r["domain"] == domain and r.get("acceptance_by_position") and r["batch_size"] == smallest_batch:
+                acc = [a if a is not None else float("nan") for a in r["acceptance_by_position"]]
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", linestyle="-" if r["temperature"] == 0 else "--",
+                        label=f"{r['variant']} T={r['temperature']:g}")
+        ax.set(title=f"{domain}: conditional acceptance", xlabel="draft position k",
+               ylabel="P(accept k | 1..k-1 accepted)", ylim=(0, 1.02))
+        ax.set_xticks(range(1, longest + 1))
+
+    def speedup(ax, domain):
         keys = sorted({(r["variant"], r["temperature"]) for r in rows if r["domain"] == domain and r["kind"] == "dspark"})
         for variant, temperature in keys:
             points = sorted((r["batch_size"], r["speedup_vs_none"]) for r in rows if r["domain"] == domain
@@ -127,15 +114,28 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set(title=f"{domain}: speedup over autoregressive", xlabel="batch size", ylabel="tokens/s ÷ none")
         ax.set_xscale("log", base=2)
-        sizes = sorted({r["batch_size"] for r in rows})
         ax.set_xticks(sizes, [str(b) for b in sizes])
+
+    return [_figure_per_domain(domains, acceptance, output_dir / "acceptance_by_position.png"),
+            _figure_per_domain(domains, speedup, output_dir / "speedup_by_batch.png")]
+
+
+def _figure_per_domain(domains: list[str], draw, path: Path) -> Path:
+    """One panel per domain, drawn by ``draw(ax, domain)``, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        draw(ax, domain)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(output_dir / "speedup_by_batch.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 def write_report(cfg, results: list[CellResult], mismatches: list[dict]) -> dict:

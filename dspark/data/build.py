@@ -7,8 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from dspark.config import load_structured
 from dspark.data.corpus import build_corpus, corpus_manifest
 from dspark.data.eval_sets import build_eval_sets, write_jsonl
 from dspark.data.tokenizer import train_tokenizer
@@ -40,9 +39,7 @@ class DataBuildConfig:
 
 def load_data_config(path=None, overrides=()) -> DataBuildConfig:
     """Structured config: unknown keys are errors."""
-    schema = OmegaConf.structured(DataBuildConfig)
-    user = OmegaConf.load(path) if path else OmegaConf.create({})
-    return OmegaConf.to_object(OmegaConf.merge(schema, user, OmegaConf.from_dotlist(list(overrides))))
+    return load_structured(DataBuildConfig, path, overrides)
 
 
 def build_data(cfg: DataBuildConfig) -> dict:

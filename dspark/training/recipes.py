@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from dspark.config import load_structured
 from dspark.training.modules import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ class TrainConfig:
 
 def load_train_config(path=None, overrides=()) -> TrainConfig:
     """Structured training config from YAML + dotlist overrides (unknown keys are errors)."""
-    schema = OmegaConf.structured(TrainConfig)
-    user = OmegaConf.load(path) if path else OmegaConf.create({})
-    cfg = OmegaConf.to_object(OmegaConf.merge(schema, user, OmegaConf.from_dotlist(list(overrides))))
+    cfg = load_structured(TrainConfig, path, overrides)
     if cfg.kind not in ("target", "draft"):
         raise ValueError(f"train kind must be 'target' or 'draft', got {cfg.kind!r}")
     if cfg.kind == "draft" and not cfg.teacher:
