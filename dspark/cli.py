@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", help='the prompt, then config overrides, e.g. drafter.num_speculative_tokens=5')
     gen.set_defaults(func=_generate)
 
-    tr = sub.add_parser("train", help="train the embedded target or draft model (Lightning)")
-    tr.add_argument("kind", choices=["target", "draft"])
-    tr.add_argument("--config", required=True, help="configs/train/target.yaml or configs/train/draft.yaml")
+    tr = sub.add_parser("train", help="train a target, a draft model or a block drafter (Lightning)")
+    tr.add_argument("kind", choices=["target", "draft", "drafter"])
+    tr.add_argument("--config", required=True, help="configs/train/{target,draft,dspark,dflash}.yaml")
     tr.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=100")
     tr.set_defaults(func=_train)
 

@@ -42,12 +42,13 @@ class SyncCounter(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("drafter", [{"name": "none"}, {"name": "ngram", "num_speculative_tokens": 4},
-                                     {"name": "draft_model", "num_speculative_tokens": 3}])
+                                     {"name": "draft_model", "num_speculative_tokens": 3},
+                                     {"name": "dspark", "num_speculative_tokens": 3, "path": None, "head": "rnn"}])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_no_sync_inside_a_round_and_one_per_round(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=3.0)
-    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": drafter}, target_model=target,
-                                 draft_model=tiny_hf_model("qwen3", seed=4, scale=3.0))
+    draft = tiny_hf_model("qwen3", seed=4, scale=3.0) if drafter["name"] == "draft_model" else None
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": drafter}, target_model=target, draft_model=draft)
     engine = pipe.engine
     inside_rounds: list[str] = []
     original_round = engine._round

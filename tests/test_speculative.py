@@ -12,7 +12,8 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self"]
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn"]
+BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
 
 
 def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
@@ -20,13 +21,17 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
         section = {"name": "none"}
     elif drafter == "ngram":
         section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
+    elif drafter in BLOCK_HEADS:  # a randomly initialised block drafter
+        section = {"name": "dspark", "num_speculative_tokens": gamma, "path": None, "head": BLOCK_HEADS[drafter],
+                   "rank": 16}
     else:
         section = {"name": "draft_model", "num_speculative_tokens": gamma}
         if draft is None:
             draft = target if drafter == "draft_model_self" else tiny_hf_model(
                 target.config.model_type, seed=7, scale=3.0, num_hidden_layers=1)
+    uses_draft = section["name"] == "draft_model"
     return dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": section}, target_model=target,
-                                 draft_model=draft, overrides=list(overrides))
+                                 draft_model=draft if uses_draft else None, overrides=list(overrides))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -117,7 +122,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "ngram"])
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]

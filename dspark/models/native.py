@@ -139,23 +139,54 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
                 positions: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
         """x ``[B, T, H]``; rope: cos, signed sin ``[B, T, 1, D]``; positions ``[B, T]``;
-        mask ``[B, 1, T, kv_len]`` bool → ``[B, T, H]``."""
-        batch, num_new, hidden = x.shape
-        heads, kv_heads, eps = self.num_heads, self.num_kv_heads, self.eps
+        mask ``[B, 1, T, kv_len]`` bool → ``[B, T, H]``. Writes the new keys/values to ``cache``."""
+        q, kv = self.project(x, rope)
+        keys, values = cache.write(self.layer, kv, positions, kv_len)  # [B, H_kv, kv_len, D] each
+        return self.attend(x, q, keys, values, mask)
 
-        h = F.rms_norm(x, (hidden,), self.attention_norm, eps)
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``[B, T, H_q, D]`` and new keys/values ``[B, T, 2, H_kv, D]`` (normed, rotated) of ``x``."""
+        batch, num_new, hidden = x.shape
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        h = F.rms_norm(x, (hidden,), self.attention_norm, self.eps)
         qkv = F.linear(h, self.wqkv.weight, self.wqkv.bias).view(batch, num_new, heads + 2 * kv_heads, self.head_dim)
         qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads:]
         if self.qk_norm is not None:
-            qk = F.rms_norm(qk, (self.head_dim,), eps=eps) * self.qk_norm
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps) * self.qk_norm
         qk = apply_rotary(qk, *rope)
-        keys, values = cache.write(self.layer, torch.stack((qk[:, :, heads:], v), 2), positions, kv_len)
-        y = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
-                                           enable_gqa=heads != kv_heads)  # [B, heads, T, D]
-        x = x + F.linear(y.transpose(1, 2).reshape(batch, num_new, -1), self.wo.weight, self.wo.bias)
+        return qk[:, :, :heads], torch.stack((qk[:, :, heads:], v), 2)
 
-        gate, up = F.linear(F.rms_norm(x, (hidden,), self.ffn_norm, eps), self.w13.weight, self.w13.bias).chunk(2, -1)
+    def attend(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` over ``keys``/``values`` ``[B, H_kv, S, D]`` under ``mask`` ``[B, 1, T, S]``,
+        output projection and residual, then the SwiGLU block: the new ``x`` ``[B, T, H]``."""
+        batch, num_new, hidden = x.shape
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)  # [B, heads, T, D]
+        x = x + F.linear(y.transpose(1, 2).reshape(batch, num_new, -1), self.wo.weight, self.wo.bias)
+        gate, up = F.linear(F.rms_norm(x, (hidden,), self.ffn_norm, self.eps), self.w13.weight, self.w13.bias).chunk(2, -1)
         return x + F.linear(F.silu(gate) * up, self.w2.weight, self.w2.bias)
+
+
+def build_attention_mask(lengths: torch.Tensor, num_tokens: int, kv_len: int,
+                   among_new: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, 1, T, kv_len]`` bool: which cache positions each of ``T`` new tokens may attend to.
+
+    New token ``t`` of request ``b`` sits at position ``lengths[b] + t``. It sees every cached
+    position (``< lengths[b]``), itself, and the new tokens that ``among_new`` ``[B, T, T]`` allows
+    (default: the causal ones, ``≤ t``).
+    """
+    batch, device = lengths.shape[0], lengths.device
+    offsets = torch.arange(num_tokens, device=device)
+    key_pos = torch.arange(kv_len, device=device)
+    if among_new is None:
+        mask = key_pos <= (lengths.unsqueeze(1) + offsets).unsqueeze(-1)  # [B, T, kv_len] causal
+    else:
+        rel = key_pos - lengths.unsqueeze(1)  # [B, kv_len] position among the new tokens
+        allowed = among_new.gather(2, rel.clamp(0, num_tokens - 1).unsqueeze(1).expand(batch, num_tokens, kv_len))
+        itself = rel.unsqueeze(1) == offsets.view(1, -1, 1)
+        mask = (rel < 0).unsqueeze(1) | itself | (allowed & (rel < num_tokens).unsqueeze(1))
+    return mask.unsqueeze(1)
 
 
 class NativeCausalLM(nn.Module):
@@ -262,17 +293,8 @@ class NativeCausalLM(nn.Module):
             if not 0 <= layer < self.args.num_layers:
                 raise ValueError(f"hidden layer id {layer} is outside this model's layers 0..{self.args.num_layers - 1}")
 
-        offsets = torch.arange(num_tokens, device=input_ids.device)
-        positions = cache.lengths.unsqueeze(1) + offsets  # [B, T]
-        key_pos = torch.arange(kv_len, device=input_ids.device)
-        if attention_mask is None:
-            mask = key_pos <= positions.unsqueeze(-1)  # [B, T, kv_len] causal
-        else:
-            rel = key_pos - cache.lengths.unsqueeze(1)  # [B, kv_len] position among the new tokens
-            among_new = attention_mask.gather(2, rel.clamp(0, num_tokens - 1).unsqueeze(1).expand(batch, num_tokens, kv_len))
-            itself = rel.unsqueeze(1) == offsets.view(1, -1, 1)
-            mask = (rel < 0).unsqueeze(1) | itself | (among_new & (rel < num_tokens).unsqueeze(1))
-        mask = mask.unsqueeze(1)
+        positions = cache.lengths.unsqueeze(1) + torch.arange(num_tokens, device=input_ids.device)  # [B, T]
+        mask = build_attention_mask(cache.lengths, num_tokens, kv_len, attention_mask)
 
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)

@@ -23,6 +23,23 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
 
 
+def configure_adamw(module: torch.nn.Module, optim: OptimConfig, max_steps: int) -> dict:
+    """AdamW (no decay on vectors) with warm-up and cosine decay, over ``module``'s trainable parameters."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=optim.lr, betas=tuple(optim.betas))
+
+    def schedule(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                               "interval": "step"}}
+
+
 def build_hf_model(spec: dict):
     """A freshly initialised ``transformers`` causal LM from ``{model_type, **config}``."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -83,19 +100,7 @@ class LanguageModelModule(L.LightningModule):
         self._log_eval()
 
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.optim.lr, betas=tuple(self.optim.betas))
-
-        def schedule(step: int) -> float:
-            if step < self.optim.warmup_steps:
-                return (step + 1) / self.optim.warmup_steps
-            progress = min(1.0, (step - self.optim.warmup_steps) / max(1, self.max_steps - self.optim.warmup_steps))
-            return self.optim.min_lr_ratio + (1 - self.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                                                   "interval": "step"}}
+        return configure_adamw(self.model, self.optim, self.max_steps)
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

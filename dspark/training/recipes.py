@@ -29,8 +29,11 @@ class TrainConfig:
     """Config of a training run (keys are checked: a misspelled key is an error).
 
     Attributes:
-        kind: ``target`` (next-token training) or ``draft`` (distillation from ``teacher``).
-        model: ``transformers`` config of the model to train (``model_type`` plus its keys).
+        kind: ``target`` (next-token training), ``draft`` (distillation from ``teacher``) or
+            ``drafter`` (a DSpark / DFlash block drafter for the frozen ``teacher`` target).
+        model: for ``target``/``draft``, the ``transformers`` config of the model to train
+            (``model_type`` plus its keys); for ``drafter``, the block drafter's architecture
+            (``gamma``, ``head``, ``num_layers``, ``target_layers``, ``rank``, ``intermediate_size``).
         tokenizer: tokenizer directory (built by ``dspark data build``).
         teacher: for ``draft``: the teacher checkpoint directory or embedded name.
         seq_len, batch_size, max_steps: sequence length, sequences per step, optimiser steps.
@@ -39,6 +42,10 @@ class TrainConfig:
         val_every: steps between validations (and checkpoints); log_every: steps between logged
             training losses; max_eval_blocks caps evaluation.
         distill_temperature, ce_weight: distillation settings (``draft`` only).
+        anchors_per_sequence, loss_weights: block-drafter settings (``drafter`` only): blocks drafted
+            per training sequence; weights of the ``ce``, ``tv`` and ``conf`` loss terms.
+        strategy, devices, accelerator: Lightning's (``strategy=ddp devices=2`` trains on two
+            processes; on CPUs they talk over gloo).
         run_dir: logs and Lightning checkpoints; output_dir: the exported checkpoint directory.
         save_dtype: dtype of the exported weights. resume: continue from ``run_dir``'s last checkpoint.
         plot: PNG of the loss curves (``null`` to skip). corpus: corpus split settings.
@@ -59,6 +66,11 @@ class TrainConfig:
     max_eval_blocks: int | None = None
     distill_temperature: float = 1.0
     ce_weight: float = 0.0
+    anchors_per_sequence: int = 16
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"ce": 0.1, "tv": 0.9, "conf": 1.0})
+    strategy: str = "auto"
+    devices: int = 1
+    accelerator: str = "auto"
     seed: int = 0
     run_dir: str = "runs/target"
     output_dir: str = "dspark/assets/dspark-tiny/target"
@@ -72,11 +84,11 @@ class TrainConfig:
 def load_train_config(path=None, overrides=()) -> TrainConfig:
     """Structured training config from YAML + dotlist overrides (unknown keys are errors)."""
     cfg = load_structured(TrainConfig, path, overrides)
-    if cfg.kind not in ("target", "draft"):
-        raise ValueError(f"train kind must be 'target' or 'draft', got {cfg.kind!r}")
-    if cfg.kind == "draft" and not cfg.teacher:
-        raise ValueError("training a draft model needs `teacher` (a target checkpoint directory or embedded name)")
-    if "model_type" not in cfg.model:
+    if cfg.kind not in ("target", "draft", "drafter"):
+        raise ValueError(f"train kind must be 'target', 'draft' or 'drafter', got {cfg.kind!r}")
+    if cfg.kind in ("draft", "drafter") and not cfg.teacher:
+        raise ValueError(f"training a {cfg.kind} needs `teacher` (a target checkpoint directory or embedded name)")
+    if cfg.kind != "drafter" and "model_type" not in cfg.model:
         raise ValueError("the training config's `model` needs model_type (e.g. qwen3) and the architecture keys")
     return cfg
 
@@ -88,36 +100,22 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
     from lightning.pytorch.loggers import CSVLogger
     from transformers import AutoTokenizer
 
-    from dspark.training.data import CorpusDataModule, token_byte_lengths
-    from dspark.training.modules import DistillationModule, LanguageModelModule, build_hf_model
+    from dspark.training.data import CorpusDataModule
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    spec = {**cfg.model, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None}
-    model = build_hf_model(spec)
-    byte_lengths = token_byte_lengths(tokenizer)
-    if cfg.kind == "target":
-        module = LanguageModelModule(model, byte_lengths, cfg.optim, cfg.max_steps)
-    else:
-        from dspark.models.loading import resolve_checkpoint
-        from transformers import AutoModelForCausalLM
-
-        teacher = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.teacher), dtype=torch.float32)
-        if teacher.config.vocab_size != len(tokenizer):
-            raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != tokenizer vocabulary {len(tokenizer)}")
-        module = DistillationModule(model, teacher, byte_lengths, cfg.optim, cfg.max_steps,
-                                    temperature=cfg.distill_temperature, ce_weight=cfg.ce_weight)
+    module = _build_module(cfg, tokenizer)
     data = CorpusDataModule(tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                             num_samples=cfg.max_steps * cfg.batch_size, seed=cfg.seed, corpus=cfg.corpus,
                             max_eval_blocks=cfg.max_eval_blocks, documents=documents)
 
     run_dir = Path(cfg.run_dir)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.val_every)
-    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator="auto", devices=1,
+    trainer = L.Trainer(max_steps=cfg.max_steps, precision=cfg.precision, accelerator=cfg.accelerator,
+                        devices=cfg.devices, strategy=cfg.strategy,
                         val_check_interval=cfg.val_every, check_val_every_n_epoch=None, log_every_n_steps=cfg.log_every,
                         logger=CSVLogger(run_dir, name="logs"), callbacks=[checkpoints],
                         gradient_clip_val=1.0, enable_progress_bar=True, num_sanity_val_steps=0)
@@ -128,15 +126,67 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
 
     test = trainer.test(module, datamodule=data, verbose=False)
     metrics = {k.split("/dataloader_idx")[0]: float(v) for result in test for k, v in result.items()}
-    export(module.model, tokenizer, cfg.output_dir, cfg.save_dtype)
-    report = {"kind": cfg.kind, "parameters": sum(p.numel() for p in module.model.parameters()),
+    trained = module.net if cfg.kind == "drafter" else module.model
+    report = {"kind": cfg.kind, "parameters": sum(p.numel() for p in trained.parameters()),
               "train_seconds": round(train_seconds, 1), "steps": cfg.max_steps, "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
               "test": metrics, "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine()}
+    if not trainer.is_global_zero:  # under ddp only the first process writes files
+        return report
+    if cfg.kind == "drafter":
+        from dspark.drafters.dspark import save_block_drafter
+        from dspark.models.loading import resolve_dtype
+
+        save_block_drafter(trained.to(resolve_dtype(cfg.save_dtype)), cfg.output_dir, {"target": cfg.teacher})
+    else:
+        export(trained, tokenizer, cfg.output_dir, cfg.save_dtype)
     Path(cfg.output_dir, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if cfg.plot:
         plot_curves(training_logs(run_dir), cfg.plot, title=f"{cfg.kind} training")
     return report
+
+
+def _build_module(cfg: TrainConfig, tokenizer):
+    """The Lightning module of a recipe, with a freshly initialised model to train."""
+    from dspark.training.data import token_byte_lengths
+    from dspark.training.modules import DistillationModule, LanguageModelModule, build_hf_model
+
+    if cfg.kind == "drafter":
+        return _block_drafter_module(cfg)
+    model = build_hf_model({**cfg.model, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None})
+    byte_lengths = token_byte_lengths(tokenizer)
+    if cfg.kind == "target":
+        return LanguageModelModule(model, byte_lengths, cfg.optim, cfg.max_steps)
+    from transformers import AutoModelForCausalLM
+
+    from dspark.models.loading import resolve_checkpoint
+
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.teacher), dtype=torch.float32)
+    if teacher.config.vocab_size != len(tokenizer):
+        raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != tokenizer vocabulary {len(tokenizer)}")
+    return DistillationModule(model, teacher, byte_lengths, cfg.optim, cfg.max_steps,
+                              temperature=cfg.distill_temperature, ce_weight=cfg.ce_weight)
+
+
+def _block_drafter_module(cfg: TrainConfig):
+    """The block drafter (random init) for the frozen ``teacher`` target, wrapped for Lightning."""
+    from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+    from dspark.drafters.dspark import default_target_layers
+    from dspark.models import load_model
+    from dspark.training.block_drafter import BlockDrafterModule
+
+    target = load_model(cfg.teacher, dtype="float32", device="cpu")
+    spec = {"gamma": 7, "head": "markov", "num_layers": 1, "rank": 128, "intermediate_size": None,
+            "target_layers": None, **cfg.model}
+    unknown = set(spec) - {"gamma", "head", "num_layers", "rank", "intermediate_size", "target_layers"}
+    if unknown:
+        raise ValueError(f"unknown block-drafter model keys {sorted(unknown)}; allowed: gamma, head, num_layers, "
+                         "target_layers, rank, intermediate_size")
+    layers = spec.pop("target_layers") or default_target_layers(target.num_layers)
+    net = BlockDrafter(BlockDrafterArgs.for_target(target, target_layers=layers, **spec))
+    return BlockDrafterModule(net, target, cfg.optim, cfg.max_steps, anchors=cfg.anchors_per_sequence,
+                              loss_weights=cfg.loss_weights)
 
 
 def export(model, tokenizer, output_dir: str, dtype: str) -> None:

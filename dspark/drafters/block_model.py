@@ -1,0 +1,176 @@
+"""The DSpark block drafter network: parallel backbone, sequential head, confidence head.
+
+One forward drafts a whole block of γ positions (Cheng et al., 2026, §3.1):
+
+* **context features** — hidden states of chosen target layers at every committed position,
+  concatenated, projected by ``W_c`` (``context_proj``) and RMS-normalised; every backbone layer
+  turns them into extra keys/values ("KV injection"), kept in the drafter's own cache;
+* **parallel backbone** — decoder layers over ``[anchor, mask, …, mask]`` (γ inputs), attending
+  to all context and bidirectionally within the block; the anchor is the first prediction
+  position. Token embedding and LM head are the target's (frozen, never stored here): base
+  logits ``U_1..U_γ`` ``[B, γ, V]`` and hiddens ``h_1..h_γ`` ``[B, γ, H]``;
+* **sequential head** — a bias ``B_k`` on ``U_k`` from the previously drafted token(s), so the
+  block is sampled left to right from ``softmax(U_k + B_k)``: ``none`` (DFlash), ``markov``
+  (``W2·W1[x_{k-1}]``, rank r), ``gated_markov`` (the same, scaled by a learned gate in (0, 1)),
+  ``rnn`` (a gated recurrent state over ``[s_{k-1}; W1[x_{k-1}]; h_k]``);
+* **confidence head** — ``c_k = σ(wᵀ[h_k; W1[x_{k-1}]])``, the predicted probability that
+  draft k survives verification given that drafts 1..k−1 did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.models.native import Block, ModelArgs, NativeCausalLM
+
+HEADS = ("none", "markov", "gated_markov", "rnn")
+
+
+@dataclass(frozen=True)
+class BlockDrafterArgs:
+    """Architecture of a block drafter, and the target it was built for.
+
+    Attributes:
+        gamma: block size γ (draft positions per forward).
+        num_layers: backbone decoder layers (same width and head layout as the target).
+        intermediate_size: MLP width of the backbone layers.
+        target_layers: target decoder layers whose outputs form the context features.
+        head: sequential head, one of ``none``, ``markov``, ``gated_markov``, ``rnn``.
+        rank: width r of the sequential head's token embedding ``W1`` and state.
+        hidden_size, num_heads, num_kv_heads, head_dim, rms_norm_eps, qk_norm: taken from the target.
+        vocab_size, target_num_layers: the target's, to refuse a checkpoint built for another target.
+    """
+
+    gamma: int
+    num_layers: int
+    intermediate_size: int
+    target_layers: tuple[int, ...]
+    head: str
+    rank: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool
+    vocab_size: int
+    target_num_layers: int
+
+    @classmethod
+    def for_target(cls, target: NativeCausalLM, *, gamma: int, num_layers: int, target_layers, head: str,
+                   rank: int, intermediate_size: int | None = None) -> "BlockDrafterArgs":
+        """Arguments for a drafter of ``target``; raises ``ValueError`` on impossible settings."""
+        t = target.args
+        args = cls(gamma=gamma, num_layers=num_layers, intermediate_size=intermediate_size or t.intermediate_size,
+                   target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank, hidden_size=t.hidden_size,
+                   num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+                   qk_norm=t.qk_norm, vocab_size=t.vocab_size, target_num_layers=t.num_layers)
+        return args.validate()
+
+    def validate(self) -> "BlockDrafterArgs":
+        """Raise ``ValueError`` naming the bad setting."""
+        if self.head not in HEADS:
+            raise ValueError(f"drafter.head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.gamma < 1 or self.num_layers < 1 or self.rank < 1:
+            raise ValueError(f"gamma, num_layers and rank must be >= 1, got {self.gamma}, {self.num_layers}, {self.rank}")
+        if not self.target_layers:
+            raise ValueError("target_layers must name at least one target layer")
+        bad = [i for i in self.target_layers if not 0 <= i < self.target_num_layers]
+        if bad:
+            raise ValueError(f"target_layers {bad} are outside the target's layers 0..{self.target_num_layers - 1}")
+        return self
+
+    def layer_args(self) -> ModelArgs:
+        """The backbone layers' architecture (a target-shaped decoder layer)."""
+        return ModelArgs(model_type="dspark", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                         intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+                         max_position_embeddings=0, qk_norm=self.qk_norm)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (for the checkpoint's ``config.json``)."""
+        return {**asdict(self), "target_layers": list(self.target_layers)}
+
+
+class BlockDrafter(nn.Module):
+    """The trainable part of a DSpark / DFlash drafter (the target's embedding and LM head are
+    passed in, never owned).
+
+    Args:
+        args: architecture.
+    """
+
+    def __init__(self, args: BlockDrafterArgs):
+        super().__init__()
+        self.args = args
+        hidden, rank, vocab = args.hidden_size, args.rank, args.vocab_size
+        self.context_proj = nn.Linear(len(args.target_layers) * hidden, hidden, bias=False)  # W_c
+        self.context_norm = nn.Parameter(torch.ones(hidden))
+        self.mask_embedding = nn.Parameter(torch.zeros(hidden))
+        self.layers = nn.ModuleList(Block(args.layer_args(), i) for i in range(args.num_layers))
+        self.norm = nn.Parameter(torch.ones(hidden))
+        self.token_embedding = nn.Embedding(vocab, rank)  # W1: feeds the sequential and confidence heads
+        self.confidence = nn.Linear(hidden + rank, 1)
+        if args.head in ("markov", "gated_markov", "rnn"):
+            self.bias_projection = nn.Linear(rank, vocab, bias=False)  # W2
+        if args.head == "gated_markov":
+            self.gate = nn.Linear(hidden + rank, 1)
+        if args.head == "rnn":
+            self.recurrent = nn.Linear(2 * rank + hidden, 3 * rank)  # gate, candidate, output
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small random init; the sequential bias starts at zero so training begins from DFlash."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if hasattr(self, "bias_projection"):
+            nn.init.zeros_(self.bias_projection.weight)
+        nn.init.normal_(self.mask_embedding, std=0.02)
+
+    # ------------------------------------------------------------------ context
+    def context_features(self, target_hidden: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, L, H]`` features from the target's layer outputs (one ``[B, L, H]`` per layer id)."""
+        x = self.context_proj(torch.cat(target_hidden, -1))
+        return F.rms_norm(x, (x.shape[-1],), self.context_norm, self.args.rms_norm_eps)
+
+    def context_kv(self, features: torch.Tensor, rope) -> list[torch.Tensor]:
+        """Per backbone layer, the injected keys/values ``[B, L, 2, H_kv, D]`` of context features."""
+        return [layer.project(features, rope)[1] for layer in self.layers]
+
+    # ------------------------------------------------------------------ heads
+    def head_bias(self, prev_embedding: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None):
+        """The sequential bias ``B_k`` ``[N, V]`` (``None`` for the ``none`` head) and the new state.
+
+        ``prev_embedding``: ``W1[x_{k-1}]`` ``[N, r]``; ``hidden``: ``h_k`` ``[N, H]``; ``state``:
+        the RNN state ``s_{k-1}`` ``[N, r]`` (``None`` at k = 1 and for the other heads).
+        """
+        head = self.args.head
+        if head == "none":
+            return None, state
+        if head == "markov":
+            return self.bias_projection(prev_embedding), state
+        if head == "gated_markov":
+            gate = torch.sigmoid(self.gate(torch.cat([hidden, prev_embedding], -1)))
+            return gate * self.bias_projection(prev_embedding), state
+        if state is None:
+            state = prev_embedding.new_zeros(prev_embedding.shape)
+        z = torch.cat([state, prev_embedding, hidden], -1)
+        gate, candidate, out = self.recurrent(z).chunk(3, -1)
+        gate = torch.sigmoid(gate)
+        state = gate * state + (1 - gate) * torch.tanh(candidate)
+        return self.bias_projection(torch.tanh(out)), state
+
+    def confidence_of(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
+        """``c_k = σ(wᵀ[h_k; W1[x_{k-1}]])`` ``[...]``."""
+        return torch.sigmoid(self.confidence(torch.cat([hidden, prev_embedding], -1)).squeeze(-1))
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone output → normalised hiddens ``h`` (the LM head turns them into ``U``)."""
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.args.rms_norm_eps)

@@ -1,0 +1,201 @@
+"""The DSpark drafter (``name: dspark``): a semi-autoregressive block drafter reading the target's
+hidden states; with ``head: none`` it is DFlash. The network is in :mod:`dspark.drafters.block_model`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspark.cache import StaticKVCache
+from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+from dspark.models.native import build_attention_mask
+from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class DSparkConfig(DrafterConfig):
+    """Config of the ``dspark`` drafter.
+
+    Attributes:
+        num_speculative_tokens: γ drafts per round (at most the checkpoint's block size).
+        path: checkpoint directory or embedded name (default: ``dspark-tiny-dspark``, trained for the
+            embedded target); ``null`` builds a randomly initialised drafter from the keys below.
+        head, num_layers, target_layers, rank, intermediate_size, seed: architecture of a random
+            drafter (``path: null``). With a checkpoint they come from it.
+    """
+
+    name: str = "dspark"
+    num_speculative_tokens: int = 7
+    path: str | None = "dspark-tiny-dspark"
+    head: str = "markov"
+    num_layers: int = 1
+    target_layers: list[int] = field(default_factory=list)
+    rank: int = 128
+    intermediate_size: int | None = None
+    seed: int = 0
+
+
+def default_target_layers(num_layers: int) -> tuple[int, ...]:
+    """A low, a middle and a high layer (fewer for shallow targets)."""
+    return tuple(sorted({min(1, num_layers - 1), num_layers // 2, num_layers - 1}))
+
+
+def save_block_drafter(net: BlockDrafter, directory: str | Path, extra: dict | None = None) -> None:
+    """Write ``config.json`` (architecture + the target it was built for) and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps({"block_drafter": net.args.to_dict(), **(extra or {})}, indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, directory / WEIGHTS_FILE)
+
+
+def load_block_drafter(source, target) -> BlockDrafter:
+    """A trained drafter from a directory or embedded name, checked against ``target``.
+
+    Raises ``ValueError`` naming what differs when the checkpoint was built for another target
+    (hidden size, vocabulary, head layout, number of layers), and
+    :class:`~dspark.models.CheckpointError` for missing or mis-shaped tensors.
+    """
+    from dspark.models.loading import CheckpointError, read_checkpoint_tensors, resolve_checkpoint
+
+    directory = Path(resolve_checkpoint(source))
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} has no {CONFIG_FILE}")
+    try:
+        spec = json.loads((directory / CONFIG_FILE).read_text())["block_drafter"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read {directory / CONFIG_FILE}: {err}") from err
+    spec["target_layers"] = tuple(spec["target_layers"])
+    args = BlockDrafterArgs(**spec)
+    t = target.args
+    checks = {"hidden_size": t.hidden_size, "vocab_size": t.vocab_size, "num_heads": t.num_heads,
+              "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim, "target_num_layers": t.num_layers}
+    wrong = [f"{key} {getattr(args, key)} (target: {value})" for key, value in checks.items() if getattr(args, key) != value]
+    if wrong:
+        raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
+    args.validate()
+    net = BlockDrafter(args)
+    tensors = read_checkpoint_tensors(directory)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    misshaped = [f"{k}: expected {tuple(v.shape)}, found {tuple(tensors[k].shape)}"
+                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or misshaped:
+        raise CheckpointError(f"drafter checkpoint {str(directory)!r} does not match its config: "
+                              f"missing {missing} {'; '.join(misshaped)}")
+    net.load_state_dict({k: tensors[k] for k in expected})
+    return net
+
+
+@register_drafter("dspark")
+class DSparkDrafter(Drafter):
+    """Drafts γ tokens per round with one backbone forward plus a light left-to-right head.
+
+    The drafter keeps a context cache (per backbone layer, the injected keys/values of every
+    committed position but the anchor) that mirrors the target's cache: after each round it adds
+    the verified positions the target kept, read from the verify forward's hidden states — no
+    extra target pass. Proposals carry ``q`` (the processed ``softmax(U_k + B_k)``) when sampling
+    and the confidences ``c_k`` always.
+    """
+
+    config_class = DSparkConfig
+
+    def __init__(self, config: DSparkConfig, *, target, sampler, draft_model=None):
+        super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
+        if not hasattr(target, "cache_shape"):
+            raise TypeError("the dspark drafter needs a native target (Llama / Qwen2 / Qwen3) for its hidden states")
+        if isinstance(draft_model, BlockDrafter):
+            net = draft_model
+        elif draft_model is not None or config.path is not None:
+            net = load_block_drafter(draft_model if draft_model is not None else config.path, target)
+        else:
+            torch.manual_seed(config.seed)
+            layers = tuple(config.target_layers) or default_target_layers(target.num_layers)
+            net = BlockDrafter(BlockDrafterArgs.for_target(
+                target, gamma=config.num_speculative_tokens, num_layers=config.num_layers, target_layers=layers,
+                head=config.head, rank=config.rank, intermediate_size=config.intermediate_size))
+        if config.num_speculative_tokens > net.args.gamma:
+            raise ValueError(f"drafter.num_speculative_tokens={config.num_speculative_tokens} exceeds the block size "
+                             f"this drafter was built for ({net.args.gamma})")
+        self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
+        self.hidden_layers = tuple(net.args.target_layers)
+        self.cache: StaticKVCache | None = None
+
+    def num_uniforms(self, params) -> int:
+        return 0 if params.greedy else self.gamma
+
+    def _append_context(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor, kv_bound: int) -> None:
+        """Project target hidden states ``[B, T, H]`` (per layer id) into every layer's context
+        keys/values at each request's next positions; commit the first ``num_new[b]`` of them.
+        ``kv_bound`` is a host-side bound on the longest context length before the append."""
+        cache, num_tokens = self.cache, hidden_states[0].shape[1]
+        positions = cache.lengths.unsqueeze(1) + torch.arange(num_tokens, device=num_new.device)
+        features = self.net.context_features(hidden_states)
+        rope = self.target.rotary(positions, features.dtype)
+        kv_len = min(kv_bound + num_tokens, cache.max_len)
+        for layer, kv in enumerate(self.net.context_kv(features, rope)):
+            cache.write(layer, kv, positions, kv_len)
+        cache.advance(num_new)
+
+    def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
+        batch, block = state.batch_size, self.net.args.gamma
+        cache = self.cache
+        if cache is None or cache.batch_size != batch or cache.max_len < max_len + block:
+            a = self.net.args
+            cache = self.cache = StaticKVCache(a.num_layers, batch, a.num_kv_heads, max_len + block, a.head_dim,
+                                               dtype=self.target.dtype, device=self.target.device)
+        cache.reset()
+        self._append_context(target_output.hidden_states, state.prompt_lengths, 0)
+
+    def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
+        net, target, cache, params = self.net, self.target, self.cache, state.params
+        block, gamma, batch = net.args.gamma, self.gamma, state.batch_size
+        anchor = state.anchor
+        # 1. parallel backbone: one forward over [anchor, mask × (block−1)], bidirectional in the block
+        x = torch.cat([target.embed_tokens(anchor).unsqueeze(1),
+                       net.mask_embedding.expand(batch, block - 1, -1)], 1)  # [B, block, H]
+        positions = cache.lengths.unsqueeze(1) + torch.arange(block, device=anchor.device)
+        rope = target.rotary(positions, x.dtype)
+        kv_len = min(state.max_cache_len + block, cache.max_len)
+        everyone = torch.ones(batch, block, block, dtype=torch.bool, device=anchor.device)
+        mask = build_attention_mask(cache.lengths, block, kv_len, everyone)
+        for layer in net.layers:  # block keys/values land past the context length: never committed
+            x = layer(x, rope, cache, positions, mask, kv_len)
+        hidden = net.output(x)  # [B, block, H]
+        base_logits = target.lm_head(hidden)  # U [B, block, V]
+        # 2. sequential head: left to right from softmax(U_k + B_k); without a head (DFlash) the
+        #    positions are independent given the block and are drafted in one call
+        if net.args.head == "none":
+            logits = base_logits[:, :gamma]
+            q = None if params.greedy else self.sampler.probs(logits, params)
+            tokens = self.sampler.greedy(logits) if params.greedy else self.sampler.sample(q, uniforms[:, :gamma])
+        else:
+            previous, head_state, drafted, probs = anchor, None, [], []
+            for k in range(gamma):
+                bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state)
+                logits = base_logits[:, k] + bias
+                if params.greedy:
+                    previous = self.sampler.greedy(logits)
+                else:
+                    probs.append(self.sampler.probs(logits, params))
+                    previous = self.sampler.sample(probs[-1], uniforms[:, k])
+                drafted.append(previous)
+            tokens, q = torch.stack(drafted, 1), (torch.stack(probs, 1) if probs else None)
+        # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once
+        previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
+        confidence = net.confidence_of(hidden[:, :gamma], net.token_embedding(previous))
+        return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q,
+                             confidence=confidence)
+
+    def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
+               target_output: ModelOutput) -> None:
+        # mirror the target cache: it now holds every committed token but the anchor
+        self._append_context(target_output.hidden_states, (state.lengths - 1) - self.cache.lengths, state.max_cache_len)

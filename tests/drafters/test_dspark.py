@@ -1,0 +1,108 @@
+"""The DSpark block drafter: its context cache, its proposals, its losses, its checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+import dspark
+from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+from dspark.drafters.dspark import load_block_drafter, save_block_drafter
+from dspark.models import load_model
+from dspark.samplers import DefaultSampler
+from dspark.training.block_drafter import block_losses, position_weights
+
+from helpers import ragged_prompts, tiny_hf_model
+
+
+def block_pipeline(target_hf, head="markov", gamma=3, *overrides):
+    return dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"},
+                                  "drafter": {"name": "dspark", "num_speculative_tokens": gamma, "path": None,
+                                              "head": head, "rank": 16, "num_layers": 2}},
+                                 target_model=target_hf, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("head", ["none", "markov", "gated_markov", "rnn"])
+def test_context_cache_equals_recomputation_over_the_accepted_prefix(head):
+    """After rounds with rejections, the drafter's context keys/values equal a from-scratch
+    computation from the target's hidden states over the committed tokens (all but the anchor)."""
+    target_hf = tiny_hf_model("qwen3", scale=2.0)
+    pipe = block_pipeline(target_hf, head)
+    drafter = pipe.drafter
+    prompts = ragged_prompts(101, lengths=(5, 9, 2))
+    result = pipe.generate(prompts, max_new_tokens=17, temperature=1.0, seed=3, ignore_eos=True)
+    assert result.stats.rounds >= 4 and result.stats.accepted_tokens < result.stats.verified_tokens  # rejections
+    target = pipe.target
+    for b, (prompt, generated) in enumerate(zip(prompts, result.token_ids)):
+        committed = torch.tensor(prompt + generated[:-1]).unsqueeze(0)  # the last token is the anchor
+        length = committed.shape[1]
+        assert drafter.cache.lengths[b].item() == length
+        out = target(committed, target.new_cache(1, length), hidden_layers=drafter.hidden_layers, kv_len=length)
+        positions = torch.arange(length).unsqueeze(0)
+        features = drafter.net.context_features(out.hidden_states)
+        expected = drafter.net.context_kv(features, target.rotary(positions, features.dtype))
+        for layer, kv in enumerate(expected):
+            assert torch.allclose(drafter.cache.keys[layer, b, :, :length], kv[0, :, 0].transpose(0, 1), atol=1e-9)
+            assert torch.allclose(drafter.cache.values[layer, b, :, :length], kv[0, :, 1].transpose(0, 1), atol=1e-9)
+
+
+def test_proposal_carries_processed_q_and_confidences():
+    target_hf = tiny_hf_model("llama", scale=2.0)
+    pipe = block_pipeline(target_hf, "rnn", 4)
+    seen = []
+    original = pipe.drafter.propose
+    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
+    pipe.generate([[5, 6, 7]], max_new_tokens=6, temperature=0.8, top_k=10, seed=1, ignore_eos=True)
+    proposal = seen[0]
+    assert proposal.probs.shape == (1, 4, 101) and torch.allclose(proposal.probs.sum(-1), torch.ones(1, 4, dtype=torch.float64))
+    assert ((proposal.probs > 0).sum(-1) <= 10).all()  # the sampler's top-k applied to q
+    picked = proposal.probs.gather(-1, proposal.tokens.unsqueeze(-1))
+    assert (picked > 0).all()
+    assert ((proposal.confidence > 0) & (proposal.confidence < 1)).all()
+
+
+def test_loss_terms_on_hand_made_distributions():
+    p_target = torch.tensor([[0.5, 0.5, 0.0]])
+    p_draft = torch.tensor([[0.25, 0.25, 0.5]])
+    terms = block_losses(p_draft.log(), p_target.clamp_min(1e-30).log(), torch.tensor([0]), torch.tensor([0.5]))
+    assert torch.allclose(terms["tv"], torch.tensor([1.0]), atol=1e-6)  # ‖p_d − p_t‖₁ = .25 + .25 + .5
+    assert torch.allclose(terms["accept"], torch.tensor([0.5]), atol=1e-6)  # Σ min(p_d, p_t)
+    assert torch.allclose(terms["ce"], torch.tensor([math.log(4)]), atol=1e-6)
+    assert torch.allclose(terms["bce"], torch.tensor([math.log(2)]), atol=1e-6)  # c = 0.5 against label 0.5
+    same = block_losses(p_target.clamp_min(1e-30).log(), p_target.clamp_min(1e-30).log(), torch.tensor([1]),
+                        torch.tensor([0.9]))
+    assert same["tv"].item() < 1e-6 and same["accept"].item() == pytest.approx(1.0)
+    assert torch.allclose(position_weights(4), torch.exp(-torch.arange(4) / 4))
+
+
+def test_checkpoint_round_trip_and_refusal_for_another_target(tmp_path):
+    target = load_model(tiny_hf_model("qwen3"))
+    net = BlockDrafter(BlockDrafterArgs.for_target(target, gamma=3, num_layers=1, target_layers=(0, 2), head="markov", rank=8))
+    save_block_drafter(net, tmp_path / "ok")
+    loaded = load_block_drafter(tmp_path / "ok", target)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+
+    wider = load_model(tiny_hf_model("qwen3", hidden_size=96))
+    with pytest.raises(ValueError, match=r"trained for another target: hidden_size 64 \(target: 96\)"):
+        load_block_drafter(tmp_path / "ok", wider)
+    other_vocab = load_model(tiny_hf_model("qwen3", vocab_size=64))
+    with pytest.raises(ValueError, match=r"vocab_size 101 \(target: 64\)"):
+        load_block_drafter(tmp_path / "ok", other_vocab)
+    shallow = load_model(tiny_hf_model("qwen3", num_hidden_layers=2))
+    with pytest.raises(ValueError, match=r"target_num_layers 3 \(target: 2\)"):
+        load_block_drafter(tmp_path / "ok", shallow)
+
+
+def test_bad_drafter_settings():
+    target_hf = tiny_hf_model("qwen3")
+    with pytest.raises(ValueError, match=r"target_layers \[7\] are outside the target's layers 0..2"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "path": None,
+                               "target_layers": [0, 7]}}, target_model=target_hf)
+    with pytest.raises(ValueError, match="drafter.head must be one of none, markov, gated_markov, rnn"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "path": None, "head": "lstm"}},
+                              target_model=target_hf)
+    target = load_model(target_hf)
+    net = BlockDrafter(BlockDrafterArgs.for_target(target, gamma=3, num_layers=1, target_layers=(1,), head="none", rank=8))
+    with pytest.raises(ValueError, match=r"num_speculative_tokens=5 exceeds the block size this drafter was built for \(3\)"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "num_speculative_tokens": 5}},
+                              target_model=target_hf, draft_model=net)
