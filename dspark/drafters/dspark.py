@@ -128,21 +128,27 @@ class DSparkDrafter(Drafter):
         self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(net.args.target_layers)
         self.cache: StaticKVCache | None = None
+        self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
+
+    def compile(self) -> None:
+        # static shapes: the block reads the whole context cache and every round appends γ + 1
+        # positions (one graph per batch size and sampling settings); the prompt's append stays eager
+        self._draft_block = torch.compile(self.draft_block, dynamic=False)
+        self._append_round = torch.compile(self._append_context, dynamic=False)
+        self._static_kv = True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
 
-    def _append_context(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor, kv_bound: int) -> None:
+    def _append_context(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor) -> None:
         """Project target hidden states ``[B, T, H]`` (per layer id) into every layer's context
-        keys/values at each request's next positions; commit the first ``num_new[b]`` of them.
-        ``kv_bound`` is a host-side bound on the longest context length before the append."""
+        keys/values at each request's next positions; commit the first ``num_new[b]`` of them."""
         cache, num_tokens = self.cache, hidden_states[0].shape[1]
         positions = cache.lengths.unsqueeze(1) + torch.arange(num_tokens, device=num_new.device)
         features = self.net.context_features(hidden_states)
         rope = self.target.rotary(positions, features.dtype)
-        kv_len = min(kv_bound + num_tokens, cache.max_len)
         for layer, kv in enumerate(self.net.context_kv(features, rope)):
-            cache.write(layer, kv, positions, kv_len)
+            cache.write(layer, kv, positions, cache.max_len)
         cache.advance(num_new)
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
@@ -153,20 +159,28 @@ class DSparkDrafter(Drafter):
             cache = self.cache = StaticKVCache(a.num_layers, batch, a.num_kv_heads, max_len + block, a.head_dim,
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()
-        self._append_context(target_output.hidden_states, state.prompt_lengths, 0)
+        self._append_context(target_output.hidden_states, state.prompt_lengths)
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
-        net, target, cache, params = self.net, self.target, self.cache, state.params
-        block, gamma, batch = net.args.gamma, self.gamma, state.batch_size
-        anchor = state.anchor
+        cache = self.cache
+        kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.gamma, cache.max_len)
+        tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, uniforms, state.params, kv_len)
+        return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, self.gamma), probs=q,
+                             confidence=confidence)
+
+    def draft_block(self, anchor: torch.Tensor, context_lengths: torch.Tensor, uniforms: torch.Tensor, params,
+                    kv_len: int):
+        """Draft one block after each anchor ``[B]`` given ``context_lengths`` ``[B]`` committed context
+        positions: tokens ``[B, γ]``, ``q`` ``[B, γ, V]`` (``None`` when greedy), confidences ``[B, γ]``."""
+        net, target, cache = self.net, self.target, self.cache
+        block, gamma, batch = net.args.gamma, self.gamma, anchor.shape[0]
         # 1. parallel backbone: one forward over [anchor, mask × (block−1)], bidirectional in the block
         x = torch.cat([target.embed_tokens(anchor).unsqueeze(1),
                        net.mask_embedding.expand(batch, block - 1, -1)], 1)  # [B, block, H]
-        positions = cache.lengths.unsqueeze(1) + torch.arange(block, device=anchor.device)
+        positions = context_lengths.unsqueeze(1) + torch.arange(block, device=anchor.device)
         rope = target.rotary(positions, x.dtype)
-        kv_len = min(state.max_cache_len + block, cache.max_len)
         everyone = torch.ones(batch, block, block, dtype=torch.bool, device=anchor.device)
-        mask = build_attention_mask(cache.lengths, block, kv_len, everyone)
+        mask = build_attention_mask(context_lengths, block, kv_len, everyone)
         for layer in net.layers:  # block keys/values land past the context length: never committed
             x = layer(x, rope, cache, positions, mask, kv_len)
         hidden = net.output(x)  # [B, block, H]
@@ -192,10 +206,9 @@ class DSparkDrafter(Drafter):
         # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
         confidence = net.confidence_of(hidden[:, :gamma], net.token_embedding(previous))
-        return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q,
-                             confidence=confidence)
+        return tokens, q, confidence
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
         # mirror the target cache: it now holds every committed token but the anchor
-        self._append_context(target_output.hidden_states, (state.lengths - 1) - self.cache.lengths, state.max_cache_len)
+        self._append_round(target_output.hidden_states, (state.lengths - 1) - self.cache.lengths)
