@@ -52,3 +52,22 @@ def test_bad_bench_configs():
         load_bench_config(None, ["pipelines=[{label: a}, {label: a}]"])
     with pytest.raises(Exception, match="repeat"):
         load_bench_config(None, ["repeat=3"])
+
+
+def test_greedy_check_uses_transformers_else_the_none_pipeline():
+    from dspark.bench.runner import CellResult, greedy_mismatches
+
+    def cell(label, kind, family, outputs, temperature=0.0, batch=1):
+        result = CellResult("code", temperature, batch, label, kind, family, None)
+        result.outputs = outputs
+        return result
+
+    none = cell("none", "dspark", "none", [[1, 2, 3], [4, 5]])
+    good = cell("dspark g=7", "dspark", "dspark", [[1, 2, 3], [4, 5]])
+    bad = cell("dflash g=7", "dspark", "dflash", [[1, 2, 9], [4, 5]])
+    sampled = cell("dflash g=7", "dspark", "dflash", [[7, 7, 7], [7, 7]], temperature=1.0)
+    assert greedy_mismatches([none, good, bad, sampled]) == [
+        dict(domain="code", variant="dflash g=7", reference="none", prompt=0, first_difference=2)]
+    hf = cell("hf plain", "hf", "hf_plain", [[1, 2, 3], [4, 6]])  # transformers is the reference when present
+    assert [(m["variant"], m["prompt"], m["first_difference"]) for m in greedy_mismatches([none, good, hf])] == [
+        ("none", 1, 1), ("dspark g=7", 1, 1)]

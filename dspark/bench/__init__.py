@@ -13,7 +13,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     variants, tokenizer = build_variants(cfg)
     results = run_matrix(cfg, variants, tokenizer, progress=progress)
-    return write_report(cfg, results, greedy_mismatches(results))
+    return write_report(cfg, results, greedy_mismatches(results) if cfg.check_greedy else [])
 
 
 __all__ = ["BenchConfig", "PeerConfig", "PipelineSpec", "build_variants", "greedy_mismatches", "load_bench_config",

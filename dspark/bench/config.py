@@ -49,7 +49,8 @@ class BenchConfig:
         max_new_tokens: tokens generated per prompt (EOS ignored, so every variant does the same work).
         repeats, warmup: measured and discarded passes; passes alternate over the variants.
         common_overrides: dotlist overrides applied to every pipeline (e.g. ``target.device=cpu``).
-        peers: the ``transformers`` peers. check_greedy: compare greedy outputs with ``transformers``.
+        peers: the ``transformers`` peers. check_greedy: compare every speculative pipeline's greedy
+            outputs (batch 1) with ``transformers``' plain generate, or with dspark ``none`` when that peer is off.
         output_dir: where ``bench.json``, ``bench.md`` and the PNGs go.
         seed: sampling seed; threads: torch CPU threads (``null`` = default).
     """

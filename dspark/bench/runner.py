@@ -194,22 +194,25 @@ def run_matrix(cfg: BenchConfig, variants: list[Variant], tokenizer, progress: b
 
 
 def greedy_mismatches(results: list[CellResult]) -> list[dict]:
-    """Prompts where a dspark variant's greedy output differs from ``transformers``' plain generate
-    (batch 1, temperature 0), with the first differing position. Reported, never averaged away."""
+    """Prompts where a dspark variant's greedy output differs from the reference
+    (batch 1, temperature 0), with the first differing position. The reference is ``transformers``'
+    plain generate when that peer ran, else dspark's ``none`` pipeline. Reported, never averaged away."""
     mismatches = []
     for r in results:
         if r.temperature != 0 or r.batch_size != 1 or r.kind != "dspark":
             continue
-        reference = next((x for x in results if x.family == "hf_plain" and x.domain == r.domain
-                          and x.temperature == 0 and x.batch_size == 1), None)
-        if reference is None or reference.outputs is None:
+        candidates = [x for x in results if x.domain == r.domain and x.temperature == 0 and x.batch_size == 1]
+        reference = next((x for x in candidates if x.family == "hf_plain"), None) or \
+            next((x for x in candidates if x.family == "none"), None)
+        if reference is None or reference is r or reference.outputs is None:
             continue
         for i, (ours, theirs) in enumerate(zip(r.outputs, reference.outputs)):
             if ours != theirs:
                 first = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                mismatches.append(dict(domain=r.domain, variant=r.variant, prompt=i, first_difference=first))
+                mismatches.append(dict(domain=r.domain, variant=r.variant, reference=reference.variant, prompt=i,
+                                       first_difference=first))
     for m in mismatches:
-        print(f"GREEDY MISMATCH vs transformers: {m}", file=sys.stderr)
+        print(f"GREEDY MISMATCH: {m}", file=sys.stderr)
     return mismatches
 
 
