@@ -62,3 +62,35 @@ def test_missing_or_corrupt_shipped_file_is_named(tmp_path, monkeypatch):
         load_model("dspark-tiny-draft")
     with pytest.raises(KeyError, match="unknown embedded model 'dspark-huge'; embedded models: dspark-tiny"):
         assets.resolve_model("dspark-huge")
+
+
+@pytest.mark.parametrize("name, head", [("dspark-tiny-dspark", "markov"), ("dspark-tiny-dspark-rnn", "rnn"),
+                                        ("dspark-tiny-dflash", "none")])
+def test_shipped_block_drafters_fit_the_target_and_are_lossless(name, head):
+    from dspark.drafters.dspark import load_block_drafter
+
+    target = load_model("dspark-tiny")
+    net = load_block_drafter(name, target)
+    assert net.args.head == head and net.args.gamma == 7 and net.args.target_layers == (1, 3, 5)
+    weights = assets.resolve_model(name) / "model.safetensors"
+    assert weights.stat().st_size < 8e6  # the target's embedding and LM head are shared, not stored
+    prompts = ["def fibonacci(n):", "The module provides"]
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        prompts, max_new_tokens=32, ignore_eos=True)
+    spec = dspark.build_pipeline("dspark", overrides=["target.device=cpu", f"drafter.path={name}"])
+    result = spec.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    assert result.token_ids == expected.token_ids
+    assert result.stats.mean_accepted_length > 1.2  # trained: drafts get accepted
+
+
+def test_the_ablation_was_trained_alike():
+    """DSpark (Markov, RNN) and DFlash: same data, steps and seed (their metrics.json record it)."""
+    import json
+
+    configs = {name: json.loads((assets.resolve_model(name) / "metrics.json").read_text())["config"]
+               for name in assets.BLOCK_DRAFTERS}
+    keys = ("seq_len", "batch_size", "max_steps", "seed", "anchors_per_sequence", "loss_weights", "optim", "corpus")
+    reference = configs["dspark-tiny-dspark"]
+    for name, config in configs.items():
+        assert {k: config[k] for k in keys} == {k: reference[k] for k in keys}, name
+        assert config["model"]["num_layers"] == reference["model"]["num_layers"], name

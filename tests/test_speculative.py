@@ -12,7 +12,8 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn"]
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn", "eagle3",
+            "eagle3_draft_vocab"]
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
 
 
@@ -24,6 +25,9 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
     elif drafter in BLOCK_HEADS:  # a randomly initialised block drafter
         section = {"name": "dspark", "num_speculative_tokens": gamma, "path": None, "head": BLOCK_HEADS[drafter],
                    "rank": 16}
+    elif drafter.startswith("eagle3"):  # a randomly initialised EAGLE-3 head (optionally a half-size draft vocabulary)
+        section = {"name": "eagle3", "num_speculative_tokens": gamma, "path": None,
+                   "draft_vocab_size": target.config.vocab_size // 2 if drafter.endswith("draft_vocab") else 0}
     else:
         section = {"name": "draft_model", "num_speculative_tokens": gamma}
         if draft is None:
@@ -122,7 +126,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark"])
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]

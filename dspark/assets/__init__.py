@@ -4,7 +4,7 @@ Models are found by name: ``resolve_model("dspark-tiny")`` is the target checkpo
 ``resolve_model("dspark-tiny-draft")`` its distilled draft model (both ordinary Hugging Face
 checkpoint directories: ``config.json``, ``model.safetensors``, tokenizer files), and
 ``dspark-tiny-dspark`` / ``dspark-tiny-dspark-rnn`` / ``dspark-tiny-dflash`` the block drafters
-trained for it (``config.json`` + ``model.safetensors``, no tokenizer of their own).
+and ``dspark-tiny-eagle3`` the EAGLE-3 head trained for it (``config.json`` + ``model.safetensors``, no tokenizer of their own).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent
 EMBEDDED_MODELS = {"dspark-tiny": "dspark-tiny/target", "dspark-tiny-draft": "dspark-tiny/draft",
                    "dspark-tiny-dspark": "dspark-tiny/dspark", "dspark-tiny-dspark-rnn": "dspark-tiny/dspark-rnn",
-                   "dspark-tiny-dflash": "dspark-tiny/dflash"}
+                   "dspark-tiny-dflash": "dspark-tiny/dflash", "dspark-tiny-eagle3": "dspark-tiny/eagle3"}
 BLOCK_DRAFTERS = ("dspark-tiny-dspark", "dspark-tiny-dspark-rnn", "dspark-tiny-dflash")
+TARGET_DRAFTERS = (*BLOCK_DRAFTERS, "dspark-tiny-eagle3")  # heads that read the target's hidden states
 PROMPT_SETS = ("code", "prose", "calibration")
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DRAFTER_FILES = ("config.json", "model.safetensors")  # block drafters use the target's tokenizer
@@ -31,7 +32,7 @@ def resolve_model(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         raise KeyError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
     path = ASSETS / EMBEDDED_MODELS[name]
-    for file in (DRAFTER_FILES if name in BLOCK_DRAFTERS else MODEL_FILES):
+    for file in (DRAFTER_FILES if name in TARGET_DRAFTERS else MODEL_FILES):
         if not (path / file).is_file():
             raise MissingAssetError(f"embedded model {name!r} is incomplete: {path / file} is missing "
                                     "(reinstall dspark, or rebuild it with `dspark train` — see docs)")

@@ -4,7 +4,6 @@ hidden states; with ``head: none`` it is DFlash. The network is in :mod:`dspark.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +12,11 @@ import torch
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+from dspark.drafters.checkpoint import check_fits_target, load_weights, read_drafter_spec, save_drafter
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CHECKPOINT_KEY = "block_drafter"  # config.json key of the architecture
 
 
 @dataclass
@@ -49,12 +49,7 @@ def default_target_layers(num_layers: int) -> tuple[int, ...]:
 
 def save_block_drafter(net: BlockDrafter, directory: str | Path, extra: dict | None = None) -> None:
     """Write ``config.json`` (architecture + the target it was built for) and ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps({"block_drafter": net.args.to_dict(), **(extra or {})}, indent=2) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, directory / WEIGHTS_FILE)
+    save_drafter(net, directory, CHECKPOINT_KEY, extra)
 
 
 def load_block_drafter(source, target) -> BlockDrafter:
@@ -64,35 +59,11 @@ def load_block_drafter(source, target) -> BlockDrafter:
     (hidden size, vocabulary, head layout, number of layers), and
     :class:`~dspark.models.CheckpointError` for missing or mis-shaped tensors.
     """
-    from dspark.models.loading import CheckpointError, read_checkpoint_tensors, resolve_checkpoint
-
-    directory = Path(resolve_checkpoint(source))
-    if not (directory / CONFIG_FILE).is_file():
-        raise CheckpointError(f"drafter checkpoint {str(directory)!r} has no {CONFIG_FILE}")
-    try:
-        spec = json.loads((directory / CONFIG_FILE).read_text())["block_drafter"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot read {directory / CONFIG_FILE}: {err}") from err
+    directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
     spec["target_layers"] = tuple(spec["target_layers"])
     args = BlockDrafterArgs(**spec)
-    t = target.args
-    checks = {"hidden_size": t.hidden_size, "vocab_size": t.vocab_size, "num_heads": t.num_heads,
-              "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim, "target_num_layers": t.num_layers}
-    wrong = [f"{key} {getattr(args, key)} (target: {value})" for key, value in checks.items() if getattr(args, key) != value]
-    if wrong:
-        raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
-    args.validate()
-    net = BlockDrafter(args)
-    tensors = read_checkpoint_tensors(directory)
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    misshaped = [f"{k}: expected {tuple(v.shape)}, found {tuple(tensors[k].shape)}"
-                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or misshaped:
-        raise CheckpointError(f"drafter checkpoint {str(directory)!r} does not match its config: "
-                              f"missing {missing} {'; '.join(misshaped)}")
-    net.load_state_dict({k: tensors[k] for k in expected})
-    return net
+    check_fits_target(args, target, directory)
+    return load_weights(BlockDrafter(args.validate()), directory)
 
 
 @register_drafter("dspark")

@@ -146,9 +146,12 @@ class Block(nn.Module):
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries ``[B, T, H_q, D]`` and new keys/values ``[B, T, 2, H_kv, D]`` (normed, rotated) of ``x``."""
-        batch, num_new, hidden = x.shape
+        return self.project_normed(F.rms_norm(x, (x.shape[-1],), self.attention_norm, self.eps), rope)
+
+    def project_normed(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`project` of an already normalised input ``h`` ``[B, T, wqkv.in_features]``."""
+        batch, num_new, _ = h.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        h = F.rms_norm(x, (hidden,), self.attention_norm, self.eps)
         qkv = F.linear(h, self.wqkv.weight, self.wqkv.bias).view(batch, num_new, heads + 2 * kv_heads, self.head_dim)
         qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads:]
         if self.qk_norm is not None:

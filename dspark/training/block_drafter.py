@@ -133,17 +133,20 @@ class BlockDrafterModule(L.LightningModule):
         hidden, target_logits = self.target_pass(tokens)
         anchors = self.sample_anchors(tokens.shape[0], tokens.shape[1], generator)
         logits, confidence = self.draft_blocks(tokens, hidden, anchors)
-        gamma = self.net.args.gamma
-        offsets = torch.arange(gamma, device=tokens.device)
-        where = (anchors.unsqueeze(-1) + offsets)  # p_t of draft k is the target's output at position a + k − 1
-        target_at = target_logits.gather(1, where.flatten(1).unsqueeze(-1).expand(-1, -1, target_logits.shape[-1]))
-        labels = tokens.gather(1, (where + 1).flatten(1)).view_as(where)
-        terms = block_losses(logits, target_at.view(*where.shape, -1), labels, confidence)
-        weights = position_weights(gamma, tokens.device)
+        target_at, labels = self.block_targets(tokens, target_logits, anchors)
+        terms = block_losses(logits, target_at, labels, confidence)
+        weights = position_weights(self.net.args.gamma, tokens.device)
         weighted = {name: (terms[name] * weights).sum(-1).mean() for name in ("ce", "tv", "bce")}
         w = self.loss_weights
         loss = w["ce"] * weighted["ce"] + w["tv"] * weighted["tv"] + w["conf"] * weighted["bce"]
-        return loss, weighted, terms, logits, target_at.view(*where.shape, -1)
+        return loss, weighted, terms, logits, target_at
+
+    def block_targets(self, tokens: torch.Tensor, target_logits: torch.Tensor, anchors: torch.Tensor):
+        """What draft k after anchor a must match: the target's logits at position a + k − 1
+        ``[B, A, γ, V]`` and the data's token a + k ``[B, A, γ]``."""
+        where = anchors.unsqueeze(-1) + torch.arange(self.net.args.gamma, device=tokens.device)  # [B, A, γ]
+        target_at = target_logits.gather(1, where.flatten(1).unsqueeze(-1).expand(-1, -1, target_logits.shape[-1]))
+        return target_at.view(*where.shape, -1), tokens.gather(1, (where + 1).flatten(1)).view_as(where)
 
     def training_step(self, batch, batch_idx):
         loss, weighted, _, _, _ = self.step(batch)

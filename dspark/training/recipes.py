@@ -30,12 +30,15 @@ class TrainConfig:
 
     Attributes:
         kind: ``target`` (next-token training), ``draft`` (distillation from ``teacher``) or
-            ``drafter`` (a DSpark / DFlash block drafter for the frozen ``teacher`` target).
+            ``drafter`` (a drafter network for the frozen ``teacher`` target).
         model: for ``target``/``draft``, the ``transformers`` config of the model to train
-            (``model_type`` plus its keys); for ``drafter``, the block drafter's architecture
-            (``gamma``, ``head``, ``num_layers``, ``target_layers``, ``rank``, ``intermediate_size``).
-        tokenizer: tokenizer directory (built by ``dspark data build``).
-        teacher: for ``draft``: the teacher checkpoint directory or embedded name.
+            (``model_type`` plus its keys); for ``drafter``, ``architecture`` (``dspark``, the
+            default: a DSpark / DFlash block drafter with ``gamma``, ``head``, ``num_layers``,
+            ``target_layers``, ``rank``, ``intermediate_size``; or ``eagle3``: an EAGLE-3 head with
+            ``gamma``, ``target_layers``, ``intermediate_size``).
+        tokenizer: tokenizer directory (built by ``dspark data build``); ``null`` = the teacher's
+            tokenizer when there is a teacher, else the embedded one.
+        teacher: for ``draft`` and ``drafter``: the teacher (target) checkpoint directory or embedded name.
         seq_len, batch_size, max_steps: sequence length, sequences per step, optimiser steps.
         optim: learning-rate schedule and AdamW settings.
         precision: Lightning precision (``bf16-mixed`` uses the CPU's bfloat16 units when present).
@@ -54,7 +57,7 @@ class TrainConfig:
 
     kind: str = "target"
     model: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str = "dspark/assets/dspark-tiny/tokenizer"
+    tokenizer: str | None = None
     teacher: str | None = None
     seq_len: int = 512
     batch_size: int = 8
@@ -106,7 +109,7 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
         torch.set_num_threads(cfg.threads)
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
     module = _build_module(cfg, tokenizer)
     data = CorpusDataModule(tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                             num_samples=cfg.max_steps * cfg.batch_size, seed=cfg.seed, corpus=cfg.corpus,
@@ -135,15 +138,29 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
         return report
     if cfg.kind == "drafter":
         from dspark.drafters.dspark import save_block_drafter
+        from dspark.drafters.eagle3 import save_eagle3
         from dspark.models.loading import resolve_dtype
 
-        save_block_drafter(trained.to(resolve_dtype(cfg.save_dtype)), cfg.output_dir, {"target": cfg.teacher})
+        save = save_eagle3 if cfg.model.get("architecture") == "eagle3" else save_block_drafter
+        save(trained.to(resolve_dtype(cfg.save_dtype)), cfg.output_dir, {"target": cfg.teacher})
     else:
         export(trained, tokenizer, cfg.output_dir, cfg.save_dtype)
     Path(cfg.output_dir, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if cfg.plot:
         plot_curves(training_logs(run_dir), cfg.plot, title=f"{cfg.kind} training")
     return report
+
+
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """The tokenizer directory of a run: ``cfg.tokenizer``, else the teacher's, else the embedded one."""
+    from dspark.assets import ASSETS
+    from dspark.models.loading import resolve_checkpoint
+
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    if cfg.teacher is not None:
+        return str(resolve_checkpoint(cfg.teacher))
+    return str(ASSETS / "dspark-tiny" / "tokenizer")
 
 
 def _build_module(cfg: TrainConfig, tokenizer):
@@ -170,19 +187,35 @@ def _build_module(cfg: TrainConfig, tokenizer):
 
 
 def _block_drafter_module(cfg: TrainConfig):
-    """The block drafter (random init) for the frozen ``teacher`` target, wrapped for Lightning."""
-    from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
-    from dspark.drafters.dspark import default_target_layers
+    """The drafter network (random init) for the frozen ``teacher`` target, wrapped for Lightning:
+    ``model.architecture`` ``dspark`` (a block drafter; ``head: none`` is DFlash) or ``eagle3``."""
     from dspark.models import load_model
-    from dspark.training.block_drafter import BlockDrafterModule
 
     target = load_model(cfg.teacher, dtype="float32", device="cpu")
-    spec = {"gamma": 7, "head": "markov", "num_layers": 1, "rank": 128, "intermediate_size": None,
-            "target_layers": None, **cfg.model}
-    unknown = set(spec) - {"gamma", "head", "num_layers", "rank", "intermediate_size", "target_layers"}
+    architecture = cfg.model.get("architecture", "dspark")
+    allowed = {"dspark": {"gamma", "head", "num_layers", "rank", "intermediate_size", "target_layers"},
+               "eagle3": {"gamma", "target_layers", "intermediate_size"}}
+    if architecture not in allowed:
+        raise ValueError(f"model.architecture must be one of {', '.join(allowed)}, got {architecture!r}")
+    spec = {k: v for k, v in cfg.model.items() if k != "architecture"}
+    unknown = set(spec) - allowed[architecture]
     if unknown:
-        raise ValueError(f"unknown block-drafter model keys {sorted(unknown)}; allowed: gamma, head, num_layers, "
-                         "target_layers, rank, intermediate_size")
+        raise ValueError(f"unknown {architecture} model keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed[architecture]))}")
+    if architecture == "eagle3":
+        from dspark.drafters.eagle3 import default_eagle_layers
+        from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+        from dspark.training.eagle3 import Eagle3Module
+
+        layers = spec.pop("target_layers", None) or default_eagle_layers(target.num_layers)
+        net = Eagle3Head(Eagle3Args.for_target(target, target_layers=layers, **{"gamma": 7, **spec}))
+        return Eagle3Module(net, target, cfg.optim, cfg.max_steps, anchors=cfg.anchors_per_sequence)
+
+    from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+    from dspark.drafters.dspark import default_target_layers
+    from dspark.training.block_drafter import BlockDrafterModule
+
+    spec = {"gamma": 7, "head": "markov", "num_layers": 1, "rank": 128, "intermediate_size": None,
+            "target_layers": None, **spec}
     layers = spec.pop("target_layers") or default_target_layers(target.num_layers)
     net = BlockDrafter(BlockDrafterArgs.for_target(target, target_layers=layers, **spec))
     return BlockDrafterModule(net, target, cfg.optim, cfg.max_steps, anchors=cfg.anchors_per_sequence,

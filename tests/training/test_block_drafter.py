@@ -81,3 +81,21 @@ def test_recipe_runs_under_ddp_on_two_cpu_processes(assets, tmp_path):
     net = load_block_drafter(tmp_path / "out", load_model(assets / "target"))
     assert torch.isfinite(net.context_proj.weight).all()
 
+
+
+def test_eagle3_recipe_trains_and_exports_a_loadable_head(assets, tmp_path):
+    from dspark.drafters.eagle3 import load_eagle3
+
+    def eagle_config(model, *extra):
+        return [a for a in drafter_config(assets, tmp_path, *extra) if not a.startswith("model=")] + [f"model={model}"]
+
+    cfg = load_train_config(None, eagle_config("{architecture: eagle3, gamma: 3, target_layers: [0, 1, 2]}", "max_steps=8"))
+    report = train(cfg, documents=corpus())
+    losses = read_logged(training_logs(tmp_path / "run"), "train/soft_ce")
+    assert losses[-1][1] < losses[0][1]
+    assert {"test/code_tau_greedy", "test/code_acceptance_3"} <= set(report["test"])
+    head = load_eagle3(tmp_path / "out", load_model(assets / "target"))
+    assert head.args.gamma == 3 and head.args.target_layers == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"unknown eagle3 model keys \['head'\]"):
+        train(load_train_config(None, eagle_config("{architecture: eagle3, head: markov}", "max_steps=1")),
+              documents=corpus())

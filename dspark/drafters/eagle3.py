@@ -1,0 +1,157 @@
+"""The EAGLE-3 drafter (``name: eagle3``): an autoregressive one-layer head over the target's
+fused hidden states. The network is in :mod:`dspark.drafters.eagle_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspark.cache import StaticKVCache
+from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.drafters.checkpoint import check_fits_target, load_weights, read_drafter_spec, save_drafter
+from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+from dspark.models.native import build_attention_mask
+from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+
+CHECKPOINT_KEY = "eagle3"  # config.json key of the architecture
+
+
+@dataclass
+class Eagle3Config(DrafterConfig):
+    """Config of the ``eagle3`` drafter.
+
+    Attributes:
+        num_speculative_tokens: γ draft steps per round.
+        path: checkpoint directory or embedded name (default: ``dspark-tiny-eagle3``, trained for the
+            embedded target); ``null`` builds a randomly initialised head from the keys below.
+        target_layers, intermediate_size, draft_vocab_size, seed: architecture of a random head
+            (``path: null``; ``target_layers`` empty = a low, a middle and the last layer). With a
+            checkpoint they come from it.
+    """
+
+    name: str = "eagle3"
+    num_speculative_tokens: int = 7
+    path: str | None = "dspark-tiny-eagle3"
+    target_layers: list[int] = field(default_factory=list)
+    intermediate_size: int | None = None
+    draft_vocab_size: int = 0
+    seed: int = 0
+
+
+def default_eagle_layers(num_layers: int) -> tuple[int, int, int]:
+    """Low, middle and high target layers (EAGLE-3 fuses three)."""
+    return (min(1, num_layers - 1), num_layers // 2, num_layers - 1)
+
+
+def save_eagle3(head: Eagle3Head, directory: str | Path, extra: dict | None = None) -> None:
+    """Write ``config.json`` (architecture + the target it was built for) and ``model.safetensors``."""
+    save_drafter(head, directory, CHECKPOINT_KEY, extra)
+
+
+def load_eagle3(source, target) -> Eagle3Head:
+    """A trained head from a directory or embedded name, checked against ``target`` (a checkpoint
+    built for another target is refused, naming what differs; so is a bad ``d2t`` map)."""
+    directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
+    spec["target_layers"] = tuple(spec["target_layers"])
+    args = Eagle3Args(**spec)
+    check_fits_target(args, target, directory)
+    head = load_weights(Eagle3Head(args.validate()), directory)
+    if args.draft_vocab_size:
+        head.set_draft_vocabulary(head.d2t.clone())  # validates the stored map
+    return head
+
+
+@register_drafter("eagle3")
+class Eagle3Drafter(Drafter):
+    """Drafts γ tokens one at a time with a single decoder layer.
+
+    The head keeps its own KV cache of *pairs* (target feature at position p, token p + 1): one
+    per committed position but the anchor, so the last pair's output predicts the first draft.
+    After each round it appends the pairs the target kept, from the verify forward's hidden
+    states (no extra target pass); draft steps write past the committed length and are never
+    committed. Proposals carry ``q`` when sampling.
+    """
+
+    config_class = Eagle3Config
+
+    def __init__(self, config: Eagle3Config, *, target, sampler, draft_model=None):
+        super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
+        if not hasattr(target, "cache_shape"):
+            raise TypeError("the eagle3 drafter needs a native target (Llama / Qwen2 / Qwen3) for its hidden states")
+        if isinstance(draft_model, Eagle3Head):
+            head = draft_model
+        elif draft_model is not None or config.path is not None:
+            head = load_eagle3(draft_model if draft_model is not None else config.path, target)
+        else:
+            torch.manual_seed(config.seed)
+            layers = tuple(config.target_layers) or default_eagle_layers(target.num_layers)
+            head = Eagle3Head(Eagle3Args.for_target(target, gamma=config.num_speculative_tokens, target_layers=layers,
+                                                    intermediate_size=config.intermediate_size,
+                                                    draft_vocab_size=config.draft_vocab_size))
+        self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
+        self.hidden_layers = tuple(head.args.target_layers)
+        self.cache: StaticKVCache | None = None
+        self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
+
+    def num_uniforms(self, params) -> int:
+        return 0 if params.greedy else self.gamma
+
+    def _pair_step(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, kv_len: int):
+        """The draft layer over pairs (``features`` ``[B, T, H]``, ``tokens`` ``[B, T]``) written at
+        positions ``lengths[:, None] + arange(T)``, causal: the outputs ``d`` ``[B, T, H]``."""
+        target, layer, num_tokens = self.target, self.head.layer, tokens.shape[1]
+        positions = lengths.unsqueeze(1) + torch.arange(num_tokens, device=tokens.device)
+        rope = target.rotary(positions, features.dtype)
+        q, kv = layer.project_pair(target.embed_tokens(tokens), features, rope)
+        keys, values = self.cache.write(0, kv, positions, kv_len)
+        return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
+
+    def _append_pairs(self, state: DecodingState, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
+                      kv_len: int) -> None:
+        """Commit ``num_new[b]`` pairs (fused target features, the next committed tokens) per request
+        and keep each request's last output for the next round's first draft."""
+        cache, num_tokens = self.cache, hidden_states[0].shape[1]
+        token_positions = cache.lengths.unsqueeze(1) + 1 + torch.arange(num_tokens, device=num_new.device)
+        tokens = state.tokens.gather(1, token_positions.clamp(max=state.tokens.shape[1] - 1))
+        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
+        last = (num_new - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, d.shape[-1])
+        self.last_output = d.gather(1, last).squeeze(1)
+        cache.advance(num_new)
+
+    def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
+        batch, a = state.batch_size, self.head.args
+        cache = self.cache
+        if cache is None or cache.batch_size != batch or cache.max_len < max_len + self.gamma:
+            cache = self.cache = StaticKVCache(1, batch, a.num_kv_heads, max_len + self.gamma, a.head_dim,
+                                               dtype=self.target.dtype, device=self.target.device)
+        cache.reset()
+        prompt_width = target_output.hidden_states[0].shape[1]
+        self._append_pairs(state, target_output.hidden_states, state.prompt_lengths,
+                           min(prompt_width, cache.max_len))
+
+    def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
+        head, cache, params, gamma = self.head, self.cache, state.params, self.gamma
+        kv_len = min(state.max_cache_len + gamma, cache.max_len)
+        d, drafted, probs = self.last_output, [], []
+        for k in range(gamma):
+            logits = head.logits(d, self.target)  # [B, V]
+            if params.greedy:
+                token = self.sampler.greedy(logits)
+            else:
+                probs.append(self.sampler.probs(logits, params))
+                token = self.sampler.sample(probs[-1], uniforms[:, k])
+            drafted.append(token)
+            if k < gamma - 1:  # the pair (d, x_k): the head's own output is the next feature
+                d = self._pair_step(d.unsqueeze(1), token.unsqueeze(1), cache.lengths + k, kv_len).squeeze(1)
+        return DraftProposal(tokens=torch.stack(drafted, 1), num_tokens=torch.where(state.done, 0, gamma),
+                             probs=torch.stack(probs, 1) if probs else None)
+
+    def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
+               target_output: ModelOutput) -> None:
+        # one pair per position the target kept: its cache holds every committed token but the anchor
+        num_tokens = target_output.hidden_states[0].shape[1]
+        kv_len = min(state.max_cache_len + num_tokens, self.cache.max_len)
+        self._append_pairs(state, target_output.hidden_states, (state.lengths - 1) - self.cache.lengths, kv_len)

@@ -1,0 +1,161 @@
+"""The EAGLE-3 draft head (Li et al., 2025): one decoder layer over the target's fused features.
+
+A *pair* at position p joins what is known there: a feature ``f_p`` ``[H]`` and the embedding
+of the token after it, ``e(t_{p+1})``. Its output ``d_p`` predicts ``t_{p+2}``.
+
+* **Fused features** — the hidden states of a low, a middle and a high target layer at position
+  p, concatenated and mapped to the hidden size: ``f_p = W_fc · [h^(l)_p; h^(m)_p; h^(h)_p]``.
+* **Draft layer** — a decoder layer whose attention reads ``[norm(e(t_{p+1})); norm(f_p)]``
+  (``2H`` wide) and whose residual stream is ``f_p``; its output ``d_p`` is the next feature.
+* **Drafting** — committed pairs use the target's fused features; every further draft step
+  feeds the head's own output back: the pair ``(d_{p-1}, x)`` of the token x it just drafted.
+  Training unrolls the same recursion ("training-time test", :mod:`dspark.training.eagle3`).
+* **Vocabulary** — the target's LM head (shared, frozen), or a reduced draft vocabulary with its
+  own head and a draft-to-target id map ``d2t``; its distribution is scattered onto the target's
+  vocabulary, zero elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.models.native import Block, ModelArgs, NativeCausalLM
+
+
+@dataclass(frozen=True)
+class Eagle3Args:
+    """Architecture of an EAGLE-3 head, and the target it was built for.
+
+    Attributes:
+        gamma: draft steps the head was trained to unroll (γ).
+        target_layers: the three target layers (low, middle, high) whose outputs are fused.
+        intermediate_size: MLP width of the draft layer.
+        draft_vocab_size: size of the draft vocabulary (``0`` = the target's, through its LM head).
+        hidden_size, num_heads, num_kv_heads, head_dim, rms_norm_eps, qk_norm: taken from the target.
+        vocab_size, target_num_layers: the target's, to refuse a checkpoint built for another target.
+    """
+
+    gamma: int
+    target_layers: tuple[int, ...]
+    intermediate_size: int
+    draft_vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool
+    vocab_size: int
+    target_num_layers: int
+
+    @classmethod
+    def for_target(cls, target: NativeCausalLM, *, gamma: int, target_layers, intermediate_size: int | None = None,
+                   draft_vocab_size: int = 0) -> "Eagle3Args":
+        """Arguments for a head of ``target``; raises ``ValueError`` on impossible settings."""
+        t = target.args
+        return cls(gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
+                   intermediate_size=intermediate_size or t.intermediate_size, draft_vocab_size=draft_vocab_size,
+                   hidden_size=t.hidden_size, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
+                   rms_norm_eps=t.rms_norm_eps, qk_norm=t.qk_norm, vocab_size=t.vocab_size,
+                   target_num_layers=t.num_layers).validate()
+
+    def validate(self) -> "Eagle3Args":
+        """Raise ``ValueError`` naming the bad setting."""
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if len(self.target_layers) != 3:
+            raise ValueError(f"target_layers must name three target layers (low, middle, high), got {list(self.target_layers)}")
+        bad = [i for i in self.target_layers if not 0 <= i < self.target_num_layers]
+        if bad:
+            raise ValueError(f"target_layers {bad} are outside the target's layers 0..{self.target_num_layers - 1}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [0, {self.vocab_size}] (0 = the target's vocabulary), "
+                             f"got {self.draft_vocab_size}")
+        return self
+
+    def layer_args(self) -> ModelArgs:
+        """The draft layer's architecture (a target-shaped decoder layer)."""
+        return ModelArgs(model_type="eagle3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                         intermediate_size=self.intermediate_size, num_layers=1, num_heads=self.num_heads,
+                         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+                         max_position_embeddings=0, qk_norm=self.qk_norm)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (for the checkpoint's ``config.json``)."""
+        return {**asdict(self), "target_layers": list(self.target_layers)}
+
+
+class PairLayer(Block):
+    """A decoder layer whose attention input is a pair ``[norm(embedding); norm(feature)]`` (``2H``)
+    and whose residual stream is the feature."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, 0)
+        q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.wqkv = nn.Linear(2 * args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
+        self.embedding_norm = nn.Parameter(torch.ones(args.hidden_size))  # attention_norm normalises the feature
+
+    def project_pair(self, embedding: torch.Tensor, feature: torch.Tensor, rope):
+        """Queries and new keys/values (as :meth:`Block.project`) of pairs ``[B, T, H]`` × 2."""
+        hidden = embedding.shape[-1]
+        h = torch.cat([F.rms_norm(embedding, (hidden,), self.embedding_norm, self.eps),
+                       F.rms_norm(feature, (hidden,), self.attention_norm, self.eps)], -1)
+        return self.project_normed(h, rope)
+
+
+class Eagle3Head(nn.Module):
+    """The trainable part of an EAGLE-3 drafter (the target's embedding, and its LM head unless a
+    draft vocabulary is set, are passed in, never owned).
+
+    Args:
+        args: architecture.
+    """
+
+    def __init__(self, args: Eagle3Args):
+        super().__init__()
+        self.args = args
+        hidden = args.hidden_size
+        self.fc = nn.Linear(3 * hidden, hidden, bias=False)
+        self.layer = PairLayer(args.layer_args())
+        self.norm = nn.Parameter(torch.ones(hidden))
+        if args.draft_vocab_size:
+            self.lm_head = nn.Linear(hidden, args.draft_vocab_size, bias=False)
+            self.register_buffer("d2t", torch.arange(args.draft_vocab_size))  # draft id → target id
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_draft_vocabulary(self, d2t: torch.Tensor) -> None:
+        """Set the draft-to-target map ``[V_d]``: distinct target ids in ``[0, V)``."""
+        d2t = torch.as_tensor(d2t, dtype=torch.long)
+        if not self.args.draft_vocab_size:
+            raise ValueError("this head uses the target's vocabulary (draft_vocab_size 0): it has no d2t map")
+        if d2t.shape != (self.args.draft_vocab_size,):
+            raise ValueError(f"d2t must have draft_vocab_size={self.args.draft_vocab_size} entries, got {tuple(d2t.shape)}")
+        out_of_range = d2t[(d2t < 0) | (d2t >= self.args.vocab_size)]
+        if out_of_range.numel():
+            raise ValueError(f"d2t maps to target ids {out_of_range[:5].tolist()} outside the target's vocabulary "
+                             f"[0, {self.args.vocab_size})")
+        if d2t.unique().numel() != d2t.numel():
+            raise ValueError("d2t maps two draft ids to the same target id")
+        self.d2t.copy_(d2t)
+
+    def fuse(self, target_hidden: list[torch.Tensor]) -> torch.Tensor:
+        """``f = W_fc · [h_low; h_mid; h_high]`` ``[B, T, H]`` from the three layers' ``[B, T, H]``."""
+        return self.fc(torch.cat(target_hidden, -1))
+
+    def logits(self, d: torch.Tensor, target: NativeCausalLM) -> torch.Tensor:
+        """Logits over the *target's* vocabulary ``[..., V]`` from layer outputs ``d`` ``[..., H]``
+        (a draft vocabulary's logits are scattered to their target ids, ``-inf`` elsewhere)."""
+        h = F.rms_norm(d, (d.shape[-1],), self.norm, self.args.rms_norm_eps)
+        if not self.args.draft_vocab_size:
+            return target.lm_head(h)
+        small = self.lm_head(h)
+        full = small.new_full((*small.shape[:-1], self.args.vocab_size), float("-inf"))
+        return full.index_copy(-1, self.d2t, small)

@@ -1,0 +1,142 @@
+"""The EAGLE-3 head: its pair cache, training-time test against inference drafting, the draft
+vocabulary, checkpoints and bad input."""
+
+import pytest
+import torch
+
+import dspark
+from dspark.drafters.eagle3 import load_eagle3, save_eagle3
+from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+from dspark.models import load_model
+from dspark.training.eagle3 import Eagle3Module
+from dspark.training.modules import OptimConfig
+
+from helpers import ragged_prompts, tiny_hf_model
+
+
+def eagle_pipeline(target_hf, gamma=3, *overrides, **drafter):
+    return dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"},
+                                  "drafter": {"name": "eagle3", "num_speculative_tokens": gamma, "path": None,
+                                              **drafter}},
+                                 target_model=target_hf, overrides=list(overrides))
+
+
+def sharpen(head: Eagle3Head, scale: float = 20.0) -> None:
+    """Scale up a random head so its drafts depend visibly on its inputs."""
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+
+
+def capture_proposals(pipe):
+    seen = []
+    original = pipe.drafter.propose
+    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
+    return seen
+
+
+def test_training_time_test_equals_inference_drafting():
+    """Teacher-forced unrolling on prompt + anchor + the drafted tokens gives the drafter's own q
+    at every step (free-running and teacher-forced agree where the tokens agree)."""
+    target_hf = tiny_hf_model("qwen3", scale=2.0)
+    gamma = 5
+    pipe = eagle_pipeline(target_hf, gamma)
+    sharpen(pipe.drafter.head)
+    seen = capture_proposals(pipe)
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=11, ignore_eos=True)
+    proposal = seen[0]
+    anchor = result.token_ids[0][0]
+    sequence = torch.tensor([prompt + [anchor] + proposal.tokens[0].tolist() + [0]])  # one label slot past the drafts
+    module = Eagle3Module(pipe.drafter.head, pipe.target, OptimConfig(), 1, anchors=1)
+    hidden, _ = module.target_pass(sequence)
+    logits, _ = module.draft_blocks(sequence, [h.double() for h in hidden], torch.tensor([[len(prompt)]]))
+    q_training = torch.softmax(logits[0, 0], -1)  # [γ, V]
+    assert torch.allclose(q_training, proposal.probs[0], atol=1e-9)
+    # a different draft token at step 2 changes steps 3.. (the head reads its inputs)
+    altered = sequence.clone()
+    altered[0, len(prompt) + 2] = (altered[0, len(prompt) + 2] + 1) % 101
+    logits_altered, _ = module.draft_blocks(altered, [h.double() for h in module.target_pass(altered)[0]],
+                                            torch.tensor([[len(prompt)]]))
+    assert torch.allclose(logits_altered[0, 0, :2], logits[0, 0, :2], atol=1e-9)
+    assert not torch.allclose(logits_altered[0, 0, 2], logits[0, 0, 2], atol=1e-6)
+
+
+def test_pair_cache_equals_recomputation_over_the_accepted_prefix():
+    """After rounds with rejections, the committed pair keys/values equal one causal pass over
+    (target feature p, token p + 1) for every committed position but the anchor."""
+    target_hf = tiny_hf_model("llama", scale=2.0)
+    pipe = eagle_pipeline(target_hf, 3)
+    drafter, target = pipe.drafter, pipe.target
+    prompts = ragged_prompts(101, lengths=(5, 9, 2))
+    result = pipe.generate(prompts, max_new_tokens=15, temperature=1.0, seed=4, ignore_eos=True)
+    assert result.stats.accepted_tokens < result.stats.verified_tokens  # there were rejections
+    layer = drafter.head.layer
+    for b, (prompt, generated) in enumerate(zip(prompts, result.token_ids)):
+        tokens = torch.tensor(prompt + generated).unsqueeze(0)
+        pairs = tokens.shape[1] - 1
+        assert drafter.cache.lengths[b].item() == pairs
+        out = target(tokens[:, :pairs], target.new_cache(1, pairs), hidden_layers=drafter.hidden_layers, kv_len=pairs)
+        rope = target.rotary(torch.arange(pairs).unsqueeze(0), torch.float64)
+        _, kv = layer.project_pair(target.embed_tokens(tokens[:, 1:]), drafter.head.fuse(out.hidden_states), rope)
+        assert torch.allclose(drafter.cache.keys[0, b, :, :pairs], kv[0, :, 0].transpose(0, 1), atol=1e-9)
+        assert torch.allclose(drafter.cache.values[0, b, :, :pairs], kv[0, :, 1].transpose(0, 1), atol=1e-9)
+
+
+def test_draft_vocabulary_puts_no_mass_outside_it():
+    target_hf = tiny_hf_model("llama", scale=2.0)
+    pipe = eagle_pipeline(target_hf, 3, draft_vocab_size=20)
+    d2t = torch.randperm(101, generator=torch.Generator().manual_seed(0))[:20]
+    pipe.drafter.head.set_draft_vocabulary(d2t)
+    seen = capture_proposals(pipe)
+    pipe.generate([[4, 8, 15, 16]], max_new_tokens=8, temperature=1.0, seed=2, ignore_eos=True)
+    for proposal in seen:
+        outside = torch.ones(101, dtype=torch.bool)
+        outside[d2t] = False
+        assert proposal.probs[..., outside].abs().max() == 0
+        assert torch.isin(proposal.tokens, d2t).all()
+
+
+def test_checkpoint_round_trip_and_bad_input(tmp_path):
+    target = load_model(tiny_hf_model("qwen3"))
+    head = Eagle3Head(Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 1), draft_vocab_size=10))
+    head.set_draft_vocabulary(torch.arange(10) * 3)
+    save_eagle3(head, tmp_path / "eagle")
+    loaded = load_eagle3(tmp_path / "eagle", target)
+    assert torch.equal(loaded.d2t, torch.arange(10) * 3) and loaded.args == head.args
+    with pytest.raises(ValueError, match=r"target_layers \[5\] are outside the target's layers 0..2"):
+        Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 5))
+    with pytest.raises(ValueError, match="must name three target layers"):
+        Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1))
+    with pytest.raises(ValueError, match=r"d2t maps to target ids \[101\] outside the target's vocabulary \[0, 101\)"):
+        head.set_draft_vocabulary(torch.tensor([101] + list(range(9))))
+    with pytest.raises(ValueError, match="two draft ids to the same target id"):
+        head.set_draft_vocabulary(torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"draft_vocab_size must be in \[0, 101\]"):
+        Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 1), draft_vocab_size=500)
+    other = load_model(tiny_hf_model("qwen3", hidden_size=48))
+    with pytest.raises(ValueError, match="trained for another target: hidden_size 64 \\(target: 48\\)"):
+        load_eagle3(tmp_path / "eagle", other)
+    with pytest.raises(Exception, match="holds no 'block_drafter' drafter"):
+        from dspark.drafters.dspark import load_block_drafter
+        load_block_drafter(tmp_path / "eagle", target)
+
+
+def test_a_few_training_steps_bring_the_head_closer_to_the_target():
+    target = load_model(tiny_hf_model("qwen3", scale=2.0))
+    head = Eagle3Head(Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 1)))
+    module = Eagle3Module(head, target, OptimConfig(), 20, anchors=4)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    batch = torch.randint(3, 101, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses, distances = [], []
+    for _ in range(20):
+        loss, weighted, *_ = module.step(batch, torch.Generator().manual_seed(1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        distances.append(weighted["tv"].item())
+    # the soft cross-entropy is bounded below by the (high) entropy of this random target; the
+    # distance to it, ‖p_draft − p_target‖₁, is what falls
+    assert losses[-1] < losses[0] and distances[-1] < 0.5 * distances[0]
