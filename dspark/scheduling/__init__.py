@@ -1,0 +1,15 @@
+"""Confidence-scheduled verification (DSpark, §3.2): how many drafts of each request to verify.
+
+* :mod:`~dspark.scheduling.prefix` — survivals and the threshold / hardware-aware prefix rules;
+* :mod:`~dspark.scheduling.profile` — the target's measured cost curve SPS(B);
+* :mod:`~dspark.scheduling.calibration` — Sequential Temperature Scaling and its metrics.
+"""
+
+from dspark.scheduling.calibration import (apply_temperatures, auroc, brier_score, calibration_report,
+                                           expected_calibration_error, fit_sts)
+from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
+from dspark.scheduling.profile import ThroughputProfile, profile_target
+
+__all__ = ["ThroughputProfile", "apply_temperatures", "auroc", "brier_score", "calibration_report",
+           "expected_calibration_error", "fit_sts", "profile_target", "survival", "threshold_lengths",
+           "throughput_lengths"]
