@@ -1,7 +1,7 @@
 """Config composition: YAML (or dict) + dotlist overrides, checked against structured schemas.
 
-A config has six sections — ``target``, ``drafter``, ``verifier``, ``sampler``, ``cache``,
-``engine``. The schema of ``target`` and ``engine`` is fixed; the schema of each component section
+A config has seven sections — ``target``, ``drafter``, ``scheduler``, ``verifier``, ``sampler``,
+``cache``, ``engine``. The schema of ``target`` and ``engine`` is fixed; the schema of each component section
 is the ``config_class`` of the component it names (``name:`` or ``_target_:``), so every key is
 checked against what that component accepts and a misspelled key is an error. A component
 section may be written as a bare name: ``drafter: none`` means ``drafter: {name: none}``.
@@ -53,7 +53,7 @@ class TargetConfig:
     trust_remote_code: bool = False
 
 
-SECTIONS = ("target", "drafter", "verifier", "sampler", "cache", "engine")
+SECTIONS = ("target", "drafter", "scheduler", "verifier", "sampler", "cache", "engine")
 FIXED_SCHEMAS = {"target": TargetConfig, "engine": EngineConfig}
 
 
@@ -61,9 +61,10 @@ def _component_registries():
     from dspark.cache import CACHES
     from dspark.drafters import DRAFTERS
     from dspark.samplers import SAMPLERS
+    from dspark.scheduling import SCHEDULERS
     from dspark.verifiers import VERIFIERS
 
-    return {"drafter": DRAFTERS, "verifier": VERIFIERS, "sampler": SAMPLERS, "cache": CACHES}
+    return {"drafter": DRAFTERS, "scheduler": SCHEDULERS, "verifier": VERIFIERS, "sampler": SAMPLERS, "cache": CACHES}
 
 
 def config_dirs() -> list[Path]:

@@ -26,6 +26,7 @@ from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
+from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
 from dspark.verifiers import Verifier
 
@@ -66,18 +67,22 @@ class Engine:
     Args:
         target: the target model (a dspark model: ``forward(input_ids, cache, num_new, …)``).
         drafter, verifier, sampler: the round's components.
+        scheduler: how many drafts each request verifies (default: all of them,
+            :class:`~dspark.scheduling.FixedScheduler`); any other scheduler makes the verify forward
+            as wide as the longest scheduled prefix, at the cost of one more host read per round.
         cache_class: the :class:`~dspark.cache.KVCache` subclass for the target (default: static).
         cache_config, engine_config: the ``cache`` and ``engine`` config sections.
         eos_token_ids: tokens that end a request (may be empty).
     """
 
-    def __init__(self, target, drafter: Drafter, verifier: Verifier, sampler: Sampler, *, cache_class=None,
-                 cache_config: CacheConfig | None = None, engine_config: EngineConfig | None = None,
-                 eos_token_ids: list[int] | tuple[int, ...] = ()):
+    def __init__(self, target, drafter: Drafter, verifier: Verifier, sampler: Sampler, *,
+                 scheduler: Scheduler | None = None, cache_class=None, cache_config: CacheConfig | None = None,
+                 engine_config: EngineConfig | None = None, eos_token_ids: list[int] | tuple[int, ...] = ()):
         self.target = target
         self.drafter = drafter
         self.verifier = verifier
         self.sampler = sampler
+        self.scheduler = scheduler or FixedScheduler()
         self.cache_config = cache_config or CacheConfig()
         self.cache_class = cache_class or StaticKVCache
         self.config = engine_config or EngineConfig()
@@ -186,10 +191,14 @@ class Engine:
         clock.start()
         proposal = self.drafter.propose(state, uniforms[:, :n_draft])
         clock.lap(counters, 0)
-        # 2. schedule: verify every proposed draft of every unfinished request    [B]
+        # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]
         finished, num_drafted = state.done.clone(), proposal.num_tokens
-        num_verify = torch.where(finished, 0, num_drafted)
+        num_verify = torch.where(finished, 0, self.scheduler.schedule(proposal, ~finished))
         proposal = replace(proposal, num_tokens=num_verify)
+        verifier_uniforms = uniforms[:, n_draft:]
+        if not isinstance(self.scheduler, FixedScheduler):  # one host read: verify only max ℓ_b + 1 columns
+            gamma = int(num_verify.max())
+            proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
         num_new = torch.where(finished, 0, num_verify + 1)
@@ -198,7 +207,7 @@ class Engine:
         out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
         # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
         result = self.verifier.verify(out.logits, proposal, sampler=self.sampler, params=params,
-                                      uniforms=uniforms[:, n_draft:])
+                                      uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         clock.lap(counters, 1)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
@@ -208,6 +217,19 @@ class Engine:
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
         self.drafter.commit(state, proposal, kept, out)
         counters.update(finished, num_verify, num_accepted, num_drafted)
+
+
+def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:
+    """The first ``width`` draft positions of a proposal, and the verifier's uniforms for them:
+    position k keeps its own draw and the final (recovered / bonus) token keeps the last one, so a
+    request's randomness does not depend on how wide the batch's verification is."""
+    gamma = proposal.gamma
+    cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
+    narrowed = replace(proposal, tokens=proposal.tokens[:, :width], probs=cut(proposal.probs),
+                       confidence=cut(proposal.confidence))
+    if uniforms.shape[1] == 0:  # greedy verification draws nothing
+        return narrowed, uniforms
+    return narrowed, torch.cat([uniforms[:, :width], uniforms[:, gamma:gamma + 1]], 1)
 
 
 class _PhaseClock:

@@ -161,6 +161,7 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
     from dspark.cache import CACHES
     from dspark.drafters import DRAFTERS
     from dspark.samplers import SAMPLERS
+    from dspark.scheduling import SCHEDULERS
     from dspark.verifiers import VERIFIERS
 
     cfg = load_config(config, overrides)
@@ -170,6 +171,10 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
     verifier_cls = VERIFIERS.resolve(cfg.verifier.name, cfg.verifier.get("_target_"))
     drafter_cls = DRAFTERS.resolve(cfg.drafter.name, cfg.drafter.get("_target_"))
     cache_cls = CACHES.resolve(cfg.cache.name, cfg.cache.get("_target_"))
+    scheduler_cls = SCHEDULERS.resolve(cfg.scheduler.name, cfg.scheduler.get("_target_"))
+    if scheduler_cls.needs_confidence and not drafter_cls.provides_confidence:
+        raise ValueError(f"scheduler {cfg.scheduler.name!r} reads draft confidences, which the {cfg.drafter.name!r} "
+                         "drafter does not produce; use a drafter with a confidence head (dspark) or scheduler: fixed")
 
     source = target_model
     if source is None:
@@ -197,10 +202,13 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
     sampler = sampler_cls(section_object(cfg, "sampler"))
     verifier = verifier_cls(section_object(cfg, "verifier"))
     drafter = drafter_cls(section_object(cfg, "drafter"), target=target, sampler=sampler, draft_model=draft_model)
+    scheduler = scheduler_cls(section_object(cfg, "scheduler"), target=target,
+                              model_name=str(source) if isinstance(source, (str, Path)) else "")
     if not hasattr(target, "cache_shape") and cfg.cache.name == "static" and not cfg.cache.get("_target_"):
         log.info("the transformers adapter cannot use the static cache; using cache.name=hf_dynamic")
         cache_cls = CACHES.get("hf_dynamic")
-    engine = Engine(target, drafter, verifier, sampler, cache_class=cache_cls, cache_config=section_object(cfg, "cache"),
+    engine = Engine(target, drafter, verifier, sampler, scheduler=scheduler, cache_class=cache_cls,
+                    cache_config=section_object(cfg, "cache"),
                     engine_config=section_object(cfg, "engine"), eos_token_ids=_eos_ids(target, tokenizer))
     return Pipeline(cfg, engine, tokenizer)
 

@@ -103,4 +103,5 @@ def _import_builtin_components() -> None:
     importlib.import_module("dspark.verifiers")
     importlib.import_module("dspark.samplers")
     importlib.import_module("dspark.cache")
+    importlib.import_module("dspark.scheduling")
     importlib.import_module("dspark.models.hf_adapter")  # registers the "hf_dynamic" cache

@@ -2,18 +2,28 @@
 decoding, batch invariance, and the statistical check that sampling keeps the target's distribution."""
 
 import itertools
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 import dspark
+from dspark.scheduling import ThroughputProfile
 from dspark.verifiers import ChainVerifier, register_verifier
 from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn", "eagle3",
-            "eagle3_draft_vocab"]
+            "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled"]
+# the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
+# hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
+# tests depend on machine speed)
+PROFILE = Path(tempfile.mkdtemp()) / "sps.json"
+ThroughputProfile([1, 8, 16, 64, 5000, 10000, 20000], [1.0, 0.95, 0.7, 0.2, 0.2, 0.15, 0.08]).save(PROFILE)
+SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.threshold=0.5"],
+             "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}"]}
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
 
 
@@ -22,9 +32,10 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
         section = {"name": "none"}
     elif drafter == "ngram":
         section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
-    elif drafter in BLOCK_HEADS:  # a randomly initialised block drafter
-        section = {"name": "dspark", "num_speculative_tokens": gamma, "path": None, "head": BLOCK_HEADS[drafter],
-                   "rank": 16}
+    elif drafter in BLOCK_HEADS or drafter in SCHEDULED:  # a randomly initialised block drafter
+        section = {"name": "dspark", "num_speculative_tokens": gamma, "path": None,
+                   "head": BLOCK_HEADS.get(drafter, "markov"), "rank": 16}
+        overrides = (*SCHEDULED.get(drafter, ()), *overrides)
     elif drafter.startswith("eagle3"):  # a randomly initialised EAGLE-3 head (optionally a half-size draft vocabulary)
         section = {"name": "eagle3", "num_speculative_tokens": gamma, "path": None,
                    "draft_vocab_size": target.config.vocab_size // 2 if drafter.endswith("draft_vocab") else 0}
@@ -52,7 +63,7 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
         assert result.stats.mean_accepted_length > min(gamma, 3)
 
 
-@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d != "dspark_scheduled"])  # that one is load-aware
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -126,7 +137,8 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab"])
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab", "dspark_threshold",
+                                     "dspark_scheduled"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]

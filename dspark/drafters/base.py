@@ -43,6 +43,8 @@ class Drafter(ABC):
     config_class = DrafterConfig
     #: target decoder layers whose hidden states this drafter reads (passed to :meth:`start` / :meth:`commit`)
     hidden_layers: tuple[int, ...] = ()
+    #: whether proposals carry ``confidence`` (needed by the ``threshold`` and ``dspark`` schedulers)
+    provides_confidence: bool = False
 
     def __init__(self, config: DrafterConfig, *, target, sampler, draft_model=None):
         gamma = config.num_speculative_tokens

@@ -78,6 +78,7 @@ class DSparkDrafter(Drafter):
     """
 
     config_class = DSparkConfig
+    provides_confidence = True
 
     def __init__(self, config: DSparkConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)

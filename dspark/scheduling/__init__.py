@@ -2,14 +2,18 @@
 
 * :mod:`~dspark.scheduling.prefix` — survivals and the threshold / hardware-aware prefix rules;
 * :mod:`~dspark.scheduling.profile` — the target's measured cost curve SPS(B);
-* :mod:`~dspark.scheduling.calibration` — Sequential Temperature Scaling and its metrics.
+* :mod:`~dspark.scheduling.calibration` — Sequential Temperature Scaling and its metrics;
+* :mod:`~dspark.scheduling.schedulers` — the ``scheduler`` config section's components.
 """
 
 from dspark.scheduling.calibration import (apply_temperatures, auroc, brier_score, calibration_report,
                                            expected_calibration_error, fit_sts)
 from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
 from dspark.scheduling.profile import ThroughputProfile, profile_target
+from dspark.scheduling.schedulers import (SCHEDULERS, DSparkScheduler, FixedScheduler, Scheduler, SchedulerConfig,
+                                          ThresholdScheduler, register_scheduler)
 
-__all__ = ["ThroughputProfile", "apply_temperatures", "auroc", "brier_score", "calibration_report",
+__all__ = ["SCHEDULERS", "DSparkScheduler", "FixedScheduler", "Scheduler", "SchedulerConfig", "ThresholdScheduler",
+           "ThroughputProfile", "register_scheduler", "apply_temperatures", "auroc", "brier_score", "calibration_report",
            "expected_calibration_error", "fit_sts", "profile_target", "survival", "threshold_lengths",
            "throughput_lengths"]

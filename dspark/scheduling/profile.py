@@ -62,7 +62,7 @@ class ThroughputProfile:
     def check_matches(self, model: str, dtype: str) -> None:
         """Raise ``ValueError`` when the table was measured for another model or dtype."""
         wrong = [f"{name} {mine!r} (this run: {theirs!r})" for name, mine, theirs in
-                 (("model", self.model, model), ("dtype", self.dtype, dtype)) if mine and mine != theirs]
+                 (("model", self.model, model), ("dtype", self.dtype, dtype)) if mine and theirs and mine != theirs]
         if wrong:
             raise ValueError("the throughput profile was measured for another set-up: " + ", ".join(wrong)
                              + "; measure it again with `dspark profile`")

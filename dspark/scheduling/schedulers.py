@@ -1,0 +1,124 @@
+"""Schedulers: the round's *schedule* step — how many of each request's drafts the target verifies.
+
+Config section ``scheduler: {name: fixed | threshold | dspark, ...}``. ``fixed`` verifies every
+draft (plain speculative decoding); ``threshold`` and ``dspark`` read the drafter's confidences
+(``DraftProposal.confidence``), so they need a drafter with a confidence head (``dspark``).
+Every scheduler is lossless: its choice for draft j never depends on draft j itself (see
+:mod:`dspark.scheduling.prefix`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark.records import DraftProposal
+from dspark.registry import Registry
+from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
+from dspark.scheduling.profile import ThroughputProfile, profile_target
+
+
+@dataclass
+class SchedulerConfig:
+    """Config section ``scheduler``: ``name`` of a registered scheduler (``fixed`` by default)."""
+
+    name: str = "fixed"
+
+
+class Scheduler(ABC):
+    """Chooses ``ℓ_b`` ``[B]`` drafts to verify per request from a proposal.
+
+    Args:
+        config: the ``scheduler`` section; target: the target model (for profiling);
+        model_name: its name or path (recorded in, and checked against, cost tables).
+    """
+
+    config_class = SchedulerConfig
+    needs_confidence = False  # whether the proposal must carry confidences
+
+    def __init__(self, config: SchedulerConfig | None = None, *, target=None, model_name: str = ""):
+        self.config = config or self.config_class()
+        self.target, self.model_name = target, model_name
+
+    @abstractmethod
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        """``[B]`` int64 drafts to verify, ``0 ≤ ℓ_b ≤ proposal.num_tokens[b]``, 0 where not ``active``."""
+
+
+SCHEDULERS: Registry = Registry("scheduler", Scheduler)
+register_scheduler = SCHEDULERS.register
+
+
+@register_scheduler("fixed")
+class FixedScheduler(Scheduler):
+    """Verify every offered draft."""
+
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        return torch.where(active, proposal.num_tokens, 0)
+
+
+@dataclass
+class ThresholdConfig(SchedulerConfig):
+    """``threshold``: verify the longest prefix whose survival stays high enough.
+
+    Attributes:
+        threshold: verify drafts 1..j while their survival ``a_{b,j} = Π_{i≤j} c_{b,i}`` is ≥ this, in [0, 1].
+    """
+
+    name: str = "threshold"
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"scheduler.threshold must be in [0, 1], got {self.threshold}")
+
+
+@register_scheduler("threshold")
+class ThresholdScheduler(Scheduler):
+    """Static confidence threshold on the survival of each prefix (per request, load-blind)."""
+
+    config_class = ThresholdConfig
+    needs_confidence = True
+
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        lengths = threshold_lengths(survival(proposal.confidence), proposal.num_tokens, self.config.threshold)
+        return torch.where(active, lengths, 0)
+
+
+@dataclass
+class DSparkSchedulerConfig(SchedulerConfig):
+    """``dspark``: the hardware-aware prefix scheduler (DSpark, Algorithm 1).
+
+    Attributes:
+        profile: a cost table written by ``dspark profile`` (JSON); ``null`` measures the target
+            when the first round needs it.
+        profile_tokens: the token counts measured when profiling here.
+    """
+
+    name: str = "dspark"
+    profile: str | None = None
+    profile_tokens: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+
+
+@register_scheduler("dspark")
+class DSparkScheduler(Scheduler):
+    """Admit drafts across the batch in order of survival while the expected throughput
+    ``τ · SPS(B)`` rises; stop at the first that does not (the early stop keeps it lossless)."""
+
+    config_class = DSparkSchedulerConfig
+    needs_confidence = True
+
+    def __init__(self, config: DSparkSchedulerConfig | None = None, *, target=None, model_name: str = ""):
+        super().__init__(config, target=target, model_name=model_name)
+        self.profile: ThroughputProfile | None = None
+        if self.config.profile is not None:
+            self.profile = ThroughputProfile.load(self.config.profile)
+            if target is not None:
+                self.profile.check_matches(model_name, str(target.dtype).removeprefix("torch."))
+
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        if self.profile is None:
+            self.profile = profile_target(self.target, tuple(self.config.profile_tokens), model_name=self.model_name)
+        return throughput_lengths(survival(proposal.confidence), proposal.num_tokens, active, self.profile.sps)

@@ -1,0 +1,69 @@
+"""The scheduler config section end to end: verified prefixes shrink, outputs do not change, and
+bad settings are refused before any work."""
+
+import pytest
+import torch
+
+import dspark
+from dspark.scheduling import ThroughputProfile
+
+from helpers import ragged_prompts, tiny_hf_model
+
+
+def scheduled(target, scheduler: dict, drafter: str = "dspark", dtype: str = "float32"):
+    section = ({"name": "dspark", "num_speculative_tokens": 4, "path": None, "rank": 16} if drafter == "dspark"
+               else {"name": drafter, "num_speculative_tokens": 4})
+    return dspark.build_pipeline({"target": {"device": "cpu", "dtype": dtype}, "drafter": section,
+                                  "scheduler": scheduler}, target_model=target)
+
+
+@pytest.mark.parametrize("scheduler", ["threshold", "dspark"])
+def test_schedulers_verify_less_and_change_nothing(scheduler, tmp_path):
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(5, 1, 9, 3))
+    plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=target)
+    expected = plain.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 4, 8, 20], [1.0, 0.97, 0.6, 0.25]).save(profile)
+    section = {"name": "threshold", "threshold": 0.3} if scheduler == "threshold" else {"name": "dspark",
+                                                                                          "profile": str(profile)}
+    result = scheduled(target, section).generate(prompts, max_new_tokens=20, ignore_eos=True)
+    assert result.token_ids == expected
+    assert 0 < result.stats.verified_tokens < result.stats.drafted_tokens
+
+
+def test_when_verification_never_pays_the_dspark_scheduler_is_plain_decoding(tmp_path):
+    target = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 7))
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 2, 3], [1.0, 1.0, 0.4]).save(profile)  # a third token costs more than any draft brings
+    result = scheduled(target, {"name": "dspark", "profile": str(profile)}).generate(
+        prompts, max_new_tokens=12, ignore_eos=True)
+    assert result.stats.verified_tokens == 0 and result.stats.mean_accepted_length == 1.0
+    plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=target)
+    assert result.token_ids == plain.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
+
+
+def test_bad_scheduler_settings_are_refused(tmp_path):
+    target = tiny_hf_model("llama")
+    with pytest.raises(ValueError, match="scheduler 'threshold' reads draft confidences, which the 'ngram' drafter"):
+        scheduled(target, {"name": "threshold"}, drafter="ngram")
+    with pytest.raises(Exception, match=r"scheduler.threshold must be in \[0, 1\], got 1.5"):
+        scheduled(target, {"name": "threshold", "threshold": 1.5})
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 2], [1.0, 0.5], dtype="bfloat16").save(profile)
+    with pytest.raises(ValueError, match=r"another set-up: dtype 'bfloat16' \(this run: 'float32'\)"):
+        scheduled(target, {"name": "dspark", "profile": str(profile)})
+    with pytest.raises(Exception, match="unknown key scheduler.treshold"):
+        scheduled(target, {"name": "threshold", "treshold": 0.5})
+
+
+def test_profiling_measures_a_positive_cost_curve():
+    from dspark.models import load_model
+    from dspark.scheduling import profile_target
+
+    target = load_model(tiny_hf_model("llama"))
+    profile = profile_target(target, (1, 2, 4), context_length=16, repeats=2, model_name="tiny")
+    assert profile.token_counts == [1, 2, 4] and all(s > 0 for s in profile.steps_per_second)
+    assert profile.dtype == "float32" and profile.model == "tiny"
+    assert torch.all(profile.sps(torch.tensor([1, 3, 100])) > 0)
