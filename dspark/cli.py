@@ -68,6 +68,36 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if report["greedy_mismatches"] else 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from dspark.scheduling.recipes import calibrate
+
+    report = calibrate(args.config, args.overrides, prompts=args.prompts, num_prompts=args.num_prompts,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, output=args.output,
+                       plot=args.plot)
+    print("| position | events | ECE before | ECE after | Brier before | Brier after | AUROC | temperature |")
+    print("|---|---|---|---|---|---|---|---|")
+    for before, after, t in zip(report["before"], report["after"], report["temperatures"]):
+        print(f"| {before['position']} | {before['events']} | {before['ece']:.4f} | {after['ece']:.4f} | "
+              f"{before['brier']:.4f} | {after['brier']:.4f} | {after['auroc']:.3f} | {t:.3f} |")
+    print(f"[dspark] {report['request_rounds']} request-rounds; temperatures saved to {report['saved_to']}",
+          file=sys.stderr)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from dspark.scheduling.recipes import profile
+
+    counts = [int(t) for t in args.tokens.split(",")]
+    table = profile(args.config, args.overrides, token_counts=counts, context_length=args.context_length,
+                    output=args.output)
+    print("| tokens in the forward | steps/s | tokens/s |")
+    print("|---|---|---|")
+    for b, sps in zip(table.token_counts, table.steps_per_second):
+        print(f"| {b} | {sps:.1f} | {b * sps:.0f} |")
+    print(f"[dspark] cost table saved to {args.output} ({table.dtype}, {table.threads} threads)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dspark`` argument parser (one sub-command per task)."""
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding.")
@@ -103,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("overrides", nargs="*", help="e.g. repeats=5 batch_sizes=[1,4]")
     bench.set_defaults(func=_bench)
+
+    cal = sub.add_parser("calibrate", help="fit the confidence temperatures (Sequential Temperature Scaling)")
+    cal.add_argument("--config", default="dspark", help="a pipeline config with the dspark drafter")
+    cal.add_argument("--prompts", default="calibration", help="a shipped prompt set or a JSONL file of prompts")
+    cal.add_argument("--num-prompts", type=int, default=120)
+    cal.add_argument("--max-new-tokens", type=int, default=128)
+    cal.add_argument("--temperature", type=float, default=1.0, help="sampling temperature while recording")
+    cal.add_argument("--output", default=None, help="calibration.json path (default: beside the drafter checkpoint)")
+    cal.add_argument("--plot", default=None, help="reliability diagrams (PNG)")
+    cal.add_argument("overrides", nargs="*")
+    cal.set_defaults(func=_calibrate)
+
+    prof = sub.add_parser("profile", help="measure the target's verification steps per second against batch tokens")
+    prof.add_argument("--config", default=None, help="a pipeline config (its target is profiled)")
+    prof.add_argument("--tokens", default="1,2,4,8,16,32,64,128", help="token counts to measure, comma-separated")
+    prof.add_argument("--context-length", type=int, default=256)
+    prof.add_argument("--output", default="sps.json")
+    prof.add_argument("overrides", nargs="*")
+    prof.set_defaults(func=_profile)
 
     data = sub.add_parser("data", help="build the stdlib corpus artefacts")
     data_sub = data.add_subparsers(dest="data_command", required=True)

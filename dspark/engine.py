@@ -83,6 +83,10 @@ class Engine:
         self.verifier = verifier
         self.sampler = sampler
         self.scheduler = scheduler or FixedScheduler()
+        #: callables ``hook(proposal, result, active)`` run after every round with the scheduled
+        #: proposal, the verification result (before EOS / budget truncation) and the ``[B]`` mask of
+        #: requests that took part — e.g. ``dspark calibrate`` records confidences and acceptances
+        self.round_hooks: list = []
         self.cache_config = cache_config or CacheConfig()
         self.cache_class = cache_class or StaticKVCache
         self.config = engine_config or EngineConfig()
@@ -217,6 +221,8 @@ class Engine:
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
         self.drafter.commit(state, proposal, kept, out)
         counters.update(finished, num_verify, num_accepted, num_drafted)
+        for hook in self.round_hooks:
+            hook(proposal, result, ~finished)
 
 
 def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:

@@ -15,6 +15,7 @@ from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.checkpoint import check_fits_target, load_weights, read_drafter_spec, save_drafter
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+from dspark.scheduling.calibration import apply_temperatures
 
 CHECKPOINT_KEY = "block_drafter"  # config.json key of the architecture
 
@@ -29,6 +30,9 @@ class DSparkConfig(DrafterConfig):
             embedded target); ``null`` builds a randomly initialised drafter from the keys below.
         head, num_layers, target_layers, rank, intermediate_size, seed: architecture of a random
             drafter (``path: null``). With a checkpoint they come from it.
+        calibration: per-position confidence temperatures (Sequential Temperature Scaling, written
+            by ``dspark calibrate``): ``auto`` reads ``calibration.json`` beside the checkpoint when
+            there is one, a path reads that file, ``null`` keeps the raw confidences.
     """
 
     name: str = "dspark"
@@ -40,6 +44,23 @@ class DSparkConfig(DrafterConfig):
     rank: int = 128
     intermediate_size: int | None = None
     seed: int = 0
+    calibration: str | None = "auto"
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def load_calibration(path, gamma: int) -> torch.Tensor:
+    """The temperatures ``[γ]`` of a calibration file (JSON ``{"temperatures": [...]}``), checked."""
+    import json
+
+    try:
+        temperatures = json.loads(Path(path).read_text())["temperatures"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read confidence temperatures from {str(path)!r}: {err}") from err
+    if len(temperatures) != gamma or not all(isinstance(t, (int, float)) and t > 0 for t in temperatures):
+        raise ValueError(f"{path}: expected {gamma} positive temperatures (one per block position), got {temperatures}")
+    return torch.tensor(temperatures, dtype=torch.float64)
 
 
 def default_target_layers(num_layers: int) -> tuple[int, ...]:
@@ -100,6 +121,7 @@ class DSparkDrafter(Drafter):
         self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(net.args.target_layers)
         self.cache: StaticKVCache | None = None
+        self.temperatures = self._calibration(config, draft_model)  # [block] or None
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
 
     def compile(self) -> None:
@@ -108,6 +130,22 @@ class DSparkDrafter(Drafter):
         self._draft_block = torch.compile(self.draft_block, dynamic=False)
         self._append_round = torch.compile(self._append_context, dynamic=False)
         self._static_kv = True
+
+    def _calibration(self, config: DSparkConfig, draft_model) -> torch.Tensor | None:
+        """The confidence temperatures this drafter applies (see ``DSparkConfig.calibration``)."""
+        from dspark.models.loading import resolve_checkpoint
+
+        source = config.calibration
+        if source is None:
+            return None
+        if source == "auto":
+            checkpoint = draft_model if isinstance(draft_model, (str, Path)) else config.path
+            if checkpoint is None or isinstance(draft_model, BlockDrafter):
+                return None
+            source = Path(resolve_checkpoint(checkpoint)) / CALIBRATION_FILE
+            if not source.is_file():
+                return None
+        return load_calibration(source, self.net.args.gamma).to(self.target.device)
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
@@ -178,6 +216,8 @@ class DSparkDrafter(Drafter):
         # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
         confidence = net.confidence_of(hidden[:, :gamma], net.token_embedding(previous))
+        if self.temperatures is not None:  # calibrated: σ(logit(c_k) / T_k)
+            confidence = apply_temperatures(confidence, self.temperatures[:gamma]).to(confidence.dtype)
         return tokens, q, confidence
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,

@@ -1,0 +1,133 @@
+"""``dspark calibrate`` and ``dspark profile``: the two measurements the confidence scheduler needs.
+
+* calibrate — speculative decoding (every draft verified) over a prompt set, recording each
+  request-round's confidences and how many drafts were accepted; fits Sequential Temperature
+  Scaling on one half, reports ECE / Brier / AUROC per position on the other half before and
+  after, saves the temperatures (``calibration.json``) and draws reliability diagrams.
+* profile — the target's SPS(B) cost table on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class RoundRecorder:
+    """A round hook (:attr:`dspark.engine.Engine.round_hooks`) that keeps, per active request-round,
+    the confidences ``[γ]``, the drafts verified and the drafts accepted."""
+
+    def __init__(self):
+        self.confidence, self.verified, self.accepted = [], [], []
+
+    def __call__(self, proposal, result, active) -> None:
+        if proposal.confidence is None:
+            raise ValueError("calibration needs a drafter that returns confidences (the dspark drafter)")
+        self.confidence.append(proposal.confidence[active].double().cpu())
+        self.verified.append(proposal.num_tokens[active].cpu())
+        self.accepted.append(result.num_accepted[active].cpu())
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(confidence [N, γ], accepted [N], verified [N])``."""
+        return torch.cat(self.confidence), torch.cat(self.accepted), torch.cat(self.verified)
+
+
+def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts: int = 120, max_new_tokens: int = 128,
+              temperature: float = 1.0, batch_size: int = 8, output: str | None = None, plot: str | None = None,
+              seed: int = 0) -> dict:
+    """Record, fit STS on the first half of the request-rounds, evaluate on the second half, save.
+
+    Returns the report (temperatures, per-position metrics before and after, where it was saved)."""
+    from dspark.bench.runner import load_prompts
+    from dspark.config import load_config
+    from dspark.drafters import DRAFTERS
+    from dspark.drafters.dspark import CALIBRATION_FILE, DSparkDrafter
+    from dspark.models.loading import resolve_checkpoint
+    from dspark.pipeline import build_pipeline
+    from dspark.scheduling.calibration import calibration_report, fit_sts
+
+    cfg = load_config(config, overrides)
+    if not issubclass(DRAFTERS.resolve(cfg.drafter.name, cfg.drafter.get("_target_")), DSparkDrafter):
+        raise ValueError(f"dspark calibrate needs the dspark drafter (it has a confidence head), got {cfg.drafter.name!r}")
+    # every draft verified, raw confidences: what is being calibrated
+    pipe = build_pipeline(config, overrides=[*overrides, "scheduler.name=fixed", "drafter.calibration=null"])
+    recorder = RoundRecorder()
+    pipe.engine.round_hooks.append(recorder)
+    texts = load_prompts(prompts, pipe.tokenizer, num_prompts)
+    for start in range(0, len(texts), batch_size):
+        pipe.generate(texts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature,
+                      seed=seed + start, ignore_eos=True)
+    confidence, accepted, verified = recorder.tensors()
+    half = confidence.shape[0] // 2
+    temperatures = fit_sts(confidence[:half], accepted[:half], verified[:half])
+    held_out = (confidence[half:], accepted[half:], verified[half:])
+    report = {"temperatures": temperatures.tolist(), "request_rounds": int(confidence.shape[0]),
+              "fit_rounds": half, "prompts": prompts, "temperature": temperature,
+              "before": calibration_report(*held_out), "after": calibration_report(*held_out, temperatures)}
+    if output is None:
+        output = str(Path(resolve_checkpoint(pipe.config.drafter.path)) / CALIBRATION_FILE)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    report["saved_to"] = output
+    if plot:
+        reliability_diagram(*held_out, temperatures, plot)
+        report["plot"] = plot
+    return report
+
+
+def reliability_diagram(confidence, accepted, verified, temperatures, path, bins: int = 10) -> None:
+    """Per position: mean predicted survival against the observed survival rate, raw and after STS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dspark.scheduling.calibration import apply_temperatures, survival_events
+
+    gamma = confidence.shape[1]
+    observed, labels = survival_events(accepted, verified, gamma)
+    columns = min(gamma, 4)
+    rows = -(-gamma // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
+    for k in range(gamma):
+        ax = axes[k // columns][k % columns]
+        for name, c, style in (("raw", confidence.double(), "o--"),
+                               ("STS", apply_temperatures(confidence, temperatures), "s-")):
+            a = c.cumprod(-1)[observed[:, k], k]
+            y = labels[observed[:, k], k].double()
+            which = (a * bins).long().clamp(0, bins - 1)
+            counts = torch.bincount(which, minlength=bins)
+            keep = counts > 0
+            mean_a = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, a)[keep] / counts[keep]
+            mean_y = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, y)[keep] / counts[keep]
+            ax.plot(mean_a.tolist(), mean_y.tolist(), style, label=name, markersize=4)
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        ax.set_title(f"survival a_{k + 1}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        if k % columns == 0:
+            ax.set_ylabel("observed rate")
+        if k // columns == rows - 1:
+            ax.set_xlabel("predicted")
+    for k in range(gamma, rows * columns):
+        axes[k // columns][k % columns].axis("off")
+    axes[0][0].legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile(config, overrides=(), *, token_counts=(1, 2, 4, 8, 16, 32, 64, 128), context_length: int = 256,
+            repeats: int = 7, output: str = "sps.json"):
+    """Measure the configured target's SPS(B) and save the cost table; returns it."""
+    from dspark.pipeline import build_pipeline
+    from dspark.scheduling.profile import profile_target
+
+    pipe = build_pipeline(config, overrides=[*overrides, "drafter=none", "scheduler=fixed"])
+    table = profile_target(pipe.target, tuple(token_counts), context_length=context_length, repeats=repeats,
+                           model_name=pipe.engine.scheduler.model_name)  # the name the scheduler checks
+    table.save(output)
+    return table
