@@ -41,7 +41,7 @@ def test_bench_smoke_writes_every_metric(tmp_path):
             assert row["ratio_vs_peer"] is not None or row["batch_size"] > 1
     assert all(r["batch_size"] == 1 for r in data["rows"] if r["family"] in ("hf_assisted", "hf_prompt_lookup"))
     assert (tmp_path / "out" / "bench.md").read_text().count("\n| ") >= len(data["rows"])
-    for png in ("acceptance_by_position.png", "speedup_by_batch.png"):
+    for png in ("acceptance_by_position.png", "speedup_by_batch.png", "throughput_frontier.png", "verification_budget.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
 

@@ -87,7 +87,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], output_dir: Path) -> list[Path]:
-    """``acceptance_by_position.png`` (per drafter and domain) and ``speedup_by_batch.png``."""
+    """``acceptance_by_position.png`` (per drafter and domain), ``speedup_by_batch.png``, and with
+    several batch sizes the serving picture: ``throughput_frontier.png`` (aggregate against
+    per-request tokens/s, one point per batch size) and ``verification_budget.png`` (drafts
+    verified per request-round against batch size)."""
     domains = sorted({r["domain"] for r in rows})
     smallest_batch = min(r["batch_size"] for r in rows)
     longest = max((len(r.get("acceptance_by_position") or []) for r in rows), default=1)
@@ -116,8 +119,38 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
 
-    return [_figure_per_domain(domains, acceptance, output_dir / "acceptance_by_position.png"),
-            _figure_per_domain(domains, speedup, output_dir / "speedup_by_batch.png")]
+    def series(domain, key):
+        keys = sorted({(r["variant"], r["temperature"]) for r in rows if r["domain"] == domain and r["kind"] == "dspark"})
+        for variant, temperature in keys:
+            points = sorted((r["batch_size"], r) for r in rows if r["domain"] == domain and r["variant"] == variant
+                            and r["temperature"] == temperature and key(r) is not None)
+            if points:
+                yield f"{variant} T={temperature:g}", "-" if temperature == 0 else "--", points
+
+    def frontier(ax, domain):
+        for label, style, points in series(domain, lambda r: r["tokens_per_s"]):
+            ax.plot([r["tokens_per_s"] / b for b, r in points], [r["tokens_per_s"] for _, r in points], marker="o",
+                    linestyle=style, label=label)
+            for b, r in points:
+                ax.annotate(str(b), (r["tokens_per_s"] / b, r["tokens_per_s"]), fontsize=6)
+        ax.set(title=f"{domain}: throughput against per-request speed (labels: batch size)",
+               xlabel="tokens/s per request", ylabel="aggregate tokens/s")
+
+    def budget(ax, domain):
+        for label, style, points in series(domain, lambda r: r.get("verified_per_round")):
+            ax.plot([b for b, _ in points], [r["verified_per_round"] for _, r in points], marker="o", linestyle=style,
+                    label=label)
+        ax.set(title=f"{domain}: verification budget", xlabel="batch size (concurrent requests)",
+               ylabel="drafts verified per request-round")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+
+    paths = [_figure_per_domain(domains, acceptance, output_dir / "acceptance_by_position.png"),
+             _figure_per_domain(domains, speedup, output_dir / "speedup_by_batch.png")]
+    if len(sizes) > 1:
+        paths += [_figure_per_domain(domains, frontier, output_dir / "throughput_frontier.png"),
+                  _figure_per_domain(domains, budget, output_dir / "verification_budget.png")]
+    return paths
 
 
 def _figure_per_domain(domains: list[str], draw, path: Path) -> Path:
