@@ -26,6 +26,7 @@ from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
+from dspark.scheduling.prefix import survival
 from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
 from dspark.verifiers import Verifier
@@ -220,7 +221,12 @@ class Engine:
         cache.rollback(num_new - emitted)
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
         self.drafter.commit(state, proposal, kept, out)
-        counters.update(finished, num_verify, num_accepted, num_drafted)
+        predicted = None
+        if proposal.confidence is not None:  # tokens the survivals promised for the verified prefixes
+            a = survival(proposal.confidence)
+            verified = torch.arange(a.shape[1], device=a.device) < num_verify.unsqueeze(1)
+            predicted = torch.where(finished, 0.0, 1.0 + (a * verified).sum(-1))
+        counters.update(finished, num_verify, num_accepted, num_drafted, predicted)
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
 

@@ -52,6 +52,9 @@ class GenerationStats:
         draft_time_s / verify_time_s / other_time_s: the decoding time (wall minus prefill) split into
             drafting, target forward + verification, and the rest (accepting, rollback, bookkeeping,
             the per-round sync) — only with ``engine.time_phases``; else 0.
+        predicted_tokens / predicted_tau: with a drafter that returns confidences, the tokens the
+            survivals predicted for the verified prefixes (``Σ (1 + Σ_{j≤ℓ} a_j)``) and per request-round —
+            compare with τ to see how well the confidences are calibrated; ``None`` without confidences.
         per_request: the counters per request (generated, target_forwards, drafted, verified, accepted).
     """
 
@@ -71,6 +74,8 @@ class GenerationStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     other_time_s: float = 0.0
+    predicted_tokens: float = 0.0
+    predicted_tau: float | None = None
     per_request: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -87,8 +92,11 @@ class GenerationStats:
             return parts[0]
         total = GenerationStats()
         for name in ("rounds", "target_forwards", "generated_tokens", "drafted_tokens", "verified_tokens",
-                     "accepted_tokens", "wall_time_s", "prefill_time_s", "draft_time_s", "verify_time_s", "other_time_s"):
+                     "accepted_tokens", "wall_time_s", "prefill_time_s", "draft_time_s", "verify_time_s", "other_time_s",
+                     "predicted_tokens"):
             setattr(total, name, sum(getattr(p, name) for p in parts))
+        if any(p.predicted_tau is not None for p in parts):
+            total.predicted_tau = total.predicted_tokens / max(total.target_forwards, 1)
         total.per_request = [r for p in parts for r in p.per_request]
         total.mean_accepted_length = mean_accepted_length(total.accepted_tokens, total.target_forwards)
         total.reached_by_position = [sum(c) for c in zip(*(p.reached_by_position for p in parts))]
@@ -108,12 +116,17 @@ class RoundCounters:
         self.reached = torch.zeros(gamma, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
         self.phase_seconds = [0.0, 0.0]  # draft, verify (host clock; engine.time_phases)
+        self.predicted: torch.Tensor | None = None  # Σ predicted tokens (with confidences)
 
     def update(self, finished: torch.Tensor, num_verified: torch.Tensor, num_accepted: torch.Tensor,
-               num_drafted: torch.Tensor) -> None:
+               num_drafted: torch.Tensor, predicted: torch.Tensor | None = None) -> None:
         """Count one round: ``finished`` ``[B]`` bool (requests that were already done), and ``ℓ_b``,
-        ``n_b``, drafts proposed ``[B]`` (zero for finished requests)."""
+        ``n_b``, drafts proposed ``[B]`` (zero for finished requests); ``predicted`` ``[B]`` the tokens
+        the confidences predicted (0 for finished requests), when the drafter returns confidences."""
         self.rounds += 1
+        if predicted is not None:
+            total = predicted.double().sum()
+            self.predicted = total if self.predicted is None else self.predicted + total
         self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
         if self.gamma:
             reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
@@ -126,6 +139,7 @@ class RoundCounters:
         flat = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at]).tolist()
         forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
         reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
+        predicted = float(self.predicted) if self.predicted is not None else None
         total_generated = sum(len(g) for g in generated)
         draft, verify = self.phase_seconds
         return GenerationStats(
@@ -137,6 +151,8 @@ class RoundCounters:
             wall_time_s=wall, prefill_time_s=prefill, tokens_per_second=total_generated / max(wall, 1e-9),
             draft_time_s=draft, verify_time_s=verify,
             other_time_s=max(0.0, wall - prefill - draft - verify) if draft or verify else 0.0,
+            predicted_tokens=predicted or 0.0,
+            predicted_tau=None if predicted is None else predicted / max(sum(forwards), 1),
             per_request=[dict(generated=len(g), target_forwards=f, drafted=d, verified=v, accepted=a)
                          for g, f, d, v, a in zip(generated, forwards, drafted, verified, accepted)],
         )

@@ -48,7 +48,8 @@ def summarize(results: list[CellResult]) -> list[dict]:
         if r.stats:
             s = GenerationStats.merge(r.stats)
             rounds = max(s.rounds, 1)
-            row |= dict(tau=s.mean_accepted_length, acceptance_by_position=s.acceptance_by_position,
+            row |= dict(tau=s.mean_accepted_length, predicted_tau=s.predicted_tau,
+                        acceptance_by_position=s.acceptance_by_position,
                         drafted_per_round=s.drafted_tokens / max(s.target_forwards, 1),
                         verified_per_round=s.verified_tokens / max(s.target_forwards, 1),
                         accepted_per_round=s.accepted_tokens / max(s.target_forwards, 1),

@@ -67,3 +67,14 @@ def test_profiling_measures_a_positive_cost_curve():
     assert profile.token_counts == [1, 2, 4] and all(s > 0 for s in profile.steps_per_second)
     assert profile.dtype == "float32" and profile.model == "tiny"
     assert torch.all(profile.sps(torch.tensor([1, 3, 100])) > 0)
+
+
+def test_stats_compare_predicted_with_realised_tokens_per_round():
+    target = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 7, 2))
+    confident = scheduled(target, {"name": "fixed"}).generate(prompts, max_new_tokens=12, ignore_eos=True).stats
+    # predicted = Σ (1 + Σ_{j≤ℓ} a_j) over request-rounds, so per round it lies in [1, 1 + γ]
+    assert confident.predicted_tau is not None and 1.0 <= confident.predicted_tau <= 5.0
+    assert confident.predicted_tokens == pytest.approx(confident.predicted_tau * confident.target_forwards)
+    blind = scheduled(target, {"name": "fixed"}, drafter="ngram").generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert blind.stats.predicted_tau is None
