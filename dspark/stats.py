@@ -136,10 +136,14 @@ class RoundCounters:
     def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
         """Read the counters (one device-to-host copy) into a :class:`GenerationStats`."""
         batch, gamma = self.per_request.shape[1], self.gamma
-        flat = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at]).tolist()
+        counts = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at])
+        if self.predicted is not None:  # one read for everything (counts are exact in float64)
+            *flat, predicted = torch.cat([counts.double(), self.predicted.view(1)]).tolist()
+            flat = [int(v) for v in flat]
+        else:
+            flat, predicted = counts.tolist(), None
         forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
         reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
-        predicted = float(self.predicted) if self.predicted is not None else None
         total_generated = sum(len(g) for g in generated)
         draft, verify = self.phase_seconds
         return GenerationStats(
