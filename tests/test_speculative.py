@@ -173,7 +173,7 @@ def test_chi_square_detects_a_broken_verifier():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["draft_model", "dspark"])
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])
 def test_compiled_rounds_match_eager(drafter):
     """engine.compile: the compiled target and drafter forwards give the greedy tokens of plain
     decoding, and the sampled tokens of the eager pipeline with the same seeds."""

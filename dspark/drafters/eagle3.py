@@ -95,6 +95,12 @@ class Eagle3Drafter(Drafter):
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
+        self._step, self._static_kv = self._pair_step, False
+
+    def compile(self) -> None:
+        # static shapes: every draft step and every round's append reads the whole pair cache; the
+        # prompt's append (a new width per prompt length) stays eager
+        self._step, self._static_kv = torch.compile(self._pair_step, dynamic=False), True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
@@ -110,13 +116,13 @@ class Eagle3Drafter(Drafter):
         return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
 
     def _append_pairs(self, state: DecodingState, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
-                      kv_len: int) -> None:
+                      kv_len: int, step=None) -> None:
         """Commit ``num_new[b]`` pairs (fused target features, the next committed tokens) per request
         and keep each request's last output for the next round's first draft."""
         cache, num_tokens = self.cache, hidden_states[0].shape[1]
         token_positions = cache.lengths.unsqueeze(1) + 1 + torch.arange(num_tokens, device=num_new.device)
         tokens = state.tokens.gather(1, token_positions.clamp(max=state.tokens.shape[1] - 1))
-        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
+        d = (step or self._pair_step)(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
         last = (num_new - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, d.shape[-1])
         self.last_output = d.gather(1, last).squeeze(1)
         cache.advance(num_new)
@@ -134,7 +140,7 @@ class Eagle3Drafter(Drafter):
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         head, cache, params, gamma = self.head, self.cache, state.params, self.gamma
-        kv_len = min(state.max_cache_len + gamma, cache.max_len)
+        kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + gamma, cache.max_len)
         d, drafted, probs = self.last_output, [], []
         for k in range(gamma):
             logits = head.logits(d, self.target)  # [B, V]
@@ -145,7 +151,7 @@ class Eagle3Drafter(Drafter):
                 token = self.sampler.sample(probs[-1], uniforms[:, k])
             drafted.append(token)
             if k < gamma - 1:  # the pair (d, x_k): the head's own output is the next feature
-                d = self._pair_step(d.unsqueeze(1), token.unsqueeze(1), cache.lengths + k, kv_len).squeeze(1)
+                d = self._step(d.unsqueeze(1), token.unsqueeze(1), cache.lengths + k, kv_len).squeeze(1)
         return DraftProposal(tokens=torch.stack(drafted, 1), num_tokens=torch.where(state.done, 0, gamma),
                              probs=torch.stack(probs, 1) if probs else None)
 
@@ -153,5 +159,6 @@ class Eagle3Drafter(Drafter):
                target_output: ModelOutput) -> None:
         # one pair per position the target kept: its cache holds every committed token but the anchor
         num_tokens = target_output.hidden_states[0].shape[1]
-        kv_len = min(state.max_cache_len + num_tokens, self.cache.max_len)
-        self._append_pairs(state, target_output.hidden_states, (state.lengths - 1) - self.cache.lengths, kv_len)
+        kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + num_tokens, self.cache.max_len)
+        self._append_pairs(state, target_output.hidden_states, (state.lengths - 1) - self.cache.lengths, kv_len,
+                           self._step)
