@@ -19,20 +19,21 @@ One forward drafts a whole block of γ positions (Cheng et al., 2026, §3.1):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.drafters.checkpoint import TargetShape
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
 HEADS = ("none", "markov", "gated_markov", "rnn")
 
 
 @dataclass(frozen=True)
-class BlockDrafterArgs:
-    """Architecture of a block drafter, and the target it was built for.
+class BlockDrafterArgs(TargetShape):
+    """Architecture of a block drafter, and the target it was built for (:class:`TargetShape`).
 
     Attributes:
         gamma: block size γ (draft positions per forward).
@@ -41,8 +42,6 @@ class BlockDrafterArgs:
         target_layers: target decoder layers whose outputs form the context features.
         head: sequential head, one of ``none``, ``markov``, ``gated_markov``, ``rnn``.
         rank: width r of the sequential head's token embedding ``W1`` and state.
-        hidden_size, num_heads, num_kv_heads, head_dim, rms_norm_eps, qk_norm: taken from the target.
-        vocab_size, target_num_layers: the target's, to refuse a checkpoint built for another target.
     """
 
     gamma: int
@@ -51,25 +50,14 @@ class BlockDrafterArgs:
     target_layers: tuple[int, ...]
     head: str
     rank: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    qk_norm: bool
-    vocab_size: int
-    target_num_layers: int
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, num_layers: int, target_layers, head: str,
                    rank: int, intermediate_size: int | None = None) -> "BlockDrafterArgs":
         """Arguments for a drafter of ``target``; raises ``ValueError`` on impossible settings."""
-        t = target.args
-        args = cls(gamma=gamma, num_layers=num_layers, intermediate_size=intermediate_size or t.intermediate_size,
-                   target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank, hidden_size=t.hidden_size,
-                   num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-                   qk_norm=t.qk_norm, vocab_size=t.vocab_size, target_num_layers=t.num_layers)
-        return args.validate()
+        return cls(**TargetShape.fields_of(target), gamma=gamma, num_layers=num_layers,
+                   intermediate_size=intermediate_size or target.args.intermediate_size,
+                   target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank).validate()
 
     def validate(self) -> "BlockDrafterArgs":
         """Raise ``ValueError`` naming the bad setting."""
@@ -79,21 +67,12 @@ class BlockDrafterArgs:
             raise ValueError(f"gamma, num_layers and rank must be >= 1, got {self.gamma}, {self.num_layers}, {self.rank}")
         if not self.target_layers:
             raise ValueError("target_layers must name at least one target layer")
-        bad = [i for i in self.target_layers if not 0 <= i < self.target_num_layers]
-        if bad:
-            raise ValueError(f"target_layers {bad} are outside the target's layers 0..{self.target_num_layers - 1}")
+        self.check_target_layers(self.target_layers)
         return self
 
     def layer_args(self) -> ModelArgs:
         """The backbone layers' architecture (a target-shaped decoder layer)."""
-        return ModelArgs(model_type="dspark", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                         intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
-                         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-                         max_position_embeddings=0, qk_norm=self.qk_norm)
-
-    def to_dict(self) -> dict:
-        """JSON-ready (for the checkpoint's ``config.json``)."""
-        return {**asdict(self), "target_layers": list(self.target_layers)}
+        return self.decoder_layer_args("dspark", self.intermediate_size, self.num_layers)
 
 
 class BlockDrafter(nn.Module):

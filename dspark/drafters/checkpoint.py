@@ -6,15 +6,66 @@ never stored). Loading checks the checkpoint against the target before building 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dspark.models.native import ModelArgs
+
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # architecture fields every drafter records from its target, checked on load
 TARGET_FIELDS = {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "num_heads": "num_heads",
                  "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "target_num_layers": "num_layers"}
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    """The part of a drafter's architecture taken from its target (its layers have the target's
+    width and head layout), recorded in the checkpoint to refuse one built for another target.
+
+    Attributes:
+        hidden_size, num_heads, num_kv_heads, head_dim, rms_norm_eps, qk_norm: the target's.
+        vocab_size, target_num_layers: the target's vocabulary and depth.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool
+    vocab_size: int
+    target_num_layers: int
+
+    @staticmethod
+    def fields_of(target) -> dict:
+        """These fields, read from a native ``target``."""
+        t = target.args
+        return dict(hidden_size=t.hidden_size, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
+                    rms_norm_eps=t.rms_norm_eps, qk_norm=t.qk_norm, vocab_size=t.vocab_size,
+                    target_num_layers=t.num_layers)
+
+    def check_target_layers(self, layers) -> None:
+        """Raise ``ValueError`` naming the layer ids outside the target's depth."""
+        bad = [i for i in layers if not 0 <= i < self.target_num_layers]
+        if bad:
+            raise ValueError(f"target_layers {bad} are outside the target's layers 0..{self.target_num_layers - 1}")
+
+    def decoder_layer_args(self, model_type: str, intermediate_size: int, num_layers: int) -> ModelArgs:
+        """Target-shaped decoder layers (for the drafter's own layers)."""
+        return ModelArgs(model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                         intermediate_size=intermediate_size, num_layers=num_layers, num_heads=self.num_heads,
+                         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+                         max_position_embeddings=0, qk_norm=self.qk_norm)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (for the checkpoint's ``config.json``)."""
+        data = asdict(self)
+        if "target_layers" in data:
+            data["target_layers"] = list(data["target_layers"])
+        return data
 
 
 def save_drafter(net: nn.Module, directory: str | Path, key: str, extra: dict | None = None) -> None:

@@ -17,51 +17,39 @@ of the token after it, ``e(t_{p+1})``. Its output ``d_p`` predicts ``t_{p+2}``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.drafters.checkpoint import TargetShape
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
 
 @dataclass(frozen=True)
-class Eagle3Args:
-    """Architecture of an EAGLE-3 head, and the target it was built for.
+class Eagle3Args(TargetShape):
+    """Architecture of an EAGLE-3 head, and the target it was built for (:class:`TargetShape`).
 
     Attributes:
         gamma: draft steps the head was trained to unroll (γ).
         target_layers: the three target layers (low, middle, high) whose outputs are fused.
         intermediate_size: MLP width of the draft layer.
         draft_vocab_size: size of the draft vocabulary (``0`` = the target's, through its LM head).
-        hidden_size, num_heads, num_kv_heads, head_dim, rms_norm_eps, qk_norm: taken from the target.
-        vocab_size, target_num_layers: the target's, to refuse a checkpoint built for another target.
     """
 
     gamma: int
     target_layers: tuple[int, ...]
     intermediate_size: int
     draft_vocab_size: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    qk_norm: bool
-    vocab_size: int
-    target_num_layers: int
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, target_layers, intermediate_size: int | None = None,
                    draft_vocab_size: int = 0) -> "Eagle3Args":
         """Arguments for a head of ``target``; raises ``ValueError`` on impossible settings."""
-        t = target.args
-        return cls(gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
-                   intermediate_size=intermediate_size or t.intermediate_size, draft_vocab_size=draft_vocab_size,
-                   hidden_size=t.hidden_size, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
-                   rms_norm_eps=t.rms_norm_eps, qk_norm=t.qk_norm, vocab_size=t.vocab_size,
-                   target_num_layers=t.num_layers).validate()
+        return cls(**TargetShape.fields_of(target), gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
+                   intermediate_size=intermediate_size or target.args.intermediate_size,
+                   draft_vocab_size=draft_vocab_size).validate()
 
     def validate(self) -> "Eagle3Args":
         """Raise ``ValueError`` naming the bad setting."""
@@ -69,9 +57,7 @@ class Eagle3Args:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         if len(self.target_layers) != 3:
             raise ValueError(f"target_layers must name three target layers (low, middle, high), got {list(self.target_layers)}")
-        bad = [i for i in self.target_layers if not 0 <= i < self.target_num_layers]
-        if bad:
-            raise ValueError(f"target_layers {bad} are outside the target's layers 0..{self.target_num_layers - 1}")
+        self.check_target_layers(self.target_layers)
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size must be in [0, {self.vocab_size}] (0 = the target's vocabulary), "
                              f"got {self.draft_vocab_size}")
@@ -79,14 +65,7 @@ class Eagle3Args:
 
     def layer_args(self) -> ModelArgs:
         """The draft layer's architecture (a target-shaped decoder layer)."""
-        return ModelArgs(model_type="eagle3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                         intermediate_size=self.intermediate_size, num_layers=1, num_heads=self.num_heads,
-                         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-                         max_position_embeddings=0, qk_norm=self.qk_norm)
-
-    def to_dict(self) -> dict:
-        """JSON-ready (for the checkpoint's ``config.json``)."""
-        return {**asdict(self), "target_layers": list(self.target_layers)}
+        return self.decoder_layer_args("eagle3", self.intermediate_size, 1)
 
 
 class PairLayer(Block):
