@@ -15,9 +15,8 @@ from torch import nn
 from dspark.models.native import ModelArgs
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-# architecture fields every drafter records from its target, checked on load
-TARGET_FIELDS = {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "num_heads": "num_heads",
-                 "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "target_num_layers": "num_layers"}
+# the TargetShape fields checked on load (a checkpoint for another target is refused naming them)
+CHECKED_FIELDS = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim", "target_num_layers")
 
 
 @dataclass(frozen=True)
@@ -98,13 +97,26 @@ def read_drafter_spec(source, key: str) -> tuple[Path, dict]:
     return directory, dict(config[key])
 
 
-def check_fits_target(args, target, directory) -> None:
-    """Raise ``ValueError`` naming every field where ``args`` (a drafter's) and ``target`` differ."""
-    t = target.args
-    wrong = [f"{field} {getattr(args, field)} (target: {getattr(t, name)})" for field, name in TARGET_FIELDS.items()
-             if getattr(args, field) != getattr(t, name)]
+def check_fits_target(args: TargetShape, target, directory) -> None:
+    """Raise ``ValueError`` naming every checked field where ``args`` (a drafter's) and ``target`` differ."""
+    expected = TargetShape.fields_of(target)
+    wrong = [f"{field} {getattr(args, field)} (target: {expected[field]})" for field in CHECKED_FIELDS
+             if getattr(args, field) != expected[field]]
     if wrong:
         raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
+
+
+def drafter_network(kind: str, net_class: type, load, build, *, target, draft_model, path):
+    """The network a target-reading drafter runs: ``draft_model`` when it already is one, else the
+    checkpoint ``draft_model`` or ``path`` names (``load(source, target)``), else ``build()`` (random init).
+    Raises ``TypeError`` when the target cannot return hidden states (not a native model)."""
+    if not hasattr(target, "cache_shape"):
+        raise TypeError(f"the {kind} drafter needs a native target (Llama / Qwen2 / Qwen3) for its hidden states")
+    if isinstance(draft_model, net_class):
+        return draft_model
+    if draft_model is not None or path is not None:
+        return load(draft_model if draft_model is not None else path, target)
+    return build()
 
 
 def load_weights(net: nn.Module, directory: Path) -> nn.Module:

@@ -12,7 +12,8 @@ import torch
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
-from dspark.drafters.checkpoint import check_fits_target, load_weights, read_drafter_spec, save_drafter
+from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
+                                       save_drafter)
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 from dspark.scheduling.calibration import apply_temperatures
@@ -103,18 +104,16 @@ class DSparkDrafter(Drafter):
 
     def __init__(self, config: DSparkConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
-        if not hasattr(target, "cache_shape"):
-            raise TypeError("the dspark drafter needs a native target (Llama / Qwen2 / Qwen3) for its hidden states")
-        if isinstance(draft_model, BlockDrafter):
-            net = draft_model
-        elif draft_model is not None or config.path is not None:
-            net = load_block_drafter(draft_model if draft_model is not None else config.path, target)
-        else:
+
+        def build() -> BlockDrafter:
             torch.manual_seed(config.seed)
             layers = tuple(config.target_layers) or default_target_layers(target.num_layers)
-            net = BlockDrafter(BlockDrafterArgs.for_target(
+            return BlockDrafter(BlockDrafterArgs.for_target(
                 target, gamma=config.num_speculative_tokens, num_layers=config.num_layers, target_layers=layers,
                 head=config.head, rank=config.rank, intermediate_size=config.intermediate_size))
+
+        net = drafter_network("dspark", BlockDrafter, load_block_drafter, build, target=target,
+                              draft_model=draft_model, path=config.path)
         if config.num_speculative_tokens > net.args.gamma:
             raise ValueError(f"drafter.num_speculative_tokens={config.num_speculative_tokens} exceeds the block size "
                              f"this drafter was built for ({net.args.gamma})")

@@ -11,7 +11,8 @@ import torch
 
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
-from dspark.drafters.checkpoint import check_fits_target, load_weights, read_drafter_spec, save_drafter
+from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
+                                       save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
@@ -79,18 +80,16 @@ class Eagle3Drafter(Drafter):
 
     def __init__(self, config: Eagle3Config, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
-        if not hasattr(target, "cache_shape"):
-            raise TypeError("the eagle3 drafter needs a native target (Llama / Qwen2 / Qwen3) for its hidden states")
-        if isinstance(draft_model, Eagle3Head):
-            head = draft_model
-        elif draft_model is not None or config.path is not None:
-            head = load_eagle3(draft_model if draft_model is not None else config.path, target)
-        else:
+
+        def build() -> Eagle3Head:
             torch.manual_seed(config.seed)
             layers = tuple(config.target_layers) or default_eagle_layers(target.num_layers)
-            head = Eagle3Head(Eagle3Args.for_target(target, gamma=config.num_speculative_tokens, target_layers=layers,
+            return Eagle3Head(Eagle3Args.for_target(target, gamma=config.num_speculative_tokens, target_layers=layers,
                                                     intermediate_size=config.intermediate_size,
                                                     draft_vocab_size=config.draft_vocab_size))
+
+        head = drafter_network("eagle3", Eagle3Head, load_eagle3, build, target=target, draft_model=draft_model,
+                               path=config.path)
         self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None
