@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from dspark import kernels
 from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.records import DecodingState, DraftProposal, SamplingParams
@@ -95,9 +96,12 @@ class Engine:
         self.device = target.device
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
         self._cache = None
-        self._round_forward = torch.compile(target, dynamic=False) if self.config.compile else target
+        forward = torch.compile(target, dynamic=False) if self.config.compile else target
         if self.config.compile:
             drafter.compile()
+        self._round_forward = forward
+        # compiled rounds read the whole cache: static shapes
+        self._static_shapes = self.config.compile
 
     # ------------------------------------------------------------------ sizing
     def cache_len_needed(self, max_prompt_len: int, max_new_tokens: int) -> int:
@@ -127,7 +131,7 @@ class Engine:
         """Reuse the cache when it is big enough for this batch; allocate otherwise (not per step)."""
         if self.cache_config.max_len is not None:
             max_len = self.cache_config.max_len
-        elif self.config.compile:  # compiled rounds read the whole cache: few distinct sizes, few recompilations
+        elif self._static_shapes:  # rounds read the whole cache: few distinct sizes, few recompilations
             max_len = _round_up(max_len, COMPILED_CACHE_BUCKET)
         cache = self._cache
         if cache is None or cache.batch_size != batch_size or cache.max_len < max_len:
@@ -207,7 +211,7 @@ class Engine:
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
         num_new = torch.where(finished, 0, num_verify + 1)
-        kv_len = cache.max_len if self.config.compile else min(
+        kv_len = cache.max_len if self._static_shapes else min(
             _round_up(state.max_cache_len + gamma + 1, self.config.kv_len_multiple), cache.max_len)
         out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
         # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
@@ -291,18 +295,6 @@ class _Stopper:
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
         """Append ``emitted`` ``[B, K]``, of which the first ``num_emitted[b]`` are real; return how many
-        were kept ``[B]`` (fewer after an EOS or when the budget runs out)."""
-        width = emitted.shape[1]
-        offsets = torch.arange(width, device=emitted.device)
-        num_emitted = torch.minimum(num_emitted, self.max_new_tokens - state.num_generated)
-        if self.eos.numel():
-            is_eos = torch.isin(emitted, self.eos) & (offsets < num_emitted.unsqueeze(1))
-            hit_eos = is_eos.any(1)
-            num_emitted = torch.where(hit_eos, is_eos.long().argmax(1) + 1, num_emitted)
-        else:
-            hit_eos = torch.zeros_like(state.done)
-        # positions past num_emitted receive padding past the request's length: harmless, never read
-        state.tokens.scatter_(1, state.lengths.unsqueeze(1) + offsets, emitted)
-        state.lengths += num_emitted
-        state.done |= hit_eos | (state.num_generated >= self.max_new_tokens)
-        return num_emitted
+        were kept ``[B]`` (fewer after an EOS or when the budget runs out). One kernel for the batch."""
+        return kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
+                                     num_emitted, self.eos, self.max_new_tokens)

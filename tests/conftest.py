@@ -9,6 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU tensors; set before
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # any kernel module is imported (decoration reads it)
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None, print_blob=True)
@@ -28,6 +31,15 @@ def family(request) -> str:
 def hf_model(family):
     """A tiny random ``transformers`` model of the family (float32)."""
     return tiny_hf_model(family)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernel_backend(request):
+    """Runs the test once with the torch twins and once with the Triton kernels (interpreted on CPU)."""
+    from dspark.kernels import use_backend
+
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -88,6 +88,25 @@ def test_eos_inside_accepted_drafts_stops_there():
         assert ids == full[: full.index(eos) + 1] if eos in full else ids == full
 
 
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3"])
+def test_triton_kernels_decode_the_twins_tokens(drafter):
+    """The verification and commit kernels (Triton, interpreted here) and their torch twins give the
+    same tokens for the same seeds — greedy equal to autoregressive, and sampled token for token —
+    so every statistical check of the twins covers the kernels as well."""
+    from dspark.kernels import use_backend
+
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(5, 1, 9, 3))
+    pipe = spec_pipeline(target, drafter, 3)
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=10, ignore_eos=True).token_ids
+    sampled = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=list(range(16)), ignore_eos=True)
+    with use_backend("torch"):
+        twin = pipe.generate(prompts * 4, **sampled).token_ids
+    with use_backend("triton"):
+        assert pipe.generate(prompts, max_new_tokens=10, ignore_eos=True).token_ids == expected
+        assert pipe.generate(prompts * 4, **sampled).token_ids == twin
+
+
 # ---------------------------------------------------------------- statistical losslessness
 
 VOCAB = 12

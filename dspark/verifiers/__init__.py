@@ -1,4 +1,4 @@
-"""Verifiers: greedy and chain rejection sampling."""
+"""Verifiers: greedy and chain rejection sampling (the rule's kernels are in :mod:`dspark.kernels`)."""
 
 from dspark.verifiers.base import VERIFIERS, Verifier, VerifierConfig, register_verifier
 from dspark.verifiers.chain import ChainVerifier, acceptance_probability, residual_distribution

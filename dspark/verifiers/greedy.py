@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from dspark.records import DraftProposal, SamplingParams, VerificationResult
-from dspark.samplers import Sampler
+from dspark import kernels
+from dspark.kernels import leading_true
+from dspark.records import DraftProposal, VerificationResult
 from dspark.verifiers.base import Verifier, register_verifier
 
-
-def leading_true(accepted: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, γ]`` bool, ``[B]`` → ``[B]`` length of the all-true prefix within the first ``num_tokens``."""
-    in_range = torch.arange(accepted.shape[1], device=accepted.device) < num_tokens.unsqueeze(1)
-    return (accepted & in_range).long().cumprod(1).sum(1)
+__all__ = ["GreedyVerifier", "greedy_verify", "leading_true"]
 
 
-def greedy_verify(target_logits: torch.Tensor, proposal: DraftProposal, sampler: Sampler) -> VerificationResult:
-    """The target's argmax ``[B, γ+1]`` is both the accepted drafts (where equal) and the next token."""
-    target_tokens = sampler.greedy(target_logits)  # [B, γ+1]
-    num_accepted = leading_true(proposal.tokens == target_tokens[:, :-1], proposal.num_tokens)
+def greedy_verify(target_logits: torch.Tensor, proposal: DraftProposal) -> VerificationResult:
+    """The target's argmax ``[B, γ+1]`` (first index on ties) is both the accepted drafts (where
+    equal) and the next token; :func:`~dspark.kernels.verify_greedy` on CUDA or its twin."""
+    num_accepted, target_tokens = kernels.verify_greedy(target_logits, proposal.tokens, proposal.num_tokens)
     return VerificationResult(num_accepted=num_accepted, tokens=target_tokens)
 
 
@@ -29,10 +26,10 @@ class GreedyVerifier(Verifier):
     Exact for greedy decoding only; with ``temperature > 0`` use ``chain``.
     """
 
-    def num_uniforms(self, gamma: int, params: SamplingParams) -> int:
+    def num_uniforms(self, gamma, params) -> int:
         return 0
 
     def verify(self, target_logits, proposal, *, sampler, params, uniforms) -> VerificationResult:
         if not params.greedy:
             raise ValueError("the greedy verifier only supports temperature 0; use verifier.name=chain for sampling")
-        return greedy_verify(target_logits, proposal, sampler)
+        return greedy_verify(target_logits, proposal)
