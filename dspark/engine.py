@@ -25,6 +25,7 @@ import torch
 from dspark import kernels
 from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
+from dspark.models.graphs import GraphedForward
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
 from dspark.scheduling.prefix import survival
@@ -48,6 +49,9 @@ class EngineConfig:
             to a minute).
         time_phases: split each round's time into draft / verify / other (host clock; on CUDA this
             adds synchronisations, so keep it for measurements).
+        cuda_graphs: replay the target's round forward from CUDA graphs captured per batch size and
+            width bucket (:class:`~dspark.models.graphs.GraphedForward`; CUDA targets with the static
+            cache only). Composes with ``compile``.
     """
 
     max_batch_size: int = 64
@@ -55,6 +59,7 @@ class EngineConfig:
     progress: bool = False
     compile: bool = False
     time_phases: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -99,9 +104,14 @@ class Engine:
         forward = torch.compile(target, dynamic=False) if self.config.compile else target
         if self.config.compile:
             drafter.compile()
+        if self.config.cuda_graphs:
+            if torch.device(self.device).type != "cuda" or self.cache_class is not StaticKVCache:
+                raise ValueError("engine.cuda_graphs needs a CUDA target (target.device=cuda) with the static "
+                                 f"cache; this target is on {self.device} with {self.cache_class.__name__}")
+            forward = GraphedForward(forward, drafter.gamma + 1)
         self._round_forward = forward
-        # compiled rounds read the whole cache: static shapes
-        self._static_shapes = self.config.compile
+        # compiled or graphed rounds read the whole cache: static shapes
+        self._static_shapes = self.config.compile or self.config.cuda_graphs
 
     # ------------------------------------------------------------------ sizing
     def cache_len_needed(self, max_prompt_len: int, max_new_tokens: int) -> int:

@@ -167,6 +167,21 @@ def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     assert chi_square_p_value(counts, exact_joint(target, params)) > 1e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark"])
+def test_chi_square_with_the_kernels_on_gpu(drafter):
+    """On CUDA the rounds run the Triton verification and commit kernels; same check, same significance."""
+    from dspark.kernels import backend_for
+
+    params = SETTINGS["top_k_4"]
+    target, draft = tiny_pair()
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", "target.device=cuda", draft=draft)
+    assert backend_for(pipe.engine.device) == "triton"
+    counts = empirical_joint(pipe, params)
+    assert chi_square_p_value(counts, exact_joint(target, params)) > 1e-3
+
+
 @register_verifier("accept_always_test")
 class AcceptAlways(ChainVerifier):
     """Deliberately broken: accepts every draft, then samples the bonus from p."""

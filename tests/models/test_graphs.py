@@ -1,0 +1,99 @@
+"""CUDA-graph replay of the round forward: bucketing, static buffers, and equality with eager rounds.
+
+On the CPU the capture is the eager stand-in with the same static-output contract; the real CUDA
+graphs run in the GPU-marked test (scripts/gpu_check.sh)."""
+
+import pytest
+import torch
+
+from dspark.models.graphs import GraphedForward, eager_capture, graph_widths
+from helpers import ragged_prompts, tiny_hf_model
+from test_speculative import spec_pipeline
+
+
+def test_bucket_widths_end_at_the_round_width():
+    assert graph_widths(8) == (1, 2, 4, 8)
+    assert graph_widths(6) == (1, 2, 4, 6)
+    assert graph_widths(1) == (1,)
+    with pytest.raises(ValueError, match=">= 1"):
+        graph_widths(0)
+
+
+def graphed(pipe, capture=eager_capture):
+    """Swap the engine's round forward for a graphed one (what engine.cuda_graphs does on CUDA)."""
+    engine = pipe.engine
+    engine._round_forward = GraphedForward(engine.target, engine.drafter.gamma + 1, capture=capture)
+    engine._static_shapes = True
+    return engine._round_forward
+
+
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark_scheduled"])
+def test_graphed_rounds_match_eager_rounds(drafter):
+    """Greedy tokens equal plain decoding and sampled tokens equal the eager pipeline's; the
+    scheduled drafter verifies prefixes of varying width, so several buckets are captured."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
+    sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
+    eager = spec_pipeline(target, drafter, 3).generate(prompts, **sampled).token_ids
+    pipe = spec_pipeline(target, drafter, 3)
+    forward = graphed(pipe)
+    assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
+    assert pipe.generate(prompts, **sampled).token_ids == eager
+    assert 1 <= forward.num_graphs <= len(forward.widths)
+
+
+def test_capture_commits_nothing_and_outputs_are_static():
+    target = tiny_hf_model("llama")
+    pipe = spec_pipeline(target, "none", 0)
+    model = pipe.engine.target
+    cache = model.new_cache(2, 32)
+    cache.set_lengths(torch.tensor([3, 5]))
+    captures = []
+
+    def counting_capture(fn):
+        captures.append(fn)
+        return eager_capture(fn)
+
+    forward = GraphedForward(model, 4, capture=counting_capture)
+    with torch.inference_mode():
+        first = forward(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache, torch.tensor([3, 1]), kv_len=32)
+        assert cache.lengths.tolist() == [6, 6]  # the replay committed the real tokens only
+        logits = first.logits.clone()
+        forward(torch.tensor([[7, 8, 9], [1, 1, 1]]), cache, torch.tensor([1, 1]), kv_len=32)
+    assert len(captures) == 1  # both forwards fell in the width-4 bucket
+    assert not torch.equal(first.logits, logits)  # the second replay overwrote the static output
+    with pytest.raises(ValueError, match="kv_len must be cache.max_len"):
+        forward(torch.tensor([[1]]), cache, torch.tensor([1]), kv_len=16)
+    with pytest.raises(ValueError, match="wider than the widest graph"):
+        forward(torch.ones(2, 5, dtype=torch.long), cache, torch.tensor([5, 5]), kv_len=32)
+
+
+def test_cuda_graphs_need_a_cuda_target():
+    target = tiny_hf_model("llama")
+    with pytest.raises(ValueError, match="engine.cuda_graphs needs a CUDA target"):
+        spec_pipeline(target, "ngram", 3, "engine.cuda_graphs=true")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("drafter", ["ngram", "dspark"])
+def test_cuda_graph_rounds_match_eager_on_gpu(drafter):
+    import dspark
+
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+
+    def pipe(*overrides):
+        section = {"name": drafter, "num_speculative_tokens": 3}
+        if drafter == "dspark":
+            section.update(path=None, head="markov", rank=16)
+        return dspark.build_pipeline({"target": {"device": "cuda"}, "drafter": section}, target_model=target,
+                                     overrides=list(overrides))
+
+    expected = pipe().generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
+    graphs = pipe("engine.cuda_graphs=true")
+    assert graphs.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids == expected
+    sampled = dict(max_new_tokens=16, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
+    assert graphs.generate(prompts, **sampled).token_ids == pipe().generate(prompts, **sampled).token_ids
+    assert graphs.engine._round_forward.num_graphs >= 1
