@@ -1,0 +1,186 @@
+"""One-call GPU check: the verification kernels against their torch twins, and decoding rounds with
+and without CUDA graphs, timed with CUDA events (medians of alternating runs).
+
+    python benchmarks/gpu_check.py --out DIR [--repeats 30]
+
+Run through ``scripts/gpu_check.sh`` (which first runs the GPU-marked tests). Writes
+``DIR/gpu_check.json`` (every number and the environment) and ``DIR/gpu_check.md`` (the tables).
+Sections:
+
+* kernels — ``verify_chain`` (float32 distributions), ``verify_greedy`` (bf16 logits) and
+  ``commit_tokens`` at batch 1 and 64, γ = 7, vocabulary 151,936: median ms per call of the Triton
+  kernel and of the twin, their ratio, and whether both returned the same tokens;
+* rounds — batch-1 greedy decoding with the ``ngram`` drafter (γ = 7) and plain decoding, eager
+  vs ``engine.cuda_graphs=true`` (and ``engine.compile=true`` for the small model), for the
+  embedded target and a random-weight Qwen3 of about 0.5B parameters in bf16: median ms per
+  round (decoding time without the prefill, over rounds) and the outputs' agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import dspark
+from dspark.kernels import commit_tokens, use_backend, verify_chain, verify_greedy
+from dspark.models import random_hf_model
+
+QWEN3_05B = dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                 num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
+                 max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def cuda_ms(fn, repeats: int) -> list[float]:
+    """Milliseconds per call, one CUDA-event pair per call."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def alternate(variants: dict, repeats: int, inner: int) -> dict[str, list[float]]:
+    """Alternate the variants (A B A B …) after a warm-up; each sample is the mean of ``inner`` calls."""
+    for fn in variants.values():
+        fn()
+    torch.cuda.synchronize()
+    samples = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            samples[name].append(statistics.fmean(cuda_ms(fn, inner)))
+    return samples
+
+
+def summary(samples: list[float]) -> dict:
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples)}
+
+
+def kernels_section(repeats: int) -> list[dict]:
+    rows, vocab, gamma = [], 151936, 7
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for batch in (1, 64):
+        p = torch.softmax(torch.randn(batch, gamma + 1, vocab, device="cuda", generator=g) * 3, -1)
+        q = torch.softmax(torch.randn(batch, gamma, vocab, device="cuda", generator=g) * 3, -1)
+        drafts = torch.multinomial(q.view(-1, vocab), 1, generator=g).view(batch, gamma)
+        num = torch.full((batch,), gamma, device="cuda")
+        u = torch.rand(batch, gamma + 1, device="cuda", generator=g)
+        logits = torch.randn(batch, gamma + 1, vocab, device="cuda", generator=g).bfloat16()
+        tokens = torch.zeros(batch, 4096, dtype=torch.long, device="cuda")
+        emitted = torch.randint(0, vocab, (batch, gamma + 1), device="cuda", generator=g)
+        eos = torch.tensor([151643, 151645], device="cuda")
+
+        def commit_args():
+            return (tokens, torch.full((batch,), 100, device="cuda"), torch.full((batch,), 100, device="cuda"),
+                    torch.zeros(batch, dtype=torch.bool, device="cuda"), emitted, num + 1, eos, 1000)
+
+        ops = {"verify_chain": lambda: verify_chain(p, drafts, q, num, u),
+               "verify_chain (deterministic drafts)": lambda: verify_chain(p, drafts, None, num, u),
+               "verify_greedy": lambda: verify_greedy(logits, drafts, num),
+               "commit_tokens": lambda: commit_tokens(*commit_args())}
+        for op, fn in ops.items():
+            outputs = {}
+            for backend in ("triton", "torch"):
+                with use_backend(backend):
+                    outputs[backend] = fn()
+            same = (all(torch.equal(a, b) for a, b in zip(outputs["triton"], outputs["torch"]))
+                    if isinstance(outputs["triton"], tuple) else torch.equal(outputs["triton"], outputs["torch"]))
+
+            def run(backend, fn=fn):
+                with use_backend(backend):
+                    fn()
+
+            samples = alternate({"triton": lambda: run("triton"), "torch": lambda: run("torch")}, repeats, 5)
+            kernel, twin = summary(samples["triton"]), summary(samples["torch"])
+            rows.append({"op": op, "batch": batch, "gamma": gamma, "vocab": vocab, "kernel": kernel, "twin": twin,
+                         "speedup": twin["median_ms"] / kernel["median_ms"], "same_outputs": bool(same)})
+            print(f"{op:38s} B={batch:3d}  kernel {kernel['median_ms']:.4f} ms  twin {twin['median_ms']:.4f} ms  "
+                  f"x{rows[-1]['speedup']:.2f}  same={same}", flush=True)
+    return rows
+
+
+def rounds_section(repeats: int, new_tokens: int) -> list[dict]:
+    rows = []
+    models = {"dspark-tiny (fp32)": ("dspark-tiny", "float32", True),
+              "qwen3-0.5B random (bf16)": (random_hf_model(QWEN3_05B, seed=0), "bfloat16", False)}
+    for label, (source, dtype, with_compile) in models.items():
+        for drafter in ({"name": "none"}, {"name": "ngram", "num_speculative_tokens": 7}):
+            base = {"target": {"path": source if isinstance(source, str) else None, "device": "cuda", "dtype": dtype,
+                               "tokenizer": None}, "drafter": drafter}
+            variants = {"eager": [], "cuda_graphs": ["engine.cuda_graphs=true"]}
+            if with_compile:
+                variants["compile"] = ["engine.compile=true"]
+                variants["compile+cuda_graphs"] = ["engine.compile=true", "engine.cuda_graphs=true"]
+            target = None if isinstance(source, str) else source
+            pipes = {name: dspark.build_pipeline(base, target_model=target, overrides=over)
+                     for name, over in variants.items()}
+            vocab = pipes["eager"].engine.target.vocab_size
+            prompt = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(1)).tolist()
+            outputs, per_round, tau = {}, {name: [] for name in pipes}, {}
+            for name, pipe in pipes.items():  # warm-up: compilation and graph capture
+                outputs[name] = pipe.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+            for _ in range(repeats):
+                for name, pipe in pipes.items():
+                    stats = pipe.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).stats
+                    per_round[name].append(1000 * (stats.wall_time_s - stats.prefill_time_s) / stats.rounds)
+                    tau[name] = stats.mean_accepted_length
+            eager_ms = statistics.median(per_round["eager"])
+            for name in pipes:
+                rows.append({"model": label, "drafter": drafter["name"], "variant": name,
+                             "ms_per_round": summary(per_round[name]), "tau": tau[name],
+                             "speedup_vs_eager": eager_ms / statistics.median(per_round[name]),
+                             "same_tokens_as_eager": outputs[name] == outputs["eager"]})
+                print(f"{label:26s} {drafter['name']:6s} {name:20s} {statistics.median(per_round[name]):8.3f} ms/round"
+                      f"  x{rows[-1]['speedup_vs_eager']:.2f}  same={rows[-1]['same_tokens_as_eager']}", flush=True)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check — {report['environment']['device']}, {report['environment']['date']}", "",
+             "| op | batch | kernel ms | twin ms | twin / kernel | same outputs |", "|---|---|---|---|---|---|"]
+    for r in report["kernels"]:
+        lines.append(f"| {r['op']} | {r['batch']} | {r['kernel']['median_ms']:.4f} | {r['twin']['median_ms']:.4f} | "
+                     f"{r['speedup']:.2f}× | {r['same_outputs']} |")
+    lines += ["", "| model | drafter | variant | ms / round (median) | τ | vs eager | same tokens |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["rounds"]:
+        lines.append(f"| {r['model']} | {r['drafter']} | {r['variant']} | {r['ms_per_round']['median_ms']:.3f} | "
+                     f"{r['tau']:.2f} | {r['speedup_vs_eager']:.2f}× | {r['same_tokens_as_eager']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=30, help="alternating samples per kernel variant")
+    parser.add_argument("--round-repeats", type=int, default=5, help="alternating generate calls per round variant")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA device")
+    import triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                              "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                              "python": platform.python_version()}}
+    report["kernels"] = kernels_section(args.repeats)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))  # kept even if the rounds fail
+    report["rounds"] = rounds_section(args.round_repeats, args.new_tokens)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
