@@ -4,7 +4,8 @@ One round, for a batch of ``B`` requests (vocabulary of anchor / draft / accepte
 bonus tokens in :mod:`dspark.records`):
 
 1. **draft** — the drafter proposes ``x_1..x_γ`` after each anchor;
-2. **schedule** — choose how many drafts to verify per request (all of them, for now);
+2. **schedule** — choose how many drafts to verify per request (the scheduler; it may also
+   skip drafting for a round, which is then a plain decoding step);
 3. **verify forward** — one target forward over ``[anchor, x_1..x_ℓ]`` per request;
 4. **verify** — the verifier keeps ``n_b`` drafts and picks the recovered or bonus token;
 5. **accept** — append the ``n_b + 1`` tokens, stopping at EOS or ``max_new_tokens``;
@@ -171,6 +172,7 @@ class Engine:
         stopper = _Stopper(self._eos if not ignore_eos else self._eos[:0], max_new_tokens)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
+        self.scheduler.reset()
 
         # prefill: the prompt goes into the cache; its last logits give the first token
         last = state.prompt_lengths - 1
@@ -206,18 +208,25 @@ class Engine:
         n_draft = self.drafter.num_uniforms(params)
         uniforms = _draw_uniforms(generators, active, n_draft + self.verifier.num_uniforms(gamma, params), self.device)
 
-        # 1. draft: x_1..x_γ after each anchor                                   tokens [B, γ]
+        # 1. draft: x_1..x_γ after each anchor, unless the scheduler expects none to be verified
         clock.start()
-        proposal = self.drafter.propose(state, uniforms[:, :n_draft])
+        drafting = not self.drafter.skippable or self.scheduler.wants_drafts()
+        proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else _no_drafts(state)
         clock.lap(counters, 0)
         # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]
         finished, num_drafted = state.done.clone(), proposal.num_tokens
-        num_verify = torch.where(finished, 0, self.scheduler.schedule(proposal, ~finished))
-        proposal = replace(proposal, num_tokens=num_verify)
         verifier_uniforms = uniforms[:, n_draft:]
-        if not isinstance(self.scheduler, FixedScheduler):  # one host read: verify only max ℓ_b + 1 columns
-            gamma = int(num_verify.max())
-            proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
+        if not drafting:  # a plain decoding step: the final token keeps its usual uniform
+            num_verify = proposal.num_tokens
+            verifier_uniforms = verifier_uniforms[:, gamma:gamma + 1]
+            gamma = 0
+        else:
+            num_verify = torch.where(finished, 0, self.scheduler.schedule(proposal, ~finished))
+            proposal = replace(proposal, num_tokens=num_verify)
+            if not isinstance(self.scheduler, FixedScheduler):  # one host read: verify only max ℓ_b + 1 columns
+                gamma = int(num_verify.max())
+                self.scheduler.observe(gamma)
+                proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
         num_new = torch.where(finished, 0, num_verify + 1)
@@ -240,9 +249,17 @@ class Engine:
             a = survival(proposal.confidence)
             verified = torch.arange(a.shape[1], device=a.device) < num_verify.unsqueeze(1)
             predicted = torch.where(finished, 0.0, 1.0 + (a * verified).sum(-1))
+        elif not drafting and self.scheduler.needs_confidence:  # a skipped round promises its one token
+            predicted = torch.where(finished, 0.0, 1.0).double()
         counters.update(finished, num_verify, num_accepted, num_drafted, predicted)
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
+
+
+def _no_drafts(state: DecodingState) -> DraftProposal:
+    """The empty proposal of a round that does not draft (plain decoding step)."""
+    return DraftProposal(tokens=state.tokens.new_zeros(state.batch_size, 0),
+                         num_tokens=state.tokens.new_zeros(state.batch_size))
 
 
 def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:

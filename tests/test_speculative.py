@@ -16,14 +16,19 @@ from dspark.records import VerificationResult
 from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn", "eagle3",
-            "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled"]
+            "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
 # hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
 # tests depend on machine speed)
 PROFILE = Path(tempfile.mkdtemp()) / "sps.json"
 ThroughputProfile([1, 8, 16, 64, 5000, 10000, 20000], [1.0, 0.95, 0.7, 0.2, 0.2, 0.15, 0.08]).save(PROFILE)
+# verification never pays (SPS falls faster than 1/tokens): rounds draft, verify nothing, and back
+# off into plain decoding steps
+IDLE_PROFILE = PROFILE.with_name("idle_sps.json")
+ThroughputProfile([2 ** i for i in range(15)], [2.0 ** (-1.5 * i) for i in range(15)]).save(IDLE_PROFILE)
 SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.threshold=0.5"],
-             "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}"]}
+             "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}"],
+             "dspark_idle": ["scheduler.name=dspark", f"scheduler.profile={IDLE_PROFILE}"]}
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
 
 
@@ -63,7 +68,7 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
         assert result.stats.mean_accepted_length > min(gamma, 3)
 
 
-@pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d != "dspark_scheduled"])  # that one is load-aware
+@pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in ("dspark_scheduled", "dspark_idle")])  # load-aware
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -157,7 +162,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab", "dspark_threshold",
-                                     "dspark_scheduled"])
+                                     "dspark_scheduled", "dspark_idle"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]

@@ -101,6 +101,7 @@ class DSparkDrafter(Drafter):
 
     config_class = DSparkConfig
     provides_confidence = True
+    skippable = True  # the block's keys/values land past the context; commit reads the target's hidden states
 
     def __init__(self, config: DSparkConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)

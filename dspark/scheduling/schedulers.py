@@ -46,6 +46,17 @@ class Scheduler(ABC):
     def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
         """``[B]`` int64 drafts to verify, ``0 ≤ ℓ_b ≤ proposal.num_tokens[b]``, 0 where not ``active``."""
 
+    def reset(self) -> None:
+        """A new batch starts decoding (forget per-batch state)."""
+
+    def wants_drafts(self) -> bool:
+        """Whether this round drafts at all, decided before drafting from earlier rounds only (a
+        round without drafts is a plain decoding step: lossless whatever the reason)."""
+        return True
+
+    def observe(self, widest: int) -> None:
+        """After a drafted round was scheduled: the longest prefix verified (a host int)."""
+
 
 SCHEDULERS: Registry = Registry("scheduler", Scheduler)
 register_scheduler = SCHEDULERS.register
@@ -95,11 +106,26 @@ class DSparkSchedulerConfig(SchedulerConfig):
         profile: a cost table written by ``dspark profile`` (JSON); ``null`` measures the target
             when the first round needs it.
         profile_tokens: the token counts measured when profiling here.
+        cost: ``padded`` — the verify forward is ``[B, 1 + max ℓ]`` (dspark's engine), so drafts are
+            admitted by whole depths; ``tokens`` — it costs ``B + Σ ℓ`` tokens (a ragged engine,
+            as in the paper), drafts admitted one by one. See :func:`~dspark.scheduling.throughput_lengths`.
+        idle_backoff: after a round in which no draft was worth verifying, skip drafting for
+            1, 2, 4, … rounds (at most this many) before drafting again, so that under heavy load
+            decoding falls back to plain steps instead of paying for drafts nobody verifies; 0
+            drafts every round.
     """
 
     name: str = "dspark"
     profile: str | None = None
     profile_tokens: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    cost: str = "padded"
+    idle_backoff: int = 16
+
+    def __post_init__(self):
+        if self.cost not in ("padded", "tokens"):
+            raise ValueError(f"scheduler.cost must be 'padded' or 'tokens', got {self.cost!r}")
+        if self.idle_backoff < 0:
+            raise ValueError(f"scheduler.idle_backoff must be >= 0 (0 = always draft), got {self.idle_backoff}")
 
 
 @register_scheduler("dspark")
@@ -112,6 +138,7 @@ class DSparkScheduler(Scheduler):
 
     def __init__(self, config: DSparkSchedulerConfig | None = None, *, target=None, model_name: str = ""):
         super().__init__(config, target=target, model_name=model_name)
+        self.backoff = IdleBackoff(self.config.idle_backoff)
         self.profile: ThroughputProfile | None = None
         if self.config.profile is not None:
             self.profile = ThroughputProfile.load(self.config.profile)
@@ -121,4 +148,42 @@ class DSparkScheduler(Scheduler):
     def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
         if self.profile is None:
             self.profile = profile_target(self.target, tuple(self.config.profile_tokens), model_name=self.model_name)
-        return throughput_lengths(survival(proposal.confidence), proposal.num_tokens, active, self.profile.sps)
+        return throughput_lengths(survival(proposal.confidence), proposal.num_tokens, active, self.profile.sps,
+                                  padded=self.config.cost == "padded")
+
+    def reset(self) -> None:
+        self.backoff.reset()
+
+    def wants_drafts(self) -> bool:
+        return self.backoff.wants_drafts()
+
+    def observe(self, widest: int) -> None:
+        self.backoff.observe(widest)
+
+
+class IdleBackoff:
+    """Skip drafting after idle rounds: 1, 2, 4, … rounds (at most ``limit``) after each drafted
+    round that verified nothing; back to drafting every round once one verifies something."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        """Draft the next round."""
+        self.skip_next, self.to_skip = 0, 0
+
+    def wants_drafts(self) -> bool:
+        """Whether this round drafts (consumes one skipped round otherwise)."""
+        if self.to_skip > 0:
+            self.to_skip -= 1
+            return False
+        return True
+
+    def observe(self, widest: int) -> None:
+        """A drafted round verified at most ``widest`` drafts per request."""
+        if widest > 0 or self.limit == 0:
+            self.skip_next = 0
+        else:
+            self.skip_next = min(max(1, 2 * self.skip_next), self.limit)
+            self.to_skip = self.skip_next

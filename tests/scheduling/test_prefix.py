@@ -99,13 +99,14 @@ def scheduling_problems(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(scheduling_problems())
-def test_hardware_aware_scheduler_is_exactly_lossless(problem):
+@given(scheduling_problems(), st.booleans())
+def test_hardware_aware_scheduler_is_exactly_lossless(problem, padded):
+    """Per-draft admission (the paper's cost) and whole-depth admission (a padded forward's cost)."""
     targets, drafters, confidence, gamma, profile = problem
     num_requests = len(targets)
     offered, active = torch.full((num_requests,), gamma), torch.ones(num_requests, dtype=torch.bool)
     outputs = exact_outputs(targets, drafters, confidence, gamma,
-                            lambda a: throughput_lengths(a, offered, active, profile.sps))
+                            lambda a: throughput_lengths(a, offered, active, profile.sps, padded=padded))
     for p, out in zip(targets, outputs):
         assert torch.allclose(out, target_joint(p), atol=1e-12)
 
@@ -157,6 +158,20 @@ def test_greedy_admission_equals_brute_force_on_a_concave_cost_curve(num_request
     greedy = throughput_lengths(a, torch.full((num_requests,), gamma), torch.ones(num_requests, dtype=torch.bool),
                                 profile.sps).tolist()
     assert throughput(greedy) == pytest.approx(best, rel=1e-9)
+
+
+def test_padded_cost_admits_whole_depths():
+    """Θ_D = τ_D · SPS(R·(1+D)) for three requests: 2.7, 3.27, 3.30, 3.01 → depth 2 for everyone,
+    where per-draft admission (4, 5, … tokens) stops at different lengths."""
+    a = survival(torch.tensor([[0.9, 0.8, 0.5], [0.6, 0.5, 0.5], [0.95, 0.9, 0.9]], dtype=torch.float64))
+    profile = ThroughputProfile([1, 3, 6, 9, 12], [1.0, 0.9, 0.6, 0.45, 0.35])
+    offered, active = torch.tensor([3, 3, 3]), torch.ones(3, dtype=torch.bool)
+    assert throughput_lengths(a, offered, active, profile.sps, padded=True).tolist() == [2, 2, 2]
+    assert throughput_lengths(a, offered, active, profile.sps).tolist() == [2, 0, 3]
+    # a request offering one draft stops there; an inactive row still pays for its padding
+    lengths = throughput_lengths(a, torch.tensor([3, 1, 3]), torch.tensor([True, True, False]), profile.sps,
+                                 padded=True)
+    assert lengths.tolist()[1:] == [1, 0] and lengths[0] >= 1
 
 
 def test_inactive_requests_and_unoffered_drafts_are_never_scheduled():

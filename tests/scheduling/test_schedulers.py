@@ -17,16 +17,17 @@ def scheduled(target, scheduler: dict, drafter: str = "dspark", dtype: str = "fl
                                   "scheduler": scheduler}, target_model=target)
 
 
-@pytest.mark.parametrize("scheduler", ["threshold", "dspark"])
+@pytest.mark.parametrize("scheduler", ["threshold", "dspark", "dspark_tokens"])
 def test_schedulers_verify_less_and_change_nothing(scheduler, tmp_path):
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(101, lengths=(5, 1, 9, 3))
     plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=target)
     expected = plain.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids
     profile = tmp_path / "sps.json"
-    ThroughputProfile([1, 4, 8, 20], [1.0, 0.97, 0.6, 0.25]).save(profile)
-    section = {"name": "threshold", "threshold": 0.3} if scheduler == "threshold" else {"name": "dspark",
-                                                                                          "profile": str(profile)}
+    ThroughputProfile([1, 4, 8, 12, 20], [1.0, 0.97, 0.9, 0.6, 0.25]).save(profile)
+    section = {"threshold": {"name": "threshold", "threshold": 0.3},
+               "dspark": {"name": "dspark", "profile": str(profile)},  # padded cost: whole depths
+               "dspark_tokens": {"name": "dspark", "profile": str(profile), "cost": "tokens"}}[scheduler]
     result = scheduled(target, section).generate(prompts, max_new_tokens=20, ignore_eos=True)
     assert result.token_ids == expected
     assert 0 < result.stats.verified_tokens < result.stats.drafted_tokens
@@ -42,6 +43,30 @@ def test_when_verification_never_pays_the_dspark_scheduler_is_plain_decoding(tmp
     assert result.stats.verified_tokens == 0 and result.stats.mean_accepted_length == 1.0
     plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=target)
     assert result.token_ids == plain.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
+    # idle rounds back off: drafting in rounds 1, 3, 6, 11 of 11 (skipping 1, 2, 4, … rounds)
+    assert result.stats.rounds == 11 and result.stats.drafted_tokens == 4 * 2 * 4
+    assert result.stats.predicted_tau == 1.0  # skipped rounds promise (and deliver) one token
+    always = scheduled(target, {"name": "dspark", "profile": str(profile), "idle_backoff": 0}).generate(
+        prompts, max_new_tokens=12, ignore_eos=True)
+    assert always.token_ids == result.token_ids and always.stats.drafted_tokens == 11 * 2 * 4
+
+
+def test_idle_backoff_doubles_and_resets():
+    from dspark.scheduling.schedulers import IdleBackoff
+
+    backoff, pattern = IdleBackoff(limit=4), []
+    for widest in [0, 0, 0, 0, 2, 0]:  # what each drafted round verified
+        while not backoff.wants_drafts():
+            pattern.append("skip")
+        pattern.append(f"draft:{widest}")
+        backoff.observe(widest)
+    assert pattern == ["draft:0", "skip", "draft:0", "skip", "skip", "draft:0", "skip", "skip", "skip", "skip",
+                       "draft:0", "skip", "skip", "skip", "skip", "draft:2", "draft:0"]
+    backoff.reset()
+    assert backoff.wants_drafts()
+    never = IdleBackoff(limit=0)
+    never.observe(0)
+    assert never.wants_drafts()
 
 
 def test_bad_scheduler_settings_are_refused(tmp_path):
@@ -56,6 +81,10 @@ def test_bad_scheduler_settings_are_refused(tmp_path):
         scheduled(target, {"name": "dspark", "profile": str(profile)})
     with pytest.raises(Exception, match="unknown key scheduler.treshold"):
         scheduled(target, {"name": "threshold", "treshold": 0.5})
+    with pytest.raises(Exception, match="scheduler.cost must be 'padded' or 'tokens', got 'ragged'"):
+        scheduled(target, {"name": "dspark", "cost": "ragged"})
+    with pytest.raises(Exception, match="scheduler.idle_backoff must be >= 0"):
+        scheduled(target, {"name": "dspark", "idle_backoff": -1})
 
 
 def test_profiling_measures_a_positive_cost_curve():
