@@ -52,7 +52,8 @@ class EngineConfig:
             adds synchronisations, so keep it for measurements).
         cuda_graphs: replay the target's round forward from CUDA graphs captured per batch size and
             width bucket (:class:`~dspark.models.graphs.GraphedForward`; CUDA targets with the static
-            cache only). Composes with ``compile``.
+            cache only), and the drafter's own forward where it supports it (``dspark``). Composes
+            with ``compile``.
     """
 
     max_batch_size: int = 64
@@ -110,6 +111,7 @@ class Engine:
                 raise ValueError("engine.cuda_graphs needs a CUDA target (target.device=cuda) with the static "
                                  f"cache; this target is on {self.device} with {self.cache_class.__name__}")
             forward = GraphedForward(forward, drafter.gamma + 1)
+            drafter.use_graphs()
         self._round_forward = forward
         # compiled or graphed rounds read the whole cache: static shapes
         self._static_shapes = self.config.compile or self.config.cuda_graphs

@@ -77,6 +77,11 @@ class Drafter(ABC):
         """Compile the drafter's own model forwards (called once when ``engine.compile`` is set);
         drafters without a model of their own have nothing to compile."""
 
+    def use_graphs(self, capture=None) -> None:
+        """Replay the drafter's own forwards from CUDA graphs (called once, after :meth:`compile`,
+        when ``engine.cuda_graphs`` is set; ``capture`` as for
+        :class:`~dspark.models.graphs.GraphedFunction`). Drafters that do not implement it run eagerly."""
+
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         """Called once per batch after the target's prefill.
 

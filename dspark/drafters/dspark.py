@@ -14,6 +14,7 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
+from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 from dspark.scheduling.calibration import apply_temperatures
@@ -131,6 +132,12 @@ class DSparkDrafter(Drafter):
         self._append_round = torch.compile(self._append_context, dynamic=False)
         self._static_kv = True
 
+    def use_graphs(self, capture=None) -> None:
+        # the block forward is one graph per batch size and sampling settings (it reads the whole
+        # context cache); appending the round's context has a varying width and stays as it is
+        self._draft_block = GraphedFunction(self._draft_block, capture=capture)
+        self._static_kv = True
+
     def _calibration(self, config: DSparkConfig, draft_model) -> torch.Tensor | None:
         """The confidence temperatures this drafter applies (see ``DSparkConfig.calibration``)."""
         from dspark.models.loading import resolve_checkpoint
@@ -165,6 +172,8 @@ class DSparkDrafter(Drafter):
         batch, block = state.batch_size, self.net.args.gamma
         cache = self.cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len + block:
+            if isinstance(self._draft_block, GraphedFunction):  # its graphs read the old cache
+                self._draft_block.clear()
             a = self.net.args
             cache = self.cache = StaticKVCache(a.num_layers, batch, a.num_kv_heads, max_len + block, a.head_dim,
                                                dtype=self.target.dtype, device=self.target.device)

@@ -123,15 +123,70 @@ class GraphedForward:
         return _Graph(input_ids, num_new, replay, output)
 
 
-def eager_capture(fn: Callable[[], ModelOutput]) -> tuple[Callable[[], None], ModelOutput]:
+class GraphedFunction:
+    """Replays a captured graph of ``fn(*args)`` per distinct (tensor shapes, other arguments).
+
+    Tensor arguments are copied into the graph's static inputs before each replay; every other
+    argument is part of the key (it must be hashable). The result — a tensor, ``None``, or a
+    tuple of them — is the graph's static output, overwritten by the next replay. Drafters use it
+    for their own forwards (``engine.cuda_graphs``).
+
+    Args:
+        fn: the function to capture (it may read and write other fixed buffers, e.g. a cache).
+        capture: as for :class:`GraphedForward`.
+    """
+
+    def __init__(self, fn: Callable, *, capture: Capture | None = None):
+        self.fn = fn
+        self._capture = capture
+        self._pool = None
+        self._graphs: dict[tuple, tuple[list, Callable[[], None], object]] = {}
+
+    @property
+    def num_graphs(self) -> int:
+        """Graphs captured so far."""
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Forget every graph (call when the buffers the function reads are reallocated)."""
+        self._graphs = {}
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            if self._capture is None and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            capture = self._capture or (lambda fn: cuda_graph_capture(fn, self._pool))
+            replay, output = capture(lambda: self.fn(*static))
+            entry = self._graphs[key] = (static, replay, output)
+        static, replay, output = entry
+        for buffer, value in zip(static, args):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(value)
+        replay()
+        return output
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a forward's output (a ModelOutput, a tensor, or a tuple / list with ``None``s)."""
+    if isinstance(output, ModelOutput):
+        return [output.logits, *output.hidden_states]
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def eager_capture(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
     """A CPU stand-in for :func:`cuda_graph_capture` with the same contract: replays rerun ``fn`` and
     overwrite the first call's output tensors in place (what a graph's static outputs do)."""
     output = fn()
 
     def replay() -> None:
-        fresh = fn()
-        output.logits.copy_(fresh.logits)
-        for static, new in zip(output.hidden_states, fresh.hidden_states):
+        for static, new in zip(_tensors(output), _tensors(fn())):
             static.copy_(new)
 
     return replay, output

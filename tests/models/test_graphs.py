@@ -6,7 +6,7 @@ graphs run in the GPU-marked test (scripts/gpu_check.sh)."""
 import pytest
 import torch
 
-from dspark.models.graphs import GraphedForward, eager_capture, graph_widths
+from dspark.models.graphs import GraphedForward, GraphedFunction, eager_capture, graph_widths
 from helpers import ragged_prompts, tiny_hf_model
 from test_speculative import spec_pipeline
 
@@ -20,10 +20,12 @@ def test_bucket_widths_end_at_the_round_width():
 
 
 def graphed(pipe, capture=eager_capture):
-    """Swap the engine's round forward for a graphed one (what engine.cuda_graphs does on CUDA)."""
+    """Swap the engine's round forward (and the drafter's) for graphed ones, as engine.cuda_graphs
+    does on CUDA."""
     engine = pipe.engine
     engine._round_forward = GraphedForward(engine.target, engine.drafter.gamma + 1, capture=capture)
     engine._static_shapes = True
+    engine.drafter.use_graphs(capture)
     return engine._round_forward
 
 
@@ -41,6 +43,27 @@ def test_graphed_rounds_match_eager_rounds(drafter):
     assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
     assert pipe.generate(prompts, **sampled).token_ids == eager
     assert 1 <= forward.num_graphs <= len(forward.widths)
+    if drafter.startswith("dspark"):  # the block forward: one graph per sampling setting
+        assert pipe.engine.drafter._draft_block.num_graphs == 2
+
+
+def test_graphed_function_keys_on_shapes_and_settings():
+    calls = []
+
+    def fn(x, scale):
+        calls.append(scale)
+        return x * scale, None
+
+    graphed_fn = GraphedFunction(fn, capture=eager_capture)
+    out, none = graphed_fn(torch.ones(2), 3)
+    assert out.tolist() == [3.0, 3.0] and none is None
+    again, _ = graphed_fn(torch.full((2,), 2.0), 3)
+    assert again is out and out.tolist() == [6.0, 6.0]  # the static output, overwritten
+    graphed_fn(torch.ones(3), 3)
+    graphed_fn(torch.ones(2), 4)
+    assert graphed_fn.num_graphs == 3
+    graphed_fn.clear()
+    assert graphed_fn.num_graphs == 0
 
 
 def test_capture_commits_nothing_and_outputs_are_static():
