@@ -21,6 +21,19 @@ def _block(n: int, scale: int = 1) -> int:
 
 
 @triton.jit
+def _target_and_residual(p_row, q_row, offs, m, x_next, HAS_Q: tl.constexpr, GAMMA: tl.constexpr):
+    """One vocabulary tile of ``p`` and of the residual ``max(0, p − q)`` (``p`` with the draft
+    zeroed for a deterministic draft)."""
+    pv = tl.load(p_row + offs, mask=m, other=0.0)
+    if HAS_Q:
+        qv = tl.load(q_row + offs, mask=m & (GAMMA > 0), other=0.0)
+        r = tl.maximum(pv - qv, 0.0)
+    else:
+        r = tl.where(offs == x_next, 0.0, pv)
+    return pv, r
+
+
+@triton.jit
 def _verify_chain_kernel(p_ptr, q_ptr, draft_ptr, num_ptr, u_ptr, out_tokens_ptr, out_num_ptr,
                          vocab, tiny,
                          GAMMA: tl.constexpr, HAS_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
@@ -53,12 +66,7 @@ def _verify_chain_kernel(p_ptr, q_ptr, draft_ptr, num_ptr, u_ptr, out_tokens_ptr
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < vocab
-        pv = tl.load(p_row + offs, mask=m, other=0.0)
-        if HAS_Q:
-            qv = tl.load(q_row + offs, mask=m & (GAMMA > 0), other=0.0)
-            r = tl.maximum(pv - qv, 0.0)
-        else:
-            r = tl.where(offs == x_next, 0.0, pv)
+        pv, r = _target_and_residual(p_row, q_row, offs, m, x_next, HAS_Q, GAMMA)
         sum_p += tl.sum(pv, 0)
         sum_r += tl.sum(r, 0)
     use_residual = rejected & (sum_r > 0)
@@ -70,12 +78,7 @@ def _verify_chain_kernel(p_ptr, q_ptr, draft_ptr, num_ptr, u_ptr, out_tokens_ptr
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < vocab
-        pv = tl.load(p_row + offs, mask=m, other=0.0)
-        if HAS_Q:
-            qv = tl.load(q_row + offs, mask=m & (GAMMA > 0), other=0.0)
-            r = tl.maximum(pv - qv, 0.0)
-        else:
-            r = tl.where(offs == x_next, 0.0, pv)
+        pv, r = _target_and_residual(p_row, q_row, offs, m, x_next, HAS_Q, GAMMA)
         w = tl.where(use_residual, r, pv)
         cdf = running + tl.cumsum(w, 0)
         first = tl.min(tl.where((cdf > threshold) & m, offs, vocab), 0).to(tl.int64)
