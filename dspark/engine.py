@@ -212,7 +212,7 @@ class Engine:
 
         # 1. draft: x_1..x_γ after each anchor, unless the scheduler expects none to be verified
         clock.start()
-        drafting = not self.drafter.skippable or self.scheduler.wants_drafts()
+        drafting = not self.drafter.skippable or self.scheduler.wants_drafts(active)
         proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else _no_drafts(state)
         clock.lap(counters, 0)
         # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]

@@ -22,10 +22,11 @@ DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflas
 # tests depend on machine speed)
 PROFILE = Path(tempfile.mkdtemp()) / "sps.json"
 ThroughputProfile([1, 8, 16, 64, 5000, 10000, 20000], [1.0, 0.95, 0.7, 0.2, 0.2, 0.15, 0.08]).save(PROFILE)
-# verification never pays (SPS falls faster than 1/tokens): rounds draft, verify nothing, and back
-# off into plain decoding steps
+# SPS ∝ tokens^-0.99: a draft could pay only at confidence ≈ 1, so rounds draft (the load bound
+# passes), verify nothing, and back off into plain decoding steps
 IDLE_PROFILE = PROFILE.with_name("idle_sps.json")
-ThroughputProfile([2 ** i for i in range(15)], [2.0 ** (-1.5 * i) for i in range(15)]).save(IDLE_PROFILE)
+IDLE_COUNTS = list(range(1, 65)) + [5000, 10000, 20000]
+ThroughputProfile(IDLE_COUNTS, [t ** -0.99 for t in IDLE_COUNTS]).save(IDLE_PROFILE)
 SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.threshold=0.5"],
              "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}"],
              "dspark_idle": ["scheduler.name=dspark", f"scheduler.profile={IDLE_PROFILE}"]}

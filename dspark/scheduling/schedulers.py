@@ -49,9 +49,10 @@ class Scheduler(ABC):
     def reset(self) -> None:
         """A new batch starts decoding (forget per-batch state)."""
 
-    def wants_drafts(self) -> bool:
-        """Whether this round drafts at all, decided before drafting from earlier rounds only (a
-        round without drafts is a plain decoding step: lossless whatever the reason)."""
+    def wants_drafts(self, active: list[bool]) -> bool:
+        """Whether this round drafts at all, decided before drafting from earlier rounds and the
+        batch's load only (``active``: which of the batch's requests are unfinished). A round
+        without drafts is a plain decoding step: lossless whatever the reason."""
         return True
 
     def observe(self, widest: int) -> None:
@@ -154,8 +155,25 @@ class DSparkScheduler(Scheduler):
     def reset(self) -> None:
         self.backoff.reset()
 
-    def wants_drafts(self) -> bool:
+    def wants_drafts(self, active: list[bool]) -> bool:
+        if self.profile is not None and not self.any_draft_can_pay(len(active), sum(active)):
+            return False
         return self.backoff.wants_drafts()
+
+    def any_draft_can_pay(self, batch_size: int, num_active: int) -> bool:
+        """Whether the first admission could raise Θ even if every confidence were 1: otherwise no
+        draft is ever verified at this load, and drafting is skipped without looking.
+
+        Padded: depth 1 brings at most ``num_active`` tokens for ``batch_size`` more in the forward,
+        ``2·R_a·SPS(2R) > R_a·SPS(R)``; per token: ``(R_a + 1)·SPS(R_a + 1) > R_a·SPS(R_a)``."""
+        if num_active == 0:
+            return False
+        if self.config.cost == "padded":
+            now, then, gain = float(batch_size), 2.0 * batch_size, 2.0
+        else:
+            now, then, gain = float(num_active), num_active + 1.0, (num_active + 1.0) / num_active
+        sps = self.profile.sps(torch.tensor([now, then], dtype=torch.float64)).tolist()
+        return gain * sps[1] > sps[0]
 
     def observe(self, widest: int) -> None:
         self.backoff.observe(widest)

@@ -36,19 +36,42 @@ def test_schedulers_verify_less_and_change_nothing(scheduler, tmp_path):
 def test_when_verification_never_pays_the_dspark_scheduler_is_plain_decoding(tmp_path):
     target = tiny_hf_model("llama", scale=3.0)
     prompts = ragged_prompts(101, lengths=(4, 7))
-    profile = tmp_path / "sps.json"
-    ThroughputProfile([1, 2, 3], [1.0, 1.0, 0.4]).save(profile)  # a third token costs more than any draft brings
-    result = scheduled(target, {"name": "dspark", "profile": str(profile)}).generate(
-        prompts, max_new_tokens=12, ignore_eos=True)
-    assert result.stats.verified_tokens == 0 and result.stats.mean_accepted_length == 1.0
     plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=target)
-    assert result.token_ids == plain.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
-    # idle rounds back off: drafting in rounds 1, 3, 6, 11 of 11 (skipping 1, 2, 4, … rounds)
+    expected = plain.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
+    # doubling the forward (2 → 4 tokens) more than halves the step rate: no draft can pay even
+    # at confidence 1, so no round drafts at all
+    hopeless = tmp_path / "hopeless.json"
+    ThroughputProfile([1, 2, 3], [1.0, 1.0, 0.4]).save(hopeless)
+    result = scheduled(target, {"name": "dspark", "profile": str(hopeless)}).generate(
+        prompts, max_new_tokens=12, ignore_eos=True)
+    assert result.token_ids == expected
+    assert result.stats.drafted_tokens == 0 and result.stats.mean_accepted_length == 1.0
+    # a draft could pay if it were confident enough (2·SPS(4) > SPS(2)), but this random drafter's
+    # never are: idle rounds back off, drafting in rounds 1, 3, 6, 11 of 11
+    unlikely = tmp_path / "unlikely.json"
+    ThroughputProfile([1, 2, 4], [1.0, 1.0, 0.55]).save(unlikely)
+    result = scheduled(target, {"name": "dspark", "profile": str(unlikely)}).generate(
+        prompts, max_new_tokens=12, ignore_eos=True)
+    assert result.token_ids == expected and result.stats.verified_tokens == 0
     assert result.stats.rounds == 11 and result.stats.drafted_tokens == 4 * 2 * 4
     assert result.stats.predicted_tau == 1.0  # skipped rounds promise (and deliver) one token
-    always = scheduled(target, {"name": "dspark", "profile": str(profile), "idle_backoff": 0}).generate(
+    always = scheduled(target, {"name": "dspark", "profile": str(unlikely), "idle_backoff": 0}).generate(
         prompts, max_new_tokens=12, ignore_eos=True)
-    assert always.token_ids == result.token_ids and always.stats.drafted_tokens == 11 * 2 * 4
+    assert always.token_ids == expected and always.stats.drafted_tokens == 11 * 2 * 4
+
+
+def test_the_load_bound_reads_the_cost_table(tmp_path):
+    from dspark.scheduling import DSparkScheduler
+    from dspark.scheduling.schedulers import DSparkSchedulerConfig
+
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 8, 16, 32, 64], [1.0, 1.0, 0.9, 0.4, 0.2]).save(profile)
+    padded = DSparkScheduler(DSparkSchedulerConfig(profile=str(profile)))
+    assert padded.any_draft_can_pay(8, 8)  # 16 tokens: 2 · 0.9 > 1.0
+    assert not padded.any_draft_can_pay(16, 3)  # 32 tokens: 2 · 0.4 ≤ 0.9, however few are active
+    assert not padded.any_draft_can_pay(4, 0)
+    per_token = DSparkScheduler(DSparkSchedulerConfig(profile=str(profile), cost="tokens"))
+    assert per_token.any_draft_can_pay(16, 3)  # 3 → 4 tokens costs nothing here
 
 
 def test_idle_backoff_doubles_and_resets():
