@@ -89,6 +89,10 @@ def load_block_drafter(source, target) -> BlockDrafter:
     return load_weights(BlockDrafter(args.validate()), directory)
 
 
+#: context of at most this many rounds without drafts waits for drafting to resume
+MAX_PENDING_ROUNDS = 64
+
+
 @register_drafter("dspark")
 class DSparkDrafter(Drafter):
     """Drafts γ tokens per round with one backbone forward plus a light left-to-right head.
@@ -179,8 +183,18 @@ class DSparkDrafter(Drafter):
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()
         self._append_context(target_output.hidden_states, state.prompt_lengths)
+        # rounds without drafts append their context lazily, when drafting resumes (see commit)
+        self._pending: list[list[torch.Tensor]] = []
+        self._pending_len = torch.zeros_like(cache.lengths)
+
+    def _flush_pending(self) -> None:
+        """Append the context of the rounds that did not draft, in one forward."""
+        if self._pending:
+            self._append_context([torch.cat(layer, 1) for layer in zip(*self._pending)], self._pending_len)
+            self._pending, self._pending_len = [], torch.zeros_like(self._pending_len)
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
+        self._flush_pending()
         cache = self.cache
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.gamma, cache.max_len)
         tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, uniforms, state.params, kv_len)
@@ -232,4 +246,14 @@ class DSparkDrafter(Drafter):
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
         # mirror the target cache: it now holds every committed token but the anchor
-        self._append_round(target_output.hidden_states, (state.lengths - 1) - self.cache.lengths)
+        num_new = (state.lengths - 1) - self.cache.lengths - self._pending_len
+        if proposal.gamma == 0:
+            # nothing was verified (a plain decoding step, often one that skipped drafting): keep the
+            # hidden states (copies: with CUDA graphs they are overwritten by the next round)
+            self._pending.append([h.clone() for h in target_output.hidden_states])
+            self._pending_len += num_new
+            if len(self._pending) >= MAX_PENDING_ROUNDS:
+                self._flush_pending()
+            return
+        self._flush_pending()
+        self._append_round(target_output.hidden_states, num_new)

@@ -22,16 +22,33 @@ def block_pipeline(target_hf, head="markov", gamma=3, *overrides):
                                  target_model=target_hf, overrides=list(overrides))
 
 
-@pytest.mark.parametrize("head", ["none", "markov", "gated_markov", "rnn"])
-def test_context_cache_equals_recomputation_over_the_accepted_prefix(head):
+@pytest.mark.parametrize("head, schedule", [("none", "fixed"), ("markov", "fixed"), ("gated_markov", "fixed"),
+                                            ("rnn", "fixed"), ("markov", "threshold"), ("markov", "idle")])
+def test_context_cache_equals_recomputation_over_the_accepted_prefix(head, schedule, tmp_path):
     """After rounds with rejections, the drafter's context keys/values equal a from-scratch
-    computation from the target's hidden states over the committed tokens (all but the anchor)."""
+    computation from the target's hidden states over the committed tokens (all but the anchor) —
+    also when rounds verify nothing (``threshold``) or skip drafting (``idle``) and append their
+    context lazily."""
+    from dspark.scheduling import ThroughputProfile
+
     target_hf = tiny_hf_model("qwen3", scale=2.0)
-    pipe = block_pipeline(target_hf, head)
+    overrides = {"fixed": [], "threshold": ["scheduler.name=threshold", "scheduler.threshold=0.45"]}.get(schedule)
+    if schedule == "idle":  # drafts pay only at confidence ≈ 1: rounds draft, verify nothing, back off
+        counts = list(range(1, 33))
+        ThroughputProfile(counts, [t ** -0.99 for t in counts]).save(tmp_path / "sps.json")
+        overrides = ["scheduler.name=dspark", f"scheduler.profile={tmp_path / 'sps.json'}"]
+    pipe = block_pipeline(target_hf, head, 3, *overrides)
     drafter = pipe.drafter
     prompts = ragged_prompts(101, lengths=(5, 9, 2))
     result = pipe.generate(prompts, max_new_tokens=17, temperature=1.0, seed=3, ignore_eos=True)
-    assert result.stats.rounds >= 4 and result.stats.accepted_tokens < result.stats.verified_tokens  # rejections
+    assert result.stats.rounds >= 4
+    if schedule == "fixed":
+        assert result.stats.accepted_tokens < result.stats.verified_tokens  # rejections
+    else:  # rounds that verified nothing appended their context late (or not yet)
+        assert result.stats.verified_tokens < result.stats.drafted_tokens
+        assert schedule != "idle" or drafter._pending
+        with torch.inference_mode():
+            drafter._flush_pending()  # what the next propose would do
     target = pipe.target
     for b, (prompt, generated) in enumerate(zip(prompts, result.token_ids)):
         committed = torch.tensor(prompt + generated[:-1]).unsqueeze(0)  # the last token is the anchor
