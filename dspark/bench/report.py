@@ -96,13 +96,16 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
     smallest_batch = min(r["batch_size"] for r in rows)
     longest = max((len(r.get("acceptance_by_position") or []) for r in rows), default=1)
     sizes = sorted({r["batch_size"] for r in rows})
+    variants = sorted({r["variant"] for r in rows})
+    # one colour per variant in every figure (line style: solid T = 0, dashed otherwise)
+    color = {v: f"C{i % 10}" for i, v in enumerate(variants)}
 
     def acceptance(ax, domain):
         for r in rows:
             if r["domain"] == domain and r.get("acceptance_by_position") and r["batch_size"] == smallest_batch:
                 acc = [a if a is not None else float("nan") for a in r["acceptance_by_position"]]
                 ax.plot(range(1, len(acc) + 1), acc, marker="o", linestyle="-" if r["temperature"] == 0 else "--",
-                        label=f"{r['variant']} T={r['temperature']:g}")
+                        color=color[r["variant"]], label=f"{r['variant']} T={r['temperature']:g}")
         ax.set(title=f"{domain}: conditional acceptance", xlabel="draft position k",
                ylabel="P(accept k | 1..k-1 accepted)", ylim=(0, 1.02))
         ax.set_xticks(range(1, longest + 1))
@@ -114,7 +117,7 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
                             and r["variant"] == variant and r["temperature"] == temperature and r["speedup_vs_none"])
             if points:
                 ax.plot(*zip(*points), marker="o", linestyle="-" if temperature == 0 else "--",
-                        label=f"{variant} T={temperature:g}")
+                        color=color[variant], label=f"{variant} T={temperature:g}")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set(title=f"{domain}: speedup over autoregressive", xlabel="batch size", ylabel="tokens/s ÷ none")
         ax.set_xscale("log", base=2)
@@ -126,21 +129,22 @@ def plot(rows: list[dict], output_dir: Path) -> list[Path]:
             points = sorted((r["batch_size"], r) for r in rows if r["domain"] == domain and r["variant"] == variant
                             and r["temperature"] == temperature and key(r) is not None)
             if points:
-                yield f"{variant} T={temperature:g}", "-" if temperature == 0 else "--", points
+                yield (f"{variant} T={temperature:g}", dict(linestyle="-" if temperature == 0 else "--",
+                                                              color=color[variant]), points)
 
     def frontier(ax, domain):
         for label, style, points in series(domain, lambda r: r["tokens_per_s"]):
             ax.plot([r["tokens_per_s"] / b for b, r in points], [r["tokens_per_s"] for _, r in points], marker="o",
-                    linestyle=style, label=label)
+                    label=label, **style)
             for b, r in points:
                 ax.annotate(str(b), (r["tokens_per_s"] / b, r["tokens_per_s"]), fontsize=6)
-        ax.set(title=f"{domain}: throughput against per-request speed (labels: batch size)",
+        ax.set(title=f"{domain}: aggregate vs per-request speed (labels: batch)",
                xlabel="tokens/s per request", ylabel="aggregate tokens/s")
 
     def budget(ax, domain):
         for label, style, points in series(domain, lambda r: r.get("verified_per_round")):
-            ax.plot([b for b, _ in points], [r["verified_per_round"] for _, r in points], marker="o", linestyle=style,
-                    label=label)
+            ax.plot([b for b, _ in points], [r["verified_per_round"] for _, r in points], marker="o", label=label,
+                    **style)
         ax.set(title=f"{domain}: verification budget", xlabel="batch size (concurrent requests)",
                ylabel="drafts verified per request-round")
         ax.set_xscale("log", base=2)
