@@ -128,9 +128,10 @@ def test_joint_of_a_gamma_3_chain_equals_target(deterministic):
         assert abs(joint.get(seq, 0.0) - target) < 1e-9
 
 
-def test_verify_uses_acceptance_and_residual_as_defined():
+def test_verify_uses_acceptance_and_residual_as_defined(kernel_backend):
     """The tokens ChainVerifier.verify returns follow the rule u < a(x), then inverse-CDF on the
-    residual (or on p for the bonus) with the last uniform."""
+    residual (or on p for the bonus) with the last uniform — with the torch twin and with the
+    Triton kernel (interpreted on CPU)."""
     sampler = DefaultSampler()
     params = SamplingParams(temperature=1.0)
     g = torch.Generator().manual_seed(1)
@@ -156,7 +157,7 @@ def test_verify_uses_acceptance_and_residual_as_defined():
         assert result.tokens[b, n].item() == sample_from(dist.view(1, -1), uniforms[b, gamma].view(1)).item()
 
 
-def test_greedy_verification_accepts_argmax_prefix():
+def test_greedy_verification_accepts_argmax_prefix(kernel_backend):
     logits = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0], [1.0, 0.0, 0.0]]])  # argmax 1, 0, 2, 0
     for drafts, ell, accepted, tokens in (([1, 0, 2], 3, 3, [1, 0, 2, 0]), ([1, 2, 2], 3, 1, [1, 0]),
                                          ([0, 0, 2], 3, 0, [1]), ([1, 0, 2], 2, 2, [1, 0, 2])):
