@@ -239,6 +239,8 @@ class Engine:
         result = self.verifier.verify(out.logits, proposal, sampler=self.sampler, params=params,
                                       uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
+        if drafting:
+            self.scheduler.record(num_verify, num_accepted)
         clock.lap(counters, 1)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
         emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))

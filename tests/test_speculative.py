@@ -16,7 +16,8 @@ from dspark.records import VerificationResult
 from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn", "eagle3",
-            "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle"]
+            "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle", "ngram_adaptive",
+            "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
 # hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
 # tests depend on machine speed)
@@ -30,12 +31,16 @@ ThroughputProfile(IDLE_COUNTS, [t ** -0.99 for t in IDLE_COUNTS]).save(IDLE_PROF
 SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.threshold=0.5"],
              "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}"],
              "dspark_idle": ["scheduler.name=dspark", f"scheduler.profile={IDLE_PROFILE}"]}
+# drafters without confidences under the adaptive scheduler (acceptance estimated from earlier rounds)
+ADAPTIVE = ["scheduler.name=adaptive", f"scheduler.profile={PROFILE}"]
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
 
 
 def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
     if drafter == "none":
         section = {"name": "none"}
+    elif drafter.endswith("_adaptive"):
+        return spec_pipeline(target, drafter.removesuffix("_adaptive"), gamma, *ADAPTIVE, *overrides, draft=draft)
     elif drafter == "ngram":
         section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
     elif drafter in BLOCK_HEADS or drafter in SCHEDULED:  # a randomly initialised block drafter
@@ -69,7 +74,8 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
         assert result.stats.mean_accepted_length > min(gamma, 3)
 
 
-@pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in ("dspark_scheduled", "dspark_idle")])  # load-aware
+@pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in (  # load-aware, or learning from the batch
+    "dspark_scheduled", "dspark_idle", "ngram_adaptive", "draft_model_adaptive")])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -163,7 +169,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab", "dspark_threshold",
-                                     "dspark_scheduled", "dspark_idle"])
+                                     "dspark_scheduled", "dspark_idle", "ngram_adaptive", "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]

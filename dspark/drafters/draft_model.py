@@ -108,16 +108,19 @@ class DraftModelDrafter(Drafter):
             if k < gamma - 1:
                 out = self._forward(token.unsqueeze(1), self.cache, active.long(), kv_len=kv_len)
         tokens = torch.stack(drafts, 1)  # [B, γ]
+        self.fed = torch.where(active, gamma - 1, 0)  # drafts fed to the cache this round
         return DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0),
                              probs=torch.stack(probs, 1) if probs else None)
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
-        # the cache holds anchor, x_1..x_{γ-1}; keep anchor + x_1..x_n (n accepted) → drop γ-1-n,
-        # or, with all γ accepted, keep everything and feed x_γ next round
-        verified = proposal.num_tokens
-        fed = (verified - 1).clamp(min=0)  # drafts fed this round (x_1..x_{γ-1}) for active requests
-        all_accepted = (result.num_accepted == verified) & (verified > 0)
-        self.cache.rollback(fed - torch.minimum(result.num_accepted, fed))
-        self.pending = all_accepted
-        self.last_draft = proposal.tokens.gather(1, fed.unsqueeze(1)).squeeze(1)
+        # the cache holds anchor, x_1..x_{γ-1} of each request that drafted; keep anchor + x_1..x_n
+        # (n accepted) → drop γ-1-n, or, with all γ accepted, keep everything and feed x_γ next round.
+        # A scheduler may have verified fewer than γ (ℓ < γ, the proposal narrowed): the cache does
+        # not care, it holds what propose fed.
+        accepted = result.num_accepted
+        self.cache.rollback(self.fed - torch.minimum(accepted, self.fed))
+        self.pending = accepted == self.gamma
+        width = proposal.tokens.shape[1]
+        if width:
+            self.last_draft = proposal.tokens.gather(1, (accepted - 1).clamp(0, width - 1).unsqueeze(1)).squeeze(1)

@@ -10,10 +10,11 @@ from dspark.scheduling.calibration import (apply_temperatures, auroc, brier_scor
                                            expected_calibration_error, fit_sts)
 from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
 from dspark.scheduling.profile import ThroughputProfile, profile_target
-from dspark.scheduling.schedulers import (SCHEDULERS, DSparkScheduler, FixedScheduler, Scheduler, SchedulerConfig,
+from dspark.scheduling.schedulers import (SCHEDULERS, AdaptiveScheduler, DSparkScheduler, FixedScheduler, Scheduler,
+                                          SchedulerConfig,
                                           ThresholdScheduler, register_scheduler)
 
-__all__ = ["SCHEDULERS", "DSparkScheduler", "FixedScheduler", "Scheduler", "SchedulerConfig", "ThresholdScheduler",
+__all__ = ["SCHEDULERS", "AdaptiveScheduler", "DSparkScheduler", "FixedScheduler", "Scheduler", "SchedulerConfig", "ThresholdScheduler",
            "ThroughputProfile", "register_scheduler", "apply_temperatures", "auroc", "brier_score", "calibration_report",
            "expected_calibration_error", "fit_sts", "profile_target", "survival", "threshold_lengths",
            "throughput_lengths"]

@@ -1,8 +1,9 @@
 """Schedulers: the round's *schedule* step — how many of each request's drafts the target verifies.
 
-Config section ``scheduler: {name: fixed | threshold | dspark, ...}``. ``fixed`` verifies every
-draft (plain speculative decoding); ``threshold`` and ``dspark`` read the drafter's confidences
-(``DraftProposal.confidence``), so they need a drafter with a confidence head (``dspark``).
+Config section ``scheduler: {name: fixed | threshold | dspark | adaptive, ...}``. ``fixed`` verifies
+every draft (plain speculative decoding); ``threshold`` and ``dspark`` read the drafter's
+confidences (``DraftProposal.confidence``), so they need a drafter with a confidence head
+(``dspark``); ``adaptive`` is ``dspark`` with acceptance estimated from earlier rounds, for any drafter.
 Every scheduler is lossless: its choice for draft j never depends on draft j itself (see
 :mod:`dspark.scheduling.prefix`).
 """
@@ -10,7 +11,7 @@ Every scheduler is lossless: its choice for draft j never depends on draft j its
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,6 +19,7 @@ from dspark.records import DraftProposal
 from dspark.registry import Registry
 from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
 from dspark.scheduling.profile import ThroughputProfile, profile_target
+from dspark.stats import position_counts
 
 
 @dataclass
@@ -57,6 +59,9 @@ class Scheduler(ABC):
 
     def observe(self, widest: int) -> None:
         """After a drafted round was scheduled: the longest prefix verified (a host int)."""
+
+    def record(self, num_verified: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """After a drafted round was verified: ``ℓ_b`` and ``n_b`` ``[B]`` (device tensors, no sync)."""
 
 
 SCHEDULERS: Registry = Registry("scheduler", Scheduler)
@@ -177,6 +182,62 @@ class DSparkScheduler(Scheduler):
 
     def observe(self, widest: int) -> None:
         self.backoff.observe(widest)
+
+
+@dataclass
+class AdaptiveSchedulerConfig(DSparkSchedulerConfig):
+    """``adaptive``: the hardware-aware scheduler for drafters without a confidence head.
+
+    Attributes:
+        decay: weight of the past in the running per-position acceptance counts (per round).
+        prior: acceptance assumed at a position with no data (one pseudo-observation).
+    """
+
+    name: str = "adaptive"
+    decay: float = 0.95
+    prior: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"scheduler.decay must be in [0, 1), got {self.decay}")
+        if not 0.0 < self.prior < 1.0:
+            raise ValueError(f"scheduler.prior must be in (0, 1), got {self.prior}")
+
+
+@register_scheduler("adaptive")
+class AdaptiveScheduler(DSparkScheduler):
+    """The ``dspark`` scheduler (cost, load bound, idle backoff) with confidences estimated from
+    earlier rounds instead of read from the drafter: ``c_j`` is the running conditional
+    acceptance at position j (decayed counts), the same for every request. The choice then does
+    not depend on this round's drafts at all, so it is trivially lossless — and any drafter
+    (``ngram``, ``draft_model``, ``eagle3``) becomes load-aware."""
+
+    config_class = AdaptiveSchedulerConfig
+    needs_confidence = False
+
+    def __init__(self, config: AdaptiveSchedulerConfig | None = None, *, target=None, model_name: str = ""):
+        super().__init__(config, target=target, model_name=model_name)
+        self.reached: torch.Tensor | None = None  # [γ] decayed counts, float64
+        self.accepted: torch.Tensor | None = None
+
+    def acceptance(self, gamma: int, device) -> torch.Tensor:
+        """``[γ]`` the estimated conditional acceptance per position, ``(accepted + prior) / (reached + 1)``."""
+        if self.reached is None or self.reached.shape[0] != gamma:
+            self.reached = torch.zeros(gamma, dtype=torch.float64, device=device)
+            self.accepted = torch.zeros_like(self.reached)
+        return (self.accepted + self.config.prior) / (self.reached + 1.0)
+
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        confidence = self.acceptance(proposal.gamma, proposal.tokens.device).expand(proposal.tokens.shape[0], -1)
+        return super().schedule(replace(proposal, confidence=confidence), active)
+
+    def record(self, num_verified: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        if self.reached is None:
+            return
+        reached, accepted = position_counts(num_verified, num_accepted, self.reached.shape[0])
+        self.reached = self.config.decay * self.reached + reached
+        self.accepted = self.config.decay * self.accepted + accepted
 
 
 class IdleBackoff:

@@ -29,12 +29,21 @@ def test_pipeline_reports_missing_draft_model():
                               target_model=tiny_hf_model("llama"))
 
 
-def test_draft_cache_tracks_committed_context():
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_draft_cache_tracks_committed_context(scheduled, tmp_path):
     """After every round the draft cache holds the committed tokens minus the anchor, less one
-    pending token exactly when a round accepted all γ drafts."""
+    pending token exactly when a round accepted all γ drafts — also when a scheduler verifies
+    fewer drafts than were fed (the adaptive scheduler with a cost table that stops at depth 1–2)."""
+    from dspark.scheduling import ThroughputProfile
+
+    overrides = []
+    if scheduled:
+        ThroughputProfile([1, 6, 9, 12], [1.0, 0.9, 0.55, 0.3]).save(tmp_path / "sps.json")
+        overrides = ["scheduler.name=adaptive", f"scheduler.profile={tmp_path / 'sps.json'}"]
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "num_speculative_tokens": 3}},
-                                 target_model=target, draft_model=tiny_hf_model("qwen3", seed=1, num_hidden_layers=1))
+                                 target_model=target, draft_model=tiny_hf_model("qwen3", seed=1, num_hidden_layers=1),
+                                 overrides=overrides)
     drafter, engine = pipe.drafter, pipe.engine
     checks = []
     original_commit = drafter.commit
@@ -47,8 +56,11 @@ def test_draft_cache_tracks_committed_context():
         checks.append(bool(((engine._cache.lengths == state.lengths - 1) | ~active).all()))
 
     drafter.commit = checked_commit
-    pipe.generate(ragged_prompts(101, lengths=(3, 7, 1)), max_new_tokens=25, temperature=1.0, seed=3, ignore_eos=True)
+    stats = pipe.generate(ragged_prompts(101, lengths=(3, 7, 1)), max_new_tokens=25, temperature=1.0, seed=3,
+                          ignore_eos=True).stats
     assert checks and all(checks)
+    if scheduled:
+        assert 0 < stats.verified_tokens < stats.drafted_tokens
 
 
 def test_proposal_q_is_the_processed_draft_distribution():

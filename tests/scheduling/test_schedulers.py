@@ -130,3 +130,26 @@ def test_stats_compare_predicted_with_realised_tokens_per_round():
     assert confident.predicted_tokens == pytest.approx(confident.predicted_tau * confident.target_forwards)
     blind = scheduled(target, {"name": "fixed"}, drafter="ngram").generate(prompts, max_new_tokens=12, ignore_eos=True)
     assert blind.stats.predicted_tau is None
+
+
+def test_adaptive_scheduler_estimates_acceptance_from_earlier_rounds(tmp_path):
+    from dspark.records import DraftProposal
+    from dspark.scheduling import AdaptiveScheduler
+    from dspark.scheduling.schedulers import AdaptiveSchedulerConfig
+
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 2, 4, 6, 8], [1.0, 1.0, 0.9, 0.6, 0.45]).save(profile)
+    scheduler = AdaptiveScheduler(AdaptiveSchedulerConfig(profile=str(profile), decay=0.5))
+    proposal = DraftProposal(tokens=torch.zeros(2, 3, dtype=torch.long), num_tokens=torch.tensor([3, 3]))
+    active = torch.ones(2, dtype=torch.bool)
+    assert scheduler.acceptance(3, "cpu").tolist() == [0.5, 0.5, 0.5]  # the prior, before any data
+    # two requests verify 3 drafts: one accepts 2, one accepts 0 → reached (2, 1, 1), accepted (1, 1, 0)
+    scheduler.record(torch.tensor([3, 3]), torch.tensor([2, 0]))
+    assert scheduler.acceptance(3, "cpu").tolist() == pytest.approx([1.5 / 3, 1.5 / 2, 0.5 / 2])
+    scheduler.record(torch.tensor([3, 3]), torch.tensor([3, 3]))  # decay 0.5: reached (3, 2.5, 2.5)
+    assert scheduler.acceptance(3, "cpu").tolist() == pytest.approx([3.0 / 4, 3.0 / 3.5, 2.5 / 3.5])
+    # the schedule reads only these estimates (the same for both requests), never this round's drafts
+    lengths = scheduler.schedule(proposal, active)
+    assert lengths[0] == lengths[1] and 1 <= lengths[0] <= 3
+    with pytest.raises(ValueError, match=r"scheduler.decay must be in \[0, 1\)"):
+        AdaptiveSchedulerConfig(decay=1.0)
