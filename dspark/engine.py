@@ -226,8 +226,8 @@ class Engine:
             num_verify = torch.where(finished, 0, self.scheduler.schedule(proposal, ~finished))
             proposal = replace(proposal, num_tokens=num_verify)
             if not isinstance(self.scheduler, FixedScheduler):  # one host read: verify only max ℓ_b + 1 columns
-                gamma = int(num_verify.max())
-                self.scheduler.observe(gamma)
+                gamma, offered = torch.stack([num_verify.max(), num_drafted.max()]).tolist()
+                self.scheduler.observe(gamma, offered)
                 proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)

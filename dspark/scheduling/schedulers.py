@@ -57,8 +57,9 @@ class Scheduler(ABC):
         without drafts is a plain decoding step: lossless whatever the reason."""
         return True
 
-    def observe(self, widest: int) -> None:
-        """After a drafted round was scheduled: the longest prefix verified (a host int)."""
+    def observe(self, widest: int, offered: int) -> None:
+        """After a drafted round was scheduled: the longest prefix verified and the most drafts
+        any request offered (host ints)."""
 
     def record(self, num_verified: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """After a drafted round was verified: ``ℓ_b`` and ``n_b`` ``[B]`` (device tensors, no sync)."""
@@ -180,8 +181,8 @@ class DSparkScheduler(Scheduler):
         sps = self.profile.sps(torch.tensor([now, then], dtype=torch.float64)).tolist()
         return gain * sps[1] > sps[0]
 
-    def observe(self, widest: int) -> None:
-        self.backoff.observe(widest)
+    def observe(self, widest: int, offered: int) -> None:
+        self.backoff.observe(widest, offered)
 
 
 @dataclass
@@ -259,8 +260,12 @@ class IdleBackoff:
             return False
         return True
 
-    def observe(self, widest: int) -> None:
-        """A drafted round verified at most ``widest`` drafts per request."""
+    def observe(self, widest: int, offered: int = 1) -> None:
+        """A drafted round verified at most ``widest`` of the (at most ``offered``) drafts per
+        request. A round in which nothing was offered (a drafter that found nothing to propose)
+        says nothing about whether verifying pays, and changes nothing."""
+        if offered == 0:
+            return
         if widest > 0 or self.limit == 0:
             self.skip_next = 0
         else:

@@ -87,6 +87,8 @@ def test_idle_backoff_doubles_and_resets():
                        "draft:0", "skip", "skip", "skip", "skip", "draft:2", "draft:0"]
     backoff.reset()
     assert backoff.wants_drafts()
+    backoff.observe(0, offered=0)  # nothing was offered: no evidence either way
+    assert backoff.wants_drafts()
     never = IdleBackoff(limit=0)
     never.observe(0)
     assert never.wants_drafts()
