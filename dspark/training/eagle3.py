@@ -9,7 +9,12 @@ own output of step s − 1, the data's next token), attending to the true pairs 
 and to its own earlier steps. Teacher forcing is on the *tokens* only: wherever the drafted
 tokens equal the data's, training and inference compute the same distributions.
 
-Loss: soft cross-entropy to the target's distribution, step weights ``exp(−(s−1)/γ)``.
+Loss: soft cross-entropy to the target's distribution, step weights ``exp(−(s−1)/γ)``. With a
+reduced draft vocabulary (``draft_vocab_size > 0``) the draft vocabulary is the most frequent
+tokens of the training stream (chosen when training starts), and the soft cross-entropy is taken
+to the target's distribution restricted to it and renormalised — the best the head can do; the
+logged TV distance and acceptance stay over the full vocabulary, where mass outside the draft
+vocabulary counts as lost.
 """
 
 from __future__ import annotations
@@ -33,9 +38,15 @@ class Eagle3Module(BlockDrafterModule):
     """
 
     def __init__(self, net: Eagle3Head, target, optim: OptimConfig, max_steps: int, *, anchors: int = 16):
-        if net.args.draft_vocab_size:
-            raise ValueError("training a head with a reduced draft vocabulary is not supported: use draft_vocab_size 0")
         super().__init__(net, target, optim, max_steps, anchors=anchors)
+
+    def setup(self, stage: str) -> None:
+        """With a reduced draft vocabulary, choose it from the training stream of the data module
+        (a resumed run then restores the checkpoint's)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.net.args.draft_vocab_size and datamodule is not None and "train" in datamodule.streams:
+            self.net.set_draft_vocabulary(frequent_tokens(datamodule.streams["train"], self.net.args.draft_vocab_size,
+                                                          self.net.args.vocab_size))
 
     def draft_blocks(self, tokens: torch.Tensor, hidden: list[torch.Tensor], anchors: torch.Tensor):
         """Training-time test: logits of the γ unrolled steps after every anchor ``[B, A, γ, V]``
@@ -77,13 +88,29 @@ class Eagle3Module(BlockDrafterModule):
         anchors = self.sample_anchors(tokens.shape[0], tokens.shape[1], generator)
         logits, _ = self.draft_blocks(tokens, hidden, anchors)
         target_at, labels = self.block_targets(tokens, target_logits, anchors)
-        log_p_draft = F.log_softmax(logits.float(), -1)
+        log_p_draft = F.log_softmax(logits.float(), -1)  # -inf outside a draft vocabulary
         p_target = F.softmax(target_at.float(), -1)
-        soft_ce = -(p_target * log_p_draft).sum(-1)  # [B, A, γ]
         tv = (log_p_draft.exp() - p_target).abs().sum(-1)
-        ce = -log_p_draft.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        if self.net.args.draft_vocab_size:  # to the target restricted to the draft vocabulary
+            d2t = self.net.d2t
+            p_inside = p_target[..., d2t]
+            p_inside = p_inside / p_inside.sum(-1, keepdim=True).clamp_min(torch.finfo(p_inside.dtype).tiny)
+            soft_ce = -(p_inside * log_p_draft[..., d2t]).sum(-1)  # [B, A, γ]
+            label_inside = torch.isin(labels, d2t)
+            ce = torch.where(label_inside, -log_p_draft.gather(-1, labels.unsqueeze(-1)).squeeze(-1).clamp(max=1e4), 0.0)
+        else:
+            soft_ce = -(p_target * log_p_draft).sum(-1)  # [B, A, γ]
+            ce = -log_p_draft.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         weights = position_weights(self.net.args.gamma, tokens.device)
         weighted = {name: (value * weights).sum(-1).mean() for name, value in
                     (("soft_ce", soft_ce), ("tv", tv.detach()), ("ce", ce.detach()))}
         terms = {"soft_ce": soft_ce, "tv": tv, "ce": ce, "accept": (1 - 0.5 * tv).detach().clamp(0.0, 1.0)}
         return weighted["soft_ce"], weighted, terms, logits, target_at
+
+
+def frequent_tokens(stream: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of a training stream ``[N]``, ascending (ties: lower id
+    first) — the draft vocabulary of a reduced-vocabulary head, as its ``d2t`` map."""
+    counts = torch.bincount(stream.flatten().long(), minlength=vocab_size)[:vocab_size]
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:size].sort().values

@@ -2,6 +2,7 @@
 runs under Lightning's ddp strategy on two CPU processes (gloo)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from dspark.data.tokenizer import train_tokenizer
 from dspark.drafters.dspark import load_block_drafter
 from dspark.models import load_model
 from dspark.training import load_train_config, train
-from dspark.training.recipes import read_logged, training_logs
+from dspark.training.recipes import read_logged, tokenizer_source, training_logs
 
 CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
 PROSE = "The function adds two numbers and returns their sum to the caller. "
@@ -96,6 +97,20 @@ def test_eagle3_recipe_trains_and_exports_a_loadable_head(assets, tmp_path):
     assert {"test/code_tau_greedy", "test/code_acceptance_3"} <= set(report["test"])
     head = load_eagle3(tmp_path / "out", load_model(assets / "target"))
     assert head.args.gamma == 3 and head.args.target_layers == (0, 1, 2)
+    # a reduced draft vocabulary: the most frequent tokens of the training stream
+    from dspark.training.data import token_stream
+    from dspark.training.eagle3 import frequent_tokens
+    from transformers import AutoTokenizer
+
+    cfg = load_train_config(None, eagle_config("{architecture: eagle3, gamma: 3, target_layers: [0, 1, 2], "
+                                               "draft_vocab_size: 40}", "max_steps=4",
+                                               f"run_dir={tmp_path / 'run_vocab'}", f"output_dir={tmp_path / 'out_vocab'}"))
+    report = train(cfg, documents=corpus())
+    head = load_eagle3(tmp_path / "out_vocab", load_model(assets / "target"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
+    stream = token_stream([d for d in corpus() if d.split == "train"], tokenizer)
+    assert torch.equal(head.d2t, frequent_tokens(stream, 40, head.args.vocab_size))
+    assert math.isfinite(report["test"]["test/code_loss"])
     with pytest.raises(ValueError, match=r"unknown eagle3 model keys \['head'\]"):
         train(load_train_config(None, eagle_config("{architecture: eagle3, head: markov}", "max_steps=1")),
               documents=corpus())
