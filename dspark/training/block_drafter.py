@@ -127,15 +127,22 @@ class BlockDrafterModule(L.LightningModule):
             logits = base_logits if bias is None else base_logits + bias
         return logits, confidence
 
-    def step(self, batch: torch.Tensor, generator=None):
-        """Loss terms of one batch of blocks ``[B, T+1]`` tokens."""
+    def drafted_blocks(self, batch: torch.Tensor, generator=None):
+        """The target pass, the anchors and the drafter's blocks of a batch ``[B, T+1]`` tokens:
+        draft logits ``[B, A, γ, V]``, confidences (or ``None``), the target's logits at the same
+        positions and the data's tokens there."""
         tokens = batch[:, :-1]
         hidden, target_logits = self.target_pass(tokens)
         anchors = self.sample_anchors(tokens.shape[0], tokens.shape[1], generator)
         logits, confidence = self.draft_blocks(tokens, hidden, anchors)
         target_at, labels = self.block_targets(tokens, target_logits, anchors)
+        return logits, confidence, target_at, labels
+
+    def step(self, batch: torch.Tensor, generator=None):
+        """Loss terms of one batch of blocks ``[B, T+1]`` tokens."""
+        logits, confidence, target_at, labels = self.drafted_blocks(batch, generator)
         terms = block_losses(logits, target_at, labels, confidence)
-        weights = position_weights(self.net.args.gamma, tokens.device)
+        weights = position_weights(self.net.args.gamma, logits.device)
         weighted = {name: (terms[name] * weights).sum(-1).mean() for name in ("ce", "tv", "bce")}
         w = self.loss_weights
         loss = w["ce"] * weighted["ce"] + w["tv"] * weighted["tv"] + w["conf"] * weighted["bce"]

@@ -83,11 +83,7 @@ class Eagle3Module(BlockDrafterModule):
 
     def step(self, batch: torch.Tensor, generator=None):
         """Loss terms of one batch ``[B, T+1]`` tokens."""
-        tokens = batch[:, :-1]
-        hidden, target_logits = self.target_pass(tokens)
-        anchors = self.sample_anchors(tokens.shape[0], tokens.shape[1], generator)
-        logits, _ = self.draft_blocks(tokens, hidden, anchors)
-        target_at, labels = self.block_targets(tokens, target_logits, anchors)
+        logits, _, target_at, labels = self.drafted_blocks(batch, generator)
         log_p_draft = F.log_softmax(logits.float(), -1)  # -inf outside a draft vocabulary
         p_target = F.softmax(target_at.float(), -1)
         tv = (log_p_draft.exp() - p_target).abs().sum(-1)
@@ -101,7 +97,7 @@ class Eagle3Module(BlockDrafterModule):
         else:
             soft_ce = -(p_target * log_p_draft).sum(-1)  # [B, A, γ]
             ce = -log_p_draft.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        weights = position_weights(self.net.args.gamma, tokens.device)
+        weights = position_weights(self.net.args.gamma, logits.device)
         weighted = {name: (value * weights).sum(-1).mean() for name, value in
                     (("soft_ce", soft_ce), ("tv", tv.detach()), ("ce", ce.detach()))}
         terms = {"soft_ce": soft_ce, "tv": tv, "ce": ce, "accept": (1 - 0.5 * tv).detach().clamp(0.0, 1.0)}
