@@ -13,7 +13,9 @@ bonus tokens in :mod:`dspark.records`):
    drops its rejected state.
 
 All loop state lives on the model's device; the host reads one small tensor per round (which
-requests are done, and the longest cache) — the only synchronisation in the loop.
+requests are done, the longest cache, the tokens emitted so far) — the only synchronisation in
+the loop (a non-fixed scheduler adds one more). The time between two reads is the round's wall
+time, which the scheduler may use to decide whether later rounds draft.
 """
 
 from __future__ import annotations
@@ -189,22 +191,32 @@ class Engine:
         self.drafter.start(state, out, cache.max_len)
         prefill_time = time.perf_counter() - started
 
-        status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()  # the one sync
+        status = self._status(state, cache)  # the one sync per round
+        round_started = time.perf_counter()
         while not all(status[:batch]):
-            active, state.max_cache_len = [not d for d in status[:batch]], status[batch]
-            self._round(state, cache, generators, active, stopper, counters)
+            active, state.max_cache_len, emitted_before = [not d for d in status[:batch]], status[batch], status[-1]
+            drafted = self._round(state, cache, generators, active, stopper, counters)
             if progress is not None:
                 progress.update(1)
-            status = torch.cat([state.done.long(), cache.lengths.max().view(1)]).tolist()
+            status = self._status(state, cache)
+            now = time.perf_counter()  # the status read waited for the device: the round is over
+            self.scheduler.timed(batch, drafted, now - round_started, (status[-1] - emitted_before) / sum(active))
+            round_started = now
 
         rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
         generated = [row[1 + prompt_lengths[b]: 1 + row[0]] for b, row in enumerate(rows)]
         wall = time.perf_counter() - started
         return generated, counters.stats(generated, wall, prefill_time)
 
+    @staticmethod
+    def _status(state: DecodingState, cache) -> list[int]:
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length]``."""
+        return torch.cat([state.done.long(), cache.lengths.max().view(1), state.lengths.sum().view(1)]).tolist()
+
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
-               counters: RoundCounters) -> None:
-        """One speculative round over the batch (finished requests ride along with nothing to verify)."""
+               counters: RoundCounters) -> bool:
+        """One speculative round over the batch (finished requests ride along with nothing to verify);
+        returns whether it drafted."""
         params, gamma = state.params, self.drafter.gamma
         clock = _PhaseClock(self.config.time_phases, self.device)
         n_draft = self.drafter.num_uniforms(params)
@@ -258,6 +270,7 @@ class Engine:
         counters.update(finished, num_verify, num_accepted, num_drafted, predicted)
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
+        return drafting
 
 
 def _no_drafts(state: DecodingState) -> DraftProposal:

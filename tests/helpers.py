@@ -67,3 +67,16 @@ def chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor, min
     stat = ((observed - expected) ** 2 / expected).sum()
     dof = observed.numel() - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+def fake_clock_scheduler(drafted_cost: float, base=None):
+    """A ``dspark`` (or ``base``) scheduler class whose measured fallback sees a fixed cost per kind of round
+    (a drafted round costs ``drafted_cost`` plain ones) instead of the wall clock: it switches
+    between drafted and plain rounds like the real one, deterministically. Register it to use it."""
+    from dspark.scheduling import DSparkScheduler
+
+    class FakeClockScheduler(base or DSparkScheduler):
+        def timed(self, batch_size, drafted, seconds, tokens_per_request):
+            super().timed(batch_size, drafted, drafted_cost if drafted else 1.0, tokens_per_request)
+
+    return FakeClockScheduler

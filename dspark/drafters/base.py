@@ -60,8 +60,9 @@ class Drafter(ABC):
 
     #: smallest allowed γ (1 for real drafters; the ``none`` drafter allows 0)
     min_gamma = 1
-    #: True when a round may skip :meth:`propose` (it leaves no state that :meth:`commit` relies
-    #: on): a scheduler can then fall back to plain decoding steps under load
+    #: True when a round may skip :meth:`propose`: :meth:`commit` then gets an empty proposal and
+    #: the drafter catches up on the skipped tokens itself. A scheduler can then fall back to plain
+    #: decoding steps under load
     skippable = False
 
     @property

@@ -11,6 +11,10 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
 
+#: skipped rounds after which the draft model is fed the tokens it lacks without drafting
+MAX_LAG = 31
+
+
 @dataclass
 class DraftModelConfig(DrafterConfig):
     """Config of the ``draft_model`` drafter.
@@ -38,13 +42,15 @@ class DraftModelDrafter(Drafter):
     """Drafts γ tokens with its own model and KV cache, sampling each from ``q_k`` (the draft
     model's distribution after the shared sampler's processing).
 
-    The draft cache follows the target's invariant — every committed token but the anchor — and
-    is rolled back with it. When a round accepts all γ drafts, the last draft ``x_γ`` was never fed
-    to the draft model; the next round feeds it together with the new anchor (a two-token step
-    for those requests, one token for the others, in one ragged forward).
+    The draft cache holds a prefix of the committed tokens and is rolled back with the target's.
+    Each round's first step feeds what it lacks, up to and including the anchor, in one ragged
+    forward: usually just the anchor; also ``x_γ`` after a round that accepted all γ drafts (the
+    last draft is never fed while drafting); and the tokens of rounds a scheduler skipped
+    (``skippable``: a skipped round leaves the cache as it was, one token behind per round).
     """
 
     config_class = DraftModelConfig
+    skippable = True
 
     def __init__(self, config: DraftModelConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
@@ -76,25 +82,35 @@ class DraftModelDrafter(Drafter):
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, max_prompt = state.batch_size, int(state.max_cache_len)
+        max_len += MAX_LAG + 1  # room for the padding of a catch-up step
         cache = self.cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len:
             cache = self.cache = self.model.new_cache(batch, max_len)
         cache.reset()
         self.model(state.tokens[:, :max_prompt], cache, state.prompt_lengths, kv_len=max_prompt,
                    logits_positions=torch.zeros(batch, 1, dtype=torch.long, device=state.tokens.device))
-        self.pending = torch.zeros(batch, dtype=torch.bool, device=state.tokens.device)  # x_γ not yet fed
-        self.last_draft = torch.zeros(batch, dtype=torch.long, device=state.tokens.device)
+        self.max_lag = 0  # most committed tokens before the anchor that any request's cache lacks (host int)
+        self.fed = torch.zeros(batch, dtype=torch.long, device=state.tokens.device)
+
+    def _feed(self, state: DecodingState, with_anchor: bool):
+        """Feed each unfinished request's committed tokens the cache lacks (and its anchor): one ragged step."""
+        width = self.max_lag + int(with_anchor)
+        if self._static_kv:  # compiled steps: few distinct widths
+            width = 1 << (width - 1).bit_length()
+        start = self.cache.lengths
+        positions = (start.unsqueeze(1) + torch.arange(width, device=start.device)).clamp(max=state.tokens.shape[1] - 1)
+        num_new = torch.where(state.done, 0, state.lengths - int(not with_anchor) - start)
+        kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + width + self.gamma,
+                                                                 self.cache.max_len)
+        out = self._forward(state.tokens.gather(1, positions), self.cache, num_new, kv_len=kv_len,
+                            logits_positions=(num_new - 1).clamp(min=0).unsqueeze(1))
+        self.max_lag = 0
+        return out, kv_len
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
-        params, gamma, batch = state.params, self.gamma, state.batch_size
+        params, gamma = state.params, self.gamma
         active = ~state.done
-        # step 0 feeds [x_γ of the last round, anchor] where a catch-up is pending, else [anchor, pad]
-        anchor = state.anchor
-        first = torch.stack([torch.where(self.pending, self.last_draft, anchor), anchor], 1)  # [B, 2]
-        num_new = torch.where(active, 1 + self.pending.long(), 0)
-        kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + gamma + 2, self.cache.max_len)
-        out = self._forward(first, self.cache, num_new, logits_positions=(num_new - 1).clamp(min=0).unsqueeze(1),
-                         kv_len=kv_len)
+        out, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
         drafts, probs = [], []
         for k in range(gamma):
             logits = out.logits[:, -1]  # [B, V]
@@ -114,13 +130,16 @@ class DraftModelDrafter(Drafter):
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
-        # the cache holds anchor, x_1..x_{γ-1} of each request that drafted; keep anchor + x_1..x_n
-        # (n accepted) → drop γ-1-n, or, with all γ accepted, keep everything and feed x_γ next round.
+        # the cache holds ..., anchor, x_1..x_{γ-1} of each request that drafted; keep anchor + x_1..x_n
+        # (n accepted): drop γ-1-n, or, with all γ accepted, keep everything (x_γ is fed next round).
         # A scheduler may have verified fewer than γ (ℓ < γ, the proposal narrowed): the cache does
-        # not care, it holds what propose fed.
-        accepted = result.num_accepted
-        self.cache.rollback(self.fed - torch.minimum(accepted, self.fed))
-        self.pending = accepted == self.gamma
-        width = proposal.tokens.shape[1]
-        if width:
-            self.last_draft = proposal.tokens.gather(1, (accepted - 1).clamp(0, width - 1).unsqueeze(1)).squeeze(1)
+        # not care, it holds what propose fed. A skipped round (no drafts) fed nothing: the old
+        # anchor is now one more token the cache lacks.
+        if proposal.tokens.shape[1] == 0:
+            self.max_lag += 1
+            self.fed.zero_()
+            if self.max_lag >= MAX_LAG:  # bound the catch-up: feed the skipped rounds now
+                self._feed(state, with_anchor=False)
+            return
+        self.cache.rollback(self.fed - torch.minimum(result.num_accepted, self.fed))
+        self.max_lag = 1 if self.gamma - 1 < proposal.tokens.shape[1] else 0  # x_γ verified: it may lag

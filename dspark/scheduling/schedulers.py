@@ -19,6 +19,7 @@ from dspark.records import DraftProposal
 from dspark.registry import Registry
 from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
 from dspark.scheduling.profile import ThroughputProfile, profile_target
+from dspark.scheduling.skipping import IdleBackoff, MeasuredFallback
 from dspark.stats import position_counts
 
 
@@ -63,6 +64,10 @@ class Scheduler(ABC):
 
     def record(self, num_verified: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """After a drafted round was verified: ``ℓ_b`` and ``n_b`` ``[B]`` (device tensors, no sync)."""
+
+    def timed(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
+        """After every round: whether it drafted, its wall time (host clock between the engine's status
+        reads) and the tokens it emitted per request that was unfinished when it started."""
 
 
 SCHEDULERS: Registry = Registry("scheduler", Scheduler)
@@ -120,6 +125,14 @@ class DSparkSchedulerConfig(SchedulerConfig):
             1, 2, 4, … rounds (at most this many) before drafting again, so that under heavy load
             decoding falls back to plain steps instead of paying for drafts nobody verifies; 0
             drafts every round.
+        measured_fallback: time every round and draft only while drafted rounds emit more tokens
+            per second than plain ones at this batch size, probing the slower kind now and then
+            (:class:`~dspark.scheduling.skipping.MeasuredFallback`): what the cost table leaves out
+            (the drafter's own forward, per-round overhead) is then paid only where it pays off.
+            Decisions then depend on wall time, so sampled outputs for a seed are exact in
+            distribution but not reproducible run to run; ``false`` for reproducible runs.
+        fallback_window: rounds of each kind whose median rate is compared.
+        fallback_probe_limit: most rounds of the faster kind between probes of the slower.
     """
 
     name: str = "dspark"
@@ -127,18 +140,28 @@ class DSparkSchedulerConfig(SchedulerConfig):
     profile_tokens: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
     cost: str = "padded"
     idle_backoff: int = 16
+    measured_fallback: bool = True
+    fallback_window: int = 8
+    fallback_probe_limit: int = 64
 
     def __post_init__(self):
         if self.cost not in ("padded", "tokens"):
             raise ValueError(f"scheduler.cost must be 'padded' or 'tokens', got {self.cost!r}")
         if self.idle_backoff < 0:
             raise ValueError(f"scheduler.idle_backoff must be >= 0 (0 = always draft), got {self.idle_backoff}")
+        if self.fallback_window < MeasuredFallback.MIN_SAMPLES:
+            raise ValueError(f"scheduler.fallback_window must be >= {MeasuredFallback.MIN_SAMPLES}, "
+                             f"got {self.fallback_window}")
+        if self.fallback_probe_limit < 1:
+            raise ValueError(f"scheduler.fallback_probe_limit must be >= 1, got {self.fallback_probe_limit}")
 
 
 @register_scheduler("dspark")
 class DSparkScheduler(Scheduler):
     """Admit drafts across the batch in order of survival while the expected throughput
-    ``τ · SPS(B)`` rises; stop at the first that does not (the early stop keeps it lossless)."""
+    ``τ · SPS(B)`` rises; stop at the first that does not (the early stop keeps it lossless).
+    Before drafting, skip the round (a plain step) when no draft could pay at this load, after
+    idle rounds, or while drafting is measured not to pay (:mod:`dspark.scheduling.skipping`)."""
 
     config_class = DSparkSchedulerConfig
     needs_confidence = True
@@ -146,6 +169,8 @@ class DSparkScheduler(Scheduler):
     def __init__(self, config: DSparkSchedulerConfig | None = None, *, target=None, model_name: str = ""):
         super().__init__(config, target=target, model_name=model_name)
         self.backoff = IdleBackoff(self.config.idle_backoff)
+        self.fallback = (MeasuredFallback(self.config.fallback_window, self.config.fallback_probe_limit)
+                         if self.config.measured_fallback else None)
         self.profile: ThroughputProfile | None = None
         if self.config.profile is not None:
             self.profile = ThroughputProfile.load(self.config.profile)
@@ -160,9 +185,13 @@ class DSparkScheduler(Scheduler):
 
     def reset(self) -> None:
         self.backoff.reset()
+        if self.fallback is not None:
+            self.fallback.reset()
 
     def wants_drafts(self, active: list[bool]) -> bool:
         if self.profile is not None and not self.any_draft_can_pay(len(active), sum(active)):
+            return False
+        if self.fallback is not None and not self.fallback.wants_drafts(len(active)):
             return False
         return self.backoff.wants_drafts()
 
@@ -183,6 +212,10 @@ class DSparkScheduler(Scheduler):
 
     def observe(self, widest: int, offered: int) -> None:
         self.backoff.observe(widest, offered)
+
+    def timed(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
+        if self.fallback is not None:
+            self.fallback.timed(batch_size, drafted, seconds, tokens_per_request)
 
 
 @dataclass
@@ -239,35 +272,3 @@ class AdaptiveScheduler(DSparkScheduler):
         reached, accepted = position_counts(num_verified, num_accepted, self.reached.shape[0])
         self.reached = self.config.decay * self.reached + reached
         self.accepted = self.config.decay * self.accepted + accepted
-
-
-class IdleBackoff:
-    """Skip drafting after idle rounds: 1, 2, 4, … rounds (at most ``limit``) after each drafted
-    round that verified nothing; back to drafting every round once one verifies something."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.reset()
-
-    def reset(self) -> None:
-        """Draft the next round."""
-        self.skip_next, self.to_skip = 0, 0
-
-    def wants_drafts(self) -> bool:
-        """Whether this round drafts (consumes one skipped round otherwise)."""
-        if self.to_skip > 0:
-            self.to_skip -= 1
-            return False
-        return True
-
-    def observe(self, widest: int, offered: int = 1) -> None:
-        """A drafted round verified at most ``widest`` of the (at most ``offered``) drafts per
-        request. A round in which nothing was offered (a drafter that found nothing to propose)
-        says nothing about whether verifying pays, and changes nothing."""
-        if offered == 0:
-            return
-        if widest > 0 or self.limit == 0:
-            self.skip_next = 0
-        else:
-            self.skip_next = min(max(1, 2 * self.skip_next), self.limit)
-            self.to_skip = self.skip_next

@@ -8,7 +8,9 @@ from dspark.drafters.draft_model import DraftModelConfig, DraftModelDrafter
 from dspark.models import load_model
 from dspark.samplers import DefaultSampler
 
-from helpers import ragged_prompts, tiny_hf_model
+from dspark.scheduling import AdaptiveScheduler, register_scheduler
+
+from helpers import fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
 
 def test_build_time_errors():
@@ -29,38 +31,59 @@ def test_pipeline_reports_missing_draft_model():
                               target_model=tiny_hf_model("llama"))
 
 
-@pytest.mark.parametrize("scheduled", [False, True])
-def test_draft_cache_tracks_committed_context(scheduled, tmp_path):
-    """After every round the draft cache holds the committed tokens minus the anchor, less one
-    pending token exactly when a round accepted all γ drafts — also when a scheduler verifies
-    fewer drafts than were fed (the adaptive scheduler with a cost table that stops at depth 1–2)."""
+register_scheduler("adaptive_slow_drafts_test")(fake_clock_scheduler(3.0, base=AdaptiveScheduler))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "scheduled", "skipping"])
+def test_draft_cache_tracks_committed_context(mode, tmp_path):
+    """After every round the draft cache holds a prefix of the committed tokens, at most
+    ``drafter.max_lag`` short of all but the anchor — also when a scheduler verifies fewer drafts
+    than were fed (the adaptive scheduler with a cost table that stops at depth 1–2), and when it
+    skips rounds (a fake clock on which drafting does not pay, so skipped runs reach the catch-up
+    bound). At the end its keys and values equal a fresh forward over the committed tokens."""
+    from dspark.drafters.draft_model import MAX_LAG
     from dspark.scheduling import ThroughputProfile
 
-    overrides = []
-    if scheduled:
-        ThroughputProfile([1, 6, 9, 12], [1.0, 0.9, 0.55, 0.3]).save(tmp_path / "sps.json")
-        overrides = ["scheduler.name=adaptive", f"scheduler.profile={tmp_path / 'sps.json'}"]
+    ThroughputProfile([1, 6, 9, 12], [1.0, 0.9, 0.55, 0.3]).save(tmp_path / "sps.json")
+    overrides = {"fixed": [],
+                 "scheduled": ["scheduler.name=adaptive", "scheduler.measured_fallback=false"],
+                 "skipping": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"]}[mode]
+    if mode != "fixed":
+        overrides.append(f"scheduler.profile={tmp_path / 'sps.json'}")
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "num_speculative_tokens": 3}},
                                  target_model=target, draft_model=tiny_hf_model("qwen3", seed=1, num_hidden_layers=1),
                                  overrides=overrides)
     drafter, engine = pipe.drafter, pipe.engine
-    checks = []
+    checks, lags, last = [], [], {}
     original_commit = drafter.commit
 
     def checked_commit(state, proposal, result, target_output):
         original_commit(state, proposal, result, target_output)
         active = ~state.done
-        expected = state.lengths - 1 - drafter.pending.long()
-        checks.append(bool(((drafter.cache.lengths == expected) | ~active).all()))
+        lag = state.lengths - 1 - drafter.cache.lengths  # committed tokens before the anchor it lacks
+        checks.append(bool((((lag >= 0) & (lag <= drafter.max_lag)) | ~active).all()))
         checks.append(bool(((engine._cache.lengths == state.lengths - 1) | ~active).all()))
+        lags.append(drafter.max_lag)
+        last["state"] = state
 
     drafter.commit = checked_commit
-    stats = pipe.generate(ragged_prompts(101, lengths=(3, 7, 1)), max_new_tokens=25, temperature=1.0, seed=3,
+    max_new = 90 if mode == "skipping" else 25
+    stats = pipe.generate(ragged_prompts(101, lengths=(3, 7, 1)), max_new_tokens=max_new, temperature=1.0, seed=3,
                           ignore_eos=True).stats
     assert checks and all(checks)
-    if scheduled:
+    if mode == "scheduled":
         assert 0 < stats.verified_tokens < stats.drafted_tokens
+    if mode == "skipping":  # long runs of skipped rounds, fed in bounded catch-up steps
+        assert max(lags) == MAX_LAG - 1 and stats.drafted_tokens < 3 * 3 * stats.rounds / 4
+    state, cache = last["state"], drafter.cache
+    fresh = drafter.model.new_cache(state.batch_size, cache.max_len)
+    drafter.model(state.tokens[:, :int(cache.lengths.max())], fresh, cache.lengths.clone(),
+                  kv_len=int(cache.lengths.max()))
+    for b, length in enumerate(cache.lengths.tolist()):
+        for layer in range(len(cache.buffer)):
+            torch.testing.assert_close(cache.buffer[layer][b, ..., :length, :], fresh.buffer[layer][b, ..., :length, :],
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_proposal_q_is_the_processed_draft_distribution():

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 import dspark
-from dspark.scheduling import ThroughputProfile
+from dspark.scheduling import ThroughputProfile, register_scheduler
 
-from helpers import ragged_prompts, tiny_hf_model
+from helpers import fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
 
 def scheduled(target, scheduler: dict, drafter: str = "dspark", dtype: str = "float32"):
+    if scheduler.get("name") in ("dspark", "adaptive"):  # decisions from wall time are not reproducible
+        scheduler = {"measured_fallback": False, **scheduler}
     section = ({"name": "dspark", "num_speculative_tokens": 4, "path": None, "rank": 16} if drafter == "dspark"
                else {"name": drafter, "num_speculative_tokens": 4})
     return dspark.build_pipeline({"target": {"device": "cpu", "dtype": dtype}, "drafter": section,
@@ -60,6 +62,28 @@ def test_when_verification_never_pays_the_dspark_scheduler_is_plain_decoding(tmp
     assert always.token_ids == expected and always.stats.drafted_tokens == 11 * 2 * 4
 
 
+register_scheduler("dspark_slow_drafts_test")(fake_clock_scheduler(4.0))
+register_scheduler("dspark_cheap_drafts_test")(fake_clock_scheduler(0.5))
+
+
+def test_the_measured_fallback_drafts_only_where_drafted_rounds_are_faster(tmp_path):
+    target = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 7, 2))
+    plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=target)
+    expected = plain.generate(prompts, max_new_tokens=40, ignore_eos=True).token_ids
+    profile = tmp_path / "sps.json"  # verification is free: every offered draft is verified
+    ThroughputProfile([1, 1000], [1.0, 1.0]).save(profile)
+    runs = {}
+    for name in ("dspark_slow_drafts_test", "dspark_cheap_drafts_test"):
+        pipe = scheduled(target, {"name": name, "profile": str(profile), "measured_fallback": True})
+        stats = [pipe.generate(prompts, max_new_tokens=40, ignore_eos=True) for _ in range(2)]
+        assert all(s.token_ids == expected for s in stats)
+        runs[name] = [s.stats.drafted_tokens / (4 * 3 * s.stats.rounds) for s in stats]  # share of drafted rounds
+    # a drafted round costs 4 plain ones: the random drafter's 1-2 tokens per round do not pay, so
+    # after trying both, rounds are plain but for probes; at half the cost nearly every round drafts
+    assert runs["dspark_slow_drafts_test"][1] < 0.25 < 0.9 < runs["dspark_cheap_drafts_test"][1]
+
+
 def test_the_load_bound_reads_the_cost_table(tmp_path):
     from dspark.scheduling import DSparkScheduler
     from dspark.scheduling.schedulers import DSparkSchedulerConfig
@@ -72,26 +96,6 @@ def test_the_load_bound_reads_the_cost_table(tmp_path):
     assert not padded.any_draft_can_pay(4, 0)
     per_token = DSparkScheduler(DSparkSchedulerConfig(profile=str(profile), cost="tokens"))
     assert per_token.any_draft_can_pay(16, 3)  # 3 → 4 tokens costs nothing here
-
-
-def test_idle_backoff_doubles_and_resets():
-    from dspark.scheduling.schedulers import IdleBackoff
-
-    backoff, pattern = IdleBackoff(limit=4), []
-    for widest in [0, 0, 0, 0, 2, 0]:  # what each drafted round verified
-        while not backoff.wants_drafts():
-            pattern.append("skip")
-        pattern.append(f"draft:{widest}")
-        backoff.observe(widest)
-    assert pattern == ["draft:0", "skip", "draft:0", "skip", "skip", "draft:0", "skip", "skip", "skip", "skip",
-                       "draft:0", "skip", "skip", "skip", "skip", "draft:2", "draft:0"]
-    backoff.reset()
-    assert backoff.wants_drafts()
-    backoff.observe(0, offered=0)  # nothing was offered: no evidence either way
-    assert backoff.wants_drafts()
-    never = IdleBackoff(limit=0)
-    never.observe(0)
-    assert never.wants_drafts()
 
 
 def test_bad_scheduler_settings_are_refused(tmp_path):
@@ -110,6 +114,10 @@ def test_bad_scheduler_settings_are_refused(tmp_path):
         scheduled(target, {"name": "dspark", "cost": "ragged"})
     with pytest.raises(Exception, match="scheduler.idle_backoff must be >= 0"):
         scheduled(target, {"name": "dspark", "idle_backoff": -1})
+    with pytest.raises(Exception, match="scheduler.fallback_window must be >= 2, got 1"):
+        scheduled(target, {"name": "dspark", "fallback_window": 1})
+    with pytest.raises(Exception, match="scheduler.fallback_probe_limit must be >= 1, got 0"):
+        scheduled(target, {"name": "adaptive", "fallback_probe_limit": 0})
 
 
 def test_profiling_measures_a_positive_cost_curve():

@@ -1,0 +1,131 @@
+"""Whether a round drafts at all: rules a scheduler applies *before* drafting.
+
+A round that does not draft is a plain decoding step, so these rules may read anything of earlier
+rounds (what was verified, how long rounds took) without touching losslessness — they never see
+the current round's drafts.
+
+* :class:`IdleBackoff` — after a drafted round that verified nothing, skip 1, 2, 4, … rounds;
+* :class:`MeasuredFallback` — draft only while drafted rounds are *measured* to emit more tokens
+  per second than plain ones at this batch size, probing the losing kind now and then.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from statistics import median
+
+
+class IdleBackoff:
+    """Skip drafting after idle rounds: 1, 2, 4, … rounds (at most ``limit``) after each drafted
+    round that verified nothing; back to drafting every round once one verifies something."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        """Draft the next round."""
+        self.skip_next, self.to_skip = 0, 0
+
+    def wants_drafts(self) -> bool:
+        """Whether this round drafts (consumes one skipped round otherwise)."""
+        if self.to_skip > 0:
+            self.to_skip -= 1
+            return False
+        return True
+
+    def observe(self, widest: int, offered: int = 1) -> None:
+        """A drafted round verified at most ``widest`` of the (at most ``offered``) drafts per
+        request. A round in which nothing was offered (a drafter that found nothing to propose)
+        says nothing about whether verifying pays, and changes nothing."""
+        if offered == 0:
+            return
+        if widest > 0 or self.limit == 0:
+            self.skip_next = 0
+        else:
+            self.skip_next = min(max(1, 2 * self.skip_next), self.limit)
+            self.to_skip = self.skip_next
+
+
+class MeasuredFallback:
+    """Draft only while it is measured to pay: a two-armed choice between drafted and plain rounds.
+
+    Each round's rate is the tokens it emitted per unfinished request divided by its wall time
+    (host clock between the engine's per-round status reads, which wait for the device). Per batch
+    size, the median rate of the last ``window`` rounds of each kind is kept (medians: a
+    compilation or a stray process must not decide). Until each kind has ``MIN_SAMPLES`` rounds
+    it is tried (drafted first); then the faster kind runs, and the slower one is probed after 1, 2,
+    4, … (at most ``probe_limit``) rounds of the faster, so a change (longer contexts, another
+    domain) is noticed; the interval starts again at 1 when the faster kind changes.
+
+    A drafted round right after a plain one is not measured: the drafter may catch up on the
+    context it skipped (the DSpark drafter appends it lazily), a cost steady drafting does not pay.
+    A drafting probe therefore lasts two rounds. Measurements persist across batches (the same
+    hardware, the same batch size); they are per engine.
+    """
+
+    MIN_SAMPLES = 2
+
+    def __init__(self, window: int = 8, probe_limit: int = 64):
+        if window < self.MIN_SAMPLES:
+            raise ValueError(f"the measured fallback's window must be >= {self.MIN_SAMPLES}, got {window}")
+        if probe_limit < 1:
+            raise ValueError(f"the measured fallback's probe_limit must be >= 1, got {probe_limit}")
+        self.window, self.probe_limit = window, probe_limit
+        self.arms: dict[int, _Arms] = {}  # per batch size
+        self.previous: bool | None = None  # whether the last round drafted (None: a batch just started)
+
+    def reset(self) -> None:
+        """A new batch starts: its first round follows a prefill, not a plain round."""
+        self.previous = None
+
+    def _arms(self, batch_size: int) -> "_Arms":
+        if batch_size not in self.arms:
+            self.arms[batch_size] = _Arms(deque(maxlen=self.window), deque(maxlen=self.window))
+        return self.arms[batch_size]
+
+    def median_rates(self, batch_size: int) -> tuple[float | None, float | None]:
+        """(drafted, plain) median tokens per request-second measured at this batch size (None: too few)."""
+        arms = self._arms(batch_size)
+        return tuple(median(r) if len(r) >= self.MIN_SAMPLES else None for r in (arms.drafted, arms.plain))
+
+    def wants_drafts(self, batch_size: int) -> bool:
+        """Whether the next round should draft (reads only rounds already timed)."""
+        drafted, plain = self.median_rates(batch_size)
+        if drafted is None:
+            return True
+        if plain is None:
+            return False
+        arms, faster = self._arms(batch_size), drafted > plain
+        if faster != arms.faster:
+            arms.faster, arms.interval, arms.since_probe = faster, 1, 0
+        if arms.since_probe >= arms.interval:
+            return not faster  # probe the slower kind
+        return faster
+
+    def timed(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
+        """A round ended: whether it drafted, its wall time and the tokens it emitted per unfinished request."""
+        measured = not (drafted and self.previous is False) and seconds > 0
+        self.previous = drafted
+        arms = self._arms(batch_size)
+        if measured:
+            (arms.drafted if drafted else arms.plain).append(tokens_per_request / seconds)
+        if arms.faster is None:
+            return
+        if drafted == arms.faster:
+            arms.since_probe += 1
+        elif measured:  # a probe of the slower kind completed
+            arms.since_probe = 0
+            arms.interval = min(2 * arms.interval, self.probe_limit)
+
+
+@dataclass
+class _Arms:
+    """Recent rates of drafted and plain rounds at one batch size, and the probing schedule."""
+
+    drafted: deque
+    plain: deque
+    faster: bool | None = None  # whether drafting currently wins (None: still trying both)
+    interval: int = 1  # rounds of the faster kind between probes of the slower
+    since_probe: int = 0

@@ -1,0 +1,73 @@
+"""Rules that decide, before drafting, whether a round drafts: idle backoff and the measured fallback."""
+
+import pytest
+
+from dspark.scheduling.skipping import IdleBackoff, MeasuredFallback
+
+
+def test_idle_backoff_doubles_and_resets():
+    backoff, pattern = IdleBackoff(limit=4), []
+    for widest in [0, 0, 0, 0, 2, 0]:  # what each drafted round verified
+        while not backoff.wants_drafts():
+            pattern.append("skip")
+        pattern.append(f"draft:{widest}")
+        backoff.observe(widest)
+    assert pattern == ["draft:0", "skip", "draft:0", "skip", "skip", "draft:0", "skip", "skip", "skip", "skip",
+                       "draft:0", "skip", "skip", "skip", "skip", "draft:2", "draft:0"]
+    backoff.reset()
+    assert backoff.wants_drafts()
+    backoff.observe(0, offered=0)  # nothing was offered: no evidence either way
+    assert backoff.wants_drafts()
+    never = IdleBackoff(limit=0)
+    never.observe(0)
+    assert never.wants_drafts()
+
+def run_rounds(fallback: MeasuredFallback, rounds: int, seconds: dict, tokens: dict, batch_size: int = 4) -> str:
+    """Drive the fallback with a fixed cost per kind of round: 'D' drafted, 'p' plain, in order."""
+    pattern = ""
+    for _ in range(rounds):
+        drafted = fallback.wants_drafts(batch_size)
+        fallback.timed(batch_size, drafted, seconds[drafted], tokens[drafted])
+        pattern += "D" if drafted else "p"
+    return pattern
+
+
+def test_measured_fallback_tries_both_then_probes_the_slower_kind_ever_less_often():
+    fallback = MeasuredFallback(window=4, probe_limit=8)
+    # drafted rounds take 3 s for 2 tokens per request (0.67/s), plain 1 s for 1 (1/s): plain wins.
+    # Drafting twice (no sample yet), plain twice; the drafted round after a plain one is a catch-up
+    # round and is not measured, so each drafting probe lasts two rounds.
+    pattern = run_rounds(fallback, 40, seconds={True: 3.0, False: 1.0}, tokens={True: 2.0, False: 1.0})
+    assert pattern == "DDppp" + "DD" + "pp" + "DD" + "pppp" + "DD" + "pppppppp" + "DD" + "pppppppp" + "DD" + "ppp"
+    assert fallback.median_rates(4) == (pytest.approx(2 / 3), 1.0)
+    assert fallback.median_rates(8) == (None, None)  # another batch size knows nothing yet
+
+
+def test_measured_fallback_drafts_when_drafting_pays_and_notices_a_change():
+    fallback = MeasuredFallback(window=2, probe_limit=4)
+    fast = run_rounds(fallback, 20, seconds={True: 1.5, False: 1.0}, tokens={True: 3.0, False: 1.0})
+    # after two samples of each, draft; probe plain after 1, 2, 4, 4 drafted rounds
+    assert fast == "DDpp" + "D" + "p" + "DD" + "p" + "DDDD" + "p" + "DDDD" + "p" + "D"
+    # drafting stops paying (acceptance drops): once the window holds only slow drafted rounds, the
+    # fallback runs plain rounds, probing drafting after 1, 2, … of them
+    slow = run_rounds(fallback, 12, seconds={True: 1.5, False: 1.0}, tokens={True: 1.0, False: 1.0})
+    assert slow == "DD" + "p" + "DD" + "pp" + "DD" + "ppp"
+    assert fallback.median_rates(4) == (pytest.approx(1 / 1.5), 1.0)
+
+
+def test_a_new_batch_does_not_count_its_first_round_as_catch_up():
+    fallback = MeasuredFallback(window=2)
+    fallback.timed(1, False, 1.0, 1.0)
+    fallback.reset()  # a new batch: its first drafted round follows a prefill
+    fallback.timed(1, True, 1.0, 2.0)
+    assert len(fallback.arms[1].drafted) == 1
+    fallback.timed(1, False, 1.0, 1.0)
+    fallback.timed(1, True, 1.0, 2.0)  # right after a plain round: not measured
+    assert len(fallback.arms[1].drafted) == 1
+
+
+def test_bad_fallback_settings_are_refused():
+    with pytest.raises(ValueError, match="window must be >= 2, got 1"):
+        MeasuredFallback(window=1)
+    with pytest.raises(ValueError, match="probe_limit must be >= 1, got 0"):
+        MeasuredFallback(probe_limit=0)
