@@ -50,8 +50,8 @@ class EngineConfig:
             whole cache, one graph per batch size). Pays off for small models whose step time is
             dominated by per-operation overhead; the first round of each shape compiles (seconds
             to a minute).
-        time_phases: split each round's time into draft / verify / other (host clock; on CUDA this
-            adds synchronisations, so keep it for measurements).
+        time_phases: split each round's time into draft / schedule / verify / other (host clock; on
+            CUDA this adds synchronisations, so keep it for measurements).
         cuda_graphs: replay the target's round forward from CUDA graphs captured per batch size and
             width bucket (:class:`~dspark.models.graphs.GraphedForward`; CUDA targets with the static
             cache only), and the drafter's own forward where it supports it (``dspark``). Composes
@@ -241,6 +241,7 @@ class Engine:
                 gamma, offered = torch.stack([num_verify.max(), num_drafted.max()]).tolist()
                 self.scheduler.observe(gamma, offered)
                 proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
+        clock.lap(counters, 1)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
         num_new = torch.where(finished, 0, num_verify + 1)
@@ -253,7 +254,7 @@ class Engine:
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:
             self.scheduler.record(num_verify, num_accepted)
-        clock.lap(counters, 1)
+        clock.lap(counters, 2)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
         emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))
         # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
@@ -267,7 +268,7 @@ class Engine:
             predicted = torch.where(finished, 0.0, 1.0 + (a * verified).sum(-1))
         elif not drafting and self.scheduler.needs_confidence:  # a skipped round promises its one token
             predicted = torch.where(finished, 0.0, 1.0).double()
-        counters.update(finished, num_verify, num_accepted, num_drafted, predicted)
+        counters.update(finished, num_verify, num_accepted, num_drafted, predicted, drafted=drafting)
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
         return drafting
@@ -293,8 +294,8 @@ def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tupl
 
 
 class _PhaseClock:
-    """Adds the host-clock seconds of drafting (phase 0) and of the verify forward + verification
-    (phase 1) to ``counters.phase_seconds`` (no-op unless enabled)."""
+    """Adds the host-clock seconds of drafting (phase 0), scheduling (phase 1) and of the verify
+    forward + verification (phase 2) to ``counters.phase_seconds`` (no-op unless enabled)."""
 
     def __init__(self, enabled: bool, device):
         self.enabled = enabled

@@ -49,9 +49,10 @@ class GenerationStats:
         acceptance_by_position: conditional acceptance per draft position (``None``: never reached).
         reached_by_position / accepted_by_position_counts: the counts behind it.
         wall_time_s, prefill_time_s: seconds; tokens_per_second: generated tokens / wall time.
-        draft_time_s / verify_time_s / other_time_s: the decoding time (wall minus prefill) split into
-            drafting, target forward + verification, and the rest (accepting, rollback, bookkeeping,
-            the per-round sync) — only with ``engine.time_phases``; else 0.
+        draft_time_s / schedule_time_s / verify_time_s / other_time_s: the decoding time (wall minus
+            prefill) split into drafting, scheduling (the scheduler's choice and its host read),
+            target forward + verification, and the rest (accepting, rollback, bookkeeping, the
+            per-round sync) — only with ``engine.time_phases``; else 0.
         predicted_tokens / predicted_tau: with a drafter that returns confidences, the tokens the
             survivals predicted for the verified prefixes (``Σ (1 + Σ_{j≤ℓ} a_j)``) and per request-round —
             compare with τ to see how well the confidences are calibrated; ``None`` without confidences.
@@ -72,6 +73,7 @@ class GenerationStats:
     prefill_time_s: float = 0.0
     tokens_per_second: float = 0.0
     draft_time_s: float = 0.0
+    schedule_time_s: float = 0.0
     verify_time_s: float = 0.0
     other_time_s: float = 0.0
     predicted_tokens: float = 0.0
@@ -92,8 +94,8 @@ class GenerationStats:
             return parts[0]
         total = GenerationStats()
         for name in ("rounds", "target_forwards", "generated_tokens", "drafted_tokens", "verified_tokens",
-                     "accepted_tokens", "wall_time_s", "prefill_time_s", "draft_time_s", "verify_time_s", "other_time_s",
-                     "predicted_tokens"):
+                     "accepted_tokens", "wall_time_s", "prefill_time_s", "draft_time_s", "schedule_time_s",
+                     "verify_time_s", "other_time_s", "predicted_tokens"):
             setattr(total, name, sum(getattr(p, name) for p in parts))
         if any(p.predicted_tau is not None for p in parts):
             total.predicted_tau = total.predicted_tokens / max(total.target_forwards, 1)
@@ -115,20 +117,21 @@ class RoundCounters:
         self.per_request = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
         self.reached = torch.zeros(gamma, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
-        self.phase_seconds = [0.0, 0.0]  # draft, verify (host clock; engine.time_phases)
+        self.phase_seconds = [0.0, 0.0, 0.0]  # draft, schedule, verify (host clock; engine.time_phases)
         self.predicted: torch.Tensor | None = None  # Σ predicted tokens (with confidences)
 
     def update(self, finished: torch.Tensor, num_verified: torch.Tensor, num_accepted: torch.Tensor,
-               num_drafted: torch.Tensor, predicted: torch.Tensor | None = None) -> None:
+               num_drafted: torch.Tensor, predicted: torch.Tensor | None = None, drafted: bool = True) -> None:
         """Count one round: ``finished`` ``[B]`` bool (requests that were already done), and ``ℓ_b``,
         ``n_b``, drafts proposed ``[B]`` (zero for finished requests); ``predicted`` ``[B]`` the tokens
-        the confidences predicted (0 for finished requests), when the drafter returns confidences."""
+        the confidences predicted (0 for finished requests), when the drafter returns confidences;
+        ``drafted``: whether the round drafted at all."""
         self.rounds += 1
         if predicted is not None:
             total = predicted.double().sum()
             self.predicted = total if self.predicted is None else self.predicted + total
         self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
-        if self.gamma:
+        if self.gamma and drafted:  # a round without drafts reaches no position
             reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
             self.reached += reached
             self.accepted_at += accepted
@@ -145,7 +148,7 @@ class RoundCounters:
         forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
         reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
         total_generated = sum(len(g) for g in generated)
-        draft, verify = self.phase_seconds
+        draft, schedule, verify = self.phase_seconds
         return GenerationStats(
             rounds=self.rounds, target_forwards=sum(forwards), generated_tokens=total_generated,
             drafted_tokens=sum(drafted), verified_tokens=sum(verified), accepted_tokens=sum(accepted),
@@ -153,8 +156,8 @@ class RoundCounters:
             acceptance_by_position=conditional_acceptance(reached, accepted_at),
             reached_by_position=reached, accepted_by_position_counts=accepted_at,
             wall_time_s=wall, prefill_time_s=prefill, tokens_per_second=total_generated / max(wall, 1e-9),
-            draft_time_s=draft, verify_time_s=verify,
-            other_time_s=max(0.0, wall - prefill - draft - verify) if draft or verify else 0.0,
+            draft_time_s=draft, schedule_time_s=schedule, verify_time_s=verify,
+            other_time_s=max(0.0, wall - prefill - draft - schedule - verify) if draft or verify else 0.0,
             predicted_tokens=predicted or 0.0,
             predicted_tau=None if predicted is None else predicted / max(sum(forwards), 1),
             per_request=[dict(generated=len(g), target_forwards=f, drafted=d, verified=v, accepted=a)

@@ -53,7 +53,9 @@ def summarize(results: list[CellResult]) -> list[dict]:
                         drafted_per_round=s.drafted_tokens / max(s.target_forwards, 1),
                         verified_per_round=s.verified_tokens / max(s.target_forwards, 1),
                         accepted_per_round=s.accepted_tokens / max(s.target_forwards, 1),
-                        draft_ms_per_round=1e3 * s.draft_time_s / rounds, verify_ms_per_round=1e3 * s.verify_time_s / rounds,
+                        draft_ms_per_round=1e3 * s.draft_time_s / rounds,
+                        schedule_ms_per_round=1e3 * s.schedule_time_s / rounds,
+                        verify_ms_per_round=1e3 * s.verify_time_s / rounds,
                         other_ms_per_round=1e3 * s.other_time_s / rounds, prefill_s=s.prefill_time_s / len(r.stats))
         rows.append(row)
     for row in rows:
@@ -71,12 +73,13 @@ def summarize(results: list[CellResult]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table (one line per cell and variant)."""
     head = ("| domain | T | batch | variant | tok/s (median [min..max]) | τ | acceptance by position | "
-            "speedup vs none | vs transformers peer | draft / verify / other ms per round |")
+            "speedup vs none | vs transformers peer | draft / schedule / verify / other ms per round |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         acc = r.get("acceptance_by_position") or []
         acc_text = " ".join("-" if a is None else f"{a:.2f}" for a in acc) or "-"
-        split = (f"{r['draft_ms_per_round']:.2f} / {r['verify_ms_per_round']:.2f} / {r['other_ms_per_round']:.2f}"
+        split = (f"{r['draft_ms_per_round']:.2f} / {r['schedule_ms_per_round']:.2f} / {r['verify_ms_per_round']:.2f}"
+                 f" / {r['other_ms_per_round']:.2f}"
                  if "draft_ms_per_round" in r else "-")
         peer = f"{r['ratio_vs_peer']:.2f}x ({r['peer']})" if r.get("ratio_vs_peer") else "-"
         speed = f"{r['speedup_vs_none']:.2f}x" if r.get("speedup_vs_none") else "-"

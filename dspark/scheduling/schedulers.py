@@ -141,8 +141,8 @@ class DSparkSchedulerConfig(SchedulerConfig):
     cost: str = "padded"
     idle_backoff: int = 16
     measured_fallback: bool = True
-    fallback_window: int = 8
-    fallback_probe_limit: int = 64
+    fallback_window: int = 5
+    fallback_probe_limit: int = 128
 
     def __post_init__(self):
         if self.cost not in ("padded", "tokens"):
@@ -172,6 +172,7 @@ class DSparkScheduler(Scheduler):
         self.fallback = (MeasuredFallback(self.config.fallback_window, self.config.fallback_probe_limit)
                          if self.config.measured_fallback else None)
         self.profile: ThroughputProfile | None = None
+        self._can_pay: dict[tuple[int, int], bool] = {}
         if self.config.profile is not None:
             self.profile = ThroughputProfile.load(self.config.profile)
             if target is not None:
@@ -185,8 +186,6 @@ class DSparkScheduler(Scheduler):
 
     def reset(self) -> None:
         self.backoff.reset()
-        if self.fallback is not None:
-            self.fallback.reset()
 
     def wants_drafts(self, active: list[bool]) -> bool:
         if self.profile is not None and not self.any_draft_can_pay(len(active), sum(active)):
@@ -203,6 +202,12 @@ class DSparkScheduler(Scheduler):
         ``2·R_a·SPS(2R) > R_a·SPS(R)``; per token: ``(R_a + 1)·SPS(R_a + 1) > R_a·SPS(R_a)``."""
         if num_active == 0:
             return False
+        key = (batch_size, num_active if self.config.cost == "tokens" else 0)
+        if key not in self._can_pay:  # the table is fixed once loaded: one lookup per load
+            self._can_pay[key] = self._first_admission_can_pay(batch_size, num_active)
+        return self._can_pay[key]
+
+    def _first_admission_can_pay(self, batch_size: int, num_active: int) -> bool:
         if self.config.cost == "padded":
             now, then, gain = float(batch_size), 2.0 * batch_size, 2.0
         else:

@@ -55,30 +55,25 @@ class MeasuredFallback:
     (host clock between the engine's per-round status reads, which wait for the device). Per batch
     size, the median rate of the last ``window`` rounds of each kind is kept (medians: a
     compilation or a stray process must not decide). Until each kind has ``MIN_SAMPLES`` rounds
-    it is tried (drafted first); then the faster kind runs, and the slower one is probed after 1, 2,
-    4, … (at most ``probe_limit``) rounds of the faster, so a change (longer contexts, another
-    domain) is noticed; the interval starts again at 1 when the faster kind changes.
+    it is tried (drafted first); then the faster kind runs, and the slower one is probed for one
+    round after 1, 2, 4, … (at most ``probe_limit``) rounds of the faster, so a change (longer
+    contexts, another domain) is noticed; the interval starts again at 1 when the faster kind
+    changes. Measurements persist across batches (the same hardware, the same batch size).
 
-    A drafted round right after a plain one is not measured: the drafter may catch up on the
-    context it skipped (the DSpark drafter appends it lazily), a cost steady drafting does not pay.
-    A drafting probe therefore lasts two rounds. Measurements persist across batches (the same
-    hardware, the same batch size); they are per engine.
+    A drafted round after plain ones also pays for the drafter catching up on the skipped context
+    (the DSpark drafter appends it lazily): probes see drafting slightly slower than steady
+    drafting is — a bias towards plain decoding, the safe side.
     """
 
     MIN_SAMPLES = 2
 
-    def __init__(self, window: int = 8, probe_limit: int = 64):
+    def __init__(self, window: int = 5, probe_limit: int = 128):
         if window < self.MIN_SAMPLES:
             raise ValueError(f"the measured fallback's window must be >= {self.MIN_SAMPLES}, got {window}")
         if probe_limit < 1:
             raise ValueError(f"the measured fallback's probe_limit must be >= 1, got {probe_limit}")
         self.window, self.probe_limit = window, probe_limit
         self.arms: dict[int, _Arms] = {}  # per batch size
-        self.previous: bool | None = None  # whether the last round drafted (None: a batch just started)
-
-    def reset(self) -> None:
-        """A new batch starts: its first round follows a prefill, not a plain round."""
-        self.previous = None
 
     def _arms(self, batch_size: int) -> "_Arms":
         if batch_size not in self.arms:
@@ -106,16 +101,15 @@ class MeasuredFallback:
 
     def timed(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
         """A round ended: whether it drafted, its wall time and the tokens it emitted per unfinished request."""
-        measured = not (drafted and self.previous is False) and seconds > 0
-        self.previous = drafted
+        if seconds <= 0:
+            return
         arms = self._arms(batch_size)
-        if measured:
-            (arms.drafted if drafted else arms.plain).append(tokens_per_request / seconds)
+        (arms.drafted if drafted else arms.plain).append(tokens_per_request / seconds)
         if arms.faster is None:
             return
         if drafted == arms.faster:
             arms.since_probe += 1
-        elif measured:  # a probe of the slower kind completed
+        else:  # a probe of the slower kind
             arms.since_probe = 0
             arms.interval = min(2 * arms.interval, self.probe_limit)
 
