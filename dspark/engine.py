@@ -13,9 +13,10 @@ bonus tokens in :mod:`dspark.records`):
    drops its rejected state.
 
 All loop state lives on the model's device; the host reads one small tensor per round (which
-requests are done, the longest cache, the tokens emitted so far) — the only synchronisation in
-the loop (a non-fixed scheduler adds one more). The time between two reads is the round's wall
-time, which the scheduler may use to decide whether later rounds draft.
+requests are done, the longest cache, the tokens emitted so far, and anything the scheduler asks
+for) — the only synchronisation in the loop (a scheduler that does not know the verify width in
+advance adds one more). The time between two reads is the round's wall time, which the scheduler
+may use to decide whether later rounds draft.
 """
 
 from __future__ import annotations
@@ -191,16 +192,19 @@ class Engine:
         self.drafter.start(state, out, cache.max_len)
         prefill_time = time.perf_counter() - started
 
-        status = self._status(state, cache)  # the one sync per round
+        status = self._status(state, cache, None)  # the one sync per round
         round_started = time.perf_counter()
         while not all(status[:batch]):
-            active, state.max_cache_len, emitted_before = [not d for d in status[:batch]], status[batch], status[-1]
+            active, state.max_cache_len, emitted_before = [not d for d in status[:batch]], status[batch], status[batch + 1]
             drafted = self._round(state, cache, generators, active, stopper, counters)
             if progress is not None:
                 progress.update(1)
-            status = self._status(state, cache)
+            summary = self.scheduler.round_summary()
+            status = self._status(state, cache, summary)
             now = time.perf_counter()  # the status read waited for the device: the round is over
-            self.scheduler.timed(batch, drafted, now - round_started, (status[-1] - emitted_before) / sum(active))
+            if summary is not None:
+                self.scheduler.summary_read(status[batch + 2:])
+            self.scheduler.timed(batch, drafted, now - round_started, (status[batch + 1] - emitted_before) / sum(active))
             round_started = now
 
         rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
@@ -209,9 +213,10 @@ class Engine:
         return generated, counters.stats(generated, wall, prefill_time)
 
     @staticmethod
-    def _status(state: DecodingState, cache) -> list[int]:
-        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length]``."""
-        return torch.cat([state.done.long(), cache.lengths.max().view(1), state.lengths.sum().view(1)]).tolist()
+    def _status(state: DecodingState, cache, summary: torch.Tensor | None) -> list[int]:
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``."""
+        parts = [state.done.long(), cache.lengths.max().view(1), state.lengths.sum().view(1)]
+        return torch.cat(parts if summary is None else [*parts, summary]).tolist()
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
                counters: RoundCounters) -> bool:
@@ -237,9 +242,11 @@ class Engine:
         else:
             num_verify = torch.where(finished, 0, self.scheduler.schedule(proposal, ~finished))
             proposal = replace(proposal, num_tokens=num_verify)
-            if not isinstance(self.scheduler, FixedScheduler):  # one host read: verify only max ℓ_b + 1 columns
-                gamma, offered = torch.stack([num_verify.max(), num_drafted.max()]).tolist()
-                self.scheduler.observe(gamma, offered)
+            if not isinstance(self.scheduler, FixedScheduler):  # verify only max ℓ_b + 1 columns
+                gamma = self.scheduler.known_width()
+                if gamma is None:  # one more host read
+                    gamma, offered = torch.stack([num_verify.max(), num_drafted.max()]).tolist()
+                    self.scheduler.observe(gamma, offered)
                 proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
         clock.lap(counters, 1)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]

@@ -17,7 +17,7 @@ from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, ti
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn", "eagle3",
             "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured",
-            "ngram_adaptive", "draft_model_adaptive"]
+            "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
 # hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
 # tests depend on machine speed)
@@ -36,7 +36,9 @@ register_scheduler("dspark_fake_clock_test")(fake_clock_scheduler(1.25))
 SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.threshold=0.5"],
              "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}", "scheduler.measured_fallback=false"],
              "dspark_idle": ["scheduler.name=dspark", f"scheduler.profile={IDLE_PROFILE}", "scheduler.measured_fallback=false"],
-             "dspark_measured": ["scheduler.name=dspark_fake_clock_test", f"scheduler.profile={PROFILE}"]}
+             "dspark_measured": ["scheduler.name=dspark_fake_clock_test", f"scheduler.profile={PROFILE}"],
+             "dspark_async": ["scheduler.name=dspark_async", f"scheduler.profile={PROFILE}",
+                              "scheduler.measured_fallback=false"]}
 # drafters without confidences under the adaptive scheduler (acceptance estimated from earlier rounds)
 ADAPTIVE = ["scheduler.name=adaptive", f"scheduler.profile={PROFILE}", "scheduler.measured_fallback=false"]
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
@@ -81,7 +83,8 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
 
 
 @pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in (  # load-aware, or learning from the batch
-    "dspark_scheduled", "dspark_idle", "dspark_measured", "ngram_adaptive", "draft_model_adaptive")])
+    "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
+    "draft_model_adaptive")])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -175,8 +178,8 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab", "dspark_threshold",
-                                     "dspark_scheduled", "dspark_idle", "dspark_measured", "ngram_adaptive",
-                                     "draft_model_adaptive"])
+                                     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async",
+                                     "ngram_adaptive", "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]

@@ -77,6 +77,28 @@ def throughput_lengths(survivals: torch.Tensor, num_tokens: torch.Tensor, active
     return torch.zeros(num_requests, dtype=torch.long, device=device).index_add_(0, requests, chosen.long())
 
 
+def top_k_lengths(survivals: torch.Tensor, num_tokens: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
+    """``ℓ_r`` ``[R]`` when the batch verifies its ``k`` most likely drafts: offered drafts with
+    ``a_{r,j} > 0`` in descending order of survival (ties: request, then position), the first ``k``.
+
+    Non-anticipating when ``k`` is fixed before this round's drafts exist (the asynchronous
+    scheduler takes it from an earlier round): draft ``(r, j)`` is admitted iff fewer than ``k``
+    candidates rank above it, and those are other requests' drafts or ``(r, i < j)`` — never
+    ``(r, j+1)``, whose survival ``a_{r,j+1} ≤ a_{r,j}`` ranks below it. Admitted drafts form prefixes.
+
+    Args:
+        survivals: ``[R, γ]``; num_tokens: ``[R]`` drafts offered; active: ``[R]`` bool; k: ≥ 0.
+    """
+    num_requests, gamma = survivals.shape
+    device = survivals.device
+    offered = (torch.arange(gamma, device=device) < num_tokens.unsqueeze(1)) & active.unsqueeze(1)
+    candidate = offered & (survivals > 0)
+    score = torch.where(candidate, survivals, torch.full_like(survivals, -1.0)).flatten()
+    order = torch.sort(score, descending=True, stable=True).indices  # row-major ties: request, position
+    chosen = (torch.arange(order.numel(), device=device) < k) & candidate.flatten()[order]
+    return torch.zeros(num_requests, dtype=torch.long, device=device).index_add_(0, order // gamma, chosen.long())
+
+
 def _admitted(theta: torch.Tensor, valid: torch.Tensor, early_stop: bool) -> torch.Tensor:
     """How many steps of an admission path ``Θ_0..Θ_N`` (``valid`` ``[N]``) to take: up to the first
     that does not raise Θ (``early_stop``), or to the path's first best point (lossy)."""

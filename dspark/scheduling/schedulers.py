@@ -17,7 +17,7 @@ import torch
 
 from dspark.records import DraftProposal
 from dspark.registry import Registry
-from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths
+from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths, top_k_lengths
 from dspark.scheduling.profile import ThroughputProfile, profile_target
 from dspark.scheduling.skipping import IdleBackoff, MeasuredFallback
 from dspark.stats import position_counts
@@ -68,6 +68,20 @@ class Scheduler(ABC):
     def timed(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
         """After every round: whether it drafted, its wall time (host clock between the engine's status
         reads) and the tokens it emitted per request that was unfinished when it started."""
+
+    def known_width(self) -> int | None:
+        """The verify width (most drafts any request verifies) of the round just scheduled, when the
+        scheduler knows it without reading the device; ``None``: the engine reads ``max ℓ_b``
+        (one more host read per round) and reports it through :meth:`observe`."""
+        return None
+
+    def round_summary(self) -> torch.Tensor | None:
+        """A small int64 device tensor to read with the engine's per-round status read (no extra
+        synchronisation), handed back to :meth:`summary_read`; ``None``: nothing to read."""
+        return None
+
+    def summary_read(self, values: list[int]) -> None:
+        """The host values of the last :meth:`round_summary`, after the round."""
 
 
 SCHEDULERS: Registry = Registry("scheduler", Scheduler)
@@ -178,10 +192,14 @@ class DSparkScheduler(Scheduler):
             if target is not None:
                 self.profile.check_matches(model_name, str(target.dtype).removeprefix("torch."))
 
-    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+    def cost_table(self) -> ThroughputProfile:
+        """The cost table: loaded from ``profile``, or measured on the target at first use."""
         if self.profile is None:
             self.profile = profile_target(self.target, tuple(self.config.profile_tokens), model_name=self.model_name)
-        return throughput_lengths(survival(proposal.confidence), proposal.num_tokens, active, self.profile.sps,
+        return self.profile
+
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        return throughput_lengths(survival(proposal.confidence), proposal.num_tokens, active, self.cost_table().sps,
                                   padded=self.config.cost == "padded")
 
     def reset(self) -> None:
@@ -212,7 +230,7 @@ class DSparkScheduler(Scheduler):
             now, then, gain = float(batch_size), 2.0 * batch_size, 2.0
         else:
             now, then, gain = float(num_active), num_active + 1.0, (num_active + 1.0) / num_active
-        sps = self.profile.sps(torch.tensor([now, then], dtype=torch.float64)).tolist()
+        sps = self.cost_table().sps(torch.tensor([now, then], dtype=torch.float64)).tolist()
         return gain * sps[1] > sps[0]
 
     def observe(self, widest: int, offered: int) -> None:
@@ -221,6 +239,69 @@ class DSparkScheduler(Scheduler):
     def timed(self, batch_size: int, drafted: bool, seconds: float, tokens_per_request: float) -> None:
         if self.fallback is not None:
             self.fallback.timed(batch_size, drafted, seconds, tokens_per_request)
+
+
+@dataclass
+class AsyncDSparkSchedulerConfig(DSparkSchedulerConfig):
+    """``dspark_async``: the asynchronous variant of the ``dspark`` scheduler (same keys)."""
+
+    name: str = "dspark_async"
+
+
+@register_scheduler("dspark_async")
+class AsyncDSparkScheduler(DSparkScheduler):
+    """The paper's asynchronous variant (DSpark, §5.2): the round's *capacity* — the verify width
+    (padded cost) or the number of drafts verified (per-token cost) — comes from the previous
+    drafted round's confidences, by a search over the whole admission path (no early stop); this
+    round's drafts only fill it, most likely first (:func:`~dspark.scheduling.top_k_lengths`).
+
+    The capacity is computed on the device when a round is scheduled and read with the engine's
+    status read at the end of that round, so the next round knows its verify width before drafting
+    — no second host read per round, and a width fixed in advance (what zero-overhead scheduling
+    and graph replay want). The global search would be lossy on the round it looks at (see
+    :func:`~dspark.scheduling.throughput_lengths`); applied to a later round it is not, because
+    the capacity is fixed before that round's drafts exist and filling by rank never lets a draft
+    decide whether it is itself verified. A batch's first drafted round, with no capacity yet,
+    uses the synchronous rule. A capacity of 0 counts as an idle round for the backoff.
+    """
+
+    config_class = AsyncDSparkSchedulerConfig
+
+    def __init__(self, config: AsyncDSparkSchedulerConfig | None = None, *, target=None, model_name: str = ""):
+        super().__init__(config, target=target, model_name=model_name)
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.capacity: int | None = None  # from the last drafted round (host int)
+        self._width: int | None = None  # the verify width of the round being scheduled
+        self._next: torch.Tensor | None = None  # the capacity found from this round (device scalar)
+
+    def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
+        padded, a = self.config.cost == "padded", survival(proposal.confidence)
+        search = throughput_lengths(a, proposal.num_tokens, active, self.cost_table().sps, padded=padded,
+                                    early_stop=False)  # lossy for this round: used for the next one only
+        self._next = search.max() if padded else search.sum()
+        if self.capacity is None:
+            self._width = None
+            return super().schedule(proposal, active)
+        if padded:
+            self._width = min(self.capacity, proposal.gamma)
+            return torch.where(active, proposal.num_tokens.clamp(max=self._width), 0)
+        self._width = min(self.capacity, proposal.gamma)
+        return top_k_lengths(a, proposal.num_tokens, active, self.capacity)
+
+    def known_width(self) -> int | None:
+        return self._width
+
+    def round_summary(self) -> torch.Tensor | None:
+        found, self._next = self._next, None
+        return None if found is None else found.view(1).long()
+
+    def summary_read(self, values: list[int]) -> None:
+        if self._width is not None:  # a synchronous round already told the backoff what it verified
+            self.backoff.observe(values[0])
+        self.capacity = values[0]
 
 
 @dataclass

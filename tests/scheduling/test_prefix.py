@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspark.scheduling import ThroughputProfile, survival, threshold_lengths, throughput_lengths
+from dspark.scheduling import ThroughputProfile, survival, threshold_lengths, throughput_lengths, top_k_lengths
 
 
 def round_output(p, q, anchor, drafts, verify):
@@ -119,6 +119,44 @@ def test_threshold_scheduler_is_exactly_lossless(problem, threshold):
     outputs = exact_outputs(targets, drafters, confidence, gamma, lambda a: threshold_lengths(a, offered, threshold))
     for p, out in zip(targets, outputs):
         assert torch.allclose(out, target_joint(p), atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scheduling_problems(), st.integers(0, 9))
+def test_top_k_with_a_capacity_fixed_in_advance_is_exactly_lossless(problem, k):
+    """The asynchronous scheduler's rule: the k most likely drafts, k chosen before the round."""
+    targets, drafters, confidence, gamma, _ = problem
+    offered, active = torch.full((len(targets),), gamma), torch.ones(len(targets), dtype=torch.bool)
+    outputs = exact_outputs(targets, drafters, confidence, gamma, lambda a: top_k_lengths(a, offered, active, k))
+    for p, out in zip(targets, outputs):
+        assert torch.allclose(out, target_joint(p), atol=1e-12)
+
+
+def test_top_k_admits_the_most_likely_drafts_as_prefixes():
+    a = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.8, 0.0], [0.95, 0.2, 0.1]], dtype=torch.float64)
+    offered, active = torch.tensor([3, 3, 3]), torch.tensor([True, True, True])
+    assert top_k_lengths(a, offered, active, 4).tolist() == [1, 2, 1]  # 0.95, 0.9, 0.8, 0.8 (tie: position)
+    assert top_k_lengths(a, offered, active, 100).tolist() == [3, 2, 3]  # a = 0 is never admitted
+    assert top_k_lengths(a, offered, torch.tensor([True, False, True]), 3).tolist() == [2, 0, 1]
+    assert top_k_lengths(a, torch.tensor([1, 3, 3]), active, 0).tolist() == [0, 0, 0]
+
+
+def test_a_capacity_taken_from_the_same_round_is_biased():
+    """Why the asynchronous scheduler's capacity must come from an earlier round: filling the
+    capacity that the global search finds on *this* round's survivals verifies what that search
+    verifies, and reproduces the paper's counterexample."""
+    p = torch.tensor([[0.7, 0.3]] * 3, dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.5]] * 3, dtype=torch.float64)
+    confidence = [[[0.8, 0.8, 0.8], [0.9, 0.0, 0.9]]]
+    profile = ThroughputProfile([1, 2, 3], [1.0, 0.5, 0.45])
+    one, active = torch.tensor([2]), torch.tensor([True])
+
+    def same_round(a):
+        capacity = int(throughput_lengths(a, one, active, profile.sps, early_stop=False).sum())
+        return top_k_lengths(a, one, active, capacity)
+
+    biased = exact_outputs([p], [q], confidence, 2, same_round)[0].sum(1)
+    assert torch.allclose(biased, torch.tensor([0.85, 0.15], dtype=torch.float64))
 
 
 def paper_counterexample(early_stop):

@@ -84,6 +84,40 @@ def test_the_measured_fallback_drafts_only_where_drafted_rounds_are_faster(tmp_p
     assert runs["dspark_slow_drafts_test"][1] < 0.25 < 0.9 < runs["dspark_cheap_drafts_test"][1]
 
 
+def test_the_asynchronous_scheduler_takes_its_capacity_from_the_previous_round(tmp_path):
+    from dspark.records import DraftProposal
+    from dspark.scheduling import AsyncDSparkScheduler, survival, throughput_lengths
+    from dspark.scheduling.schedulers import AsyncDSparkSchedulerConfig
+
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 2, 4, 6, 8], [1.0, 1.0, 0.9, 0.75, 0.5]).save(profile)  # best: depth 2 if sure
+    scheduler = AsyncDSparkScheduler(AsyncDSparkSchedulerConfig(profile=str(profile), measured_fallback=False))
+    active = torch.ones(2, dtype=torch.bool)
+
+    def proposal(confidence):
+        return DraftProposal(tokens=torch.zeros(2, 3, dtype=torch.long), num_tokens=torch.tensor([3, 3]),
+                             confidence=torch.tensor(confidence, dtype=torch.float64))
+
+    sure, unsure = proposal([[0.99, 0.99, 0.99], [0.99, 0.99, 0.99]]), proposal([[0.05, 0.1, 0.1], [0.04, 0.1, 0.1]])
+    # first round: no capacity yet, the synchronous rule; the engine reads the width itself
+    first = scheduler.schedule(sure, active)
+    assert scheduler.known_width() is None
+    assert first.tolist() == throughput_lengths(survival(sure.confidence), sure.num_tokens, active,
+                                                scheduler.profile.sps, padded=True).tolist()
+    found = throughput_lengths(survival(sure.confidence), sure.num_tokens, active, scheduler.profile.sps,
+                               padded=True, early_stop=False).max()
+    scheduler.summary_read(scheduler.round_summary().tolist())
+    assert scheduler.capacity == int(found) == 2
+    # second round: this round's drafts are unlikely, but the width was fixed by the last round
+    assert scheduler.schedule(unsure, active).tolist() == [scheduler.capacity] * 2
+    assert scheduler.known_width() == scheduler.capacity
+    scheduler.summary_read(scheduler.round_summary().tolist())
+    assert scheduler.capacity == 0  # … and they set the next round's capacity
+    assert scheduler.schedule(sure, active).tolist() == [0, 0] and not scheduler.wants_drafts([True, True])
+    scheduler.reset()
+    assert scheduler.capacity is None and scheduler.round_summary() is None
+
+
 def test_the_load_bound_reads_the_cost_table(tmp_path):
     from dspark.scheduling import DSparkScheduler
     from dspark.scheduling.schedulers import DSparkSchedulerConfig
