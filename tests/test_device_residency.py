@@ -61,8 +61,9 @@ def test_no_sync_inside_a_round_and_one_per_round(drafter, temperature, device):
 
     def counted_round(*args, **kwargs):
         with SyncCounter() as counter:
-            original_round(*args, **kwargs)
+            drafted = original_round(*args, **kwargs)
         inside_rounds.extend(counter.syncs)
+        return drafted
 
     engine._round = counted_round
     prompts = ragged_prompts(101, lengths=(5, 2, 8, 3))
@@ -77,3 +78,34 @@ def test_no_sync_inside_a_round_and_one_per_round(drafter, temperature, device):
     assert rounds > 3
     # one status read per round (+1 before the first), then one read of the outputs and one of the stats
     assert total.syncs == ["tolist"] * (rounds + 3)
+
+
+@pytest.mark.parametrize("scheduler", ["dspark", "dspark_async"])
+def test_the_asynchronous_scheduler_reads_nothing_inside_rounds(scheduler, tmp_path):
+    """The synchronous scheduler reads the verify width inside every drafted round; the asynchronous
+    one reads its capacity with the status read, so only a batch's first drafted round reads."""
+    from dspark.scheduling import ThroughputProfile
+
+    ThroughputProfile([1, 8, 16, 64], [1.0, 0.95, 0.7, 0.2]).save(tmp_path / "sps.json")
+    pipe = dspark.build_pipeline(
+        {"target": {"device": "cpu"}, "drafter": {"name": "dspark", "num_speculative_tokens": 3, "path": None},
+         "scheduler": {"name": scheduler, "profile": str(tmp_path / "sps.json"), "measured_fallback": False,
+                       "idle_backoff": 0}}, target_model=tiny_hf_model("qwen3", scale=3.0))
+    engine, inside_rounds = pipe.engine, []
+    original_round = engine._round
+
+    def counted_round(*args, **kwargs):
+        with SyncCounter() as counter:
+            drafted = original_round(*args, **kwargs)
+        inside_rounds.extend(counter.syncs)
+        return drafted
+
+    engine._round = counted_round
+    prompts = ragged_prompts(101, lengths=(5, 2, 8, 3))
+    with SyncCounter() as total:
+        result = pipe.generate(prompts, max_new_tokens=20, seed=0, ignore_eos=True)
+    rounds = result.stats.rounds
+    assert rounds > 3 and result.stats.drafted_tokens == 3 * result.stats.target_forwards  # every round drafts
+    # + 1: the load bound reads the (host-side) cost table once per batch size
+    assert inside_rounds == ["tolist"] * (1 + (1 if scheduler == "dspark_async" else rounds))
+    assert total.syncs == ["tolist"] * (rounds + 3 + len(inside_rounds))
