@@ -145,7 +145,8 @@ class DSparkSchedulerConfig(SchedulerConfig):
             (the drafter's own forward, per-round overhead) is then paid only where it pays off.
             Decisions then depend on wall time, so sampled outputs for a seed are exact in
             distribution but not reproducible run to run; ``false`` for reproducible runs.
-        fallback_window: rounds of each kind whose median rate is compared.
+        fallback_window: recent rounds of each kind whose rate (tokens over seconds, outliers in
+            time left out) is compared.
         fallback_probe_limit: most rounds of the faster kind between probes of the slower.
     """
 
@@ -155,7 +156,7 @@ class DSparkSchedulerConfig(SchedulerConfig):
     cost: str = "padded"
     idle_backoff: int = 16
     measured_fallback: bool = True
-    fallback_window: int = 5
+    fallback_window: int = 6
     fallback_probe_limit: int = 128
 
     def __post_init__(self):

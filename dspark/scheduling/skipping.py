@@ -48,17 +48,23 @@ class IdleBackoff:
             self.to_skip = self.skip_next
 
 
+#: a round this many times longer than the median of its kind's window is left out of the rate
+OUTLIER = 4.0
+
+
 class MeasuredFallback:
     """Draft only while it is measured to pay: a two-armed choice between drafted and plain rounds.
 
-    Each round's rate is the tokens it emitted per unfinished request divided by its wall time
-    (host clock between the engine's per-round status reads, which wait for the device). Per batch
-    size, the median rate of the last ``window`` rounds of each kind is kept (medians: a
-    compilation or a stray process must not decide). Until each kind has ``MIN_SAMPLES`` rounds
-    it is tried (drafted first); then the faster kind runs, and the slower one is probed for one
-    round after 1, 2, 4, … (at most ``probe_limit``) rounds of the faster, so a change (longer
-    contexts, another domain) is noticed; the interval starts again at 1 when the faster kind
-    changes. Measurements persist across batches (the same hardware, the same batch size).
+    Each round yields the tokens it emitted per unfinished request and its wall time (host clock
+    between the engine's per-round status reads, which wait for the device). Per batch size and
+    kind, the last ``window`` rounds are kept and their rate is ``Σ tokens / Σ seconds``, leaving
+    out rounds over ``OUTLIER`` times the median time (a compilation or a stray process must not
+    decide). A ratio of sums, not a median of rates, because a drafter's tokens per round are far
+    from symmetric: prompt lookup emits one token when it finds nothing, γ + 1 when all match. Until each kind has
+    ``MIN_SAMPLES`` rounds it is tried (drafted first); then the faster kind runs, and the slower
+    one is probed for one round after 1, 2, 4, … (at most ``probe_limit``) rounds of the faster,
+    so a change (longer contexts, another domain) is noticed; the interval starts again at 1 when
+    the faster kind changes. Measurements persist across batches (same hardware, same batch size).
 
     A drafted round after plain ones also pays for the drafter catching up on the skipped context
     (the DSpark drafter appends it lazily): probes see drafting slightly slower than steady
@@ -67,7 +73,7 @@ class MeasuredFallback:
 
     MIN_SAMPLES = 2
 
-    def __init__(self, window: int = 5, probe_limit: int = 128):
+    def __init__(self, window: int = 6, probe_limit: int = 128):
         if window < self.MIN_SAMPLES:
             raise ValueError(f"the measured fallback's window must be >= {self.MIN_SAMPLES}, got {window}")
         if probe_limit < 1:
@@ -80,14 +86,14 @@ class MeasuredFallback:
             self.arms[batch_size] = _Arms(deque(maxlen=self.window), deque(maxlen=self.window))
         return self.arms[batch_size]
 
-    def median_rates(self, batch_size: int) -> tuple[float | None, float | None]:
-        """(drafted, plain) median tokens per request-second measured at this batch size (None: too few)."""
+    def rates(self, batch_size: int) -> tuple[float | None, float | None]:
+        """(drafted, plain) tokens per request-second measured at this batch size (None: too few rounds)."""
         arms = self._arms(batch_size)
-        return tuple(median(r) if len(r) >= self.MIN_SAMPLES else None for r in (arms.drafted, arms.plain))
+        return _rate(arms.drafted, self.MIN_SAMPLES), _rate(arms.plain, self.MIN_SAMPLES)
 
     def wants_drafts(self, batch_size: int) -> bool:
         """Whether the next round should draft (reads only rounds already timed)."""
-        drafted, plain = self.median_rates(batch_size)
+        drafted, plain = self.rates(batch_size)
         if drafted is None:
             return True
         if plain is None:
@@ -104,7 +110,7 @@ class MeasuredFallback:
         if seconds <= 0:
             return
         arms = self._arms(batch_size)
-        (arms.drafted if drafted else arms.plain).append(tokens_per_request / seconds)
+        (arms.drafted if drafted else arms.plain).append((tokens_per_request, seconds))
         if arms.faster is None:
             return
         if drafted == arms.faster:
@@ -114,9 +120,20 @@ class MeasuredFallback:
             arms.interval = min(2 * arms.interval, self.probe_limit)
 
 
+def _rate(rounds: deque, min_samples: int) -> float | None:
+    """``Σ tokens / Σ seconds`` over (tokens, seconds) rounds, leaving out outliers in time (more than
+    ``OUTLIER`` times the median round: a compilation, a stray process)."""
+    if len(rounds) < min_samples:
+        return None
+    typical = median(s for _, s in rounds)
+    kept = [(t, s) for t, s in rounds if s <= OUTLIER * typical]
+    return sum(t for t, _ in kept) / sum(s for _, s in kept)
+
+
 @dataclass
 class _Arms:
-    """Recent rates of drafted and plain rounds at one batch size, and the probing schedule."""
+    """Recent (tokens per request, seconds) of drafted and plain rounds at one batch size, and the
+    probing schedule."""
 
     drafted: deque
     plain: deque

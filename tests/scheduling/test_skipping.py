@@ -39,8 +39,8 @@ def test_measured_fallback_tries_both_then_probes_the_slower_kind_ever_less_ofte
     # 8, 8, … plain rounds
     pattern = run_rounds(fallback, 40, seconds={True: 3.0, False: 1.0}, tokens={True: 2.0, False: 1.0})
     assert pattern == "DDppp" + "D" + "pp" + "D" + "pppp" + "D" + "pppppppp" + "D" + "pppppppp" + "D" + "pppppppp"
-    assert fallback.median_rates(4) == (pytest.approx(2 / 3), 1.0)
-    assert fallback.median_rates(8) == (None, None)  # another batch size knows nothing yet
+    assert fallback.rates(4) == (pytest.approx(2 / 3), 1.0)
+    assert fallback.rates(8) == (None, None)  # another batch size knows nothing yet
 
 
 def test_measured_fallback_drafts_when_drafting_pays_and_notices_a_change():
@@ -52,7 +52,21 @@ def test_measured_fallback_drafts_when_drafting_pays_and_notices_a_change():
     # fallback runs plain rounds, probing drafting after 1, 2, 4 of them
     slow = run_rounds(fallback, 12, seconds={True: 1.5, False: 1.0}, tokens={True: 1.0, False: 1.0})
     assert slow == "DD" + "p" + "D" + "pp" + "D" + "pppp" + "D"
-    assert fallback.median_rates(4) == (pytest.approx(1 / 1.5), 1.0)
+    assert fallback.rates(4) == (pytest.approx(1 / 1.5), 1.0)
+
+
+def test_measured_rates_are_ratios_of_sums_without_outliers():
+    fallback = MeasuredFallback(window=6)
+    # prompt lookup: a round without a match emits 1 token, a matched one 5 (both ~1.2 s); most
+    # rounds find nothing, so a median would call drafting slower than plain (1 token per second)
+    for tokens in [1, 1, 5, 1, 1, 5]:
+        fallback.timed(1, True, 1.2, tokens)
+    fallback.timed(1, False, 1.0, 1.0)
+    fallback.timed(1, False, 100.0, 1.0)  # a compilation: left out
+    fallback.timed(1, False, 1.0, 1.0)
+    drafted, plain = fallback.rates(1)
+    assert drafted == pytest.approx(14 / (6 * 1.2)) and plain == pytest.approx(1.0)
+    assert fallback.wants_drafts(1)
 
 
 def test_bad_fallback_settings_are_refused():
