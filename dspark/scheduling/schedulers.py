@@ -157,7 +157,7 @@ class DSparkSchedulerConfig(SchedulerConfig):
     idle_backoff: int = 16
     measured_fallback: bool = True
     fallback_window: int = 6
-    fallback_probe_limit: int = 128
+    fallback_probe_limit: int = 256
 
     def __post_init__(self):
         if self.cost not in ("padded", "tokens"):

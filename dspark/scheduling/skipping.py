@@ -50,6 +50,8 @@ class IdleBackoff:
 
 #: a round this many times longer than the median of its kind's window is left out of the rate
 OUTLIER = 4.0
+#: the slower kind takes over only when it is faster by more than this fraction
+MARGIN = 0.05
 
 
 class MeasuredFallback:
@@ -64,7 +66,8 @@ class MeasuredFallback:
     ``MIN_SAMPLES`` rounds it is tried (drafted first); then the faster kind runs, and the slower
     one is probed for one round after 1, 2, 4, … (at most ``probe_limit``) rounds of the faster,
     so a change (longer contexts, another domain) is noticed; the interval starts again at 1 when
-    the faster kind changes. Measurements persist across batches (same hardware, same batch size).
+    the faster kind changes, which takes a lead of more than ``MARGIN``. Measurements persist
+    across batches (same hardware, same batch size).
 
     A drafted round after plain ones also pays for the drafter catching up on the skipped context
     (the DSpark drafter appends it lazily): probes see drafting slightly slower than steady
@@ -73,7 +76,7 @@ class MeasuredFallback:
 
     MIN_SAMPLES = 2
 
-    def __init__(self, window: int = 6, probe_limit: int = 128):
+    def __init__(self, window: int = 6, probe_limit: int = 256):
         if window < self.MIN_SAMPLES:
             raise ValueError(f"the measured fallback's window must be >= {self.MIN_SAMPLES}, got {window}")
         if probe_limit < 1:
@@ -98,7 +101,8 @@ class MeasuredFallback:
             return True
         if plain is None:
             return False
-        arms, faster = self._arms(batch_size), drafted > plain
+        arms = self._arms(batch_size)
+        faster = drafted > plain if arms.faster is None else _leader(arms.faster, drafted, plain)
         if faster != arms.faster:
             arms.faster, arms.interval, arms.since_probe = faster, 1, 0
         if arms.since_probe >= arms.interval:
@@ -118,6 +122,15 @@ class MeasuredFallback:
         else:  # a probe of the slower kind
             arms.since_probe = 0
             arms.interval = min(2 * arms.interval, self.probe_limit)
+
+
+def _leader(incumbent: bool, drafted: float, plain: float) -> bool:
+    """Whether drafting leads, with hysteresis: the other kind takes over only when it is faster
+    by more than ``MARGIN`` (noise in a short window must not flip it back and forth, since every
+    flip restarts frequent probing)."""
+    if incumbent:
+        return not plain > drafted * (1 + MARGIN)
+    return drafted > plain * (1 + MARGIN)
 
 
 def _rate(rounds: deque, min_samples: int) -> float | None:

@@ -69,6 +69,17 @@ def test_measured_rates_are_ratios_of_sums_without_outliers():
     assert fallback.wants_drafts(1)
 
 
+def test_the_lead_changes_only_by_more_than_the_margin():
+    fallback = MeasuredFallback(window=2, probe_limit=4)
+    run_rounds(fallback, 10, seconds={True: 1.0, False: 1.0}, tokens={True: 1.2, False: 1.0})
+    assert fallback.arms[4].faster is True
+    # plain becomes 3% faster than drafting: within the margin, drafting keeps the lead
+    run_rounds(fallback, 10, seconds={True: 1.0, False: 1.0}, tokens={True: 1.0, False: 1.03})
+    assert fallback.arms[4].faster is True
+    run_rounds(fallback, 10, seconds={True: 1.0, False: 1.0}, tokens={True: 1.0, False: 1.1})
+    assert fallback.arms[4].faster is False
+
+
 def test_bad_fallback_settings_are_refused():
     with pytest.raises(ValueError, match="window must be >= 2, got 1"):
         MeasuredFallback(window=1)
