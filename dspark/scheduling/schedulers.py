@@ -332,7 +332,9 @@ class AdaptiveScheduler(DSparkScheduler):
     earlier rounds instead of read from the drafter: ``c_j`` is the running conditional
     acceptance at position j (decayed counts), the same for every request. The choice then does
     not depend on this round's drafts at all, so it is trivially lossless — and any drafter
-    (``ngram``, ``draft_model``, ``eagle3``) becomes load-aware."""
+    (``ngram``, ``draft_model``, ``eagle3``) becomes load-aware. While position 1 has less than one
+    (decayed) observation, every offered request verifies at least one draft: the estimate must
+    be able to learn that it was too low."""
 
     config_class = AdaptiveSchedulerConfig
     needs_confidence = False
@@ -351,7 +353,11 @@ class AdaptiveScheduler(DSparkScheduler):
 
     def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
         confidence = self.acceptance(proposal.gamma, proposal.tokens.device).expand(proposal.tokens.shape[0], -1)
-        return super().schedule(replace(proposal, confidence=confidence), active)
+        lengths = super().schedule(replace(proposal, confidence=confidence), active)
+        # explore: with less than one (decayed) observation of position 1, verify it anyway —
+        # otherwise an estimate too low to verify anything could never learn it was wrong
+        stale = self.reached[0] < 1.0
+        return torch.where(stale & active & (proposal.num_tokens > 0), lengths.clamp(min=1), lengths)
 
     def record(self, num_verified: torch.Tensor, num_accepted: torch.Tensor) -> None:
         if self.reached is None:

@@ -195,5 +195,15 @@ def test_adaptive_scheduler_estimates_acceptance_from_earlier_rounds(tmp_path):
     # the schedule reads only these estimates (the same for both requests), never this round's drafts
     lengths = scheduler.schedule(proposal, active)
     assert lengths[0] == lengths[1] and 1 <= lengths[0] <= 3
+    # exploration: a cost table under which no estimate could pay for depth 1 — while position 1
+    # has under one (decayed) observation, every offered request still verifies one draft
+    ThroughputProfile([1, 2, 4, 8], [1.0, 0.5, 0.25, 0.125]).save(profile)
+    cautious = AdaptiveScheduler(AdaptiveSchedulerConfig(profile=str(profile), decay=0.5))
+    offered = DraftProposal(tokens=torch.zeros(2, 3, dtype=torch.long), num_tokens=torch.tensor([3, 0]))
+    assert cautious.schedule(offered, active).tolist() == [1, 0]  # nothing known: explore (none offered: 0)
+    cautious.record(torch.tensor([1, 0]), torch.tensor([0, 0]))  # reached[0] = 1
+    assert cautious.schedule(offered, active).tolist() == [0, 0]
+    cautious.record(torch.tensor([0, 0]), torch.tensor([0, 0]))  # decays to 0.5: stale again
+    assert cautious.schedule(offered, active).tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"scheduler.decay must be in \[0, 1\)"):
         AdaptiveSchedulerConfig(decay=1.0)
