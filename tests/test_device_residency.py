@@ -41,6 +41,21 @@ class SyncCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
+def count_syncs_inside_rounds(engine) -> list[str]:
+    """Wrap ``engine._round`` so that the syncs inside each round land in the returned list."""
+    inside_rounds: list[str] = []
+    original_round = engine._round
+
+    def counted_round(*args, **kwargs):
+        with SyncCounter() as counter:
+            drafted = original_round(*args, **kwargs)
+        inside_rounds.extend(counter.syncs)
+        return drafted
+
+    engine._round = counted_round
+    return inside_rounds
+
+
 @pytest.mark.parametrize("drafter", [{"name": "none"}, {"name": "ngram", "num_speculative_tokens": 4},
                                      {"name": "draft_model", "num_speculative_tokens": 3},
                                      {"name": "dspark", "num_speculative_tokens": 3, "path": None, "head": "rnn"}])
@@ -55,17 +70,7 @@ def test_no_sync_inside_a_round_and_one_per_round(drafter, temperature, device):
     overrides = ["engine.cuda_graphs=true"] if device == "cuda_graphs" else []
     pipe = dspark.build_pipeline({"target": {"device": device.split("_")[0]}, "drafter": drafter}, target_model=target,
                                  draft_model=draft, overrides=overrides)
-    engine = pipe.engine
-    inside_rounds: list[str] = []
-    original_round = engine._round
-
-    def counted_round(*args, **kwargs):
-        with SyncCounter() as counter:
-            drafted = original_round(*args, **kwargs)
-        inside_rounds.extend(counter.syncs)
-        return drafted
-
-    engine._round = counted_round
+    inside_rounds = count_syncs_inside_rounds(pipe.engine)
     prompts = ragged_prompts(101, lengths=(5, 2, 8, 3))
     with SyncCounter() as total:
         result = pipe.generate(prompts, max_new_tokens=20, temperature=temperature, seed=0, ignore_eos=True)
@@ -91,16 +96,7 @@ def test_the_asynchronous_scheduler_reads_nothing_inside_rounds(scheduler, tmp_p
         {"target": {"device": "cpu"}, "drafter": {"name": "dspark", "num_speculative_tokens": 3, "path": None},
          "scheduler": {"name": scheduler, "profile": str(tmp_path / "sps.json"), "measured_fallback": False,
                        "idle_backoff": 0}}, target_model=tiny_hf_model("qwen3", scale=3.0))
-    engine, inside_rounds = pipe.engine, []
-    original_round = engine._round
-
-    def counted_round(*args, **kwargs):
-        with SyncCounter() as counter:
-            drafted = original_round(*args, **kwargs)
-        inside_rounds.extend(counter.syncs)
-        return drafted
-
-    engine._round = counted_round
+    inside_rounds = count_syncs_inside_rounds(pipe.engine)
     prompts = ragged_prompts(101, lengths=(5, 2, 8, 3))
     with SyncCounter() as total:
         result = pipe.generate(prompts, max_new_tokens=20, seed=0, ignore_eos=True)
