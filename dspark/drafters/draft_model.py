@@ -90,7 +90,7 @@ class DraftModelDrafter(Drafter):
         self.model(state.tokens[:, :max_prompt], cache, state.prompt_lengths, kv_len=max_prompt,
                    logits_positions=torch.zeros(batch, 1, dtype=torch.long, device=state.tokens.device))
         self.max_lag = 0  # most committed tokens before the anchor that any request's cache lacks (host int)
-        self.fed = torch.zeros(batch, dtype=torch.long, device=state.tokens.device)
+        self.fed: torch.Tensor | None = None
 
     def _feed(self, state: DecodingState, with_anchor: bool):
         """Feed each unfinished request's committed tokens the cache lacks (and its anchor): one ragged step."""
@@ -124,7 +124,7 @@ class DraftModelDrafter(Drafter):
             if k < gamma - 1:
                 out = self._forward(token.unsqueeze(1), self.cache, active.long(), kv_len=kv_len)
         tokens = torch.stack(drafts, 1)  # [B, γ]
-        self.fed = torch.where(active, gamma - 1, 0)  # drafts fed to the cache this round
+        self.fed = torch.where(active, gamma - 1, 0)  # drafts fed to the cache this round (None: skipped)
         return DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0),
                              probs=torch.stack(probs, 1) if probs else None)
 
@@ -133,13 +133,13 @@ class DraftModelDrafter(Drafter):
         # the cache holds ..., anchor, x_1..x_{γ-1} of each request that drafted; keep anchor + x_1..x_n
         # (n accepted): drop γ-1-n, or, with all γ accepted, keep everything (x_γ is fed next round).
         # A scheduler may have verified fewer than γ (ℓ < γ, the proposal narrowed): the cache does
-        # not care, it holds what propose fed. A skipped round (no drafts) fed nothing: the old
-        # anchor is now one more token the cache lacks.
-        if proposal.tokens.shape[1] == 0:
+        # not care, it holds what propose fed (all of it rolled back when nothing was verified). A
+        # skipped round (propose not called) fed nothing: the old anchor is one more token it lacks.
+        if self.fed is None:  # propose was not called this round
             self.max_lag += 1
-            self.fed.zero_()
             if self.max_lag >= MAX_LAG:  # bound the catch-up: feed the skipped rounds now
                 self._feed(state, with_anchor=False)
             return
         self.cache.rollback(self.fed - torch.minimum(result.num_accepted, self.fed))
+        self.fed = None
         self.max_lag = 1 if self.gamma - 1 < proposal.tokens.shape[1] else 0  # x_γ verified: it may lag

@@ -34,7 +34,7 @@ def test_pipeline_reports_missing_draft_model():
 register_scheduler("adaptive_slow_drafts_test")(fake_clock_scheduler(3.0, base=AdaptiveScheduler))
 
 
-@pytest.mark.parametrize("mode", ["fixed", "scheduled", "skipping"])
+@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping"])
 def test_draft_cache_tracks_committed_context(mode, tmp_path):
     """After every round the draft cache holds a prefix of the committed tokens, at most
     ``drafter.max_lag`` short of all but the anchor — also when a scheduler verifies fewer drafts
@@ -45,10 +45,15 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
     from dspark.scheduling import ThroughputProfile
 
     ThroughputProfile([1, 6, 9, 12], [1.0, 0.9, 0.55, 0.3]).save(tmp_path / "sps.json")
+    # SPS ∝ tokens^-0.99: only a draft of confidence ≈ 1 could pay, so rounds draft and verify
+    # nothing (but for the adaptive scheduler's exploration of position 1)
+    ThroughputProfile(list(range(1, 13)), [t ** -0.99 for t in range(1, 13)]).save(tmp_path / "idle.json")
     overrides = {"fixed": [],
                  "scheduled": ["scheduler.name=adaptive", "scheduler.measured_fallback=false"],
+                 "unverified": ["scheduler.name=adaptive", "scheduler.measured_fallback=false",
+                                "scheduler.idle_backoff=0", f"scheduler.profile={tmp_path / 'idle.json'}"],
                  "skipping": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"]}[mode]
-    if mode != "fixed":
+    if mode in ("scheduled", "skipping"):
         overrides.append(f"scheduler.profile={tmp_path / 'sps.json'}")
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "num_speculative_tokens": 3}},
@@ -74,6 +79,8 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
     assert checks and all(checks)
     if mode == "scheduled":
         assert 0 < stats.verified_tokens < stats.drafted_tokens
+    if mode == "unverified":  # drafted every round, mostly verifying nothing: the narrowed proposal is empty
+        assert stats.drafted_tokens == 3 * stats.target_forwards and stats.verified_tokens < stats.target_forwards / 2
     if mode == "skipping":  # long runs of skipped rounds, fed in bounded catch-up steps
         assert max(lags) == MAX_LAG - 1 and stats.drafted_tokens < 3 * 3 * stats.rounds / 4
     state, cache = last["state"], drafter.cache
