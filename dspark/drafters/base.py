@@ -60,8 +60,10 @@ class Drafter(ABC):
 
     #: smallest allowed γ (1 for real drafters; the ``none`` drafter allows 0)
     min_gamma = 1
-    #: True when a round may skip :meth:`propose`: :meth:`commit` then gets an empty proposal and
-    #: the drafter catches up on the skipped tokens itself. A scheduler can then fall back to plain
+    #: True when a round may skip :meth:`propose`: :meth:`commit` is then called with no
+    #: :meth:`propose` before it (and an empty proposal — which a drafted round whose drafts the
+    #: scheduler all declined has too: tell the two apart by whether :meth:`propose` ran), and the
+    #: drafter catches up on the skipped tokens itself. A scheduler can then fall back to plain
     #: decoding steps under load
     skippable = False
 

@@ -286,10 +286,9 @@ class AsyncDSparkScheduler(DSparkScheduler):
         if self.capacity is None:
             self._width = None
             return super().schedule(proposal, active)
-        if padded:
-            self._width = min(self.capacity, proposal.gamma)
-            return torch.where(active, proposal.num_tokens.clamp(max=self._width), 0)
         self._width = min(self.capacity, proposal.gamma)
+        if padded:  # every offered draft up to the depth is paid for
+            return torch.where(active, proposal.num_tokens.clamp(max=self._width), 0)
         return top_k_lengths(a, proposal.num_tokens, active, self.capacity)
 
     def known_width(self) -> int | None:

@@ -62,16 +62,17 @@ class MeasuredFallback:
     kind, the last ``window`` rounds are kept and their rate is ``Σ tokens / Σ seconds``, leaving
     out rounds over ``OUTLIER`` times the median time (a compilation or a stray process must not
     decide). A ratio of sums, not a median of rates, because a drafter's tokens per round are far
-    from symmetric: prompt lookup emits one token when it finds nothing, γ + 1 when all match. Until each kind has
-    ``MIN_SAMPLES`` rounds it is tried (drafted first); then the faster kind runs, and the slower
-    one is probed for one round after 1, 2, 4, … (at most ``probe_limit``) rounds of the faster,
-    so a change (longer contexts, another domain) is noticed; the interval starts again at 1 when
-    the faster kind changes, which takes a lead of more than ``MARGIN``. Measurements persist
-    across batches (same hardware, same batch size).
+    from symmetric: prompt lookup emits one token when it finds nothing, γ + 1 when all match.
+
+    Until each kind has ``MIN_SAMPLES`` rounds it is tried (drafted first); then the faster kind
+    runs, and the slower one is probed for one round after 1, 2, 4, … (at most ``probe_limit``)
+    rounds of the faster, so a change (longer contexts, another domain) is noticed; the interval
+    starts again at 1 when the faster kind changes, which takes a lead of more than ``MARGIN``.
+    Measurements persist across batches (same hardware, same batch size).
 
     A drafted round after plain ones also pays for the drafter catching up on the skipped context
-    (the DSpark drafter appends it lazily): probes see drafting slightly slower than steady
-    drafting is — a bias towards plain decoding, the safe side.
+    (the DSpark drafter appends it lazily, the draft model feeds it): probes see drafting slightly
+    slower than steady drafting is — a bias towards plain decoding, the safe side.
     """
 
     MIN_SAMPLES = 2
