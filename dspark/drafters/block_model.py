@@ -121,7 +121,7 @@ class BlockDrafter(nn.Module):
 
     def context_kv(self, features: torch.Tensor, rope) -> list[torch.Tensor]:
         """Per backbone layer, the injected keys/values ``[B, L, 2, H_kv, D]`` of context features."""
-        return [layer.project(features, rope)[1] for layer in self.layers]
+        return [layer.project_kv(features, rope) for layer in self.layers]
 
     # ------------------------------------------------------------------ heads
     def head_bias(self, prev_embedding: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None):

@@ -159,6 +159,19 @@ class Block(nn.Module):
         qk = apply_rotary(qk, *rope)
         return qk[:, :, :heads], torch.stack((qk[:, :, heads:], v), 2)
 
+    def project_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The keys/values of :meth:`project` alone ``[B, T, 2, H_kv, D]``, without computing queries
+        (half the projection for these heads): what injecting context into a drafter needs."""
+        batch, num_new, _ = x.shape
+        q_dim, kv_heads = self.num_heads * self.head_dim, self.num_kv_heads
+        h = F.rms_norm(x, (x.shape[-1],), self.attention_norm, self.eps)
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[q_dim:]
+        kv = F.linear(h, self.wqkv.weight[q_dim:], bias).view(batch, num_new, 2 * kv_heads, self.head_dim)
+        k, v = kv[:, :, :kv_heads], kv[:, :, kv_heads:]
+        if self.qk_norm is not None:
+            k = F.rms_norm(k, (self.head_dim,), eps=self.eps) * self.qk_norm[self.num_heads:]
+        return torch.stack((apply_rotary(k, *rope), v), 2)
+
     def attend(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
         """Attention of ``q`` over ``keys``/``values`` ``[B, H_kv, S, D]`` under ``mask`` ``[B, 1, T, S]``,

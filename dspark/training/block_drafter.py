@@ -106,7 +106,7 @@ class BlockDrafterModule(L.LightningModule):
         same_block = (block_id.unsqueeze(1) == block_id.unsqueeze(0)).expand(batch, -1, -1)
         mask = torch.cat([context_visible, same_block], -1).unsqueeze(1)  # [B, 1, A·γ, T + A·γ]
         for layer in net.layers:
-            context_kv = layer.project(features, rope_context)[1]
+            context_kv = layer.project_kv(features, rope_context)
             q, block_kv = layer.project(x, rope_block)
             kv = torch.cat([context_kv, block_kv], 1)  # [B, T + A·γ, 2, H_kv, D]
             x = layer.attend(x, q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), mask)

@@ -92,6 +92,19 @@ def test_hidden_states_are_decoder_layer_outputs(family):
         assert (hidden - captured[k]).abs().max() <= 1e-4
 
 
+def test_keys_values_alone_equal_the_full_projection(family):
+    """``project_kv`` (context injection) skips the queries but must give the same keys/values:
+    Qwen2's q/k/v bias and Qwen3's per-head q/k norm slice with the weight."""
+    model = load_model(tiny_hf_model(family, scale=3.0), dtype="float64")
+    x = torch.randn(2, 5, model.args.hidden_size, dtype=torch.float64)
+    rope = model.rotary(torch.arange(3, 8).expand(2, -1), x.dtype)
+    for block in model.layers:
+        if block.qk_norm is not None:  # a distinct scale per head, so that a wrong slice shows
+            block.qk_norm.data = torch.randn_like(block.qk_norm)
+        expected = block.project(x, rope)[1]
+        assert torch.allclose(block.project_kv(x, rope), expected, rtol=0, atol=1e-12)
+
+
 def test_hidden_layer_out_of_range_is_an_error():
     model = load_model(tiny_hf_model("llama"))
     with pytest.raises(ValueError, match=r"hidden layer id 2 is outside this model's layers 0\.\.1"):
