@@ -184,7 +184,8 @@ class Engine:
         out = self.target(state.tokens[:, :max_prompt], cache, state.prompt_lengths,
                           logits_positions=last.unsqueeze(1), hidden_layers=self.drafter.hidden_layers,
                           kv_len=max_prompt)
-        no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0), num_tokens=state.tokens.new_zeros(batch))
+        no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0),
+                                                    num_tokens=state.tokens.new_zeros(batch))  # also for skipped rounds
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
         first = self.verifier.verify(out.logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         stopper.append(state, first.tokens, torch.ones_like(state.lengths))
@@ -230,7 +231,7 @@ class Engine:
         # 1. draft: x_1..x_γ after each anchor, unless the scheduler expects none to be verified
         clock.start()
         drafting = not self.drafter.skippable or self.scheduler.wants_drafts(active)
-        proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else _no_drafts(state)
+        proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else self._no_drafts
         clock.lap(counters, 0)
         # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]
         finished, num_drafted = state.done.clone(), proposal.num_tokens
@@ -273,18 +274,12 @@ class Engine:
             a = survival(proposal.confidence)
             verified = torch.arange(a.shape[1], device=a.device) < num_verify.unsqueeze(1)
             predicted = torch.where(finished, 0.0, 1.0 + (a * verified).sum(-1))
-        elif not drafting and self.scheduler.needs_confidence:  # a skipped round promises its one token
-            predicted = torch.where(finished, 0.0, 1.0).double()
+        elif not drafting and self.scheduler.needs_confidence:  # a skipped round promises one token a request
+            predicted = float(sum(active))
         counters.update(finished, num_verify, num_accepted, num_drafted, predicted, drafted=drafting)
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
         return drafting
-
-
-def _no_drafts(state: DecodingState) -> DraftProposal:
-    """The empty proposal of a round that does not draft (plain decoding step)."""
-    return DraftProposal(tokens=state.tokens.new_zeros(state.batch_size, 0),
-                         num_tokens=state.tokens.new_zeros(state.batch_size))
 
 
 def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:

@@ -118,16 +118,20 @@ class RoundCounters:
         self.reached = torch.zeros(gamma, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
         self.phase_seconds = [0.0, 0.0, 0.0]  # draft, schedule, verify (host clock; engine.time_phases)
-        self.predicted: torch.Tensor | None = None  # Σ predicted tokens (with confidences)
+        self.predicted: torch.Tensor | None = None  # Σ predicted tokens of drafted rounds (with confidences)
+        self.predicted_on_host: float | None = None  # Σ of rounds counted on the host (skipped rounds)
 
     def update(self, finished: torch.Tensor, num_verified: torch.Tensor, num_accepted: torch.Tensor,
-               num_drafted: torch.Tensor, predicted: torch.Tensor | None = None, drafted: bool = True) -> None:
+               num_drafted: torch.Tensor, predicted: torch.Tensor | float | None = None, drafted: bool = True) -> None:
         """Count one round: ``finished`` ``[B]`` bool (requests that were already done), and ``ℓ_b``,
         ``n_b``, drafts proposed ``[B]`` (zero for finished requests); ``predicted`` ``[B]`` the tokens
-        the confidences predicted (0 for finished requests), when the drafter returns confidences;
-        ``drafted``: whether the round drafted at all."""
+        the confidences predicted (0 for finished requests), when the drafter returns confidences,
+        or their sum as a float when the host knows it (a skipped round: one token per unfinished
+        request); ``drafted``: whether the round drafted at all."""
         self.rounds += 1
-        if predicted is not None:
+        if isinstance(predicted, float):
+            self.predicted_on_host = (self.predicted_on_host or 0.0) + predicted
+        elif predicted is not None:
             total = predicted.double().sum()
             self.predicted = total if self.predicted is None else self.predicted + total
         self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
@@ -145,6 +149,8 @@ class RoundCounters:
             flat = [int(v) for v in flat]
         else:
             flat, predicted = counts.tolist(), None
+        if self.predicted_on_host is not None:
+            predicted = (predicted or 0.0) + self.predicted_on_host
         forwards, drafted, verified, accepted = (flat[i * batch:(i + 1) * batch] for i in range(4))
         reached, accepted_at = flat[4 * batch: 4 * batch + gamma], flat[4 * batch + gamma:]
         total_generated = sum(len(g) for g in generated)

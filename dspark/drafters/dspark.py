@@ -128,6 +128,7 @@ class DSparkDrafter(Drafter):
         self.cache: StaticKVCache | None = None
         self.temperatures = self._calibration(config, draft_model)  # [block] or None
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
+        self._copy_hidden = False
 
     def compile(self) -> None:
         # static shapes: the block reads the whole context cache and every round appends γ + 1
@@ -141,6 +142,7 @@ class DSparkDrafter(Drafter):
         # context cache); appending the round's context has a varying width and stays as it is
         self._draft_block = GraphedFunction(self._draft_block, capture=capture)
         self._static_kv = True
+        self._copy_hidden = True  # the graphed target forward overwrites its hidden states next round
 
     def _calibration(self, config: DSparkConfig, draft_model) -> torch.Tensor | None:
         """The confidence temperatures this drafter applies (see ``DSparkConfig.calibration``)."""
@@ -185,16 +187,19 @@ class DSparkDrafter(Drafter):
         self._append_context(target_output.hidden_states, state.prompt_lengths)
         # rounds without drafts append their context lazily, when drafting resumes (see commit)
         self._pending: list[list[torch.Tensor]] = []
-        self._pending_len = torch.zeros_like(cache.lengths)
 
-    def _flush_pending(self) -> None:
-        """Append the context of the rounds that did not draft, in one forward."""
+    def _flush_pending(self, lengths: torch.Tensor) -> None:
+        """Append the context of the rounds that did not draft, in one forward. Each such round
+        verified one position per request (its anchor) and kept it if the request was unfinished;
+        a request stays finished once it is, so its kept positions are the first columns, as many
+        as the committed tokens the context lacks: ``lengths`` ``[B]`` (tokens so far) − 1 for the anchor."""
         if self._pending:
-            self._append_context([torch.cat(layer, 1) for layer in zip(*self._pending)], self._pending_len)
-            self._pending, self._pending_len = [], torch.zeros_like(self._pending_len)
+            num_new = (lengths - 1) - self.cache.lengths
+            self._append_context([torch.cat(layer, 1) for layer in zip(*self._pending)], num_new)
+            self._pending = []
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
-        self._flush_pending()
+        self._flush_pending(state.lengths)
         cache = self.cache
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.gamma, cache.max_len)
         tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, uniforms, state.params, kv_len)
@@ -245,15 +250,15 @@ class DSparkDrafter(Drafter):
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
-        # mirror the target cache: it now holds every committed token but the anchor
-        num_new = (state.lengths - 1) - self.cache.lengths - self._pending_len
         if proposal.gamma == 0:
             # nothing was verified (a plain decoding step, often one that skipped drafting): keep the
-            # hidden states (copies: with CUDA graphs they are overwritten by the next round)
-            self._pending.append([h.clone() for h in target_output.hidden_states])
-            self._pending_len += num_new
+            # hidden states for later (copies when CUDA graphs overwrite them next round); no work
+            # on the device here, so that a skipped round costs what a plain step does
+            hidden = target_output.hidden_states
+            self._pending.append([h.clone() for h in hidden] if self._copy_hidden else list(hidden))
             if len(self._pending) >= MAX_PENDING_ROUNDS:
-                self._flush_pending()
+                self._flush_pending(state.lengths)
             return
-        self._flush_pending()
-        self._append_round(target_output.hidden_states, num_new)
+        self._flush_pending(state.lengths)
+        # mirror the target cache: it now holds every committed token but the anchor
+        self._append_round(target_output.hidden_states, (state.lengths - 1) - self.cache.lengths)

@@ -48,7 +48,7 @@ def test_context_cache_equals_recomputation_over_the_accepted_prefix(head, sched
         assert result.stats.verified_tokens < result.stats.drafted_tokens
         assert schedule != "idle" or drafter._pending
         with torch.inference_mode():
-            drafter._flush_pending()  # what the next propose would do
+            drafter._flush_pending(torch.tensor([len(p) + len(g) for p, g in zip(prompts, result.token_ids)]))  # as propose would
     target = pipe.target
     for b, (prompt, generated) in enumerate(zip(prompts, result.token_ids)):
         committed = torch.tensor(prompt + generated[:-1]).unsqueeze(0)  # the last token is the anchor
