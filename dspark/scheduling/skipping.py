@@ -11,6 +11,7 @@ the current round's drafts.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from statistics import median
@@ -68,7 +69,10 @@ class MeasuredFallback:
     runs, and the slower one is probed for one round after 1, 2, 4, … (at most ``probe_limit``)
     rounds of the faster, so a change (longer contexts, another domain) is noticed; the interval
     starts again at 1 when the faster kind changes, which takes a lead of more than ``MARGIN``.
-    Measurements persist across batches (same hardware, same batch size).
+    Measurements persist across batches (same hardware, same batch size). A batch size seen for
+    the first time still measures both kinds, but starts from the leader and probe interval of the
+    nearest batch size that has one (a prior, overturned by its own rates like any lead): learning
+    a new load then costs ``MIN_SAMPLES`` drafted rounds, not a probe after 1, 2, 4, … rounds again.
 
     A drafted round after plain ones also pays for the drafter catching up on the skipped context
     (the DSpark drafter appends it lazily, the draft model feeds it): probes see drafting slightly
@@ -87,7 +91,12 @@ class MeasuredFallback:
 
     def _arms(self, batch_size: int) -> "_Arms":
         if batch_size not in self.arms:
-            self.arms[batch_size] = _Arms(deque(maxlen=self.window), deque(maxlen=self.window))
+            arms = _Arms(deque(maxlen=self.window), deque(maxlen=self.window))
+            settled = [b for b, a in self.arms.items() if a.faster is not None]
+            if settled:  # the prior: the nearest batch size by ratio, the smaller on a tie
+                nearest = self.arms[min(settled, key=lambda b: (abs(math.log(b / batch_size)), b))]
+                arms.faster, arms.interval = nearest.faster, nearest.interval
+            self.arms[batch_size] = arms
         return self.arms[batch_size]
 
     def rates(self, batch_size: int) -> tuple[float | None, float | None]:
@@ -115,8 +124,9 @@ class MeasuredFallback:
         if seconds <= 0:
             return
         arms = self._arms(batch_size)
+        measuring = min(len(arms.drafted), len(arms.plain)) < self.MIN_SAMPLES  # no lead in force yet
         (arms.drafted if drafted else arms.plain).append((tokens_per_request, seconds))
-        if arms.faster is None:
+        if measuring or arms.faster is None:
             return
         if drafted == arms.faster:
             arms.since_probe += 1

@@ -55,6 +55,28 @@ def test_measured_fallback_drafts_when_drafting_pays_and_notices_a_change():
     assert fallback.rates(4) == (pytest.approx(1 / 1.5), 1.0)
 
 
+def test_a_new_batch_size_starts_from_the_nearest_settled_one():
+    fallback = MeasuredFallback(window=4, probe_limit=8)
+    slow_drafts = dict(seconds={True: 3.0, False: 1.0}, tokens={True: 2.0, False: 1.0})
+    run_rounds(fallback, 40, **slow_drafts, batch_size=4)
+    assert (fallback.arms[4].faster, fallback.arms[4].interval) == (False, 8)
+    # batch 6 measures both kinds, then keeps batch 4's lead and probe interval: no probes after
+    # 1, 2, 4 rounds again
+    assert run_rounds(fallback, 14, **slow_drafts, batch_size=6) == "DDpp" + "pppppppp" + "D" + "p"
+    # a prior is overturned by the batch size's own rates: drafting pays at batch 32
+    fast_drafts = dict(seconds={True: 1.5, False: 1.0}, tokens={True: 3.0, False: 1.0})
+    assert run_rounds(fallback, 8, **fast_drafts, batch_size=32) == "DDpp" + "D" + "p" + "DD"
+    assert fallback.arms[32].faster is True
+    fallback._arms(20)  # nearer 32 (ratio 1.6) than 6 (3.3)
+    assert fallback.arms[20].faster is True
+    # the nearest by ratio, the smaller on a tie: 4 is as near 2 as 8
+    fallback = MeasuredFallback(window=4, probe_limit=8)
+    run_rounds(fallback, 12, **fast_drafts, batch_size=2)
+    run_rounds(fallback, 40, **slow_drafts, batch_size=8)
+    fallback._arms(4)
+    assert fallback.arms[4].faster is True and fallback.arms[4].interval == fallback.arms[2].interval
+
+
 def test_measured_rates_are_ratios_of_sums_without_outliers():
     fallback = MeasuredFallback(window=6)
     # prompt lookup: a round without a match emits 1 token, a matched one 5 (both ~1.2 s); most
