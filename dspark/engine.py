@@ -29,6 +29,7 @@ import torch
 from dspark import kernels
 from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
+from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
@@ -50,7 +51,8 @@ class EngineConfig:
         compile: ``torch.compile`` the target's round forward (static shapes: attention reads the
             whole cache, one graph per batch size). Pays off for small models whose step time is
             dominated by per-operation overhead; the first round of each shape compiles (seconds
-            to a minute).
+            to a minute). The drafter's own forwards are compiled too; on CPU with inductor's C++
+            wrapper (:func:`~dspark.models.compiled.compile_forward`).
         time_phases: split each round's time into draft / schedule / verify / other (host clock; on
             CUDA this adds synchronisations, so keep it for measurements).
         cuda_graphs: replay the target's round forward from CUDA graphs captured per batch size and
@@ -106,7 +108,7 @@ class Engine:
         self.device = target.device
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
         self._cache = None
-        forward = torch.compile(target, dynamic=False) if self.config.compile else target
+        forward = compile_forward(target, target.device) if self.config.compile else target
         if self.config.compile:
             drafter.compile()
         if self.config.cuda_graphs:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.models.compiled import compile_forward
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
 
@@ -75,7 +76,7 @@ class DraftModelDrafter(Drafter):
 
     def compile(self) -> None:
         # static shapes: every step reads the whole draft cache (one graph per batch size and step width)
-        self._forward, self._static_kv = torch.compile(self.model, dynamic=False), True
+        self._forward, self._static_kv = compile_forward(self.model, self.target.device), True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma

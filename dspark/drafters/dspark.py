@@ -14,6 +14,7 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
+from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
@@ -133,8 +134,8 @@ class DSparkDrafter(Drafter):
     def compile(self) -> None:
         # static shapes: the block reads the whole context cache and every round appends γ + 1
         # positions (one graph per batch size and sampling settings); the prompt's append stays eager
-        self._draft_block = torch.compile(self.draft_block, dynamic=False)
-        self._append_round = torch.compile(self._append_context, dynamic=False)
+        self._draft_block = compile_forward(self.draft_block, self.target.device)
+        self._append_round = compile_forward(self._append_context, self.target.device)
         self._static_kv = True
 
     def use_graphs(self, capture=None) -> None:

@@ -14,6 +14,7 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+from dspark.models.compiled import compile_forward
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
@@ -99,7 +100,7 @@ class Eagle3Drafter(Drafter):
     def compile(self) -> None:
         # static shapes: every draft step and every round's append reads the whole pair cache; the
         # prompt's append (a new width per prompt length) stays eager
-        self._step, self._static_kv = torch.compile(self._pair_step, dynamic=False), True
+        self._step, self._static_kv = compile_forward(self._pair_step, self.target.device), True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
