@@ -126,6 +126,9 @@ class DSparkDrafter(Drafter):
                              f"this drafter was built for ({net.args.gamma})")
         self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(net.args.target_layers)
+        # W2ᵀ laid out for the left-to-right head's matvecs (the network is frozen from here on)
+        self.projection_t = (self.net.bias_projection.weight.t().contiguous() if hasattr(self.net, "bias_projection")
+                             else None)
         self.cache: StaticKVCache | None = None
         self.temperatures = self._calibration(config, draft_model)  # [block] or None
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
@@ -233,7 +236,8 @@ class DSparkDrafter(Drafter):
         else:
             previous, head_state, drafted, probs = anchor, None, [], []
             for k in range(gamma):
-                bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state)
+                bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state,
+                                                 self.projection_t)
                 logits = base_logits[:, k] + bias
                 if params.greedy:
                     previous = self.sampler.greedy(logits)

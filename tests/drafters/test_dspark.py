@@ -78,6 +78,40 @@ def test_proposal_carries_processed_q_and_confidences():
     assert ((proposal.confidence > 0) & (proposal.confidence < 1)).all()
 
 
+@pytest.mark.parametrize("head", ["none", "markov", "gated_markov", "rnn"])
+def test_drafting_equals_the_training_forward_on_its_own_drafts(head):
+    """Inference drafting (one block forward, then the head left to right on its own samples, with
+    ``W2ᵀ`` laid out for the matvecs) gives the distributions the training forward gives when
+    teacher-forced with those same drafts: the head trained is the head that drafts."""
+    from dspark.training.block_drafter import BlockDrafterModule
+    from dspark.training.modules import OptimConfig
+
+    target_hf = tiny_hf_model("qwen3", scale=2.0)
+    target = load_model(target_hf, dtype="float32")
+    torch.manual_seed(0)
+    net = BlockDrafter(BlockDrafterArgs.for_target(target, gamma=4, num_layers=2, target_layers=(0, 1), head=head,
+                                                   rank=16))
+    with torch.no_grad():  # a trained-looking head: the sequential bias starts at zero otherwise
+        for parameter in net.parameters():
+            parameter.normal_(std=0.3)
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float32"},
+                                  "drafter": {"name": "dspark", "num_speculative_tokens": 4, "path": None}},
+                                 target_model=target_hf, draft_model=net)
+    seen = []
+    original = pipe.drafter.propose
+    pipe.drafter.propose = lambda state, u: seen.append((state.tokens[0, :state.lengths[0]].clone(),
+                                                         original(state, u))) or seen[-1][1]
+    pipe.generate([[5, 6, 7, 8, 9]], max_new_tokens=3, temperature=1.0, seed=2, ignore_eos=True)
+    committed, proposal = seen[0]  # prompt + anchor, then γ drafts
+    tokens = torch.cat([committed, proposal.tokens[0, :-1]]).unsqueeze(0)
+    module = BlockDrafterModule(pipe.drafter.net, pipe.target, OptimConfig(), max_steps=1)
+    with torch.no_grad():
+        hidden, _ = module.target_pass(tokens)
+        logits, confidence = module.draft_blocks(tokens, hidden, torch.tensor([[len(committed) - 1]]))
+    assert torch.allclose(proposal.probs[0], logits[0, 0].softmax(-1), atol=1e-5)
+    assert torch.allclose(proposal.confidence[0], confidence[0, 0], atol=1e-5)
+
+
 def test_loss_terms_on_hand_made_distributions():
     p_target = torch.tensor([[0.5, 0.5, 0.0]])
     p_draft = torch.tensor([[0.25, 0.25, 0.5]])
