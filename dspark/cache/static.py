@@ -28,9 +28,19 @@ class StaticKVCache(KVCache):
             )
         # zeros, not empty: masked-out garbage must still be finite so softmax never sees NaN * 0
         self.buffer = torch.zeros(num_layers, batch_size, 2, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.keys, self.values = self.buffer[:, :, 0], self.buffer[:, :, 1]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._rows = torch.arange(batch_size, device=device)
+        self._layer_ids = torch.arange(num_layers, device=device)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``[layers, B, H_kv, max_len, D]`` view of the buffer."""
+        return self.buffer[:, :, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[layers, B, H_kv, max_len, D]`` view of the buffer."""
+        return self.buffer[:, :, 1]
 
     @property
     def batch_size(self) -> int:
@@ -65,6 +75,10 @@ class StaticKVCache(KVCache):
         caller masks what a request has not written. Padding tokens are written past the length too
         (the caller guarantees ``max(lengths) + T ≤ kv_len ≤ max_len``) and are never committed.
         """
-        # indexing dims 0 and 3 of [B, 2, H, S, D] puts the indexed dims first: [B, T, 2, H, D]
-        self.buffer[layer][self._rows.unsqueeze(1), :, :, positions] = keys_values
-        return self.keys[layer, :, :, :kv_len], self.values[layer, :, :, :kv_len]
+        # Indexing dims 0, 1 and 4 of [L, B, 2, H, S, D] puts the indexed dims first: [B, T, 2, H, D].
+        # The write goes to the whole buffer, and the returned views are taken from it alone: under
+        # torch.compile, a write into a view of the buffer (or a read through a second tensor aliasing
+        # it) made inductor copy the layer's whole cache twice per forward — at batch 32 on the CPU
+        # that was two thirds of a decoding step.
+        self.buffer[self._layer_ids[layer:layer + 1], self._rows.unsqueeze(1), :, :, positions] = keys_values
+        return self.buffer[layer, :, 0, :, :kv_len], self.buffer[layer, :, 1, :, :kv_len]

@@ -58,3 +58,34 @@ def test_shape_layout_and_bad_dimensions():
     assert cache.batch_size == 3 and cache.max_len == 10
     with pytest.raises(ValueError, match="dimensions must be >= 1"):
         StaticKVCache(num_layers=2, batch_size=0, num_kv_heads=4, max_len=10, head_dim=8)
+
+
+def test_compiled_forward_writes_the_cache_in_place():
+    """Under torch.compile the cache write is a scatter into the buffer itself: no temporary the
+    size of a layer's cache (a write through a view made inductor copy it twice per forward), and
+    the buffer holds what the eager forward writes."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = load_model(tiny_hf_model("qwen3"), dtype="float32")
+    batch, max_len = 3, 80
+    prompt = torch.randint(0, model.vocab_size, (batch, 5))
+    new = torch.randint(0, model.vocab_size, (batch, 4))
+    eager, compiled = model.new_cache(batch, max_len), model.new_cache(batch, max_len)
+    with torch.inference_mode():
+        for cache in (eager, compiled):
+            model(prompt, cache)
+            cache.rollback(torch.tensor([0, 2, 1]))  # ragged lengths
+        expected = model(new, eager, kv_len=max_len).logits
+        buffer = compiled.buffer
+        forward = torch.compile(model, dynamic=False, options={"cpp_wrapper": False})
+        got, (code, *_) = run_and_get_code(forward, new, compiled, kv_len=max_len)
+    assert compiled.buffer is buffer and torch.equal(compiled.lengths, eager.lengths)
+    assert torch.allclose(compiled.buffer, eager.buffer, atol=1e-6)
+    assert torch.allclose(got.logits, expected, atol=1e-5)
+    layer_cache = compiled.buffer[0].numel()
+    shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", code)
+    assert shapes, "no allocations found: the generated code's format changed"
+    sizes = [torch.Size(int(d) for d in s.split(",") if d.strip()).numel() for s in shapes]
+    assert max(sizes) < layer_cache, f"a temporary of {max(sizes)} elements ≥ one layer's cache ({layer_cache})"
