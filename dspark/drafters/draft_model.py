@@ -72,11 +72,15 @@ class DraftModelDrafter(Drafter):
             raise ValueError(f"draft model vocabulary ({self.model.vocab_size} tokens) differs from the target's "
                              f"({target.vocab_size} tokens); a draft model must share the target's tokenizer")
         self.cache = None
-        self._forward, self._static_kv = self.model, False
+        self._forward, self._draft_steps, self._static_kv = self.model, self.draft_steps, False
 
     def compile(self) -> None:
-        # static shapes: every step reads the whole draft cache (one graph per batch size and step width)
-        self._forward, self._static_kv = compile_forward(self.model, self.target.device), True
+        # static shapes: every step reads the whole draft cache. The catch-up step is one graph per
+        # batch size and width; the drafting steps are one graph per batch size and sampling
+        # settings (the loop unrolled), so a round pays the per-call overhead twice, not γ times
+        self._forward = compile_forward(self.model, self.target.device)
+        self._draft_steps = compile_forward(self.draft_steps, self.target.device)
+        self._static_kv = True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
@@ -112,22 +116,27 @@ class DraftModelDrafter(Drafter):
         params, gamma = state.params, self.gamma
         active = ~state.done
         out, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
+        tokens, q = self._draft_steps(out.logits[:, -1], active.long(), uniforms, params, kv_len)
+        self.fed = torch.where(active, gamma - 1, 0)  # drafts fed to the cache this round (None: skipped)
+        return DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0), probs=q)
+
+    def draft_steps(self, logits: torch.Tensor, num_new: torch.Tensor, uniforms: torch.Tensor, params,
+                    kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft left to right from the first step's ``logits`` ``[B, V]``, feeding ``x_1..x_{γ−1}``
+        (``num_new`` ``[B]``: 1, or 0 for finished requests): tokens ``[B, γ]`` and ``q``
+        ``[B, γ, V]`` (``None`` when greedy). One function, so that ``engine.compile`` makes the
+        whole loop one graph."""
         drafts, probs = [], []
-        for k in range(gamma):
-            logits = out.logits[:, -1]  # [B, V]
+        for k in range(self.gamma):
             if params.greedy:
                 token = self.sampler.greedy(logits)
             else:
-                q = self.sampler.probs(logits, params)
-                token = self.sampler.sample(q, uniforms[:, k])
-                probs.append(q)
+                probs.append(self.sampler.probs(logits, params))
+                token = self.sampler.sample(probs[-1], uniforms[:, k])
             drafts.append(token)
-            if k < gamma - 1:
-                out = self._forward(token.unsqueeze(1), self.cache, active.long(), kv_len=kv_len)
-        tokens = torch.stack(drafts, 1)  # [B, γ]
-        self.fed = torch.where(active, gamma - 1, 0)  # drafts fed to the cache this round (None: skipped)
-        return DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0),
-                             probs=torch.stack(probs, 1) if probs else None)
+            if k < self.gamma - 1:
+                logits = self.model(token.unsqueeze(1), self.cache, num_new, kv_len=kv_len).logits[:, -1]
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:

@@ -95,12 +95,15 @@ class Eagle3Drafter(Drafter):
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
-        self._step, self._static_kv = self._pair_step, False
+        self._step, self._draft_steps, self._static_kv = self._pair_step, self.draft_steps, False
 
     def compile(self) -> None:
         # static shapes: every draft step and every round's append reads the whole pair cache; the
-        # prompt's append (a new width per prompt length) stays eager
-        self._step, self._static_kv = compile_forward(self._pair_step, self.target.device), True
+        # drafting loop is one graph (unrolled), each round's append another; the prompt's append
+        # (a new width per prompt length) stays eager
+        self._step = compile_forward(self._pair_step, self.target.device)
+        self._draft_steps = compile_forward(self.draft_steps, self.target.device)
+        self._static_kv = True
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
@@ -139,21 +142,28 @@ class Eagle3Drafter(Drafter):
                            min(prompt_width, cache.max_len))
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
-        head, cache, params, gamma = self.head, self.cache, state.params, self.gamma
+        cache, gamma = self.cache, self.gamma
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + gamma, cache.max_len)
-        d, drafted, probs = self.last_output, [], []
-        for k in range(gamma):
-            logits = head.logits(d, self.target)  # [B, V]
+        tokens, q = self._draft_steps(self.last_output, cache.lengths, uniforms, state.params, kv_len)
+        return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q)
+
+    def draft_steps(self, d: torch.Tensor, lengths: torch.Tensor, uniforms: torch.Tensor, params,
+                    kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft left to right from the last committed pair's output ``d`` ``[B, H]`` over a pair cache
+        of ``lengths`` ``[B]``: tokens ``[B, γ]`` and ``q`` ``[B, γ, V]`` (``None`` when greedy). One
+        function, so that ``engine.compile`` makes the whole loop one graph."""
+        drafted, probs = [], []
+        for k in range(self.gamma):
+            logits = self.head.logits(d, self.target)  # [B, V]
             if params.greedy:
                 token = self.sampler.greedy(logits)
             else:
                 probs.append(self.sampler.probs(logits, params))
                 token = self.sampler.sample(probs[-1], uniforms[:, k])
             drafted.append(token)
-            if k < gamma - 1:  # the pair (d, x_k): the head's own output is the next feature
-                d = self._step(d.unsqueeze(1), token.unsqueeze(1), cache.lengths + k, kv_len).squeeze(1)
-        return DraftProposal(tokens=torch.stack(drafted, 1), num_tokens=torch.where(state.done, 0, gamma),
-                             probs=torch.stack(probs, 1) if probs else None)
+            if k < self.gamma - 1:  # the pair (d, x_k): the head's own output is the next feature
+                d = self._pair_step(d.unsqueeze(1), token.unsqueeze(1), lengths + k, kv_len).squeeze(1)
+        return torch.stack(drafted, 1), (torch.stack(probs, 1) if probs else None)
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
