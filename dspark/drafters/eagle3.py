@@ -95,13 +95,13 @@ class Eagle3Drafter(Drafter):
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
-        self._step, self._draft_steps, self._static_kv = self._pair_step, self.draft_steps, False
+        self._append_round, self._draft_steps, self._static_kv = self.append_pairs, self.draft_steps, False
 
     def compile(self) -> None:
         # static shapes: every draft step and every round's append reads the whole pair cache; the
-        # drafting loop is one graph (unrolled), each round's append another; the prompt's append
-        # (a new width per prompt length) stays eager
-        self._step = compile_forward(self._pair_step, self.target.device)
+        # drafting loop is one graph (unrolled), each round's append (fusing the target's features
+        # included) another; the prompt's append (a new width per prompt length) stays eager
+        self._append_round = compile_forward(self.append_pairs, self.target.device)
         self._draft_steps = compile_forward(self.draft_steps, self.target.device)
         self._static_kv = True
 
@@ -118,17 +118,18 @@ class Eagle3Drafter(Drafter):
         keys, values = self.cache.write(0, kv, positions, kv_len)
         return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
 
-    def _append_pairs(self, state: DecodingState, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
-                      kv_len: int, step=None) -> None:
-        """Commit ``num_new[b]`` pairs (fused target features, the next committed tokens) per request
-        and keep each request's last output for the next round's first draft."""
+    def append_pairs(self, token_buffer: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
+                     kv_len: int) -> torch.Tensor:
+        """Commit ``num_new[b]`` pairs (fused target features ``[B, T, ·]`` per layer id, the next
+        committed tokens read from ``token_buffer`` ``[B, W]``) per request; returns each request's
+        last output ``[B, H]``, the next round's first feature."""
         cache, num_tokens = self.cache, hidden_states[0].shape[1]
         token_positions = cache.lengths.unsqueeze(1) + 1 + torch.arange(num_tokens, device=num_new.device)
-        tokens = state.tokens.gather(1, token_positions.clamp(max=state.tokens.shape[1] - 1))
-        d = (step or self._pair_step)(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
+        tokens = token_buffer.gather(1, token_positions.clamp(max=token_buffer.shape[1] - 1))
+        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
         last = (num_new - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, d.shape[-1])
-        self.last_output = d.gather(1, last).squeeze(1)
         cache.advance(num_new)
+        return d.gather(1, last).squeeze(1)
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, a = state.batch_size, self.head.args
@@ -138,8 +139,8 @@ class Eagle3Drafter(Drafter):
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()
         prompt_width = target_output.hidden_states[0].shape[1]
-        self._append_pairs(state, target_output.hidden_states, state.prompt_lengths,
-                           min(prompt_width, cache.max_len))
+        self.last_output = self.append_pairs(state.tokens, target_output.hidden_states, state.prompt_lengths,
+                                             min(prompt_width, cache.max_len))
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma
@@ -170,5 +171,5 @@ class Eagle3Drafter(Drafter):
         # one pair per position the target kept: its cache holds every committed token but the anchor
         num_tokens = target_output.hidden_states[0].shape[1]
         kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + num_tokens, self.cache.max_len)
-        self._append_pairs(state, target_output.hidden_states, (state.lengths - 1) - self.cache.lengths, kv_len,
-                           self._step)
+        self.last_output = self._append_round(state.tokens, target_output.hidden_states,
+                                              (state.lengths - 1) - self.cache.lengths, kv_len)
