@@ -242,3 +242,20 @@ def test_compiled_rounds_match_eager(drafter):
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
     eager = spec_pipeline(target, drafter, 3).generate(prompts, **sampled).token_ids
     assert compiled.generate(prompts, **sampled).token_ids == eager
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
+def test_compiled_rounds_do_not_recompile_for_new_prompt_lengths(drafter):
+    """engine.compile: once a batch size and the sampling settings have been seen, other prompt
+    lengths (within one cache bucket) reuse the compiled graphs — nothing a compiled function takes
+    may have a prompt-dependent shape (dynamo would recompile per length, then fall back to eager)."""
+    from torch._dynamo.utils import counters
+
+    target = tiny_hf_model("qwen3", scale=3.0)
+    compiled = spec_pipeline(target, drafter, 3, "engine.compile=true")
+    compiled.generate(ragged_prompts(101, lengths=(6,)), max_new_tokens=10, ignore_eos=True)
+    before = counters["stats"]["unique_graphs"]
+    for length in (3, 11, 8):
+        compiled.generate(ragged_prompts(101, lengths=(length,), seed=length), max_new_tokens=10, ignore_eos=True)
+    assert counters["stats"]["unique_graphs"] == before

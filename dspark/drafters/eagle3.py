@@ -118,18 +118,22 @@ class Eagle3Drafter(Drafter):
         keys, values = self.cache.write(0, kv, positions, kv_len)
         return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
 
-    def append_pairs(self, token_buffer: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
+    def append_pairs(self, tokens: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
                      kv_len: int) -> torch.Tensor:
-        """Commit ``num_new[b]`` pairs (fused target features ``[B, T, ·]`` per layer id, the next
-        committed tokens read from ``token_buffer`` ``[B, W]``) per request; returns each request's
+        """Commit ``num_new[b]`` pairs per request: the fused target features ``[B, T, ·]`` (per layer
+        id) with ``tokens`` ``[B, T]``, the committed tokens that follow them; returns each request's
         last output ``[B, H]``, the next round's first feature."""
-        cache, num_tokens = self.cache, hidden_states[0].shape[1]
-        token_positions = cache.lengths.unsqueeze(1) + 1 + torch.arange(num_tokens, device=num_new.device)
-        tokens = token_buffer.gather(1, token_positions.clamp(max=token_buffer.shape[1] - 1))
+        cache = self.cache
         d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
         last = (num_new - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, d.shape[-1])
         cache.advance(num_new)
         return d.gather(1, last).squeeze(1)
+
+    def _following_tokens(self, state: DecodingState, num_tokens: int) -> torch.Tensor:
+        """``[B, T]`` the committed tokens after each of the next ``T`` pair positions (the token
+        buffer's width varies per call: read outside the compiled append)."""
+        positions = self.cache.lengths.unsqueeze(1) + 1 + torch.arange(num_tokens, device=state.tokens.device)
+        return state.tokens.gather(1, positions.clamp(max=state.tokens.shape[1] - 1))
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, a = state.batch_size, self.head.args
@@ -139,8 +143,8 @@ class Eagle3Drafter(Drafter):
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()
         prompt_width = target_output.hidden_states[0].shape[1]
-        self.last_output = self.append_pairs(state.tokens, target_output.hidden_states, state.prompt_lengths,
-                                             min(prompt_width, cache.max_len))
+        self.last_output = self.append_pairs(self._following_tokens(state, prompt_width), target_output.hidden_states,
+                                             state.prompt_lengths, min(prompt_width, cache.max_len))
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma
@@ -171,5 +175,5 @@ class Eagle3Drafter(Drafter):
         # one pair per position the target kept: its cache holds every committed token but the anchor
         num_tokens = target_output.hidden_states[0].shape[1]
         kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + num_tokens, self.cache.max_len)
-        self.last_output = self._append_round(state.tokens, target_output.hidden_states,
+        self.last_output = self._append_round(self._following_tokens(state, num_tokens), target_output.hidden_states,
                                               (state.lengths - 1) - self.cache.lengths, kv_len)
