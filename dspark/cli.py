@@ -59,6 +59,16 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_regenerate(args: argparse.Namespace) -> int:
+    from dspark.data.regenerate import load_regenerate_config, regenerate
+
+    cfg = load_regenerate_config(args.config, args.overrides)
+    report = regenerate(cfg, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    print(f"[dspark] wrote {cfg.output}", file=sys.stderr)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from dspark.bench import load_bench_config, run_bench
 
@@ -153,12 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("overrides", nargs="*")
     prof.set_defaults(func=_profile)
 
-    data = sub.add_parser("data", help="build the stdlib corpus artefacts")
+    data = sub.add_parser("data", help="build the stdlib corpus artefacts and drafter training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser("build", help="tokenizer, prompt sets and manifest from the stdlib corpus")
     build.add_argument("--config", default="configs/data/stdlib.yaml")
     build.add_argument("overrides", nargs="*")
     build.set_defaults(func=_data_build)
+    regen = data_sub.add_parser("regenerate", help="drafter training data: train-split prompts continued by the target")
+    regen.add_argument("--config", default="configs/data/regenerate.yaml")
+    regen.add_argument("--no-progress", action="store_true")
+    regen.add_argument("overrides", nargs="*")
+    regen.set_defaults(func=_data_regenerate)
     return parser
 
 

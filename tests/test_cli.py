@@ -42,3 +42,10 @@ def test_unknown_flag_is_rejected(capsys):
     except SystemExit as exit_:
         assert exit_.code == 2
     assert "unrecognized arguments: --max-new-tokns" in capsys.readouterr().err
+
+
+def test_data_regenerate_checks_its_config_before_any_work(capsys):
+    assert main(["data", "regenerate", "samples_per_temperature=100", "batch_size=64"]) == 2
+    assert "must be a multiple of batch_size (64)" in capsys.readouterr().err
+    assert main(["data", "regenerate", "temperatur=1"]) == 2
+    assert "temperatur" in capsys.readouterr().err

@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CorpusConfig:
-    """How the stdlib corpus is cut (see :mod:`dspark.data.corpus`)."""
+    """How the stdlib corpus is cut (see :mod:`dspark.data.corpus`); ``root``: the library to read
+    (default: the running Python's standard library)."""
 
+    root: str | None = None
     validation_percent: int = 5
     test_percent: int = 5
     min_docstring_chars: int = 200

@@ -52,6 +52,9 @@ class TrainConfig:
         run_dir: logs and Lightning checkpoints; output_dir: the exported checkpoint directory.
         save_dtype: dtype of the exported weights. resume: continue from ``run_dir``'s last checkpoint.
         plot: PNG of the loss curves (``null`` to skip). corpus: corpus split settings.
+        train_data: a ``dspark data regenerate`` file to train on instead of the corpus's train
+            split (drafters: text written by the teacher itself, as the DSpark paper trains);
+            validation and test stay on the corpus.
         threads: torch CPU threads (``null`` = torch's default).
     """
 
@@ -81,6 +84,7 @@ class TrainConfig:
     resume: bool = True
     plot: str | None = None
     corpus: dict[str, Any] = field(default_factory=dict)
+    train_data: str | None = None
     threads: int | None = None
 
 
@@ -91,6 +95,8 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
         raise ValueError(f"train kind must be 'target', 'draft' or 'drafter', got {cfg.kind!r}")
     if cfg.kind in ("draft", "drafter") and not cfg.teacher:
         raise ValueError(f"training a {cfg.kind} needs `teacher` (a target checkpoint directory or embedded name)")
+    if cfg.train_data is not None and cfg.kind == "target":
+        raise ValueError("train_data (text written by a teacher) is for `draft` and `drafter` runs, not `target`")
     if cfg.kind != "drafter" and "model_type" not in cfg.model:
         raise ValueError("the training config's `model` needs model_type (e.g. qwen3) and the architecture keys")
     return cfg
@@ -110,10 +116,15 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
+    train_stream = None
+    if cfg.train_data is not None:  # checked before any model is built
+        from dspark.data.regenerate import load_regenerated
+
+        train_stream = load_regenerated(cfg.train_data, target=cfg.teacher, vocab_size=len(tokenizer))
     module = _build_module(cfg, tokenizer)
     data = CorpusDataModule(tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                             num_samples=cfg.max_steps * cfg.batch_size, seed=cfg.seed, corpus=cfg.corpus,
-                            max_eval_blocks=cfg.max_eval_blocks, documents=documents)
+                            max_eval_blocks=cfg.max_eval_blocks, documents=documents, train_stream=train_stream)
 
     run_dir = Path(cfg.run_dir)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.val_every)
