@@ -1,0 +1,88 @@
+"""τ (tokens per target forward) of drafter checkpoints on the shipped prompt sets, side by side.
+
+    python benchmarks/drafter_tau.py --prompts 32 --plot tau.png \\
+        "DSpark, corpus=dspark:dspark-tiny-dspark" "DSpark, regenerated=dspark:runs/regen/dspark/out"
+
+Each ``LABEL=CONFIG:PATH`` builds the pipeline config ``CONFIG`` with ``drafter.path=PATH`` and
+decodes the first ``--prompts`` prompts of the code and prose sets (128 new tokens, greedy and
+T = 1 with seed 0, eager, every draft verified). τ does not depend on the machine's speed, so this
+compares training recipes without the noise of a timed bench. Prints a Markdown table, writes the
+numbers to ``--json`` and draws grouped bars to ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import dspark
+from dspark.bench.runner import load_prompts
+
+CELLS = [(domain, temperature) for domain in ("code", "prose") for temperature in (0.0, 1.0)]
+
+
+def measure(spec: str, num_prompts: int, max_new_tokens: int) -> dict[str, float]:
+    """τ per ``"domain T"`` cell for one ``CONFIG:PATH``."""
+    config, path = spec.split(":", 1)
+    pipe = dspark.build_pipeline(config, overrides=[f"drafter.path={path}", "target.device=cpu",
+                                                    "engine.max_batch_size=8"])
+    taus = {}
+    for domain, temperature in CELLS:
+        prompts = load_prompts(domain, pipe.tokenizer, num_prompts)
+        out = pipe.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+        taus[f"{domain} T={temperature:g}"] = out.stats.mean_accepted_length
+    return taus
+
+
+def plot(results: dict[str, dict[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(next(iter(results.values())))
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (label, taus) in enumerate(results.items()):
+        xs = [c + (i - (len(results) - 1) / 2) * width for c in range(len(cells))]
+        ax.bar(xs, [taus[c] for c in cells], width, label=label)
+    ax.set_xticks(range(len(cells)), cells)
+    ax.set_ylabel("τ (tokens per target forward)")
+    ax.set_ylim(1.0, None)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("drafters", nargs="+", help="LABEL=CONFIG:PATH")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    specs = [d.split("=", 1) for d in args.drafters]
+    bad = [d for d, s in zip(args.drafters, specs) if len(s) != 2 or ":" not in s[1]]
+    if bad:
+        parser.error(f"each drafter is LABEL=CONFIG:PATH, got {bad}")
+    results = {}
+    for label, spec in specs:
+        results[label] = measure(spec, args.prompts, args.max_new_tokens)
+        print(f"[drafter_tau] {label}: " + ", ".join(f"{c} {t:.2f}" for c, t in results[label].items()), flush=True)
+    cells = list(next(iter(results.values())))
+    print("| drafter | " + " | ".join(cells) + " |")
+    print("|---|" + "---|" * len(cells))
+    for label, taus in results.items():
+        print(f"| {label} | " + " | ".join(f"{taus[c]:.2f}" for c in cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "tau": results}, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
