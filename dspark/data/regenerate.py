@@ -76,32 +76,21 @@ def load_regenerate_config(path=None, overrides=()) -> RegenerateConfig:
     return load_structured(RegenerateConfig, path, overrides)
 
 
-def sample_prompts(stream: torch.Tensor, count: int, length: int, seed: int) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens at seeded random offsets of ``stream`` ``[N]``."""
-    if len(stream) <= length:
-        raise ValueError(f"the token stream ({len(stream)} tokens) is too short for prompts of {length}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - length, (count,), generator=g)
-    return [stream[s: s + length].tolist() for s in starts.tolist()]
-
-
-def regenerate(cfg: RegenerateConfig, *, documents=None, target_model=None, tokenizer=None,
-               progress: bool = True) -> dict:
+def regenerate(cfg: RegenerateConfig, *, documents=None, progress: bool = True) -> dict:
     """Decode the continuations and write ``cfg.output``; return the report (also in the file's metadata).
 
-    ``documents`` (a prepared corpus), ``target_model`` and ``tokenizer`` replace the stdlib corpus,
-    ``cfg.target`` and its tokenizer (tests).
+    ``documents`` (a prepared corpus, for tests) replaces the stdlib corpus.
     """
     from safetensors.torch import save_file
 
     from dspark.data.corpus import build_corpus
     from dspark.models.loading import resolve_checkpoint
     from dspark.pipeline import build_pipeline
-    from dspark.training.data import token_stream
+    from dspark.training.data import RandomBlocks, token_stream
 
     started = time.time()
     documents = documents if documents is not None else build_corpus(**vars(cfg.corpus))
-    pipe = build_pipeline("ar", target_model=target_model, tokenizer=tokenizer, overrides=[
+    pipe = build_pipeline("ar", overrides=[
         f"target.path={resolve_checkpoint(cfg.target)}", f"target.dtype={cfg.dtype}", f"engine.max_batch_size={cfg.batch_size}",
         f"engine.compile={str(cfg.compile).lower()}", f"cache.max_len={cfg.prompt_tokens + cfg.new_tokens + 1}"])  # + the one-token lookahead
     tokenizer = pipe.tokenizer
@@ -110,7 +99,8 @@ def regenerate(cfg: RegenerateConfig, *, documents=None, target_model=None, toke
 
     pieces, generated, ended = [], 0, 0
     for index, temperature in enumerate(cfg.temperatures):
-        prompts = sample_prompts(stream, cfg.samples_per_temperature, cfg.prompt_tokens, cfg.seed * 1_000 + index)
+        windows = RandomBlocks(stream, cfg.prompt_tokens, cfg.samples_per_temperature, cfg.seed * 1_000 + index)
+        prompts = [windows[i].tolist() for i in range(len(windows))]
         log.info("temperature %.2f: %d prompts of %d tokens", temperature, len(prompts), cfg.prompt_tokens)
         out = pipe.generate(prompts, max_new_tokens=cfg.new_tokens, temperature=temperature,
                             seed=cfg.seed * 1_000_003 + index * cfg.samples_per_temperature, progress=progress)

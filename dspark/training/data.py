@@ -87,14 +87,15 @@ class CorpusDataModule(L.LightningDataModule):
         self.tokenizer, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
         self.num_samples, self.seed, self.corpus = num_samples, seed, corpus or {}
         self.max_eval_blocks, self.documents = max_eval_blocks, documents
-        self.streams: dict[str, torch.Tensor] = {} if train_stream is None else {"train": train_stream}
+        self.train_stream = train_stream
+        self.streams: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if "test/prose" in self.streams:
+        if self.streams:
             return
         documents = self.documents if self.documents is not None else build_corpus(**self.corpus)
-        if "train" not in self.streams:
-            self.streams["train"] = token_stream([d for d in documents if d.split == "train"], self.tokenizer)
+        self.streams["train"] = self.train_stream if self.train_stream is not None else \
+            token_stream([d for d in documents if d.split == "train"], self.tokenizer)
         for split in ("validation", "test"):
             for domain in DOMAINS:
                 self.streams[f"{split}/{domain}"] = token_stream(

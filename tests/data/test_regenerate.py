@@ -85,12 +85,12 @@ def test_drafter_trains_on_regenerated_text_and_refuses_another_targets(target_d
     report = train(load_train_config(None, base), documents=corpus())
     assert report["config"]["train_data"] == str(path) and (tmp_path / "out" / "model.safetensors").is_file()
 
-    vocab = len(AutoTokenizer.from_pretrained(target_dir))
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    vocab = len(tokenizer)
     stream = load_regenerated(path, target=str(target_dir), vocab_size=vocab)
-    data = CorpusDataModule(None, seq_len=8, batch_size=2, num_samples=4, train_stream=stream, documents=[])
-    data.streams["test/prose"] = torch.zeros(1)  # setup keeps a given train stream
+    data = CorpusDataModule(tokenizer, seq_len=8, batch_size=2, num_samples=4, train_stream=stream, documents=corpus())
     data.setup()
-    assert data.streams["train"] is stream
+    assert data.streams["train"] is stream and "test/prose" in data.streams  # evaluation stays on the corpus
 
     with pytest.raises(ValueError, match="was written by target .* this run trains for 'other'"):
         load_regenerated(path, target="other", vocab_size=vocab)
