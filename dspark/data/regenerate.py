@@ -105,9 +105,9 @@ def regenerate(cfg: RegenerateConfig, *, documents=None, progress: bool = True) 
         out = pipe.generate(prompts, max_new_tokens=cfg.new_tokens, temperature=temperature,
                             seed=cfg.seed * 1_000_003 + index * cfg.samples_per_temperature, progress=progress)
         for prompt, continuation in zip(prompts, out.token_ids):
-            ended += bool(continuation) and continuation[-1] == eos
-            generated += len(continuation)
-            pieces.append(prompt + continuation + ([] if continuation and continuation[-1] == eos else [eos]))
+            closed = bool(continuation) and continuation[-1] == eos
+            ended, generated = ended + closed, generated + len(continuation)
+            pieces.append(prompt + continuation + ([] if closed else [eos]))
 
     lengths = torch.tensor([0] + [len(p) for p in pieces])
     tokens = torch.tensor([t for p in pieces for t in p], dtype=torch.int32)
@@ -125,13 +125,7 @@ def _same_checkpoint(a: str, b: str) -> bool:
     """Whether two target names (embedded names or directories) name the same checkpoint."""
     from dspark.models.loading import resolve_checkpoint
 
-    def where(name):
-        try:
-            return Path(resolve_checkpoint(name)).resolve()
-        except (OSError, ValueError):
-            return name
-
-    return a == b or where(a) == where(b)
+    return a == b or Path(resolve_checkpoint(a)).resolve() == Path(resolve_checkpoint(b)).resolve()
 
 
 def load_regenerated(path, *, target: str, vocab_size: int) -> torch.Tensor:
