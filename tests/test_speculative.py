@@ -15,7 +15,7 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash", "dspark_rnn", "eagle3",
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
             "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured",
             "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
@@ -42,6 +42,9 @@ SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.thresho
 # drafters without confidences under the adaptive scheduler (acceptance estimated from earlier rounds)
 ADAPTIVE = ["scheduler.name=adaptive", f"scheduler.profile={PROFILE}", "scheduler.measured_fallback=false"]
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
+# block drafter variants: the scheduled ones, and the Markov head multiplying by W2 each step
+# rather than reading its precomputed bias table (which the tiny vocabulary gets by default)
+BLOCK_VARIANTS = {**SCHEDULED, "dspark_matvec": ["drafter.bias_table_mib=0"]}
 
 
 def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
@@ -51,10 +54,10 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
         return spec_pipeline(target, drafter.removesuffix("_adaptive"), gamma, *ADAPTIVE, *overrides, draft=draft)
     elif drafter == "ngram":
         section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
-    elif drafter in BLOCK_HEADS or drafter in SCHEDULED:  # a randomly initialised block drafter
+    elif drafter in BLOCK_HEADS or drafter in BLOCK_VARIANTS:  # a randomly initialised block drafter
         section = {"name": "dspark", "num_speculative_tokens": gamma, "path": None,
                    "head": BLOCK_HEADS.get(drafter, "markov"), "rank": 16}
-        overrides = (*SCHEDULED.get(drafter, ()), *overrides)
+        overrides = (*BLOCK_VARIANTS.get(drafter, ()), *overrides)
     elif drafter.startswith("eagle3"):  # a randomly initialised EAGLE-3 head (optionally a half-size draft vocabulary)
         section = {"name": "eagle3", "num_speculative_tokens": gamma, "path": None,
                    "draft_vocab_size": target.config.vocab_size // 2 if drafter.endswith("draft_vocab") else 0}
@@ -177,7 +180,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "eagle3_draft_vocab", "dspark_threshold",
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "eagle3_draft_vocab", "dspark_threshold",
                                      "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async",
                                      "ngram_adaptive", "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):

@@ -125,24 +125,26 @@ class BlockDrafter(nn.Module):
 
     # ------------------------------------------------------------------ heads
     def head_bias(self, prev_embedding: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None,
-                  projection_t: torch.Tensor | None = None):
+                  projection_t: torch.Tensor | None = None, table_row: torch.Tensor | None = None):
         """The sequential bias ``B_k`` ``[N, V]`` (``None`` for the ``none`` head) and the new state.
 
         ``prev_embedding``: ``W1[x_{k-1}]`` ``[N, r]``; ``hidden``: ``h_k`` ``[N, H]``; ``state``:
-        the RNN state ``s_{k-1}`` ``[N, r]`` (``None`` at k = 1 and for the other heads);
-        ``projection_t``: ``W2ᵀ`` ``[r, V]``, contiguous, when the caller keeps one (drafting: a
-        row-major ``[N, r] @ [r, V]`` streams the weight in order, about twice as fast on a CPU at
-        batch 1 as ``W2``'s own ``[V, r]`` layout); the same bias either way.
+        the RNN state ``s_{k-1}`` ``[N, r]`` (``None`` at k = 1 and for the other heads). Drafting
+        may pass one of two precomputed forms of the product with ``W2`` (the same bias, up to
+        rounding): ``projection_t``, ``W2ᵀ`` ``[r, V]`` contiguous (a row-major ``[N, r] @ [r, V]``
+        streams the weight in order, about twice as fast on a CPU at batch 1 as ``W2``'s own
+        ``[V, r]`` layout), or, for the ``markov`` and ``gated_markov`` heads, ``table_row``
+        ``[N, V]``: the rows of :meth:`bias_table` at ``x_{k-1}``, so no product at all.
         """
         head = self.args.head
         if head == "none":
             return None, state
         project = self.bias_projection if projection_t is None else (lambda z: z @ projection_t)
-        if head == "markov":
-            return project(prev_embedding), state
-        if head == "gated_markov":
-            gate = torch.sigmoid(self.gate(torch.cat([hidden, prev_embedding], -1)))
-            return gate * project(prev_embedding), state
+        if head in ("markov", "gated_markov"):
+            markov = project(prev_embedding) if table_row is None else table_row
+            if head == "markov":
+                return markov, state
+            return torch.sigmoid(self.gate(torch.cat([hidden, prev_embedding], -1))) * markov, state
         if state is None:
             state = prev_embedding.new_zeros(prev_embedding.shape)
         z = torch.cat([state, prev_embedding, hidden], -1)
@@ -150,6 +152,18 @@ class BlockDrafter(nn.Module):
         gate = torch.sigmoid(gate)
         state = gate * state + (1 - gate) * torch.tanh(candidate)
         return project(torch.tanh(out)), state
+
+    def bias_table(self) -> torch.Tensor:
+        """``[V, V]`` the Markov bias of every previous token, row ``x`` = ``W2·W1[x]`` (``markov`` and
+        ``gated_markov`` heads; the gated head scales the row by its gate). Computed in float32 at
+        least, returned in the weights' dtype. It costs ``V²`` entries, so drafting keeps one only
+        for small vocabularies (``drafter.bias_table_mib``), where each left-to-right step then
+        reads one row instead of multiplying by ``W2``."""
+        if self.args.head not in ("markov", "gated_markov"):
+            raise ValueError(f"only the markov and gated_markov heads have a bias table, not {self.args.head!r}")
+        w1, w2 = self.token_embedding.weight, self.bias_projection.weight  # [V, r] each
+        compute = torch.promote_types(w1.dtype, torch.float32)
+        return (w1.to(compute) @ w2.to(compute).t()).to(w1.dtype)
 
     def confidence_of(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
         """``c_k = σ(wᵀ[h_k; W1[x_{k-1}]])`` ``[...]``."""

@@ -36,6 +36,11 @@ class DSparkConfig(DrafterConfig):
         calibration: per-position confidence temperatures (Sequential Temperature Scaling, written
             by ``dspark calibrate``): ``auto`` reads ``calibration.json`` beside the checkpoint when
             there is one, a path reads that file, ``null`` keeps the raw confidences.
+        bias_table_mib: with a ``markov`` or ``gated_markov`` head, precompute the bias of every
+            previous token (``W2·W1[x]`` for all ``x``: ``V × V`` entries) when it takes at most this
+            many MiB, so that each left-to-right step reads one row instead of a ``[r] × [r, V]``
+            product (the embedded drafter's 4096² float32 table is 64 MiB); ``0`` never. Same
+            bias up to rounding; drafts stay exact samples of the ``q`` they report.
     """
 
     name: str = "dspark"
@@ -48,6 +53,7 @@ class DSparkConfig(DrafterConfig):
     intermediate_size: int | None = None
     seed: int = 0
     calibration: str | None = "auto"
+    bias_table_mib: float = 128.0
 
 
 CALIBRATION_FILE = "calibration.json"
@@ -111,6 +117,8 @@ class DSparkDrafter(Drafter):
 
     def __init__(self, config: DSparkConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
+        if config.bias_table_mib < 0:
+            raise ValueError(f"drafter.bias_table_mib must be >= 0 (0: never keep a bias table), got {config.bias_table_mib}")
 
         def build() -> BlockDrafter:
             torch.manual_seed(config.seed)
@@ -126,9 +134,14 @@ class DSparkDrafter(Drafter):
                              f"this drafter was built for ({net.args.gamma})")
         self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(net.args.target_layers)
-        # W2ᵀ laid out for the left-to-right head's matvecs (the network is frozen from here on)
-        self.projection_t = (self.net.bias_projection.weight.t().contiguous() if hasattr(self.net, "bias_projection")
-                             else None)
+        # the left-to-right head's product with W2, precomputed (the network is frozen from here on):
+        # the whole bias table when it is small enough, else W2ᵀ laid out for the matvecs
+        self.bias_table = self.projection_t = None
+        table_mib = net.args.vocab_size ** 2 * self.net.token_embedding.weight.element_size() / 2 ** 20
+        if net.args.head in ("markov", "gated_markov") and table_mib <= config.bias_table_mib:
+            self.bias_table = self.net.bias_table().contiguous()  # [V, V]
+        elif hasattr(self.net, "bias_projection"):
+            self.projection_t = self.net.bias_projection.weight.t().contiguous()  # [r, V]
         self.cache: StaticKVCache | None = None
         self.temperatures = self._calibration(config, draft_model)  # [block] or None
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
@@ -236,8 +249,9 @@ class DSparkDrafter(Drafter):
         else:
             previous, head_state, drafted, probs = anchor, None, [], []
             for k in range(gamma):
+                table_row = None if self.bias_table is None else self.bias_table[previous]  # [B, V]
                 bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state,
-                                                 self.projection_t)
+                                                 self.projection_t, table_row)
                 logits = base_logits[:, k] + bias
                 if params.greedy:
                     previous = self.sampler.greedy(logits)

@@ -78,11 +78,13 @@ def test_proposal_carries_processed_q_and_confidences():
     assert ((proposal.confidence > 0) & (proposal.confidence < 1)).all()
 
 
-@pytest.mark.parametrize("head", ["none", "markov", "gated_markov", "rnn"])
-def test_drafting_equals_the_training_forward_on_its_own_drafts(head):
+@pytest.mark.parametrize("head, table_mib", [("none", 128), ("markov", 128), ("markov", 0), ("gated_markov", 128),
+                                             ("gated_markov", 0), ("rnn", 128)])
+def test_drafting_equals_the_training_forward_on_its_own_drafts(head, table_mib):
     """Inference drafting (one block forward, then the head left to right on its own samples, with
-    ``W2ᵀ`` laid out for the matvecs) gives the distributions the training forward gives when
-    teacher-forced with those same drafts: the head trained is the head that drafts."""
+    the Markov bias read from its precomputed table or ``W2ᵀ`` laid out for the matvecs) gives the
+    distributions the training forward gives when teacher-forced with those same drafts: the head
+    trained is the head that drafts."""
     from dspark.training.block_drafter import BlockDrafterModule
     from dspark.training.modules import OptimConfig
 
@@ -95,8 +97,12 @@ def test_drafting_equals_the_training_forward_on_its_own_drafts(head):
         for parameter in net.parameters():
             parameter.normal_(std=0.3)
     pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float32"},
-                                  "drafter": {"name": "dspark", "num_speculative_tokens": 4, "path": None}},
+                                  "drafter": {"name": "dspark", "num_speculative_tokens": 4, "path": None,
+                                              "bias_table_mib": table_mib}},
                                  target_model=target_hf, draft_model=net)
+    uses_table = head in ("markov", "gated_markov") and table_mib > 0
+    assert (pipe.drafter.bias_table is not None) == uses_table
+    assert (pipe.drafter.projection_t is not None) == (head in ("markov", "gated_markov", "rnn") and not uses_table)
     seen = []
     original = pipe.drafter.propose
     pipe.drafter.propose = lambda state, u: seen.append((state.tokens[0, :state.lengths[0]].clone(),
@@ -110,6 +116,40 @@ def test_drafting_equals_the_training_forward_on_its_own_drafts(head):
         logits, confidence = module.draft_blocks(tokens, hidden, torch.tensor([[len(committed) - 1]]))
     assert torch.allclose(proposal.probs[0], logits[0, 0].softmax(-1), atol=1e-5)
     assert torch.allclose(proposal.confidence[0], confidence[0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["markov", "gated_markov"])
+def test_bias_table_rows_are_the_per_step_markov_bias(head):
+    """Row ``x`` of the precomputed table is ``W2·W1[x]``: the head's bias from it equals the one
+    multiplied out each step (float64, every previous token), also through the gate."""
+    target = load_model(tiny_hf_model("qwen3"), dtype="float64")
+    torch.manual_seed(0)
+    net = BlockDrafter(BlockDrafterArgs.for_target(target, gamma=3, num_layers=1, target_layers=(1,), head=head,
+                                                   rank=8)).double()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(std=0.3)
+    table = net.bias_table()
+    previous = torch.arange(net.args.vocab_size)
+    hidden = torch.randn(len(previous), net.args.hidden_size, dtype=torch.float64)
+    embedding = net.token_embedding(previous)
+    expected, _ = net.head_bias(embedding, hidden, None)
+    via_table, _ = net.head_bias(embedding, hidden, None, table_row=table[previous])
+    assert table.shape == (net.args.vocab_size, net.args.vocab_size)
+    assert torch.allclose(via_table, expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="only the markov and gated_markov heads have a bias table, not 'rnn'"):
+        BlockDrafter(BlockDrafterArgs.for_target(target, gamma=3, num_layers=1, target_layers=(1,), head="rnn",
+                                                 rank=8)).bias_table()
+
+
+def test_bias_table_only_within_its_memory_budget():
+    """The table is kept when V² entries fit ``bias_table_mib`` (101² float64 = 0.078 MiB here)."""
+    target_hf = tiny_hf_model("qwen3")
+    small = block_pipeline(target_hf, "markov", 3, "drafter.bias_table_mib=0.07").drafter
+    assert small.bias_table is None and small.projection_t.shape == (16, 101)
+    roomy = block_pipeline(target_hf, "markov", 3, "drafter.bias_table_mib=0.08").drafter
+    assert roomy.bias_table.shape == (101, 101) and roomy.projection_t is None
+    assert block_pipeline(target_hf, "rnn", 3).drafter.bias_table is None  # no table for the RNN head
 
 
 def test_loss_terms_on_hand_made_distributions():
@@ -149,6 +189,9 @@ def test_bad_drafter_settings():
     with pytest.raises(ValueError, match=r"target_layers \[7\] are outside the target's layers 0..2"):
         dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "path": None,
                                "target_layers": [0, 7]}}, target_model=target_hf)
+    with pytest.raises(ValueError, match=r"drafter.bias_table_mib must be >= 0 \(0: never keep a bias table\), got -1"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "path": None,
+                               "bias_table_mib": -1}}, target_model=target_hf)
     with pytest.raises(ValueError, match="drafter.head must be one of none, markov, gated_markov, rnn"):
         dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "path": None, "head": "lstm"}},
                               target_model=target_hf)
