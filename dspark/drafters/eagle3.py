@@ -123,11 +123,19 @@ class Eagle3Drafter(Drafter):
         """Commit ``num_new[b]`` pairs per request: the fused target features ``[B, T, ·]`` (per layer
         id) with ``tokens`` ``[B, T]``, the committed tokens that follow them; returns each request's
         last output ``[B, H]``, the next round's first feature."""
-        cache = self.cache
-        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len)
-        last = (num_new - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, d.shape[-1])
+        cache, target, layer, num_tokens = self.cache, self.target, self.head.layer, tokens.shape[1]
+        features = self.head.fuse(hidden_states)  # [B, T, H]
+        positions = cache.lengths.unsqueeze(1) + torch.arange(num_tokens, device=tokens.device)
+        q, kv = layer.project_pair(target.embed_tokens(tokens), features, target.rotary(positions, features.dtype))
+        keys, values = cache.write(0, kv, positions, kv_len)
+        # every pair's keys/values go to the cache, but only each request's last kept pair needs an
+        # output: attention and MLP over one query per request (causal: it sees the pairs up to its own)
+        last = (num_new - 1).clamp(min=0)  # [B]
+        pick = lambda x: x.gather(1, last.view(-1, *[1] * (x.dim() - 1)).expand(-1, 1, *x.shape[2:]))  # noqa: E731
+        mask = build_attention_mask(cache.lengths + last, 1, kv_len)
+        d = layer.attend(pick(features), pick(q), keys, values, mask)  # [B, 1, H]
         cache.advance(num_new)
-        return d.gather(1, last).squeeze(1)
+        return d.squeeze(1)
 
     def _following_tokens(self, state: DecodingState, num_tokens: int) -> torch.Tensor:
         """``[B, T]`` the committed tokens after each of the next ``T`` pair positions (the token

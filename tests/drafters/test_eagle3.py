@@ -10,6 +10,7 @@ import dspark
 from dspark.drafters.eagle3 import load_eagle3, save_eagle3
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.models import load_model
+from dspark.models.native import build_attention_mask
 from dspark.training.eagle3 import Eagle3Module
 from dspark.training.modules import OptimConfig
 
@@ -84,6 +85,32 @@ def test_pair_cache_equals_recomputation_over_the_accepted_prefix():
         _, kv = layer.project_pair(target.embed_tokens(tokens[:, 1:]), drafter.head.fuse(out.hidden_states), rope)
         assert torch.allclose(drafter.cache.keys[0, b, :, :pairs], kv[0, :, 0].transpose(0, 1), atol=1e-9)
         assert torch.allclose(drafter.cache.values[0, b, :, :pairs], kv[0, :, 1].transpose(0, 1), atol=1e-9)
+
+
+def test_round_commits_leave_the_last_pairs_output_for_the_next_draft():
+    """After every round, the drafter's first feature for the next round is the layer's output at
+    the last committed pair, as one causal pass over all pairs gives it (commit computes that one
+    output only, not one per appended pair)."""
+    target_hf = tiny_hf_model("llama", scale=2.0)
+    pipe = eagle_pipeline(target_hf, 3)
+    drafter, target, layer = pipe.drafter, pipe.target, pipe.drafter.head.layer
+    after_commit, original = [], drafter.commit
+    drafter.commit = lambda *a: (original(*a), after_commit.append((drafter.cache.lengths[0].item(),
+                                                                   drafter.last_output[0].clone())))
+    prompt = ragged_prompts(101, lengths=(6,))[0]
+    result = pipe.generate([prompt], max_new_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    tokens = torch.tensor(prompt + result.token_ids[0]).unsqueeze(0)
+    pairs = tokens.shape[1] - 1
+    out = target(tokens[:, :pairs], target.new_cache(1, pairs), hidden_layers=drafter.hidden_layers, kv_len=pairs)
+    features = drafter.head.fuse(out.hidden_states)
+    q, kv = layer.project_pair(target.embed_tokens(tokens[:, 1:]), features,
+                               target.rotary(torch.arange(pairs).unsqueeze(0), torch.float64))
+    causal = build_attention_mask(torch.zeros(1, dtype=torch.long), pairs, pairs)
+    d = layer.attend(features, q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), causal)  # [1, pairs, H]
+    appended = [length - before for (before, _), (length, _) in zip(after_commit, after_commit[1:])]
+    assert max(appended) >= 3  # some rounds kept several pairs
+    for length, last_output in after_commit:
+        assert torch.allclose(last_output, d[0, length - 1], atol=1e-9)
 
 
 def test_draft_vocabulary_puts_no_mass_outside_it():
