@@ -108,32 +108,31 @@ class Eagle3Drafter(Drafter):
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
 
-    def _pair_step(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, kv_len: int):
+    def _pair_step(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, kv_len: int,
+                   only: torch.Tensor | None = None):
         """The draft layer over pairs (``features`` ``[B, T, H]``, ``tokens`` ``[B, T]``) written at
-        positions ``lengths[:, None] + arange(T)``, causal: the outputs ``d`` ``[B, T, H]``."""
+        positions ``lengths[:, None] + arange(T)``, causal: the outputs ``d`` ``[B, T, H]``; with
+        ``only`` ``[B]``, just the output of pair ``only[b]`` ``[B, 1, H]`` (every pair's keys/values
+        are still written; attention and MLP run for that one query, which sees the pairs up to its own)."""
         target, layer, num_tokens = self.target, self.head.layer, tokens.shape[1]
         positions = lengths.unsqueeze(1) + torch.arange(num_tokens, device=tokens.device)
         rope = target.rotary(positions, features.dtype)
         q, kv = layer.project_pair(target.embed_tokens(tokens), features, rope)
         keys, values = self.cache.write(0, kv, positions, kv_len)
-        return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
+        if only is None:
+            return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
+        pick = lambda x: x.gather(1, only.view(-1, *[1] * (x.dim() - 1)).expand(-1, 1, *x.shape[2:]))  # noqa: E731
+        return layer.attend(pick(features), pick(q), keys, values, build_attention_mask(lengths + only, 1, kv_len))
 
     def append_pairs(self, tokens: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
                      kv_len: int) -> torch.Tensor:
         """Commit ``num_new[b]`` pairs per request: the fused target features ``[B, T, ·]`` (per layer
         id) with ``tokens`` ``[B, T]``, the committed tokens that follow them; returns each request's
         last output ``[B, H]``, the next round's first feature."""
-        cache, target, layer, num_tokens = self.cache, self.target, self.head.layer, tokens.shape[1]
-        features = self.head.fuse(hidden_states)  # [B, T, H]
-        positions = cache.lengths.unsqueeze(1) + torch.arange(num_tokens, device=tokens.device)
-        q, kv = layer.project_pair(target.embed_tokens(tokens), features, target.rotary(positions, features.dtype))
-        keys, values = cache.write(0, kv, positions, kv_len)
-        # every pair's keys/values go to the cache, but only each request's last kept pair needs an
-        # output: attention and MLP over one query per request (causal: it sees the pairs up to its own)
+        cache = self.cache
+        # only each request's last kept pair's output is needed (the next round's first feature)
         last = (num_new - 1).clamp(min=0)  # [B]
-        pick = lambda x: x.gather(1, last.view(-1, *[1] * (x.dim() - 1)).expand(-1, 1, *x.shape[2:]))  # noqa: E731
-        mask = build_attention_mask(cache.lengths + last, 1, kv_len)
-        d = layer.attend(pick(features), pick(q), keys, values, mask)  # [B, 1, H]
+        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len, only=last)  # [B, 1, H]
         cache.advance(num_new)
         return d.squeeze(1)
 
