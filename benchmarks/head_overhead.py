@@ -19,8 +19,7 @@ import argparse
 import statistics
 
 import dspark
-from dspark.assets import prompt_set_path
-from dspark.data.eval_sets import read_jsonl
+from dspark.bench.runner import load_prompts
 
 VARIANTS = {"dflash": ("configs/dflash.yaml", []),
             "dspark": ("configs/dspark.yaml", []),
@@ -41,7 +40,7 @@ def main() -> None:
     print("| domain | T | " + " | ".join(f"{n} ms (τ)" for n in VARIANTS) + " | dspark ÷ dflash | dspark_matvec ÷ dflash |")
     print("|---|---|" + "---|" * (len(VARIANTS) + 2))
     for domain in ("code", "prose"):
-        prompts = [r["prompt"] for r in read_jsonl(prompt_set_path(domain))][: args.prompts]
+        prompts = load_prompts(domain, pipes["dflash"].tokenizer, args.prompts)
         for temperature in (0.0, 1.0):
             times = {name: [] for name in pipes}
             taus = {name: [] for name in pipes}
