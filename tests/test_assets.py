@@ -83,14 +83,55 @@ def test_shipped_block_drafters_fit_the_target_and_are_lossless(name, head):
     assert result.stats.mean_accepted_length > 1.2  # trained: drafts get accepted
 
 
+def test_shipped_eagle3_fits_the_target_and_is_lossless():
+    from dspark.drafters.eagle3 import load_eagle3
+
+    target = load_model("dspark-tiny")
+    head = load_eagle3("dspark-tiny-eagle3", target)
+    assert head.args.gamma == 7 and tuple(head.args.target_layers) == (1, 3, 5) and head.args.draft_vocab_size == 0
+    assert (assets.resolve_model("dspark-tiny-eagle3") / "model.safetensors").stat().st_size < 4e6  # LM head shared
+    prompts = ["def fibonacci(n):", "The module provides"]
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        prompts, max_new_tokens=32, ignore_eos=True)
+    spec = dspark.build_pipeline("eagle3", overrides=["target.device=cpu"])
+    result = spec.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    assert result.token_ids == expected.token_ids
+    assert result.stats.mean_accepted_length > 1.2  # trained: drafts get accepted
+
+
 def test_the_ablation_was_trained_alike():
-    """DSpark (Markov, RNN) and DFlash: same data, steps and seed (their metrics.json record it)."""
+    """DSpark (Markov, RNN), DFlash and EAGLE-3: same data, steps and seed (their metrics.json record it)."""
     import json
 
     configs = {name: json.loads((assets.resolve_model(name) / "metrics.json").read_text())["config"]
-               for name in assets.BLOCK_DRAFTERS}
-    keys = ("seq_len", "batch_size", "max_steps", "seed", "anchors_per_sequence", "loss_weights", "optim", "corpus")
+               for name in assets.TARGET_DRAFTERS}
+    keys = ("seq_len", "batch_size", "max_steps", "seed", "anchors_per_sequence", "loss_weights", "optim", "corpus",
+            "train_data")
     reference = configs["dspark-tiny-dspark"]
     for name, config in configs.items():
-        assert {k: config[k] for k in keys} == {k: reference[k] for k in keys}, name
-        assert config["model"]["num_layers"] == reference["model"]["num_layers"], name
+        assert {k: config.get(k) for k in keys} == {k: reference.get(k) for k in keys}, name
+        if name in assets.BLOCK_DRAFTERS:
+            assert config["model"]["num_layers"] == reference["model"]["num_layers"], name
+
+
+@pytest.mark.parametrize("name, config, overrides", [
+    ("dspark-tiny-dspark", "configs/train/dspark.yaml", []),
+    ("dspark-tiny-dspark-rnn", "configs/train/dspark.yaml", ["model.head=rnn"]),
+    ("dspark-tiny-dflash", "configs/train/dflash.yaml", []),
+    ("dspark-tiny-eagle3", "configs/train/eagle3.yaml", []),
+])
+def test_the_training_configs_reproduce_the_shipped_drafters(name, config, overrides):
+    """The recipe a shipped drafter's metrics.json records is what its training config (the command the
+    docs give) runs today: model, data, steps, optimiser, loss and seed."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from dspark.training import load_train_config
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = json.loads((assets.resolve_model(name) / "metrics.json").read_text())["config"]
+    current = json.loads(json.dumps(asdict(load_train_config(root / config, overrides))))
+    keys = ("model", "teacher", "seq_len", "batch_size", "max_steps", "optim", "precision", "anchors_per_sequence",
+            "loss_weights", "distill_temperature", "ce_weight", "seed", "corpus", "save_dtype")
+    assert {k: current.get(k) for k in keys} == {k: recorded.get(k) for k in keys}
