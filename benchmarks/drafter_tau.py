@@ -1,6 +1,6 @@
 """τ (tokens per target forward) of drafter checkpoints on the shipped prompt sets, side by side.
 
-    python benchmarks/drafter_tau.py --prompts 32 --plot tau.png \\
+    python benchmarks/drafter_tau.py --prompts 32 --check-greedy --plot tau.png \\
         "DSpark, corpus=dspark:dspark-tiny-dspark" "DSpark, regenerated=dspark:runs/regen/dspark/out"
 
 Each ``LABEL=CONFIG:PATH`` builds the pipeline config ``CONFIG`` with ``drafter.path=PATH`` and
@@ -21,8 +21,9 @@ from dspark.bench.runner import load_prompts
 CELLS = [(domain, temperature) for domain in ("code", "prose") for temperature in (0.0, 1.0)]
 
 
-def measure(spec: str, num_prompts: int, max_new_tokens: int) -> dict[str, float]:
-    """τ per ``"domain T"`` cell for one ``CONFIG:PATH``."""
+def measure(spec: str, num_prompts: int, max_new_tokens: int, greedy_reference: dict | None = None) -> dict[str, float]:
+    """τ per ``"domain T"`` cell for one ``CONFIG:PATH``. With ``greedy_reference`` (plain decoding's
+    greedy token ids per domain) the greedy outputs must equal it, prompt for prompt."""
     config, path = spec.split(":", 1)
     pipe = dspark.build_pipeline(config, overrides=[f"drafter.path={path}", "target.device=cpu",
                                                     "engine.max_batch_size=8"])
@@ -31,7 +32,19 @@ def measure(spec: str, num_prompts: int, max_new_tokens: int) -> dict[str, float
         prompts = load_prompts(domain, pipe.tokenizer, num_prompts)
         out = pipe.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
         taus[f"{domain} T={temperature:g}"] = out.stats.mean_accepted_length
+        if greedy_reference is not None and temperature == 0.0:
+            differ = [i for i, (a, b) in enumerate(zip(out.token_ids, greedy_reference[domain])) if a != b]
+            if differ:
+                raise SystemExit(f"[drafter_tau] {spec}: greedy output differs from plain decoding on {domain} "
+                                 f"prompts {differ}")
     return taus
+
+
+def plain_greedy(num_prompts: int, max_new_tokens: int) -> dict[str, list[list[int]]]:
+    """Plain decoding's greedy token ids per domain: the reference for ``--check-greedy``."""
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.max_batch_size=8"])
+    return {domain: pipe.generate(load_prompts(domain, pipe.tokenizer, num_prompts),
+                                  max_new_tokens=max_new_tokens).token_ids for domain in ("code", "prose")}
 
 
 def plot(results: dict[str, dict[str, float]], path: str) -> None:
@@ -63,14 +76,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--check-greedy", action="store_true",
+                        help="fail unless every greedy output equals plain decoding's, prompt for prompt")
     args = parser.parse_args()
     specs = [d.split("=", 1) for d in args.drafters]
     bad = [d for d, s in zip(args.drafters, specs) if len(s) != 2 or ":" not in s[1]]
     if bad:
         parser.error(f"each drafter is LABEL=CONFIG:PATH, got {bad}")
+    reference = plain_greedy(args.prompts, args.max_new_tokens) if args.check_greedy else None
     results = {}
     for label, spec in specs:
-        results[label] = measure(spec, args.prompts, args.max_new_tokens)
+        results[label] = measure(spec, args.prompts, args.max_new_tokens, reference)
         print(f"[drafter_tau] {label}: " + ", ".join(f"{c} {t:.2f}" for c, t in results[label].items()), flush=True)
     cells = list(next(iter(results.values())))
     print("| drafter | " + " | ".join(cells) + " |")
