@@ -48,22 +48,30 @@ def plain_greedy(num_prompts: int, max_new_tokens: int) -> dict[str, list[list[i
 
 
 def plot(results: dict[str, dict[str, float]], path: str) -> None:
+    """Grouped bars per cell. Labels that share the text before their first ", " (e.g. "DFlash, 2000
+    steps" and "DFlash, 4000 steps") share a colour, later ones darker, so variants of a drafter pair up."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    families = list(dict.fromkeys(label.split(", ")[0] for label in results))
+    members = {f: [label for label in results if label.split(", ")[0] == f] for f in families}
+    palette = plt.get_cmap("tab10")
     cells = list(next(iter(results.values())))
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for i, (label, taus) in enumerate(results.items()):
+        family = members[label.split(", ")[0]]
+        shade = 0.45 + 0.55 * (family.index(label) + 1) / len(family)  # the last of a family fully opaque
         xs = [c + (i - (len(results) - 1) / 2) * width for c in range(len(cells))]
-        ax.bar(xs, [taus[c] for c in cells], width, label=label)
+        ax.bar(xs, [taus[c] for c in cells], width, label=label, alpha=shade,
+               color=palette(families.index(label.split(", ")[0]) % 10), edgecolor="white", linewidth=0.5)
     ax.set_xticks(range(len(cells)), cells)
     ax.set_ylabel("τ (tokens per target forward)")
     ax.set_ylim(1.0, None)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -71,7 +79,8 @@ def plot(results: dict[str, dict[str, float]], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("drafters", nargs="+", help="LABEL=CONFIG:PATH")
+    parser.add_argument("drafters", nargs="*", help="LABEL=CONFIG:PATH")
+    parser.add_argument("--from-json", default=None, help="redraw --plot from a saved --json instead of decoding")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--json", default=None)
@@ -79,6 +88,13 @@ def main() -> None:
     parser.add_argument("--check-greedy", action="store_true",
                         help="fail unless every greedy output equals plain decoding's, prompt for prompt")
     args = parser.parse_args()
+    if args.from_json:
+        if not args.plot or args.drafters:
+            parser.error("--from-json redraws a saved run: give --plot and no drafters")
+        plot(json.load(open(args.from_json))["tau"], args.plot)
+        return
+    if not args.drafters:
+        parser.error("give at least one LABEL=CONFIG:PATH (or --from-json with --plot)")
     specs = [d.split("=", 1) for d in args.drafters]
     bad = [d for d, s in zip(args.drafters, specs) if len(s) != 2 or ":" not in s[1]]
     if bad:
