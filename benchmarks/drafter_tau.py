@@ -55,18 +55,19 @@ def plot(results: dict[str, dict[str, float]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(label.split(", ")[0] for label in results))
-    members = {f: [label for label in results if label.split(", ")[0] == f] for f in families}
+    family_of = {label: label.split(", ")[0] for label in results}
+    families = list(dict.fromkeys(family_of.values()))
+    members = {f: [label for label in results if family_of[label] == f] for f in families}
     palette = plt.get_cmap("tab10")
     cells = list(next(iter(results.values())))
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(10, 4))
     for i, (label, taus) in enumerate(results.items()):
-        family = members[label.split(", ")[0]]
+        family = members[family_of[label]]
         shade = 0.45 + 0.55 * (family.index(label) + 1) / len(family)  # the last of a family fully opaque
         xs = [c + (i - (len(results) - 1) / 2) * width for c in range(len(cells))]
         ax.bar(xs, [taus[c] for c in cells], width, label=label, alpha=shade,
-               color=palette(families.index(label.split(", ")[0]) % 10), edgecolor="white", linewidth=0.5)
+               color=palette(families.index(family_of[label]) % 10), edgecolor="white", linewidth=0.5)
     ax.set_xticks(range(len(cells)), cells)
     ax.set_ylabel("τ (tokens per target forward)")
     ax.set_ylim(1.0, None)

@@ -64,6 +64,17 @@ def test_missing_or_corrupt_shipped_file_is_named(tmp_path, monkeypatch):
         assets.resolve_model("dspark-huge")
 
 
+def assert_greedy_lossless_and_accepted(config: str, *overrides: str) -> None:
+    """A shipped drafter's greedy tokens equal plain decoding's, and it gets drafts accepted."""
+    prompts = ["def fibonacci(n):", "The module provides"]
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        prompts, max_new_tokens=32, ignore_eos=True)
+    spec = dspark.build_pipeline(config, overrides=["target.device=cpu", *overrides])
+    result = spec.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    assert result.token_ids == expected.token_ids
+    assert result.stats.mean_accepted_length > 1.2  # trained: drafts get accepted
+
+
 @pytest.mark.parametrize("name, head", [("dspark-tiny-dspark", "markov"), ("dspark-tiny-dspark-rnn", "rnn"),
                                         ("dspark-tiny-dflash", "none")])
 def test_shipped_block_drafters_fit_the_target_and_are_lossless(name, head):
@@ -74,13 +85,7 @@ def test_shipped_block_drafters_fit_the_target_and_are_lossless(name, head):
     assert net.args.head == head and net.args.gamma == 7 and net.args.target_layers == (1, 3, 5)
     weights = assets.resolve_model(name) / "model.safetensors"
     assert weights.stat().st_size < 8e6  # the target's embedding and LM head are shared, not stored
-    prompts = ["def fibonacci(n):", "The module provides"]
-    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
-        prompts, max_new_tokens=32, ignore_eos=True)
-    spec = dspark.build_pipeline("dspark", overrides=["target.device=cpu", f"drafter.path={name}"])
-    result = spec.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    assert result.token_ids == expected.token_ids
-    assert result.stats.mean_accepted_length > 1.2  # trained: drafts get accepted
+    assert_greedy_lossless_and_accepted("dspark", f"drafter.path={name}")
 
 
 def test_shipped_eagle3_fits_the_target_and_is_lossless():
@@ -90,13 +95,7 @@ def test_shipped_eagle3_fits_the_target_and_is_lossless():
     head = load_eagle3("dspark-tiny-eagle3", target)
     assert head.args.gamma == 7 and tuple(head.args.target_layers) == (1, 3, 5) and head.args.draft_vocab_size == 0
     assert (assets.resolve_model("dspark-tiny-eagle3") / "model.safetensors").stat().st_size < 4e6  # LM head shared
-    prompts = ["def fibonacci(n):", "The module provides"]
-    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
-        prompts, max_new_tokens=32, ignore_eos=True)
-    spec = dspark.build_pipeline("eagle3", overrides=["target.device=cpu"])
-    result = spec.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    assert result.token_ids == expected.token_ids
-    assert result.stats.mean_accepted_length > 1.2  # trained: drafts get accepted
+    assert_greedy_lossless_and_accepted("eagle3")
 
 
 def test_the_ablation_was_trained_alike():
