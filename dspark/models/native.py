@@ -323,5 +323,9 @@ class NativeCausalLM(nn.Module):
 
         if logits_positions is not None:
             x = x.gather(1, logits_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        logits = self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.args.rms_norm_eps))
-        return ModelOutput(logits=logits, hidden_states=[hidden[i] for i in hidden_layers])
+        return ModelOutput(logits=self.logits_of(x), hidden_states=[hidden[i] for i in hidden_layers])
+
+    def logits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., V]`` from the last decoder layer's output ``x`` ``[..., H]`` (final norm, LM
+        head) — what :meth:`forward` returns, so a cached last-layer output gives the same logits."""
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.args.rms_norm_eps))

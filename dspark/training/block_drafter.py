@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from dspark.drafters.block_model import BlockDrafter
 from dspark.training.data import DOMAINS
 from dspark.training.modules import OptimConfig, configure_adamw
+from dspark.training.teacher_cache import TeacherCache
 
 
 def position_weights(gamma: int, device=None) -> torch.Tensor:
@@ -47,6 +48,18 @@ def block_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels
     return {"ce": ce, "tv": tv, "accept": accept, "bce": bce}
 
 
+def target_outputs(target, tokens: torch.Tensor, layers: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The frozen ``target`` over ``tokens`` ``[B, T]``: hidden states ``[B, T, H]`` of ``layers`` and
+    logits ``[B, T, V]``, float32."""
+    from dspark.cache import StaticKVCache
+
+    batch, length = tokens.shape
+    with torch.no_grad():
+        cache = StaticKVCache.for_model(target, batch, length)
+        out = target(tokens, cache, hidden_layers=layers, kv_len=length)
+    return [h.float() for h in out.hidden_states], out.logits.float()
+
+
 class BlockDrafterModule(L.LightningModule):
     """Lightning module: the trainable :class:`BlockDrafter` and a frozen native target.
 
@@ -56,27 +69,31 @@ class BlockDrafterModule(L.LightningModule):
             module's parameters and checkpoints.
         optim, max_steps: optimiser schedule. anchors: blocks per training sequence.
         loss_weights: ``{"ce", "tv", "conf"}``.
+        teacher_cache: where the target's outputs are read from / written to (default: computed
+            on every batch).
     """
 
     def __init__(self, net: BlockDrafter, target, optim: OptimConfig, max_steps: int, *, anchors: int = 16,
-                 loss_weights: dict | None = None):
+                 loss_weights: dict | None = None, teacher_cache: TeacherCache | None = None):
         super().__init__()
         self.net = net
         object.__setattr__(self, "target", target.eval().requires_grad_(False))  # not a submodule
         self.optim, self.max_steps, self.anchors = optim, max_steps, anchors
         self.loss_weights = {"ce": 0.1, "tv": 0.9, "conf": 1.0, **(loss_weights or {})}
+        self.teacher_cache = teacher_cache
         self._eval: dict[str, torch.Tensor] = {}
 
     def target_pass(self, tokens: torch.Tensor):
-        """The frozen target over ``tokens`` ``[B, T]``: hidden states of the drafter's layers and logits."""
-        from dspark.cache import StaticKVCache
+        """The frozen target over ``tokens`` ``[B, T]``: hidden states of the drafter's layers and
+        logits, float32 (read from the teacher cache when it has them)."""
+        layers = tuple(self.net.args.target_layers)
+        if self.teacher_cache is not None:
+            return self.teacher_cache.fetch(tokens, layers, self.run_target)
+        return self.run_target(tokens, layers)
 
-        batch, length = tokens.shape
-        t = self.target
-        with torch.no_grad():
-            cache = StaticKVCache.for_model(t, batch, length)
-            out = t(tokens, cache, hidden_layers=tuple(self.net.args.target_layers), kv_len=length)
-        return [h.float() for h in out.hidden_states], out.logits.float()
+    def run_target(self, tokens: torch.Tensor, layers: tuple[int, ...]):
+        """One target forward over ``tokens`` ``[B, T]`` (:func:`target_outputs`)."""
+        return target_outputs(self.target, tokens, layers)
 
     def sample_anchors(self, batch: int, length: int, generator=None) -> torch.Tensor:
         """``[B, A]`` anchor positions in ``[1, T − γ − 1]`` (each block has context and γ labels)."""
@@ -160,6 +177,9 @@ class BlockDrafterModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         for name, value in weighted.items():
             self.log(f"train/{name}", value)
+        if self.teacher_cache is not None:  # share of sequences whose target pass was read from disk
+            cache = self.teacher_cache
+            self.log("train/teacher_cache_hit_rate", cache.hits / max(1, cache.hits + cache.misses))
         return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0, prefix: str = "val"):

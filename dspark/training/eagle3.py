@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dspark.drafters.eagle_model import Eagle3Head
 from dspark.training.block_drafter import BlockDrafterModule, position_weights
 from dspark.training.modules import OptimConfig
+from dspark.training.teacher_cache import TeacherCache
 
 
 class Eagle3Module(BlockDrafterModule):
@@ -35,10 +36,12 @@ class Eagle3Module(BlockDrafterModule):
     Args:
         net: the head (trained in place); target: the frozen target.
         optim, max_steps: optimiser schedule. anchors: unrolled chains per training sequence.
+        teacher_cache: as for :class:`~dspark.training.block_drafter.BlockDrafterModule`.
     """
 
-    def __init__(self, net: Eagle3Head, target, optim: OptimConfig, max_steps: int, *, anchors: int = 16):
-        super().__init__(net, target, optim, max_steps, anchors=anchors)
+    def __init__(self, net: Eagle3Head, target, optim: OptimConfig, max_steps: int, *, anchors: int = 16,
+                 teacher_cache: TeacherCache | None = None):
+        super().__init__(net, target, optim, max_steps, anchors=anchors, teacher_cache=teacher_cache)
 
     def setup(self, stage: str) -> None:
         """With a reduced draft vocabulary, choose it from the training stream of the data module

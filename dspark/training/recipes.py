@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from dspark.config import load_structured
 from dspark.training.modules import OptimConfig
+from dspark.training.teacher_cache import TeacherCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class TrainConfig:
             split (drafters: text written by the teacher itself, as the DSpark paper trains);
             validation and test stay on the corpus.
         threads: torch CPU threads (``null`` = torch's default).
+        teacher_cache: ``drafter`` only: keep the target's outputs per training sequence on disk
+            and reuse them in later runs on the same data (an ablation's drafters, a resumed run,
+            every validation); see :mod:`dspark.training.teacher_cache`.
     """
 
     kind: str = "target"
@@ -86,6 +91,7 @@ class TrainConfig:
     corpus: dict[str, Any] = field(default_factory=dict)
     train_data: str | None = None
     threads: int | None = None
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
 
 def load_train_config(path=None, overrides=()) -> TrainConfig:
@@ -95,6 +101,8 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
         raise ValueError(f"train kind must be 'target', 'draft' or 'drafter', got {cfg.kind!r}")
     if cfg.kind in ("draft", "drafter") and not cfg.teacher:
         raise ValueError(f"training a {cfg.kind} needs `teacher` (a target checkpoint directory or embedded name)")
+    if cfg.teacher_cache.dir is not None and cfg.kind != "drafter":
+        raise ValueError(f"teacher_cache is for `drafter` runs (the frozen target's pass), not `{cfg.kind}`")
     if cfg.train_data is not None and cfg.kind == "target":
         raise ValueError("train_data (text written by a teacher) is for `draft` and `drafter` runs, not `target`")
     if cfg.kind != "drafter" and "model_type" not in cfg.model:
@@ -145,6 +153,11 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
               "train_seconds": round(train_seconds, 1), "steps": cfg.max_steps, "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
               "test": metrics, "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine()}
+    cache = getattr(module, "teacher_cache", None)
+    if cache is not None:  # this process's reads and writes (train, validation and test sequences)
+        report["teacher_cache"] = {"dir": str(cache.directory), "read": cache.hits, "computed": cache.misses}
+        print(f"[dspark] teacher cache {cache.directory}: {cache.hits} sequences read, {cache.misses} computed and "
+              f"written ({cache.disk_bytes() / 1e9:.2f} GB on disk)", file=sys.stderr)
     if not trainer.is_global_zero:  # under ddp only the first process writes files
         return report
     if cfg.kind == "drafter":
@@ -219,7 +232,8 @@ def _block_drafter_module(cfg: TrainConfig):
 
         layers = spec.pop("target_layers", None) or default_eagle_layers(target.num_layers)
         net = Eagle3Head(Eagle3Args.for_target(target, target_layers=layers, **{"gamma": 7, **spec}))
-        return Eagle3Module(net, target, cfg.optim, cfg.max_steps, anchors=cfg.anchors_per_sequence)
+        return Eagle3Module(net, target, cfg.optim, cfg.max_steps, anchors=cfg.anchors_per_sequence,
+                            teacher_cache=_teacher_cache(cfg, target, net.args.target_layers))
 
     from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
     from dspark.drafters.dspark import default_target_layers
@@ -230,7 +244,25 @@ def _block_drafter_module(cfg: TrainConfig):
     layers = spec.pop("target_layers") or default_target_layers(target.num_layers)
     net = BlockDrafter(BlockDrafterArgs.for_target(target, target_layers=layers, **spec))
     return BlockDrafterModule(net, target, cfg.optim, cfg.max_steps, anchors=cfg.anchors_per_sequence,
-                              loss_weights=cfg.loss_weights)
+                              loss_weights=cfg.loss_weights,
+                              teacher_cache=_teacher_cache(cfg, target, net.args.target_layers))
+
+
+def _teacher_cache(cfg: TrainConfig, target, layers):
+    """The run's :class:`~dspark.training.teacher_cache.TeacherCache` (``None`` without ``teacher_cache.dir``);
+    says how much disk the run's training sequences take at most."""
+    if cfg.teacher_cache.dir is None:
+        return None
+    from dspark.training.teacher_cache import TeacherCache
+
+    cache = TeacherCache(cfg.teacher_cache.dir, target, layers=layers, dtype=cfg.teacher_cache.dtype,
+                         precision=cfg.precision)
+    sequences = cfg.max_steps * cfg.batch_size
+    print(f"[dspark] teacher cache {cache.directory}: target layers {list(cache.layers)}, "
+          f"{cache.entry_bytes(cfg.seq_len) / 1e6:.2f} MB per sequence, up to "
+          f"{sequences * cache.entry_bytes(cfg.seq_len) / 1e9:.1f} GB for {sequences} training sequences "
+          "(plus the validation and test ones)", file=sys.stderr)
+    return cache
 
 
 def export(model, tokenizer, output_dir: str, dtype: str) -> None:

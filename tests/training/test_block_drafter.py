@@ -10,45 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dspark.data.corpus import Document
-from dspark.data.tokenizer import train_tokenizer
 from dspark.drafters.dspark import load_block_drafter
 from dspark.models import load_model
 from dspark.training import load_train_config, train
 from dspark.training.recipes import read_logged, tokenizer_source, training_logs
-
-CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
-PROSE = "The function adds two numbers and returns their sum to the caller. "
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tokenizer and a tiny Qwen3 target checkpoint trained for a few steps on a tiny corpus."""
-    root = tmp_path_factory.mktemp("assets")
-    tokenizer = train_tokenizer([CODE * 20, PROSE * 20], vocab_size=512)
-    tokenizer.save_pretrained(root / "tok")
-    from dspark.models import random_hf_model
-
-    target = random_hf_model(dict(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  max_position_embeddings=256, tie_word_embeddings=True), seed=0)
-    target.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
-    return root
-
-
-def corpus():
-    splits = ["train"] * 6 + ["validation", "test"]
-    return [Document(f"m{i}.py", "code", s, CODE * 20) for i, s in enumerate(splits)] + \
-           [Document(f"d{i}", "prose", s, PROSE * 20) for i, s in enumerate(splits)]
-
-
-def drafter_config(root, run, *extra):
-    return [f"teacher={root / 'target'}", f"tokenizer={root / 'tok'}", "kind=drafter",
-            "model={gamma: 3, head: markov, num_layers: 1, rank: 8, target_layers: [0, 2]}", "seq_len=48",
-            "batch_size=4", "anchors_per_sequence=4", "precision=32-true", "val_every=6", "log_every=1",
-            "optim.warmup_steps=2", "optim.lr=3e-3", "save_dtype=float32", f"run_dir={run / 'run'}",
-            f"output_dir={run / 'out'}", *extra]
+from drafter_runs import CODE, PROSE, corpus, drafter_config
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_path):
@@ -65,13 +31,14 @@ def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_pat
 
 @pytest.mark.slow
 def test_recipe_runs_under_ddp_on_two_cpu_processes(assets, tmp_path):
-    """`dspark train drafter ... strategy=ddp devices=2 accelerator=cpu`: two processes, gloo."""
+    """`dspark train drafter ... strategy=ddp devices=2 accelerator=cpu`: two processes, gloo, both
+    writing the same teacher cache."""
     fake_stdlib = tmp_path / "stdlib"
     (fake_stdlib / "pkg").mkdir(parents=True)
     for i in range(80):  # enough files that every split gets some
         (fake_stdlib / "pkg" / f"module_{i}.py").write_text(f'"""{PROSE * 4}"""\n\n' + CODE * 8)
     args = drafter_config(assets, tmp_path, "max_steps=4", "strategy=ddp", "devices=2", "accelerator=cpu", "threads=1",
-                          f"corpus={{root: {fake_stdlib}}}", "max_eval_blocks=2")
+                          f"corpus={{root: {fake_stdlib}}}", "max_eval_blocks=2", f"teacher_cache.dir={tmp_path / 'cache'}")
     config = tmp_path / "train.yaml"
     OmegaConf.save(OmegaConf.from_dotlist([a for a in args if not a.startswith("kind=")]), config)
     done = subprocess.run([sys.executable, "-m", "dspark.cli", "train", "drafter", "--config", str(config)],
@@ -81,7 +48,9 @@ def test_recipe_runs_under_ddp_on_two_cpu_processes(assets, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     net = load_block_drafter(tmp_path / "out", load_model(assets / "target"))
     assert torch.isfinite(net.context_proj.weight).all()
-
+    entries = list((tmp_path / "cache" / "entries").glob("*/*"))
+    assert len(entries) >= 8 and all(e.suffix == ".safetensors" for e in entries)  # no torn temporary files
+    assert "teacher cache" in done.stderr and "computed and written" in done.stderr
 
 
 def test_eagle3_recipe_trains_and_exports_a_loadable_head(assets, tmp_path):
