@@ -85,6 +85,11 @@ class Drafter(ABC):
         when ``engine.cuda_graphs`` is set; ``capture`` as for
         :class:`~dspark.models.graphs.GraphedFunction`). Drafters that do not implement it run eagerly."""
 
+    def flush(self) -> None:
+        """Finish work a drafter defers to its next :meth:`propose` (e.g. a compiled round's context
+        append, fused into the next draft call), so that its state can be inspected between rounds.
+        The engine never needs it; the default has nothing to do."""
+
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         """Called once per batch after the target's prefill.
 

@@ -114,6 +114,8 @@ class DSparkDrafter(Drafter):
     config_class = DSparkConfig
     provides_confidence = True
     skippable = True  # the block's keys/values land past the context; commit reads the target's hidden states
+    #: with ``engine.compile``, append a round's context in the next round's draft call (one compiled call)
+    fuse_append = True
 
     def __init__(self, config: DSparkConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
@@ -145,6 +147,8 @@ class DSparkDrafter(Drafter):
         self.cache: StaticKVCache | None = None
         self.temperatures = self._calibration(config, draft_model)  # [block] or None
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
+        self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
+        self._deferred: tuple | None = None  # (hidden states, num_new) of the last drafted round, not yet appended
         self._copy_hidden = False
 
     def compile(self) -> None:
@@ -152,12 +156,14 @@ class DSparkDrafter(Drafter):
         # positions (one graph per batch size and sampling settings); the prompt's append stays eager
         self._draft_block = compile_forward(self.draft_block, self.target.device)
         self._append_round = compile_forward(self._append_context, self.target.device)
+        self._append_and_draft = compile_forward(self.append_and_draft, self.target.device)
         self._static_kv = True
 
     def use_graphs(self, capture=None) -> None:
         # the block forward is one graph per batch size and sampling settings (it reads the whole
         # context cache); appending the round's context has a varying width and stays as it is
         self._draft_block = GraphedFunction(self._draft_block, capture=capture)
+        self._append_and_draft = None  # the graphed block forward reads the appended cache
         self._static_kv = True
         self._copy_hidden = True  # the graphed target forward overwrites its hidden states next round
 
@@ -204,6 +210,7 @@ class DSparkDrafter(Drafter):
         self._append_context(target_output.hidden_states, state.prompt_lengths)
         # rounds without drafts append their context lazily, when drafting resumes (see commit)
         self._pending: list[list[torch.Tensor]] = []
+        self._deferred = None
 
     def _flush_pending(self, lengths: torch.Tensor) -> None:
         """Append the context of the rounds that did not draft, in one forward. Each such round
@@ -215,13 +222,34 @@ class DSparkDrafter(Drafter):
             self._append_context([torch.cat(layer, 1) for layer in zip(*self._pending)], num_new)
             self._pending = []
 
+    def flush(self) -> None:
+        """Append the context a compiled round left for the next draft call (to inspect the cache
+        between rounds; drafting does it by itself). Rounds that skipped drafting still wait for
+        drafting to resume."""
+        if self._deferred is not None:
+            self._append_round(*self._deferred)
+            self._deferred = None
+
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
-        self._flush_pending(state.lengths)
         cache = self.cache
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.gamma, cache.max_len)
-        tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, uniforms, state.params, kv_len)
+        if self._deferred is not None:  # the last round's context, appended in the same compiled call
+            hidden, num_new = self._deferred
+            self._deferred = None
+            tokens, q, confidence = self._append_and_draft(hidden, num_new, state.anchor, uniforms, state.params,
+                                                           kv_len)
+        else:
+            self._flush_pending(state.lengths)
+            tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, uniforms, state.params, kv_len)
         return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, self.gamma), probs=q,
                              confidence=confidence)
+
+    def append_and_draft(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor, anchor: torch.Tensor,
+                         uniforms: torch.Tensor, params, kv_len: int):
+        """Append a round's context, then :meth:`draft_block` after it, as one function (one compiled
+        call per round instead of two)."""
+        self._append_context(hidden_states, num_new)
+        return self.draft_block(anchor, self.cache.lengths, uniforms, params, kv_len)
 
     def draft_block(self, anchor: torch.Tensor, context_lengths: torch.Tensor, uniforms: torch.Tensor, params,
                     kv_len: int):
@@ -273,6 +301,7 @@ class DSparkDrafter(Drafter):
             # nothing was verified (a plain decoding step, often one that skipped drafting): keep the
             # hidden states for later (copies when CUDA graphs overwrite them next round); no work
             # on the device here, so that a skipped round costs what a plain step does
+            self.flush()
             hidden = target_output.hidden_states
             self._pending.append([h.clone() for h in hidden] if self._copy_hidden else list(hidden))
             if len(self._pending) >= MAX_PENDING_ROUNDS:
@@ -280,4 +309,8 @@ class DSparkDrafter(Drafter):
             return
         self._flush_pending(state.lengths)
         # mirror the target cache: it now holds every committed token but the anchor
-        self._append_round(target_output.hidden_states, (state.lengths - 1) - self.cache.lengths)
+        append = (target_output.hidden_states, (state.lengths - 1) - self.cache.lengths)
+        if self._append_and_draft is not None and self.fuse_append:
+            self._deferred = append  # done by the next propose, in its compiled call
+        else:
+            self._append_round(*append)

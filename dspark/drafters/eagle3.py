@@ -78,6 +78,7 @@ class Eagle3Drafter(Drafter):
     """
 
     config_class = Eagle3Config
+    fuse_append = True
 
     def __init__(self, config: Eagle3Config, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
@@ -96,6 +97,8 @@ class Eagle3Drafter(Drafter):
         self.cache: StaticKVCache | None = None
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
         self._append_round, self._draft_steps, self._static_kv = self.append_pairs, self.draft_steps, False
+        self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
+        self._pending: tuple | None = None  # (following tokens, hidden states, num_new) not yet appended
 
     def compile(self) -> None:
         # static shapes: every draft step and every round's append reads the whole pair cache; the
@@ -103,6 +106,7 @@ class Eagle3Drafter(Drafter):
         # included) another; the prompt's append (a new width per prompt length) stays eager
         self._append_round = compile_forward(self.append_pairs, self.target.device)
         self._draft_steps = compile_forward(self.draft_steps, self.target.device)
+        self._append_and_draft = compile_forward(self.append_and_draft, self.target.device)
         self._static_kv = True
 
     def num_uniforms(self, params) -> int:
@@ -149,6 +153,7 @@ class Eagle3Drafter(Drafter):
             cache = self.cache = StaticKVCache(1, batch, a.num_kv_heads, max_len + self.gamma, a.head_dim,
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()
+        self._pending = None
         prompt_width = target_output.hidden_states[0].shape[1]
         self.last_output = self.append_pairs(self._following_tokens(state, prompt_width), target_output.hidden_states,
                                              state.prompt_lengths, min(prompt_width, cache.max_len))
@@ -156,8 +161,27 @@ class Eagle3Drafter(Drafter):
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + gamma, cache.max_len)
-        tokens, q = self._draft_steps(self.last_output, cache.lengths, uniforms, state.params, kv_len)
+        if self._pending is not None:  # last round's pairs, appended in the same compiled call
+            tokens, q, self.last_output = self._append_and_draft(*self._pending, uniforms, state.params, kv_len)
+            self._pending = None
+        else:
+            tokens, q = self._draft_steps(self.last_output, cache.lengths, uniforms, state.params, kv_len)
         return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q)
+
+    def append_and_draft(self, following: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
+                         uniforms: torch.Tensor, params, kv_len: int):
+        """:meth:`append_pairs` then :meth:`draft_steps` from its output, as one function (one compiled
+        call per round instead of two): tokens ``[B, γ]``, ``q`` (or ``None``) and the appended last output ``[B, H]``."""
+        d = self.append_pairs(following, hidden_states, num_new, kv_len)
+        tokens, q = self.draft_steps(d, self.cache.lengths, uniforms, params, kv_len)
+        return tokens, q, d
+
+    def flush(self) -> None:
+        """Append the pairs a compiled round left for the next draft call (to inspect the pair cache
+        between rounds; drafting does it by itself)."""
+        if self._pending is not None:
+            self.last_output = self._append_round(*self._pending, self.cache.max_len)
+            self._pending = None
 
     def draft_steps(self, d: torch.Tensor, lengths: torch.Tensor, uniforms: torch.Tensor, params,
                     kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,6 +205,10 @@ class Eagle3Drafter(Drafter):
                target_output: ModelOutput) -> None:
         # one pair per position the target kept: its cache holds every committed token but the anchor
         num_tokens = target_output.hidden_states[0].shape[1]
+        pairs = (self._following_tokens(state, num_tokens), target_output.hidden_states,
+                 (state.lengths - 1) - self.cache.lengths)
+        if self._append_and_draft is not None and self.fuse_append:  # appended by the next propose
+            self._pending = pairs
+            return
         kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + num_tokens, self.cache.max_len)
-        self.last_output = self._append_round(self._following_tokens(state, num_tokens), target_output.hidden_states,
-                                              (state.lengths - 1) - self.cache.lengths, kv_len)
+        self.last_output = self._append_round(*pairs, kv_len)
