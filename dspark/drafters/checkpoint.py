@@ -106,17 +106,36 @@ def check_fits_target(args: TargetShape, target, directory) -> None:
         raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
 
 
-def drafter_network(kind: str, net_class: type, load, build, *, target, draft_model, path):
+def drafter_network(kind: str, net_class: type, load, build, *, target, draft_model, path, requested=None):
     """The network a target-reading drafter runs: ``draft_model`` when it already is one, else the
     checkpoint ``draft_model`` or ``path`` names (``load(source, target)``), else ``build()`` (random init).
+
+    ``requested`` holds the architecture keys the drafter config sets (``None`` = not set): they
+    shape a random network; a trained one brings its own, and one that contradicts them is refused
+    (``ValueError`` naming the key, both values and what to do) rather than silently ignored.
     Raises ``TypeError`` when the target cannot return hidden states (not a native model)."""
     if not hasattr(target, "cache_shape"):
         raise TypeError(f"the {kind} drafter needs a native target (Llama / Qwen2 / Qwen3) for its hidden states")
     if isinstance(draft_model, net_class):
-        return draft_model
-    if draft_model is not None or path is not None:
-        return load(draft_model if draft_model is not None else path, target)
-    return build()
+        net, source = draft_model, "the network passed as draft_model"
+    elif draft_model is not None or path is not None:
+        source = draft_model if draft_model is not None else path
+        net = load(source, target)
+        source = f"the checkpoint {str(source)!r}"
+    else:
+        return build()
+    for key, value in (requested or {}).items():
+        actual = getattr(net.args, key)
+        wanted = tuple(value) if isinstance(value, (list, tuple)) else value
+        if value is not None and wanted != actual:
+            raise ValueError(f"drafter.{key}={_show(value)} contradicts {source}, which has {key}={_show(actual)}: "
+                             f"architecture keys build a randomly initialised {kind} drafter (drafter.path=null); "
+                             "drop the key, or load a checkpoint built that way")
+    return net
+
+
+def _show(value) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
 def load_weights(net: nn.Module, directory: Path) -> nn.Module:

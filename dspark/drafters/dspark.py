@@ -32,7 +32,9 @@ class DSparkConfig(DrafterConfig):
         path: checkpoint directory or embedded name (default: ``dspark-tiny-dspark``, trained for the
             embedded target); ``null`` builds a randomly initialised drafter from the keys below.
         head, num_layers, target_layers, rank, intermediate_size, seed: architecture of a random
-            drafter (``path: null``). With a checkpoint they come from it.
+            drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target
+            layer, rank 128, the target's MLP width). A checkpoint brings its own: set keys must
+            agree with it, or the drafter is refused.
         calibration: per-position confidence temperatures (Sequential Temperature Scaling, written
             by ``dspark calibrate``): ``auto`` reads ``calibration.json`` beside the checkpoint when
             there is one, a path reads that file, ``null`` keeps the raw confidences.
@@ -46,10 +48,10 @@ class DSparkConfig(DrafterConfig):
     name: str = "dspark"
     num_speculative_tokens: int = 7
     path: str | None = "dspark-tiny-dspark"
-    head: str = "markov"
-    num_layers: int = 1
+    head: str | None = None
+    num_layers: int | None = None
     target_layers: list[int] = field(default_factory=list)
-    rank: int = 128
+    rank: int | None = None
     intermediate_size: int | None = None
     seed: int = 0
     calibration: str | None = "auto"
@@ -126,11 +128,13 @@ class DSparkDrafter(Drafter):
             torch.manual_seed(config.seed)
             layers = tuple(config.target_layers) or default_target_layers(target.num_layers)
             return BlockDrafter(BlockDrafterArgs.for_target(
-                target, gamma=config.num_speculative_tokens, num_layers=config.num_layers, target_layers=layers,
-                head=config.head, rank=config.rank, intermediate_size=config.intermediate_size))
+                target, gamma=config.num_speculative_tokens, num_layers=config.num_layers or 1, target_layers=layers,
+                head=config.head or "markov", rank=config.rank or 128, intermediate_size=config.intermediate_size))
 
+        requested = {"head": config.head, "num_layers": config.num_layers, "rank": config.rank,
+                     "target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size}
         net = drafter_network("dspark", BlockDrafter, load_block_drafter, build, target=target,
-                              draft_model=draft_model, path=config.path)
+                              draft_model=draft_model, path=config.path, requested=requested)
         if config.num_speculative_tokens > net.args.gamma:
             raise ValueError(f"drafter.num_speculative_tokens={config.num_speculative_tokens} exceeds the block size "
                              f"this drafter was built for ({net.args.gamma})")

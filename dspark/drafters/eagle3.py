@@ -30,8 +30,9 @@ class Eagle3Config(DrafterConfig):
         path: checkpoint directory or embedded name (default: ``dspark-tiny-eagle3``, trained for the
             embedded target); ``null`` builds a randomly initialised head from the keys below.
         target_layers, intermediate_size, draft_vocab_size, seed: architecture of a random head
-            (``path: null``; ``target_layers`` empty = a low, a middle and the last layer). With a
-            checkpoint they come from it.
+            (``path: null``; unset: a low, a middle and the last layer, the target's MLP width, the
+            target's vocabulary). A checkpoint brings its own: set keys must agree with it, or the
+            drafter is refused.
     """
 
     name: str = "eagle3"
@@ -39,7 +40,7 @@ class Eagle3Config(DrafterConfig):
     path: str | None = "dspark-tiny-eagle3"
     target_layers: list[int] = field(default_factory=list)
     intermediate_size: int | None = None
-    draft_vocab_size: int = 0
+    draft_vocab_size: int | None = None
     seed: int = 0
 
 
@@ -88,10 +89,12 @@ class Eagle3Drafter(Drafter):
             layers = tuple(config.target_layers) or default_eagle_layers(target.num_layers)
             return Eagle3Head(Eagle3Args.for_target(target, gamma=config.num_speculative_tokens, target_layers=layers,
                                                     intermediate_size=config.intermediate_size,
-                                                    draft_vocab_size=config.draft_vocab_size))
+                                                    draft_vocab_size=config.draft_vocab_size or 0))
 
+        requested = {"target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size,
+                     "draft_vocab_size": config.draft_vocab_size}
         head = drafter_network("eagle3", Eagle3Head, load_eagle3, build, target=target, draft_model=draft_model,
-                               path=config.path)
+                               path=config.path, requested=requested)
         self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None

@@ -192,6 +192,24 @@ def test_checkpoint_round_trip_and_refusal_for_another_target(tmp_path):
         load_block_drafter(tmp_path / "ok", shallow)
 
 
+@pytest.mark.parametrize("key, value, stored", [("head", "rnn", "'markov'"), ("rank", 16, "8"),
+                                                ("num_layers", 2, "1"), ("target_layers", [1, 2], r"\[0, 2\]")])
+def test_config_keys_that_contradict_the_checkpoint_are_refused(tmp_path, key, value, stored):
+    """Architecture keys shape a random drafter; with a checkpoint they must agree with it (a key
+    silently overridden by the checkpoint would run another drafter than the config says)."""
+    target_hf = tiny_hf_model("qwen3")
+    target = load_model(target_hf)
+    save_block_drafter(BlockDrafter(BlockDrafterArgs.for_target(target, gamma=3, num_layers=1, target_layers=(0, 2),
+                                                                head="markov", rank=8)), tmp_path)
+    config = {"name": "dspark", "num_speculative_tokens": 3, "path": str(tmp_path)}
+    with pytest.raises(ValueError, match=rf"drafter.{key}=.* contradicts the checkpoint .* which has {key}={stored}: "
+                                         r"architecture keys build a randomly initialised dspark drafter"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {**config, key: value}}, target_model=target_hf)
+    agreeing = {"head": "markov", "rank": 8, "num_layers": 1, "target_layers": [0, 2]}[key]
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {**config, key: agreeing}}, target_model=target_hf)
+    assert pipe.drafter.net.args.head == "markov"
+
+
 def test_bad_drafter_settings():
     target_hf = tiny_hf_model("qwen3")
     with pytest.raises(ValueError, match=r"target_layers \[7\] are outside the target's layers 0..2"):

@@ -158,6 +158,15 @@ def test_checkpoint_round_trip_and_bad_input(tmp_path):
     with pytest.raises(Exception, match="holds no 'block_drafter' drafter"):
         from dspark.drafters.dspark import load_block_drafter
         load_block_drafter(tmp_path / "eagle", target)
+    # architecture keys are for random heads; with a checkpoint they must agree with it
+    target_hf, path = tiny_hf_model("qwen3"), f"drafter.path={tmp_path / 'eagle'}"
+    with pytest.raises(ValueError, match=r"drafter.draft_vocab_size=12 contradicts the checkpoint .* which has "
+                                         r"draft_vocab_size=10: architecture keys build a randomly initialised"):
+        eagle_pipeline(target_hf, 3, path, "drafter.draft_vocab_size=12")
+    with pytest.raises(ValueError, match=r"drafter.target_layers=\[0, 2, 2\] contradicts .* target_layers=\[0, 1, 1\]"):
+        eagle_pipeline(target_hf, 3, path, "drafter.target_layers=[0,2,2]")
+    agreeing = eagle_pipeline(target_hf, 3, path, "drafter.target_layers=[0,1,1]", "drafter.draft_vocab_size=10")
+    assert agreeing.drafter.head.args == head.args
 
 
 @pytest.mark.parametrize("draft_vocab_size", [0, 60])
