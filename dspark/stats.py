@@ -17,6 +17,43 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: Every metric ``dspark bench`` reports — (name, definition, what it tells you). The one place they
+#: are defined: the bench writes them into every ``bench.md`` and ``bench.json``, and the docs'
+#: table (docs/benchmarks.md) is :func:`metrics_markdown` (a test keeps the two equal).
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("τ (tokens per target forward)",
+     "tokens emitted per request-round: accepted drafts + the one recovered or bonus token; plain decoding has τ = 1",
+     "how much target work one round saves — an upper bound on the speedup when drafting is free"),
+    ("conditional acceptance at position k",
+     "P(draft k accepted | drafts 1..k−1 accepted and draft k verified)",
+     "where in the block the drafter loses the target; a parallel drafter decays along the block, an "
+     "autoregressive one need not"),
+    ("drafted / verified / accepted per round",
+     "drafts proposed, drafts the target scored (after scheduling), drafts kept, per request-round",
+     "τ − 1 = accepted per round; verified − accepted is wasted target work"),
+    ("tokens/s",
+     "generated tokens ÷ wall time of the whole `generate` call (prefill included), median over repeats with its range",
+     "what a user waits for"),
+    ("speedup vs none",
+     "tokens/s ÷ tokens/s of the `none` pipeline in the same cell",
+     "the net effect of speculation, draft cost included"),
+    ("vs transformers peer",
+     "tokens/s ÷ the matching `transformers` `generate`: plain (for `none`), assisted generation with the same "
+     "draft model (for `draft_model`), prompt lookup (for `ngram`)",
+     "whether dspark's engine is faster than the reference implementation"),
+    ("draft / schedule / verify / other ms per round",
+     "wall time of the rounds split into the drafter's `propose`, the scheduler's choice, the target's verify "
+     "forward + verification, and the rest (accepting tokens, rollback, the drafter's commit, the one host sync)",
+     "where a round's time goes"),
+)
+
+
+def metrics_markdown() -> str:
+    """:data:`METRICS` as a Markdown table (name in bold, definition, what it tells you)."""
+    rows = [f"| **{name}** | {definition.replace('|', chr(92) + '|')} | {meaning} |"
+            for name, definition, meaning in METRICS]
+    return "\n".join(["| metric | definition | what it tells you |", "|---|---|---|", *rows]) + "\n"
+
 
 def conditional_acceptance(reached: list[int], accepted: list[int]) -> list[float | None]:
     """Acceptance rate per draft position from its counts (``None`` where a position was never reached)."""

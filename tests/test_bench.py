@@ -40,7 +40,14 @@ def test_bench_smoke_writes_every_metric(tmp_path):
                 assert key in row, key
             assert row["ratio_vs_peer"] is not None or row["batch_size"] > 1
     assert all(r["batch_size"] == 1 for r in data["rows"] if r["family"] in ("hf_assisted", "hf_prompt_lookup"))
-    assert (tmp_path / "out" / "bench.md").read_text().count("\n| ") >= len(data["rows"])
+    markdown = (tmp_path / "out" / "bench.md").read_text()
+    assert markdown.count("\n| ") >= len(data["rows"])
+    # the metrics are defined in the output too, from their one definition (dspark.stats.METRICS)
+    from dspark.stats import METRICS, metrics_markdown
+
+    assert "## Metrics" in markdown and metrics_markdown() in markdown
+    assert data["metrics"] == {name: definition for name, definition, _ in METRICS}
+    assert {"τ (tokens per target forward)", "conditional acceptance at position k", "tokens/s"} <= set(data["metrics"])
     for png in ("acceptance_by_position.png", "speedup_by_batch.png", "throughput_frontier.png", "verification_budget.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 

@@ -41,3 +41,13 @@ def test_helpers_and_merge():
     merged = GenerationStats.merge([a, b])
     assert merged.mean_accepted_length == 1.5 and merged.acceptance_by_position == [0.5]
     assert merged.tokens_per_second == 3.0
+
+
+def test_the_docs_define_the_metrics_as_the_bench_does():
+    """docs/benchmarks.md shows dspark.stats.METRICS verbatim (the one definition every bench.md carries)."""
+    from pathlib import Path
+
+    from dspark.stats import metrics_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    assert metrics_markdown() in docs

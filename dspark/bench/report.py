@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dspark.bench.runner import CellResult, median
-from dspark.stats import GenerationStats
+from dspark.stats import METRICS, GenerationStats, metrics_markdown
 
 # which transformers peer a dspark pipeline family is compared with
 PEER_OF = {"none": "hf_plain", "draft_model": "hf_assisted", "ngram": "hf_prompt_lookup"}
@@ -184,7 +184,8 @@ def write_report(cfg, results: list[CellResult], mismatches: list[dict]) -> dict
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
-    report = {"environment": environment(), "config": asdict(cfg), "rows": rows, "greedy_mismatches": mismatches}
+    report = {"environment": environment(), "config": asdict(cfg), "rows": rows, "greedy_mismatches": mismatches,
+              "metrics": {name: definition for name, definition, _ in METRICS}}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(rows)
     reference = ("transformers' generate" if any(r["family"] == "hf_plain" for r in rows)
@@ -194,6 +195,7 @@ def write_report(cfg, results: list[CellResult], mismatches: list[dict]) -> dict
               f"**{len(mismatches)} greedy outputs differ from {reference}** (see bench.json)")
     env = report["environment"]
     (out / "bench.md").write_text(f"# dspark bench\n\n{env['date']} · {env['cpu']} · {env['torch_threads']} threads · "
-                                  f"torch {env['torch']} · transformers {env['transformers']}\n\n{status}\n\n{table}")
+                                  f"torch {env['torch']} · transformers {env['transformers']}\n\n{status}\n\n{table}"
+                                  f"\n## Metrics\n\n{metrics_markdown()}")
     report["plots"] = [str(p) for p in plot(rows, out)]
     return report
