@@ -180,9 +180,9 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "eagle3_draft_vocab", "dspark_threshold",
-                                     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async",
-                                     "ngram_adaptive", "draft_model_adaptive"])
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
+                                     "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle",
+                                     "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]
