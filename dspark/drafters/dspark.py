@@ -304,7 +304,8 @@ class DSparkDrafter(Drafter):
         if proposal.gamma == 0:
             # nothing was verified (a plain decoding step, often one that skipped drafting): keep the
             # hidden states for later (copies when CUDA graphs overwrite them next round); no work
-            # on the device here, so that a skipped round costs what a plain step does
+            # on the device here, so that a skipped round costs what a plain step does (beyond the
+            # append a drafted round before it deferred, if one waits: it goes first)
             self.flush()
             hidden = target_output.hidden_states
             self._pending.append([h.clone() for h in hidden] if self._copy_hidden else list(hidden))

@@ -79,6 +79,7 @@ class Eagle3Drafter(Drafter):
     """
 
     config_class = Eagle3Config
+    #: with ``engine.compile``, append a round's pairs in the next round's draft call (one compiled call)
     fuse_append = True
 
     def __init__(self, config: Eagle3Config, *, target, sampler, draft_model=None):
@@ -101,7 +102,7 @@ class Eagle3Drafter(Drafter):
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
         self._append_round, self._draft_steps, self._static_kv = self.append_pairs, self.draft_steps, False
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
-        self._pending: tuple | None = None  # (following tokens, hidden states, num_new) not yet appended
+        self._deferred: tuple | None = None  # (following tokens, hidden states, num_new) not yet appended
 
     def compile(self) -> None:
         # static shapes: every draft step and every round's append reads the whole pair cache; the
@@ -156,7 +157,7 @@ class Eagle3Drafter(Drafter):
             cache = self.cache = StaticKVCache(1, batch, a.num_kv_heads, max_len + self.gamma, a.head_dim,
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()
-        self._pending = None
+        self._deferred = None
         prompt_width = target_output.hidden_states[0].shape[1]
         self.last_output = self.append_pairs(self._following_tokens(state, prompt_width), target_output.hidden_states,
                                              state.prompt_lengths, min(prompt_width, cache.max_len))
@@ -164,9 +165,9 @@ class Eagle3Drafter(Drafter):
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + gamma, cache.max_len)
-        if self._pending is not None:  # last round's pairs, appended in the same compiled call
-            tokens, q, self.last_output = self._append_and_draft(*self._pending, uniforms, state.params, kv_len)
-            self._pending = None
+        if self._deferred is not None:  # last round's pairs, appended in the same compiled call
+            tokens, q, self.last_output = self._append_and_draft(*self._deferred, uniforms, state.params, kv_len)
+            self._deferred = None
         else:
             tokens, q = self._draft_steps(self.last_output, cache.lengths, uniforms, state.params, kv_len)
         return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q)
@@ -182,9 +183,9 @@ class Eagle3Drafter(Drafter):
     def flush(self) -> None:
         """Append the pairs a compiled round left for the next draft call (to inspect the pair cache
         between rounds; drafting does it by itself)."""
-        if self._pending is not None:
-            self.last_output = self._append_round(*self._pending, self.cache.max_len)
-            self._pending = None
+        if self._deferred is not None:
+            self.last_output = self._append_round(*self._deferred, self.cache.max_len)
+            self._deferred = None
 
     def draft_steps(self, d: torch.Tensor, lengths: torch.Tensor, uniforms: torch.Tensor, params,
                     kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -211,7 +212,7 @@ class Eagle3Drafter(Drafter):
         pairs = (self._following_tokens(state, num_tokens), target_output.hidden_states,
                  (state.lengths - 1) - self.cache.lengths)
         if self._append_and_draft is not None and self.fuse_append:  # appended by the next propose
-            self._pending = pairs
+            self._deferred = pairs
             return
         kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + num_tokens, self.cache.max_len)
         self.last_output = self._append_round(*pairs, kv_len)

@@ -78,7 +78,7 @@ def test_pair_cache_equals_recomputation_over_the_accepted_prefix(compiled):
     result = pipe.generate(prompts, max_new_tokens=15, temperature=1.0, seed=4, ignore_eos=True)
     assert result.stats.accepted_tokens < result.stats.verified_tokens  # there were rejections
     if compiled:
-        assert drafter._pending is not None  # the last round's pairs wait for the next draft call
+        assert drafter._deferred is not None  # the last round's pairs wait for the next draft call
         with torch.inference_mode():
             drafter.flush()
     # compiled kernels evaluate the float32 rotary angles' cos/sin themselves: float32-ulp differences
