@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dspark.data.corpus import Document
 from dspark.models import random_hf_model
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -80,3 +81,15 @@ def fake_clock_scheduler(drafted_cost: float, base=None):
             super().timed(batch_size, drafted, drafted_cost if drafted else 1.0, tokens_per_request)
 
     return FakeClockScheduler
+
+
+# a tiny two-domain corpus (code and prose, 6 train documents each, one validation and one test)
+CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+PROSE = "The function adds two numbers and returns their sum to the caller. "
+
+
+def corpus() -> list[Document]:
+    """The tiny corpus's documents."""
+    splits = ["train"] * 6 + ["validation", "test"]
+    return [Document(f"m{i}.py", "code", s, CODE * 20) for i, s in enumerate(splits)] + \
+           [Document(f"d{i}", "prose", s, PROSE * 20) for i, s in enumerate(splits)]

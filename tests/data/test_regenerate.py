@@ -7,20 +7,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dspark.data.corpus import Document
 from dspark.data.regenerate import FORMAT, load_regenerate_config, load_regenerated, regenerate
 from dspark.data.tokenizer import train_tokenizer
 from dspark.training import load_train_config, train
 from dspark.training.data import CorpusDataModule, token_stream
 
-CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
-PROSE = "The function adds two numbers and returns their sum to the caller. "
-
-
-def corpus():
-    splits = ["train"] * 6 + ["validation", "test"]
-    return [Document(f"m{i}.py", "code", s, CODE * 20) for i, s in enumerate(splits)] + \
-           [Document(f"d{i}", "prose", s, PROSE * 20) for i, s in enumerate(splits)]
+from helpers import CODE, PROSE, corpus
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 
 from dspark.data.tokenizer import train_tokenizer
-from drafter_runs import CODE, PROSE
+from helpers import CODE, PROSE
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,5 @@
-"""Shared by the drafter-training tests: a tiny corpus and the training config of a tiny drafter
-run (the tiny target and tokenizer come from the ``assets`` fixture in ``conftest.py``)."""
-
-from dspark.data.corpus import Document
-
-CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
-PROSE = "The function adds two numbers and returns their sum to the caller. "
-
-
-def corpus():
-    splits = ["train"] * 6 + ["validation", "test"]
-    return [Document(f"m{i}.py", "code", s, CODE * 20) for i, s in enumerate(splits)] + \
-           [Document(f"d{i}", "prose", s, PROSE * 20) for i, s in enumerate(splits)]
+"""Shared by the drafter-training tests: the training config of a tiny drafter run (on the tiny
+corpus of ``helpers``; the tiny target and tokenizer come from the ``assets`` fixture in ``conftest.py``)."""
 
 
 def drafter_config(root, run, *extra):

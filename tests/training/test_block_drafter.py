@@ -14,7 +14,8 @@ from dspark.drafters.dspark import load_block_drafter
 from dspark.models import load_model
 from dspark.training import load_train_config, train
 from dspark.training.recipes import read_logged, tokenizer_source, training_logs
-from drafter_runs import CODE, PROSE, corpus, drafter_config
+from drafter_runs import drafter_config
+from helpers import CODE, PROSE, corpus
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_path):

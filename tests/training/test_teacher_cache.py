@@ -11,8 +11,8 @@ from dspark.models import load_model
 from dspark.training import load_train_config, train
 from dspark.training.block_drafter import target_outputs
 from dspark.training.teacher_cache import TeacherCache, sequence_key
-from drafter_runs import corpus, drafter_config
-from helpers import tiny_hf_model
+from drafter_runs import drafter_config
+from helpers import corpus, tiny_hf_model
 
 
 def target_pass(target):
