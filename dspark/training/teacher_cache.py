@@ -148,7 +148,7 @@ class TeacherCache:
         paths = [self.entry_path(k) for k in keys]
         present = [p.is_file() for p in paths]
         if all(present):
-            rows = [load_file(p, device=str(tokens.device)) for p in paths]
+            rows = [self._read(p, tokens.device, load_file) for p in paths]
             by_layer = {i: torch.stack([r[f"layer_{i}"] for r in rows]).float() for i in self.layers}
             self.hits += len(keys)
             return [by_layer[int(i)] for i in layers], self._logits(by_layer[self.last_layer])
@@ -163,6 +163,19 @@ class TeacherCache:
             by_layer = {i: h.to(self.dtype).float() for i, h in by_layer.items()}
             logits = self._logits(by_layer[self.last_layer])
         return [by_layer[int(i)] for i in layers], logits
+
+    def _read(self, path: Path, device, load_file) -> dict[str, torch.Tensor]:
+        """One entry; an unreadable one (or one without every cached layer) is named, not guessed around."""
+        try:
+            entry = load_file(path, device=str(device))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"teacher cache entry {str(path)!r} is unreadable ({err}); delete it and it is "
+                             "computed again") from err
+        missing = [i for i in self.layers if f"layer_{i}" not in entry]
+        if missing:
+            raise ValueError(f"teacher cache entry {str(path)!r} lacks target layers {missing}; delete it and it is "
+                             "computed again")
+        return entry
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -94,6 +94,26 @@ def test_a_cache_for_another_target_precision_dtype_or_layers_is_refused(tmp_pat
     assert TeacherCache(tmp_path, target, layers=(2,), precision="bf16-mixed").layers == (0, 2)  # a subset is fine
 
 
+def test_an_unreadable_entry_is_named(tmp_path):
+    target = load_model(tiny_hf_model("qwen3"))
+    compute, _ = target_pass(target)
+    tokens = tokens_for(target, batch=2)
+    cache = TeacherCache(tmp_path, target, layers=(1,), precision="32-true")
+    cache.fetch(tokens, (1,), compute)
+    entry = cache.entry_path(sequence_key(tokens[1]))
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match=rf"teacher cache entry '{entry}' is unreadable .*delete it"):
+        cache.fetch(tokens, (1,), compute)
+    from safetensors.torch import save_file
+
+    save_file({"layer_1": torch.zeros(24, 64)}, entry)  # the last layer (2) is missing
+    with pytest.raises(ValueError, match=r"lacks target layers \[2\]; delete it"):
+        cache.fetch(tokens, (1,), compute)
+    entry.unlink()  # deleted: recomputed and written again
+    cache.fetch(tokens, (1,), compute)
+    assert entry.is_file()
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_training_from_the_cache_equals_training_with_the_target_on_the_fly(assets, tmp_path, precision):
     """Three runs with the same seed: without a cache, filling one, reading it (no target pass on any
