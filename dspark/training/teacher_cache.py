@@ -142,13 +142,11 @@ class TeacherCache:
         ``layers`` and logits ``[B, T, V]`` (float32). Read from the cache when every sequence is
         there; otherwise ``compute`` runs on the whole batch (so a batch's numbers never depend on
         what was cached) and the missing sequences are written."""
-        from safetensors.torch import load_file
-
         keys = [sequence_key(row) for row in tokens]
         paths = [self.entry_path(k) for k in keys]
         present = [p.is_file() for p in paths]
         if all(present):
-            rows = [self._read(p, tokens.device, load_file) for p in paths]
+            rows = [self._read(p, tokens.device) for p in paths]
             by_layer = {i: torch.stack([r[f"layer_{i}"] for r in rows]).float() for i in self.layers}
             self.hits += len(keys)
             return [by_layer[int(i)] for i in layers], self._logits(by_layer[self.last_layer])
@@ -164,8 +162,10 @@ class TeacherCache:
             logits = self._logits(by_layer[self.last_layer])
         return [by_layer[int(i)] for i in layers], logits
 
-    def _read(self, path: Path, device, load_file) -> dict[str, torch.Tensor]:
+    def _read(self, path: Path, device) -> dict[str, torch.Tensor]:
         """One entry; an unreadable one (or one without every cached layer) is named, not guessed around."""
+        from safetensors.torch import load_file
+
         try:
             entry = load_file(path, device=str(device))
         except Exception as err:  # safetensors raises its own error types
