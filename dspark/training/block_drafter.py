@@ -7,7 +7,9 @@ forward: block ``i`` attends to the context before its anchor and, bidirectional
 The sequential head is teacher-forced with the data's previous token.
 
 Loss, with position weights ``w_k = exp(−(k−1)/γ)``:
-``0.1·CE + 0.9·TV + 1.0·BCE(c_k, 1 − ½‖p_d − p_t‖₁)`` where ``TV = ‖p_d − p_t‖₁``.
+``0.1·CE + 0.9·TV + 1.0·BCE(c_k, 1 − ½‖p_d − p_t‖₁)`` where ``TV = ‖p_d − p_t‖₁`` (the paper's);
+an optional ``KL(p_t ‖ p_d)`` term (weight ``kl``, default 0) adds the soft cross-entropy to the
+target's distribution that the EAGLE-3 head trains with.
 """
 
 from __future__ import annotations
@@ -36,16 +38,38 @@ def block_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels
         labels: ``[..., γ]`` the data's next tokens; confidence: ``[..., γ]`` ``c_k`` in (0, 1).
 
     Returns:
-        ``ce``, ``tv`` (``‖p_d − p_t‖₁``), ``accept`` (``1 − tv/2``, the probability that rejection
-        sampling accepts a draft from ``p_d``; the confidence label, no gradient), ``bce``.
+        ``ce``, ``tv`` (``‖p_d − p_t‖₁``), ``kl`` (``KL(p_t ‖ p_d)``), ``accept`` (``1 − tv/2``, the
+        probability that rejection sampling accepts a draft from ``p_d``; the confidence label, no
+        gradient), ``bce``.
     """
     log_p_draft = F.log_softmax(draft_logits.float(), -1)
-    p_target = F.softmax(target_logits.float(), -1)
+    log_p_target = F.log_softmax(target_logits.float(), -1)
+    p_target = log_p_target.exp()
     ce = -log_p_draft.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     tv = (log_p_draft.exp() - p_target).abs().sum(-1)
+    kl = F.kl_div(log_p_draft, log_p_target, reduction="none", log_target=True).sum(-1)
     accept = (1 - 0.5 * tv).detach().clamp(0.0, 1.0)
     bce = F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), accept, reduction="none")
-    return {"ce": ce, "tv": tv, "accept": accept, "bce": bce}
+    return {"ce": ce, "tv": tv, "kl": kl, "accept": accept, "bce": bce}
+
+
+#: the block drafter's loss terms and their default weights (the paper's; ``kl`` is ours, off)
+LOSS_WEIGHTS = {"ce": 0.1, "tv": 0.9, "conf": 1.0, "kl": 0.0}
+
+
+def check_loss_weights(weights: dict | None) -> dict[str, float]:
+    """The defaults updated with ``weights``; an unknown term or a negative / non-finite weight is
+    refused, naming it and what is allowed."""
+    import math
+
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(LOSS_WEIGHTS))
+    if unknown:
+        raise ValueError(f"unknown loss_weights {unknown}: the block drafter's terms are {sorted(LOSS_WEIGHTS)}")
+    for name, value in weights.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"loss_weights.{name} must be a finite number >= 0, got {value!r}")
+    return {**LOSS_WEIGHTS, **{name: float(value) for name, value in weights.items()}}
 
 
 def target_outputs(target, tokens: torch.Tensor, layers: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -68,7 +92,7 @@ class BlockDrafterModule(L.LightningModule):
         target: the frozen target (a :class:`~dspark.models.NativeCausalLM`); kept out of the
             module's parameters and checkpoints.
         optim, max_steps: optimiser schedule. anchors: blocks per training sequence.
-        loss_weights: ``{"ce", "tv", "conf"}``.
+        loss_weights: weights of the ``ce``, ``tv``, ``conf`` and ``kl`` terms (missing: :data:`LOSS_WEIGHTS`).
         teacher_cache: where the target's outputs are read from / written to (default: computed
             on every batch).
     """
@@ -79,7 +103,7 @@ class BlockDrafterModule(L.LightningModule):
         self.net = net
         object.__setattr__(self, "target", target.eval().requires_grad_(False))  # not a submodule
         self.optim, self.max_steps, self.anchors = optim, max_steps, anchors
-        self.loss_weights = {"ce": 0.1, "tv": 0.9, "conf": 1.0, **(loss_weights or {})}
+        self.loss_weights = check_loss_weights(loss_weights)
         self.teacher_cache = teacher_cache
         self._eval: dict[str, torch.Tensor] = {}
 
@@ -160,9 +184,11 @@ class BlockDrafterModule(L.LightningModule):
         logits, confidence, target_at, labels = self.drafted_blocks(batch, generator)
         terms = block_losses(logits, target_at, labels, confidence)
         weights = position_weights(self.net.args.gamma, logits.device)
-        weighted = {name: (terms[name] * weights).sum(-1).mean() for name in ("ce", "tv", "bce")}
+        weighted = {name: (terms[name] * weights).sum(-1).mean() for name in ("ce", "tv", "kl", "bce")}
         w = self.loss_weights
         loss = w["ce"] * weighted["ce"] + w["tv"] * weighted["tv"] + w["conf"] * weighted["bce"]
+        if w["kl"]:
+            loss = loss + w["kl"] * weighted["kl"]
         return loss, weighted, terms, logits, target_at
 
     def block_targets(self, tokens: torch.Tensor, target_logits: torch.Tensor, anchors: torch.Tensor):

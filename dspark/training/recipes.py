@@ -48,7 +48,9 @@ class TrainConfig:
             training losses; max_eval_blocks caps evaluation.
         distill_temperature, ce_weight: distillation settings (``draft`` only).
         anchors_per_sequence, loss_weights: block-drafter settings (``drafter`` only): blocks drafted
-            per training sequence; weights of the ``ce``, ``tv`` and ``conf`` loss terms.
+            per training sequence; weights of the ``ce``, ``tv`` and ``conf`` loss terms (the paper's
+            0.1 / 0.9 / 1.0) and of an optional ``kl`` term (``KL(p_t ‖ p_d)``, default 0; the DSpark
+            and DFlash drafters — the EAGLE-3 head trains on the soft cross-entropy alone).
         strategy, devices, accelerator: Lightning's (``strategy=ddp devices=2`` trains on two
             processes; on CPUs they talk over gloo).
         run_dir: logs and Lightning checkpoints; output_dir: the exported checkpoint directory.
@@ -105,6 +107,13 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
         raise ValueError(f"teacher_cache is for `drafter` runs (the frozen target's pass), not `{cfg.kind}`")
     if cfg.train_data is not None and cfg.kind == "target":
         raise ValueError("train_data (text written by a teacher) is for `draft` and `drafter` runs, not `target`")
+    if cfg.kind == "drafter":
+        from dspark.training.block_drafter import LOSS_WEIGHTS, check_loss_weights
+
+        weights = check_loss_weights(cfg.loss_weights)
+        if cfg.model.get("architecture") == "eagle3" and weights != LOSS_WEIGHTS:
+            raise ValueError("loss_weights weigh the block drafter's loss terms; the EAGLE-3 head trains on the "
+                             "soft cross-entropy to the target alone: remove loss_weights from this config")
     if cfg.kind != "drafter" and "model_type" not in cfg.model:
         raise ValueError("the training config's `model` needs model_type (e.g. qwen3) and the architecture keys")
     return cfg

@@ -10,7 +10,8 @@ from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.dspark import load_block_drafter, save_block_drafter
 from dspark.models import load_model
 from dspark.samplers import DefaultSampler
-from dspark.training.block_drafter import block_losses, position_weights
+from dspark.training import load_train_config
+from dspark.training.block_drafter import block_losses, check_loss_weights, position_weights
 
 from helpers import ragged_prompts, tiny_hf_model
 
@@ -168,10 +169,27 @@ def test_loss_terms_on_hand_made_distributions():
     assert torch.allclose(terms["accept"], torch.tensor([0.5]), atol=1e-6)  # Σ min(p_d, p_t)
     assert torch.allclose(terms["ce"], torch.tensor([math.log(4)]), atol=1e-6)
     assert torch.allclose(terms["bce"], torch.tensor([math.log(2)]), atol=1e-6)  # c = 0.5 against label 0.5
+    assert torch.allclose(terms["kl"], torch.tensor([math.log(2)]), atol=1e-6)  # Σ p_t log(p_t / p_d) = 2 · ½ log 2
     same = block_losses(p_target.clamp_min(1e-30).log(), p_target.clamp_min(1e-30).log(), torch.tensor([1]),
                         torch.tensor([0.9]))
     assert same["tv"].item() < 1e-6 and same["accept"].item() == pytest.approx(1.0)
+    assert abs(same["kl"].item()) < 1e-6
     assert torch.allclose(position_weights(4), torch.exp(-torch.arange(4) / 4))
+
+
+def test_loss_weights_are_checked_before_training():
+    assert check_loss_weights(None) == {"ce": 0.1, "tv": 0.9, "conf": 1.0, "kl": 0.0}  # the paper's, KL off
+    assert check_loss_weights({"kl": 1})["kl"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown loss_weights \['tvd'\]: the block drafter's terms are"):
+        check_loss_weights({"tvd": 1.0})
+    with pytest.raises(ValueError, match=r"loss_weights.ce must be a finite number >= 0, got -0.1"):
+        check_loss_weights({"ce": -0.1})
+    with pytest.raises(ValueError, match=r"unknown loss_weights \['tvd'\]"):
+        load_train_config(None, ["kind=drafter", "teacher=dspark-tiny", "loss_weights.tvd=1.0"])
+    with pytest.raises(ValueError, match="the EAGLE-3 head trains on the soft cross-entropy to the target alone"):
+        load_train_config(None, ["kind=drafter", "teacher=dspark-tiny", "model={architecture: eagle3}",
+                                 "loss_weights.kl=1.0"])
+    assert load_train_config(None, ["kind=drafter", "teacher=dspark-tiny", "model={architecture: eagle3}"])
 
 
 def test_checkpoint_round_trip_and_refusal_for_another_target(tmp_path):
