@@ -43,11 +43,10 @@ def block_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels
         gradient), ``bce``.
     """
     log_p_draft = F.log_softmax(draft_logits.float(), -1)
-    log_p_target = F.log_softmax(target_logits.float(), -1)
-    p_target = log_p_target.exp()
+    p_target = F.softmax(target_logits.float(), -1)
     ce = -log_p_draft.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     tv = (log_p_draft.exp() - p_target).abs().sum(-1)
-    kl = F.kl_div(log_p_draft, log_p_target, reduction="none", log_target=True).sum(-1)
+    kl = F.kl_div(log_p_draft, F.log_softmax(target_logits.float(), -1), reduction="none", log_target=True).sum(-1)
     accept = (1 - 0.5 * tv).detach().clamp(0.0, 1.0)
     bce = F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), accept, reduction="none")
     return {"ce": ce, "tv": tv, "kl": kl, "accept": accept, "bce": bce}
