@@ -125,15 +125,6 @@ class Eagle3Head(nn.Module):
             raise ValueError("d2t maps two draft ids to the same target id")
         self.d2t.copy_(d2t)
 
-    def init_draft_head(self, target: NativeCausalLM) -> None:
-        """Start a draft vocabulary's output layer from the target's LM-head rows of its tokens
-        (``lm_head.weight ← W_target[d2t]``): the head then begins as the full-vocabulary head
-        restricted to the draft vocabulary, instead of from random rows."""
-        if not self.args.draft_vocab_size:
-            raise ValueError("this head uses the target's vocabulary (draft_vocab_size 0): it has no output layer of its own")
-        with torch.no_grad():
-            self.lm_head.weight.copy_(target.lm_head.weight[self.d2t].to(self.lm_head.weight.dtype))
-
     def fuse(self, target_hidden: list[torch.Tensor]) -> torch.Tensor:
         """``f = W_fc · [h_low; h_mid; h_high]`` ``[B, T, H]`` from the three layers' ``[B, T, H]``."""
         return self.fc(torch.cat(target_hidden, -1))

@@ -11,8 +11,7 @@ tokens equal the data's, training and inference compute the same distributions.
 
 Loss: soft cross-entropy to the target's distribution, step weights ``exp(−(s−1)/γ)``. With a
 reduced draft vocabulary (``draft_vocab_size > 0``) the draft vocabulary is the most frequent
-tokens of the training stream (chosen when training starts; the head's output layer starts from
-the target's LM-head rows of those tokens), and the soft cross-entropy is taken
+tokens of the training stream (chosen when training starts), and the soft cross-entropy is taken
 to the target's distribution restricted to it and renormalised — the best the head can do; the
 logged TV distance and acceptance stay over the full vocabulary, where mass outside the draft
 vocabulary counts as lost.
@@ -45,14 +44,12 @@ class Eagle3Module(BlockDrafterModule):
         super().__init__(net, target, optim, max_steps, anchors=anchors, teacher_cache=teacher_cache)
 
     def setup(self, stage: str) -> None:
-        """With a reduced draft vocabulary, choose it from the training stream of the data module and
-        start its output layer from the target's LM-head rows of those tokens (a resumed run then
-        restores the checkpoint's)."""
+        """With a reduced draft vocabulary, choose it from the training stream of the data module
+        (a resumed run then restores the checkpoint's)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.net.args.draft_vocab_size and datamodule is not None and "train" in datamodule.streams:
             self.net.set_draft_vocabulary(frequent_tokens(datamodule.streams["train"], self.net.args.draft_vocab_size,
                                                           self.net.args.vocab_size))
-            self.net.init_draft_head(self.target)
 
     def draft_blocks(self, tokens: torch.Tensor, hidden: list[torch.Tensor], anchors: torch.Tensor):
         """Training-time test: logits of the γ unrolled steps after every anchor ``[B, A, γ, V]``

@@ -200,32 +200,3 @@ def test_the_draft_vocabulary_is_the_most_frequent_tokens():
     stream = torch.tensor([5, 5, 5, 2, 2, 9, 9, 7, 1])
     assert frequent_tokens(stream, 3, 12).tolist() == [2, 5, 9]  # 5 (×3), then 2 and 9 (×2)
     assert frequent_tokens(stream, 4, 12).tolist() == [1, 2, 5, 9]  # ties at one use: the lower id, 1
-
-
-def test_a_reduced_vocabulary_head_starts_as_the_full_head_restricted_to_it():
-    """Training starts the draft vocabulary's output layer from the target's LM-head rows of its
-    tokens: at step 0 it scores those tokens exactly as the full-vocabulary head does."""
-    from types import SimpleNamespace
-
-    from dspark.training.eagle3 import frequent_tokens
-
-    target = load_model(tiny_hf_model("qwen3", scale=2.0))
-    torch.manual_seed(0)
-    full = Eagle3Head(Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 1)))
-    reduced = Eagle3Head(Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 1), draft_vocab_size=30))
-    reduced.load_state_dict(full.state_dict(), strict=False)  # same layer, fc and norm; own lm_head and d2t
-    stream = torch.randint(0, 101, (500,), generator=torch.Generator().manual_seed(3))
-    module = Eagle3Module(reduced, target, OptimConfig(), 10)
-    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(streams={"train": stream}))
-    module.setup("fit")
-    d2t = frequent_tokens(stream, 30, 101)
-    assert torch.equal(reduced.d2t, d2t)
-    d = torch.randn(2, 5, full.args.hidden_size, dtype=target.dtype)
-    with torch.no_grad():
-        expected, got = full.logits(d, target), reduced.logits(d, target)
-    torch.testing.assert_close(got[..., d2t], expected[..., d2t], rtol=1e-5, atol=1e-5)
-    outside = torch.ones(101, dtype=torch.bool)
-    outside[d2t] = False
-    assert torch.isneginf(got[..., outside]).all()
-    with pytest.raises(ValueError, match="uses the target's vocabulary"):
-        full.init_draft_head(target)
