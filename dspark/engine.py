@@ -243,6 +243,9 @@ class Engine:
             verifier_uniforms = verifier_uniforms[:, gamma:gamma + 1]
             gamma = 0
         else:
+            if proposal.gamma < gamma:  # the drafter stopped early: ℓ_b ≤ its proposal's width
+                verifier_uniforms = _final_kept(verifier_uniforms, proposal.gamma)
+                gamma = proposal.gamma
             num_verify = torch.where(finished, 0, self.scheduler.schedule(proposal, ~finished))
             proposal = replace(proposal, num_tokens=num_verify)
             if not isinstance(self.scheduler, FixedScheduler):  # verify only max ℓ_b + 1 columns
@@ -288,13 +291,18 @@ def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tupl
     """The first ``width`` draft positions of a proposal, and the verifier's uniforms for them:
     position k keeps its own draw and the final (recovered / bonus) token keeps the last one, so a
     request's randomness does not depend on how wide the batch's verification is."""
-    gamma = proposal.gamma
     cut = lambda x: None if x is None else x[:, :width]  # noqa: E731
     narrowed = replace(proposal, tokens=proposal.tokens[:, :width], probs=cut(proposal.probs),
                        confidence=cut(proposal.confidence))
-    if uniforms.shape[1] == 0:  # greedy verification draws nothing
-        return narrowed, uniforms
-    return narrowed, torch.cat([uniforms[:, :width], uniforms[:, gamma:gamma + 1]], 1)
+    return narrowed, _final_kept(uniforms, width)
+
+
+def _final_kept(uniforms: torch.Tensor, width: int) -> torch.Tensor:
+    """The verifier's uniforms ``[B, γ+1]`` for ``width`` draft positions: ``[B, width+1]``, the
+    final token's draw (the last column) kept; greedy verification draws none (``[B, 0]``)."""
+    if uniforms.shape[1] == 0:
+        return uniforms
+    return torch.cat([uniforms[:, :width], uniforms[:, -1:]], 1)
 
 
 class _PhaseClock:

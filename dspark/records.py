@@ -59,6 +59,8 @@ class DraftProposal:
 
     Attributes:
         tokens: ``[B, γ]`` int64 draft tokens ``x_1..x_γ``; entries past ``num_tokens[b]`` are padding.
+            A drafter that stopped early may return fewer columns (``max ℓ_b`` of them; so do the
+            other fields).
         num_tokens: ``[B]`` int64, ``ℓ_b ≤ γ`` drafts that request ``b`` offers (0 for finished requests).
         probs: ``[B, γ, V]`` float draft distributions ``q_k`` the tokens were sampled from, after the
             sampler's processing; ``None`` for deterministic drafters (``q`` is one-hot at ``tokens``).

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import dspark
+from dspark.drafters import register_drafter
+from dspark.drafters.eagle3 import Eagle3Drafter
 from dspark.scheduling import ThroughputProfile, register_scheduler
 from dspark.verifiers import ChainVerifier, register_verifier
 from dspark.records import VerificationResult
@@ -16,7 +18,7 @@ from dspark.records import VerificationResult
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-            "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured",
+            "eagle3_draft_vocab", "eagle3_stop", "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured",
             "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
 # hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
@@ -61,6 +63,8 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
     elif drafter.startswith("eagle3"):  # a randomly initialised EAGLE-3 head (optionally a half-size draft vocabulary)
         section = {"name": "eagle3", "num_speculative_tokens": gamma, "path": None,
                    "draft_vocab_size": target.config.vocab_size // 2 if drafter.endswith("draft_vocab") else 0}
+        if drafter == "eagle3_stop":  # drafting stops per request where the head's survival falls below
+            section["min_survival"] = (2 / target.config.vocab_size) ** 2  # (2/V)²: here after 0 to 7 drafts
     else:
         section = {"name": "draft_model", "num_speculative_tokens": gamma}
         if draft is None:
@@ -181,7 +185,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-                                     "eagle3_draft_vocab", "dspark_threshold", "dspark_scheduled", "dspark_idle",
+                                     "eagle3_draft_vocab", "eagle3_stop", "dspark_threshold", "dspark_scheduled", "dspark_idle",
                                      "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
@@ -221,6 +225,26 @@ class AcceptAlways(ChainVerifier):
         return VerificationResult(num_accepted=proposal.num_tokens.clone(), tokens=tokens)
 
 
+@register_drafter("eagle3_peeking_test")
+class PeekingEagle3(Eagle3Drafter):
+    """Deliberately broken: its confidence is the drafted token's own probability, so whether
+    ``x_k`` is offered (``min_survival``) depends on ``x_k`` — offered drafts are no longer ``q``'s samples."""
+
+    def confidence_at(self, logits, token):
+        return torch.softmax(logits.float(), -1).gather(1, token.unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.slow
+def test_chi_square_detects_a_stop_that_reads_the_draft():
+    params = SETTINGS["temperature_1"]
+    target, _ = tiny_pair()
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {
+        "name": "eagle3_peeking_test", "num_speculative_tokens": 3, "path": None,
+        "min_survival": (2 / VOCAB) ** 2}}, target_model=target, overrides=["engine.max_batch_size=5000"])
+    counts = empirical_joint(pipe, params)
+    assert chi_square_p_value(counts, exact_joint(target, params)) < 1e-3
+
+
 @pytest.mark.slow
 def test_chi_square_detects_a_broken_verifier():
     params = SETTINGS["temperature_1"]
@@ -232,7 +256,7 @@ def test_chi_square_detects_a_broken_verifier():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3", "eagle3_stop"])
 def test_compiled_rounds_match_eager(drafter):
     """engine.compile: the compiled target and drafter forwards give the greedy tokens of plain
     decoding, and the sampled tokens of the eager pipeline with the same seeds."""

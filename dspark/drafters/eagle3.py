@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dspark.cache import StaticKVCache
-from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.drafters.base import Drafter, DrafterConfig, check_min_survival, register_drafter
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
@@ -33,6 +33,11 @@ class Eagle3Config(DrafterConfig):
             (``path: null``; unset: a low, a middle and the last layer, the target's MLP width, the
             target's vocabulary). A checkpoint brings its own: set keys must agree with it, or the
             drafter is refused.
+        min_survival: stop drafting a request once the survival its confidences predict,
+            ``a_k = Π_{i≤k} c_i``, falls below this (``c_k``: the head's top probability at position
+            k, before the sampler's processing); ``x_k`` is then not offered. ``0`` (default) drafts
+            γ every round. ``c_k`` depends on the drafts before ``x_k``, never on ``x_k`` itself, so
+            decoding stays lossless; it saves draft steps and verify width where drafts are doubtful.
     """
 
     name: str = "eagle3"
@@ -42,6 +47,7 @@ class Eagle3Config(DrafterConfig):
     intermediate_size: int | None = None
     draft_vocab_size: int | None = None
     seed: int = 0
+    min_survival: float = 0.0
 
 
 def default_eagle_layers(num_layers: int) -> tuple[int, int, int]:
@@ -75,15 +81,24 @@ class Eagle3Drafter(Drafter):
     per committed position but the anchor, so the last pair's output predicts the first draft.
     After each round it appends the pairs the target kept, from the verify forward's hidden
     states (no extra target pass); draft steps write past the committed length and are never
-    committed. Proposals carry ``q`` when sampling.
+    committed. Proposals carry ``q`` when sampling and, as confidences, the head's top probability
+    at each position (the largest entry of the softmax of its logits: uncalibrated). Not the drafted
+    token's probability: a confidence that depends on ``x_k`` would make the choice to verify
+    ``x_k`` depend on its value, and the accepted tokens would no longer follow the target. With
+    ``min_survival`` a request stops drafting once the product of its confidences falls below it.
     """
 
     config_class = Eagle3Config
+    provides_confidence = True
+    #: with ``min_survival``, draft steps per compiled call between survival checks (a call costs
+    #: 0.1–0.3 ms of overhead on this project's CPU; drafting past a request's stop costs a step)
+    check_every = 2
     #: with ``engine.compile``, append a round's pairs in the next round's draft call (one compiled call)
     fuse_append = True
 
     def __init__(self, config: Eagle3Config, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
+        self.min_survival = check_min_survival(config.min_survival)
 
         def build() -> Eagle3Head:
             torch.manual_seed(config.seed)
@@ -165,20 +180,77 @@ class Eagle3Drafter(Drafter):
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + gamma, cache.max_len)
-        if self._deferred is not None:  # last round's pairs, appended in the same compiled call
-            tokens, q, self.last_output = self._append_and_draft(*self._deferred, uniforms, state.params, kv_len)
+        if self.min_survival > 0:
+            return self._propose_while_likely(state, uniforms, kv_len)
+        tokens, q, p, _ = self._first_steps(gamma, uniforms, state.params, kv_len)
+        return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q, confidence=p)
+
+    def _first_steps(self, stop: int, uniforms: torch.Tensor, params, kv_len: int):
+        """Draft ``x_1..x_stop`` from the last committed pair (appending last round's pairs first, in
+        the same compiled call, when a compiled round left them): :meth:`draft_steps`'s outputs."""
+        if self._deferred is not None:
+            *drafts, self.last_output = self._append_and_draft(*self._deferred, uniforms, params, kv_len, stop)
             self._deferred = None
-        else:
-            tokens, q = self._draft_steps(self.last_output, cache.lengths, uniforms, state.params, kv_len)
-        return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q)
+            return drafts
+        return self._draft_steps(self.last_output, None, self.cache.lengths, uniforms, params, kv_len, 0, stop)
+
+    def _propose_while_likely(self, state: DecodingState, uniforms: torch.Tensor, kv_len: int) -> DraftProposal:
+        """Draft ``check_every`` steps at a time while some request's survival
+        ``a_k = Π_{i≤k} c_i`` stays at or above ``min_survival`` (one host read per chunk); each
+        request offers its drafts up to its last such ``k``. The proposal is as wide as the longest offer."""
+        params, gamma = state.params, self.gamma
+        stop = min(self.check_every, gamma)
+        tokens, q, p, d = self._first_steps(stop, uniforms, params, kv_len)
+        drafts = [(tokens, q, p)]
+        survival = p.double().cumprod(1)  # [B, k]
+        while stop < gamma and bool((survival[:, -1] >= self.min_survival)[~state.done].any()):
+            start, stop = stop, min(stop + self.check_every, gamma)
+            tokens, q, p, d = self._draft_steps(d, tokens[:, -1], self.cache.lengths, uniforms, params, kv_len,
+                                                start, stop)
+            drafts.append((tokens, q, p))
+            survival = torch.cat([survival, survival[:, -1:] * p.double().cumprod(1)], 1)
+        offered = torch.where(state.done, 0, (survival >= self.min_survival).long().cumprod(1).sum(1))  # [B]
+        width = int(offered.max())
+        tokens, q, p = (None if drafts[0][i] is None else torch.cat([x[i] for x in drafts], 1)[:, :width]
+                        for i in range(3))
+        return DraftProposal(tokens=tokens, num_tokens=offered, probs=q, confidence=p)
+
+    def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, lengths: torch.Tensor,
+                    uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int):
+        """Draft ``x_{start+1}..x_stop`` left to right over a pair cache of ``lengths`` ``[B]``: from the
+        last committed pair's output ``d`` ``[B, H]`` when ``start`` is 0, else from the output ``d``
+        that drafted ``previous`` ``[B]`` (= ``x_start``). Returns tokens ``[B, n]``, ``q``
+        ``[B, n, V]`` (``None`` when greedy), the head's top probability at each position ``[B, n]``
+        and the output that drafted the last one ``[B, H]``. One function, so that
+        ``engine.compile`` makes each range one graph (the loop unrolled)."""
+        drafted, probs, confidence = [], [], []
+        for k in range(start, stop):
+            if k:  # the pair (d, x_k): the head's own output is the next feature
+                d = self._pair_step(d.unsqueeze(1), previous.unsqueeze(1), lengths + k - 1, kv_len).squeeze(1)
+            logits = self.head.logits(d, self.target)  # [B, V]
+            if params.greedy:
+                previous = self.sampler.greedy(logits)
+            else:
+                probs.append(self.sampler.probs(logits, params))
+                previous = self.sampler.sample(probs[-1], uniforms[:, k])
+            drafted.append(previous)
+            confidence.append(self.confidence_at(logits, previous))
+        return (torch.stack(drafted, 1), torch.stack(probs, 1) if probs else None, torch.stack(confidence, 1), d)
+
+    def confidence_at(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """``c_k`` ``[B]`` from the head's logits at position k ``[B, V]``: its top probability.
+        ``token`` ``[B]`` is the draft drawn from them; a confidence must not depend on it (a
+        subclass may define its own ``c_k`` from the logits: schedulers and ``min_survival`` decide
+        from it whether ``x_k`` is verified, and that choice may not read ``x_k``)."""
+        return torch.softmax(logits.float(), -1).amax(-1)
 
     def append_and_draft(self, following: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
-                         uniforms: torch.Tensor, params, kv_len: int):
-        """:meth:`append_pairs` then :meth:`draft_steps` from its output, as one function (one compiled
-        call per round instead of two): tokens ``[B, γ]``, ``q`` (or ``None``) and the appended last output ``[B, H]``."""
+                         uniforms: torch.Tensor, params, kv_len: int, stop: int):
+        """:meth:`append_pairs` then :meth:`draft_steps` of ``x_1..x_stop`` from its output, as one
+        function (one compiled call per round instead of two): tokens, ``q``, probabilities, the
+        last drafting output, and the appended last output ``[B, H]``."""
         d = self.append_pairs(following, hidden_states, num_new, kv_len)
-        tokens, q = self.draft_steps(d, self.cache.lengths, uniforms, params, kv_len)
-        return tokens, q, d
+        return (*self.draft_steps(d, None, self.cache.lengths, uniforms, params, kv_len, 0, stop), d)
 
     def flush(self) -> None:
         """Append the pairs a compiled round left for the next draft call (to inspect the pair cache
@@ -187,30 +259,18 @@ class Eagle3Drafter(Drafter):
             self.last_output = self._append_round(*self._deferred, self.cache.max_len)
             self._deferred = None
 
-    def draft_steps(self, d: torch.Tensor, lengths: torch.Tensor, uniforms: torch.Tensor, params,
-                    kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft left to right from the last committed pair's output ``d`` ``[B, H]`` over a pair cache
-        of ``lengths`` ``[B]``: tokens ``[B, γ]`` and ``q`` ``[B, γ, V]`` (``None`` when greedy). One
-        function, so that ``engine.compile`` makes the whole loop one graph."""
-        drafted, probs = [], []
-        for k in range(self.gamma):
-            logits = self.head.logits(d, self.target)  # [B, V]
-            if params.greedy:
-                token = self.sampler.greedy(logits)
-            else:
-                probs.append(self.sampler.probs(logits, params))
-                token = self.sampler.sample(probs[-1], uniforms[:, k])
-            drafted.append(token)
-            if k < self.gamma - 1:  # the pair (d, x_k): the head's own output is the next feature
-                d = self._pair_step(d.unsqueeze(1), token.unsqueeze(1), lengths + k, kv_len).squeeze(1)
-        return torch.stack(drafted, 1), (torch.stack(probs, 1) if probs else None)
-
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
         # one pair per position the target kept: its cache holds every committed token but the anchor
         num_tokens = target_output.hidden_states[0].shape[1]
-        pairs = (self._following_tokens(state, num_tokens), target_output.hidden_states,
-                 (state.lengths - 1) - self.cache.lengths)
+        hidden_states = target_output.hidden_states
+        if self._static_kv and num_tokens < self.gamma + 1:
+            # a narrower verify (a scheduler, or drafting stopped early): compiled appends see one
+            # width per batch size; the padding pairs lie past the committed length, never attended
+            pad = self.gamma + 1 - num_tokens
+            hidden_states = [torch.nn.functional.pad(h, (0, 0, 0, pad)) for h in hidden_states]
+            num_tokens = self.gamma + 1
+        pairs = (self._following_tokens(state, num_tokens), hidden_states, (state.lengths - 1) - self.cache.lengths)
         if self._append_and_draft is not None and self.fuse_append:  # appended by the next propose
             self._deferred = pairs
             return
