@@ -26,13 +26,6 @@ class DrafterConfig:
     num_speculative_tokens: int = 0
 
 
-def check_min_survival(value) -> float:
-    """``drafter.min_survival`` of the autoregressive drafters, checked: a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"drafter.min_survival must be a number in [0, 1] (0 = always draft γ tokens), got {value!r}")
-    return float(value)
-
-
 class Drafter(ABC):
     """Proposes draft tokens; keeps whatever per-request state it needs in step with the target.
 
@@ -114,9 +107,9 @@ class Drafter(ABC):
 
         Returns:
             a :class:`DraftProposal` of width γ, or narrower when every request stopped drafting
-            early (width ``max ℓ_b``: the target then verifies only that many columns). Whether and
-            where to stop may depend on the drafter's own outputs, never on the target's
-            verification of this round: that is what keeps the output distribution exact.
+            early (width ``max ℓ_b``: the target then verifies only that many columns). Whether
+            ``x_k`` is offered may depend on the drafts before it and the drafter's own state, never
+            on ``x_k`` itself nor on the target: that is what keeps the output distribution exact.
         """
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,

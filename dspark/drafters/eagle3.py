@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dspark.cache import StaticKVCache
-from dspark.drafters.base import Drafter, DrafterConfig, check_min_survival, register_drafter
+from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
@@ -48,6 +48,13 @@ class Eagle3Config(DrafterConfig):
     draft_vocab_size: int | None = None
     seed: int = 0
     min_survival: float = 0.0
+
+
+def check_min_survival(value) -> float:
+    """``drafter.min_survival``, checked: a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"drafter.min_survival must be a number in [0, 1] (0 = always draft γ tokens), got {value!r}")
+    return float(value)
 
 
 def default_eagle_layers(num_layers: int) -> tuple[int, int, int]:
