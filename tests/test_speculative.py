@@ -18,8 +18,8 @@ from dspark.records import VerificationResult
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-            "eagle3_draft_vocab", "eagle3_stop", "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured",
-            "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
+            "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "dspark_threshold", "dspark_scheduled",
+            "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
 # hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
 # tests depend on machine speed)
@@ -65,6 +65,8 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
                    "draft_vocab_size": target.config.vocab_size // 2 if drafter.endswith("draft_vocab") else 0}
         if drafter == "eagle3_stop":  # drafting stops per request where the head's survival falls below
             section["min_survival"] = (2 / target.config.vocab_size) ** 2  # (2/V)²: here after 0 to 7 drafts
+        if drafter == "eagle3_scheduled":  # the hardware-aware scheduler over the head's confidences
+            overrides = (*SCHEDULED["dspark_scheduled"], *overrides)
     else:
         section = {"name": "draft_model", "num_speculative_tokens": gamma}
         if draft is None:
@@ -91,7 +93,7 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
 
 @pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in (  # load-aware, or learning from the batch
     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
-    "draft_model_adaptive")])
+    "draft_model_adaptive", "eagle3_scheduled")])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -185,8 +187,9 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-                                     "eagle3_draft_vocab", "eagle3_stop", "dspark_threshold", "dspark_scheduled", "dspark_idle",
-                                     "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"])
+                                     "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "dspark_threshold",
+                                     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
+                                     "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
     params = SETTINGS[setting]
