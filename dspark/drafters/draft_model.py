@@ -128,15 +128,11 @@ class DraftModelDrafter(Drafter):
         whole loop one graph."""
         drafts, probs = [], []
         for k in range(self.gamma):
-            if params.greedy:
-                token = self.sampler.greedy(logits)
-            else:
-                probs.append(self.sampler.probs(logits, params))
-                token = self.sampler.sample(probs[-1], uniforms[:, k])
-            drafts.append(token)
+            token, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
+            drafts.append(token), probs.append(q)
             if k < self.gamma - 1:
                 logits = self.model(token.unsqueeze(1), self.cache, num_new, kv_len=kv_len).logits[:, -1]
-        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)
+        return torch.stack(drafts, 1), (None if params.greedy else torch.stack(probs, 1))
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:

@@ -275,23 +275,17 @@ class DSparkDrafter(Drafter):
         # 2. sequential head: left to right from softmax(U_k + B_k); without a head (DFlash) the
         #    positions are independent given the block and are drafted in one call
         if net.args.head == "none":
-            logits = base_logits[:, :gamma]
-            q = None if params.greedy else self.sampler.probs(logits, params)
-            tokens = self.sampler.greedy(logits) if params.greedy else self.sampler.sample(q, uniforms[:, :gamma])
+            tokens, q = self.sampler.draw(base_logits[:, :gamma], params, uniforms[:, :gamma])
         else:
             previous, head_state, drafted, probs = anchor, None, [], []
             for k in range(gamma):
                 table_row = None if self.bias_table is None else self.bias_table[previous]  # [B, V]
                 bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state,
                                                  self.projection_t, table_row)
-                logits = base_logits[:, k] + bias
-                if params.greedy:
-                    previous = self.sampler.greedy(logits)
-                else:
-                    probs.append(self.sampler.probs(logits, params))
-                    previous = self.sampler.sample(probs[-1], uniforms[:, k])
-                drafted.append(previous)
-            tokens, q = torch.stack(drafted, 1), (torch.stack(probs, 1) if probs else None)
+                previous, q = self.sampler.draw(base_logits[:, k] + bias, params,
+                                                None if params.greedy else uniforms[:, k])
+                drafted.append(previous), probs.append(q)
+            tokens, q = torch.stack(drafted, 1), (None if params.greedy else torch.stack(probs, 1))
         # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
         confidence = net.confidence_of(hidden[:, :gamma], net.token_embedding(previous))

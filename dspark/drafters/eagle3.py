@@ -235,14 +235,10 @@ class Eagle3Drafter(Drafter):
             if k:  # the pair (d, x_k): the head's own output is the next feature
                 d = self._pair_step(d.unsqueeze(1), previous.unsqueeze(1), lengths + k - 1, kv_len).squeeze(1)
             logits = self.head.logits(d, self.target)  # [B, V]
-            if params.greedy:
-                previous = self.sampler.greedy(logits)
-            else:
-                probs.append(self.sampler.probs(logits, params))
-                previous = self.sampler.sample(probs[-1], uniforms[:, k])
-            drafted.append(previous)
-            confidence.append(self.confidence_at(logits, previous))
-        return (torch.stack(drafted, 1), torch.stack(probs, 1) if probs else None, torch.stack(confidence, 1), d)
+            previous, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
+            drafted.append(previous), probs.append(q), confidence.append(self.confidence_at(logits, previous))
+        q = None if params.greedy else torch.stack(probs, 1)
+        return torch.stack(drafted, 1), q, torch.stack(confidence, 1), d
 
     def confidence_at(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """``c_k`` ``[B]`` from the head's logits at position k ``[B, V]``: its top probability.

@@ -64,6 +64,16 @@ class Sampler(ABC):
         """Draw one token per row of ``probs`` ``[..., V]`` with ``uniforms`` ``[...]`` in ``[0, 1)``."""
         return sample_from(probs, uniforms)
 
+    def draw(self, logits: torch.Tensor, params: SamplingParams,
+             uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A drafter's token per row of ``logits`` ``[..., V]``: the argmax when greedy (``q`` is then
+        one-hot and returned as ``None``; ``uniforms`` is not read), else a draw with ``uniforms``
+        ``[...]`` from ``q`` = :meth:`probs`. Returns ``(tokens [...], q [..., V] or None)``."""
+        if params.greedy:
+            return self.greedy(logits), None
+        q = self.probs(logits, params)
+        return self.sample(q, uniforms), q
+
 
 SAMPLERS: Registry = Registry("sampler", Sampler)
 register_sampler = SAMPLERS.register

@@ -103,3 +103,16 @@ def test_sampling_params_validation_messages():
         SamplingParams(temperature=float("nan")).validate()
     with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
         SamplingParams(top_k=True).validate()
+
+
+def test_draw_is_the_argmax_when_greedy_and_a_draw_from_the_processed_q_otherwise():
+    """``Sampler.draw``, the drafters' step: greedy → argmax and no ``q``; sampling → the token
+    ``sample(q, u)`` and that ``q``, with the sampler's processing applied."""
+    sampler = DefaultSampler()
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    tokens, q = sampler.draw(logits, SamplingParams(0.0), None)
+    assert tokens.tolist() == [1, 0] and q is None
+    params, uniforms = SamplingParams(0.7, top_k=2), torch.tensor([0.99, 0.01], dtype=torch.float64)
+    tokens, q = sampler.draw(logits, params, uniforms)
+    torch.testing.assert_close(q, sampler.probs(logits, params), rtol=0, atol=0)
+    assert tokens.tolist() == sample_from(q, uniforms).tolist() == [2, 0]
