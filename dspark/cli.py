@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     cal = sub.add_parser("calibrate", help="fit the confidence temperatures (Sequential Temperature Scaling)")
-    cal.add_argument("--config", default="dspark", help="a pipeline config with the dspark drafter")
+    cal.add_argument("--config", default="dspark", help="a pipeline config whose drafter carries confidences (dspark, eagle3)")
     cal.add_argument("--prompts", default="calibration", help="a shipped prompt set or a JSONL file of prompts")
     cal.add_argument("--num-prompts", type=int, default=120)
     cal.add_argument("--max-new-tokens", type=int, default=128)

@@ -12,6 +12,7 @@ import torch
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.models.compiled import compile_forward
@@ -56,22 +57,6 @@ class DSparkConfig(DrafterConfig):
     seed: int = 0
     calibration: str | None = "auto"
     bias_table_mib: float = 128.0
-
-
-CALIBRATION_FILE = "calibration.json"
-
-
-def load_calibration(path, gamma: int) -> torch.Tensor:
-    """The temperatures ``[γ]`` of a calibration file (JSON ``{"temperatures": [...]}``), checked."""
-    import json
-
-    try:
-        temperatures = json.loads(Path(path).read_text())["temperatures"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read confidence temperatures from {str(path)!r}: {err}") from err
-    if len(temperatures) != gamma or not all(isinstance(t, (int, float)) and t > 0 for t in temperatures):
-        raise ValueError(f"{path}: expected {gamma} positive temperatures (one per block position), got {temperatures}")
-    return torch.tensor(temperatures, dtype=torch.float64)
 
 
 def default_target_layers(num_layers: int) -> tuple[int, ...]:
@@ -149,7 +134,8 @@ class DSparkDrafter(Drafter):
         elif hasattr(self.net, "bias_projection"):
             self.projection_t = self.net.bias_projection.weight.t().contiguous()  # [r, V]
         self.cache: StaticKVCache | None = None
-        self.temperatures = self._calibration(config, draft_model)  # [block] or None
+        self.temperatures = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
+                                             self.gamma, target.device)  # [γ] or None
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
         self._deferred: tuple | None = None  # (hidden states, num_new) of the last drafted round, not yet appended
@@ -170,22 +156,6 @@ class DSparkDrafter(Drafter):
         self._append_and_draft = None  # the graphed block forward reads the appended cache
         self._static_kv = True
         self._copy_hidden = True  # the graphed target forward overwrites its hidden states next round
-
-    def _calibration(self, config: DSparkConfig, draft_model) -> torch.Tensor | None:
-        """The confidence temperatures this drafter applies (see ``DSparkConfig.calibration``)."""
-        from dspark.models.loading import resolve_checkpoint
-
-        source = config.calibration
-        if source is None:
-            return None
-        if source == "auto":
-            checkpoint = draft_model if isinstance(draft_model, (str, Path)) else config.path
-            if checkpoint is None or isinstance(draft_model, BlockDrafter):
-                return None
-            source = Path(resolve_checkpoint(checkpoint)) / CALIBRATION_FILE
-            if not source.is_file():
-                return None
-        return load_calibration(source, self.net.args.gamma).to(self.target.device)
 
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma

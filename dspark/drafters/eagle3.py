@@ -11,12 +11,14 @@ import torch
 
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.models.compiled import compile_forward
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+from dspark.scheduling.calibration import apply_temperatures
 
 CHECKPOINT_KEY = "eagle3"  # config.json key of the architecture
 
@@ -38,6 +40,11 @@ class Eagle3Config(DrafterConfig):
             k, before the sampler's processing); ``x_k`` is then not offered. ``0`` (default) drafts
             γ every round. ``c_k`` depends on the drafts before ``x_k``, never on ``x_k`` itself, so
             decoding stays lossless; it saves draft steps and verify width where drafts are doubtful.
+            With a calibration the survival is the calibrated one.
+        calibration: per-position temperatures for the confidences (Sequential Temperature Scaling,
+            written by ``dspark calibrate --config eagle3``): ``auto`` reads ``calibration.json``
+            beside the checkpoint when there is one, a path reads that file (at least γ
+            temperatures; the first γ are used), ``null`` keeps the raw top probabilities.
     """
 
     name: str = "eagle3"
@@ -48,6 +55,7 @@ class Eagle3Config(DrafterConfig):
     draft_vocab_size: int | None = None
     seed: int = 0
     min_survival: float = 0.0
+    calibration: str | None = "auto"
 
 
 def check_min_survival(value) -> float:
@@ -89,7 +97,8 @@ class Eagle3Drafter(Drafter):
     After each round it appends the pairs the target kept, from the verify forward's hidden
     states (no extra target pass); draft steps write past the committed length and are never
     committed. Proposals carry ``q`` when sampling and, as confidences, the head's top probability
-    at each position (the largest entry of the softmax of its logits: uncalibrated). Not the drafted
+    at each position (the largest entry of the softmax of its logits), temperature-scaled per
+    position when a calibration is found (``dspark calibrate``). Not the drafted
     token's probability: a confidence that depends on ``x_k`` would make the choice to verify
     ``x_k`` depend on its value, and the accepted tokens would no longer follow the target. With
     ``min_survival`` a request stops drafting once the product of its confidences falls below it.
@@ -119,6 +128,8 @@ class Eagle3Drafter(Drafter):
         head = drafter_network("eagle3", Eagle3Head, load_eagle3, build, target=target, draft_model=draft_model,
                                path=config.path, requested=requested)
         self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
+        self.temperatures = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
+                                             self.gamma, target.device)  # [γ] or None
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
@@ -227,9 +238,9 @@ class Eagle3Drafter(Drafter):
         """Draft ``x_{start+1}..x_stop`` left to right over a pair cache of ``lengths`` ``[B]``: from the
         last committed pair's output ``d`` ``[B, H]`` when ``start`` is 0, else from the output ``d``
         that drafted ``previous`` ``[B]`` (= ``x_start``). Returns tokens ``[B, n]``, ``q``
-        ``[B, n, V]`` (``None`` when greedy), the head's top probability at each position ``[B, n]``
-        and the output that drafted the last one ``[B, H]``. One function, so that
-        ``engine.compile`` makes each range one graph (the loop unrolled)."""
+        ``[B, n, V]`` (``None`` when greedy), each position's confidence ``[B, n]`` (calibrated
+        when a calibration was found) and the output that drafted the last one ``[B, H]``. One
+        function, so that ``engine.compile`` makes each range one graph (the loop unrolled)."""
         drafted, probs, confidence = [], [], []
         for k in range(start, stop):
             if k:  # the pair (d, x_k): the head's own output is the next feature
@@ -237,8 +248,10 @@ class Eagle3Drafter(Drafter):
             logits = self.head.logits(d, self.target)  # [B, V]
             previous, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
             drafted.append(previous), probs.append(q), confidence.append(self.confidence_at(logits, previous))
-        q = None if params.greedy else torch.stack(probs, 1)
-        return torch.stack(drafted, 1), q, torch.stack(confidence, 1), d
+        q, confidence = (None if params.greedy else torch.stack(probs, 1)), torch.stack(confidence, 1)
+        if self.temperatures is not None:  # calibrated: σ(logit(c_k) / T_k)
+            confidence = apply_temperatures(confidence, self.temperatures[start:stop]).to(confidence.dtype)
+        return torch.stack(drafted, 1), q, confidence, d
 
     def confidence_at(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """``c_k`` ``[B]`` from the head's logits at position k ``[B, V]``: its top probability.

@@ -24,7 +24,7 @@ class RoundRecorder:
 
     def __call__(self, proposal, result, active) -> None:
         if proposal.confidence is None:
-            raise ValueError("calibration needs a drafter that returns confidences (the dspark drafter)")
+            raise ValueError("calibration needs a drafter whose proposals carry confidences (dspark, eagle3)")
         self.confidence.append(proposal.confidence[active].double().cpu())
         self.verified.append(proposal.num_tokens[active].cpu())
         self.accepted.append(result.num_accepted[active].cpu())
@@ -40,31 +40,44 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     """Record, fit STS on the first half of the request-rounds, evaluate on the second half, save.
 
     Returns the report (temperatures, per-position metrics before and after, where it was saved)."""
+    from dataclasses import fields
+
+    from tqdm.auto import tqdm
+
     from dspark.bench.runner import load_prompts
     from dspark.config import load_config
     from dspark.drafters import DRAFTERS
-    from dspark.drafters.dspark import CALIBRATION_FILE, DSparkDrafter
+    from dspark.drafters.calibrated import CALIBRATION_FILE
     from dspark.models.loading import resolve_checkpoint
     from dspark.pipeline import build_pipeline
     from dspark.scheduling.calibration import calibration_report, fit_sts
 
     cfg = load_config(config, overrides)
-    if not issubclass(DRAFTERS.resolve(cfg.drafter.name, cfg.drafter.get("_target_")), DSparkDrafter):
-        raise ValueError(f"dspark calibrate needs the dspark drafter (it has a confidence head), got {cfg.drafter.name!r}")
-    # every draft verified, raw confidences: what is being calibrated
-    pipe = build_pipeline(config, overrides=[*overrides, "scheduler.name=fixed", "drafter.calibration=null"])
+    drafter_class = DRAFTERS.resolve(cfg.drafter.name, cfg.drafter.get("_target_"))
+    keys = {f.name for f in fields(drafter_class.config_class)}
+    if not drafter_class.provides_confidence or "calibration" not in keys:
+        raise ValueError("dspark calibrate needs a drafter whose proposals carry confidences and that applies a "
+                         f"calibration (dspark, eagle3), got {cfg.drafter.name!r}")
+    if output is None and cfg.drafter.get("path") is None:
+        raise ValueError("a drafter built in memory (drafter.path: null) has no checkpoint directory to write "
+                         "calibration.json beside: name the file with output= (--output)")
+    # every draft verified (γ every round), raw confidences: what is being calibrated
+    fixed = ["scheduler.name=fixed", "drafter.calibration=null"]
+    if "min_survival" in keys:
+        fixed.append("drafter.min_survival=0")
+    pipe = build_pipeline(config, overrides=[*overrides, *fixed])
     recorder = RoundRecorder()
     pipe.engine.round_hooks.append(recorder)
     texts = load_prompts(prompts, pipe.tokenizer, num_prompts)
-    for start in range(0, len(texts), batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), desc="calibrate", unit="batch"):
         pipe.generate(texts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed + start, ignore_eos=True)
     confidence, accepted, verified = recorder.tensors()
     half = confidence.shape[0] // 2
     temperatures = fit_sts(confidence[:half], accepted[:half], verified[:half])
     held_out = (confidence[half:], accepted[half:], verified[half:])
-    report = {"temperatures": temperatures.tolist(), "request_rounds": int(confidence.shape[0]),
-              "fit_rounds": half, "prompts": prompts, "temperature": temperature,
+    report = {"temperatures": temperatures.tolist(), "drafter": cfg.drafter.name,
+              "request_rounds": int(confidence.shape[0]), "fit_rounds": half, "prompts": prompts, "temperature": temperature,
               "before": calibration_report(*held_out), "after": calibration_report(*held_out, temperatures)}
     if output is None:
         output = str(Path(resolve_checkpoint(pipe.config.drafter.path)) / CALIBRATION_FILE)
