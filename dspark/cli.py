@@ -82,15 +82,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     from dspark.scheduling.recipes import calibrate
 
     report = calibrate(args.config, args.overrides, prompts=args.prompts, num_prompts=args.num_prompts,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, output=args.output,
-                       plot=args.plot)
-    print("| position | events | ECE before | ECE after | Brier before | Brier after | AUROC | temperature |")
-    print("|---|---|---|---|---|---|---|---|")
-    for before, after, t in zip(report["before"], report["after"], report["temperatures"]):
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, method=args.method,
+                       output=args.output, plot=args.plot)
+    print("| position | events | ECE before | ECE after | Brier before | Brier after | AUROC | temperature | shift |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for before, after, t, b in zip(report["before"], report["after"], report["temperatures"], report["biases"]):
         print(f"| {before['position']} | {before['events']} | {before['ece']:.4f} | {after['ece']:.4f} | "
-              f"{before['brier']:.4f} | {after['brier']:.4f} | {after['auroc']:.3f} | {t:.3f} |")
-    print(f"[dspark] {report['request_rounds']} request-rounds; temperatures saved to {report['saved_to']}",
-          file=sys.stderr)
+              f"{before['brier']:.4f} | {after['brier']:.4f} | {after['auroc']:.3f} | {t:.3f} | {b:.3f} |")
+    print(f"[dspark] {report['request_rounds']} request-rounds; {report['method']} {report['map']} map saved to "
+          f"{report['saved_to']}", file=sys.stderr)
     return 0
 
 
@@ -144,12 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="e.g. repeats=5 batch_sizes=[1,4]")
     bench.set_defaults(func=_bench)
 
-    cal = sub.add_parser("calibrate", help="fit the confidence temperatures (Sequential Temperature Scaling)")
-    cal.add_argument("--config", default="dspark", help="a pipeline config whose drafter carries confidences (dspark, eagle3)")
+    cal = sub.add_parser("calibrate",
+                         help="fit the per-position confidence maps (Sequential Temperature or Platt scaling)")
+    cal.add_argument("--config", default="dspark",
+                     help="a pipeline config whose drafter carries confidences (dspark, eagle3)")
     cal.add_argument("--prompts", default="calibration", help="a shipped prompt set or a JSONL file of prompts")
     cal.add_argument("--num-prompts", type=int, default=120)
     cal.add_argument("--max-new-tokens", type=int, default=128)
-    cal.add_argument("--temperature", type=float, default=1.0, help="sampling temperature while recording")
+    cal.add_argument("--temperature", type=float, default=1.0,
+                     help="sampling temperature while recording (0: fit the greedy map, else the sampling map)")
+    cal.add_argument("--method", choices=("sts", "platt"), default=None,
+                     help="sts: a temperature per position; platt: a temperature and a shift (default: the drafter's)")
     cal.add_argument("--output", default=None, help="calibration.json path (default: beside the drafter checkpoint)")
     cal.add_argument("--plot", default=None, help="reliability diagrams (PNG)")
     cal.add_argument("overrides", nargs="*")

@@ -45,6 +45,10 @@ class Drafter(ABC):
     hidden_layers: tuple[int, ...] = ()
     #: whether proposals carry ``confidence`` (needed by the ``threshold`` and ``dspark`` schedulers)
     provides_confidence: bool = False
+    #: how ``dspark calibrate`` fits the confidences by default: ``sts`` (a temperature per position,
+    #: for confidences trained to predict acceptance) or ``platt`` (a temperature and a shift, for
+    #: confidences that rank well but sit on the wrong side of one half, such as a top probability)
+    calibration_method: str = "sts"
 
     def __init__(self, config: DrafterConfig, *, target, sampler, draft_model=None):
         gamma = config.num_speculative_tokens

@@ -1,37 +1,94 @@
-"""Per-position confidence temperatures that a drafter applies to its confidences (Sequential
-Temperature Scaling, fitted by ``dspark calibrate``: :mod:`dspark.scheduling.recipes`), read from
-``calibration.json`` beside the drafter's checkpoint or from a file the config names."""
+"""Per-position maps that a drafter applies to its confidences, ``c_k ← σ(logit(c_k) / T_k + b_k)``
+(Sequential Temperature Scaling, ``b = 0``, or sequential Platt scaling: fitted by ``dspark
+calibrate``, :mod:`dspark.scheduling.recipes`), read from ``calibration.json`` beside the drafter's
+checkpoint or from a file the config names.
+
+File layout: ``{"temperatures": [...], "biases": [...], "greedy": {"temperatures": [...],
+"biases": [...]}}``. The top-level map applies when sampling; the ``greedy`` one at temperature 0,
+where acceptance is a different event (the draft equals the target's argmax) — without it the
+top-level map applies to both; without a top-level map sampled confidences stay raw. ``biases``
+may be left out (STS).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dspark.scheduling.calibration import apply_temperatures
+
 CALIBRATION_FILE = "calibration.json"
+Map = tuple[torch.Tensor, torch.Tensor]  # (temperatures [γ], biases [γ]) float64
 
 
-def load_calibration(path, positions: int) -> torch.Tensor:
-    """The first ``positions`` temperatures ``[positions]`` (float64) of a calibration file (JSON
-    ``{"temperatures": [...]}``, one per draft position), checked: at least ``positions`` of them,
-    all positive."""
-    try:
-        temperatures = json.loads(Path(path).read_text())["temperatures"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read confidence temperatures from {str(path)!r}: {err}") from err
+@dataclass
+class Calibration:
+    """The maps of one calibration file, each ``(temperatures [γ], biases [γ])`` or ``None`` (raw).
+
+    Attributes:
+        sampled: applied when sampling (temperature > 0).
+        greedy: applied at temperature 0.
+    """
+
+    sampled: Map | None
+    greedy: Map | None
+
+    def apply(self, confidence: torch.Tensor, start: int, stop: int, greedy: bool) -> torch.Tensor:
+        """Calibrated confidences of positions ``start+1..stop`` ``[B, stop − start]`` (same dtype)."""
+        chosen = self.greedy if greedy else self.sampled
+        if chosen is None:
+            return confidence
+        temperatures, biases = chosen
+        return apply_temperatures(confidence, temperatures[start:stop], biases[start:stop]).to(confidence.dtype)
+
+    def to(self, device) -> "Calibration":
+        move = lambda m: None if m is None else (m[0].to(device), m[1].to(device))  # noqa: E731
+        sampled = move(self.sampled)
+        return Calibration(sampled, sampled if self.greedy is self.sampled else move(self.greedy))
+
+
+def _read_map(entry, path, positions: int, where: str) -> Map:
+    temperatures, biases = entry.get("temperatures"), entry.get("biases")
+    number = lambda t: isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)  # noqa: E731
     if not isinstance(temperatures, list) or len(temperatures) < positions or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temperatures):
-        raise ValueError(f"{path}: expected at least {positions} positive temperatures (one per draft position), "
-                         f"got {temperatures}")
-    return torch.tensor(temperatures[:positions], dtype=torch.float64)
+            number(t) and t > 0 for t in temperatures):
+        raise ValueError(f"{path}: expected at least {positions} positive temperatures (one per draft position) "
+                         f"{where}, got {temperatures}")
+    if biases is None:
+        biases = [0.0] * len(temperatures)
+    if not isinstance(biases, list) or len(biases) != len(temperatures) or not all(number(b) for b in biases):
+        raise ValueError(f"{path}: expected {len(temperatures)} finite biases (one per temperature) {where}, "
+                         f"got {biases}")
+    return (torch.tensor(temperatures[:positions], dtype=torch.float64),
+            torch.tensor(biases[:positions], dtype=torch.float64))
 
 
-def find_calibration(source: str | None, checkpoint, positions: int, device=None) -> torch.Tensor | None:
-    """The temperatures ``[positions]`` a drafter's ``calibration`` key asks for, on ``device``:
-    ``None`` keeps the raw confidences; ``"auto"`` reads ``calibration.json`` beside ``checkpoint``
-    (a directory or embedded name; a network passed in memory has none) when there is one; any
-    other string is a file to read."""
+def load_calibration(path, positions: int) -> Calibration:
+    """The maps of a calibration file for the first ``positions`` draft positions, checked: at
+    least ``positions`` positive temperatures per map, as many finite biases (if given)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read confidence temperatures from {str(path)!r}: {err}") from err
+    greedy = data.get("greedy") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or ("temperatures" not in data and not isinstance(greedy, dict)):
+        raise ValueError(f"cannot read confidence temperatures from {str(path)!r}: no 'temperatures' "
+                         "(and no 'greedy' entry with them)")
+    sampled = _read_map(data, path, positions, "") if "temperatures" in data else None
+    if greedy is not None and not isinstance(greedy, dict):
+        raise ValueError(f"{path}: 'greedy' must be an object with 'temperatures' (and 'biases'), got {greedy!r}")
+    return Calibration(sampled, _read_map(greedy, path, positions, "in 'greedy'") if greedy is not None else sampled)
+
+
+def find_calibration(source: str | None, checkpoint, positions: int, device=None) -> Calibration | None:
+    """The calibration a drafter's ``calibration`` key asks for, on ``device``: ``None`` keeps the
+    raw confidences; ``"auto"`` reads ``calibration.json`` beside ``checkpoint`` (a directory or
+    embedded name; a network passed in memory has none) when there is one; any other string is a
+    file to read."""
     from dspark.models.loading import resolve_checkpoint
 
     if source is None:

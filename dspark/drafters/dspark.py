@@ -19,7 +19,6 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
-from dspark.scheduling.calibration import apply_temperatures
 
 CHECKPOINT_KEY = "block_drafter"  # config.json key of the architecture
 
@@ -36,9 +35,10 @@ class DSparkConfig(DrafterConfig):
             drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target
             layer, rank 128, the target's MLP width). A checkpoint brings its own: set keys must
             agree with it, or the drafter is refused.
-        calibration: per-position confidence temperatures (Sequential Temperature Scaling, written
-            by ``dspark calibrate``): ``auto`` reads ``calibration.json`` beside the checkpoint when
-            there is one, a path reads that file, ``null`` keeps the raw confidences.
+        calibration: per-position maps of the confidences, ``σ(logit(c_k) / T_k + b_k)`` (fitted
+            by ``dspark calibrate``; one for sampling, optionally one for greedy decoding: see
+            :mod:`dspark.drafters.calibrated`): ``auto`` reads ``calibration.json`` beside the
+            checkpoint when there is one, a path reads that file, ``null`` keeps the raw confidences.
         bias_table_mib: with a ``markov`` or ``gated_markov`` head, precompute the bias of every
             previous token (``W2·W1[x]`` for all ``x``: ``V × V`` entries) when it takes at most this
             many MiB, so that each left-to-right step reads one row instead of a ``[r] × [r, V]``
@@ -134,8 +134,8 @@ class DSparkDrafter(Drafter):
         elif hasattr(self.net, "bias_projection"):
             self.projection_t = self.net.bias_projection.weight.t().contiguous()  # [r, V]
         self.cache: StaticKVCache | None = None
-        self.temperatures = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
-                                             self.gamma, target.device)  # [γ] or None
+        self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
+                                            self.gamma, target.device)
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
         self._deferred: tuple | None = None  # (hidden states, num_new) of the last drafted round, not yet appended
@@ -259,8 +259,8 @@ class DSparkDrafter(Drafter):
         # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
         confidence = net.confidence_of(hidden[:, :gamma], net.token_embedding(previous))
-        if self.temperatures is not None:  # calibrated: σ(logit(c_k) / T_k)
-            confidence = apply_temperatures(confidence, self.temperatures[:gamma]).to(confidence.dtype)
+        if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
+            confidence = self.calibration.apply(confidence, 0, gamma, params.greedy)
         return tokens, q, confidence
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,

@@ -18,7 +18,6 @@ from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.models.compiled import compile_forward
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
-from dspark.scheduling.calibration import apply_temperatures
 
 CHECKPOINT_KEY = "eagle3"  # config.json key of the architecture
 
@@ -41,10 +40,11 @@ class Eagle3Config(DrafterConfig):
             γ every round. ``c_k`` depends on the drafts before ``x_k``, never on ``x_k`` itself, so
             decoding stays lossless; it saves draft steps and verify width where drafts are doubtful.
             With a calibration the survival is the calibrated one.
-        calibration: per-position temperatures for the confidences (Sequential Temperature Scaling,
-            written by ``dspark calibrate --config eagle3``): ``auto`` reads ``calibration.json``
-            beside the checkpoint when there is one, a path reads that file (at least γ
-            temperatures; the first γ are used), ``null`` keeps the raw top probabilities.
+        calibration: per-position maps of the confidences, ``σ(logit(c_k) / T_k + b_k)`` (fitted
+            by ``dspark calibrate --config eagle3``; one for sampling, one for greedy decoding: see
+            :mod:`dspark.drafters.calibrated`): ``auto`` reads ``calibration.json`` beside the
+            checkpoint when there is one, a path reads that file (at least γ positions; the first γ
+            are used), ``null`` keeps the raw top probabilities.
     """
 
     name: str = "eagle3"
@@ -97,8 +97,8 @@ class Eagle3Drafter(Drafter):
     After each round it appends the pairs the target kept, from the verify forward's hidden
     states (no extra target pass); draft steps write past the committed length and are never
     committed. Proposals carry ``q`` when sampling and, as confidences, the head's top probability
-    at each position (the largest entry of the softmax of its logits), temperature-scaled per
-    position when a calibration is found (``dspark calibrate``). Not the drafted
+    at each position (the largest entry of the softmax of its logits), mapped per position when a
+    calibration is found (``dspark calibrate``). Not the drafted
     token's probability: a confidence that depends on ``x_k`` would make the choice to verify
     ``x_k`` depend on its value, and the accepted tokens would no longer follow the target. With
     ``min_survival`` a request stops drafting once the product of its confidences falls below it.
@@ -106,6 +106,7 @@ class Eagle3Drafter(Drafter):
 
     config_class = Eagle3Config
     provides_confidence = True
+    calibration_method = "platt"  # top probabilities sit mostly below ½ where greedy drafts are accepted
     #: with ``min_survival``, draft steps per compiled call between survival checks (a call costs
     #: 0.1–0.3 ms of overhead on this project's CPU; drafting past a request's stop costs a step)
     check_every = 2
@@ -128,8 +129,8 @@ class Eagle3Drafter(Drafter):
         head = drafter_network("eagle3", Eagle3Head, load_eagle3, build, target=target, draft_model=draft_model,
                                path=config.path, requested=requested)
         self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
-        self.temperatures = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
-                                             self.gamma, target.device)  # [γ] or None
+        self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
+                                            self.gamma, target.device)
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
@@ -249,8 +250,8 @@ class Eagle3Drafter(Drafter):
             previous, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
             drafted.append(previous), probs.append(q), confidence.append(self.confidence_at(logits, previous))
         q, confidence = (None if params.greedy else torch.stack(probs, 1)), torch.stack(confidence, 1)
-        if self.temperatures is not None:  # calibrated: σ(logit(c_k) / T_k)
-            confidence = apply_temperatures(confidence, self.temperatures[start:stop]).to(confidence.dtype)
+        if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
+            confidence = self.calibration.apply(confidence, start, stop, params.greedy)
         return torch.stack(drafted, 1), q, confidence, d
 
     def confidence_at(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:

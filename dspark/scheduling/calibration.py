@@ -1,5 +1,5 @@
-"""Calibrating the confidence head: Sequential Temperature Scaling (STS) and the metrics it is
-judged by (DSpark, §3.2.1).
+"""Calibrating a drafter's confidences: Sequential Temperature Scaling (STS, DSpark §3.2.1),
+sequential Platt scaling, and the metrics they are judged by.
 
 The scheduler needs the *absolute* survival ``a_k = Π_{i≤k} c_i`` (the probability that drafts
 1..k are all accepted), not just a ranking, and neural confidences are over-confident. STS fits
@@ -7,6 +7,12 @@ one temperature per position, left to right: ``c_k ← σ(logit(c_k) / T_k)``, w
 a 1-D grid search minimising the expected calibration error of ``a_k`` against the event "drafts
 1..k all accepted", the temperatures of earlier positions held fixed. Temperature scaling is
 monotone, so the ranking (AUROC) of each position's confidence is unchanged.
+
+STS fixes ``c = ½`` in place, so it cannot move confidences that sit on the wrong side of one half
+— an EAGLE-3 head's top probability is mostly below ½ where its greedy drafts are accepted 60–90%
+of the time. Sequential Platt scaling adds a shift per position, ``c_k ← σ(logit(c_k) / T_k + b_k)``
+(still monotone: AUROC unchanged), fitted left to right by maximum likelihood of the survival
+event ``a_k = a_{k−1} · c_k`` (L-BFGS over ``(log 1/T_k, b_k)``, earlier positions held fixed).
 
 Data: per request-round, the confidences ``c`` ``[N, γ]`` and the number of drafts accepted
 ``n`` ``[N]`` out of ``verified`` ``[N]``. Survival event k is observed when ``verified ≥ k``
@@ -18,10 +24,13 @@ from __future__ import annotations
 import torch
 
 
-def apply_temperatures(confidence: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """``σ(logit(c_k) / T_k)`` for ``c`` ``[..., γ]`` and ``T`` ``[γ]`` (float64)."""
+def apply_temperatures(confidence: torch.Tensor, temperatures: torch.Tensor,
+                       biases: torch.Tensor | None = None) -> torch.Tensor:
+    """``σ(logit(c_k) / T_k + b_k)`` for ``c`` ``[..., γ]``, ``T`` and ``b`` ``[γ]`` (``b`` = 0 when
+    ``None``: STS), float64."""
     c = confidence.double().clamp(1e-12, 1 - 1e-12)
-    return torch.sigmoid(torch.logit(c) / temperatures.double())
+    z = torch.logit(c) / temperatures.double()
+    return torch.sigmoid(z if biases is None else z + biases.double())
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -68,6 +77,13 @@ def survival_events(accepted: torch.Tensor, verified: torch.Tensor, gamma: int):
     return observed, labels
 
 
+def _check_confidence(confidence: torch.Tensor) -> None:
+    if confidence.dim() != 2:
+        raise ValueError(f"confidence must be [N, γ], got shape {tuple(confidence.shape)}")
+    if ((confidence < 0) | (confidence > 1)).any():
+        raise ValueError("confidences must lie in [0, 1]")
+
+
 def fit_sts(confidence: torch.Tensor, accepted: torch.Tensor, verified: torch.Tensor, *,
             grid: torch.Tensor | None = None, bins: int = 15) -> torch.Tensor:
     """Sequential Temperature Scaling: temperatures ``[γ]``, position by position.
@@ -76,10 +92,7 @@ def fit_sts(confidence: torch.Tensor, accepted: torch.Tensor, verified: torch.Te
         confidence: ``[N, γ]`` raw ``c_k`` per request-round; accepted: ``[N]`` drafts accepted;
         verified: ``[N]`` drafts verified. grid: candidate temperatures (default 0.25 … 8, log-spaced).
     """
-    if confidence.dim() != 2:
-        raise ValueError(f"confidence must be [N, γ], got shape {tuple(confidence.shape)}")
-    if ((confidence < 0) | (confidence > 1)).any():
-        raise ValueError("confidences must lie in [0, 1]")
+    _check_confidence(confidence)
     gamma = confidence.shape[1]
     grid = grid if grid is not None else torch.logspace(-2, 3, 101, base=2.0, dtype=torch.float64)
     observed, labels = survival_events(accepted, verified, gamma)
@@ -98,12 +111,54 @@ def fit_sts(confidence: torch.Tensor, accepted: torch.Tensor, verified: torch.Te
     return temperatures
 
 
-def calibration_report(confidence: torch.Tensor, accepted: torch.Tensor, verified: torch.Tensor,
-                       temperatures: torch.Tensor | None = None, bins: int = 15) -> list[dict]:
-    """Per position k: ECE and Brier of the survival ``a_k``, and AUROC of ``c_k`` on its
-    conditional event (draft k accepted given 1..k−1 were), with ``temperatures`` applied if given."""
+def fit_platt(confidence: torch.Tensor, accepted: torch.Tensor, verified: torch.Tensor, *,
+              max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential Platt scaling: temperatures ``[γ]`` and shifts ``[γ]``, position by position, each
+    maximising the likelihood of the observed survival events ``a_k = a_{k−1} · σ(logit(c_k)/T_k + b_k)``
+    given the calibrated ``a_{k−1}`` (with a small ridge on ``log 1/T_k`` and ``b_k``, so that the
+    fit stays finite where every event has one outcome). A position with no observed event keeps
+    ``T = 1, b = 0``.
+
+    Args:
+        confidence, accepted, verified: as for :func:`fit_sts`. max_iter: L-BFGS iterations per position.
+    """
+    _check_confidence(confidence)
     gamma = confidence.shape[1]
-    c = apply_temperatures(confidence, temperatures) if temperatures is not None else confidence.double()
+    observed, labels = survival_events(accepted, verified, gamma)
+    z = torch.logit(confidence.double().clamp(1e-12, 1 - 1e-12))  # [N, γ]
+    temperatures, biases = torch.ones(gamma, dtype=torch.float64), torch.zeros(gamma, dtype=torch.float64)
+    prefix = torch.ones(confidence.shape[0], dtype=torch.float64)  # calibrated a_{k-1}
+    eps, ridge = 1e-12, 1e-4
+    for k in range(gamma):
+        seen = observed[:, k]
+        if seen.any():
+            y, z_k, before = labels[seen, k].double(), z[seen, k], prefix[seen]
+            log_inverse_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            shift = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            optimiser = torch.optim.LBFGS([log_inverse_t, shift], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+            def negative_log_likelihood():
+                optimiser.zero_grad()
+                a_k = (before * torch.sigmoid(z_k * log_inverse_t.exp() + shift)).clamp(eps, 1 - eps)
+                loss = -(y * a_k.log() + (1 - y) * (1 - a_k).log()).mean()
+                loss = loss + ridge * (log_inverse_t ** 2 + shift ** 2)  # finite when one class is absent
+                loss.backward()
+                return loss
+
+            optimiser.step(negative_log_likelihood)
+            temperatures[k], biases[k] = float((-log_inverse_t).exp().detach()), float(shift.detach())
+        prefix = prefix * torch.sigmoid(z[:, k] / temperatures[k] + biases[k])
+    return temperatures, biases
+
+
+def calibration_report(confidence: torch.Tensor, accepted: torch.Tensor, verified: torch.Tensor,
+                       temperatures: torch.Tensor | None = None, biases: torch.Tensor | None = None,
+                       bins: int = 15) -> list[dict]:
+    """Per position k: ECE and Brier of the survival ``a_k``, and AUROC of ``c_k`` on its
+    conditional event (draft k accepted given 1..k−1 were), with ``temperatures`` (and ``biases``)
+    applied if given."""
+    gamma = confidence.shape[1]
+    c = apply_temperatures(confidence, temperatures, biases) if temperatures is not None else confidence.double()
     a = c.cumprod(-1)
     observed, labels = survival_events(accepted, verified, gamma)
     rows = []

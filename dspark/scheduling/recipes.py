@@ -2,8 +2,9 @@
 
 * calibrate — speculative decoding (every draft verified) over a prompt set, recording each
   request-round's confidences and how many drafts were accepted; fits Sequential Temperature
-  Scaling on one half, reports ECE / Brier / AUROC per position on the other half before and
-  after, saves the temperatures (``calibration.json``) and draws reliability diagrams.
+  Scaling (or sequential Platt scaling) on one half, reports ECE / Brier / AUROC per position on
+  the other half before and after, saves the map (``calibration.json``: the sampling map, or the
+  greedy one when recorded at temperature 0) and draws reliability diagrams.
 * profile — the target's SPS(B) cost table on this machine.
 """
 
@@ -34,12 +35,19 @@ class RoundRecorder:
         return torch.cat(self.confidence), torch.cat(self.accepted), torch.cat(self.verified)
 
 
-def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts: int = 120, max_new_tokens: int = 128,
-              temperature: float = 1.0, batch_size: int = 8, output: str | None = None, plot: str | None = None,
-              seed: int = 0) -> dict:
-    """Record, fit STS on the first half of the request-rounds, evaluate on the second half, save.
+CALIBRATION_METHODS = ("sts", "platt")
 
-    Returns the report (temperatures, per-position metrics before and after, where it was saved)."""
+
+def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts: int = 120, max_new_tokens: int = 128,
+              temperature: float = 1.0, batch_size: int = 8, method: str | None = None, output: str | None = None,
+              plot: str | None = None, seed: int = 0) -> dict:
+    """Record, fit on the first half of the request-rounds, evaluate on the second half, save.
+
+    ``temperature`` 0 records greedy decoding and writes the file's ``greedy`` map, anything else its
+    sampling map; the other map of an existing file is kept. ``method``: ``sts`` (temperatures) or
+    ``platt`` (temperatures and shifts); ``None`` takes the drafter's ``calibration_method``.
+
+    Returns the report (the map, per-position metrics before and after, where it was saved)."""
     from dataclasses import fields
 
     from tqdm.auto import tqdm
@@ -47,10 +55,10 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     from dspark.bench.runner import load_prompts
     from dspark.config import load_config
     from dspark.drafters import DRAFTERS
-    from dspark.drafters.calibrated import CALIBRATION_FILE
+    from dspark.drafters.calibrated import CALIBRATION_FILE, load_calibration
     from dspark.models.loading import resolve_checkpoint
     from dspark.pipeline import build_pipeline
-    from dspark.scheduling.calibration import calibration_report, fit_sts
+    from dspark.scheduling.calibration import calibration_report, fit_platt, fit_sts
 
     cfg = load_config(config, overrides)
     drafter_class = DRAFTERS.resolve(cfg.drafter.name, cfg.drafter.get("_target_"))
@@ -58,9 +66,20 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     if not drafter_class.provides_confidence or "calibration" not in keys:
         raise ValueError("dspark calibrate needs a drafter whose proposals carry confidences and that applies a "
                          f"calibration (dspark, eagle3), got {cfg.drafter.name!r}")
+    method = drafter_class.calibration_method if method is None else method
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if output is None and cfg.drafter.get("path") is None:
         raise ValueError("a drafter built in memory (drafter.path: null) has no checkpoint directory to write "
                          "calibration.json beside: name the file with output= (--output)")
+    if output is None:
+        output = str(Path(resolve_checkpoint(cfg.drafter.path)) / CALIBRATION_FILE)
+    existing = {}
+    if Path(output).is_file():  # its other map is kept; a file the drafters could not read is refused
+        load_calibration(output, cfg.drafter.num_speculative_tokens)
+        existing = json.loads(Path(output).read_text())
     # every draft verified (γ every round), raw confidences: what is being calibrated
     fixed = ["scheduler.name=fixed", "drafter.calibration=null"]
     if "min_survival" in keys:
@@ -74,24 +93,36 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
                       seed=seed + start, ignore_eos=True)
     confidence, accepted, verified = recorder.tensors()
     half = confidence.shape[0] // 2
-    temperatures = fit_sts(confidence[:half], accepted[:half], verified[:half])
+    fit = (confidence[:half], accepted[:half], verified[:half])
+    if method == "sts":
+        temperatures = fit_sts(*fit)
+        biases = torch.zeros_like(temperatures)
+    else:
+        temperatures, biases = fit_platt(*fit)
     held_out = (confidence[half:], accepted[half:], verified[half:])
-    report = {"temperatures": temperatures.tolist(), "drafter": cfg.drafter.name,
-              "request_rounds": int(confidence.shape[0]), "fit_rounds": half, "prompts": prompts, "temperature": temperature,
-              "before": calibration_report(*held_out), "after": calibration_report(*held_out, temperatures)}
-    if output is None:
-        output = str(Path(resolve_checkpoint(pipe.config.drafter.path)) / CALIBRATION_FILE)
+    report = {"temperatures": temperatures.tolist(), "biases": biases.tolist(), "method": method,
+              "drafter": cfg.drafter.name, "request_rounds": int(confidence.shape[0]), "fit_rounds": half,
+              "prompts": prompts, "temperature": temperature,
+              "before": calibration_report(*held_out), "after": calibration_report(*held_out, temperatures, biases)}
+    greedy = temperature == 0
+    if greedy:  # the greedy map, beside the file's sampling map (if any)
+        saved = {**existing, "greedy": report}
+    else:  # the sampling map at the top level; a greedy map already there is kept
+        saved = {**report, **({"greedy": existing["greedy"]} if "greedy" in existing else {})}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(report, indent=2) + "\n")
-    report["saved_to"] = output
+    Path(output).write_text(json.dumps(saved, indent=2) + "\n")
+    report["saved_to"], report["map"] = output, "greedy" if greedy else "sampled"
     if plot:
-        reliability_diagram(*held_out, temperatures, plot)
+        label = {"sts": "STS", "platt": "Platt"}[method]
+        reliability_diagram(*held_out, temperatures, plot, biases=biases, label=label)
         report["plot"] = plot
     return report
 
 
-def reliability_diagram(confidence, accepted, verified, temperatures, path, bins: int = 10) -> None:
-    """Per position: mean predicted survival against the observed survival rate, raw and after STS."""
+def reliability_diagram(confidence, accepted, verified, temperatures, path, bins: int = 10, *, biases=None,
+                        label: str = "STS") -> None:
+    """Per position: mean predicted survival against the observed survival rate, raw and calibrated
+    (``σ(logit(c_k) / T_k + b_k)``, named ``label`` in the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +138,7 @@ def reliability_diagram(confidence, accepted, verified, temperatures, path, bins
     for k in range(gamma):
         ax = axes[k // columns][k % columns]
         for name, c, style in (("raw", confidence.double(), "o--"),
-                               ("STS", apply_temperatures(confidence, temperatures), "s-")):
+                               (label, apply_temperatures(confidence, temperatures, biases), "s-")):
             a = c.cumprod(-1)[observed[:, k], k]
             y = labels[observed[:, k], k].double()
             which = (a * bins).long().clamp(0, bins - 1)

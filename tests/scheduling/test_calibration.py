@@ -1,10 +1,10 @@
-"""Sequential Temperature Scaling and the calibration metrics, on hand-made and synthetic data."""
+"""Sequential Temperature and Platt scaling and the calibration metrics, on hand-made and synthetic data."""
 
 import pytest
 import torch
 
 from dspark.scheduling import (apply_temperatures, auroc, brier_score, calibration_report, expected_calibration_error,
-                               fit_sts)
+                               fit_platt, fit_sts)
 
 
 def test_metrics_on_hand_made_examples():
@@ -47,3 +47,40 @@ def test_temperatures_of_one_change_nothing_and_bad_confidences_are_refused():
         fit_sts(torch.tensor([[1.5, 0.2]]), torch.tensor([1]), torch.tensor([2]))
     with pytest.raises(ValueError, match=r"confidence must be \[N, γ\]"):
         fit_sts(torch.tensor([0.5, 0.2]), torch.tensor([1]), torch.tensor([2]))
+
+
+def test_platt_scaling_moves_confidences_across_one_half_where_sts_cannot():
+    """Under-confident confidences that sit below ½ for drafts accepted most of the time (as an
+    EAGLE-3 head's top probability): STS fixes ½ in place and cannot lift them; the shift can."""
+    g = torch.Generator().manual_seed(1)
+    num_rounds, gamma = 6000, 4
+    p = 0.5 + 0.45 * torch.rand(num_rounds, gamma, generator=g, dtype=torch.float64)  # true acceptance 0.5–0.95
+    accepted = (torch.rand(num_rounds, gamma, generator=g, dtype=torch.float64) < p).long().cumprod(-1).sum(-1)
+    confidence = torch.sigmoid(torch.logit(p) / 1.5 - 2.0)  # all below ½
+    verified = torch.full((num_rounds,), gamma)
+    fit, held_out = slice(0, 4000), slice(4000, None)
+    temperatures, biases = fit_platt(confidence[fit], accepted[fit], verified[fit])
+    # the true map is logit(p) = 1.5 · (logit(c) + 2): T = 1/1.5, b = 3 at every position (later
+    # positions see fewer surviving rounds: a looser fit)
+    assert torch.allclose(temperatures, torch.full((gamma,), 1 / 1.5, dtype=torch.float64), atol=0.25)
+    assert torch.allclose(biases, torch.full((gamma,), 3.0, dtype=torch.float64), atol=0.6)
+    before = calibration_report(confidence[held_out], accepted[held_out], verified[held_out])
+    sts = calibration_report(confidence[held_out], accepted[held_out], verified[held_out],
+                             fit_sts(confidence[fit], accepted[fit], verified[fit]))
+    platt = calibration_report(confidence[held_out], accepted[held_out], verified[held_out], temperatures, biases)
+    for b, s, a in zip(before, sts, platt):
+        assert a["ece"] < 0.04 and a["ece"] < 0.5 * s["ece"] and a["brier"] < s["brier"] <= b["brier"] + 1e-12
+        assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-12)  # monotone: the ranking is kept
+    # zero shifts are STS: the same map as temperatures alone
+    c = confidence[:5]
+    assert torch.equal(apply_temperatures(c, temperatures, torch.zeros(gamma)), apply_temperatures(c, temperatures))
+
+
+def test_platt_keeps_the_identity_where_a_position_is_never_observed():
+    confidence = torch.tensor([[0.6, 0.7], [0.3, 0.8]], dtype=torch.float64)
+    # every round verified one draft and accepted it: position 2 never observed, position 1 always accepted
+    temperatures, biases = fit_platt(confidence, torch.tensor([1, 1]), torch.tensor([1, 1]))
+    assert temperatures[1] == 1.0 and biases[1] == 0.0
+    assert torch.isfinite(temperatures).all() and torch.isfinite(biases).all() and biases[0] > 0
+    with pytest.raises(ValueError, match=r"confidences must lie in \[0, 1\]"):
+        fit_platt(torch.tensor([[1.5, 0.2]]), torch.tensor([1]), torch.tensor([2]))

@@ -29,21 +29,63 @@ def test_calibrate_records_fits_and_the_drafter_applies_the_temperatures(tmp_pat
     report = calibrate(config, setup, prompts=str(prompts), num_prompts=6, max_new_tokens=12, batch_size=3,
                        output=str(output), plot=str(plot))
     assert report["request_rounds"] >= 12 and len(report["temperatures"]) == 3 and report["drafter"] == config
+    # each drafter's own method: STS for DSpark's trained confidence head, Platt for EAGLE-3's top probability
+    assert report["method"] == {"dspark": "sts", "eagle3": "platt"}[config] and report["map"] == "sampled"
+    assert (report["method"] == "platt") or report["biases"] == [0.0, 0.0, 0.0]
     assert [row["position"] for row in report["after"]] == [1, 2, 3]
     assert plot.stat().st_size > 1000
     saved = json.loads(output.read_text())
-    assert saved["temperatures"] == report["temperatures"]
+    assert saved["temperatures"] == report["temperatures"] and saved["biases"] == report["biases"]
     raw = dspark.build_pipeline(config, overrides=[*setup, "drafter.calibration=null"])
     scaled = dspark.build_pipeline(config, overrides=[*setup, f"drafter.calibration={output}"])
-    assert torch.equal(scaled.drafter.temperatures, torch.tensor(report["temperatures"], dtype=torch.float64))
+    temperatures, biases = (torch.tensor(report[key], dtype=torch.float64) for key in ("temperatures", "biases"))
+    assert torch.equal(scaled.drafter.calibration.sampled[0], temperatures)
+    assert torch.equal(scaled.drafter.calibration.sampled[1], biases)
     seen = {}
     for name, pipe in (("raw", raw), ("scaled", scaled)):
         original = pipe.drafter.propose
         pipe.drafter.propose = lambda state, u, o=original, n=name: seen.setdefault(n, o(state, u))
         pipe.generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True)
     assert torch.equal(seen["raw"].tokens, seen["scaled"].tokens)  # the drafts themselves are untouched
-    expected = torch.sigmoid(torch.logit(seen["raw"].confidence.double()) / torch.tensor(report["temperatures"]))
+    expected = torch.sigmoid(torch.logit(seen["raw"].confidence.double()) / temperatures + biases)
     assert torch.allclose(seen["scaled"].confidence.double(), expected, atol=1e-6)
+
+
+def test_greedy_and_sampling_maps_share_one_file(tmp_path):
+    """Calibrating at temperature 0 writes the file's greedy map beside its sampling map; the
+    drafter applies each in its own mode (a file without a greedy map applies its map to both)."""
+    setup = SETUPS["eagle3"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"x = {i} * y  # {i}"}) + "\n" for i in range(4)))
+    output = tmp_path / "calibration.json"
+    sampled = calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, max_new_tokens=12, batch_size=2,
+                        output=str(output), temperature=1.0, method="sts")
+    assert sampled["biases"] == [0.0, 0.0, 0.0]
+    both_modes = dspark.build_pipeline("eagle3", overrides=[*setup, f"drafter.calibration={output}"]).drafter.calibration
+    assert both_modes.greedy is both_modes.sampled
+    greedy = calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, max_new_tokens=12, batch_size=2,
+                       output=str(output), temperature=0.0)
+    assert greedy["map"] == "greedy" and greedy["method"] == "platt"
+    saved = json.loads(output.read_text())
+    assert saved["temperatures"] == sampled["temperatures"] and saved["greedy"]["biases"] == greedy["biases"]
+    calibration = dspark.build_pipeline("eagle3", overrides=[*setup, f"drafter.calibration={output}"]).drafter.calibration
+    c = torch.tensor([[0.2, 0.5, 0.9]])
+    for mode, report in ((False, sampled), (True, greedy)):
+        expected = torch.sigmoid(torch.logit(c.double()) / torch.tensor(report["temperatures"])
+                                 + torch.tensor(report["biases"]))
+        assert torch.allclose(calibration.apply(c, 0, 3, greedy=mode).double(), expected, atol=1e-6)
+        assert torch.allclose(calibration.apply(c[:, 1:], 1, 3, greedy=mode).double(), expected[:, 1:], atol=1e-6)
+    # recalibrating the sampling map keeps the greedy one
+    calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, max_new_tokens=12, batch_size=2,
+              output=str(output), temperature=1.0, seed=5)
+    assert json.loads(output.read_text())["greedy"] == saved["greedy"]
+    # a greedy map alone leaves sampled confidences raw
+    only_greedy = tmp_path / "greedy_only.json"
+    only_greedy.write_text(json.dumps({"greedy": {"temperatures": [2.0, 2.0, 2.0]}}))
+    calibration = dspark.build_pipeline("eagle3", overrides=[*setup, f"drafter.calibration={only_greedy}"]
+                                        ).drafter.calibration
+    assert torch.equal(calibration.apply(c, 0, 3, greedy=False), c)
+    assert torch.allclose(calibration.apply(c, 0, 3, greedy=True).double(), torch.sigmoid(torch.logit(c.double()) / 2))
 
 
 def test_eagle3_stops_early_on_the_calibrated_survival(tmp_path):
@@ -89,6 +131,21 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("ngram", [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"], num_prompts=1)
     with pytest.raises(ValueError, match="drafter.path: null.*output="):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1)
+    with pytest.raises(ValueError, match="method must be one of sts, platt, got 'isotonic'"):
+        calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), method="isotonic")
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), temperature=-1.0)
+    for content, message in (('{"temperatures": [1.0, 1.0, 1.0], "biases": [0.0, 1.0]}', "expected 3 finite biases"),
+                             ('{"greedy": [1.0, 1.0, 1.0]}', "no 'temperatures'"),
+                             ('{"temperatures": [1.0, 1.0, 1.0], "greedy": 3}', "'greedy' must be an object"),
+                             ('{"greedy": {"temperatures": [1.0]}}', "at least 3 positive temperatures .* in 'greedy'"),
+                             ('not json', "cannot read confidence temperatures")):
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            dspark.build_pipeline("eagle3", overrides=[*SETUPS["eagle3"], f"drafter.calibration={bad}"])
+        with pytest.raises(ValueError, match=message):  # refused before recording, not overwritten
+            calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(bad))
+        assert bad.read_text() == content
 
 
 def test_profile_command_writes_a_cost_table_the_scheduler_loads(tmp_path, capsys):
