@@ -2,6 +2,8 @@
 decoding, batch invariance, and the statistical check that sampling keeps the target's distribution."""
 
 import itertools
+import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -18,8 +20,8 @@ from dspark.records import VerificationResult
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
 DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-            "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "dspark_threshold", "dspark_scheduled",
-            "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
+            "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold",
+            "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
 # hardware-aware scheduler over a fixed cost table (written once; a measured table would make the
 # tests depend on machine speed)
@@ -34,6 +36,23 @@ ThroughputProfile(IDLE_COUNTS, [t ** -0.99 for t in IDLE_COUNTS]).save(IDLE_PROF
 register_scheduler("dspark_fake_clock_test")(fake_clock_scheduler(1.25))
 
 
+
+
+def calibration_file(vocab_size: int) -> Path:
+    """An EAGLE-3 calibration with distinct greedy and sampling maps (Platt: temperatures and
+    shifts), the shifts centred on log V so that a random head's near-uniform top probabilities
+    (≈ 1/V) map to around one half whatever the vocabulary."""
+    path, shift = PROFILE.with_name(f"calibration_{vocab_size}.json"), math.log(vocab_size) - 1
+    path.write_text(json.dumps({
+        "temperatures": [0.8, 1.3, 0.9, 1.0, 1.2, 0.9, 1.1], "biases": [shift + d for d in (-1, 0.5, -0.5, 0, -1.5, 0.5, 0)],
+        "greedy": {"temperatures": [1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.1],
+                   "biases": [shift + d for d in (1.3, 0.3, 0.2, 1.2, 1.4, 1.0, 1.5)]}}))
+    return path
+
+
+# calibrated survival below which the eagle3_calibrated variant stops drafting (here: after 2 to 7 drafts in
+# the greedy checks, after 0, 2 or 3 in the chi-square check)
+CALIBRATED_MIN_SURVIVAL = 0.25
 # wall-clock decisions (scheduler.measured_fallback=true) would make sampled outputs machine-dependent
 SCHEDULED = {"dspark_threshold": ["scheduler.name=threshold", "scheduler.threshold=0.5"],
              "dspark_scheduled": ["scheduler.name=dspark", f"scheduler.profile={PROFILE}", "scheduler.measured_fallback=false"],
@@ -67,6 +86,10 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
             section["min_survival"] = (2 / target.config.vocab_size) ** 2  # (2/V)²: here after 0 to 7 drafts
         if drafter == "eagle3_scheduled":  # the hardware-aware scheduler over the head's confidences
             overrides = (*SCHEDULED["dspark_scheduled"], *overrides)
+        if drafter == "eagle3_calibrated":  # calibrated confidences: stopping early on them, then the scheduler
+            section.update(calibration=str(calibration_file(target.config.vocab_size)),
+                           min_survival=CALIBRATED_MIN_SURVIVAL)
+            overrides = (*SCHEDULED["dspark_scheduled"], *overrides)
     else:
         section = {"name": "draft_model", "num_speculative_tokens": gamma}
         if draft is None:
@@ -93,7 +116,7 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
 
 @pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in (  # load-aware, or learning from the batch
     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
-    "draft_model_adaptive", "eagle3_scheduled")])
+    "draft_model_adaptive", "eagle3_scheduled", "eagle3_calibrated")])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -187,8 +210,8 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-                                     "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "dspark_threshold",
-                                     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
+                                     "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated",
+                                     "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
                                      "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
@@ -259,7 +282,7 @@ def test_chi_square_detects_a_broken_verifier():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3", "eagle3_stop"])
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3", "eagle3_stop", "eagle3_calibrated"])
 def test_compiled_rounds_match_eager(drafter):
     """engine.compile: the compiled target and drafter forwards give the greedy tokens of plain
     decoding, and the sampled tokens of the eager pipeline with the same seeds."""
