@@ -83,7 +83,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     report = calibrate(args.config, args.overrides, prompts=args.prompts, num_prompts=args.num_prompts,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, method=args.method,
-                       output=args.output, plot=args.plot)
+                       batch_size=args.batch_size, seed=args.seed, output=args.output, plot=args.plot)
     print("| position | events | ECE before | ECE after | Brier before | Brier after | AUROC | temperature | shift |")
     print("|---|---|---|---|---|---|---|---|---|")
     for before, after, t, b in zip(report["before"], report["after"], report["temperatures"], report["biases"]):
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-new-tokens", type=int, default=128)
     cal.add_argument("--temperature", type=float, default=1.0,
                      help="sampling temperature while recording (0: fit the greedy map, else the sampling map)")
+    cal.add_argument("--batch-size", type=int, default=8, help="prompts decoded together while recording")
+    cal.add_argument("--seed", type=int, default=0, help="sampling seed (request i of the batch at s gets s + i)")
     cal.add_argument("--method", choices=("sts", "platt"), default=None,
                      help="sts: a temperature per position; platt: a temperature and a shift (default: the drafter's)")
     cal.add_argument("--output", default=None, help="calibration.json path (default: beside the drafter checkpoint)")

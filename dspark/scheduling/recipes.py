@@ -71,6 +71,8 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if output is None and cfg.drafter.get("path") is None:
         raise ValueError("a drafter built in memory (drafter.path: null) has no checkpoint directory to write "
                          "calibration.json beside: name the file with output= (--output)")

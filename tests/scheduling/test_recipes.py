@@ -133,6 +133,8 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1)
     with pytest.raises(ValueError, match="method must be one of sts, platt, got 'isotonic'"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), method="isotonic")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), batch_size=0)
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), temperature=-1.0)
     for content, message in (('{"temperatures": [1.0, 1.0, 1.0], "biases": [0.0, 1.0]}', "expected 3 finite biases"),
