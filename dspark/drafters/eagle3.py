@@ -15,6 +15,7 @@ from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+from dspark.drafters.early_stop import check_min_survival, draft_while_likely
 from dspark.models.compiled import compile_forward
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
@@ -56,13 +57,6 @@ class Eagle3Config(DrafterConfig):
     seed: int = 0
     min_survival: float = 0.0
     calibration: str | None = "auto"
-
-
-def check_min_survival(value) -> float:
-    """``drafter.min_survival``, checked: a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"drafter.min_survival must be a number in [0, 1] (0 = always draft γ tokens), got {value!r}")
-    return float(value)
 
 
 def default_eagle_layers(num_layers: int) -> tuple[int, int, int]:
@@ -214,25 +208,21 @@ class Eagle3Drafter(Drafter):
         return self._draft_steps(self.last_output, None, self.cache.lengths, uniforms, params, kv_len, 0, stop)
 
     def _propose_while_likely(self, state: DecodingState, uniforms: torch.Tensor, kv_len: int) -> DraftProposal:
-        """Draft ``check_every`` steps at a time while some request's survival
-        ``a_k = Π_{i≤k} c_i`` stays at or above ``min_survival`` (one host read per chunk); each
-        request offers its drafts up to its last such ``k``. The proposal is as wide as the longest offer."""
-        params, gamma = state.params, self.gamma
-        stop = min(self.check_every, gamma)
-        tokens, q, p, d = self._first_steps(stop, uniforms, params, kv_len)
-        drafts = [(tokens, q, p)]
-        survival = p.double().cumprod(1)  # [B, k]
-        while stop < gamma and bool((survival[:, -1] >= self.min_survival)[~state.done].any()):
-            start, stop = stop, min(stop + self.check_every, gamma)
-            tokens, q, p, d = self._draft_steps(d, tokens[:, -1], self.cache.lengths, uniforms, params, kv_len,
-                                                start, stop)
-            drafts.append((tokens, q, p))
-            survival = torch.cat([survival, survival[:, -1:] * p.double().cumprod(1)], 1)
-        offered = torch.where(state.done, 0, (survival >= self.min_survival).long().cumprod(1).sum(1))  # [B]
-        width = int(offered.max())
-        tokens, q, p = (None if drafts[0][i] is None else torch.cat([x[i] for x in drafts], 1)[:, :width]
-                        for i in range(3))
-        return DraftProposal(tokens=tokens, num_tokens=offered, probs=q, confidence=p)
+        """Draft ``check_every`` steps per compiled call while some request's survival stays at or
+        above ``min_survival`` (:func:`~dspark.drafters.early_stop.draft_while_likely`)."""
+        params = state.params
+
+        def first(stop):
+            tokens, q, p, d = self._first_steps(stop, uniforms, params, kv_len)
+            return tokens, q, p, (d, tokens[:, -1])
+
+        def more(carry, start, stop):
+            tokens, q, p, d = self._draft_steps(*carry, self.cache.lengths, uniforms, params, kv_len, start, stop)
+            return tokens, q, p, (d, tokens[:, -1])
+
+        proposal, _ = draft_while_likely(first, more, gamma=self.gamma, check_every=self.check_every,
+                                         min_survival=self.min_survival, done=state.done)
+        return proposal
 
     def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, lengths: torch.Tensor,
                     uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int):
