@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate",
                          help="fit the per-position confidence maps (Sequential Temperature or Platt scaling)")
     cal.add_argument("--config", default="dspark",
-                     help="a pipeline config whose drafter carries confidences (dspark, eagle3)")
+                     help="a pipeline config whose drafter carries confidences (dspark, eagle3, draft_model)")
     cal.add_argument("--prompts", default="calibration", help="a shipped prompt set or a JSONL file of prompts")
     cal.add_argument("--num-prompts", type=int, default=120)
     cal.add_argument("--max-new-tokens", type=int, default=128)

@@ -174,7 +174,7 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
     scheduler_cls = SCHEDULERS.resolve(cfg.scheduler.name, cfg.scheduler.get("_target_"))
     if scheduler_cls.needs_confidence and not drafter_cls.provides_confidence:
         raise ValueError(f"scheduler {cfg.scheduler.name!r} reads draft confidences, which the {cfg.drafter.name!r} "
-                         "drafter does not produce; use a drafter that does (dspark, eagle3), scheduler: adaptive "
+                         "drafter does not produce; use a drafter that does (dspark, eagle3, draft_model), scheduler: adaptive "
                          "(acceptance estimated from earlier rounds) or scheduler: fixed")
 
     source = target_model

@@ -19,7 +19,7 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
             "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold",
             "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
@@ -92,6 +92,12 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
             overrides = (*SCHEDULED["dspark_scheduled"], *overrides)
     else:
         section = {"name": "draft_model", "num_speculative_tokens": gamma}
+        if drafter == "draft_model_stop":  # as eagle3_stop, over the draft model's top probabilities
+            section["min_survival"] = (2 / target.config.vocab_size) ** 2
+        if drafter == "draft_model_calibrated":  # as eagle3_calibrated
+            section.update(calibration=str(calibration_file(target.config.vocab_size)),
+                           min_survival=CALIBRATED_MIN_SURVIVAL)
+            overrides = (*SCHEDULED["dspark_scheduled"], *overrides)
         if draft is None:
             draft = target if drafter == "draft_model_self" else tiny_hf_model(
                 target.config.model_type, seed=7, scale=3.0, num_hidden_layers=1)
@@ -116,7 +122,7 @@ def test_greedy_speculative_equals_autoregressive(family, gamma, drafter):
 
 @pytest.mark.parametrize("drafter", [d for d in DRAFTERS if d not in (  # load-aware, or learning from the batch
     "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
-    "draft_model_adaptive", "eagle3_scheduled", "eagle3_calibrated")])
+    "draft_model_adaptive", "eagle3_scheduled", "eagle3_calibrated", "draft_model_calibrated")])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_invariance_float64(drafter, temperature):
     target = tiny_hf_model("qwen3", scale=2.0)
@@ -209,9 +215,10 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
-                                     "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated",
-                                     "dspark_threshold", "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
+@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "ngram", "dspark",
+                                     "dspark_matvec", "dflash", "dspark_rnn", "eagle3", "eagle3_draft_vocab", "eagle3_stop",
+                                     "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold", "dspark_scheduled",
+                                     "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
                                      "draft_model_adaptive"])
 def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     """20,000 batched samples; chi-square at significance 0.001, fixed seeds."""
@@ -282,7 +289,8 @@ def test_chi_square_detects_a_broken_verifier():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3", "eagle3_stop", "eagle3_calibrated"])
+@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "dspark", "eagle3",
+                                     "eagle3_stop", "eagle3_calibrated"])
 def test_compiled_rounds_match_eager(drafter):
     """engine.compile: the compiled target and drafter forwards give the greedy tokens of plain
     decoding, and the sampled tokens of the eager pipeline with the same seeds."""

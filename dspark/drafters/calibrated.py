@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +57,12 @@ def _read_map(entry, path, positions: int, where: str) -> Map:
     number = lambda t: isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)  # noqa: E731
     if not isinstance(temperatures, list) or len(temperatures) < positions or not all(
             number(t) and t > 0 for t in temperatures):
-        raise ValueError(f"{path}: expected at least {positions} positive temperatures (one per draft position) "
+        raise ValueError(f"{path}: expected at least {positions} positive temperatures (one per draft position)"
                          f"{where}, got {temperatures}")
     if biases is None:
         biases = [0.0] * len(temperatures)
     if not isinstance(biases, list) or len(biases) != len(temperatures) or not all(number(b) for b in biases):
-        raise ValueError(f"{path}: expected {len(temperatures)} finite biases (one per temperature) {where}, "
+        raise ValueError(f"{path}: expected {len(temperatures)} finite biases (one per temperature){where}, "
                          f"got {biases}")
     return (torch.tensor(temperatures[:positions], dtype=torch.float64),
             torch.tensor(biases[:positions], dtype=torch.float64))
@@ -81,14 +82,15 @@ def load_calibration(path, positions: int) -> Calibration:
     sampled = _read_map(data, path, positions, "") if "temperatures" in data else None
     if greedy is not None and not isinstance(greedy, dict):
         raise ValueError(f"{path}: 'greedy' must be an object with 'temperatures' (and 'biases'), got {greedy!r}")
-    return Calibration(sampled, _read_map(greedy, path, positions, "in 'greedy'") if greedy is not None else sampled)
+    return Calibration(sampled, _read_map(greedy, path, positions, " in 'greedy'") if greedy is not None else sampled)
 
 
 def find_calibration(source: str | None, checkpoint, positions: int, device=None) -> Calibration | None:
     """The calibration a drafter's ``calibration`` key asks for, on ``device``: ``None`` keeps the
     raw confidences; ``"auto"`` reads ``calibration.json`` beside ``checkpoint`` (a directory or
-    embedded name; a network passed in memory has none) when there is one; any other string is a
-    file to read."""
+    embedded name; a network passed in memory has none) when there is one that covers
+    ``positions`` (one fitted at a smaller γ is skipped with a warning); any other string is a
+    file to read, which must cover them."""
     from dspark.models.loading import resolve_checkpoint
 
     if source is None:
@@ -99,4 +101,21 @@ def find_calibration(source: str | None, checkpoint, positions: int, device=None
         source = Path(resolve_checkpoint(checkpoint)) / CALIBRATION_FILE
         if not source.is_file():
             return None
+        covered = _positions_covered(source)
+        if covered is not None and covered < positions:  # fitted at a smaller γ: not an error of the user's
+            warnings.warn(f"{source} calibrates {covered} draft positions, fewer than the {positions} drafted: the "
+                          f"confidences stay raw (run `dspark calibrate` at this γ, or name a file with "
+                          f"drafter.calibration)", stacklevel=2)
+            return None
     return load_calibration(source, positions).to(device)
+
+
+def _positions_covered(path) -> int | None:
+    """The fewest temperatures among a calibration file's maps (``None`` when it cannot be read
+    that far: :func:`load_calibration` then says what is wrong)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        maps = [m for m in (data, data.get("greedy")) if isinstance(m, dict) and "temperatures" in m]
+        return min(len(m["temperatures"]) for m in maps)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None

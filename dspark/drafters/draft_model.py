@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
+from dspark.drafters.calibrated import find_calibration
+from dspark.drafters.early_stop import check_min_survival, draft_while_likely
 from dspark.models.compiled import compile_forward
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
@@ -28,6 +31,15 @@ class DraftModelConfig(DrafterConfig):
         random: instead of ``path``, an architecture spec for a random draft model (tests).
         dtype: the draft model's dtype (``null`` = the target's).
         backend: ``auto``, ``native`` or ``hf`` (as for the target).
+        min_survival: stop drafting a request once its survival ``a_k = Π_{i≤k} c_i`` falls below
+            this (``c_k``: the draft model's top probability at step k, calibrated when a
+            calibration is found); ``x_k`` is then not offered. ``0`` (default) drafts γ every
+            round. ``c_k`` never depends on ``x_k`` itself, so decoding stays lossless.
+        calibration: per-position maps of the confidences, ``σ(logit(c_k) / T_k + b_k)`` (fitted
+            by ``dspark calibrate --config draft_model``; one for sampling, one for greedy decoding:
+            see :mod:`dspark.drafters.calibrated`): ``auto`` reads ``calibration.json`` beside the
+            draft model's checkpoint when there is one, a path reads that file, ``null`` keeps the
+            raw top probabilities.
     """
 
     name: str = "draft_model"
@@ -36,12 +48,16 @@ class DraftModelConfig(DrafterConfig):
     random: dict[str, Any] | None = None
     dtype: str | None = None
     backend: str = "auto"
+    min_survival: float = 0.0
+    calibration: str | None = "auto"
 
 
 @register_drafter("draft_model")
 class DraftModelDrafter(Drafter):
     """Drafts γ tokens with its own model and KV cache, sampling each from ``q_k`` (the draft
-    model's distribution after the shared sampler's processing).
+    model's distribution after the shared sampler's processing). Proposals carry, as confidences,
+    the draft model's top probability at each step (before the sampler's processing; mapped per
+    position when a calibration is found), so confidence schedulers and ``min_survival`` apply.
 
     The draft cache holds a prefix of the committed tokens and is rolled back with the target's.
     Each round's first step feeds what it lacks, up to and including the anchor, in one ragged
@@ -52,6 +68,10 @@ class DraftModelDrafter(Drafter):
 
     config_class = DraftModelConfig
     skippable = True
+    provides_confidence = True
+    calibration_method = "platt"  # a top probability, like EAGLE-3's
+    #: with ``min_survival``, draft steps per compiled call between survival checks
+    check_every = 2
 
     def __init__(self, config: DraftModelConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
@@ -71,6 +91,9 @@ class DraftModelDrafter(Drafter):
         if self.model.vocab_size != target.vocab_size:
             raise ValueError(f"draft model vocabulary ({self.model.vocab_size} tokens) differs from the target's "
                              f"({target.vocab_size} tokens); a draft model must share the target's tokenizer")
+        self.min_survival = check_min_survival(config.min_survival)
+        checkpoint = source if isinstance(source, (str, Path)) else None  # a model object has no directory
+        self.calibration = find_calibration(config.calibration, checkpoint, self.gamma, target.device)
         self.cache = None
         self._forward, self._draft_steps, self._static_kv = self.model, self.draft_steps, False
 
@@ -96,6 +119,7 @@ class DraftModelDrafter(Drafter):
                    logits_positions=torch.zeros(batch, 1, dtype=torch.long, device=state.tokens.device))
         self.max_lag = 0  # most committed tokens before the anchor that any request's cache lacks (host int)
         self.fed: torch.Tensor | None = None
+        self.fed_steps = 0  # drafts fed to the cache by the last propose (host int)
 
     def _feed(self, state: DecodingState, with_anchor: bool):
         """Feed each unfinished request's committed tokens the cache lacks (and its anchor): one ragged step."""
@@ -116,23 +140,43 @@ class DraftModelDrafter(Drafter):
         params, gamma = state.params, self.gamma
         active = ~state.done
         out, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
-        tokens, q = self._draft_steps(out.logits[:, -1], active.long(), uniforms, params, kv_len)
-        self.fed = torch.where(active, gamma - 1, 0)  # drafts fed to the cache this round (None: skipped)
-        return DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0), probs=q)
+        num_new = active.long()
+        if self.min_survival > 0:
+            def first(stop):
+                return self._draft_steps(out.logits[:, -1], num_new, uniforms, params, kv_len, 0, stop)
+
+            def more(logits, start, stop):
+                return self._draft_steps(logits, num_new, uniforms, params, kv_len, start, stop)
+
+            proposal, steps = draft_while_likely(first, more, gamma=gamma, check_every=self.check_every,
+                                                 min_survival=self.min_survival, done=state.done)
+        else:
+            tokens, q, confidence, _ = self._draft_steps(out.logits[:, -1], num_new, uniforms, params, kv_len, 0, gamma)
+            proposal, steps = DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0), probs=q,
+                                            confidence=confidence), gamma
+        # drafts fed to the cache this round: every step's draft but x_γ's (None: skipped)
+        self.fed_steps = min(steps, gamma - 1)
+        self.fed = torch.where(active, self.fed_steps, 0)
+        return proposal
 
     def draft_steps(self, logits: torch.Tensor, num_new: torch.Tensor, uniforms: torch.Tensor, params,
-                    kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft left to right from the first step's ``logits`` ``[B, V]``, feeding ``x_1..x_{γ−1}``
-        (``num_new`` ``[B]``: 1, or 0 for finished requests): tokens ``[B, γ]`` and ``q``
-        ``[B, γ, V]`` (``None`` when greedy). One function, so that ``engine.compile`` makes the
-        whole loop one graph."""
-        drafts, probs = [], []
-        for k in range(self.gamma):
+                    kv_len: int, start: int, stop: int):
+        """Draft ``x_{start+1}..x_stop`` left to right from ``logits`` ``[B, V]`` (those of step
+        ``start + 1``), feeding each draft but ``x_γ`` (``num_new`` ``[B]``: 1, or 0 for finished
+        requests): tokens ``[B, n]``, ``q`` ``[B, n, V]`` (``None`` when greedy), confidences
+        ``[B, n]`` and the logits of step ``stop + 1`` (``None`` after step γ). One function, so
+        that ``engine.compile`` makes each range one graph (the loop unrolled)."""
+        drafts, probs, confidence = [], [], []
+        for k in range(start, stop):
             token, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
-            drafts.append(token), probs.append(q)
+            drafts.append(token), probs.append(q), confidence.append(torch.softmax(logits.float(), -1).amax(-1))
+            logits = None
             if k < self.gamma - 1:
                 logits = self.model(token.unsqueeze(1), self.cache, num_new, kv_len=kv_len).logits[:, -1]
-        return torch.stack(drafts, 1), (None if params.greedy else torch.stack(probs, 1))
+        confidence = torch.stack(confidence, 1)
+        if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
+            confidence = self.calibration.apply(confidence, start, stop, params.greedy)
+        return torch.stack(drafts, 1), (None if params.greedy else torch.stack(probs, 1)), confidence, logits
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:
@@ -148,4 +192,5 @@ class DraftModelDrafter(Drafter):
             return
         self.cache.rollback(self.fed - torch.minimum(result.num_accepted, self.fed))
         self.fed = None
-        self.max_lag = 1 if self.gamma - 1 < proposal.tokens.shape[1] else 0  # x_γ verified: it may lag
+        # a verified draft the cache was not fed (x_γ) may have been accepted: it may lag
+        self.max_lag = 1 if self.fed_steps < proposal.tokens.shape[1] else 0

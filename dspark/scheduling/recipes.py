@@ -25,7 +25,7 @@ class RoundRecorder:
 
     def __call__(self, proposal, result, active) -> None:
         if proposal.confidence is None:
-            raise ValueError("calibration needs a drafter whose proposals carry confidences (dspark, eagle3)")
+            raise ValueError("calibration needs a drafter whose proposals carry confidences (dspark, eagle3, draft_model)")
         self.confidence.append(proposal.confidence[active].double().cpu())
         self.verified.append(proposal.num_tokens[active].cpu())
         self.accepted.append(result.num_accepted[active].cpu())
@@ -65,7 +65,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     keys = {f.name for f in fields(drafter_class.config_class)}
     if not drafter_class.provides_confidence or "calibration" not in keys:
         raise ValueError("dspark calibrate needs a drafter whose proposals carry confidences and that applies a "
-                         f"calibration (dspark, eagle3), got {cfg.drafter.name!r}")
+                         f"calibration (dspark, eagle3, draft_model), got {cfg.drafter.name!r}")
     method = drafter_class.calibration_method if method is None else method
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
@@ -78,10 +78,17 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
                          "calibration.json beside: name the file with output= (--output)")
     if output is None:
         output = str(Path(resolve_checkpoint(cfg.drafter.path)) / CALIBRATION_FILE)
-    existing = {}
+    existing, greedy = {}, temperature == 0
     if Path(output).is_file():  # its other map is kept; a file the drafters could not read is refused
-        load_calibration(output, cfg.drafter.num_speculative_tokens)
+        load_calibration(output, 1)
         existing = json.loads(Path(output).read_text())
+        other = existing if greedy else existing.get("greedy")
+        gamma = cfg.drafter.num_speculative_tokens
+        if other is not None and "temperatures" in other and len(other["temperatures"]) < gamma:
+            raise ValueError(f"{output}: its {'sampling' if greedy else 'greedy'} map covers "
+                             f"{len(other['temperatures'])} draft positions, fewer than the {gamma} fitted now, and "
+                             "one file's maps must cover the same positions: fit at that γ, or move the file away "
+                             "and fit both maps at this one")
     # every draft verified (γ every round), raw confidences: what is being calibrated
     fixed = ["scheduler.name=fixed", "drafter.calibration=null"]
     if "min_survival" in keys:
@@ -106,7 +113,6 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
               "drafter": cfg.drafter.name, "request_rounds": int(confidence.shape[0]), "fit_rounds": half,
               "prompts": prompts, "temperature": temperature,
               "before": calibration_report(*held_out), "after": calibration_report(*held_out, temperatures, biases)}
-    greedy = temperature == 0
     if greedy:  # the greedy map, beside the file's sampling map (if any)
         saved = {**existing, "greedy": report}
     else:  # the sampling map at the top level; a greedy map already there is kept

@@ -34,13 +34,14 @@ def test_pipeline_reports_missing_draft_model():
 register_scheduler("adaptive_slow_drafts_test")(fake_clock_scheduler(3.0, base=AdaptiveScheduler))
 
 
-@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping"])
+@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping", "stopping"])
 def test_draft_cache_tracks_committed_context(mode, tmp_path):
     """After every round the draft cache holds a prefix of the committed tokens, at most
     ``drafter.max_lag`` short of all but the anchor — also when a scheduler verifies fewer drafts
-    than were fed (the adaptive scheduler with a cost table that stops at depth 1–2), and when it
+    than were fed (the adaptive scheduler with a cost table that stops at depth 1–2), when it
     skips rounds (a fake clock on which drafting does not pay, so skipped runs reach the catch-up
-    bound). At the end its keys and values equal a fresh forward over the committed tokens."""
+    bound), and when drafting stops early (``min_survival``: the last draft of a stopped round is
+    fed, unlike ``x_γ``). At the end its keys and values equal a fresh forward over the committed tokens."""
     from dspark.drafters.draft_model import MAX_LAG
     from dspark.scheduling import ThroughputProfile
 
@@ -52,7 +53,10 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
                  "scheduled": ["scheduler.name=adaptive", "scheduler.measured_fallback=false"],
                  "unverified": ["scheduler.name=adaptive", "scheduler.measured_fallback=false",
                                 "scheduler.idle_backoff=0", f"scheduler.profile={tmp_path / 'idle.json'}"],
-                 "skipping": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"]}[mode]
+                 "skipping": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"],
+                 # γ = 5, a threshold near the 80th percentile of the survival after two drafts:
+                 # rounds stop after 2 drafts (x_2 fed) or after 4 (x_4 fed, x_5 never drafted)
+                 "stopping": ["drafter.num_speculative_tokens=5", "drafter.min_survival=0.000235"]}[mode]
     if mode in ("scheduled", "skipping"):
         overrides.append(f"scheduler.profile={tmp_path / 'sps.json'}")
     target = tiny_hf_model("qwen3", scale=3.0)
@@ -60,7 +64,7 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
                                  target_model=target, draft_model=tiny_hf_model("qwen3", seed=1, num_hidden_layers=1),
                                  overrides=overrides)
     drafter, engine = pipe.drafter, pipe.engine
-    checks, lags, last = [], [], {}
+    checks, lags, widths, fed, last = [], [], [], [], {}
     original_commit = drafter.commit
 
     def checked_commit(state, proposal, result, target_output):
@@ -70,6 +74,8 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
         checks.append(bool((((lag >= 0) & (lag <= drafter.max_lag)) | ~active).all()))
         checks.append(bool(((engine._cache.lengths == state.lengths - 1) | ~active).all()))
         lags.append(drafter.max_lag)
+        widths.append(proposal.tokens.shape[1])
+        fed.append(drafter.fed_steps)
         last["state"] = state
 
     drafter.commit = checked_commit
@@ -83,6 +89,8 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
         assert stats.drafted_tokens == 3 * stats.target_forwards and stats.verified_tokens < stats.target_forwards / 2
     if mode == "skipping":  # long runs of skipped rounds, fed in bounded catch-up steps
         assert max(lags) == MAX_LAG - 1 and stats.drafted_tokens < 3 * 3 * stats.rounds / 4
+    if mode == "stopping":  # rounds stopped after 2 drafts and after 4, none drafted all 5
+        assert set(fed) == {2, 4} and max(widths) < 5
     state, cache = last["state"], drafter.cache
     fresh = drafter.model.new_cache(state.batch_size, cache.max_len)
     drafter.model(state.tokens[:, :int(cache.lengths.max())], fresh, cache.lengths.clone(),
@@ -112,3 +120,6 @@ def test_proposal_q_is_the_processed_draft_distribution():
     q1 = DefaultSampler().probs(logits, params)
     assert torch.allclose(proposal.probs[0, 0], q1, atol=1e-6)
     assert q1[proposal.tokens[0, 0]] > 0
+    # its confidence: the draft model's top probability before the sampler's processing (not x_1's q)
+    assert drafter.provides_confidence
+    assert proposal.confidence[0, 0].item() == pytest.approx(torch.softmax(logits, -1).max().item(), abs=1e-6)

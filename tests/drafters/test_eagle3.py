@@ -202,44 +202,6 @@ def test_the_draft_vocabulary_is_the_most_frequent_tokens():
     assert frequent_tokens(stream, 4, 12).tolist() == [1, 2, 5, 9]  # ties at one use: the lower id, 1
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_min_survival_stops_each_request_where_its_survival_falls(temperature):
-    """Each request offers its drafts up to the last ``k`` with ``Π_{i≤k} c_i ≥ min_survival``
-    (``c_k``: the head's top probability at position k, which the proposal carries as confidence);
-    the proposal is as wide as the longest offer, so drafting and verification both stop early."""
-    target_hf = tiny_hf_model("qwen3", scale=3.0)
-    prompts = ragged_prompts(101, lengths=(5, 1, 9, 3))
-    decode = dict(max_new_tokens=20, temperature=temperature, seed=3, ignore_eos=True)
-    # the threshold: the median survival after two drafts when drafting all γ (so some requests stop early, some not)
-    every = capture_proposals(pipe := eagle_pipeline(target_hf, 5))
-    pipe.generate(prompts, **decode)
-    threshold = float(torch.cat([p.confidence.double().cumprod(1)[:, 1] for p in every]).median())
-    pipe = eagle_pipeline(target_hf, 5, min_survival=threshold)
-    seen = []
-    pipe.engine.round_hooks.append(lambda proposal, result, active: seen.append((proposal, active)))
-    result = pipe.generate(prompts, **decode)
-    widths, offers = set(), set()
-    for proposal, active in seen:
-        survival = proposal.confidence.double().cumprod(1)  # [B, width]
-        width = proposal.tokens.shape[1]
-        widths.add(width)
-        assert width == int(proposal.num_tokens.max()) and proposal.confidence.shape == proposal.tokens.shape
-        for b, offered in enumerate(proposal.num_tokens.tolist()):
-            if not active[b]:  # finished: offers nothing
-                assert offered == 0
-                continue
-            offers.add(offered)
-            assert (survival[b, :offered] >= threshold).all()
-            if offered < width:  # its survival fell below at the next draft
-                assert survival[b, offered] < threshold
-        assert proposal.probs is None if temperature == 0 else proposal.probs.shape[:2] == (4, width)
-    assert len(offers) > 1 and max(widths) < 5  # the rule took effect, and not uniformly
-    assert result.stats.drafted_tokens == sum(int(p.num_tokens.sum()) for p, _ in seen)
-    if temperature == 0:
-        plain = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"}}, target_model=target_hf)
-        assert result.token_ids == plain.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids
-
-
 def test_confidence_is_the_heads_top_probability():
     """Without ``min_survival`` the proposal still carries, per draft, the largest entry of the
     softmax of the head's logits (what a confidence scheduler reads; uncalibrated) — not the
@@ -265,14 +227,3 @@ def test_confidence_is_the_heads_top_probability():
     expected = firsts[0].amax(-1)
     torch.testing.assert_close(proposal.confidence[:, 0], expected.to(proposal.confidence.dtype))
     assert drafter.provides_confidence and ((proposal.confidence > 0) & (proposal.confidence <= 1)).all()
-
-
-RANGE = r"drafter.min_survival must be a number in \[0, 1\] \(0 = always draft γ tokens\), got "
-TYPE = r"invalid value in section 'drafter': Value '.*' of type '.*' could not be converted to Float\s+full_key: min_survival"
-
-
-@pytest.mark.parametrize("bad, message", [(-0.1, RANGE + "-0.1"), (1.5, RANGE + "1.5"), (float("nan"), RANGE + "nan"),
-                                          (True, TYPE), ("high", TYPE)])
-def test_bad_min_survival_is_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
-        eagle_pipeline(tiny_hf_model("qwen3"), 3, min_survival=bad)

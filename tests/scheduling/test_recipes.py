@@ -17,7 +17,9 @@ COMMON = [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"
 # the drafters whose confidences dspark calibrate fits (randomly initialised, γ = 3)
 SETUPS = {"dspark": COMMON,
           "eagle3": [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.path=null",
-                     "drafter.num_speculative_tokens=3"]}
+                     "drafter.num_speculative_tokens=3"],
+          "draft_model": [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.path=null",
+                          f"drafter.random={TINY.replace('seed: 0', 'seed: 1')}", "drafter.num_speculative_tokens=3"]}
 
 
 @pytest.mark.parametrize("config", sorted(SETUPS))
@@ -29,8 +31,9 @@ def test_calibrate_records_fits_and_the_drafter_applies_the_temperatures(tmp_pat
     report = calibrate(config, setup, prompts=str(prompts), num_prompts=6, max_new_tokens=12, batch_size=3,
                        output=str(output), plot=str(plot))
     assert report["request_rounds"] >= 12 and len(report["temperatures"]) == 3 and report["drafter"] == config
-    # each drafter's own method: STS for DSpark's trained confidence head, Platt for EAGLE-3's top probability
-    assert report["method"] == {"dspark": "sts", "eagle3": "platt"}[config] and report["map"] == "sampled"
+    # each drafter's own method: STS for DSpark's trained confidence head, Platt for a top probability
+    assert report["method"] == {"dspark": "sts", "eagle3": "platt", "draft_model": "platt"}[config]
+    assert report["map"] == "sampled"
     assert (report["method"] == "platt") or report["biases"] == [0.0, 0.0, 0.0]
     assert [row["position"] for row in report["after"]] == [1, 2, 3]
     assert plot.stat().st_size > 1000
@@ -79,6 +82,14 @@ def test_greedy_and_sampling_maps_share_one_file(tmp_path):
     calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, max_new_tokens=12, batch_size=2,
               output=str(output), temperature=1.0, seed=5)
     assert json.loads(output.read_text())["greedy"] == saved["greedy"]
+    # the maps of one file cover the same positions: a greedy fit at γ = 3 beside a 2-position sampling map is
+    # refused; a sampling fit over a file with no greedy map replaces its map whatever it covered
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"temperatures": [1.0, 1.0]}))
+    with pytest.raises(ValueError, match="its sampling map covers 2 draft positions, fewer than the 3 fitted now"):
+        calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, output=str(short), temperature=0.0)
+    calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, max_new_tokens=12, output=str(short))
+    assert len(json.loads(short.read_text())["temperatures"]) == 3
     # a greedy map alone leaves sampled confidences raw
     only_greedy = tmp_path / "greedy_only.json"
     only_greedy.write_text(json.dumps({"greedy": {"temperatures": [2.0, 2.0, 2.0]}}))
@@ -137,15 +148,17 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), batch_size=0)
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), temperature=-1.0)
-    for content, message in (('{"temperatures": [1.0, 1.0, 1.0], "biases": [0.0, 1.0]}', "expected 3 finite biases"),
-                             ('{"greedy": [1.0, 1.0, 1.0]}', "no 'temperatures'"),
-                             ('{"temperatures": [1.0, 1.0, 1.0], "greedy": 3}', "'greedy' must be an object"),
-                             ('{"greedy": {"temperatures": [1.0]}}', "at least 3 positive temperatures .* in 'greedy'"),
-                             ('not json', "cannot read confidence temperatures")):
+    short_greedy = "its greedy map covers 1 draft positions, fewer than the 3 fitted now"
+    for content, message, when_fitting in (
+            ('{"temperatures": [1.0, 1.0, 1.0], "biases": [0.0, 1.0]}', "expected 3 finite biases", None),
+            ('{"greedy": [1.0, 1.0, 1.0]}', "no 'temperatures'", None),
+            ('{"temperatures": [1.0, 1.0, 1.0], "greedy": 3}', "'greedy' must be an object", None),
+            ('{"greedy": {"temperatures": [1.0]}}', "at least 3 positive temperatures .* in 'greedy'", short_greedy),
+            ('not json', "cannot read confidence temperatures", None)):
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):
             dspark.build_pipeline("eagle3", overrides=[*SETUPS["eagle3"], f"drafter.calibration={bad}"])
-        with pytest.raises(ValueError, match=message):  # refused before recording, not overwritten
+        with pytest.raises(ValueError, match=when_fitting or message):  # refused before recording, not overwritten
             calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(bad))
         assert bad.read_text() == content
 
