@@ -151,10 +151,12 @@ class DraftModelDrafter(Drafter):
             proposal, steps = draft_while_likely(first, more, gamma=gamma, check_every=self.check_every,
                                                  min_survival=self.min_survival, done=state.done)
         else:
-            tokens, q, confidence, _ = self._draft_steps(out.logits[:, -1], num_new, uniforms, params, kv_len, 0, gamma)
+            tokens, q, confidence, _ = self._draft_steps(out.logits[:, -1], num_new, uniforms, params, kv_len,
+                                                         0, gamma)
             proposal, steps = DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0), probs=q,
                                             confidence=confidence), gamma
-        # drafts fed to the cache this round: every step's draft but x_γ's (None: skipped)
+        # drafts fed to the cache this round: each drafted step's but x_γ's (commit rolls back the
+        # rejected ones; a round that skips propose leaves self.fed None)
         self.fed_steps = min(steps, gamma - 1)
         self.fed = torch.where(active, self.fed_steps, 0)
         return proposal

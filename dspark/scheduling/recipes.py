@@ -25,7 +25,8 @@ class RoundRecorder:
 
     def __call__(self, proposal, result, active) -> None:
         if proposal.confidence is None:
-            raise ValueError("calibration needs a drafter whose proposals carry confidences (dspark, eagle3, draft_model)")
+            raise ValueError("calibration needs a drafter whose proposals carry confidences "
+                             "(dspark, eagle3, draft_model)")
         self.confidence.append(proposal.confidence[active].double().cpu())
         self.verified.append(proposal.num_tokens[active].cpu())
         self.accepted.append(result.num_accepted[active].cpu())
@@ -73,9 +74,9 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if output is None and cfg.drafter.get("path") is None:
-        raise ValueError("a drafter built in memory (drafter.path: null) has no checkpoint directory to write "
-                         "calibration.json beside: name the file with output= (--output)")
+    if output is None and (cfg.drafter.get("path") is None or cfg.drafter.get("random") is not None):
+        raise ValueError("a drafter built in memory (drafter.path: null, or drafter.random) has no checkpoint "
+                         "directory to write calibration.json beside: name the file with output= (--output)")
     if output is None:
         output = str(Path(resolve_checkpoint(cfg.drafter.path)) / CALIBRATION_FILE)
     existing, greedy = {}, temperature == 0

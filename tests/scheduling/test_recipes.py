@@ -142,6 +142,9 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("ngram", [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"], num_prompts=1)
     with pytest.raises(ValueError, match="drafter.path: null.*output="):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1)
+    random_draft = [s for s in SETUPS["draft_model"] if s != "drafter.path=null"]  # path left at the shipped model's
+    with pytest.raises(ValueError, match=r"drafter.random\) has no checkpoint directory"):
+        calibrate("draft_model", random_draft, num_prompts=1)
     with pytest.raises(ValueError, match="method must be one of sts, platt, got 'isotonic'"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), method="isotonic")
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
