@@ -43,26 +43,9 @@ class ThroughputProfile:
             raise ValueError(f"token_counts must be increasing integers >= 1, got {counts}")
         if any(not s > 0 for s in sps):
             raise ValueError(f"steps_per_second must be positive, got {sps}")
-        self._memo: dict = {}  # (shape, token counts) → SPS on the CPU (not a field: not saved, not compared)
 
     def sps(self, tokens: torch.Tensor) -> torch.Tensor:
-        """SPS at token counts ``tokens`` (any shape, on any device) → float64, same shape.
-
-        A scheduler asks for the same few token counts round after round (with the padded cost:
-        ``R · (1 + D)``, D = 0..γ): on the CPU, where reading them is free and each of the
-        interpolation's dozen small ops costs microseconds, the answer for up to 64 counts is
-        remembered by their values (a copy is returned). On a GPU it is recomputed, without a sync."""
-        if tokens.device.type != "cpu" or tokens.numel() > 64:
-            return self._interpolate(tokens)
-        key = (tokens.shape, tuple(tokens.double().flatten().tolist()))
-        hit = self._memo.get(key)
-        if hit is None:
-            if len(self._memo) >= 1024:
-                self._memo.clear()
-            hit = self._memo[key] = self._interpolate(tokens)
-        return hit.clone()
-
-    def _interpolate(self, tokens: torch.Tensor) -> torch.Tensor:
+        """SPS at token counts ``tokens`` (any shape, on any device) → float64, same shape."""
         counts = torch.tensor(self.token_counts, dtype=torch.float64, device=tokens.device)
         values = torch.tensor(self.steps_per_second, dtype=torch.float64, device=tokens.device)
         b = tokens.double()
