@@ -10,7 +10,7 @@ import torch
 
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.calibrated import find_calibration
-from dspark.drafters.early_stop import check_min_survival, draft_while_likely
+from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
 from dspark.models.compiled import compile_forward
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
@@ -171,7 +171,7 @@ class DraftModelDrafter(Drafter):
         drafts, probs, confidence = [], [], []
         for k in range(start, stop):
             token, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
-            drafts.append(token), probs.append(q), confidence.append(torch.softmax(logits.float(), -1).amax(-1))
+            drafts.append(token), probs.append(q), confidence.append(top_probability(logits))
             logits = None
             if k < self.gamma - 1:
                 logits = self.model(token.unsqueeze(1), self.cache, num_new, kv_len=kv_len).logits[:, -1]

@@ -15,7 +15,7 @@ from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
-from dspark.drafters.early_stop import check_min_survival, draft_while_likely
+from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
 from dspark.models.compiled import compile_forward
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
@@ -249,7 +249,7 @@ class Eagle3Drafter(Drafter):
         ``token`` ``[B]`` is the draft drawn from them; a confidence must not depend on it (a
         subclass may define its own ``c_k`` from the logits: schedulers and ``min_survival`` decide
         from it whether ``x_k`` is verified, and that choice may not read ``x_k``)."""
-        return torch.softmax(logits.float(), -1).amax(-1)
+        return top_probability(logits)
 
     def append_and_draft(self, following: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
                          uniforms: torch.Tensor, params, kv_len: int, stop: int):

@@ -21,6 +21,14 @@ from dspark.records import DraftProposal
 Chunk = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, object]
 
 
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """A left-to-right drafter's confidence in its next draft ``[B]``: the largest entry of the
+    softmax of its logits ``[B, V]`` (before the sampler's processing). Not the drawn token's
+    probability: a confidence that depends on ``x_k`` would let the choice to verify ``x_k``
+    depend on its value, and the accepted tokens would no longer follow the target."""
+    return torch.softmax(logits.float(), -1).amax(-1)
+
+
 def check_min_survival(value) -> float:
     """``drafter.min_survival``, checked: a number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
