@@ -46,6 +46,11 @@ class Calibration:
         temperatures, biases = chosen
         return apply_temperatures(confidence, temperatures[start:stop], biases[start:stop]).to(confidence.dtype)
 
+    @property
+    def positions(self) -> int:
+        """The draft positions every map covers."""
+        return min(len(m[0]) for m in (self.sampled, self.greedy) if m is not None)
+
     def to(self, device) -> "Calibration":
         move = lambda m: None if m is None else (m[0].to(device), m[1].to(device))  # noqa: E731
         sampled = move(self.sampled)
@@ -64,13 +69,12 @@ def _read_map(entry, path, positions: int, where: str) -> Map:
     if not isinstance(biases, list) or len(biases) != len(temperatures) or not all(number(b) for b in biases):
         raise ValueError(f"{path}: expected {len(temperatures)} finite biases (one per temperature){where}, "
                          f"got {biases}")
-    return (torch.tensor(temperatures[:positions], dtype=torch.float64),
-            torch.tensor(biases[:positions], dtype=torch.float64))
+    return torch.tensor(temperatures, dtype=torch.float64), torch.tensor(biases, dtype=torch.float64)
 
 
 def load_calibration(path, positions: int) -> Calibration:
-    """The maps of a calibration file for the first ``positions`` draft positions, checked: at
-    least ``positions`` positive temperatures per map, as many finite biases (if given)."""
+    """The maps of a calibration file, checked: at least ``positions`` positive temperatures per
+    map, as many finite biases (if given). Positions past ``positions`` are kept, never read."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -101,21 +105,11 @@ def find_calibration(source: str | None, checkpoint, positions: int, device=None
         source = Path(resolve_checkpoint(checkpoint)) / CALIBRATION_FILE
         if not source.is_file():
             return None
-        covered = _positions_covered(source)
-        if covered is not None and covered < positions:  # fitted at a smaller γ: not an error of the user's
-            warnings.warn(f"{source} calibrates {covered} draft positions, fewer than the {positions} drafted: the "
-                          f"confidences stay raw (run `dspark calibrate` at this γ, or name a file with "
+        calibration = load_calibration(source, 1)
+        if calibration.positions < positions:  # fitted at a smaller γ: not an error of the user's
+            warnings.warn(f"{source} calibrates {calibration.positions} draft positions, fewer than the {positions} "
+                          f"drafted: the confidences stay raw (run `dspark calibrate` at this γ, or name a file with "
                           f"drafter.calibration)", stacklevel=2)
             return None
+        return calibration.to(device)
     return load_calibration(source, positions).to(device)
-
-
-def _positions_covered(path) -> int | None:
-    """The fewest temperatures among a calibration file's maps (``None`` when it cannot be read
-    that far: :func:`load_calibration` then says what is wrong)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        maps = [m for m in (data, data.get("greedy")) if isinstance(m, dict) and "temperatures" in m]
-        return min(len(m["temperatures"]) for m in maps)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
