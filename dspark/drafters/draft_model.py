@@ -140,19 +140,17 @@ class DraftModelDrafter(Drafter):
         params, gamma = state.params, self.gamma
         active = ~state.done
         out, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
-        num_new = active.long()
+        num_new, first_logits = active.long(), out.logits[:, -1]
+
+        def steps_from(logits, start, stop):  # x_{start+1}..x_stop from the logits of step start + 1
+            return self._draft_steps(logits, num_new, uniforms, params, kv_len, start, stop)
+
         if self.min_survival > 0:
-            def first(stop):
-                return self._draft_steps(out.logits[:, -1], num_new, uniforms, params, kv_len, 0, stop)
-
-            def more(logits, start, stop):
-                return self._draft_steps(logits, num_new, uniforms, params, kv_len, start, stop)
-
-            proposal, steps = draft_while_likely(first, more, gamma=gamma, check_every=self.check_every,
+            proposal, steps = draft_while_likely(lambda stop: steps_from(first_logits, 0, stop), steps_from,
+                                                 gamma=gamma, check_every=self.check_every,
                                                  min_survival=self.min_survival, done=state.done)
         else:
-            tokens, q, confidence, _ = self._draft_steps(out.logits[:, -1], num_new, uniforms, params, kv_len,
-                                                         0, gamma)
+            tokens, q, confidence, _ = steps_from(first_logits, 0, gamma)
             proposal, steps = DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0), probs=q,
                                             confidence=confidence), gamma
         # drafts fed to the cache this round: each drafted step's but x_γ's (commit rolls back the

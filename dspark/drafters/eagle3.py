@@ -91,11 +91,10 @@ class Eagle3Drafter(Drafter):
     After each round it appends the pairs the target kept, from the verify forward's hidden
     states (no extra target pass); draft steps write past the committed length and are never
     committed. Proposals carry ``q`` when sampling and, as confidences, the head's top probability
-    at each position (the largest entry of the softmax of its logits), mapped per position when a
-    calibration is found (``dspark calibrate``). Not the drafted
-    token's probability: a confidence that depends on ``x_k`` would make the choice to verify
-    ``x_k`` depend on its value, and the accepted tokens would no longer follow the target. With
-    ``min_survival`` a request stops drafting once the product of its confidences falls below it.
+    at each position (:func:`~dspark.drafters.early_stop.top_probability`, not the drafted token's
+    probability: see there), mapped per position when a calibration is found (``dspark
+    calibrate``). With ``min_survival`` a request stops drafting once the product of its
+    confidences falls below it.
     """
 
     config_class = Eagle3Config
@@ -254,8 +253,8 @@ class Eagle3Drafter(Drafter):
     def append_and_draft(self, following: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
                          uniforms: torch.Tensor, params, kv_len: int, stop: int):
         """:meth:`append_pairs` then :meth:`draft_steps` of ``x_1..x_stop`` from its output, as one
-        function (one compiled call per round instead of two): tokens, ``q``, probabilities, the
-        last drafting output, and the appended last output ``[B, H]``."""
+        function (one compiled call per round instead of two): :meth:`draft_steps`'s tokens, ``q``,
+        confidences and last drafting output, then the appended last output ``[B, H]``."""
         d = self.append_pairs(following, hidden_states, num_new, kv_len)
         return (*self.draft_steps(d, None, self.cache.lengths, uniforms, params, kv_len, 0, stop), d)
 
