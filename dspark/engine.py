@@ -111,6 +111,7 @@ class Engine:
         forward = compile_forward(target, target.device) if self.config.compile else target
         if self.config.compile:
             drafter.compile()
+            self.scheduler.compile(target.device)
         if self.config.cuda_graphs:
             if torch.device(self.device).type != "cuda" or self.cache_class is not StaticKVCache:
                 raise ValueError("engine.cuda_graphs needs a CUDA target (target.device=cuda) with the static "

@@ -290,19 +290,20 @@ def test_chi_square_detects_a_broken_verifier():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "dspark", "eagle3",
-                                     "eagle3_stop", "eagle3_calibrated"])
+                                     "eagle3_stop", "eagle3_calibrated", "dspark_async", "draft_model_adaptive"])
 def test_compiled_rounds_match_eager(drafter):
-    """engine.compile: the compiled target and drafter forwards give the greedy tokens of plain
-    decoding, and the sampled tokens of the eager pipeline with the same seeds."""
+    """engine.compile: the compiled target, drafter and scheduler give the greedy tokens of plain
+    decoding, and the sampled tokens of the eager pipeline with the same seeds (both pipelines
+    decode the same calls in turn: the adaptive scheduler learns from one call to the next)."""
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(101, lengths=(5, 1, 9))
     expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
-    compiled = spec_pipeline(target, drafter, 3, "engine.compile=true")
-    assert compiled.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
+    compiled, eager = spec_pipeline(target, drafter, 3, "engine.compile=true"), spec_pipeline(target, drafter, 3)
+    for pipe in (compiled, eager):
+        assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
     assert compiled.engine.cache_class is not None and compiled.engine._cache.max_len % 256 == 0
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
-    eager = spec_pipeline(target, drafter, 3).generate(prompts, **sampled).token_ids
-    assert compiled.generate(prompts, **sampled).token_ids == eager
+    assert compiled.generate(prompts, **sampled).token_ids == eager.generate(prompts, **sampled).token_ids
 
 
 @pytest.mark.slow

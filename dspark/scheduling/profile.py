@@ -43,21 +43,21 @@ class ThroughputProfile:
             raise ValueError(f"token_counts must be increasing integers >= 1, got {counts}")
         if any(not s > 0 for s in sps):
             raise ValueError(f"steps_per_second must be positive, got {sps}")
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # not a field: never saved
 
     def sps(self, tokens: torch.Tensor) -> torch.Tensor:
         """SPS at token counts ``tokens`` (any shape, on any device) → float64, same shape."""
-        counts = torch.tensor(self.token_counts, dtype=torch.float64, device=tokens.device)
-        values = torch.tensor(self.steps_per_second, dtype=torch.float64, device=tokens.device)
-        b = tokens.double()
-        upper = torch.searchsorted(counts, b.clamp(counts[0], counts[-1])).clamp(1, max(len(counts) - 1, 1))
-        if len(counts) == 1:
-            inside = values.expand_as(b)
-        else:
-            lo, hi = counts[upper - 1], counts[upper]
-            w = ((b.clamp(counts[0], counts[-1]) - lo) / (hi - lo)).clamp(0, 1)
-            inside = values[upper - 1] * (1 - w) + values[upper] * w
-        beyond = values[-1] * counts[-1] / b.clamp(min=1.0)
-        return torch.where(b > counts[-1], beyond, inside)
+        return interpolate_sps(tokens, *self.table(tokens.device))
+
+    def table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The measured counts and steps/s as float64 ``[N]`` tensors on ``device``, built once per
+        device (a round's scheduling copies nothing from the host)."""
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = (torch.tensor(self.token_counts, dtype=torch.float64, device=device),
+                                 torch.tensor(self.steps_per_second, dtype=torch.float64, device=device))
+        return self._tables[key]
 
     def check_matches(self, model: str, dtype: str) -> None:
         """Raise ``ValueError`` when the table was measured for another model or dtype."""
@@ -82,6 +82,23 @@ class ThroughputProfile:
         if unknown:
             raise ValueError(f"{path}: unknown throughput-profile keys {sorted(unknown)}")
         return cls(**data)
+
+
+def interpolate_sps(tokens: torch.Tensor, counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """SPS at token counts ``tokens`` (any shape) from a table of measured ``counts`` and steps/s
+    ``values`` (float64 ``[N]``, counts increasing) → float64, same shape as ``tokens``: linear
+    between measured counts, SPS(counts[0]) below them, constant time per token beyond them."""
+    b = tokens.double()
+    inside_b = b.clamp(counts[0], counts[-1])
+    if counts.numel() == 1:
+        inside = values.expand_as(b)
+    else:
+        upper = torch.searchsorted(counts, inside_b).clamp(1, counts.numel() - 1)
+        lo, hi = counts[upper - 1], counts[upper]
+        w = ((inside_b - lo) / (hi - lo)).clamp(0, 1)
+        inside = values[upper - 1] * (1 - w) + values[upper] * w
+    beyond = values[-1] * counts[-1] / b.clamp(min=1.0)
+    return torch.where(b > counts[-1], beyond, inside)
 
 
 def profile_target(target, token_counts=(1, 2, 4, 8, 16, 32, 64), *, context_length: int = 256, repeats: int = 5,

@@ -118,6 +118,37 @@ def test_the_asynchronous_scheduler_takes_its_capacity_from_the_previous_round(t
     assert scheduler.capacity is None and scheduler.round_summary() is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cost", ["padded", "tokens"])
+def test_the_compiled_choice_equals_the_eager_one(cost, tmp_path):
+    """engine.compile compiles the dspark scheduler's choice (``Scheduler.compile``): on random
+    confidences — sure and unsure rows, finished requests, proposals shorter than γ — it returns
+    the eager scheduler's lengths exactly, early stop or the whole-path search alike."""
+    from dspark.records import DraftProposal
+    from dspark.scheduling import DSparkScheduler
+    from dspark.scheduling.schedulers import DSparkSchedulerConfig
+
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 2, 4, 8, 16, 32], [1.0, 0.98, 0.9, 0.7, 0.45, 0.25]).save(profile)
+    config = DSparkSchedulerConfig(profile=str(profile), cost=cost, measured_fallback=False)
+    eager, compiled = DSparkScheduler(config), DSparkScheduler(config)
+    compiled.compile("cpu")
+    generator = torch.Generator().manual_seed(0)
+    checked = set()
+    for batch, gamma in ((1, 7), (5, 4)):
+        for trial in range(6):
+            confidence = torch.rand(batch, gamma, generator=generator, dtype=torch.float64) ** (0.1 + trial / 3)
+            num_tokens = torch.randint(0, gamma + 1, (batch,), generator=generator)
+            active = torch.rand(batch, generator=generator) < 0.8
+            proposal = DraftProposal(tokens=torch.zeros(batch, gamma, dtype=torch.long), num_tokens=num_tokens,
+                                     confidence=confidence)
+            for early_stop in (True, False):
+                expected = eager.lengths(proposal, active, early_stop=early_stop)
+                assert torch.equal(compiled.lengths(proposal, active, early_stop=early_stop), expected)
+                checked.add(tuple(expected.tolist()))
+    assert len(checked) > 8  # the trials exercise different choices, not one answer
+
+
 def test_the_load_bound_reads_the_cost_table(tmp_path):
     from dspark.scheduling import DSparkScheduler
     from dspark.scheduling.schedulers import DSparkSchedulerConfig
