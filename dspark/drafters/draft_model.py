@@ -99,8 +99,9 @@ class DraftModelDrafter(Drafter):
 
     def compile(self) -> None:
         # static shapes: every step reads the whole draft cache. The catch-up step is one graph per
-        # batch size and width; the drafting steps are one graph per batch size and sampling
-        # settings (the loop unrolled), so a round pays the per-call overhead twice, not γ times
+        # batch size and width (1, 2 or MAX_LAG + 1: see _feed); the drafting steps are one graph
+        # per batch size and sampling settings (the loop unrolled), so a round pays the per-call
+        # overhead twice, not γ times
         self._forward = compile_forward(self.model, self.target.device)
         self._draft_steps = compile_forward(self.draft_steps, self.target.device)
         self._static_kv = True
@@ -124,8 +125,8 @@ class DraftModelDrafter(Drafter):
     def _feed(self, state: DecodingState, with_anchor: bool):
         """Feed each unfinished request's committed tokens the cache lacks (and its anchor): one ragged step."""
         width = self.max_lag + int(with_anchor)
-        if self._static_kv:  # compiled steps: few distinct widths
-            width = 1 << (width - 1).bit_length()
+        if self._static_kv and width > 2:  # compiled steps: three widths (1, 2, MAX_LAG + 1), so the
+            width = MAX_LAG + 1            # rare catch-ups after skipped rounds compile one graph, not five
         start = self.cache.lengths
         positions = (start.unsqueeze(1) + torch.arange(width, device=start.device)).clamp(max=state.tokens.shape[1] - 1)
         num_new = torch.where(state.done, 0, state.lengths - int(not with_anchor) - start)

@@ -34,13 +34,14 @@ def test_pipeline_reports_missing_draft_model():
 register_scheduler("adaptive_slow_drafts_test")(fake_clock_scheduler(3.0, base=AdaptiveScheduler))
 
 
-@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping", "stopping"])
+@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping", "skipping_static", "stopping"])
 def test_draft_cache_tracks_committed_context(mode, tmp_path):
     """After every round the draft cache holds a prefix of the committed tokens, at most
     ``drafter.max_lag`` short of all but the anchor — also when a scheduler verifies fewer drafts
     than were fed (the adaptive scheduler with a cost table that stops at depth 1–2), when it
     skips rounds (a fake clock on which drafting does not pay, so skipped runs reach the catch-up
-    bound), and when drafting stops early (``min_survival``: the last draft of a stopped round is
+    bound; also with the static shapes of ``engine.compile``, where a catch-up is padded to one of
+    three widths), and when drafting stops early (``min_survival``: the last draft of a stopped round is
     fed, unlike ``x_γ``). At the end its keys and values equal a fresh forward over the committed tokens."""
     from dspark.drafters.draft_model import MAX_LAG
     from dspark.scheduling import ThroughputProfile
@@ -54,10 +55,11 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
                  "unverified": ["scheduler.name=adaptive", "scheduler.measured_fallback=false",
                                 "scheduler.idle_backoff=0", f"scheduler.profile={tmp_path / 'idle.json'}"],
                  "skipping": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"],
+                 "skipping_static": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"],
                  # γ = 5, a threshold near the 80th percentile of the survival after two drafts:
                  # rounds stop after 2 drafts (x_2 fed) or after 4 (x_4 fed, x_5 never drafted)
                  "stopping": ["drafter.num_speculative_tokens=5", "drafter.min_survival=0.000235"]}[mode]
-    if mode in ("scheduled", "skipping"):
+    if mode in ("scheduled", "skipping", "skipping_static"):
         overrides.append(f"scheduler.profile={tmp_path / 'sps.json'}")
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "num_speculative_tokens": 3}},
@@ -79,7 +81,13 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
         last["state"] = state
 
     drafter.commit = checked_commit
-    max_new = 90 if mode == "skipping" else 25
+    fed_widths = []
+    if mode == "skipping_static":  # engine.compile's shapes (whole-cache reads, bucketed widths), run eagerly
+        drafter._static_kv = True
+        forward = drafter._forward
+        drafter._forward = lambda tokens, *args, **kwargs: fed_widths.append(tokens.shape[1]) or forward(
+            tokens, *args, **kwargs)
+    max_new = 90 if mode.startswith("skipping") else 25
     stats = pipe.generate(ragged_prompts(101, lengths=(3, 7, 1)), max_new_tokens=max_new, temperature=1.0, seed=3,
                           ignore_eos=True).stats
     assert checks and all(checks)
@@ -87,8 +95,10 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
         assert 0 < stats.verified_tokens < stats.drafted_tokens
     if mode == "unverified":  # drafted every round, mostly verifying nothing: the narrowed proposal is empty
         assert stats.drafted_tokens == 3 * stats.target_forwards and stats.verified_tokens < stats.target_forwards / 2
-    if mode == "skipping":  # long runs of skipped rounds, fed in bounded catch-up steps
+    if mode.startswith("skipping"):  # long runs of skipped rounds, fed in bounded catch-up steps
         assert max(lags) == MAX_LAG - 1 and stats.drafted_tokens < 3 * 3 * stats.rounds / 4
+    if mode == "skipping_static":  # every catch-up width met, padded to three
+        assert set(fed_widths) == {1, 2, MAX_LAG + 1}
     if mode == "stopping":  # rounds stopped after 2 drafts and after 4, none drafted all 5
         assert set(fed) == {2, 4} and max(widths) < 5
     state, cache = last["state"], drafter.cache
