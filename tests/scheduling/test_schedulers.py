@@ -120,7 +120,9 @@ def test_the_asynchronous_scheduler_takes_its_capacity_from_the_previous_round(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cost", ["padded", "tokens"])
-def test_the_compiled_choice_equals_the_eager_one(cost, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_the_compiled_choice_equals_the_eager_one(cost, device, tmp_path):
     """engine.compile compiles the dspark scheduler's choice (``Scheduler.compile``): on random
     confidences — sure and unsure rows, finished requests, proposals shorter than γ — it returns
     the eager scheduler's lengths exactly, early stop or the whole-path search alike."""
@@ -132,7 +134,7 @@ def test_the_compiled_choice_equals_the_eager_one(cost, tmp_path):
     ThroughputProfile([1, 2, 4, 8, 16, 32], [1.0, 0.98, 0.9, 0.7, 0.45, 0.25]).save(profile)
     config = DSparkSchedulerConfig(profile=str(profile), cost=cost, measured_fallback=False)
     eager, compiled = DSparkScheduler(config), DSparkScheduler(config)
-    compiled.compile("cpu")
+    compiled.compile(device)
     generator = torch.Generator().manual_seed(0)
     checked = set()
     for batch, gamma in ((1, 7), (5, 4)):
@@ -140,8 +142,9 @@ def test_the_compiled_choice_equals_the_eager_one(cost, tmp_path):
             confidence = torch.rand(batch, gamma, generator=generator, dtype=torch.float64) ** (0.1 + trial / 3)
             num_tokens = torch.randint(0, gamma + 1, (batch,), generator=generator)
             active = torch.rand(batch, generator=generator) < 0.8
-            proposal = DraftProposal(tokens=torch.zeros(batch, gamma, dtype=torch.long), num_tokens=num_tokens,
-                                     confidence=confidence)
+            proposal = DraftProposal(tokens=torch.zeros(batch, gamma, dtype=torch.long, device=device),
+                                     num_tokens=num_tokens.to(device), confidence=confidence.to(device))
+            active = active.to(device)
             for early_stop in (True, False):
                 expected = eager.lengths(proposal, active, early_stop=early_stop)
                 assert torch.equal(compiled.lengths(proposal, active, early_stop=early_stop), expected)
