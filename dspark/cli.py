@@ -24,10 +24,21 @@ def _generate(args: argparse.Namespace) -> int:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT or --prompt-ids 'ID ID ...'")
+    streamer = None
+    if args.stream:
+        if len(prompts) != 1:
+            raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
+                             "prompts (drop --stream to generate a batch)")
+        if args.progress:
+            raise SystemExit("dspark generate: --stream and --progress both draw on the terminal; choose one")
+        streamer = _stream_printer(pipe.tokenizer if not args.print_ids else None)
     result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                           ignore_eos=args.ignore_eos, progress=args.progress)
-    for i, ids in enumerate(result.token_ids):
+                           ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer)
+    if streamer is not None:
+        streamer.finish()
+        print(flush=True)
+    for i, ids in enumerate(result.token_ids if streamer is None else []):
         if len(prompts) > 1:
             print(f"--- request {i}")
         print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))
@@ -38,6 +49,28 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(asdict(result.stats), f, indent=2)
     return 0
+
+
+def _stream_printer(tokenizer):
+    """The ``--stream`` callback: text through a :class:`~dspark.streaming.TextStreamer`, or
+    space-separated ids when there is no tokenizer or ``--print-ids`` is given."""
+    from dspark.streaming import TextStreamer
+
+    if tokenizer is not None:
+        return TextStreamer(tokenizer)
+
+    class IdPrinter:
+        first = True
+
+        def __call__(self, index: int, token_ids: list[int]) -> None:
+            sys.stdout.write(("" if self.first else " ") + " ".join(map(str, token_ids)))
+            sys.stdout.flush()
+            self.first = False
+
+        def finish(self) -> None:
+            pass
+
+    return IdPrinter()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -128,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     gen.add_argument("--stats-json", help="also write the stats to this JSON file")
     gen.add_argument("overrides", nargs="*", help='the prompt, then config overrides, e.g. drafter.num_speculative_tokens=5')
     gen.set_defaults(func=_generate)

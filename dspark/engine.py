@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -161,8 +162,13 @@ class Engine:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
-                 seeds: list[int], ignore_eos: bool = False, progress=None) -> tuple[list[list[int]], GenerationStats]:
-        """Decode one batch of token-id prompts (already validated); return generated ids and stats."""
+                 seeds: list[int], ignore_eos: bool = False, progress=None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> tuple[list[list[int]], GenerationStats]:
+        """Decode one batch of token-id prompts (already validated); return generated ids and stats.
+
+        ``on_tokens(b, ids)``: called after prefill and after every round, for each request ``b`` of
+        the batch that emitted tokens, with the ids it emitted (final: the concatenation of a
+        request's calls is its output). The ids ride on the round's one host read."""
         started = time.perf_counter()
         batch, device, gamma = len(prompts), self.device, self.drafter.gamma
         prompt_lengths = [len(p) for p in prompts]
@@ -196,7 +202,8 @@ class Engine:
         self.drafter.start(state, out, cache.max_len)
         prefill_time = time.perf_counter() - started
 
-        status = self._status(state, cache, None)  # the one sync per round
+        stream = None if on_tokens is None else _TokenStream(on_tokens, prompt_lengths, gamma + 1)
+        status = self._status(state, cache, None, stream)  # the one sync per round
         round_started = time.perf_counter()
         while not all(status[:batch]):
             active, state.max_cache_len, emitted_before = [not d for d in status[:batch]], status[batch], status[batch + 1]
@@ -204,7 +211,7 @@ class Engine:
             if progress is not None:
                 progress.update(1)
             summary = self.scheduler.round_summary()
-            status = self._status(state, cache, summary)
+            status = self._status(state, cache, summary, stream)
             now = time.perf_counter()  # the status read waited for the device: the round is over
             if summary is not None:
                 self.scheduler.summary_read(status[batch + 2:])
@@ -217,10 +224,18 @@ class Engine:
         return generated, counters.stats(generated, wall, prefill_time)
 
     @staticmethod
-    def _status(state: DecodingState, cache, summary: torch.Tensor | None) -> list[int]:
-        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``."""
+    def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``
+        (a stream's window is read with it and handed to its callback)."""
         parts = [state.done.long(), cache.lengths.max().view(1), state.lengths.sum().view(1)]
-        return torch.cat(parts if summary is None else [*parts, summary]).tolist()
+        if summary is not None:
+            parts.append(summary)
+        if stream is None:
+            return torch.cat(parts).tolist()
+        status = torch.cat([*parts, stream.window(state)]).tolist()
+        size = stream.size(state.batch_size)
+        stream.emit(status[-size:])
+        return status[:-size]
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
                counters: RoundCounters) -> bool:
@@ -342,6 +357,35 @@ def _draw_uniforms(generators: list[torch.Generator], active: list[bool], count:
         if active[b] and count:
             uniforms[b].uniform_(generator=generator)
     return uniforms
+
+
+class _TokenStream:
+    """Hands each request's newly emitted tokens to a callback, read with the round's status: the
+    last ``width`` tokens of every request (a round emits at most γ + 1) and the lengths."""
+
+    def __init__(self, callback: Callable[[int, list[int]], None], prompt_lengths: list[int], width: int):
+        self.callback, self.width = callback, width
+        self.sent = list(prompt_lengths)  # tokens of each request already handed over (prompt included)
+
+    def size(self, batch: int) -> int:
+        return batch * (1 + self.width)
+
+    def window(self, state: DecodingState) -> torch.Tensor:
+        """``[B · (1 + width)]``: each request's length, then its last ``width`` tokens."""
+        start = state.lengths.unsqueeze(1) - self.width
+        positions = (start + torch.arange(self.width, device=start.device)).clamp(min=0)
+        return torch.cat([state.lengths.unsqueeze(1), state.tokens.gather(1, positions)], 1).flatten()
+
+    def emit(self, values: list[int]) -> None:
+        row = 1 + self.width
+        for b in range(len(self.sent)):
+            length, last = values[b * row], values[b * row + 1: (b + 1) * row]
+            new = length - self.sent[b]
+            if new > self.width:  # cannot happen: a round emits at most γ + 1 tokens per request
+                raise RuntimeError(f"request {b} emitted {new} tokens in one round, more than {self.width}")
+            if new > 0:
+                self.sent[b] = length
+                self.callback(b, last[self.width - new:])
 
 
 class _Stopper:

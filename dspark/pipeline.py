@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -86,7 +87,7 @@ class Pipeline:
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
-                 progress: bool | None = None) -> GenerationResult:
+                 progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -97,11 +98,17 @@ class Pipeline:
                 seeds from ``torch``'s global generator).
             ignore_eos: keep generating past EOS until ``max_new_tokens``.
             progress: show a progress bar (default: ``engine.progress``).
+            on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
+                (after prefill and after every round; several tokens per call when drafts are
+                accepted). The ids are final: request ``i``'s calls concatenate to its
+                ``token_ids``. :class:`~dspark.streaming.TextStreamer` turns them into text.
 
         All arguments are checked before any compute; a bad one raises ``ValueError``/``TypeError``.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if on_tokens is not None and not callable(on_tokens):
+            raise TypeError(f"on_tokens must be a callable on_tokens(request_index, token_ids), got {type(on_tokens).__name__}")
         params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
                                 else temperature, top_k, top_p, min_p).validate()
         encoded = self.encode(prompts)
@@ -113,8 +120,11 @@ class Pipeline:
         token_ids, parts = [], []
         size = self.engine.config.max_batch_size
         for start in range(0, len(encoded), size):
+            chunk_callback = None if on_tokens is None else (
+                lambda b, ids, offset=start: on_tokens(offset + b, ids))
             ids, stats = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
-                                              seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar)
+                                              seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar,
+                                              on_tokens=chunk_callback)
             token_ids += ids
             parts.append(stats)
         if bar is not None:

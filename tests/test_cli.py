@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dspark.cli import main
 
 
@@ -49,3 +51,16 @@ def test_data_regenerate_checks_its_config_before_any_work(capsys):
     assert "must be a multiple of batch_size (64)" in capsys.readouterr().err
     assert main(["data", "regenerate", "temperatur=1"]) == 2
     assert "temperatur" in capsys.readouterr().err
+
+
+def test_stream_prints_what_generate_prints(capsys):
+    """`--stream` writes the text as rounds finish; the whole equals the batch output, text and ids."""
+    for extra in ([], ["--print-ids"]):
+        args = ["generate", "def fibonacci(n):", "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "3",
+                "--config", "draft_model", "target.device=cpu", *extra]
+        assert main(args) == 0
+        plain = capsys.readouterr().out
+        assert main([*args, "--stream"]) == 0
+        assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit, match="--stream prints one request as it is generated; got 2 prompts"):
+        main(["generate", "a", "b", "--stream", "target.device=cpu"])

@@ -1,0 +1,110 @@
+"""Streaming: the ids handed to ``on_tokens`` as rounds finish are each request's output, in
+order, read with the round's one host read; TextStreamer turns them into the same text."""
+
+import pytest
+import torch
+
+import dspark
+from dspark.scheduling import ThroughputProfile
+from dspark.streaming import TextStreamer
+
+from helpers import ragged_prompts, tiny_hf_model
+
+
+def collect():
+    calls: list[tuple[int, list[int]]] = []
+    return calls, lambda index, ids: calls.append((index, list(ids)))
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "dspark", "dspark_async"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_streamed_ids_are_the_output(drafter, temperature, tmp_path):
+    """Three requests in batches of two (the pipeline's chunks map back to request indices), each
+    call at most γ + 1 tokens, and their concatenation per request equals ``token_ids`` — also
+    beside a scheduler that reads its own summary with the round's status."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    block = {"name": "dspark", "num_speculative_tokens": 3, "path": None, "rank": 16}
+    section = {"none": "none", "ngram": {"name": "ngram", "num_speculative_tokens": 3, "min_n": 1, "max_n": 2},
+               "dspark": block, "dspark_async": block}[drafter]
+    overrides = ["engine.max_batch_size=2"]
+    if drafter == "dspark_async":
+        ThroughputProfile([1, 4, 8, 12], [1.0, 0.95, 0.8, 0.5]).save(tmp_path / "sps.json")
+        overrides += ["scheduler.name=dspark_async", f"scheduler.profile={tmp_path / 'sps.json'}",
+                      "scheduler.measured_fallback=false"]
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": section}, target_model=target,
+                                 overrides=overrides)
+    expected = pipe.generate(ragged_prompts(101, lengths=(5, 1, 9)), max_new_tokens=20, temperature=temperature,
+                             seed=2, ignore_eos=True)
+    calls, on_tokens = collect()
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    result = pipe.generate(prompts, max_new_tokens=20, temperature=temperature, seed=2, ignore_eos=True,
+                           on_tokens=on_tokens)
+    streamed = {i: [] for i in range(len(prompts))}
+    for index, ids in calls:
+        assert 1 <= len(ids) <= pipe.drafter.gamma + 1
+        streamed[index] += ids
+    assert [streamed[i] for i in range(len(prompts))] == result.token_ids
+    assert result.token_ids == expected.token_ids and result.stats.verified_tokens == expected.stats.verified_tokens
+    if result.stats.accepted_tokens:  # rounds that accepted drafts hand over several tokens at once
+        assert max(len(ids) for _, ids in calls) > 1
+
+
+def test_streaming_stops_at_eos_and_adds_no_host_read(monkeypatch):
+    target = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 6))
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"},
+                                  "drafter": {"name": "ngram", "num_speculative_tokens": 3, "min_n": 1, "max_n": 2}},
+                                 target_model=target)
+    free = pipe.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
+    eos = free[0][5]
+    pipe.engine.eos_token_ids, pipe.engine._eos = (eos,), torch.tensor([eos])
+    reads, original = [], torch.Tensor.tolist
+
+    def counted(tensor):
+        reads.append(tensor.numel())
+        return original(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    plain = pipe.generate(prompts, max_new_tokens=16)
+    plain_reads = len(reads)
+    reads.clear()
+    calls, on_tokens = collect()
+    streamed = pipe.generate(prompts, max_new_tokens=16, on_tokens=on_tokens)
+    assert len(reads) == plain_reads  # the window rides on the status read
+    assert streamed.token_ids == plain.token_ids and streamed.token_ids[0][-1] == eos
+    assert [sum((ids for i, ids in calls if i == b), []) for b in range(2)] == streamed.token_ids
+
+
+def test_bad_callback_is_refused_before_work():
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
+    with pytest.raises(TypeError, match="on_tokens must be a callable"):
+        pipe.generate([[3, 4]], max_new_tokens=2, on_tokens="print")
+
+
+def test_text_streamer_writes_the_decoded_text_and_holds_split_characters():
+    """Fed one token at a time, the shipped byte-level tokenizer splits multi-byte characters:
+    no written piece carries U+FFFD, and the pieces add up to the decoded text."""
+    from dspark.assets import resolve_model
+    from dspark.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model("dspark-tiny"))
+    text = "héllo wörld ✓ 日本語 — naïve café"
+    ids = tokenizer(text)["input_ids"]
+    pieces: list[tuple[int, str]] = []
+    streamer = TextStreamer(tokenizer, lambda index, piece: pieces.append((index, piece)))
+    for token in ids:
+        streamer(0, [token])
+    streamer.finish()
+    assert all("\ufffd" not in piece for _, piece in pieces)
+    assert "".join(piece for _, piece in pieces) == tokenizer.decode(ids, skip_special_tokens=True) == streamer.texts[0]
+    assert len(pieces) < len(ids)  # some characters waited for their other bytes
+
+
+def test_text_streamer_follows_each_request():
+    pipe = dspark.build_pipeline("draft_model", overrides=["target.device=cpu"])
+    written: dict[int, str] = {}
+    streamer = TextStreamer(pipe.tokenizer, lambda index, piece: written.__setitem__(index, written.get(index, "") + piece))
+    result = pipe.generate(["def add(a, b):", "The river"], max_new_tokens=20, temperature=1.0, seed=1,
+                           on_tokens=streamer)
+    streamer.finish()
+    assert [written.get(i, "") for i in range(2)] == result.texts
