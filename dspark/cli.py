@@ -34,7 +34,8 @@ def _generate(args: argparse.Namespace) -> int:
         streamer = _stream_printer(pipe.tokenizer if not args.print_ids else None)
     result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                           ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer)
+                           ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer,
+                           stop_token_ids=args.stop_token_id, stop=args.stop)
     if streamer is not None:
         streamer.finish()
         print(flush=True)
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--stop-token-id", type=int, action="append",
+                     help="a token id that ends a request, like EOS (repeatable; kept in the output)")
+    gen.add_argument("--stop", action="append",
+                     help="a string that ends a request once generated (repeatable; kept in the output)")
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")

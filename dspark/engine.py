@@ -163,8 +163,15 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
                  seeds: list[int], ignore_eos: bool = False, progress=None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> tuple[list[list[int]], GenerationStats]:
+                 on_tokens: Callable[[int, list[int]], None] | None = None,
+                 stop_token_ids: tuple[int, ...] = (),
+                 stop_check: Callable[[int, list[int]], int | None] | None = None) -> tuple[list[list[int]], GenerationStats]:
         """Decode one batch of token-id prompts (already validated); return generated ids and stats.
+
+        A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
+        ``stop_token_ids``; the token that ends it is part of its output. ``stop_check(b, ids)``
+        sees each request's emitted ids as ``on_tokens`` does (before it) and may end the request
+        after the first ``k`` of them by returning ``k`` (:class:`~dspark.stop_strings.StopStrings`).
 
         ``on_tokens(b, ids)``: called after prefill and after every round, for each request ``b`` of
         the batch that emitted tokens, with the ids it emitted (final: the concatenation of a
@@ -183,7 +190,10 @@ class Engine:
                               done=torch.zeros(batch, dtype=torch.bool, device=device),
                               max_new_tokens=max_new_tokens, params=params)
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        stopper = _Stopper(self._eos if not ignore_eos else self._eos[:0], max_new_tokens)
+        stop = self._eos if not ignore_eos else self._eos[:0]
+        if stop_token_ids:
+            stop = torch.cat([stop, torch.tensor(stop_token_ids, dtype=torch.long, device=device)])
+        stopper = _Stopper(stop, max_new_tokens)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
         self.scheduler.reset()
@@ -202,7 +212,8 @@ class Engine:
         self.drafter.start(state, out, cache.max_len)
         prefill_time = time.perf_counter() - started
 
-        stream = None if on_tokens is None else _TokenStream(on_tokens, prompt_lengths, gamma + 1)
+        stream = None if on_tokens is None and stop_check is None else _TokenStream(
+            prompt_lengths, gamma + 1, on_tokens, stop_check)
         status = self._status(state, cache, None, stream)  # the one sync per round
         round_started = time.perf_counter()
         while not all(status[:batch]):
@@ -233,8 +244,10 @@ class Engine:
         if stream is None:
             return torch.cat(parts).tolist()
         status = torch.cat([*parts, stream.window(state)]).tolist()
-        size = stream.size(state.batch_size)
-        stream.emit(status[-size:])
+        batch, size = state.batch_size, stream.size(state.batch_size)
+        for b, length, dropped in stream.emit(status[-size:]):  # a stop string ended request b
+            state.done[b], state.lengths[b] = True, length
+            status[b], status[batch + 1] = 1, status[batch + 1] - dropped
         return status[:-size]
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
@@ -360,11 +373,13 @@ def _draw_uniforms(generators: list[torch.Generator], active: list[bool], count:
 
 
 class _TokenStream:
-    """Hands each request's newly emitted tokens to a callback, read with the round's status: the
-    last ``width`` tokens of every request (a round emits at most γ + 1) and the lengths."""
+    """The tokens each request emitted since the last status read, read with it (its last
+    ``width`` tokens and its length; a round emits at most γ + 1): handed to ``on_tokens`` and
+    checked by ``stop_check``, which may end the request after one of them (see :meth:`emit`)."""
 
-    def __init__(self, callback: Callable[[int, list[int]], None], prompt_lengths: list[int], width: int):
-        self.callback, self.width = callback, width
+    def __init__(self, prompt_lengths: list[int], width: int, on_tokens: Callable[[int, list[int]], None] | None,
+                 stop_check: Callable[[int, list[int]], int | None] | None):
+        self.on_tokens, self.stop_check, self.width = on_tokens, stop_check, width
         self.sent = list(prompt_lengths)  # tokens of each request already handed over (prompt included)
 
     def size(self, batch: int) -> int:
@@ -376,16 +391,27 @@ class _TokenStream:
         positions = (start + torch.arange(self.width, device=start.device)).clamp(min=0)
         return torch.cat([state.lengths.unsqueeze(1), state.tokens.gather(1, positions)], 1).flatten()
 
-    def emit(self, values: list[int]) -> None:
-        row = 1 + self.width
+    def emit(self, values: list[int]) -> list[tuple[int, int, int]]:
+        """Hand over the new tokens in ``values`` (the host copy of :meth:`window`); return
+        ``(request, length, dropped)`` for each request a stop check ended: its new length and how
+        many emitted tokens past the stop it loses."""
+        row, ended = 1 + self.width, []
         for b in range(len(self.sent)):
             length, last = values[b * row], values[b * row + 1: (b + 1) * row]
             new = length - self.sent[b]
             if new > self.width:  # cannot happen: a round emits at most γ + 1 tokens per request
                 raise RuntimeError(f"request {b} emitted {new} tokens in one round, more than {self.width}")
-            if new > 0:
-                self.sent[b] = length
-                self.callback(b, last[self.width - new:])
+            if new <= 0:
+                continue
+            ids = last[self.width - new:]
+            kept = None if self.stop_check is None else self.stop_check(b, ids)
+            if kept is not None:
+                ids = ids[:kept]
+                ended.append((b, self.sent[b] + kept, new - kept))
+            self.sent[b] += len(ids)
+            if self.on_tokens is not None:
+                self.on_tokens(b, ids)
+        return ended
 
 
 class _Stopper:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from dspark.config import load_config, section_object
 from dspark.engine import Engine
 from dspark.stats import GenerationStats
+from dspark.stop_strings import StopStrings, check_stop_strings
 from dspark.models import load_model, random_hf_model
 from dspark.models.loading import resolve_checkpoint
 from dspark.records import SamplingParams
@@ -85,9 +87,22 @@ class Pipeline:
             encoded.append(ids)
         return encoded
 
+    def _check_stop_token_ids(self, stop_token_ids) -> tuple[int, ...]:
+        if stop_token_ids is None:
+            return ()
+        if isinstance(stop_token_ids, (str, bytes, int)) or not isinstance(stop_token_ids, (list, tuple)):
+            raise TypeError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+        vocab = self.target.vocab_size
+        bad = [t for t in stop_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+               or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[:5]}")
+        return tuple(int(t) for t in stop_token_ids)
+
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
-                 progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+                 progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
+                 stop_token_ids: list[int] | None = None, stop: list[str] | None = None) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -97,6 +112,10 @@ class Pipeline:
             seed: one int (request ``i`` uses ``seed + i``), one int per request, or ``None`` (fresh
                 seeds from ``torch``'s global generator).
             ignore_eos: keep generating past EOS until ``max_new_tokens``.
+            stop_token_ids: more tokens that end a request, for this call (as EOS does, and kept in
+                its output); they apply with ``ignore_eos`` too.
+            stop: stop strings (needs a tokenizer): a request ends after the token that completes one
+                in its generated text; that token stays in its output, the text keeps the string.
             progress: show a progress bar (default: ``engine.progress``).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
@@ -107,6 +126,8 @@ class Pipeline:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        stop_ids = self._check_stop_token_ids(stop_token_ids)
+        stop_strings = check_stop_strings(stop, self.tokenizer)
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError(f"on_tokens must be a callable on_tokens(request_index, token_ids), got {type(on_tokens).__name__}")
         params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
@@ -124,7 +145,8 @@ class Pipeline:
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
             ids, stats = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
                                               seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar,
-                                              on_tokens=chunk_callback)
+                                              on_tokens=chunk_callback, stop_token_ids=stop_ids,
+                                              stop_check=StopStrings(self.tokenizer, stop_strings) if stop_strings else None)
             token_ids += ids
             parts.append(stats)
         if bar is not None:

@@ -64,3 +64,22 @@ def test_stream_prints_what_generate_prints(capsys):
         assert capsys.readouterr().out == plain
     with pytest.raises(SystemExit, match="--stream prints one request as it is generated; got 2 prompts"):
         main(["generate", "a", "b", "--stream", "target.device=cpu"])
+
+
+def test_stop_token_id_ends_the_request(capsys):
+    args = ["generate", "--config", "ar", "--prompt-ids", "5 6 7", "--print-ids", "--max-new-tokens", "8",
+            "--ignore-eos", "target.device=cpu"]
+    assert main(args) == 0
+    free = [int(t) for t in capsys.readouterr().out.split()]
+    assert main([*args, "--stop-token-id", str(free[2])]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == free[:free.index(free[2]) + 1]
+
+
+def test_stop_string_ends_the_request(capsys):
+    args = ["generate", "--config", "ar", "def add(a, b):", "--max-new-tokens", "24", "--ignore-eos", "target.device=cpu"]
+    assert main(args) == 0
+    free = capsys.readouterr().out
+    stop = free.strip()[4:7]
+    assert main([*args, "--stop", stop]) == 0
+    cut = capsys.readouterr().out
+    assert stop in cut and len(cut) < len(free) and free.startswith(cut.rstrip("\n"))

@@ -111,3 +111,26 @@ def test_quick_start_config_runs():
     pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
     result = pipe.generate(["Hello"], max_new_tokens=4)
     assert len(result.token_ids[0]) <= 4 and isinstance(result.texts[0], str)
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "dspark"])
+def test_stop_token_ids_end_requests_like_eos(drafter):
+    """Per-call stop tokens end each request at their first occurrence (kept in the output), with
+    ``ignore_eos`` too, and leave the other requests as they were; bad ids are refused before work."""
+    hf = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 6, 2, 8))
+    free = build(hf).generate(prompts, max_new_tokens=14, ignore_eos=True).token_ids
+    stops = [free[0][4], free[2][7]]
+    section = {"none": "none", "ngram": {"name": "ngram", "num_speculative_tokens": 3, "min_n": 1, "max_n": 2},
+               "dspark": {"name": "dspark", "num_speculative_tokens": 3, "path": None, "rank": 16}}[drafter]
+    pipe = build(hf, config={**AR, "drafter": section})
+    stopped = pipe.generate(prompts, max_new_tokens=14, ignore_eos=True, stop_token_ids=stops).token_ids
+    for full, got in zip(free, stopped):
+        cut = min([full.index(t) + 1 for t in stops if t in full], default=len(full))
+        assert got == full[:cut]
+    assert stopped[0][-1] in stops and len(stopped[0]) <= 5
+    assert pipe.generate(prompts, max_new_tokens=14, ignore_eos=True).token_ids == free  # only for that call
+    for bad, error in (([hf.config.vocab_size], ValueError), ([-1], ValueError), ([True], ValueError),
+                       (["3"], ValueError), (3, TypeError)):
+        with pytest.raises(error, match="stop_token_ids"):
+            pipe.generate(prompts, max_new_tokens=4, stop_token_ids=bad)

@@ -1,0 +1,73 @@
+"""Stop strings: a request ends right after the token that completes one in its generated text,
+whatever the drafter and however many tokens a round emitted; bad values are refused."""
+
+import pytest
+
+import dspark
+from dspark.stop_strings import StopStrings
+
+from helpers import ragged_prompts, tiny_hf_model
+
+
+def first_completion(tokenizer, ids: list[int], stops: list[str]) -> int:
+    """Tokens up to and including the one whose decoded prefix first contains a stop string."""
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        if any(stop in text for stop in stops):
+            return k
+    return len(ids)
+
+
+@pytest.mark.parametrize("config", ["ar", "draft_model", "ngram", "eagle3"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_requests_end_after_the_token_that_completes_a_stop_string(config, temperature):
+    """The embedded models and tokenizer: stop strings taken from the free outputs (so some
+    requests meet them mid-round, some not at all); each output is the free output cut after
+    the token whose text first contains one, streamed ids included."""
+    pipe = dspark.build_pipeline(config, overrides=["target.device=cpu"])
+    prompts = ["def add(a, b):", "The river", "import os\n", "class Stack:"]
+    kwargs = dict(max_new_tokens=40, temperature=temperature, seed=4, ignore_eos=True)
+    free = pipe.generate(prompts, **kwargs)
+    stops = [free.texts[0][10:13], free.texts[2][20:22]]
+    assert all(stops)
+    streamed = {i: [] for i in range(len(prompts))}
+    stopped = pipe.generate(prompts, stop=stops, on_tokens=lambda i, ids: streamed[i].extend(ids), **kwargs)
+    cut = [first_completion(pipe.tokenizer, ids, stops) for ids in free.token_ids]
+    assert stopped.token_ids == [ids[:k] for ids, k in zip(free.token_ids, cut)]
+    assert [streamed[i] for i in range(len(prompts))] == stopped.token_ids
+    assert stops[0] in stopped.texts[0] and stops[1] in stopped.texts[2]
+    assert cut[0] < len(free.token_ids[0]) and cut[2] < len(free.token_ids[2])
+
+
+def test_only_generated_text_counts():
+    """A stop string that the prompt already contains, or that begins in the prompt, ends nothing."""
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
+    free = pipe.generate(["def add(a, b):"], max_new_tokens=12, ignore_eos=True)
+    assert pipe.generate(["def add(a, b):"], max_new_tokens=12, ignore_eos=True,
+                         stop=["def add", "b):" + free.texts[0][:1]]).token_ids == free.token_ids
+
+
+def test_the_window_is_enough_for_split_characters():
+    """One token at a time through the byte-level tokenizer: multi-byte characters split across
+    tokens still match, at the token that completes them."""
+    from dspark.assets import resolve_model
+    from dspark.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model("dspark-tiny"))
+    ids = tokenizer("naïve café ✓ 日本語 done")["input_ids"]
+    for stop in ("✓", "日本", "é ✓", "done"):
+        check = StopStrings(tokenizer, [stop])
+        kept = next((k for k, token in enumerate(ids, 1) if check(0, [token])), None)
+        assert kept == first_completion(tokenizer, ids, [stop]) and stop in tokenizer.decode(ids[:kept])
+
+
+def test_bad_stop_strings_are_refused_before_work():
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
+    for bad, error, message in (("\n", TypeError, "list of strings"), ([""], ValueError, "non-empty"),
+                                ([3], ValueError, "non-empty strings")):
+        with pytest.raises(error, match=message):
+            pipe.generate(["x"], max_new_tokens=2, stop=bad)
+    bare = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"},
+                                 target_model=tiny_hf_model("qwen3"))
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        bare.generate(ragged_prompts(101, lengths=(3,)), max_new_tokens=2, stop=["a"])
