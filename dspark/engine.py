@@ -236,8 +236,9 @@ class Engine:
 
     @staticmethod
     def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
-        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``
-        (a stream's window is read with it and handed to its callback)."""
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``.
+        A stream's window is read with it and handed over; a request its stop check ends is marked
+        done, and its length cut, here (between rounds, no extra read)."""
         parts = [state.done.long(), cache.lengths.max().view(1), state.lengths.sum().view(1)]
         if summary is not None:
             parts.append(summary)
