@@ -108,3 +108,29 @@ def test_text_streamer_follows_each_request():
                            on_tokens=streamer)
     streamer.finish()
     assert [written.get(i, "") for i in range(2)] == result.texts
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_a_stop_check_ends_a_request_between_rounds(device):
+    """The engine's ``stop_check`` (what stop strings use): request 0 ends after its 7th token,
+    mid-round; on CUDA the done flag and the cut length are written to the device between rounds."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    pipe = dspark.build_pipeline({"target": {"device": device},
+                                  "drafter": {"name": "dspark", "num_speculative_tokens": 4, "path": None, "rank": 16}},
+                                 target_model=target)
+    prompts = ragged_prompts(101, lengths=(5, 2, 8))
+    free = pipe.generate(prompts, max_new_tokens=24, ignore_eos=True)
+    seen: dict[int, int] = {}
+
+    def stop_after_seven(index: int, ids: list[int]) -> int | None:
+        before = seen.get(index, 0)
+        seen[index] = before + len(ids)
+        return 7 - before if index == 0 and before < 7 <= before + len(ids) else None
+
+    calls, on_tokens = collect()
+    ids, stats = pipe.engine.generate(prompts, max_new_tokens=24, params=dspark.SamplingParams(), seeds=[0, 1, 2],
+                                      ignore_eos=True, on_tokens=on_tokens, stop_check=stop_after_seven)
+    assert ids == [free.token_ids[0][:7], *free.token_ids[1:]]
+    assert [sum((got for i, got in calls if i == b), []) for b in range(3)] == ids
+    assert stats.generated_tokens == sum(map(len, ids))
