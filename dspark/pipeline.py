@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from dspark.config import load_config, section_object
 from dspark.engine import Engine
-from dspark.stats import GenerationStats
-from dspark.stop_strings import StopStrings, check_stop_strings
 from dspark.models import load_model, random_hf_model
 from dspark.models.loading import resolve_checkpoint
 from dspark.records import SamplingParams
+from dspark.stats import GenerationStats
+from dspark.stop_strings import StopStrings, check_stop_strings
 from dspark.tokenization import has_tokenizer_files, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from dspark.models.compiled import compile_forward
 from dspark.records import DraftProposal
 from dspark.registry import Registry
 from dspark.scheduling.prefix import survival, threshold_lengths, throughput_lengths, top_k_lengths
-from dspark.models.compiled import compile_forward
 from dspark.scheduling.profile import ThroughputProfile, interpolate_sps, profile_target
 from dspark.scheduling.skipping import IdleBackoff, MeasuredFallback
 from dspark.stats import position_counts
