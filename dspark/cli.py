@@ -35,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
     result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                            ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer,
-                           stop_token_ids=args.stop_token_id, stop=args.stop)
+                           stop_token_ids=args.stop_token_id, stop=args.stop, min_new_tokens=args.min_new_tokens)
     if streamer is not None:
         streamer.finish()
         print(flush=True)
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-id", type=int, action="append",
                      help="a token id that ends a request, like EOS (repeatable; kept in the output)")
+    gen.add_argument("--min-new-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
     gen.add_argument("--stop", action="append",
                      help="a string that ends a request once generated (repeatable; kept in the output)")
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")

@@ -164,12 +164,14 @@ class Engine:
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
                  seeds: list[int], ignore_eos: bool = False, progress=None,
                  on_tokens: Callable[[int, list[int]], None] | None = None,
-                 stop_token_ids: tuple[int, ...] = (),
+                 stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
                  stop_check: Callable[[int, list[int]], int | None] | None = None) -> tuple[list[list[int]], GenerationStats]:
         """Decode one batch of token-id prompts (already validated); return generated ids and stats.
 
         A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
-        ``stop_token_ids``; the token that ends it is part of its output. ``stop_check(b, ids)``
+        ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
+        is among its first ``min_new_tokens`` (the target's distribution excludes them there, so
+        verification stays exact). ``stop_check(b, ids)``
         sees each request's emitted ids as ``on_tokens`` does (before it) and may end the request
         after the first ``k`` of them by returning ``k`` (:class:`~dspark.stop_strings.StopStrings`).
 
@@ -193,7 +195,7 @@ class Engine:
         stop = self._eos if not ignore_eos else self._eos[:0]
         if stop_token_ids:
             stop = torch.cat([stop, torch.tensor(stop_token_ids, dtype=torch.long, device=device)])
-        stopper = _Stopper(stop, max_new_tokens)
+        stopper = _Stopper(stop, max_new_tokens, min_new_tokens, self.target.vocab_size)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
         self.scheduler.reset()
@@ -206,7 +208,8 @@ class Engine:
         no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0),
                                                     num_tokens=state.tokens.new_zeros(batch))  # also for skipped rounds
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
-        first = self.verifier.verify(out.logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
+        first = self.verifier.verify(stopper.suppress(out.logits, state), no_drafts, sampler=self.sampler, params=params,
+                                     uniforms=uniforms)
         stopper.append(state, first.tokens, torch.ones_like(state.lengths))
         state.max_cache_len = max_prompt
         self.drafter.start(state, out, cache.max_len)
@@ -292,8 +295,8 @@ class Engine:
             _round_up(state.max_cache_len + gamma + 1, self.config.kv_len_multiple), cache.max_len)
         out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
         # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
-        result = self.verifier.verify(out.logits, proposal, sampler=self.sampler, params=params,
-                                      uniforms=verifier_uniforms)
+        result = self.verifier.verify(stopper.suppress(out.logits, state), proposal, sampler=self.sampler,
+                                      params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:
             self.scheduler.record(num_verify, num_accepted)
@@ -416,11 +419,29 @@ class _TokenStream:
 
 
 class _Stopper:
-    """Appends emitted tokens to the state and marks requests done at EOS or the token budget."""
+    """Appends emitted tokens to the state and marks requests done at EOS or the token budget;
+    keeps stop tokens out of each request's first ``min_new_tokens`` tokens."""
 
-    def __init__(self, eos: torch.Tensor, max_new_tokens: int):
+    def __init__(self, eos: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, vocab_size: int = 0):
         self.eos = eos
         self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens if eos.numel() else 0
+        self.calls = 0  # target distributions suppressed so far (host int)
+        if self.min_new_tokens:
+            self.stop_vocab = torch.zeros(vocab_size, dtype=torch.bool, device=eos.device).index_fill_(0, eos, True)
+
+    def suppress(self, logits: torch.Tensor, state: DecodingState) -> torch.Tensor:
+        """The target's logits ``[B, K, V]`` for positions 0..K−1 after each request's last token, with
+        the stop tokens at −∞ where they would be among its first ``min_new_tokens`` generated
+        tokens. Verification then samples from (and accepts drafts by) this distribution, so
+        suppressing stays exact. A request has ≥ n − 1 tokens before the n-th call (one per call
+        at least): once ``calls ≥ min_new_tokens`` nothing is left to suppress, and the logits pass."""
+        if self.calls >= self.min_new_tokens:
+            return logits
+        self.calls += 1
+        generated = state.lengths - state.prompt_lengths  # [B]: tokens before position 0's
+        early = generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device) < self.min_new_tokens
+        return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab, float("-inf"))
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
         """Append ``emitted`` ``[B, K]``, of which the first ``num_emitted[b]`` are real; return how many

@@ -102,7 +102,8 @@ class Pipeline:
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
-                 stop_token_ids: list[int] | None = None, stop: list[str] | None = None) -> GenerationResult:
+                 stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
+                 min_new_tokens: int = 0) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -116,6 +117,9 @@ class Pipeline:
                 its output); they apply with ``ignore_eos`` too.
             stop: stop strings (needs a tokenizer): a request ends after the token that completes one
                 in its generated text; that token stays in its output, the text keeps the string.
+            min_new_tokens: no EOS or stop token among a request's first ``min_new_tokens``
+                tokens (they get probability 0 there; ``0 ≤ min_new_tokens ≤ max_new_tokens``).
+                Stop strings are text and are not held back by it.
             progress: show a progress bar (default: ``engine.progress``).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
@@ -126,6 +130,8 @@ class Pipeline:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}")
         stop_ids = self._check_stop_token_ids(stop_token_ids)
         stop_strings = check_stop_strings(stop, self.tokenizer)
         if on_tokens is not None and not callable(on_tokens):
@@ -146,6 +152,7 @@ class Pipeline:
             ids, stats = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
                                               seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar,
                                               on_tokens=chunk_callback, stop_token_ids=stop_ids,
+                                              min_new_tokens=min_new_tokens,
                                               stop_check=StopStrings(self.tokenizer, stop_strings) if stop_strings else None)
             token_ids += ids
             parts.append(stats)

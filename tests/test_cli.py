@@ -73,6 +73,9 @@ def test_stop_token_id_ends_the_request(capsys):
     free = [int(t) for t in capsys.readouterr().out.split()]
     assert main([*args, "--stop-token-id", str(free[2])]) == 0
     assert [int(t) for t in capsys.readouterr().out.split()] == free[:free.index(free[2]) + 1]
+    assert main([*args, "--stop-token-id", str(free[2]), "--min-new-tokens", "5"]) == 0
+    held = [int(t) for t in capsys.readouterr().out.split()]
+    assert free[2] not in held[:5] and (len(held) == 8 or held[-1] == free[2])
 
 
 def test_stop_string_ends_the_request(capsys):

@@ -134,3 +134,29 @@ def test_stop_token_ids_end_requests_like_eos(drafter):
                        (["3"], ValueError), (3, TypeError)):
         with pytest.raises(error, match="stop_token_ids"):
             pipe.generate(prompts, max_new_tokens=4, stop_token_ids=bad)
+
+
+def test_min_new_tokens_holds_eos_back_as_transformers_does():
+    """The EOS that plain decoding meets 3rd is held back until 6 tokens: the output equals
+    transformers' generate(min_new_tokens=6) token for token; speculative pipelines equal it too."""
+    hf = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(4, 6, 2))
+    free = build(hf).generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
+    eos = free[0][2]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=6,
+                              do_sample=False, eos_token_id=eos, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    assert eos in expected[0][6:] or eos not in expected[0]  # held back, not removed
+    assert all(eos not in ids[:6] for ids in expected)
+    for section in ("none", {"name": "ngram", "num_speculative_tokens": 3, "min_n": 1, "max_n": 2},
+                    {"name": "dspark", "num_speculative_tokens": 3, "path": None, "rank": 16}):
+        pipe = build(hf, config={**AR, "drafter": section})
+        got = pipe.generate(prompts, max_new_tokens=16, stop_token_ids=[eos], min_new_tokens=6).token_ids
+        assert got == expected
+    for bad in (-1, 17, 2.0, True):
+        with pytest.raises(ValueError, match="min_new_tokens must be an integer"):
+            pipe.generate(prompts, max_new_tokens=16, min_new_tokens=bad)

@@ -181,15 +181,19 @@ def tiny_pair():
     return target, draft
 
 
-def exact_joint(target, params) -> torch.Tensor:
-    """P(y1, y2, y3 | PROMPT) of the target with the sampler's processing, enumerated: ``[V, V, V]``."""
+def exact_joint(target, params, held_back: tuple[int, int] | None = None) -> torch.Tensor:
+    """P(y1, y2, y3 | PROMPT) of the target with the sampler's processing, enumerated: ``[V, V, V]``.
+    ``held_back=(token, n)``: that token has probability 0 among the first n (``min_new_tokens``)."""
     from dspark.models import load_model
     from dspark.samplers import DefaultSampler
 
     model, sampler = load_model(target, dtype="float64"), DefaultSampler()
     seqs = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(VOCAB), repeat=2)])
     with torch.inference_mode():
-        logits = model(seqs, model.new_cache(len(seqs), 8)).logits  # [V*V, 5, V]
+        logits = model(seqs, model.new_cache(len(seqs), 8)).logits.clone()  # [V*V, 5, V]
+        if held_back is not None:
+            token, count = held_back
+            logits[:, len(PROMPT) - 1: len(PROMPT) - 1 + count, token] = -float("inf")
     p = sampler.probs(logits, params)
     p1 = p[0, 2]  # after the prompt
     p2 = p[:, 3].view(VOCAB, VOCAB, VOCAB)[:, 0]  # rows a*V+b, any b: after (prompt, a)
@@ -197,12 +201,12 @@ def exact_joint(target, params) -> torch.Tensor:
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def empirical_joint(pipe, params, samples=20000) -> torch.Tensor:
+def empirical_joint(pipe, params, samples=20000, **options) -> torch.Tensor:
     counts = torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.long)
     batch = 5000
     for start in range(0, samples, batch):
         result = pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=params.temperature, top_k=params.top_k,
-                               top_p=params.top_p, seed=1000 + start, ignore_eos=True)
+                               top_p=params.top_p, seed=1000 + start, ignore_eos=True, **options)
         ids = torch.tensor(result.token_ids)
         counts += torch.bincount(ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2],
                                  minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
@@ -227,6 +231,21 @@ def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
     counts = empirical_joint(pipe, params)
     assert chi_square_p_value(counts, exact_joint(target, params)) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "eagle3"])
+def test_chi_square_with_a_stop_token_held_back(drafter):
+    """``min_new_tokens=2`` with a stop token: the first two tokens come from the target's
+    distribution without it, the third from the full one (it may end the request there). The
+    stop token is the target's likeliest first token, so holding it back moves a lot of mass."""
+    params = SETTINGS["temperature_1"]
+    target, draft = tiny_pair()
+    stop = int(exact_joint(target, params).sum((1, 2)).argmax())
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
+    counts = empirical_joint(pipe, params, stop_token_ids=[stop], min_new_tokens=2)
+    assert counts[stop].sum() == 0 and counts[:, stop].sum() == 0 and counts[:, :, stop].sum() > 0
+    assert chi_square_p_value(counts, exact_joint(target, params, held_back=(stop, 2))) > 1e-3
 
 
 @pytest.mark.gpu
