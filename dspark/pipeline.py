@@ -130,12 +130,15 @@ class Pipeline:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}")
+        if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
+                or not 0 <= min_new_tokens <= max_new_tokens):
+            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], "
+                             f"got {min_new_tokens!r}")
         stop_ids = self._check_stop_token_ids(stop_token_ids)
         stop_strings = check_stop_strings(stop, self.tokenizer)
         if on_tokens is not None and not callable(on_tokens):
-            raise TypeError(f"on_tokens must be a callable on_tokens(request_index, token_ids), got {type(on_tokens).__name__}")
+            raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
+                            f"got {type(on_tokens).__name__}")
         params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
                                 else temperature, top_k, top_p, min_p).validate()
         encoded = self.encode(prompts)
