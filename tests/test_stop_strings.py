@@ -18,15 +18,16 @@ def first_completion(tokenizer, ids: list[int], stops: list[str]) -> int:
     return len(ids)
 
 
-@pytest.mark.parametrize("config", ["ar", "draft_model", "ngram", "eagle3", "dspark", "dspark_scheduled"])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("config, temperature", [(config, t) for config in ("ar", "draft_model", "ngram", "eagle3",
+                                                                           "dspark") for t in (0.0, 1.0)]
+                         + [("dspark_scheduled", 0.0)])
 def test_requests_end_after_the_token_that_completes_a_stop_string(config, temperature):
     """The embedded models and tokenizer: stop strings taken from the free outputs (so some
     requests meet them mid-round, some not at all); each output is the free output cut after
-    the token whose text first contains one, streamed ids included."""
-    # (the scheduler's wall-clock fallback would make sampled outputs differ run to run)
-    fallback = ["scheduler.measured_fallback=false"] if config == "dspark_scheduled" else []
-    pipe = dspark.build_pipeline(config, overrides=["target.device=cpu", *fallback])
+    the token whose text first contains one, streamed ids included. Under a load-aware scheduler
+    only greedy outputs can be compared: once some requests end, the others verify differently,
+    which changes their samples (not their distribution)."""
+    pipe = dspark.build_pipeline(config, overrides=["target.device=cpu"])
     prompts = ["def add(a, b):", "The river", "import os\n", "class Stack:"]
     kwargs = dict(max_new_tokens=40, temperature=temperature, seed=4, ignore_eos=True)
     free = pipe.generate(prompts, **kwargs)
