@@ -18,20 +18,23 @@ def _generate(args: argparse.Namespace) -> int:
     # positional words that are not `section.key=value` overrides are prompts: `dspark generate "def f():"`
     positional = [o for o in args.overrides if not OVERRIDE.match(o)]
     overrides = [o for o in args.overrides if OVERRIDE.match(o)]
-    pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
     prompts: list = positional + list(args.prompt or [])
     for ids in args.prompt_ids or []:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT or --prompt-ids 'ID ID ...'")
+    if args.stream and len(prompts) != 1:
+        raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
+                         "prompts (drop --stream to generate a batch)")
+    if args.stream and args.progress:
+        raise SystemExit("dspark generate: --stream and --progress both draw on the terminal; choose one")
+    pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
     streamer = None
     if args.stream:
-        if len(prompts) != 1:
-            raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
-                             "prompts (drop --stream to generate a batch)")
-        if args.progress:
-            raise SystemExit("dspark generate: --stream and --progress both draw on the terminal; choose one")
-        streamer = _stream_printer(pipe.tokenizer if not args.print_ids else None)
+        from dspark.streaming import TextStreamer
+
+        text = pipe.tokenizer is not None and not args.print_ids
+        streamer = TextStreamer(pipe.tokenizer if text else _IdsAsText())
     result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                            ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer,
@@ -52,26 +55,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_printer(tokenizer):
-    """The ``--stream`` callback: text through a :class:`~dspark.streaming.TextStreamer`, or
-    space-separated ids when there is no tokenizer or ``--print-ids`` is given."""
-    from dspark.streaming import TextStreamer
+class _IdsAsText:
+    """A "tokenizer" whose text is the ids, space-separated: ``--stream --print-ids``."""
 
-    if tokenizer is not None:
-        return TextStreamer(tokenizer)
-
-    class IdPrinter:
-        first = True
-
-        def __call__(self, index: int, token_ids: list[int]) -> None:
-            sys.stdout.write(("" if self.first else " ") + " ".join(map(str, token_ids)))
-            sys.stdout.flush()
-            self.first = False
-
-        def finish(self) -> None:
-            pass
-
-    return IdPrinter()
+    @staticmethod
+    def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
 
 
 def _train(args: argparse.Namespace) -> int:
