@@ -171,9 +171,9 @@ class Engine:
         A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
         ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
         is among its first ``min_new_tokens`` (the target's distribution excludes them there, so
-        verification stays exact). ``stop_check(b, ids)``
-        sees each request's emitted ids as ``on_tokens`` does (before it) and may end the request
-        after the first ``k`` of them by returning ``k`` (:class:`~dspark.stop_strings.StopStrings`).
+        verification stays exact). ``stop_check(b, ids)`` sees each request's emitted ids as
+        ``on_tokens`` does (before it) and may end the request after the first ``k`` of them by
+        returning ``k`` (:class:`~dspark.stop_strings.StopStrings`).
 
         ``on_tokens(b, ids)``: called after prefill and after every round, for each request ``b`` of
         the batch that emitted tokens, with the ids it emitted (final: the concatenation of a
