@@ -165,8 +165,11 @@ class Engine:
                  seeds: list[int], ignore_eos: bool = False, progress=None,
                  on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
-                 stop_check: Callable[[int, list[int]], int | None] | None = None) -> tuple[list[list[int]], GenerationStats]:
-        """Decode one batch of token-id prompts (already validated); return generated ids and stats.
+                 stop_check: Callable[[int, list[int]], int | None] | None = None,
+                 logprobs: bool = False) -> tuple[list[list[int]], GenerationStats, list[list[float]] | None]:
+        """Decode one batch of token-id prompts (already validated); return generated ids, stats and,
+        with ``logprobs``, each generated token's log-probability under the target's own
+        distribution (before the sampler's processing), else ``None``.
 
         A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
         ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
@@ -195,7 +198,9 @@ class Engine:
         stop = self._eos if not ignore_eos else self._eos[:0]
         if stop_token_ids:
             stop = torch.cat([stop, torch.tensor(stop_token_ids, dtype=torch.long, device=device)])
-        stopper = _Stopper(stop, max_new_tokens, min_new_tokens, self.target.vocab_size)
+        logprob_buffer = (torch.zeros(batch, max_len + gamma + 1, dtype=torch.float32, device=device)
+                          if logprobs else None)
+        stopper = _Stopper(stop, max_new_tokens, min_new_tokens, self.target.vocab_size, logprob_buffer)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
         self.scheduler.reset()
@@ -210,7 +215,7 @@ class Engine:
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
         first = self.verifier.verify(stopper.suppress(out.logits, state), no_drafts, sampler=self.sampler, params=params,
                                      uniforms=uniforms)
-        stopper.append(state, first.tokens, torch.ones_like(state.lengths))
+        stopper.append(state, first.tokens, torch.ones_like(state.lengths), out.logits)
         state.max_cache_len = max_prompt
         self.drafter.start(state, out, cache.max_len)
         prefill_time = time.perf_counter() - started
@@ -234,8 +239,12 @@ class Engine:
 
         rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
         generated = [row[1 + prompt_lengths[b]: 1 + row[0]] for b, row in enumerate(rows)]
+        token_logprobs = None
+        if logprob_buffer is not None:
+            token_logprobs = [row[prompt_lengths[b]: prompt_lengths[b] + len(generated[b])]
+                              for b, row in enumerate(logprob_buffer.tolist())]
         wall = time.perf_counter() - started
-        return generated, counters.stats(generated, wall, prefill_time)
+        return generated, counters.stats(generated, wall, prefill_time), token_logprobs
 
     @staticmethod
     def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
@@ -302,7 +311,7 @@ class Engine:
             self.scheduler.record(num_verify, num_accepted)
         clock.lap(counters, 2)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
-        emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1))
+        emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1), out.logits)
         # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
         cache.rollback(num_new - emitted)
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
@@ -422,9 +431,11 @@ class _Stopper:
     """Appends emitted tokens to the state and marks requests done at EOS or the token budget;
     keeps stop tokens out of each request's first ``min_new_tokens`` tokens."""
 
-    def __init__(self, eos: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, vocab_size: int = 0):
+    def __init__(self, eos: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, vocab_size: int = 0,
+                 logprobs: torch.Tensor | None = None):
         self.eos = eos
         self.max_new_tokens = max_new_tokens
+        self.logprobs = logprobs
         self.min_new_tokens = min_new_tokens if eos.numel() else 0
         self.calls = 0  # target distributions suppressed so far (host int)
         if self.min_new_tokens:
@@ -443,8 +454,20 @@ class _Stopper:
         early = generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device) < self.min_new_tokens
         return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab, float("-inf"))
 
-    def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
+    def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor,
+               logits: torch.Tensor) -> torch.Tensor:
         """Append ``emitted`` ``[B, K]``, of which the first ``num_emitted[b]`` are real; return how many
-        were kept ``[B]`` (fewer after an EOS or when the budget runs out). One kernel for the batch."""
-        return kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
+        were kept ``[B]`` (fewer after an EOS or when the budget runs out). One kernel for the batch.
+        With :attr:`logprobs` (a ``[B, S]`` buffer beside ``state.tokens``), also record each kept
+        token's log-probability under the target's ``logits`` ``[B, ≥K, V]`` it was drawn after."""
+        before = None if self.logprobs is None else state.lengths.clone()
+        kept = kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
                                      num_emitted, self.eos, self.max_new_tokens)
+        if before is not None:
+            width = emitted.shape[1]
+            logprobs = torch.log_softmax(logits[:, :width].float(), -1).gather(-1, emitted.unsqueeze(-1)).squeeze(-1)
+            offsets = torch.arange(width, device=kept.device)
+            positions = before.unsqueeze(1) + offsets  # [B, K], inside the buffer (it has γ + 1 spare columns)
+            keep = offsets < kept.unsqueeze(1)
+            self.logprobs.scatter_(1, positions, torch.where(keep, logprobs, self.logprobs.gather(1, positions)))
+        return kept

@@ -31,11 +31,15 @@ class GenerationResult:
         token_ids: generated tokens only, one list per request (EOS included when it ended the request).
         texts: decoded generations (special tokens skipped) when the pipeline has a tokenizer, else ``None``.
         stats: :class:`~dspark.engine.GenerationStats` of the call.
+        logprobs: with ``generate(logprobs=True)``, one list per request: each generated token's
+            log-probability under the target's own distribution (the model's log-softmax, before
+            temperature and the other sampling settings), aligned with ``token_ids``; else ``None``.
     """
 
     token_ids: list[list[int]]
     texts: list[str] | None
     stats: GenerationStats
+    logprobs: list[list[float]] | None = None
 
 
 class Pipeline:
@@ -103,7 +107,7 @@ class Pipeline:
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
-                 min_new_tokens: int = 0) -> GenerationResult:
+                 min_new_tokens: int = 0, logprobs: bool = False) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -121,6 +125,8 @@ class Pipeline:
                 tokens (they get probability 0 there; ``0 ≤ min_new_tokens ≤ max_new_tokens``).
                 Stop strings are text and are not held back by it.
             progress: show a progress bar (default: ``engine.progress``).
+            logprobs: also return each generated token's log-probability under the target
+                (:attr:`GenerationResult.logprobs`).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
                 accepted). The ids are final: request ``i``'s calls concatenate to its
@@ -134,6 +140,8 @@ class Pipeline:
                 or not 0 <= min_new_tokens <= max_new_tokens):
             raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], "
                              f"got {min_new_tokens!r}")
+        if not isinstance(logprobs, bool):
+            raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
         stop_ids = self._check_stop_token_ids(stop_token_ids)
         stop_strings = check_stop_strings(stop, self.tokenizer)
         if on_tokens is not None and not callable(on_tokens):
@@ -147,24 +155,27 @@ class Pipeline:
 
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show, max_new_tokens)
-        token_ids, parts = [], []
+        token_ids, parts, token_logprobs = [], [], [] if logprobs else None
         size = self.engine.config.max_batch_size
         for start in range(0, len(encoded), size):
             chunk_callback = None if on_tokens is None else (
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
-            ids, stats = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
+            ids, stats, chunk_logprobs = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
                                               seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar,
                                               on_tokens=chunk_callback, stop_token_ids=stop_ids,
                                               min_new_tokens=min_new_tokens,
-                                              stop_check=StopStrings(self.tokenizer, stop_strings) if stop_strings else None)
+                                              stop_check=StopStrings(self.tokenizer, stop_strings) if stop_strings else None,
+                                              logprobs=logprobs)
             token_ids += ids
             parts.append(stats)
+            if logprobs:
+                token_logprobs += chunk_logprobs
         if bar is not None:
             bar.close()
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-        return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts))
+        return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts), logprobs=token_logprobs)
 
 
 def _request_seeds(seed, count: int) -> list[int]:
