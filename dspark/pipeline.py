@@ -160,12 +160,11 @@ class Pipeline:
         for start in range(0, len(encoded), size):
             chunk_callback = None if on_tokens is None else (
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
-            ids, stats, chunk_logprobs = self.engine.generate(encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
-                                              seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar,
-                                              on_tokens=chunk_callback, stop_token_ids=stop_ids,
-                                              min_new_tokens=min_new_tokens,
-                                              stop_check=StopStrings(self.tokenizer, stop_strings) if stop_strings else None,
-                                              logprobs=logprobs)
+            stop_check = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
+            ids, stats, chunk_logprobs = self.engine.generate(
+                encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
+                seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,
+                stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs)
             token_ids += ids
             parts.append(stats)
             if logprobs:
@@ -175,7 +174,8 @@ class Pipeline:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-        return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts), logprobs=token_logprobs)
+        return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
+                                logprobs=token_logprobs)
 
 
 def _request_seeds(seed, count: int) -> list[int]:
