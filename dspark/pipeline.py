@@ -122,8 +122,8 @@ class Pipeline:
             stop: stop strings (needs a tokenizer): a request ends after the token that completes one
                 in its generated text; that token stays in its output, the text keeps the string.
             min_new_tokens: no EOS or stop token among a request's first ``min_new_tokens``
-                tokens (they get probability 0 there; ``0 ≤ min_new_tokens ≤ max_new_tokens``).
-                Stop strings are text and are not held back by it.
+                tokens (they get probability 0 there; ``0 ≤ min_new_tokens ≤ max_new_tokens``), and
+                stop strings count only when completed by the ``min_new_tokens``-th token or later.
             progress: show a progress bar (default: ``engine.progress``).
             logprobs: also return each generated token's log-probability under the target
                 (:attr:`GenerationResult.logprobs`).
@@ -160,7 +160,7 @@ class Pipeline:
         for start in range(0, len(encoded), size):
             chunk_callback = None if on_tokens is None else (
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
-            stop_check = StopStrings(self.tokenizer, stop_strings) if stop_strings else None
+            stop_check = StopStrings(self.tokenizer, stop_strings, min_new_tokens) if stop_strings else None
             ids, stats, chunk_logprobs = self.engine.generate(
                 encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
                 seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,

@@ -4,28 +4,33 @@ The check runs on the host, after each round, over the tokens the round emitted 
 round's one status read, as streaming's are): the request ends right after the token that
 completes a stop string, which stays in its output (as an EOS token does); tokens the round
 emitted after it are dropped. Only generated text counts — a stop string that begins in the
-prompt does not. Stopping early never changes which tokens come before the stop, so the output
+prompt does not — and with ``min_new_tokens`` only tokens from that one on. Stopping early never changes which tokens come before the stop, so the output
 is a prefix of what decoding without stop strings gives: lossless as ever.
 """
 
 from __future__ import annotations
+
+from dspark.streaming import REPLACEMENT
 
 
 class StopStrings:
     """``stop(request_index, new_ids) -> kept | None``: how many of ``new_ids`` the request keeps
     when one of them completes a stop string, else ``None``.
 
-    Each new token is checked by decoding the request's last few generated tokens (enough to
+    A token completes a stop string when an occurrence ends in the text it adds. Each new token is
+    checked by decoding the request's last few generated tokens with and without it (enough to
     hold the longest stop string: a character is at most 4 bytes, a token at least one), so the
     cost per token does not grow with the output.
 
     Args:
         tokenizer: anything with ``decode(ids, skip_special_tokens=...)``.
         stops: non-empty strings.
+        min_new_tokens: only tokens from the ``min_new_tokens``-th on can complete one (as in vLLM:
+            a request with ``min_new_tokens`` never ends on a stop string before it has that many).
     """
 
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, list(stops)
+    def __init__(self, tokenizer, stops: list[str], min_new_tokens: int = 0):
+        self.tokenizer, self.stops, self.min_new_tokens = tokenizer, list(stops), min_new_tokens
         self.window = 4 * max(len(s) for s in self.stops) + 4
         self.generated: dict[int, list[int]] = {}
 
@@ -33,10 +38,16 @@ class StopStrings:
         ids = self.generated.setdefault(index, [])
         for kept, token in enumerate(new_ids, 1):
             ids.append(token)
-            tail = self.tokenizer.decode(ids[-self.window:], skip_special_tokens=True)
-            if any(stop in tail for stop in self.stops):
+            if len(ids) >= self.min_new_tokens and self._completes(ids[-self.window - 1:]):
                 return kept
         return None
+
+    def _completes(self, ids: list[int]) -> bool:
+        """Whether ``ids[-1]`` completes a stop string: one occurs in the text of ``ids`` and ends past
+        the text of ``ids[:-1]`` (whose incomplete last character, if any, the new token may finish)."""
+        before = self.tokenizer.decode(ids[:-1], skip_special_tokens=True).rstrip(REPLACEMENT)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(text.find(stop, max(0, len(before) - len(stop) + 1)) >= 0 for stop in self.stops)
 
 
 def check_stop_strings(stop, tokenizer) -> list[str]:

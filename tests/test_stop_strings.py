@@ -1,6 +1,8 @@
 """Stop strings: a request ends right after the token that completes one in its generated text,
 whatever the drafter and however many tokens a round emitted; bad values are refused."""
 
+import re
+
 import pytest
 
 import dspark
@@ -9,12 +11,19 @@ from dspark.stop_strings import StopStrings
 from helpers import ragged_prompts, tiny_hf_model
 
 
-def first_completion(tokenizer, ids: list[int], stops: list[str]) -> int:
-    """Tokens up to and including the one whose decoded prefix first contains a stop string."""
+def first_completion(tokenizer, ids: list[int], stops: list[str], min_new_tokens: int = 0) -> int:
+    """Tokens up to and including the first (from the ``min_new_tokens``-th on) after which the
+    decoded text has an occurrence of a stop string ending where none ended before: brute force,
+    every prefix decoded whole, overlapping occurrences found by a look-ahead search."""
+    def ends(text):
+        return {(stop, m.start() + len(stop)) for stop in stops for m in re.finditer(f"(?={re.escape(stop)})", text)}
+
+    seen = set()
     for k in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:k], skip_special_tokens=True)
-        if any(stop in text for stop in stops):
+        now = ends(tokenizer.decode(ids[:k], skip_special_tokens=True))
+        if k >= min_new_tokens and now - seen:
             return k
+        seen = now
     return len(ids)
 
 
@@ -40,6 +49,22 @@ def test_requests_end_after_the_token_that_completes_a_stop_string(config, tempe
     assert [streamed[i] for i in range(len(prompts))] == stopped.token_ids
     assert stops[0] in stopped.texts[0] and stops[1] in stopped.texts[2]
     assert cut[0] < len(free.token_ids[0]) and cut[2] < len(free.token_ids[2])
+
+
+@pytest.mark.parametrize("config", ["ar", "eagle3"])
+def test_min_new_tokens_lets_only_later_tokens_complete_a_stop_string(config):
+    """A stop string that occurs early and again later: with ``min_new_tokens`` past the first
+    occurrence, the request runs on to the first completion from that token on."""
+    pipe = dspark.build_pipeline(config, overrides=["target.device=cpu"])
+    kwargs = dict(max_new_tokens=48, ignore_eos=True)
+    free = pipe.generate(["def add(a, b):"], **kwargs).token_ids[0]
+    text = pipe.tokenizer.decode(free, skip_special_tokens=True)
+    stop = next(c for c in ("(", ":", ",", " ", "e") if text.count(c) >= 2)
+    first = first_completion(pipe.tokenizer, free, [stop])
+    later = first_completion(pipe.tokenizer, free, [stop], min_new_tokens=first + 1)
+    assert first < later
+    cut = pipe.generate(["def add(a, b):"], stop=[stop], min_new_tokens=first + 1, **kwargs).token_ids[0]
+    assert cut == free[:later]
 
 
 def test_only_generated_text_counts():
