@@ -4,8 +4,9 @@ The check runs on the host, after each round, over the tokens the round emitted 
 round's one status read, as streaming's are): the request ends right after the token that
 completes a stop string, which stays in its output (as an EOS token does); tokens the round
 emitted after it are dropped. Only generated text counts — a stop string that begins in the
-prompt does not — and with ``min_new_tokens`` only tokens from that one on. Stopping early never changes which tokens come before the stop, so the output
-is a prefix of what decoding without stop strings gives: lossless as ever.
+prompt does not — and with ``min_new_tokens`` only tokens from that one on. Stopping early never
+changes which tokens come before the stop, so the output is a prefix of what decoding without
+stop strings gives: lossless as ever.
 """
 
 from __future__ import annotations
