@@ -458,16 +458,15 @@ class _Stopper:
                logits: torch.Tensor) -> torch.Tensor:
         """Append ``emitted`` ``[B, K]``, of which the first ``num_emitted[b]`` are real; return how many
         were kept ``[B]`` (fewer after an EOS or when the budget runs out). One kernel for the batch.
-        With :attr:`logprobs` (a ``[B, S]`` buffer beside ``state.tokens``), also record each kept
-        token's log-probability under the target's ``logits`` ``[B, ≥K, V]`` it was drawn after."""
-        before = None if self.logprobs is None else state.lengths.clone()
+        With :attr:`logprobs` (a ``[B, S]`` buffer beside ``state.tokens``), also record each
+        token's log-probability under the target's ``logits`` ``[B, ≥K, V]`` it was drawn after; as
+        with the tokens, what lands past a request's new length is never read (and is overwritten)."""
         kept = kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
                                      num_emitted, self.eos, self.max_new_tokens)
-        if before is not None:
+        if self.logprobs is not None:
             width = emitted.shape[1]
             logprobs = torch.log_softmax(logits[:, :width].float(), -1).gather(-1, emitted.unsqueeze(-1)).squeeze(-1)
-            offsets = torch.arange(width, device=kept.device)
-            positions = before.unsqueeze(1) + offsets  # [B, K], inside the buffer (it has γ + 1 spare columns)
-            keep = offsets < kept.unsqueeze(1)
-            self.logprobs.scatter_(1, positions, torch.where(keep, logprobs, self.logprobs.gather(1, positions)))
+            start = state.lengths - kept  # where this call's tokens went
+            positions = start.unsqueeze(1) + torch.arange(width, device=kept.device)  # [B, K]; γ + 1 spare columns
+            self.logprobs.scatter_(1, positions, logprobs)
         return kept
