@@ -52,8 +52,8 @@ class TextStreamer:
 
     def _write(self, index: int, text: str) -> None:
         shown = self.texts.get(index, "")
-        # decoding is prefix-stable for byte-level tokenizers; if a tokenizer rewrites earlier
-        # text, wait for finish(), which writes whatever extends the text already shown
+        # decoding is prefix-stable for byte-level tokenizers; text that rewrites what was shown
+        # is not written (texts[i] keeps what was), here or in finish()
         if len(text) > len(shown) and text.startswith(shown):
             self.texts[index] = text
             self.on_text(index, text[len(shown):])
