@@ -14,6 +14,10 @@ Sections:
   vs ``engine.cuda_graphs=true`` (and ``engine.compile=true`` for the small model), for the
   embedded target and a random-weight Qwen3 of about 0.5B parameters in bf16: median ms per
   round (decoding time without the prefill, over rounds) and the outputs' agreement.
+
+A lent GPU is short of minutes, not memory: ``--deadline-s`` bounds the whole run (a section or
+group not started by then is recorded as skipped), and the JSON is rewritten after every row, so
+a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -108,26 +112,40 @@ def kernels_section(repeats: int) -> list[dict]:
     return rows
 
 
-def rounds_section(repeats: int, new_tokens: int) -> list[dict]:
-    rows = []
-    models = {"dspark-tiny (fp32)": ("dspark-tiny", "float32", True),
-              "qwen3-0.5B random (bf16)": (random_hf_model(QWEN3_05B, seed=0), "bfloat16", False)}
-    for label, (source, dtype, with_compile) in models.items():
+#: (label, model source, dtype, variants): the variants of one group are alternated and compared with
+#: its "eager" variant; the groups run in this order (the issue's 0.5B figure first)
+ROUND_GROUPS = (
+    ("qwen3-0.5B random (bf16)", "qwen3-0.5b", "bfloat16", ("eager", "cuda_graphs")),
+    ("dspark-tiny (fp32)", "dspark-tiny", "float32", ("eager", "cuda_graphs")),
+    ("dspark-tiny (fp32)", "dspark-tiny", "float32", ("eager", "compile", "compile+cuda_graphs")),
+)
+VARIANT_OVERRIDES = {"eager": [], "cuda_graphs": ["engine.cuda_graphs=true"], "compile": ["engine.compile=true"],
+                     "compile+cuda_graphs": ["engine.compile=true", "engine.cuda_graphs=true"]}
+
+
+def rounds_section(repeats: int, new_tokens: int, deadline: float, rows: list[dict], save) -> None:
+    """Append one row per (group, drafter, variant) to ``rows``, calling ``save()`` after each group."""
+    models = {}
+    for label, source, dtype, variants in ROUND_GROUPS:
         for drafter in ({"name": "none"}, {"name": "ngram", "num_speculative_tokens": 7}):
-            base = {"target": {"path": source if isinstance(source, str) else None, "device": "cuda", "dtype": dtype,
+            if time.monotonic() > deadline:
+                rows.append({"model": label, "drafter": drafter["name"], "variants": list(variants), "skipped": "deadline"})
+                save()
+                continue
+            if source == "qwen3-0.5b" and source not in models:
+                models[source] = random_hf_model(QWEN3_05B, seed=0)
+            target = models.get(source)
+            base = {"target": {"path": None if target is not None else source, "device": "cuda", "dtype": dtype,
                                "tokenizer": None}, "drafter": drafter}
-            variants = {"eager": [], "cuda_graphs": ["engine.cuda_graphs=true"]}
-            if with_compile:
-                variants["compile"] = ["engine.compile=true"]
-                variants["compile+cuda_graphs"] = ["engine.compile=true", "engine.cuda_graphs=true"]
-            target = None if isinstance(source, str) else source
-            pipes = {name: dspark.build_pipeline(base, target_model=target, overrides=over)
-                     for name, over in variants.items()}
+            pipes = {name: dspark.build_pipeline(base, target_model=target, overrides=VARIANT_OVERRIDES[name])
+                     for name in variants}
             vocab = pipes["eager"].engine.target.vocab_size
             prompt = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(1)).tolist()
-            outputs, per_round, tau = {}, {name: [] for name in pipes}, {}
+            outputs, per_round, tau, warmup_s = {}, {name: [] for name in pipes}, {}, {}
             for name, pipe in pipes.items():  # warm-up: compilation and graph capture
+                start = time.perf_counter()
                 outputs[name] = pipe.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+                warmup_s[name] = time.perf_counter() - start
             for _ in range(repeats):
                 for name, pipe in pipes.items():
                     stats = pipe.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).stats
@@ -138,21 +156,28 @@ def rounds_section(repeats: int, new_tokens: int) -> list[dict]:
                 rows.append({"model": label, "drafter": drafter["name"], "variant": name,
                              "ms_per_round": summary(per_round[name]), "tau": tau[name],
                              "speedup_vs_eager": eager_ms / statistics.median(per_round[name]),
-                             "same_tokens_as_eager": outputs[name] == outputs["eager"]})
+                             "same_tokens_as_eager": outputs[name] == outputs["eager"],
+                             "first_call_s": warmup_s[name]})
                 print(f"{label:26s} {drafter['name']:6s} {name:20s} {statistics.median(per_round[name]):8.3f} ms/round"
-                      f"  x{rows[-1]['speedup_vs_eager']:.2f}  same={rows[-1]['same_tokens_as_eager']}", flush=True)
-    return rows
+                      f"  x{rows[-1]['speedup_vs_eager']:.2f}  same={rows[-1]['same_tokens_as_eager']}"
+                      f"  first call {warmup_s[name]:.1f} s", flush=True)
+            del pipes
+            torch.cuda.empty_cache()
+            save()
 
 
 def markdown(report: dict) -> str:
     lines = [f"# GPU check — {report['environment']['device']}, {report['environment']['date']}", "",
              "| op | batch | kernel ms | twin ms | twin / kernel | same outputs |", "|---|---|---|---|---|---|"]
-    for r in report["kernels"]:
+    for r in report.get("kernels", []):
         lines.append(f"| {r['op']} | {r['batch']} | {r['kernel']['median_ms']:.4f} | {r['twin']['median_ms']:.4f} | "
                      f"{r['speedup']:.2f}× | {r['same_outputs']} |")
     lines += ["", "| model | drafter | variant | ms / round (median) | τ | vs eager | same tokens |",
               "|---|---|---|---|---|---|---|"]
-    for r in report["rounds"]:
+    for r in report.get("rounds", []):
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['drafter']} | {', '.join(r['variants'])} | skipped ({r['skipped']}) | | | |")
+            continue
         lines.append(f"| {r['model']} | {r['drafter']} | {r['variant']} | {r['ms_per_round']['median_ms']:.3f} | "
                      f"{r['tau']:.2f} | {r['speedup_vs_eager']:.2f}× | {r['same_tokens_as_eager']} |")
     return "\n".join(lines) + "\n"
@@ -163,22 +188,34 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=30, help="alternating samples per kernel variant")
     parser.add_argument("--round-repeats", type=int, default=5, help="alternating generate calls per round variant")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--deadline-s", type=float, default=270.0,
+                        help="no group starts after this many seconds (it is recorded as skipped)")
+    parser.add_argument("--sections", default="kernels,rounds", help="comma-separated: kernels, rounds")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device")
     import triton
 
+    deadline = time.monotonic() + args.deadline_s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"environment": {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                               "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                               "python": platform.python_version()}}
-    report["kernels"] = kernels_section(args.repeats)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))  # kept even if the rounds fail
-    report["rounds"] = rounds_section(args.round_repeats, args.new_tokens)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.md").write_text(markdown(report))
+
+    def save() -> None:  # after every group: a run cut short keeps what it measured
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        (out / "gpu_check.md").write_text(markdown(report))
+
+    sections = set(args.sections.split(","))
+    if "kernels" in sections:
+        report["kernels"] = kernels_section(args.repeats)
+        save()
+    if "rounds" in sections:
+        report["rounds"] = []
+        rounds_section(args.round_repeats, args.new_tokens, deadline, report["rounds"], save)
+    save()
     print(markdown(report))
 
 
