@@ -26,16 +26,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUF
 
 per_test=()  # pytest-timeout is in the image; a hung test then fails alone
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
-timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider "${per_test[@]}" -rA --durations=10 tests \
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider "${per_test[@]}" -rA --durations=10 tests \
     > "$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
 tail -5 "$OUT/gpu_tests.txt"
 
-timeout 210 python3 benchmarks/gpu_check.py --out "$OUT" --deadline-s 150 > "$OUT/gpu_check.log" 2>&1
+timeout 210 python3 benchmarks/gpu_check.py --out "$OUT" --deadline-s 150 ${GPU_CHECK_ARGS:-} > "$OUT/gpu_check.log" 2>&1
 check_rc=$?
 tail -25 "$OUT/gpu_check.log"
 
-timeout 130 python3 -m dspark.cli bench --config configs/bench/gpu.yaml --no-progress output_dir=/tmp/bench_gpu \
+timeout ${BENCH_TIMEOUT:-130} python3 -m dspark.cli bench --config configs/bench/gpu.yaml output_dir=/tmp/bench_gpu \
     > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cp /tmp/bench_gpu/bench.json "$OUT/bench_gpu.json" 2>/dev/null
