@@ -69,6 +69,19 @@ def summary(samples: list[float]) -> dict:
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples)}
 
 
+def differing_requests(kernel, twin) -> int:
+    """Requests (rows) whose outputs differ between the kernel and the twin.
+
+    On float32 distributions that are not dyadic the two can differ where ``u · total`` falls
+    within rounding of a CDF boundary (the kernel sums by tiles, the twin's cumsum in its own
+    order); the GPU-marked tests compare them on dyadic distributions, where every sum is exact."""
+    kernel, twin = (kernel, twin) if isinstance(kernel, tuple) else ((kernel,), (twin,))
+    rows = torch.zeros(kernel[0].shape[0], dtype=torch.bool, device=kernel[0].device)
+    for a, b in zip(kernel, twin):
+        rows |= (a != b).view(a.shape[0], -1).any(1)
+    return int(rows.sum())
+
+
 def kernels_section(repeats: int) -> list[dict]:
     rows, vocab, gamma = [], 151936, 7
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -96,8 +109,8 @@ def kernels_section(repeats: int) -> list[dict]:
             for backend in ("triton", "torch"):
                 with use_backend(backend):
                     outputs[backend] = fn()
-            same = (all(torch.equal(a, b) for a, b in zip(outputs["triton"], outputs["torch"]))
-                    if isinstance(outputs["triton"], tuple) else torch.equal(outputs["triton"], outputs["torch"]))
+            differing = differing_requests(outputs["triton"], outputs["torch"])
+            same = differing == 0
 
             def run(backend, fn=fn):
                 with use_backend(backend):
@@ -106,9 +119,10 @@ def kernels_section(repeats: int) -> list[dict]:
             samples = alternate({"triton": lambda: run("triton"), "torch": lambda: run("torch")}, repeats, 5)
             kernel, twin = summary(samples["triton"]), summary(samples["torch"])
             rows.append({"op": op, "batch": batch, "gamma": gamma, "vocab": vocab, "kernel": kernel, "twin": twin,
-                         "speedup": twin["median_ms"] / kernel["median_ms"], "same_outputs": bool(same)})
+                         "speedup": twin["median_ms"] / kernel["median_ms"], "same_outputs": same,
+                         "differing_requests": differing})
             print(f"{op:38s} B={batch:3d}  kernel {kernel['median_ms']:.4f} ms  twin {twin['median_ms']:.4f} ms  "
-                  f"x{rows[-1]['speedup']:.2f}  same={same}", flush=True)
+                  f"x{rows[-1]['speedup']:.2f}  requests differing {differing}/{batch}", flush=True)
     return rows
 
 
@@ -168,10 +182,10 @@ def rounds_section(repeats: int, new_tokens: int, deadline: float, rows: list[di
 
 def markdown(report: dict) -> str:
     lines = [f"# GPU check — {report['environment']['device']}, {report['environment']['date']}", "",
-             "| op | batch | kernel ms | twin ms | twin / kernel | same outputs |", "|---|---|---|---|---|---|"]
+             "| op | batch | kernel ms | twin ms | twin / kernel | requests differing |", "|---|---|---|---|---|---|"]
     for r in report.get("kernels", []):
         lines.append(f"| {r['op']} | {r['batch']} | {r['kernel']['median_ms']:.4f} | {r['twin']['median_ms']:.4f} | "
-                     f"{r['speedup']:.2f}× | {r['same_outputs']} |")
+                     f"{r['speedup']:.2f}× | {r.get('differing_requests', '?')} / {r['batch']} |")
     lines += ["", "| model | drafter | variant | ms / round (median) | τ | vs eager | same tokens |",
               "|---|---|---|---|---|---|---|"]
     for r in report.get("rounds", []):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one device check for a session lent a GPU (about 7 minutes): the GPU-marked tests, the
+# The one device check for a session lent a GPU (4–6 minutes): the GPU-marked tests, the
 # kernel-vs-twin and CUDA-graph timings (benchmarks/gpu_check.py), then the drafters on the GPU
 # (dspark bench --config configs/bench/gpu.yaml). Results land in $OUT (or ./gpu_out), at most
 # eight files: device.txt, gpu_tests.txt, gpu_check.{json,md,log}, bench_gpu.{json,md}, bench.log.
@@ -35,7 +35,7 @@ timeout 210 python3 benchmarks/gpu_check.py --out "$OUT" --deadline-s 150 ${GPU_
 check_rc=$?
 tail -25 "$OUT/gpu_check.log"
 
-timeout ${BENCH_TIMEOUT:-130} python3 -m dspark.cli bench --config configs/bench/gpu.yaml output_dir=/tmp/bench_gpu \
+timeout ${BENCH_TIMEOUT:-200} python3 -m dspark.cli bench --config configs/bench/gpu.yaml output_dir=/tmp/bench_gpu \
     > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cp /tmp/bench_gpu/bench.json "$OUT/bench_gpu.json" 2>/dev/null

@@ -188,6 +188,21 @@ def test_edge_rows(kernel_backend):
     assert tokens[1, 0].item() == 1 and tokens[2, 0].item() == 2  # inverse CDF of the residual (= p here)
 
 
+@pytest.mark.parametrize("vocab", [8, 24])
+def test_rounding_between_tile_sum_and_scan_picks_a_token_with_weight(small_tiles, vocab):
+    """float32 weights ``[2²⁴, 1, …, 1]`` per tile: a scan adds each 1 to 2²⁴ and loses it, a tree
+    sum keeps them, so the tile sum exceeds the tile's own running sum. With ``u`` just below 1 the
+    threshold falls in that gap: the tile is chosen, yet no entry of its scan passes the
+    threshold. The kernel must still return a token of that tile with weight, never ``vocab``."""
+    weights = torch.ones(1, 1, vocab)
+    weights[0, 0, ::8] = 2.0 ** 24
+    uniforms = torch.tensor([[1 - 2.0 ** -24]])
+    num, tokens = triton_verify.verify_chain(weights, torch.zeros(1, 0, dtype=torch.long), None,
+                                             torch.zeros(1, dtype=torch.long), uniforms)
+    token = tokens[0, 0].item()
+    assert num.item() == 0 and 0 <= token < vocab and weights[0, 0, token] > 0
+
+
 def test_backend_switch_reaches_both_implementations():
     args = random_round(3, 4, 3, 16, torch.float32, False)
     with use_backend("torch"):
