@@ -151,9 +151,11 @@ class DSparkDrafter(Drafter):
 
     def use_graphs(self, capture=None) -> None:
         # the block forward is one graph per batch size and sampling settings (it reads the whole
-        # context cache); appending the round's context has a varying width and stays as it is
+        # context cache); a round's context append fused with the next block forward one more per
+        # verify width (it advances the context cache's lengths: kept as they were across a capture)
         self._draft_block = GraphedFunction(self._draft_block, capture=capture)
-        self._append_and_draft = None  # the graphed block forward reads the appended cache
+        self._append_and_draft = GraphedFunction(self._append_and_draft or self.append_and_draft, capture=capture,
+                                                 preserve=lambda: [self.cache.lengths])
         self._static_kv = True
         self._copy_hidden = True  # the graphed target forward overwrites its hidden states next round
 
@@ -175,8 +177,9 @@ class DSparkDrafter(Drafter):
         batch, block = state.batch_size, self.net.args.gamma
         cache = self.cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len + block:
-            if isinstance(self._draft_block, GraphedFunction):  # its graphs read the old cache
-                self._draft_block.clear()
+            for graphed in (self._draft_block, self._append_and_draft):
+                if isinstance(graphed, GraphedFunction):  # its graphs read the old cache
+                    graphed.clear()
             a = self.net.args
             cache = self.cache = StaticKVCache(a.num_layers, batch, a.num_kv_heads, max_len + block, a.head_dim,
                                                dtype=self.target.dtype, device=self.target.device)
@@ -280,6 +283,9 @@ class DSparkDrafter(Drafter):
         # mirror the target cache: it now holds every committed token but the anchor
         append = (target_output.hidden_states, (state.lengths - 1) - self.cache.lengths)
         if self._append_and_draft is not None and self.fuse_append:
-            self._deferred = append  # done by the next propose, in its compiled call
+            # done by the next propose, in its compiled (or graphed) call. Graphed hidden states are
+            # a graph's static outputs; a round without drafts before that propose replays the
+            # width-1 graph, whose outputs are its own: these stay as they are.
+            self._deferred = append
         else:
             self._append_round(*append)

@@ -17,6 +17,7 @@ from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
 from dspark.models.compiled import compile_forward
+from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
@@ -140,6 +141,16 @@ class Eagle3Drafter(Drafter):
         self._append_and_draft = compile_forward(self.append_and_draft, self.target.device)
         self._static_kv = True
 
+    def use_graphs(self, capture=None) -> None:
+        # one graph per batch size and sampling settings for the drafting steps (the first round's)
+        # and for a round's append fused with the next draft call (every round after): each step
+        # reads the whole pair cache and appends are padded to γ + 1 pairs. The append advances the
+        # pair cache's lengths: kept as they were across a capture. The prompt's append stays eager.
+        self._draft_steps = GraphedFunction(self._draft_steps, capture=capture)
+        self._append_and_draft = GraphedFunction(self._append_and_draft or self.append_and_draft, capture=capture,
+                                                 preserve=lambda: [self.cache.lengths])
+        self._static_kv = True
+
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
 
@@ -181,6 +192,9 @@ class Eagle3Drafter(Drafter):
         batch, a = state.batch_size, self.head.args
         cache = self.cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len + self.gamma:
+            for graphed in (self._draft_steps, self._append_and_draft):
+                if isinstance(graphed, GraphedFunction):  # its graphs read the old cache
+                    graphed.clear()
             cache = self.cache = StaticKVCache(1, batch, a.num_kv_heads, max_len + self.gamma, a.head_dim,
                                                dtype=self.target.dtype, device=self.target.device)
         cache.reset()

@@ -126,19 +126,27 @@ class GraphedForward:
 class GraphedFunction:
     """Replays a captured graph of ``fn(*args)`` per distinct (tensor shapes, other arguments).
 
-    Tensor arguments are copied into the graph's static inputs before each replay; every other
-    argument is part of the key (it must be hashable). The result — a tensor, ``None``, or a
-    tuple of them — is the graph's static output, overwritten by the next replay. Drafters use it
-    for their own forwards (``engine.cuda_graphs``).
+    Tensor arguments (and lists or tuples of tensors) are copied into the graph's static inputs
+    before each replay; every other argument is part of the key (it must be hashable). The result
+    — a tensor, ``None``, or a tuple of them — is the graph's static output, overwritten by the
+    next replay. Drafters use it for their own forwards (``engine.cuda_graphs``).
+
+    Capturing runs ``fn`` more than once (warm-up, then capture; the CPU stand-in runs it at
+    capture and replays it). A function that updates state in place — a cache's lengths — names
+    those tensors in ``preserve``: they are restored after the capture, so the first call, like
+    every later one, updates them once.
 
     Args:
         fn: the function to capture (it may read and write other fixed buffers, e.g. a cache).
         capture: as for :class:`GraphedForward`.
+        preserve: returns the tensors ``fn`` updates in place (read at each capture).
     """
 
-    def __init__(self, fn: Callable, *, capture: Capture | None = None):
+    def __init__(self, fn: Callable, *, capture: Capture | None = None,
+                 preserve: Callable[[], list[torch.Tensor]] | None = None):
         self.fn = fn
         self._capture = capture
+        self._preserve = preserve
         self._pool = None
         self._graphs: dict[tuple, tuple[list, Callable[[], None], object]] = {}
 
@@ -152,21 +160,49 @@ class GraphedFunction:
         self._graphs = {}
 
     def __call__(self, *args):
-        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        key = tuple(_key(a) for a in args)
         entry = self._graphs.get(key)
         if entry is None:
-            static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            static = [_clone(a) for a in args]
             if self._capture is None and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             capture = self._capture or (lambda fn: cuda_graph_capture(fn, self._pool))
+            saved = [t.clone() for t in self._preserve()] if self._preserve else []
             replay, output = capture(lambda: self.fn(*static))
+            for tensor, value in zip(self._preserve() if self._preserve else [], saved):
+                tensor.copy_(value)
             entry = self._graphs[key] = (static, replay, output)
         static, replay, output = entry
         for buffer, value in zip(static, args):
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(value)
+            elif _is_tensor_list(buffer):
+                for b, v in zip(buffer, value):
+                    b.copy_(v)
         replay()
         return output
+
+
+def _is_tensor_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def _key(value):
+    """A graph's key part for one argument: shapes, dtypes and devices of tensors, else the value."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device
+    if _is_tensor_list(value):
+        return tuple(_key(v) for v in value)
+    return value
+
+
+def _clone(value):
+    """A static input: a clone of a tensor (or of each tensor of a list); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if _is_tensor_list(value):
+        return [v.clone() for v in value]
+    return value
 
 
 def _tensors(output) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dspark.models.graphs import GraphedForward, GraphedFunction, eager_capture, graph_widths
+from dspark.scheduling.schedulers import FixedScheduler
 from helpers import ragged_prompts, tiny_hf_model
 from test_speculative import spec_pipeline
 
@@ -29,10 +30,13 @@ def graphed(pipe, capture=eager_capture):
     return engine._round_forward
 
 
-@pytest.mark.parametrize("drafter", ["draft_model", "dspark_scheduled"])
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "dspark_scheduled", "eagle3", "eagle3_stop"])
 def test_graphed_rounds_match_eager_rounds(drafter):
     """Greedy tokens equal plain decoding and sampled tokens equal the eager pipeline's; the
-    scheduled drafter verifies prefixes of varying width, so several buckets are captured."""
+    scheduled drafter verifies prefixes of varying width, so several buckets are captured. The
+    DSpark and EAGLE-3 drafters replay their own forwards too, among them a round's cache append
+    fused with the next draft call, which advances the drafter's cache: a capture that left it
+    advanced (the stand-in runs the function at capture and again at replay) would fail here."""
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(101, lengths=(5, 1, 9))
     expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
@@ -45,6 +49,43 @@ def test_graphed_rounds_match_eager_rounds(drafter):
     assert 1 <= forward.num_graphs <= len(forward.widths)
     if drafter.startswith("dspark"):  # the block forward: one graph per sampling setting
         assert pipe.engine.drafter._draft_block.num_graphs == 2
+    if drafter in ("dspark", "eagle3"):  # fused append + draft: per sampling setting (and verify width)
+        assert pipe.engine.drafter._append_and_draft.num_graphs >= 2
+
+
+class EveryOtherRound(FixedScheduler):
+    """Drafts in every other round: a drafted round's append, deferred to the next draft call,
+    meets a round without drafts (whose target forward replays over the same static outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rounds = 0
+
+    def wants_drafts(self, active):
+        self.rounds += 1
+        return self.rounds % 2 == 1
+
+
+def test_graphed_block_drafter_keeps_a_deferred_append_across_a_round_without_drafts():
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    sampled = dict(max_new_tokens=16, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
+    eager = spec_pipeline(target, "dspark", 3)
+    eager.engine.scheduler = EveryOtherRound()
+    pipe = spec_pipeline(target, "dspark", 3)
+    pipe.engine.scheduler = EveryOtherRound()
+    graphed(pipe)
+    assert pipe.generate(prompts, **sampled).token_ids == eager.generate(prompts, **sampled).token_ids
+    with torch.inference_mode():
+        for drafter in (eager.engine.drafter, pipe.engine.drafter):
+            drafter.flush()
+    context, expected = pipe.engine.drafter.cache, eager.engine.drafter.cache
+    assert torch.equal(context.lengths, expected.lengths)
+    # the context keys/values of every committed position (graphed forwards attend over the whole
+    # cache, eager ones over a shorter prefix: equal up to float32 rounding)
+    for b, length in enumerate(expected.lengths.tolist()):
+        torch.testing.assert_close(context.buffer[:, b, ..., :length, :], expected.buffer[:, b, ..., :length, :],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_graphed_function_keys_on_shapes_and_settings():
@@ -100,7 +141,7 @@ def test_cuda_graphs_need_a_cuda_target():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("drafter", ["ngram", "dspark"])
+@pytest.mark.parametrize("drafter", ["ngram", "dspark", "eagle3"])
 def test_cuda_graph_rounds_match_eager_on_gpu(drafter):
     import dspark
 
@@ -111,6 +152,8 @@ def test_cuda_graph_rounds_match_eager_on_gpu(drafter):
         section = {"name": drafter, "num_speculative_tokens": 3}
         if drafter == "dspark":
             section.update(path=None, head="markov", rank=16)
+        if drafter == "eagle3":
+            section.update(path=None)
         return dspark.build_pipeline({"target": {"device": "cuda"}, "drafter": section}, target_model=target,
                                      overrides=list(overrides))
 
