@@ -26,7 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUF
 
 per_test=()  # pytest-timeout is in the image; a hung test then fails alone
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider "${per_test[@]}" -rA --durations=10 tests \
+timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -p no:cacheprovider "${per_test[@]}" -rA --durations=10 tests \
     > "$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
 tail -5 "$OUT/gpu_tests.txt"
