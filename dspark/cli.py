@@ -38,14 +38,18 @@ def _generate(args: argparse.Namespace) -> int:
     result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                            ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer,
-                           stop_token_ids=args.stop_token_id, stop=args.stop, min_new_tokens=args.min_new_tokens)
+                           stop_token_ids=args.stop_token_id, stop=args.stop, min_new_tokens=args.min_new_tokens,
+                           logprobs=args.logprobs)
     if streamer is not None:
         streamer.finish()
         print(flush=True)
-    for i, ids in enumerate(result.token_ids if streamer is None else []):
-        if len(prompts) > 1:
+    for i, ids in enumerate(result.token_ids):
+        if len(prompts) > 1 and (streamer is None or args.logprobs):
             print(f"--- request {i}")
-        print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))
+        if streamer is None:
+            print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))
+        if args.logprobs:
+            _print_logprobs(ids, result.logprobs[i], None if args.print_ids else pipe.tokenizer)
     print(f"[dspark] {result.stats.summary()}", file=sys.stderr)
     if args.stats_json:
         from dataclasses import asdict
@@ -53,6 +57,14 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(asdict(result.stats), f, indent=2)
     return 0
+
+
+def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer) -> None:
+    """One line per generated token: its id, its text (with a tokenizer) and its log-probability
+    under the target's own distribution."""
+    for token, logprob in zip(ids, logprobs):
+        piece = "" if tokenizer is None else "\t" + repr(tokenizer.decode([token], skip_special_tokens=False))
+        print(f"{token}{piece}\t{logprob:.4f}")
 
 
 class _IdsAsText:
@@ -155,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append",
                      help="a string that ends a request once generated (repeatable; kept in the output)")
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
+    gen.add_argument("--logprobs", action="store_true",
+                     help="after each request, print every generated token with its log-probability under the target")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     gen.add_argument("--stats-json", help="also write the stats to this JSON file")

@@ -86,3 +86,22 @@ def test_stop_string_ends_the_request(capsys):
     assert main([*args, "--stop", stop]) == 0
     cut = capsys.readouterr().out
     assert stop in cut and len(cut) < len(free) and free.startswith(cut.rstrip("\n"))
+
+
+def test_logprobs_prints_each_token_with_the_targets_log_probability(capsys):
+    import dspark
+
+    args = ["generate", "--config", "ar", "def add(a, b):", "--max-new-tokens", "6", "--temperature", "1.0",
+            "--seed", "2", "--ignore-eos", "target.device=cpu"]
+    assert main([*args, "--logprobs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        ["def add(a, b):"], max_new_tokens=6, temperature=1.0, seed=2, ignore_eos=True, logprobs=True)
+    table = [line.split("\t") for line in lines[-6:]]  # after the text (which may span lines)
+    assert "\n".join(lines[:-6]) == expected.texts[0]
+    assert [int(row[0]) for row in table] == expected.token_ids[0]
+    assert [float(row[-1]) for row in table] == [round(x, 4) for x in expected.logprobs[0]]
+    assert main([*args, "--logprobs", "--print-ids"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == " ".join(map(str, expected.token_ids[0]))
+    assert [len(line.split("\t")) for line in out[1:]] == [2] * 6  # id and log-probability

@@ -134,3 +134,30 @@ def test_a_stop_check_ends_a_request_between_rounds(device):
     assert ids == [free.token_ids[0][:7], *free.token_ids[1:]]
     assert [sum((got for i, got in calls if i == b), []) for b in range(3)] == ids
     assert stats.generated_tokens == sum(map(len, ids))
+
+
+def test_text_streamer_decodes_a_window_not_the_whole_output():
+    """A long stream (split characters across window moves included) writes exactly the decoded
+    text, and no call decodes more than a window's tokens: streaming stays linear in the output."""
+    from dspark import streaming
+    from dspark.assets import resolve_model
+    from dspark.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model("dspark-tiny"))
+    ids = tokenizer("héllo wörld ✓ 日本語 — naïve café. " * 40)["input_ids"]
+    decoded_lengths = []
+
+    class Counting:
+        def decode(self, token_ids, **kwargs):
+            decoded_lengths.append(len(token_ids))
+            return tokenizer.decode(token_ids, **kwargs)
+
+    pieces = []
+    streamer = TextStreamer(Counting(), lambda index, piece: pieces.append(piece))
+    for start in range(0, len(ids), 3):  # rounds of three tokens
+        streamer(0, ids[start:start + 3])
+    streamer.finish()
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == streamer.texts[0]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert len(ids) > 8 * streaming.WINDOW_TOKENS
+    assert max(decoded_lengths) <= streaming.WINDOW_TOKENS + 3 + 8  # a window, a round, split characters
