@@ -12,6 +12,7 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
 from dspark.models.compiled import compile_forward
+from dspark.models.graphs import GraphedFunction
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
 
 
@@ -96,6 +97,7 @@ class DraftModelDrafter(Drafter):
         self.calibration = find_calibration(config.calibration, checkpoint, self.gamma, target.device)
         self.cache = None
         self._forward, self._draft_steps, self._static_kv = self.model, self.draft_steps, False
+        self._catch_up = self.catch_up
 
     def compile(self) -> None:
         # static shapes: every step reads the whole draft cache. The catch-up step is one graph per
@@ -106,14 +108,30 @@ class DraftModelDrafter(Drafter):
         self._draft_steps = compile_forward(self.draft_steps, self.target.device)
         self._static_kv = True
 
+    def use_graphs(self, capture=None) -> None:
+        # the catch-up step (one graph per batch size and width: 1, 2 or MAX_LAG + 1) and the
+        # drafting steps (one per batch size and sampling settings) read the whole draft cache and
+        # advance its lengths: kept as they were across a capture. The prompt's forward stays eager.
+        self._catch_up = GraphedFunction(self.catch_up, capture=capture, preserve=lambda: [self.cache.lengths])
+        self._draft_steps = GraphedFunction(self._draft_steps, capture=capture, preserve=lambda: [self.cache.lengths])
+        self._static_kv = True
+
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
+
+    def catch_up(self, tokens: torch.Tensor, num_new: torch.Tensor, last: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Feed ``tokens`` ``[B, W]`` (the first ``num_new[b]`` real) to the draft cache: the logits
+        after token ``last[b]`` of each row ``[B, 1, V]``."""
+        return self._forward(tokens, self.cache, num_new, kv_len=kv_len, logits_positions=last.unsqueeze(1)).logits
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, max_prompt = state.batch_size, int(state.max_cache_len)
         max_len += MAX_LAG + 1  # room for the padding of a catch-up step
         cache = self.cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len:
+            for graphed in (self._catch_up, self._draft_steps):
+                if isinstance(graphed, GraphedFunction):  # its graphs read the old cache
+                    graphed.clear()
             cache = self.cache = self.model.new_cache(batch, max_len)
         cache.reset()
         self.model(state.tokens[:, :max_prompt], cache, state.prompt_lengths, kv_len=max_prompt,
@@ -132,16 +150,15 @@ class DraftModelDrafter(Drafter):
         num_new = torch.where(state.done, 0, state.lengths - int(not with_anchor) - start)
         kv_len = self.cache.max_len if self._static_kv else min(state.max_cache_len + width + self.gamma,
                                                                  self.cache.max_len)
-        out = self._forward(state.tokens.gather(1, positions), self.cache, num_new, kv_len=kv_len,
-                            logits_positions=(num_new - 1).clamp(min=0).unsqueeze(1))
+        logits = self._catch_up(state.tokens.gather(1, positions), num_new, (num_new - 1).clamp(min=0), kv_len)
         self.max_lag = 0
-        return out, kv_len
+        return logits, kv_len
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         params, gamma = state.params, self.gamma
         active = ~state.done
-        out, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
-        num_new, first_logits = active.long(), out.logits[:, -1]
+        logits, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
+        num_new, first_logits = active.long(), logits[:, -1]
 
         def steps_from(logits, start, stop):  # x_{start+1}..x_stop from the logits of step start + 1
             return self._draft_steps(logits, num_new, uniforms, params, kv_len, start, stop)

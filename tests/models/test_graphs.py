@@ -30,18 +30,22 @@ def graphed(pipe, capture=eager_capture):
     return engine._round_forward
 
 
-@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "dspark_scheduled", "eagle3", "eagle3_stop"])
+@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_adaptive", "draft_model_stop", "dspark",
+                                     "dspark_scheduled", "eagle3", "eagle3_stop"])
 def test_graphed_rounds_match_eager_rounds(drafter):
     """Greedy tokens equal plain decoding and sampled tokens equal the eager pipeline's; the
     scheduled drafter verifies prefixes of varying width, so several buckets are captured. The
-    DSpark and EAGLE-3 drafters replay their own forwards too, among them a round's cache append
-    fused with the next draft call, which advances the drafter's cache: a capture that left it
+    drafters replay their own forwards too — the draft model's catch-up and drafting steps (the
+    adaptive scheduler skips rounds, so catch-ups are wider), DSpark's and EAGLE-3's round append
+    fused with the next draft call — which advance the drafter's cache: a capture that left it
     advanced (the stand-in runs the function at capture and again at replay) would fail here."""
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(101, lengths=(5, 1, 9))
     expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
-    eager = spec_pipeline(target, drafter, 3).generate(prompts, **sampled).token_ids
+    eager_pipe = spec_pipeline(target, drafter, 3)  # the same calls in the same order (schedulers learn)
+    eager_pipe.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    eager = eager_pipe.generate(prompts, **sampled).token_ids
     pipe = spec_pipeline(target, drafter, 3)
     forward = graphed(pipe)
     assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
@@ -51,6 +55,8 @@ def test_graphed_rounds_match_eager_rounds(drafter):
         assert pipe.engine.drafter._draft_block.num_graphs == 2
     if drafter in ("dspark", "eagle3"):  # fused append + draft: per sampling setting (and verify width)
         assert pipe.engine.drafter._append_and_draft.num_graphs >= 2
+    if drafter.startswith("draft_model"):
+        assert pipe.engine.drafter._draft_steps.num_graphs >= 2 and pipe.engine.drafter._catch_up.num_graphs >= 1
 
 
 class EveryOtherRound(FixedScheduler):
@@ -107,6 +113,24 @@ def test_graphed_function_keys_on_shapes_and_settings():
     assert graphed_fn.num_graphs == 0
 
 
+def test_graphed_function_restores_what_it_preserves_after_a_capture():
+    """Capturing runs the function more than once; state it advances in place comes out advanced
+    once per call, the first included, when named in ``preserve`` (twice without)."""
+    for preserve, after_first in ((True, [1, 2]), (False, [2, 4])):
+        lengths = torch.zeros(2, dtype=torch.long)
+
+        def advance(num_new):
+            lengths.add_(num_new)
+            return lengths * 10
+
+        graphed_fn = GraphedFunction(advance, capture=eager_capture,
+                                     preserve=(lambda: [lengths]) if preserve else None)
+        graphed_fn(torch.tensor([1, 2]))
+        assert lengths.tolist() == after_first
+    out = graphed_fn(torch.tensor([1, 1]))  # a replay: once
+    assert lengths.tolist() == [3, 5] and out.tolist() == [30, 50]
+
+
 def test_capture_commits_nothing_and_outputs_are_static():
     target = tiny_hf_model("llama")
     pipe = spec_pipeline(target, "none", 0)
@@ -141,7 +165,7 @@ def test_cuda_graphs_need_a_cuda_target():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("drafter", ["ngram", "dspark", "eagle3"])
+@pytest.mark.parametrize("drafter", ["ngram", "dspark", "eagle3", "draft_model"])
 def test_cuda_graph_rounds_match_eager_on_gpu(drafter):
     import dspark
 
@@ -154,8 +178,9 @@ def test_cuda_graph_rounds_match_eager_on_gpu(drafter):
             section.update(path=None, head="markov", rank=16)
         if drafter == "eagle3":
             section.update(path=None)
+        draft = tiny_hf_model("qwen3", seed=7, scale=3.0, num_hidden_layers=1) if drafter == "draft_model" else None
         return dspark.build_pipeline({"target": {"device": "cuda"}, "drafter": section}, target_model=target,
-                                     overrides=list(overrides))
+                                     draft_model=draft, overrides=list(overrides))
 
     expected = pipe().generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
     graphs = pipe("engine.cuda_graphs=true")
