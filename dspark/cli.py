@@ -44,7 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
         streamer.finish()
         print(flush=True)
     for i, ids in enumerate(result.token_ids):
-        if len(prompts) > 1 and (streamer is None or args.logprobs):
+        if len(prompts) > 1:  # (--stream takes one prompt)
             print(f"--- request {i}")
         if streamer is None:
             print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))

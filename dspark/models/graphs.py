@@ -160,49 +160,50 @@ class GraphedFunction:
         self._graphs = {}
 
     def __call__(self, *args):
-        key = tuple(_key(a) for a in args)
+        key = _key(args)
         entry = self._graphs.get(key)
         if entry is None:
-            static = [_clone(a) for a in args]
+            static = _clone(args)
             if self._capture is None and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             capture = self._capture or (lambda fn: cuda_graph_capture(fn, self._pool))
-            saved = [t.clone() for t in self._preserve()] if self._preserve else []
+            preserved = self._preserve() if self._preserve else []
+            saved = [t.clone() for t in preserved]
             replay, output = capture(lambda: self.fn(*static))
-            for tensor, value in zip(self._preserve() if self._preserve else [], saved):
+            for tensor, value in zip(preserved, saved):
                 tensor.copy_(value)
             entry = self._graphs[key] = (static, replay, output)
         static, replay, output = entry
-        for buffer, value in zip(static, args):
-            if isinstance(buffer, torch.Tensor):
-                buffer.copy_(value)
-            elif _is_tensor_list(buffer):
-                for b, v in zip(buffer, value):
-                    b.copy_(v)
+        _copy_into(static, args)
         replay()
         return output
 
 
-def _is_tensor_list(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
-
-
 def _key(value):
-    """A graph's key part for one argument: shapes, dtypes and devices of tensors, else the value."""
+    """A graph's key part: shapes, dtypes and devices of tensors (in lists and tuples too), else the value."""
     if isinstance(value, torch.Tensor):
         return tuple(value.shape), value.dtype, value.device
-    if _is_tensor_list(value):
+    if isinstance(value, (list, tuple)):
         return tuple(_key(v) for v in value)
     return value
 
 
 def _clone(value):
-    """A static input: a clone of a tensor (or of each tensor of a list); other values as they are."""
+    """Static inputs: a clone of each tensor (in lists and tuples too); other values as they are."""
     if isinstance(value, torch.Tensor):
         return value.clone()
-    if _is_tensor_list(value):
-        return [v.clone() for v in value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
     return value
+
+
+def _copy_into(static, value) -> None:
+    """Copy ``value``'s tensors into the static inputs ``static`` (the same structure)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(value)
+    elif isinstance(static, (list, tuple)):
+        for s, v in zip(static, value):
+            _copy_into(s, v)
 
 
 def _tensors(output) -> list[torch.Tensor]:
