@@ -15,9 +15,9 @@ Sections:
   embedded target and a random-weight Qwen3 of about 0.5B parameters in bf16: median ms per
   round (decoding time without the prefill, over rounds) and the outputs' agreement.
 
-A lent GPU is short of minutes, not memory: ``--deadline-s`` bounds the whole run (a section or
-group not started by then is recorded as skipped), and the JSON is rewritten after every row, so
-a run cut short still leaves what it measured.
+A lent GPU is short of minutes, not memory: ``--deadline-s`` bounds the rounds (a group of them
+not started by then is recorded as skipped), ``--sections`` picks what runs, and the JSON is
+rewritten after every group, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
