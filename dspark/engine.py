@@ -58,7 +58,8 @@ class EngineConfig:
             CUDA this adds synchronisations, so keep it for measurements).
         cuda_graphs: replay the target's round forward from CUDA graphs captured per batch size and
             width bucket (:class:`~dspark.models.graphs.GraphedForward`; CUDA targets with the static
-            cache only), and the drafter's own forward where it supports it (``dspark``). Composes
+            cache only), and the drafter's own forwards where it supports it (``dspark``,
+            ``eagle3``, ``draft_model``: :meth:`~dspark.drafters.base.Drafter.use_graphs`). Composes
             with ``compile``.
     """
 
