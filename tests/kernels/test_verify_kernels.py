@@ -188,6 +188,20 @@ def test_edge_rows(kernel_backend):
     assert tokens[1, 0].item() == 1 and tokens[2, 0].item() == 2  # inverse CDF of the residual (= p here)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tiles_grow_to_keep_their_number_bounded(small_tiles, monkeypatch, deterministic):
+    """With at most 2 tiles a row, a 40-token vocabulary takes tiles of 32 (not 5 tiles of 8): the
+    finishing program still reduces every tile, and the kernels return the twins' tokens."""
+    monkeypatch.setattr(triton_verify, "MAX_TILES", 2)
+    assert triton_verify._tiling(40) == (32, 2) and triton_verify._tiling(40, 4) == (32, 2)
+    for seed in range(4):
+        args = random_round(seed, 3, 3, 40, torch.float64, deterministic)
+        assert all(torch.equal(a, b) for a, b in zip(triton_verify.verify_chain(*args), reference.verify_chain(*args)))
+        logits = torch.randn(3, 4, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert all(torch.equal(a, b) for a, b in zip(triton_verify.verify_greedy(logits, args[1], args[3]),
+                                                      reference.verify_greedy(logits, args[1], args[3])))
+
+
 @pytest.mark.parametrize("vocab", [8, 24])
 def test_rounding_between_tile_sum_and_scan_picks_a_token_with_weight(small_tiles, vocab):
     """float32 weights ``[2²⁴, 1, …, 1]`` per tile: a scan adds each 1 to 2²⁴ and loses it, a tree
