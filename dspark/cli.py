@@ -21,8 +21,18 @@ def _generate(args: argparse.Namespace) -> int:
     prompts: list = positional + list(args.prompt or [])
     for ids in args.prompt_ids or []:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])
+    if args.prompts_file:
+        from dspark.data.eval_sets import read_jsonl
+
+        if not Path(args.prompts_file).is_file():
+            raise SystemExit(f"dspark generate: --prompts-file {args.prompts_file} is not a file")
+        try:
+            prompts += [record["prompt"] for record in read_jsonl(args.prompts_file)]
+        except ValueError as err:
+            raise SystemExit(f"dspark generate: {err}") from None
     if not prompts:
-        raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT or --prompt-ids 'ID ID ...'")
+        raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
+                         "or --prompts-file FILE.jsonl")
     if args.stream and len(prompts) != 1:
         raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
                          "prompts (drop --stream to generate a batch)")
@@ -43,7 +53,9 @@ def _generate(args: argparse.Namespace) -> int:
     if streamer is not None:
         streamer.finish()
         print(flush=True)
-    for i, ids in enumerate(result.token_ids):
+    if args.output:
+        _write_outputs(args.output, prompts, result)
+    for i, ids in enumerate(result.token_ids if not args.output else []):
         if len(prompts) > 1:  # (--stream takes one prompt)
             print(f"--- request {i}")
         if streamer is None:
@@ -57,6 +69,19 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(asdict(result.stats), f, indent=2)
     return 0
+
+
+def _write_outputs(path: str, prompts: list, result) -> None:
+    """One JSON line per request, in prompt order: the prompt (text or ids), the generated text
+    (with a tokenizer), its token ids and, when asked for, their log-probabilities."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            record = {"prompt": prompt, "token_ids": result.token_ids[i]}
+            if result.texts is not None:
+                record["text"] = result.texts[i]
+            if result.logprobs is not None:
+                record["logprobs"] = result.logprobs[i]
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer) -> None:
@@ -154,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "else the built-in defaults: the embedded dspark-tiny model)")
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
+    gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the others)")
+    gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs]) "
+                                      "instead of printing the outputs")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

@@ -105,3 +105,31 @@ def test_logprobs_prints_each_token_with_the_targets_log_probability(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == " ".join(map(str, expected.token_ids[0]))
     assert [len(line.split("\t")) for line in out[1:]] == [2] * 6  # id and log-probability
+
+
+def test_prompts_file_and_output_jsonl(capsys, tmp_path):
+    """A batch from a JSONL file, written as JSON lines in prompt order (the same outputs as the
+    Python API); a bad file is refused naming the line, before any work."""
+    import dspark
+
+    prompts = ["def add(a, b):", "The river", "import os"]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts[1:])))
+    output = tmp_path / "out.jsonl"
+    assert main(["generate", "--config", "ar", "--prompt", prompts[0], "--prompts-file", str(source),
+                 "--output", str(output), "--max-new-tokens", "5", "--logprobs", "--ignore-eos",
+                 "target.device=cpu"]) == 0
+    assert capsys.readouterr().out == ""  # the outputs went to the file
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        prompts, max_new_tokens=5, ignore_eos=True, logprobs=True)
+    assert [r["prompt"] for r in records] == prompts
+    assert [r["token_ids"] for r in records] == expected.token_ids
+    assert [r["text"] for r in records] == expected.texts
+    assert [len(r["logprobs"]) for r in records] == [5, 5, 5]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:2: each line needs a string field 'prompt'"):
+        main(["generate", "--prompts-file", str(bad), "target.device=cpu"])
+    with pytest.raises(SystemExit, match="--prompts-file .*missing.jsonl is not a file"):
+        main(["generate", "--prompts-file", str(tmp_path / "missing.jsonl"), "target.device=cpu"])
