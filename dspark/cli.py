@@ -33,6 +33,8 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
                          "or --prompts-file FILE.jsonl")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise SystemExit(f"dspark generate: --output {args.output}: its directory does not exist")
     if args.stream and len(prompts) != 1:
         raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
                          "prompts (drop --stream to generate a batch)")

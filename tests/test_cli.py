@@ -133,3 +133,6 @@ def test_prompts_file_and_output_jsonl(capsys, tmp_path):
         main(["generate", "--prompts-file", str(bad), "target.device=cpu"])
     with pytest.raises(SystemExit, match="--prompts-file .*missing.jsonl is not a file"):
         main(["generate", "--prompts-file", str(tmp_path / "missing.jsonl"), "target.device=cpu"])
+    with pytest.raises(SystemExit, match="its directory does not exist"):
+        main(["generate", "--prompts-file", str(source), "--output", str(tmp_path / "no" / "out.jsonl"),
+              "target.device=cpu"])
