@@ -10,6 +10,8 @@ Sections:
 * kernels — ``verify_chain`` (float32 distributions), ``verify_greedy`` (bf16 logits) and
   ``commit_tokens`` at batch 1 and 64, γ = 7, vocabulary 151,936: median ms per call of the Triton
   kernel and of the twin, their ratio, and whether both returned the same tokens;
+* profile — ``torch.profiler`` over one EAGLE-3 ``generate`` call with CUDA graphs: the ops by
+  host and by device time (where a graphed round still spends its time);
 * rounds — batch-1 greedy decoding with the ``ngram`` drafter (γ = 7) and plain decoding, eager
   vs ``engine.cuda_graphs=true`` (and ``engine.compile=true`` for the small model), for the
   embedded target and a random-weight Qwen3 of about 0.5B parameters in bf16: median ms per
@@ -180,6 +182,27 @@ def rounds_section(repeats: int, new_tokens: int, deadline: float, rows: list[di
             save()
 
 
+def profile_section(config: str = "eagle3", new_tokens: int = 64, device: str = "cuda") -> str:
+    """Where a graphed decoding call's time goes: ``torch.profiler`` over one greedy ``generate``
+    of a shipped pipeline (``engine.cuda_graphs=true``, batch 1, after a warm-up call that
+    captures the graphs), ops ranked by host time and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    overrides = [f"target.device={device}"] + (["engine.cuda_graphs=true"] if device == "cuda" else [])
+    pipe = dspark.build_pipeline(config, overrides=overrides)
+    prompt = ["def fibonacci(n):"]
+    pipe.generate(prompt, max_new_tokens=new_tokens)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        stats = pipe.generate(prompt, max_new_tokens=new_tokens).stats
+    averages = prof.key_averages()
+    tables = [f"{config}, {stats.rounds} rounds, {stats.wall_time_s * 1000:.1f} ms under the profiler",
+              averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device == "cuda":
+        tables.append(averages.table(sort_by="self_device_time_total", row_limit=15))
+    return "\n".join(tables)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# GPU check — {report['environment']['device']}, {report['environment']['date']}", "",
              "| op | batch | kernel ms | twin ms | twin / kernel | requests differing |", "|---|---|---|---|---|---|"]
@@ -205,7 +228,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--deadline-s", type=float, default=270.0,
                         help="no group starts after this many seconds (it is recorded as skipped)")
-    parser.add_argument("--sections", default="kernels,rounds", help="comma-separated: kernels, rounds")
+    parser.add_argument("--sections", default="kernels,profile,rounds",
+                        help="comma-separated: kernels, profile, rounds")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device")
@@ -225,6 +249,13 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if "kernels" in sections:
         report["kernels"] = kernels_section(args.repeats)
+        save()
+    if "profile" in sections:  # printed to the log (the files that come back are few)
+        try:
+            report["profile"] = profile_section()
+        except Exception as err:  # a profiler failure must not cost the rounds
+            report["profile"] = f"failed: {type(err).__name__}: {err}"
+        print(report["profile"], flush=True)
         save()
     if "rounds" in sections:
         report["rounds"] = []
