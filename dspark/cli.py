@@ -33,6 +33,16 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
                          "or --prompts-file FILE.jsonl")
+    chat_template = None
+    if args.chat:
+        if not all(isinstance(p, str) for p in prompts):
+            raise SystemExit("dspark generate: --chat takes text prompts (each becomes a user message), not --prompt-ids")
+        if args.chat_template:
+            if not Path(args.chat_template).is_file():
+                raise SystemExit(f"dspark generate: --chat-template {args.chat_template} is not a file")
+            chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+    elif args.chat_template:
+        raise SystemExit("dspark generate: --chat-template applies with --chat")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise SystemExit(f"dspark generate: --output {args.output}: its directory does not exist")
     if args.stream and len(prompts) != 1:
@@ -47,11 +57,18 @@ def _generate(args: argparse.Namespace) -> int:
 
         text = pipe.tokenizer is not None and not args.print_ids
         streamer = TextStreamer(pipe.tokenizer if text else _IdsAsText())
-    result = pipe.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                           ignore_eos=args.ignore_eos, progress=args.progress, on_tokens=streamer,
-                           stop_token_ids=args.stop_token_id, stop=args.stop, min_new_tokens=args.min_new_tokens,
-                           logprobs=args.logprobs)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos,
+                    progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
+                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs)
+    if args.chat:
+        try:
+            result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
+                               **settings)
+        except ValueError as err:  # e.g. a tokenizer without a chat template
+            raise SystemExit(f"dspark generate: {err}") from None
+    else:
+        result = pipe.generate(prompts, **settings)
     if streamer is not None:
         streamer.finish()
         print(flush=True)
@@ -184,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the others)")
     gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs]) "
                                       "instead of printing the outputs")
+    gen.add_argument("--chat", action="store_true",
+                     help="each text prompt is a user message, rendered by the tokenizer's chat template")
+    gen.add_argument("--chat-template", help="a Jinja chat template file to use instead of the tokenizer's (with --chat)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

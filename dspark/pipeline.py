@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
+from dspark.chat import render_conversations
 from dspark.config import load_config, section_object
 from dspark.engine import Engine
 from dspark.models import load_model, random_hf_model
@@ -176,6 +177,22 @@ class Pipeline:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
                                 logprobs=token_logprobs)
+
+
+    def chat(self, conversations, *, chat_template: str | None = None, **generate_kwargs) -> GenerationResult:
+        """Generate the assistant's reply to each conversation.
+
+        Args:
+            conversations: a list of conversations, each a list of messages ``{"role": ...,
+                "content": ...}``, rendered by the tokenizer's chat template with the assistant's
+                turn opened (:func:`dspark.chat.render_conversations`).
+            chat_template: a Jinja template to use instead of the tokenizer's own.
+            **generate_kwargs: as for :meth:`generate` (``max_new_tokens``, sampling, stops, ...).
+
+        Returns:
+            :meth:`generate`'s result: the replies' token ids and texts, in conversation order.
+        """
+        return self.generate(render_conversations(self.tokenizer, conversations, chat_template), **generate_kwargs)
 
 
 def _request_seeds(seed, count: int) -> list[int]:

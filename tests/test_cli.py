@@ -136,3 +136,24 @@ def test_prompts_file_and_output_jsonl(capsys, tmp_path):
     with pytest.raises(SystemExit, match="its directory does not exist"):
         main(["generate", "--prompts-file", str(source), "--output", str(tmp_path / "no" / "out.jsonl"),
               "target.device=cpu"])
+
+
+def test_chat_renders_each_prompt_as_a_user_message(capsys, tmp_path):
+    import dspark
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    args = ["generate", "--config", "ar", "Name a river.", "--max-new-tokens", "6", "--print-ids", "--ignore-eos",
+            "target.device=cpu"]
+    assert main([*args, "--chat", "--chat-template", str(template)]) == 0
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).chat(
+        [[{"role": "user", "content": "Name a river."}]], chat_template=template.read_text(), max_new_tokens=6,
+        ignore_eos=True)
+    assert capsys.readouterr().out.split() == [str(t) for t in expected.token_ids[0]]
+    with pytest.raises(SystemExit, match="no chat template"):  # the shipped tokenizer has none
+        main([*args, "--chat"])
+    with pytest.raises(SystemExit, match="--chat-template applies with --chat"):
+        main([*args, "--chat-template", str(template)])
+    with pytest.raises(SystemExit, match="--chat takes text prompts"):
+        main(["generate", "--prompt-ids", "1 2", "--chat", "target.device=cpu"])
