@@ -136,19 +136,27 @@ class GraphedFunction:
     those tensors in ``preserve``: they are restored after the capture, so the first call, like
     every later one, updates them once.
 
+    The sampling settings are part of a drafter's key, so calls with many different settings
+    would capture without end: at most ``max_graphs`` are kept, the least recently used dropped
+    (its memory goes back to the pool) and captured again if it comes back.
+
     Args:
         fn: the function to capture (it may read and write other fixed buffers, e.g. a cache).
         capture: as for :class:`GraphedForward`.
         preserve: returns the tensors ``fn`` updates in place (read at each capture).
+        max_graphs: graphs kept at most.
     """
 
     def __init__(self, fn: Callable, *, capture: Capture | None = None,
-                 preserve: Callable[[], list[torch.Tensor]] | None = None):
+                 preserve: Callable[[], list[torch.Tensor]] | None = None, max_graphs: int = 32):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.fn = fn
         self._capture = capture
         self._preserve = preserve
+        self.max_graphs = max_graphs
         self._pool = None
-        self._graphs: dict[tuple, tuple[list, Callable[[], None], object]] = {}
+        self._graphs: dict[tuple, tuple[list, Callable[[], None], object]] = {}  # least recently used first
 
     @property
     def num_graphs(self) -> int:
@@ -161,8 +169,10 @@ class GraphedFunction:
 
     def __call__(self, *args):
         key = _key(args)
-        entry = self._graphs.get(key)
+        entry = self._graphs.pop(key, None)  # re-inserted below: the dict's order is the recency
         if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                del self._graphs[next(iter(self._graphs))]
             static = _clone(args)
             if self._capture is None and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -172,7 +182,8 @@ class GraphedFunction:
             replay, output = capture(lambda: self.fn(*static))
             for tensor, value in zip(preserved, saved):
                 tensor.copy_(value)
-            entry = self._graphs[key] = (static, replay, output)
+            entry = (static, replay, output)
+        self._graphs[key] = entry
         static, replay, output = entry
         _copy_into(static, args)
         replay()

@@ -113,6 +113,24 @@ def test_graphed_function_keys_on_shapes_and_settings():
     assert graphed_fn.num_graphs == 0
 
 
+def test_graphed_function_keeps_the_most_recently_used_graphs():
+    captures = []
+
+    def counting_capture(fn):
+        captures.append(fn)
+        return eager_capture(fn)
+
+    graphed_fn = GraphedFunction(lambda x, scale: x * scale, capture=counting_capture, max_graphs=3)
+    for scale in (1, 2, 3, 1, 4):  # 1 is used again before 4 arrives: 2 is the one dropped
+        assert graphed_fn(torch.ones(2), scale).tolist() == [scale, scale]
+    assert graphed_fn.num_graphs == 3 and len(captures) == 4
+    assert graphed_fn(torch.ones(2), 1).tolist() == [1, 1] and len(captures) == 4  # kept
+    assert graphed_fn(torch.ones(2), 2).tolist() == [2, 2] and len(captures) == 5  # dropped, captured again
+    assert graphed_fn.num_graphs == 3
+    with pytest.raises(ValueError, match="max_graphs must be >= 1"):
+        GraphedFunction(lambda x: x, max_graphs=0)
+
+
 def test_graphed_function_restores_what_it_preserves_after_a_capture():
     """Capturing runs the function more than once; state it advances in place comes out advanced
     once per call, the first included, when named in ``preserve`` (twice without)."""
