@@ -12,13 +12,13 @@ from __future__ import annotations
 def check_conversations(conversations) -> list[list[dict]]:
     """``conversations`` as a list of non-empty lists of ``{"role": str, "content": str}`` messages;
     anything else raises ``TypeError`` / ``ValueError`` naming the conversation and message."""
-    if isinstance(conversations, (str, dict)) or not isinstance(conversations, (list, tuple)):
+    if not isinstance(conversations, (list, tuple)):
         raise TypeError("conversations must be a list of conversations, each a list of messages "
                         f"{{'role': ..., 'content': ...}}; got {type(conversations).__name__}")
     if not conversations:
         raise ValueError("conversations is empty: give at least one conversation")
     for i, conversation in enumerate(conversations):
-        if isinstance(conversation, (str, dict)) or not isinstance(conversation, (list, tuple)) or not conversation:
+        if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError(f"conversation {i} must be a non-empty list of messages {{'role': ..., 'content': ...}}")
         for j, message in enumerate(conversation):
             if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
