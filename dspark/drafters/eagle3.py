@@ -14,6 +14,7 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
+from dspark.drafters.eagle3_import import DEFAULT_GAMMA, import_eagle3, read_published_config
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
 from dspark.models.compiled import compile_forward
@@ -31,7 +32,9 @@ class Eagle3Config(DrafterConfig):
     Attributes:
         num_speculative_tokens: γ draft steps per round.
         path: checkpoint directory or embedded name (default: ``dspark-tiny-eagle3``, trained for the
-            embedded target); ``null`` builds a randomly initialised head from the keys below.
+            embedded target); ``null`` builds a randomly initialised head from the keys below. A
+            published EAGLE-3 head (``LlamaForCausalLMEagle3``, as EAGLE and SpecForge train it and
+            vLLM / SGLang serve it) is read too: :mod:`dspark.drafters.eagle3_import`.
         target_layers, intermediate_size, draft_vocab_size, seed: architecture of a random head
             (``path: null``; unset: a low, a middle and the last layer, the target's MLP width, the
             target's vocabulary). A checkpoint brings its own: set keys must agree with it, or the
@@ -70,9 +73,18 @@ def save_eagle3(head: Eagle3Head, directory: str | Path, extra: dict | None = No
     save_drafter(head, directory, CHECKPOINT_KEY, extra)
 
 
-def load_eagle3(source, target) -> Eagle3Head:
+def load_eagle3(source, target, *, gamma: int | None = None) -> Eagle3Head:
     """A trained head from a directory or embedded name, checked against ``target`` (a checkpoint
-    built for another target is refused, naming what differs; so is a bad ``d2t`` map)."""
+    built for another target is refused, naming what differs; so is a bad ``d2t`` map).
+
+    A published EAGLE-3 head (EAGLE / SpecForge format, as vLLM and SGLang serve it) is read too
+    (:mod:`dspark.drafters.eagle3_import`); ``gamma`` is then the γ it is said to unroll (the
+    format does not say; dspark checkpoints bring their own)."""
+    from dspark.models.loading import resolve_checkpoint
+
+    published = read_published_config(resolve_checkpoint(source))
+    if published is not None:
+        return import_eagle3(resolve_checkpoint(source), published, target, gamma=gamma or DEFAULT_GAMMA)
     directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
     spec["target_layers"] = tuple(spec["target_layers"])
     args = Eagle3Args(**spec)
@@ -120,7 +132,8 @@ class Eagle3Drafter(Drafter):
 
         requested = {"target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size,
                      "draft_vocab_size": config.draft_vocab_size}
-        head = drafter_network("eagle3", Eagle3Head, load_eagle3, build, target=target, draft_model=draft_model,
+        load = lambda source, target: load_eagle3(source, target, gamma=config.num_speculative_tokens)  # noqa: E731
+        head = drafter_network("eagle3", Eagle3Head, load, build, target=target, draft_model=draft_model,
                                path=config.path, requested=requested)
         self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,

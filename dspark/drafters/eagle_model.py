@@ -6,7 +6,8 @@ of the token after it, ``e(t_{p+1})``. Its output ``d_p`` predicts ``t_{p+2}``.
 * **Fused features** — the hidden states of a low, a middle and a high target layer at position
   p, concatenated and mapped to the hidden size: ``f_p = W_fc · [h^(l)_p; h^(m)_p; h^(h)_p]``.
 * **Draft layer** — a decoder layer whose attention reads ``[norm(e(t_{p+1})); norm(f_p)]``
-  (``2H`` wide) and whose residual stream is ``f_p``; its output ``d_p`` is the next feature.
+  (``2H`` wide) and whose residual stream is ``f_p`` (or ``norm(f_p)``: ``norm_before_residual``,
+  a variant some published heads were trained with); its output ``d_p`` is the next feature.
 * **Drafting** — committed pairs use the target's fused features; every further draft step
   feeds the head's own output back: the pair ``(d_{p-1}, x)`` of the token x it just drafted.
   Training unrolls the same recursion ("training-time test", :mod:`dspark.training.eagle3`).
@@ -36,12 +37,15 @@ class Eagle3Args(TargetShape):
         target_layers: the three target layers (low, middle, high) whose outputs are fused.
         intermediate_size: MLP width of the draft layer.
         draft_vocab_size: size of the draft vocabulary (``0`` = the target's, through its LM head).
+        norm_before_residual: the draft layer's residual stream starts from the normalised
+            feature instead of the feature (heads trained that way, e.g. some published ones).
     """
 
     gamma: int
     target_layers: tuple[int, ...]
     intermediate_size: int
     draft_vocab_size: int
+    norm_before_residual: bool = False
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, target_layers, intermediate_size: int | None = None,
@@ -70,13 +74,14 @@ class Eagle3Args(TargetShape):
 
 class PairLayer(Block):
     """A decoder layer whose attention input is a pair ``[norm(embedding); norm(feature)]`` (``2H``)
-    and whose residual stream is the feature."""
+    and whose residual stream is the feature (``norm(feature)`` with ``norm_before_residual``)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, norm_before_residual: bool = False):
         super().__init__(args, 0)
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.wqkv = nn.Linear(2 * args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
         self.embedding_norm = nn.Parameter(torch.ones(args.hidden_size))  # attention_norm normalises the feature
+        self.norm_before_residual = norm_before_residual
 
     def project_pair(self, embedding: torch.Tensor, feature: torch.Tensor, rope):
         """Queries and new keys/values (as :meth:`Block.project`) of pairs ``[B, T, H]`` × 2."""
@@ -84,6 +89,13 @@ class PairLayer(Block):
         h = torch.cat([F.rms_norm(embedding, (hidden,), self.embedding_norm, self.eps),
                        F.rms_norm(feature, (hidden,), self.attention_norm, self.eps)], -1)
         return self.project_normed(h, rope)
+
+    def attend(self, feature: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`Block.attend` with the pairs' features ``[B, T, H]`` as the residual stream."""
+        if self.norm_before_residual:
+            feature = F.rms_norm(feature, (feature.shape[-1],), self.attention_norm, self.eps)
+        return super().attend(feature, q, keys, values, mask)
 
 
 class Eagle3Head(nn.Module):
@@ -99,7 +111,7 @@ class Eagle3Head(nn.Module):
         self.args = args
         hidden = args.hidden_size
         self.fc = nn.Linear(3 * hidden, hidden, bias=False)
-        self.layer = PairLayer(args.layer_args())
+        self.layer = PairLayer(args.layer_args(), args.norm_before_residual)
         self.norm = nn.Parameter(torch.ones(hidden))
         if args.draft_vocab_size:
             self.lm_head = nn.Linear(hidden, args.draft_vocab_size, bias=False)

@@ -1,0 +1,176 @@
+"""Published EAGLE-3 heads: the checkpoint format the EAGLE authors and SpecForge train and vLLM
+and SGLang serve (``architectures: ["LlamaForCausalLMEagle3"]``), read into an
+:class:`~dspark.drafters.eagle_model.Eagle3Head` for a native target.
+
+The format describes the same network as dspark's head, under other names:
+
+* ``config.json``: Llama fields of the one draft layer (``hidden_size``, ``intermediate_size``,
+  ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps``, rope), the
+  target's ``vocab_size``, ``draft_vocab_size``, optionally ``target_hidden_size``,
+  ``norm_before_residual`` and ``eagle_aux_hidden_state_layer_ids`` (top level or under
+  ``eagle_config``).
+* weights (``model.safetensors``, or ``pytorch_model.bin`` read with ``weights_only=True``):
+  ``fc`` (the fusion), ``midlayer.*`` (or ``layers.0.*``): ``self_attn.{q,k,v,o}_proj``,
+  ``mlp.{gate,up,down}_proj``, ``input_layernorm`` (normalises the token embedding),
+  ``hidden_norm`` (the feature), ``post_attention_layernorm``; then ``norm``, ``lm_head`` (over
+  the draft vocabulary), ``d2t`` (draft id → target id as an *offset*: ``target = draft +
+  d2t[draft]``), ``t2d`` (unused here) and optionally ``embed_tokens`` (a copy of the target's).
+* Aux layer ids count as vLLM and SGLang count them: id ``j`` is the *input* of target layer
+  ``j`` (the output of layer ``j − 1``; ``0`` would be the embedding), default ``(2, L // 2,
+  L − 3)``. dspark names a layer by its output, so ``j`` becomes ``j − 1``.
+
+What dspark's head cannot represent is refused, naming it, before any weight is read: several
+draft layers, a draft layer of another width than the target or with another rope, attention
+biases, an embedding of its own that differs from the target's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dspark.drafters.checkpoint import CONFIG_FILE, TargetShape
+from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+
+#: ``architectures`` entries that mark a published EAGLE-3 head
+ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+#: draft steps an imported head is said to unroll when the caller gives none (the format keeps none)
+DEFAULT_GAMMA = 7
+
+
+def read_published_config(directory: str | Path) -> dict | None:
+    """``config.json`` of ``directory`` when it declares a published EAGLE-3 head, else ``None``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return config if isinstance(architectures, list) and any(a in ARCHITECTURES for a in architectures) else None
+
+
+def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """vLLM's and SGLang's default aux ids for a target of ``num_layers`` (inputs of these layers)."""
+    return 2, num_layers // 2, num_layers - 3
+
+
+def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, where: str = "the checkpoint") -> Eagle3Args:
+    """:class:`Eagle3Args` of a published head's ``config`` for ``target``; ``ValueError`` naming
+    every setting dspark's head cannot represent, or that does not fit ``target``."""
+    from transformers import LlamaConfig
+
+    from dspark.models.native import rope_inverse_frequencies
+
+    t = target.args
+    hidden = config.get("hidden_size")
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+    problems = []
+    if config.get("num_hidden_layers", 1) != 1:
+        problems.append(f"num_hidden_layers {config.get('num_hidden_layers')} (dspark's head has one draft layer)")
+    if hidden != t.hidden_size:
+        problems.append(f"hidden_size {hidden} (target: {t.hidden_size}; the head shares the target's embedding)")
+    if config.get("target_hidden_size", t.hidden_size) != t.hidden_size:
+        problems.append(f"target_hidden_size {config['target_hidden_size']} (target: {t.hidden_size})")
+    if config.get("vocab_size") != t.vocab_size:
+        problems.append(f"vocab_size {config.get('vocab_size')} (target: {t.vocab_size})")
+    if head_dim != t.head_dim:
+        problems.append(f"head_dim {head_dim} (target: {t.head_dim}; the head uses the target's rotary embedding)")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config['hidden_act']!r} (only 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            problems.append(f"{key} true (no biases)")
+    eagle_config = config.get("eagle_config") or {}
+    if eagle_config.get("use_aux_hidden_state") is False:
+        problems.append("eagle_config.use_aux_hidden_state false (an EAGLE-1/2-style head without fused layers)")
+    aux = config.get("eagle_aux_hidden_state_layer_ids") or eagle_config.get("eagle_aux_hidden_state_layer_ids")
+    aux = tuple(aux) if aux else default_aux_layer_ids(t.num_layers)
+    if len(aux) != 3 or not all(isinstance(j, int) and 1 <= j <= t.num_layers for j in aux):
+        problems.append(f"eagle_aux_hidden_state_layer_ids {list(aux)} (three ids in 1..{t.num_layers}: "
+                        f"the inputs of target layers, 0 being the embedding, which dspark does not return)")
+    if not problems:
+        rope_config = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+        inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
+        same = inv_freq.shape == target.inv_freq.shape and torch.allclose(inv_freq, target.inv_freq.cpu(), rtol=1e-6)
+        if not same or abs(scaling - target.attention_scaling) > 1e-9:
+            problems.append(f"rope {dict(rope_config.rope_parameters)} (not the target's rotary embedding)")
+    if problems:
+        raise ValueError(f"{where} is an EAGLE-3 head dspark cannot run on this target: " + "; ".join(problems))
+    shape = TargetShape.fields_of(target)
+    shape.update(num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
+                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), qk_norm=False)
+    return Eagle3Args(**shape, gamma=gamma, target_layers=tuple(j - 1 for j in aux),
+                      intermediate_size=config["intermediate_size"],
+                      draft_vocab_size=config.get("draft_vocab_size") or t.vocab_size,
+                      norm_before_residual=bool(config.get("norm_before_residual", False))).validate()
+
+
+def _layer_key(tensors: dict) -> str:
+    return "layers.0." if any(k.startswith("layers.0.") for k in tensors) else "midlayer."
+
+
+def published_state_dict(tensors: dict[str, torch.Tensor], head: Eagle3Head, target, where: str) -> dict:
+    """``head``'s state dict from a published head's tensors; ``CheckpointError`` naming missing,
+    unexpected and mis-shaped tensors, ``ValueError`` for an embedding that is not the target's."""
+    from dspark.models.loading import CheckpointError
+
+    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    layer = _layer_key(tensors)
+    attn, mlp = layer + "self_attn.", layer + "mlp."
+    parts = {  # dspark name: the published tensors it is made of (concatenated along rows)
+        "fc.weight": ["fc.weight"],
+        "layer.wqkv.weight": [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"],
+        "layer.wo.weight": [attn + "o_proj.weight"],
+        "layer.w13.weight": [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
+        "layer.w2.weight": [mlp + "down_proj.weight"],
+        "layer.embedding_norm": [layer + "input_layernorm.weight"],
+        "layer.attention_norm": [layer + "hidden_norm.weight"],
+        "layer.ffn_norm": [layer + "post_attention_layernorm.weight"],
+        "norm": ["norm.weight"],
+        "lm_head.weight": ["lm_head.weight"],
+    }
+    optional = {"d2t", "t2d", "embed_tokens.weight"}
+    known = {name for names in parts.values() for name in names} | optional
+    missing = sorted({name for names in parts.values() for name in names} - set(tensors))
+    unexpected = sorted(set(tensors) - known)
+    if missing or unexpected:
+        raise CheckpointError(f"{where} is not an EAGLE-3 head dspark can read: missing {missing}, "
+                              f"unexpected {unexpected}")
+    state = {name: torch.cat([tensors[n] for n in names]) for name, names in parts.items()}
+    expected = head.state_dict()
+    draft_vocab = head.args.draft_vocab_size
+    offsets = tensors.get("d2t")
+    if offsets is None and draft_vocab != head.args.vocab_size:
+        raise CheckpointError(f"{where} has a draft vocabulary of {draft_vocab} tokens but no d2t map")
+    state["d2t"] = torch.arange(draft_vocab) + (0 if offsets is None else offsets.long())
+    misshaped = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
+                 for k, v in state.items() if v.shape != expected[k].shape]
+    if misshaped:
+        raise CheckpointError(f"{where} does not match its config: {'; '.join(misshaped)}")
+    embedding = tensors.get("embed_tokens.weight")
+    if embedding is not None:
+        own = target.embed_tokens.weight.detach()
+        coarser = max(embedding.dtype, own.dtype, key=lambda d: torch.finfo(d).eps)  # compare at its precision
+        if embedding.shape != own.shape or not torch.equal(embedding.to(own.device, coarser), own.to(coarser)):
+            raise ValueError(f"{where} carries an embedding (embed_tokens) that is not the target's: dspark's head "
+                             "shares the target's embedding; use the target this head was trained for")
+    return state
+
+
+def import_eagle3(directory: str | Path, config: dict, target, *, gamma: int = DEFAULT_GAMMA) -> Eagle3Head:
+    """A published EAGLE-3 head (``directory`` holding ``config`` and its weights) as an
+    :class:`Eagle3Head` for ``target`` (float32, on the CPU; the drafter moves it)."""
+    from dspark.models.loading import read_checkpoint_tensors
+
+    where = f"EAGLE-3 checkpoint {str(directory)!r}"
+    head = Eagle3Head(published_args(config, target, gamma=gamma, where=where))
+    state = published_state_dict(read_checkpoint_tensors(directory), head, target, where)
+    with torch.no_grad():
+        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    head.set_draft_vocabulary(head.d2t.clone())  # validates the map
+    return head

@@ -1,0 +1,243 @@
+"""Published EAGLE-3 heads (EAGLE / SpecForge format, as vLLM and SGLang serve them): the imported
+head drafts what the format's own definition computes, written out here independently of dspark's
+layers from the published tensor names; decoding with it stays lossless; what dspark cannot run
+is refused, naming it."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dspark
+from dspark.drafters.eagle3 import load_eagle3
+from dspark.models import load_model
+from dspark.models.loading import CheckpointError
+
+from helpers import hf_greedy, tiny_hf_model
+
+LAYERS = 6  # the target's depth: default aux ids (2, 3, 3)
+
+
+def target_model(**overrides):
+    return tiny_hf_model("llama", scale=2.0, num_hidden_layers=LAYERS, **overrides)
+
+
+def published_head(target_hf, *, draft_vocab=None, aux=None, aux_in_eagle_config=False,
+                   norm_before_residual=False, seed=1, **config_overrides):
+    """A random head in the published format: ``(config, tensors)`` (tensors named as published)."""
+    c = target_hf.config
+    hidden, heads, kv_heads, head_dim, inter = c.hidden_size, 4, 2, c.head_dim, 96
+    vocab = c.vocab_size
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "head_dim": head_dim, "num_hidden_layers": 1, "rms_norm_eps": 1e-5, "vocab_size": vocab,
+              "draft_vocab_size": draft_vocab or vocab, "rope_theta": c.rope_parameters["rope_theta"],
+              "max_position_embeddings": 256, "hidden_act": "silu", "tie_word_embeddings": False}
+    if norm_before_residual:
+        config["norm_before_residual"] = True
+    if aux is not None:
+        if aux_in_eagle_config:
+            config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux, "use_aux_hidden_state": True}
+        else:
+            config["eagle_aux_hidden_state_layer_ids"] = aux
+    config.update(config_overrides)
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *shape, scale=0.3: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    norm = lambda: 1 + 0.2 * torch.randn(hidden, generator=g)  # noqa: E731
+    tensors = {
+        "fc.weight": w(hidden, 3 * hidden, scale=0.15),
+        "midlayer.self_attn.q_proj.weight": w(heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": w(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": w(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": w(hidden, heads * head_dim),
+        "midlayer.mlp.gate_proj.weight": w(inter, hidden),
+        "midlayer.mlp.up_proj.weight": w(inter, hidden),
+        "midlayer.mlp.down_proj.weight": w(hidden, inter),
+        "midlayer.input_layernorm.weight": norm(),
+        "midlayer.hidden_norm.weight": norm(),
+        "midlayer.post_attention_layernorm.weight": norm(),
+        "norm.weight": norm(),
+        "lm_head.weight": w(draft_vocab or vocab, hidden, scale=1.0),
+    }
+    if draft_vocab:  # a sorted subset of the target's ids, stored as offsets (target = draft + d2t[draft])
+        ids = torch.randperm(vocab, generator=g)[:draft_vocab].sort().values
+        tensors["d2t"] = ids - torch.arange(draft_vocab)
+        tensors["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill(0, ids, True)
+    return config, tensors
+
+
+def save_published(directory, config, tensors, fmt="safetensors"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+    else:
+        torch.save(tensors, directory / "pytorch_model.bin")
+    return directory
+
+
+def rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x, positions, theta):
+    """Rotate-half rotary embedding of ``x`` ``[T, heads, D]`` at ``positions`` ``[T]`` (angles in
+    float32, as transformers and vLLM compute them)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = positions.float()[:, None] * inv_freq  # [T, D/2]
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, None].double() for f in (torch.cos, torch.sin))
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class ReferenceHead:
+    """The published format's definition, in float64, one request: pairs (feature at position p,
+    embedding of the token after it) through one draft layer, keys/values kept per pair."""
+
+    def __init__(self, config, tensors, embedding):
+        self.c, self.t = config, {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+        self.embedding, self.keys, self.values = embedding.double(), [], []
+
+    def layer(self, features, tokens, positions):
+        """Outputs ``[T, H]`` of pairs appended at ``positions`` (each sees all pairs before it)."""
+        c, t, eps = self.c, self.t, self.c["rms_norm_eps"]
+        heads, kv_heads, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        feature_normed = rms(features, t["midlayer.hidden_norm.weight"], eps)
+        residual = feature_normed if c.get("norm_before_residual") else features
+        x = torch.cat([rms(self.embedding[tokens], t["midlayer.input_layernorm.weight"], eps), feature_normed], -1)
+        q = (x @ t["midlayer.self_attn.q_proj.weight"].T).view(-1, heads, d)
+        k = (x @ t["midlayer.self_attn.k_proj.weight"].T).view(-1, kv_heads, d)
+        v = (x @ t["midlayer.self_attn.v_proj.weight"].T).view(-1, kv_heads, d)
+        q, k = rotate(q, positions, c["rope_theta"]), rotate(k, positions, c["rope_theta"])
+        start = len(self.keys)
+        self.keys += list(k)
+        self.values += list(v)
+        keys = torch.stack(self.keys).repeat_interleave(heads // kv_heads, 1)  # [S, heads, D]
+        values = torch.stack(self.values).repeat_interleave(heads // kv_heads, 1)
+        scores = torch.einsum("thd,shd->hts", q, keys) / math.sqrt(d)
+        visible = torch.arange(len(self.keys))[None] <= (start + torch.arange(len(tokens)))[:, None]
+        attention = torch.einsum("hts,shd->thd", scores.masked_fill(~visible, -math.inf).softmax(-1), values)
+        h = residual + attention.reshape(len(tokens), -1) @ t["midlayer.self_attn.o_proj.weight"].T
+        y = rms(h, t["midlayer.post_attention_layernorm.weight"], eps)
+        gate, up = y @ t["midlayer.mlp.gate_proj.weight"].T, y @ t["midlayer.mlp.up_proj.weight"].T
+        return h + (F.silu(gate) * up) @ t["midlayer.mlp.down_proj.weight"].T
+
+    def logits(self, d):
+        """Over the target's vocabulary (``-inf`` outside the draft vocabulary)."""
+        small = rms(d, self.t["norm.weight"], self.c["rms_norm_eps"]) @ self.t["lm_head.weight"].T
+        full = torch.full((*small.shape[:-1], self.c["vocab_size"]), -math.inf, dtype=torch.float64)
+        ids = torch.arange(small.shape[-1]) + self.t.get("d2t", torch.zeros(small.shape[-1], dtype=torch.long))
+        full[..., ids] = small
+        return full
+
+
+def reference_draft_probs(config, tensors, target_hf, prompt, anchor, drafts):
+    """Softmax of the reference head's logits at each draft step, teacher-forced on ``drafts``."""
+    model = copy.deepcopy(target_hf).double()
+    sequence = torch.tensor([prompt + [anchor]])
+    with torch.no_grad():
+        hidden = model(input_ids=sequence, output_hidden_states=True).hidden_states  # [j]: input of layer j
+    aux = (config.get("eagle_aux_hidden_state_layer_ids")
+           or config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids") or (2, LAYERS // 2, LAYERS - 3))
+    n = len(prompt)
+    features = torch.cat([hidden[j][0, :n] for j in aux], -1) @ tensors["fc.weight"].double().T  # [n, H]
+    head = ReferenceHead(config, tensors, model.get_input_embeddings().weight.detach())
+    d = head.layer(features, sequence[0, 1:], torch.arange(n))[-1]
+    probs = [head.logits(d).softmax(-1)]
+    for k, token in enumerate(drafts[:-1]):
+        d = head.layer(d[None], torch.tensor([token]), torch.tensor([n + k]))[0]
+        probs.append(head.logits(d).softmax(-1))
+    return torch.stack(probs)
+
+
+def eagle_pipeline(target_hf, path, gamma=4, *overrides):
+    return dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"},
+                                  "drafter": {"name": "eagle3", "num_speculative_tokens": gamma, "path": str(path)}},
+                                 target_model=target_hf, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("variant", ["default", "draft_vocab", "norm_before_residual", "aux_in_eagle_config", "bin"])
+def test_imported_head_drafts_what_the_format_defines(tmp_path, variant):
+    """q of every draft step equals the format's own definition (teacher-forced on the drafts)."""
+    target_hf = target_model()
+    config, tensors = published_head(
+        target_hf, draft_vocab=40 if variant == "draft_vocab" else None,
+        norm_before_residual=variant == "norm_before_residual",
+        aux=[1, 3, 5] if variant == "aux_in_eagle_config" else None, aux_in_eagle_config=True)
+    path = save_published(tmp_path / "head", config, tensors, fmt="bin" if variant == "bin" else "safetensors")
+    pipe = eagle_pipeline(target_hf, path)
+    seen = []
+    original = pipe.drafter.propose
+    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=3, ignore_eos=True)
+    drafts = seen[0].tokens[0].tolist()
+    expected = reference_draft_probs(config, tensors, target_hf, prompt, result.token_ids[0][0], drafts)
+    # transformers normalises in float32 even in a float64 model: its hidden states (the reference's
+    # features) are ~1e-7 off dspark's; a wrong weight, norm, layer id or offset is off by ~0.1
+    assert torch.allclose(seen[0].probs[0], expected, atol=1e-5), (seen[0].probs[0] - expected).abs().max(-1)
+    if variant == "draft_vocab":  # no draft outside the draft vocabulary
+        ids = torch.arange(40) + tensors["d2t"]
+        assert (seen[0].probs[0].sum(-1) - seen[0].probs[0][:, ids].sum(-1)).abs().max() < 1e-12
+
+
+def test_imported_head_keeps_greedy_decoding_exact(tmp_path):
+    target_hf = target_model()
+    path = save_published(tmp_path / "head", *published_head(target_hf, draft_vocab=60))
+    pipe = eagle_pipeline(target_hf, path, 5)
+    prompt = [3, 14, 15, 92, 65, 35]
+    out = pipe.generate([prompt], max_new_tokens=24, ignore_eos=True)
+    assert out.token_ids[0] == hf_greedy(target_hf, prompt, 24)
+    assert out.stats.drafted_tokens > 0
+
+
+def test_embedding_copy_of_the_targets_is_accepted_and_another_refused(tmp_path):
+    target_hf = target_model()
+    config, tensors = published_head(target_hf)
+    embedding = target_hf.get_input_embeddings().weight.detach().clone()
+    save_published(tmp_path / "same", config, {**tensors, "embed_tokens.weight": embedding.bfloat16()})
+    target = load_model(target_hf)
+    assert load_eagle3(tmp_path / "same", target).args.draft_vocab_size == config["vocab_size"]
+    save_published(tmp_path / "other", config, {**tensors, "embed_tokens.weight": embedding + 1})
+    with pytest.raises(ValueError, match="carries an embedding .* that is not the target's"):
+        load_eagle3(tmp_path / "other", target)
+
+
+def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
+    target_hf = target_model()
+    target = load_model(target_hf)
+    cases = {
+        "layers": ({"num_hidden_layers": 2}, r"num_hidden_layers 2 \(dspark's head has one draft layer\)"),
+        "aux0": ({"eagle_aux_hidden_state_layer_ids": [0, 2, 4]},
+                 r"eagle_aux_hidden_state_layer_ids \[0, 2, 4\] \(three ids in 1..6"),
+        "rope": ({"rope_theta": 500000.0}, r"rope .*500000.* \(not the target's rotary embedding\)"),
+        "vocab": ({"vocab_size": 99}, r"vocab_size 99 \(target: 101\)"),
+        "bias": ({"attention_bias": True}, r"attention_bias true"),
+        "eagle2": ({"eagle_config": {"use_aux_hidden_state": False}}, r"eagle_config.use_aux_hidden_state false"),
+    }
+    config, tensors = published_head(target_hf)
+    for name, (change, message) in cases.items():
+        path = save_published(tmp_path / name, {**config, **change}, tensors)
+        with pytest.raises(ValueError, match="is an EAGLE-3 head dspark cannot run on this target: " + message):
+            load_eagle3(path, target)
+    wide = load_model(target_model(hidden_size=48, head_dim=12))
+    with pytest.raises(ValueError, match=r"hidden_size 64 \(target: 48; .*head_dim 16 \(target: 12"):
+        load_eagle3(save_published(tmp_path / "ok", config, tensors), wide)
+    missing = {k: v for k, v in tensors.items() if k != "midlayer.hidden_norm.weight"}
+    with pytest.raises(CheckpointError, match=r"missing \['midlayer.hidden_norm.weight'\], unexpected \[\]"):
+        load_eagle3(save_published(tmp_path / "missing", config, missing), target)
+    extra = {**tensors, "layers.1.mlp.up_proj.weight": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"unexpected \['layers.1.mlp.up_proj.weight'\]"):
+        load_eagle3(save_published(tmp_path / "extra", config, extra), target)
+    misshaped = {**tensors, "fc.weight": torch.zeros(64, 64)}
+    with pytest.raises(CheckpointError, match=r"fc.weight: expected \(64, 192\), found \(64, 64\)"):
+        load_eagle3(save_published(tmp_path / "misshaped", config, misshaped), target)
+    small_config, small = published_head(target_hf, draft_vocab=40)
+    small.pop("d2t")
+    with pytest.raises(CheckpointError, match="draft vocabulary of 40 tokens but no d2t map"):
+        load_eagle3(save_published(tmp_path / "nod2t", small_config, small), target)
