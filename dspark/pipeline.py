@@ -273,6 +273,10 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
     sampler = sampler_cls(section_object(cfg, "sampler"))
     verifier = verifier_cls(section_object(cfg, "verifier"))
     drafter = drafter_cls(section_object(cfg, "drafter"), target=target, sampler=sampler, draft_model=draft_model)
+    if scheduler_cls.needs_confidence and not drafter.provides_confidence:  # e.g. a checkpoint without the head
+        raise ValueError(f"scheduler {cfg.scheduler.name!r} reads draft confidences, which this {cfg.drafter.name!r} "
+                         "drafter does not produce (its checkpoint has no confidence head); use scheduler: adaptive "
+                         "or scheduler: fixed")
     scheduler = scheduler_cls(section_object(cfg, "scheduler"), target=target,
                               model_name=str(source) if isinstance(source, (str, Path)) else "")
     if not hasattr(target, "cache_shape") and cfg.cache.name == "static" and not cfg.cache.get("_target_"):

@@ -15,6 +15,12 @@ One forward drafts a whole block of γ positions (Cheng et al., 2026, §3.1):
   ``rnn`` (a gated recurrent state over ``[s_{k-1}; W1[x_{k-1}]; h_k]``);
 * **confidence head** — ``c_k = σ(wᵀ[h_k; W1[x_{k-1}]])``, the predicted probability that
   draft k survives verification given that drafts 1..k−1 did.
+
+Two options exist for drafters trained elsewhere (DeepSpec's released checkpoints,
+:mod:`dspark.drafters.deepspec_import`): context features may enter the keys/values without the
+layer's input norm (``context_input_norm: false``), and the confidence head may read ``h_k`` alone
+(``confidence: hidden``) or be absent (``confidence: none``; then no ``W1`` is needed without a
+sequential head, ``rank: 0``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from dspark.drafters.checkpoint import TargetShape
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
 HEADS = ("none", "markov", "gated_markov", "rnn")
+#: what the confidence head reads: ``[h_k; W1[x_{k-1}]]``, ``h_k`` alone, or no confidence head
+CONFIDENCE_INPUTS = ("token", "hidden", "none")
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,11 @@ class BlockDrafterArgs(TargetShape):
         intermediate_size: MLP width of the backbone layers.
         target_layers: target decoder layers whose outputs form the context features.
         head: sequential head, one of ``none``, ``markov``, ``gated_markov``, ``rnn``.
-        rank: width r of the sequential head's token embedding ``W1`` and state.
+        rank: width r of the sequential head's token embedding ``W1`` and state (``0``: no ``W1``,
+            for ``head: none`` with a confidence head that does not read it, or none).
+        context_input_norm: each layer normalises the context features (its input norm) before
+            projecting them to keys/values (dspark's drafters); ``False``: projected as they are.
+        confidence: what the confidence head reads (:data:`CONFIDENCE_INPUTS`).
     """
 
     gamma: int
@@ -50,6 +62,8 @@ class BlockDrafterArgs(TargetShape):
     target_layers: tuple[int, ...]
     head: str
     rank: int
+    context_input_norm: bool = True
+    confidence: str = "token"
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, num_layers: int, target_layers, head: str,
@@ -63,8 +77,12 @@ class BlockDrafterArgs(TargetShape):
         """Raise ``ValueError`` naming the bad setting."""
         if self.head not in HEADS:
             raise ValueError(f"drafter.head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.gamma < 1 or self.num_layers < 1 or self.rank < 1:
-            raise ValueError(f"gamma, num_layers and rank must be >= 1, got {self.gamma}, {self.num_layers}, {self.rank}")
+        if self.confidence not in CONFIDENCE_INPUTS:
+            raise ValueError(f"confidence must be one of {', '.join(CONFIDENCE_INPUTS)}, got {self.confidence!r}")
+        needs_w1 = self.head != "none" or self.confidence == "token"
+        if self.gamma < 1 or self.num_layers < 1 or self.rank < (1 if needs_w1 else 0):
+            raise ValueError(f"gamma and num_layers must be >= 1 and rank >= {int(needs_w1)} (W1 is "
+                             f"{'' if needs_w1 else 'not '}used), got {self.gamma}, {self.num_layers}, {self.rank}")
         if not self.target_layers:
             raise ValueError("target_layers must name at least one target layer")
         self.check_target_layers(self.target_layers)
@@ -92,8 +110,9 @@ class BlockDrafter(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(hidden))
         self.layers = nn.ModuleList(Block(args.layer_args(), i) for i in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(hidden))
-        self.token_embedding = nn.Embedding(vocab, rank)  # W1: feeds the sequential and confidence heads
-        self.confidence = nn.Linear(hidden + rank, 1)
+        self.token_embedding = nn.Embedding(vocab, rank) if rank else None  # W1: sequential and confidence heads
+        self.confidence = None if args.confidence == "none" else nn.Linear(
+            hidden + (rank if args.confidence == "token" else 0), 1)
         if args.head in ("markov", "gated_markov", "rnn"):
             self.bias_projection = nn.Linear(rank, vocab, bias=False)  # W2
         if args.head == "gated_markov":
@@ -121,7 +140,15 @@ class BlockDrafter(nn.Module):
 
     def context_kv(self, features: torch.Tensor, rope) -> list[torch.Tensor]:
         """Per backbone layer, the injected keys/values ``[B, L, 2, H_kv, D]`` of context features."""
-        return [layer.project_kv(features, rope) for layer in self.layers]
+        return [self.layer_context_kv(layer, features, rope) for layer in self.layers]
+
+    def layer_context_kv(self, layer: Block, features: torch.Tensor, rope) -> torch.Tensor:
+        """One layer's injected keys/values ``[B, L, 2, H_kv, D]`` of context features ``[B, L, H]``."""
+        return layer.project_kv(features, rope, normalise=self.args.context_input_norm)
+
+    def previous_embedding(self, previous: torch.Tensor) -> torch.Tensor | None:
+        """``W1[x_{k-1}]`` ``[..., r]`` of the previous tokens ``[...]`` (``None`` without ``W1``)."""
+        return None if self.token_embedding is None else self.token_embedding(previous)
 
     # ------------------------------------------------------------------ heads
     def head_bias(self, prev_embedding: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None,
@@ -165,9 +192,13 @@ class BlockDrafter(nn.Module):
         compute = torch.promote_types(w1.dtype, torch.float32)
         return (w1.to(compute) @ w2.to(compute).t()).to(w1.dtype)
 
-    def confidence_of(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
-        """``c_k = σ(wᵀ[h_k; W1[x_{k-1}]])`` ``[...]``."""
-        return torch.sigmoid(self.confidence(torch.cat([hidden, prev_embedding], -1)).squeeze(-1))
+    def confidence_of(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor | None:
+        """``c_k = σ(wᵀ[h_k; W1[x_{k-1}]])`` ``[...]`` (``σ(wᵀh_k)`` with ``confidence: hidden``;
+        ``None`` without a confidence head)."""
+        if self.confidence is None:
+            return None
+        features = torch.cat([hidden, prev_embedding], -1) if self.args.confidence == "token" else hidden
+        return torch.sigmoid(self.confidence(features).squeeze(-1))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone output → normalised hiddens ``h`` (the LM head turns them into ``U``)."""

@@ -17,6 +17,10 @@ from dspark.models.native import ModelArgs
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # the TargetShape fields checked on load (a checkpoint for another target is refused naming them)
 CHECKED_FIELDS = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim", "target_num_layers")
+# the keys of a transformers config that decide its rotary embedding (drafters trained elsewhere
+# are checked to rotate as their target does)
+ROPE_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
+             "rope_parameters", "partial_rotary_factor")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,14 @@ def drafter_network(kind: str, net_class: type, load, build, *, target, draft_mo
                              f"architecture keys build a randomly initialised {kind} drafter (drafter.path=null); "
                              "drop the key, or load a checkpoint built that way")
     return net
+
+
+def equal_at_coarser_precision(copy: torch.Tensor, own: torch.Tensor) -> bool:
+    """Whether ``copy`` (a checkpoint's copy of a target tensor) equals ``own`` once both are rounded
+    to the coarser of their two dtypes (a bfloat16 copy of a float32 target is its rounding)."""
+    own = own.detach()
+    coarser = max(copy.dtype, own.dtype, key=lambda d: torch.finfo(d).eps)
+    return copy.shape == own.shape and torch.equal(copy.to(own.device, coarser), own.to(coarser))
 
 
 def _show(value) -> str:

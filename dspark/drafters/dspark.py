@@ -15,6 +15,7 @@ from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
+from dspark.drafters.deepspec_import import import_deepspec, read_deepspec_config
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
@@ -30,7 +31,9 @@ class DSparkConfig(DrafterConfig):
     Attributes:
         num_speculative_tokens: γ drafts per round (at most the checkpoint's block size).
         path: checkpoint directory or embedded name (default: ``dspark-tiny-dspark``, trained for the
-            embedded target); ``null`` builds a randomly initialised drafter from the keys below.
+            embedded target); ``null`` builds a randomly initialised drafter from the keys below. A
+            DSpark or DFlash drafter released with DeepSpec (``Qwen3DSparkModel``) is read too:
+            :mod:`dspark.drafters.deepspec_import`.
         head, num_layers, target_layers, rank, intermediate_size, seed: architecture of a random
             drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target
             layer, rank 128, the target's MLP width). A checkpoint brings its own: set keys must
@@ -72,10 +75,18 @@ def save_block_drafter(net: BlockDrafter, directory: str | Path, extra: dict | N
 def load_block_drafter(source, target) -> BlockDrafter:
     """A trained drafter from a directory or embedded name, checked against ``target``.
 
+    A DSpark or DFlash drafter released with DeepSeek's DeepSpec (``Qwen3DSparkModel``) is read
+    too (:mod:`dspark.drafters.deepspec_import`).
+
     Raises ``ValueError`` naming what differs when the checkpoint was built for another target
     (hidden size, vocabulary, head layout, number of layers), and
     :class:`~dspark.models.CheckpointError` for missing or mis-shaped tensors.
     """
+    from dspark.models.loading import resolve_checkpoint
+
+    released = read_deepspec_config(resolve_checkpoint(source))
+    if released is not None:
+        return import_deepspec(resolve_checkpoint(source), released, target)
     directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
     spec["target_layers"] = tuple(spec["target_layers"])
     args = BlockDrafterArgs(**spec)
@@ -125,10 +136,11 @@ class DSparkDrafter(Drafter):
                              f"this drafter was built for ({net.args.gamma})")
         self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(net.args.target_layers)
+        self.provides_confidence = net.args.confidence != "none"  # a checkpoint may have no confidence head
         # the left-to-right head's product with W2, precomputed (the network is frozen from here on):
         # the whole bias table when it is small enough, else W2ᵀ laid out for the matvecs
         self.bias_table = self.projection_t = None
-        table_mib = net.args.vocab_size ** 2 * self.net.token_embedding.weight.element_size() / 2 ** 20
+        table_mib = net.args.vocab_size ** 2 * self.net.norm.element_size() / 2 ** 20
         if net.args.head in ("markov", "gated_markov") and table_mib <= config.bias_table_mib:
             self.bias_table = self.net.bias_table().contiguous()  # [V, V]
         elif hasattr(self.net, "bias_projection"):
@@ -259,10 +271,10 @@ class DSparkDrafter(Drafter):
                                                 None if params.greedy else uniforms[:, k])
                 drafted.append(previous), probs.append(q)
             tokens, q = torch.stack(drafted, 1), (None if params.greedy else torch.stack(probs, 1))
-        # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once
+        # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once (if it has one)
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
-        confidence = net.confidence_of(hidden[:, :gamma], net.token_embedding(previous))
-        if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
+        confidence = net.confidence_of(hidden[:, :gamma], net.previous_embedding(previous))
+        if self.calibration is not None and confidence is not None:  # σ(logit(c_k) / T_k + b_k)
             confidence = self.calibration.apply(confidence, 0, gamma, params.greedy)
         return tokens, q, confidence
 

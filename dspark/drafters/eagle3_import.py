@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.drafters.checkpoint import CONFIG_FILE, TargetShape
+from dspark.drafters.checkpoint import CONFIG_FILE, ROPE_KEYS, TargetShape, equal_at_coarser_precision
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
 #: ``architectures`` entries that mark a published EAGLE-3 head
@@ -94,7 +94,7 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, where: s
         problems.append(f"eagle_aux_hidden_state_layer_ids {list(aux)} (three ids in 1..{t.num_layers}: "
                         f"the inputs of target layers, 0 being the embedding, which dspark does not return)")
     if not problems:
-        rope_config = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+        rope_config = LlamaConfig(**{k: config[k] for k in ROPE_KEYS if k in config})
         inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
         same = inv_freq.shape == target.inv_freq.shape and torch.allclose(inv_freq, target.inv_freq.cpu(), rtol=1e-6)
         if not same or abs(scaling - target.attention_scaling) > 1e-9:
@@ -154,9 +154,7 @@ def published_state_dict(tensors: dict[str, torch.Tensor], head: Eagle3Head, tar
         raise CheckpointError(f"{where} does not match its config: {'; '.join(misshaped)}")
     embedding = tensors.get("embed_tokens.weight")
     if embedding is not None:
-        own = target.embed_tokens.weight.detach()
-        coarser = max(embedding.dtype, own.dtype, key=lambda d: torch.finfo(d).eps)  # compare at its precision
-        if embedding.shape != own.shape or not torch.equal(embedding.to(own.device, coarser), own.to(coarser)):
+        if not equal_at_coarser_precision(embedding, target.embed_tokens.weight):
             raise ValueError(f"{where} carries an embedding (embed_tokens) that is not the target's: dspark's head "
                              "shares the target's embedding; use the target this head was trained for")
     return state

@@ -159,12 +159,13 @@ class Block(nn.Module):
         qk = apply_rotary(qk, *rope)
         return qk[:, :, :heads], torch.stack((qk[:, :, heads:], v), 2)
 
-    def project_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def project_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], normalise: bool = True) -> torch.Tensor:
         """The keys/values of :meth:`project` alone ``[B, T, 2, H_kv, D]``, without computing queries
-        (half the projection for these heads): what injecting context into a drafter needs."""
+        (half the projection for these heads): what injecting context into a drafter needs. With
+        ``normalise=False`` ``x`` is projected without the layer's input norm."""
         batch, num_new, _ = x.shape
         q_dim, kv_heads = self.num_heads * self.head_dim, self.num_kv_heads
-        h = F.rms_norm(x, (x.shape[-1],), self.attention_norm, self.eps)
+        h = F.rms_norm(x, (x.shape[-1],), self.attention_norm, self.eps) if normalise else x
         bias = None if self.wqkv.bias is None else self.wqkv.bias[q_dim:]
         kv = F.linear(h, self.wqkv.weight[q_dim:], bias).view(batch, num_new, 2 * kv_heads, self.head_dim)
         k, v = kv[:, :, :kv_heads], kv[:, :, kv_heads:]

@@ -35,7 +35,8 @@ def block_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels
 
     Args:
         draft_logits: ``[..., γ, V]`` ``U_k + B_k``; target_logits: ``[..., γ, V]`` the target's.
-        labels: ``[..., γ]`` the data's next tokens; confidence: ``[..., γ]`` ``c_k`` in (0, 1).
+        labels: ``[..., γ]`` the data's next tokens; confidence: ``[..., γ]`` ``c_k`` in (0, 1) (or
+            ``None``: no confidence head, ``bce`` is zero).
 
     Returns:
         ``ce``, ``tv`` (``‖p_d − p_t‖₁``), ``kl`` (``KL(p_t ‖ p_d)``), ``accept`` (``1 − tv/2``, the
@@ -48,7 +49,8 @@ def block_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels
     tv = (log_p_draft.exp() - p_target).abs().sum(-1)
     kl = F.kl_div(log_p_draft, F.log_softmax(target_logits.float(), -1), reduction="none", log_target=True).sum(-1)
     accept = (1 - 0.5 * tv).detach().clamp(0.0, 1.0)
-    bce = F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), accept, reduction="none")
+    bce = (torch.zeros_like(ce) if confidence is None  # a drafter without a confidence head
+           else F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), accept, reduction="none"))
     return {"ce": ce, "tv": tv, "kl": kl, "accept": accept, "bce": bce}
 
 
@@ -146,7 +148,7 @@ class BlockDrafterModule(L.LightningModule):
         same_block = (block_id.unsqueeze(1) == block_id.unsqueeze(0)).expand(batch, -1, -1)
         mask = torch.cat([context_visible, same_block], -1).unsqueeze(1)  # [B, 1, A·γ, T + A·γ]
         for layer in net.layers:
-            context_kv = layer.project_kv(features, rope_context)
+            context_kv = net.layer_context_kv(layer, features, rope_context)
             q, block_kv = layer.project(x, rope_block)
             kv = torch.cat([context_kv, block_kv], 1)  # [B, T + A·γ, 2, H_kv, D]
             x = layer.attend(x, q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), mask)
@@ -154,7 +156,7 @@ class BlockDrafterModule(L.LightningModule):
         base_logits = t.lm_head(h)  # U [B, A, γ, V]
 
         previous = tokens.gather(1, (anchors.unsqueeze(-1) + offsets).flatten(1)).view(batch, num_anchors, gamma)
-        embedding = net.token_embedding(previous)  # W1[x_{k-1}], teacher-forced
+        embedding = net.previous_embedding(previous)  # W1[x_{k-1}], teacher-forced
         confidence = net.confidence_of(h, embedding)
         if net.args.head == "rnn":
             biases, state = [], None

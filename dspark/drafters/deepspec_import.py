@@ -1,0 +1,178 @@
+"""DSpark and DFlash drafters released with DeepSeek's DeepSpec (``architectures:
+["Qwen3DSparkModel"]``, e.g. ``deepseek-ai/dspark_qwen3_4b_block7`` for ``Qwen/Qwen3-4B``), read
+into a :class:`~dspark.drafters.block_model.BlockDrafter` for a native target.
+
+The format describes the network of :mod:`dspark.drafters.block_model` under other names:
+
+* ``config.json``: a copy of the target's Qwen3 config with the drafter's ``num_hidden_layers``,
+  ``block_size`` (γ), ``target_layer_ids`` (layer outputs, as dspark counts them; ``-1``, the
+  embedding, is not supported, nor is the last layer, which DeepSpec never reads), ``mask_token_id`` (the mask position's input is that token's
+  embedding), ``num_target_layers``, ``markov_rank`` and ``markov_head_type`` (``vanilla`` =
+  dspark's ``markov``, ``rnn``; ``gated`` gates each of ``W1``'s dimensions, which dspark's
+  ``gated_markov`` does not, and is refused), ``enable_confidence_head`` and
+  ``confidence_head_with_markov``.
+* weights: ``fc`` and ``hidden_norm`` (the context features), ``layers.i.*`` (Qwen3 decoder
+  layers; their ``q_norm`` / ``k_norm`` are shared by all heads), ``norm``, ``markov_head.*``
+  (``markov_w1`` = ``W1``, ``markov_w2`` = ``W2``, ``joint_proj`` = the RNN), ``confidence_head.proj``,
+  and copies of the target's ``embed_tokens`` and ``lm_head`` (checked equal to the target's, then
+  shared).
+* Context features enter each layer's keys/values without the layer's input norm
+  (``context_input_norm: false``); the confidence head reads ``[h_k; W1[x_{k-1}]]`` or ``h_k``
+  alone, or is absent (DFlash).
+
+What dspark cannot run is refused before any weight is read, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
+from dspark.drafters.checkpoint import CONFIG_FILE, ROPE_KEYS, TargetShape, equal_at_coarser_precision
+
+#: ``architectures`` entries that mark a DeepSpec block drafter
+ARCHITECTURES = ("Qwen3DSparkModel",)
+#: DeepSpec's ``markov_head_type`` → dspark's sequential head
+HEAD_TYPES = {"vanilla": "markov", "rnn": "rnn"}
+
+
+def read_deepspec_config(directory: str | Path) -> dict | None:
+    """``config.json`` of ``directory`` when it declares a DeepSpec block drafter, else ``None``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(architectures, list) and "Gemma4DSparkModel" in architectures:
+        raise ValueError(f"{path} is a DeepSpec drafter for a Gemma 4 target, which dspark does not run natively "
+                         "(native targets: Llama, Qwen2, Qwen3)")
+    return config if isinstance(architectures, list) and any(a in ARCHITECTURES for a in architectures) else None
+
+
+def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockDrafterArgs:
+    """:class:`BlockDrafterArgs` of a DeepSpec drafter's ``config`` for ``target``; ``ValueError``
+    naming every setting dspark cannot run, or that does not fit ``target``."""
+    from transformers import Qwen3Config
+
+    from dspark.models.native import rope_inverse_frequencies
+
+    t = target.args
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
+    expected = {"hidden_size": t.hidden_size, "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads, "vocab_size": t.vocab_size,
+                "num_target_layers": t.num_layers}
+    problems = [f"{key} {config.get(key)} (target: {value})" for key, value in expected.items()
+                if config.get(key) != value]
+    if head_dim != t.head_dim:
+        problems.append(f"head_dim {head_dim} (target: {t.head_dim})")
+    if config.get("attention_bias"):
+        problems.append("attention_bias true (no biases)")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config['hidden_act']!r} (only 'silu')")
+    layer_ids = list(config.get("target_layer_ids") or [])
+    if not layer_ids or not all(isinstance(i, int) and 0 <= i < t.num_layers - 1 for i in layer_ids):
+        problems.append(f"target_layer_ids {layer_ids} (ids of target layers 0..{t.num_layers - 2}: -1, the "
+                        "embedding, is not returned by dspark's targets, and DeepSpec never reads the last layer, "
+                        "whose transformers hidden state is the normalised one)")
+    rank = int(config.get("markov_rank", 0))
+    head_type = str(config.get("markov_head_type", "")).lower()
+    if rank and head_type not in HEAD_TYPES:
+        problems.append(f"markov_head_type {head_type!r} (dspark runs {', '.join(HEAD_TYPES)}; DeepSpec's 'gated' "
+                        "gates each dimension of W1[x], dspark's gated_markov the whole bias)")
+    mask = config.get("mask_token_id")
+    if not isinstance(mask, int) or not 0 <= mask < t.vocab_size:
+        problems.append(f"mask_token_id {mask!r} (a token id in [0, {t.vocab_size}))")
+    if not problems:
+        rope_config = Qwen3Config(**{k: config[k] for k in ROPE_KEYS if k in config})
+        inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
+        same = inv_freq.shape == target.inv_freq.shape and torch.allclose(inv_freq, target.inv_freq.cpu(), rtol=1e-6)
+        if not same or abs(scaling - target.attention_scaling) > 1e-9:
+            problems.append(f"rope {dict(rope_config.rope_parameters)} (not the target's rotary embedding)")
+    if problems:
+        raise ValueError(f"{where} is a DeepSpec drafter dspark cannot run on this target: " + "; ".join(problems))
+    if not config.get("enable_confidence_head", False):
+        confidence = "none"
+    else:
+        confidence = "token" if config.get("confidence_head_with_markov", False) else "hidden"
+    shape = TargetShape.fields_of(target)
+    shape.update(rms_norm_eps=float(config.get("rms_norm_eps", t.rms_norm_eps)), qk_norm=True)
+    return BlockDrafterArgs(**shape, gamma=int(config["block_size"]), num_layers=int(config["num_hidden_layers"]),
+                            intermediate_size=int(config["intermediate_size"]), target_layers=tuple(layer_ids),
+                            head=HEAD_TYPES[head_type] if rank else "none", rank=rank, context_input_norm=False,
+                            confidence=confidence).validate()
+
+
+def deepspec_state_dict(tensors: dict[str, torch.Tensor], net: BlockDrafter, config: dict, target,
+                        where: str) -> dict:
+    """``net``'s state dict from a DeepSpec drafter's tensors; ``CheckpointError`` naming missing,
+    unexpected and mis-shaped tensors, ``ValueError`` for an embedding or LM head that is not the
+    target's."""
+    from dspark.models.loading import CheckpointError
+
+    a = net.args
+    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    parts = {"context_proj.weight": ["fc.weight"], "context_norm": ["hidden_norm.weight"], "norm": ["norm.weight"]}
+    for i in range(a.num_layers):
+        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        parts.update({
+            f"layers.{i}.wqkv.weight": [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"],
+            f"layers.{i}.wo.weight": [attn + "o_proj.weight"],
+            f"layers.{i}.w13.weight": [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
+            f"layers.{i}.w2.weight": [mlp + "down_proj.weight"],
+            f"layers.{i}.attention_norm": [f"layers.{i}.input_layernorm.weight"],
+            f"layers.{i}.ffn_norm": [f"layers.{i}.post_attention_layernorm.weight"],
+        })
+    if a.rank:
+        parts["token_embedding.weight"] = ["markov_head.markov_w1.weight"]
+    if a.head != "none":
+        parts["bias_projection.weight"] = ["markov_head.markov_w2.weight"]
+    if a.head == "rnn":
+        parts.update({"recurrent.weight": ["markov_head.joint_proj.weight"],
+                      "recurrent.bias": ["markov_head.joint_proj.bias"]})
+    if a.confidence != "none":
+        parts.update({"confidence.weight": ["confidence_head.proj.weight"],
+                      "confidence.bias": ["confidence_head.proj.bias"]})
+    qk_norms = [f"layers.{i}.self_attn.{n}_norm.weight" for i in range(a.num_layers) for n in ("q", "k")]
+    required = {name for names in parts.values() for name in names} | set(qk_norms)
+    optional = {"embed_tokens.weight", "lm_head.weight", "rotary_emb.inv_freq"}
+    missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - required - optional)
+    if missing or unexpected:
+        raise CheckpointError(f"{where} is not a DeepSpec drafter dspark can read: missing {missing}, "
+                              f"unexpected {unexpected}")
+    state = {name: torch.cat([tensors[n] for n in names]) for name, names in parts.items()}
+    for i in range(a.num_layers):  # one norm per head dimension, shared by the heads: one row per head here
+        q_norm, k_norm = (tensors[f"layers.{i}.self_attn.{n}_norm.weight"] for n in ("q", "k"))
+        state[f"layers.{i}.qk_norm"] = torch.cat([q_norm.expand(a.num_heads, -1), k_norm.expand(a.num_kv_heads, -1)])
+    for name, own in (("embed_tokens.weight", target.embed_tokens.weight), ("lm_head.weight", target.lm_head.weight)):
+        copy = tensors.get(name)
+        if copy is not None and not equal_at_coarser_precision(copy, own):
+            raise ValueError(f"{where} carries a {name.split('.')[0]} that is not the target's: dspark's block "
+                             "drafter shares the target's; use the target this drafter was trained for")
+    embedding = tensors.get("embed_tokens.weight", target.embed_tokens.weight.detach())
+    state["mask_embedding"] = embedding[config["mask_token_id"]].to("cpu")
+    expected = net.state_dict()
+    misshaped = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
+                 for k, v in state.items() if v.shape != expected[k].shape]
+    if misshaped:
+        raise CheckpointError(f"{where} does not match its config: {'; '.join(misshaped)}")
+    return state
+
+
+def import_deepspec(directory: str | Path, config: dict, target) -> BlockDrafter:
+    """A DeepSpec block drafter (``directory`` holding ``config`` and its weights) as a
+    :class:`BlockDrafter` for ``target`` (float32, on the CPU; the drafter moves it)."""
+    from dspark.models.loading import read_checkpoint_tensors
+
+    where = f"DeepSpec checkpoint {str(directory)!r}"
+    net = BlockDrafter(deepspec_args(config, target, where))
+    state = deepspec_state_dict(read_checkpoint_tensors(directory), net, config, target, where)
+    with torch.no_grad():
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net
