@@ -1,8 +1,8 @@
-"""Published EAGLE-3 heads: the checkpoint format the EAGLE authors and SpecForge train and vLLM
-and SGLang serve (``architectures: ["LlamaForCausalLMEagle3"]``), read into an
-:class:`~dspark.drafters.eagle_model.Eagle3Head` for a native target.
+"""Published EAGLE-3 heads, read into an :class:`~dspark.drafters.eagle_model.Eagle3Head` for a
+native target. Two formats describe the same network under other names:
 
-The format describes the same network as dspark's head, under other names:
+**EAGLE / SpecForge** (``architectures: ["LlamaForCausalLMEagle3"]``), the heads vLLM and SGLang
+serve:
 
 * ``config.json``: Llama fields of the one draft layer (``hidden_size``, ``intermediate_size``,
   ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps``, rope), the
@@ -19,6 +19,14 @@ The format describes the same network as dspark's head, under other names:
   ``j`` (the output of layer ``j − 1``; ``0`` would be the embedding), default ``(2, L // 2,
   L − 3)``. dspark names a layer by its output, so ``j`` becomes ``j − 1``.
 
+**DeepSpec** (``architectures: ["Qwen3Eagle3Model"]``), the heads DeepSeek released beside its
+DSpark drafters (e.g. ``deepseek-ai/eagle3_qwen3_4b_ttt7``): a copy of the target's Qwen3 config
+with ``target_layer_ids`` (layer *outputs*, usually five), ``ttt_length`` (the γ it was trained
+to unroll) and ``num_hidden_layers`` 1; the same tensor names under ``layers.0.``, plus per-layer
+``q_norm`` / ``k_norm`` (Qwen3's, shared by the heads), a full-vocabulary ``lm_head`` and
+``embed_tokens`` (copies of the target's: shared when equal; an LM head that differs is kept as
+the head's own, over the whole vocabulary).
+
 What dspark's head cannot represent is refused, naming it, before any weight is read: several
 draft layers, a draft layer of another width than the target or with another rope, attention
 biases, an embedding of its own that differs from the target's.
@@ -34,8 +42,9 @@ import torch
 from dspark.drafters.checkpoint import CONFIG_FILE, ROPE_KEYS, TargetShape, equal_at_coarser_precision
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
-#: ``architectures`` entries that mark a published EAGLE-3 head
+#: ``architectures`` entries that mark a published EAGLE-3 head: the EAGLE / SpecForge format, DeepSpec's
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+DEEPSPEC_ARCHITECTURES = ("Qwen3Eagle3Model",)
 #: draft steps an imported head is said to unroll when the caller gives none (the format keeps none)
 DEFAULT_GAMMA = 7
 
@@ -50,7 +59,13 @@ def read_published_config(directory: str | Path) -> dict | None:
     except ValueError:
         return None
     architectures = config.get("architectures") if isinstance(config, dict) else None
-    return config if isinstance(architectures, list) and any(a in ARCHITECTURES for a in architectures) else None
+    known = ARCHITECTURES + DEEPSPEC_ARCHITECTURES
+    return config if isinstance(architectures, list) and any(a in known for a in architectures) else None
+
+
+def is_deepspec(config: dict) -> bool:
+    """Whether a published head's ``config`` is in DeepSpec's format."""
+    return any(a in DEEPSPEC_ARCHITECTURES for a in config["architectures"])
 
 
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
@@ -58,14 +73,17 @@ def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
     return 2, num_layers // 2, num_layers - 3
 
 
-def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, where: str = "the checkpoint") -> Eagle3Args:
+def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_head: bool = True,
+                   where: str = "the checkpoint") -> Eagle3Args:
     """:class:`Eagle3Args` of a published head's ``config`` for ``target``; ``ValueError`` naming
-    every setting dspark's head cannot represent, or that does not fit ``target``."""
+    every setting dspark's head cannot represent, or that does not fit ``target``. ``gamma`` is
+    used when the format does not record one; ``own_lm_head``: a DeepSpec head whose LM head is
+    not the target's keeps its own."""
     from transformers import LlamaConfig
 
     from dspark.models.native import rope_inverse_frequencies
 
-    t = target.args
+    t, deepspec = target.args, is_deepspec(config)
     hidden = config.get("hidden_size")
     heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
@@ -85,14 +103,21 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, where: s
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             problems.append(f"{key} true (no biases)")
-    eagle_config = config.get("eagle_config") or {}
-    if eagle_config.get("use_aux_hidden_state") is False:
-        problems.append("eagle_config.use_aux_hidden_state false (an EAGLE-1/2-style head without fused layers)")
-    aux = config.get("eagle_aux_hidden_state_layer_ids") or eagle_config.get("eagle_aux_hidden_state_layer_ids")
-    aux = tuple(aux) if aux else default_aux_layer_ids(t.num_layers)
-    if len(aux) != 3 or not all(isinstance(j, int) and 1 <= j <= t.num_layers for j in aux):
-        problems.append(f"eagle_aux_hidden_state_layer_ids {list(aux)} (three ids in 1..{t.num_layers}: "
-                        f"the inputs of target layers, 0 being the embedding, which dspark does not return)")
+    if deepspec:
+        layers = list(config.get("target_layer_ids") or [])
+        if not layers or not all(isinstance(i, int) and 0 <= i < t.num_layers - 1 for i in layers):
+            problems.append(f"target_layer_ids {layers} (ids of target layers 0..{t.num_layers - 2}: DeepSpec "
+                            "never reads the last layer, whose transformers hidden state is the normalised one)")
+    else:
+        eagle_config = config.get("eagle_config") or {}
+        if eagle_config.get("use_aux_hidden_state") is False:
+            problems.append("eagle_config.use_aux_hidden_state false (an EAGLE-1/2-style head without fused layers)")
+        aux = config.get("eagle_aux_hidden_state_layer_ids") or eagle_config.get("eagle_aux_hidden_state_layer_ids")
+        aux = tuple(aux) if aux else default_aux_layer_ids(t.num_layers)
+        if len(aux) != 3 or not all(isinstance(j, int) and 1 <= j <= t.num_layers for j in aux):
+            problems.append(f"eagle_aux_hidden_state_layer_ids {list(aux)} (three ids in 1..{t.num_layers}: "
+                            f"the inputs of target layers, 0 being the embedding, which dspark does not return)")
+        layers = [j - 1 for j in aux]
     if not problems:
         rope_config = LlamaConfig(**{k: config[k] for k in ROPE_KEYS if k in config})
         inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
@@ -103,10 +128,13 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, where: s
         raise ValueError(f"{where} is an EAGLE-3 head dspark cannot run on this target: " + "; ".join(problems))
     shape = TargetShape.fields_of(target)
     shape.update(num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
-                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), qk_norm=False)
-    return Eagle3Args(**shape, gamma=gamma, target_layers=tuple(j - 1 for j in aux),
-                      intermediate_size=config["intermediate_size"],
-                      draft_vocab_size=config.get("draft_vocab_size") or t.vocab_size,
+                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), qk_norm=deepspec)
+    if deepspec:
+        gamma, draft_vocab = int(config.get("ttt_length") or gamma), (t.vocab_size if own_lm_head else 0)
+    else:
+        draft_vocab = config.get("draft_vocab_size") or t.vocab_size
+    return Eagle3Args(**shape, gamma=gamma, target_layers=tuple(layers), intermediate_size=config["intermediate_size"],
+                      draft_vocab_size=draft_vocab,
                       norm_before_residual=bool(config.get("norm_before_residual", False))).validate()
 
 
@@ -115,11 +143,12 @@ def _layer_key(tensors: dict) -> str:
 
 
 def published_state_dict(tensors: dict[str, torch.Tensor], head: Eagle3Head, target, where: str) -> dict:
-    """``head``'s state dict from a published head's tensors; ``CheckpointError`` naming missing,
-    unexpected and mis-shaped tensors, ``ValueError`` for an embedding that is not the target's."""
+    """``head``'s state dict from a published head's tensors (prefixes ``model.`` stripped);
+    ``CheckpointError`` naming missing, unexpected and mis-shaped tensors, ``ValueError`` for an
+    embedding that is not the target's."""
     from dspark.models.loading import CheckpointError
 
-    tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    a = head.args
     layer = _layer_key(tensors)
     attn, mlp = layer + "self_attn.", layer + "mlp."
     parts = {  # dspark name: the published tensors it is made of (concatenated along rows)
@@ -132,31 +161,34 @@ def published_state_dict(tensors: dict[str, torch.Tensor], head: Eagle3Head, tar
         "layer.attention_norm": [layer + "hidden_norm.weight"],
         "layer.ffn_norm": [layer + "post_attention_layernorm.weight"],
         "norm": ["norm.weight"],
-        "lm_head.weight": ["lm_head.weight"],
     }
-    optional = {"d2t", "t2d", "embed_tokens.weight"}
-    known = {name for names in parts.values() for name in names} | optional
-    missing = sorted({name for names in parts.values() for name in names} - set(tensors))
-    unexpected = sorted(set(tensors) - known)
+    if a.draft_vocab_size:
+        parts["lm_head.weight"] = ["lm_head.weight"]
+    qk_norms = [attn + "q_norm.weight", attn + "k_norm.weight"] if a.qk_norm else []
+    required = {name for names in parts.values() for name in names} | set(qk_norms)
+    optional = {"d2t", "t2d", "embed_tokens.weight", "lm_head.weight", "rotary_emb.inv_freq"}
+    missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - required - optional)
     if missing or unexpected:
         raise CheckpointError(f"{where} is not an EAGLE-3 head dspark can read: missing {missing}, "
                               f"unexpected {unexpected}")
     state = {name: torch.cat([tensors[n] for n in names]) for name, names in parts.items()}
+    if a.qk_norm:  # one norm per head dimension, shared by the heads: one row per head here
+        q_norm, k_norm = (tensors[n] for n in qk_norms)
+        state["layer.qk_norm"] = torch.cat([q_norm.expand(a.num_heads, -1), k_norm.expand(a.num_kv_heads, -1)])
+    if a.draft_vocab_size:
+        offsets = tensors.get("d2t")
+        if offsets is None and a.draft_vocab_size != a.vocab_size:
+            raise CheckpointError(f"{where} has a draft vocabulary of {a.draft_vocab_size} tokens but no d2t map")
+        state["d2t"] = torch.arange(a.draft_vocab_size) + (0 if offsets is None else offsets.long())
     expected = head.state_dict()
-    draft_vocab = head.args.draft_vocab_size
-    offsets = tensors.get("d2t")
-    if offsets is None and draft_vocab != head.args.vocab_size:
-        raise CheckpointError(f"{where} has a draft vocabulary of {draft_vocab} tokens but no d2t map")
-    state["d2t"] = torch.arange(draft_vocab) + (0 if offsets is None else offsets.long())
     misshaped = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
                  for k, v in state.items() if v.shape != expected[k].shape]
     if misshaped:
         raise CheckpointError(f"{where} does not match its config: {'; '.join(misshaped)}")
     embedding = tensors.get("embed_tokens.weight")
-    if embedding is not None:
-        if not equal_at_coarser_precision(embedding, target.embed_tokens.weight):
-            raise ValueError(f"{where} carries an embedding (embed_tokens) that is not the target's: dspark's head "
-                             "shares the target's embedding; use the target this head was trained for")
+    if embedding is not None and not equal_at_coarser_precision(embedding, target.embed_tokens.weight):
+        raise ValueError(f"{where} carries an embedding (embed_tokens) that is not the target's: dspark's head "
+                         "shares the target's embedding; use the target this head was trained for")
     return state
 
 
@@ -166,9 +198,15 @@ def import_eagle3(directory: str | Path, config: dict, target, *, gamma: int = D
     from dspark.models.loading import read_checkpoint_tensors
 
     where = f"EAGLE-3 checkpoint {str(directory)!r}"
-    head = Eagle3Head(published_args(config, target, gamma=gamma, where=where))
-    state = published_state_dict(read_checkpoint_tensors(directory), head, target, where)
+    args = published_args(config, target, gamma=gamma, where=where)  # refuses before reading weights
+    tensors = {k.removeprefix("model."): v for k, v in read_checkpoint_tensors(directory).items()}
+    lm_head = tensors.get("lm_head.weight")
+    if is_deepspec(config) and (lm_head is None or equal_at_coarser_precision(lm_head, target.lm_head.weight)):
+        args = published_args(config, target, gamma=gamma, own_lm_head=False, where=where)  # the target's, shared
+    head = Eagle3Head(args)
+    state = published_state_dict(tensors, head, target, where)
     with torch.no_grad():
         head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    head.set_draft_vocabulary(head.d2t.clone())  # validates the map
+    if args.draft_vocab_size:
+        head.set_draft_vocabulary(head.d2t.clone())  # validates the map
     return head

@@ -34,7 +34,8 @@ class Eagle3Args(TargetShape):
 
     Attributes:
         gamma: draft steps the head was trained to unroll (γ).
-        target_layers: the three target layers (low, middle, high) whose outputs are fused.
+        target_layers: the target layers whose outputs are fused (EAGLE-3 fuses three: a low, a
+            middle and a high one; DeepSpec's heads five).
         intermediate_size: MLP width of the draft layer.
         draft_vocab_size: size of the draft vocabulary (``0`` = the target's, through its LM head).
         norm_before_residual: the draft layer's residual stream starts from the normalised
@@ -59,8 +60,9 @@ class Eagle3Args(TargetShape):
         """Raise ``ValueError`` naming the bad setting."""
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
-        if len(self.target_layers) != 3:
-            raise ValueError(f"target_layers must name three target layers (low, middle, high), got {list(self.target_layers)}")
+        if not self.target_layers:
+            raise ValueError("target_layers must name the target layers to fuse (EAGLE-3: three, a low, a middle "
+                             "and a high one), got none")
         self.check_target_layers(self.target_layers)
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size must be in [0, {self.vocab_size}] (0 = the target's vocabulary), "
@@ -110,7 +112,7 @@ class Eagle3Head(nn.Module):
         super().__init__()
         self.args = args
         hidden = args.hidden_size
-        self.fc = nn.Linear(3 * hidden, hidden, bias=False)
+        self.fc = nn.Linear(len(args.target_layers) * hidden, hidden, bias=False)
         self.layer = PairLayer(args.layer_args(), args.norm_before_residual)
         self.norm = nn.Parameter(torch.ones(hidden))
         if args.draft_vocab_size:
@@ -138,7 +140,7 @@ class Eagle3Head(nn.Module):
         self.d2t.copy_(d2t)
 
     def fuse(self, target_hidden: list[torch.Tensor]) -> torch.Tensor:
-        """``f = W_fc · [h_low; h_mid; h_high]`` ``[B, T, H]`` from the three layers' ``[B, T, H]``."""
+        """``f = W_fc · [h_low; h_mid; h_high]`` ``[B, T, H]`` from the fused layers' ``[B, T, H]`` each."""
         return self.fc(torch.cat(target_hidden, -1))
 
     def logits(self, d: torch.Tensor, target: NativeCausalLM) -> torch.Tensor:

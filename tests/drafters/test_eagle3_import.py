@@ -69,6 +69,25 @@ def published_head(target_hf, *, draft_vocab=None, aux=None, aux_in_eagle_config
     return config, tensors
 
 
+def deepspec_head(target_hf, *, own_lm_head=False, seed=2):
+    """A random head in DeepSpec's format (``Qwen3Eagle3Model``): ``(config, tensors)``; five fused
+    layer outputs, Qwen3 q/k norms, copies of the target's embedding and (unless ``own_lm_head``) LM head."""
+    c = target_hf.config
+    config, tensors = published_head(target_hf, seed=seed)
+    config = {**c.to_dict(), "architectures": ["Qwen3Eagle3Model"], "num_hidden_layers": 1, "layer_types": ["full_attention"],
+              "num_target_layers": LAYERS, "target_layer_ids": [0, 1, 2, 3, 4], "ttt_length": 5, "step_loss_decay": 0.8,
+              "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors = {k.replace("midlayer.", "layers.0."): v for k, v in tensors.items()}
+    tensors["fc.weight"] = torch.randn(c.hidden_size, 5 * c.hidden_size, generator=g) * 0.1
+    for name in ("q_norm", "k_norm"):
+        tensors[f"layers.0.self_attn.{name}.weight"] = 1 + 0.2 * torch.randn(c.head_dim, generator=g)
+    tensors["embed_tokens.weight"] = target_hf.get_input_embeddings().weight.detach().clone()
+    head = target_hf.get_output_embeddings().weight.detach().clone()
+    tensors["lm_head.weight"] = head + 0.05 * torch.randn(head.shape, generator=g) if own_lm_head else head
+    return config, tensors
+
+
 def save_published(directory, config, tensors, fmt="safetensors"):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
@@ -96,11 +115,13 @@ def rotate(x, positions, theta):
 
 
 class ReferenceHead:
-    """The published format's definition, in float64, one request: pairs (feature at position p,
+    """The published formats' definition, in float64, one request: pairs (feature at position p,
     embedding of the token after it) through one draft layer, keys/values kept per pair."""
 
     def __init__(self, config, tensors, embedding):
-        self.c, self.t = config, {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+        layer = "layers.0." if "layers.0.input_layernorm.weight" in tensors else "midlayer."
+        self.c = config
+        self.t = {k.replace(layer, "midlayer."): v.double() if v.is_floating_point() else v for k, v in tensors.items()}
         self.embedding, self.keys, self.values = embedding.double(), [], []
 
     def layer(self, features, tokens, positions):
@@ -113,7 +134,10 @@ class ReferenceHead:
         q = (x @ t["midlayer.self_attn.q_proj.weight"].T).view(-1, heads, d)
         k = (x @ t["midlayer.self_attn.k_proj.weight"].T).view(-1, kv_heads, d)
         v = (x @ t["midlayer.self_attn.v_proj.weight"].T).view(-1, kv_heads, d)
-        q, k = rotate(q, positions, c["rope_theta"]), rotate(k, positions, c["rope_theta"])
+        if "midlayer.self_attn.q_norm.weight" in t:  # DeepSpec's Qwen3 layer: per-head q/k norms
+            q, k = rms(q, t["midlayer.self_attn.q_norm.weight"], eps), rms(k, t["midlayer.self_attn.k_norm.weight"], eps)
+        theta = c["rope_theta"] if "rope_theta" in c else c["rope_parameters"]["rope_theta"]
+        q, k = rotate(q, positions, theta), rotate(k, positions, theta)
         start = len(self.keys)
         self.keys += list(k)
         self.values += list(v)
@@ -142,8 +166,11 @@ def reference_draft_probs(config, tensors, target_hf, prompt, anchor, drafts):
     sequence = torch.tensor([prompt + [anchor]])
     with torch.no_grad():
         hidden = model(input_ids=sequence, output_hidden_states=True).hidden_states  # [j]: input of layer j
-    aux = (config.get("eagle_aux_hidden_state_layer_ids")
-           or config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids") or (2, LAYERS // 2, LAYERS - 3))
+    if "target_layer_ids" in config:  # DeepSpec: layer outputs, hidden_states[i + 1]
+        aux = [i + 1 for i in config["target_layer_ids"]]
+    else:  # inputs of layers, hidden_states[j]
+        aux = (config.get("eagle_aux_hidden_state_layer_ids")
+               or config.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids") or (2, LAYERS // 2, LAYERS - 3))
     n = len(prompt)
     features = torch.cat([hidden[j][0, :n] for j in aux], -1) @ tensors["fc.weight"].double().T  # [n, H]
     head = ReferenceHead(config, tensors, model.get_input_embeddings().weight.detach())
@@ -161,14 +188,18 @@ def eagle_pipeline(target_hf, path, gamma=4, *overrides):
                                  target_model=target_hf, overrides=list(overrides))
 
 
-@pytest.mark.parametrize("variant", ["default", "draft_vocab", "norm_before_residual", "aux_in_eagle_config", "bin"])
+@pytest.mark.parametrize("variant", ["default", "draft_vocab", "norm_before_residual", "aux_in_eagle_config", "bin",
+                                     "deepspec", "deepspec_own_lm_head"])
 def test_imported_head_drafts_what_the_format_defines(tmp_path, variant):
     """q of every draft step equals the format's own definition (teacher-forced on the drafts)."""
     target_hf = target_model()
-    config, tensors = published_head(
-        target_hf, draft_vocab=40 if variant == "draft_vocab" else None,
-        norm_before_residual=variant == "norm_before_residual",
-        aux=[1, 3, 5] if variant == "aux_in_eagle_config" else None, aux_in_eagle_config=True)
+    if variant.startswith("deepspec"):
+        config, tensors = deepspec_head(target_hf, own_lm_head=variant.endswith("own_lm_head"))
+    else:
+        config, tensors = published_head(
+            target_hf, draft_vocab=40 if variant == "draft_vocab" else None,
+            norm_before_residual=variant == "norm_before_residual",
+            aux=[1, 3, 5] if variant == "aux_in_eagle_config" else None, aux_in_eagle_config=True)
     path = save_published(tmp_path / "head", config, tensors, fmt="bin" if variant == "bin" else "safetensors")
     pipe = eagle_pipeline(target_hf, path)
     seen = []
@@ -181,6 +212,10 @@ def test_imported_head_drafts_what_the_format_defines(tmp_path, variant):
     # transformers normalises in float32 even in a float64 model: its hidden states (the reference's
     # features) are ~1e-7 off dspark's; a wrong weight, norm, layer id or offset is off by ~0.1
     assert torch.allclose(seen[0].probs[0], expected, atol=1e-5), (seen[0].probs[0] - expected).abs().max(-1)
+    if variant.startswith("deepspec"):  # its γ, its five layers, the target's LM head shared when it is a copy
+        args = pipe.drafter.head.args
+        assert (args.gamma, args.target_layers, args.qk_norm) == (5, (0, 1, 2, 3, 4), True)
+        assert args.draft_vocab_size == (config["vocab_size"] if variant.endswith("own_lm_head") else 0)
     if variant == "draft_vocab":  # no draft outside the draft vocabulary
         ids = torch.arange(40) + tensors["d2t"]
         assert (seen[0].probs[0].sum(-1) - seen[0].probs[0][:, ids].sum(-1)).abs().max() < 1e-12
@@ -237,6 +272,11 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
     misshaped = {**tensors, "fc.weight": torch.zeros(64, 64)}
     with pytest.raises(CheckpointError, match=r"fc.weight: expected \(64, 192\), found \(64, 64\)"):
         load_eagle3(save_published(tmp_path / "misshaped", config, misshaped), target)
+    deepspec_config, deepspec_tensors = deepspec_head(target_hf)
+    last = save_published(tmp_path / "last", {**deepspec_config, "target_layer_ids": [0, 1, 2, 3, 5]}, deepspec_tensors)
+    with pytest.raises(ValueError, match=r"target_layer_ids \[0, 1, 2, 3, 5\] \(ids of target layers 0..4: DeepSpec "
+                                         r"never reads the last layer"):
+        load_eagle3(last, target)
     small_config, small = published_head(target_hf, draft_vocab=40)
     small.pop("d2t")
     with pytest.raises(CheckpointError, match="draft vocabulary of 40 tokens but no d2t map"):
