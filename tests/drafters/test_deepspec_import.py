@@ -219,3 +219,15 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
     gemma = save_released(tmp_path / "gemma", {**config, "architectures": ["Gemma4DSparkModel"]}, tensors)
     with pytest.raises(ValueError, match="for a Gemma 4 target, which dspark does not run natively"):
         load_block_drafter(gemma, target)
+
+
+def test_compiled_rounds_with_a_drafter_without_confidences_keep_greedy_decoding_exact(tmp_path):
+    """engine.compile: the compiled block forward returns no confidences (DFlash) and the context
+    enters without the input norm; the tokens stay the target's greedy ones."""
+    target_hf = target_model()
+    path = save_released(tmp_path / "dflash", *released_drafter(target_hf, "dflash"))
+    pipe = block_pipeline(target_hf, path, "engine.compile=true")
+    prompt = [3, 14, 15, 92, 65, 35]
+    out = pipe.generate([prompt], max_new_tokens=16, ignore_eos=True)
+    assert out.token_ids[0] == hf_greedy(target_hf, prompt, 16)
+    assert out.stats.drafted_tokens > 0
