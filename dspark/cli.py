@@ -157,6 +157,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if report["greedy_mismatches"] else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dspark.drafters.eagle3 import load_eagle3
+    from dspark.drafters.eagle3_export import export_eagle3
+    from dspark.models import load_model
+    from dspark.models.loading import resolve_checkpoint, resolve_dtype
+
+    config_file = Path(resolve_checkpoint(args.target)) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--target {args.target!r} has no config.json: give the target's checkpoint "
+                                "directory (or an embedded model name)")
+    dtype = resolve_dtype(args.dtype)
+    target = load_model(args.target)
+    head = load_eagle3(args.drafter, target)
+    out = export_eagle3(head, target, json.loads(config_file.read_text()), args.out, dtype=dtype)
+    print(f"[dspark] wrote the EAGLE-3 head {args.drafter} as LlamaForCausalLMEagle3 to {out} "
+          f"(fused target layers {[i + 1 for i in head.args.target_layers]} as layer inputs)", file=sys.stderr)
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from dspark.scheduling.recipes import calibrate
 
@@ -236,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("overrides", nargs="*", help="e.g. repeats=5 batch_sizes=[1,4]")
     bench.set_defaults(func=_bench)
+
+    exp = sub.add_parser("export", help="write a drafter in another project's format (eagle3: the EAGLE / SpecForge "
+                                        "format vLLM and SGLang serve)")
+    exp.add_argument("kind", choices=["eagle3"])
+    exp.add_argument("--drafter", required=True, help="the dspark EAGLE-3 checkpoint (directory or embedded name)")
+    exp.add_argument("--target", required=True, help="the target it was trained for (checkpoint directory or embedded name)")
+    exp.add_argument("--out", required=True, help="directory to write config.json and model.safetensors to")
+    exp.add_argument("--dtype", default="bfloat16", help="weights' dtype (bfloat16, float16, float32)")
+    exp.set_defaults(func=_export)
 
     cal = sub.add_parser("calibrate",
                          help="fit the per-position confidence maps (Sequential Temperature or Platt scaling)")

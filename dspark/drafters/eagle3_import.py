@@ -77,8 +77,8 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_h
                    where: str = "the checkpoint") -> Eagle3Args:
     """:class:`Eagle3Args` of a published head's ``config`` for ``target``; ``ValueError`` naming
     every setting dspark's head cannot represent, or that does not fit ``target``. ``gamma`` is
-    used when the format does not record one; ``own_lm_head``: a DeepSpec head whose LM head is
-    not the target's keeps its own."""
+    used when the format does not record one; ``own_lm_head=False``: the head's LM head is a copy
+    of the target's over the whole vocabulary, shared instead."""
     from transformers import LlamaConfig
 
     from dspark.models.native import rope_inverse_frequencies
@@ -130,9 +130,8 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_h
     shape.update(num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
                  rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), qk_norm=deepspec)
     if deepspec:
-        gamma, draft_vocab = int(config.get("ttt_length") or gamma), (t.vocab_size if own_lm_head else 0)
-    else:
-        draft_vocab = config.get("draft_vocab_size") or t.vocab_size
+        gamma = int(config.get("ttt_length") or gamma)
+    draft_vocab = 0 if not own_lm_head else (config.get("draft_vocab_size") or t.vocab_size)
     return Eagle3Args(**shape, gamma=gamma, target_layers=tuple(layers), intermediate_size=config["intermediate_size"],
                       draft_vocab_size=draft_vocab,
                       norm_before_residual=bool(config.get("norm_before_residual", False))).validate()
@@ -192,6 +191,17 @@ def published_state_dict(tensors: dict[str, torch.Tensor], head: Eagle3Head, tar
     return state
 
 
+def copies_target_lm_head(tensors: dict[str, torch.Tensor], args: Eagle3Args, target, *, deepspec: bool) -> bool:
+    """Whether a published head's LM head is the target's over the whole vocabulary (a DeepSpec
+    head without one uses the target's)."""
+    lm_head, offsets = tensors.get("lm_head.weight"), tensors.get("d2t")
+    if deepspec and lm_head is None:
+        return True
+    if lm_head is None or args.draft_vocab_size != args.vocab_size or (offsets is not None and offsets.any()):
+        return False
+    return equal_at_coarser_precision(lm_head, target.lm_head.weight)
+
+
 def import_eagle3(directory: str | Path, config: dict, target, *, gamma: int = DEFAULT_GAMMA) -> Eagle3Head:
     """A published EAGLE-3 head (``directory`` holding ``config`` and its weights) as an
     :class:`Eagle3Head` for ``target`` (float32, on the CPU; the drafter moves it)."""
@@ -200,9 +210,8 @@ def import_eagle3(directory: str | Path, config: dict, target, *, gamma: int = D
     where = f"EAGLE-3 checkpoint {str(directory)!r}"
     args = published_args(config, target, gamma=gamma, where=where)  # refuses before reading weights
     tensors = {k.removeprefix("model."): v for k, v in read_checkpoint_tensors(directory).items()}
-    lm_head = tensors.get("lm_head.weight")
-    if is_deepspec(config) and (lm_head is None or equal_at_coarser_precision(lm_head, target.lm_head.weight)):
-        args = published_args(config, target, gamma=gamma, own_lm_head=False, where=where)  # the target's, shared
+    if copies_target_lm_head(tensors, args, target, deepspec=is_deepspec(config)):  # shared, not loaded twice
+        args = published_args(config, target, gamma=gamma, own_lm_head=False, where=where)
     head = Eagle3Head(args)
     state = published_state_dict(tensors, head, target, where)
     with torch.no_grad():

@@ -50,9 +50,15 @@ class Eagle3Args(TargetShape):
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, target_layers, intermediate_size: int | None = None,
-                   draft_vocab_size: int = 0) -> "Eagle3Args":
-        """Arguments for a head of ``target``; raises ``ValueError`` on impossible settings."""
-        return cls(**TargetShape.fields_of(target), gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
+                   draft_vocab_size: int = 0, qk_norm: bool | None = None) -> "Eagle3Args":
+        """Arguments for a head of ``target``; raises ``ValueError`` on impossible settings.
+        ``qk_norm``: whether the draft layer normalises q and k per head (default: as the target
+        does; ``False`` for a Qwen3 target gives a head that the EAGLE / SpecForge format, and so
+        vLLM and SGLang, can run: :func:`~dspark.drafters.eagle3_export.export_eagle3`)."""
+        shape = TargetShape.fields_of(target)
+        if qk_norm is not None:
+            shape["qk_norm"] = bool(qk_norm)
+        return cls(**shape, gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
                    intermediate_size=intermediate_size or target.args.intermediate_size,
                    draft_vocab_size=draft_vocab_size).validate()
 

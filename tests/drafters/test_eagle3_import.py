@@ -281,3 +281,84 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
     small.pop("d2t")
     with pytest.raises(CheckpointError, match="draft vocabulary of 40 tokens but no d2t map"):
         load_eagle3(save_published(tmp_path / "nod2t", small_config, small), target)
+
+
+def exportable_head(target, *, draft_vocab=40, layers=(1, 2, 4), qk_norm=False, seed=5):
+    from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
+
+    torch.manual_seed(seed)
+    head = Eagle3Head(Eagle3Args.for_target(target, gamma=4, target_layers=layers, draft_vocab_size=draft_vocab,
+                                            qk_norm=qk_norm))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(15.0 if p.dim() == 2 else 1.0)  # sharper drafts that depend on their inputs
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    if draft_vocab:
+        head.set_draft_vocabulary(torch.randperm(target.vocab_size)[:draft_vocab])
+    return head
+
+
+@pytest.mark.parametrize("draft_vocab", [40, 0])
+def test_exported_head_is_the_same_head_in_the_format(tmp_path, draft_vocab):
+    """A dspark head written in the EAGLE / SpecForge format: read by the format's own definition
+    it drafts the dspark head's distributions, and dspark reads it back to the same weights."""
+    from safetensors.torch import load_file
+
+    from dspark.drafters.eagle3_export import export_eagle3
+
+    target_hf = target_model()
+    target = load_model(target_hf)
+    head = exportable_head(target, draft_vocab=draft_vocab)
+    out = export_eagle3(head, target, target_hf.config.to_dict(), tmp_path / "exported", dtype=torch.float32)
+    config, tensors = json.loads((out / "config.json").read_text()), load_file(out / "model.safetensors")
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 3, 5]  # inputs of layers
+    back = load_eagle3(out, target, gamma=4)
+    assert back.args == head.args
+    for name, value in head.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    # the dspark head's proposals, against the format's definition of the exported files
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"},
+                                  "drafter": {"name": "eagle3", "num_speculative_tokens": 4}},
+                                 target_model=target_hf, draft_model=head)
+    seen = []
+    original = pipe.drafter.propose
+    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=3, ignore_eos=True)
+    expected = reference_draft_probs(config, tensors, target_hf, prompt, result.token_ids[0][0],
+                                     seen[0].tokens[0].tolist())
+    assert torch.allclose(seen[0].probs[0], expected, atol=1e-5), (seen[0].probs[0] - expected).abs().max()
+
+
+def test_export_refuses_what_the_format_cannot_hold(tmp_path):
+    from dspark.drafters.eagle3_export import export_eagle3
+
+    target_hf = target_model()
+    target = load_model(target_hf)
+    with pytest.raises(ValueError, match="normalises q and k per head .* train one with model.qk_norm=false"):
+        export_eagle3(exportable_head(target, qk_norm=True), target, target_hf.config.to_dict(), tmp_path / "a")
+    with pytest.raises(ValueError, match="it fuses 5 target layers; the format fuses three"):
+        export_eagle3(exportable_head(target, layers=(0, 1, 2, 3, 4)), target, target_hf.config.to_dict(), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_export(tmp_path, capsys):
+    from dspark.cli import main
+    from dspark.drafters.eagle3 import save_eagle3
+
+    target_hf = target_model()
+    target_hf.save_pretrained(tmp_path / "target")
+    target = load_model(str(tmp_path / "target"))
+    head = exportable_head(target)
+    save_eagle3(head, tmp_path / "head")
+    rc = main(["export", "eagle3", "--drafter", str(tmp_path / "head"), "--target", str(tmp_path / "target"),
+               "--out", str(tmp_path / "out")])
+    assert rc == 0 and "as LlamaForCausalLMEagle3" in capsys.readouterr().err
+    back = load_eagle3(tmp_path / "out", target, gamma=4)
+    for name, value in head.state_dict().items():  # written in bfloat16
+        assert torch.equal(back.state_dict()[name], value.to(torch.bfloat16).to(value.dtype)), name
+    save_eagle3(exportable_head(target, qk_norm=True), tmp_path / "qwen3_style")
+    rc = main(["export", "eagle3", "--drafter", str(tmp_path / "qwen3_style"), "--target", str(tmp_path / "target"),
+               "--out", str(tmp_path / "out2")])
+    assert rc == 2 and "train one with model.qk_norm=false" in capsys.readouterr().err

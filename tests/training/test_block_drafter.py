@@ -67,16 +67,18 @@ def test_eagle3_recipe_trains_and_exports_a_loadable_head(assets, tmp_path):
     assert {"test/code_tau_greedy", "test/code_acceptance_3"} <= set(report["test"])
     head = load_eagle3(tmp_path / "out", load_model(assets / "target"))
     assert head.args.gamma == 3 and head.args.target_layers == (0, 1, 2)
-    # a reduced draft vocabulary: the most frequent tokens of the training stream
+    # a reduced draft vocabulary: the most frequent tokens of the training stream; no per-head q/k
+    # norms although the target has them (a head the EAGLE / SpecForge format can hold)
     from dspark.training.data import token_stream
     from dspark.training.eagle3 import frequent_tokens
     from transformers import AutoTokenizer
 
     cfg = load_train_config(None, eagle_config("{architecture: eagle3, gamma: 3, target_layers: [0, 1, 2], "
-                                               "draft_vocab_size: 40}", "max_steps=4",
+                                               "draft_vocab_size: 40, qk_norm: false}", "max_steps=4",
                                                f"run_dir={tmp_path / 'run_vocab'}", f"output_dir={tmp_path / 'out_vocab'}"))
     report = train(cfg, documents=corpus())
     head = load_eagle3(tmp_path / "out_vocab", load_model(assets / "target"))
+    assert load_model(assets / "target").args.qk_norm and not head.args.qk_norm
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
     stream = token_stream([d for d in corpus() if d.split == "train"], tokenizer)
     assert torch.equal(head.d2t, frequent_tokens(stream, 40, head.args.vocab_size))
