@@ -93,3 +93,37 @@ def corpus() -> list[Document]:
     splits = ["train"] * 6 + ["validation", "test"]
     return [Document(f"m{i}.py", "code", s, CODE * 20) for i, s in enumerate(splits)] + \
            [Document(f"d{i}", "prose", s, PROSE * 20) for i, s in enumerate(splits)]
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation written out (references of formats defined elsewhere)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half rotary embedding of ``x`` ``[T, heads, D]`` at ``positions`` ``[T]``, the angles
+    in float32 as ``transformers`` and vLLM compute them."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = positions.float()[:, None] * inv_freq  # [T, D/2]
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, None].double() for f in (torch.cos, torch.sin))
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
+
+
+def first_proposal(pipe, prompt: list[int], seed: int = 3):
+    """Sample two tokens of ``prompt`` at temperature 1: the drafter's first proposal (drafted
+    after the prefill) and the anchor it drafted from."""
+    seen = []
+    original = pipe.drafter.propose
+    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
+    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=seed, ignore_eos=True)
+    pipe.drafter.propose = original
+    return seen[0], result.token_ids[0][0]
+
+
+def assert_drafted_greedy_equals_transformers(pipe, model, prompt: list[int], max_new_tokens: int) -> None:
+    """Greedy speculative decoding of ``prompt`` equals ``transformers``' own greedy output, and
+    the drafter drafted (so that the check is not plain decoding's)."""
+    out = pipe.generate([prompt], max_new_tokens=max_new_tokens, ignore_eos=True)
+    assert out.token_ids[0] == hf_greedy(model, prompt, max_new_tokens)
+    assert out.stats.drafted_tokens > 0

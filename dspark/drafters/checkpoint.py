@@ -23,6 +23,35 @@ ROPE_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "max_position_emb
              "rope_parameters", "partial_rotary_factor")
 
 
+def read_foreign_config(directory, architectures: tuple[str, ...]) -> dict | None:
+    """``config.json`` of ``directory`` when its ``architectures`` name one of ``architectures``
+    (a drafter trained by another project), else ``None``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return None
+    named = config.get("architectures") if isinstance(config, dict) else None
+    return config if isinstance(named, list) and any(a in architectures for a in named) else None
+
+
+def rope_mismatch(config: dict, head_dim: int, target) -> str | None:
+    """``None`` when the rotary embedding ``config`` (a ``transformers`` config dict) describes is
+    the target's, else a description of it for an error message."""
+    from transformers import LlamaConfig
+
+    from dspark.models.native import rope_inverse_frequencies
+
+    rope_config = LlamaConfig(**{k: config[k] for k in ROPE_KEYS if k in config})
+    inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
+    same = inv_freq.shape == target.inv_freq.shape and torch.allclose(inv_freq, target.inv_freq.cpu(), rtol=1e-6)
+    if same and abs(scaling - target.attention_scaling) <= 1e-9:
+        return None
+    return f"rope {dict(rope_config.rope_parameters)} (not the target's rotary embedding)"
+
+
 @dataclass(frozen=True)
 class TargetShape:
     """The part of a drafter's architecture taken from its target (its layers have the target's

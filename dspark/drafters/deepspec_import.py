@@ -25,13 +25,13 @@ What dspark cannot run is refused before any weight is read, naming it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
-from dspark.drafters.checkpoint import CONFIG_FILE, ROPE_KEYS, TargetShape, equal_at_coarser_precision
+from dspark.drafters.checkpoint import (CONFIG_FILE, TargetShape, equal_at_coarser_precision, read_foreign_config,
+                                       rope_mismatch)
 
 #: ``architectures`` entries that mark a DeepSpec block drafter
 ARCHITECTURES = ("Qwen3DSparkModel",)
@@ -41,27 +41,15 @@ HEAD_TYPES = {"vanilla": "markov", "rnn": "rnn"}
 
 def read_deepspec_config(directory: str | Path) -> dict | None:
     """``config.json`` of ``directory`` when it declares a DeepSpec block drafter, else ``None``."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except ValueError:
-        return None
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    if isinstance(architectures, list) and "Gemma4DSparkModel" in architectures:
-        raise ValueError(f"{path} is a DeepSpec drafter for a Gemma 4 target, which dspark does not run natively "
-                         "(native targets: Llama, Qwen2, Qwen3)")
-    return config if isinstance(architectures, list) and any(a in ARCHITECTURES for a in architectures) else None
+    if read_foreign_config(directory, ("Gemma4DSparkModel",)) is not None:
+        raise ValueError(f"{Path(directory) / CONFIG_FILE} is a DeepSpec drafter for a Gemma 4 target, which dspark "
+                         "does not run natively (native targets: Llama, Qwen2, Qwen3)")
+    return read_foreign_config(directory, ARCHITECTURES)
 
 
 def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockDrafterArgs:
     """:class:`BlockDrafterArgs` of a DeepSpec drafter's ``config`` for ``target``; ``ValueError``
     naming every setting dspark cannot run, or that does not fit ``target``."""
-    from transformers import Qwen3Config
-
-    from dspark.models.native import rope_inverse_frequencies
-
     t = target.args
     heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
@@ -89,12 +77,8 @@ def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockD
     mask = config.get("mask_token_id")
     if not isinstance(mask, int) or not 0 <= mask < t.vocab_size:
         problems.append(f"mask_token_id {mask!r} (a token id in [0, {t.vocab_size}))")
-    if not problems:
-        rope_config = Qwen3Config(**{k: config[k] for k in ROPE_KEYS if k in config})
-        inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
-        same = inv_freq.shape == target.inv_freq.shape and torch.allclose(inv_freq, target.inv_freq.cpu(), rtol=1e-6)
-        if not same or abs(scaling - target.attention_scaling) > 1e-9:
-            problems.append(f"rope {dict(rope_config.rope_parameters)} (not the target's rotary embedding)")
+    if not problems and (rope := rope_mismatch(config, head_dim, target)):
+        problems.append(rope)
     if problems:
         raise ValueError(f"{where} is a DeepSpec drafter dspark cannot run on this target: " + "; ".join(problems))
     if not config.get("enable_confidence_head", False):

@@ -34,12 +34,11 @@ biases, an embedding of its own that differs from the target's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from dspark.drafters.checkpoint import CONFIG_FILE, ROPE_KEYS, TargetShape, equal_at_coarser_precision
+from dspark.drafters.checkpoint import TargetShape, equal_at_coarser_precision, read_foreign_config, rope_mismatch
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
 #: ``architectures`` entries that mark a published EAGLE-3 head: the EAGLE / SpecForge format, DeepSpec's
@@ -51,16 +50,7 @@ DEFAULT_GAMMA = 7
 
 def read_published_config(directory: str | Path) -> dict | None:
     """``config.json`` of ``directory`` when it declares a published EAGLE-3 head, else ``None``."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except ValueError:
-        return None
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    known = ARCHITECTURES + DEEPSPEC_ARCHITECTURES
-    return config if isinstance(architectures, list) and any(a in known for a in architectures) else None
+    return read_foreign_config(directory, ARCHITECTURES + DEEPSPEC_ARCHITECTURES)
 
 
 def is_deepspec(config: dict) -> bool:
@@ -79,10 +69,6 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_h
     every setting dspark's head cannot represent, or that does not fit ``target``. ``gamma`` is
     used when the format does not record one; ``own_lm_head=False``: the head's LM head is a copy
     of the target's over the whole vocabulary, shared instead."""
-    from transformers import LlamaConfig
-
-    from dspark.models.native import rope_inverse_frequencies
-
     t, deepspec = target.args, is_deepspec(config)
     hidden = config.get("hidden_size")
     heads = config.get("num_attention_heads")
@@ -118,12 +104,8 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_h
             problems.append(f"eagle_aux_hidden_state_layer_ids {list(aux)} (three ids in 1..{t.num_layers}: "
                             f"the inputs of target layers, 0 being the embedding, which dspark does not return)")
         layers = [j - 1 for j in aux]
-    if not problems:
-        rope_config = LlamaConfig(**{k: config[k] for k in ROPE_KEYS if k in config})
-        inv_freq, scaling = rope_inverse_frequencies(rope_config, head_dim)
-        same = inv_freq.shape == target.inv_freq.shape and torch.allclose(inv_freq, target.inv_freq.cpu(), rtol=1e-6)
-        if not same or abs(scaling - target.attention_scaling) > 1e-9:
-            problems.append(f"rope {dict(rope_config.rope_parameters)} (not the target's rotary embedding)")
+    if not problems and (rope := rope_mismatch(config, head_dim, target)):
+        problems.append(rope)
     if problems:
         raise ValueError(f"{where} is an EAGLE-3 head dspark cannot run on this target: " + "; ".join(problems))
     shape = TargetShape.fields_of(target)

@@ -15,7 +15,7 @@ from dspark.drafters.dspark import load_block_drafter
 from dspark.models import load_model
 from dspark.models.loading import CheckpointError
 
-from helpers import hf_greedy, tiny_hf_model
+from helpers import assert_drafted_greedy_equals_transformers, first_proposal, rms, rotate, tiny_hf_model
 
 BLOCK, MASK, RANK, INTER = 4, 99, 16, 96
 VARIANTS = {  # markov_rank, markov_head_type, enable_confidence_head, confidence_head_with_markov
@@ -79,19 +79,6 @@ def save_released(directory, config, tensors):
     (directory / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
     return directory
-
-
-def rms(x, weight, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def rotate(x, positions, theta):
-    """Rotate-half rotary embedding of ``x`` ``[T, heads, D]`` (angles in float32, as transformers)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    angles = positions.float()[:, None] * inv_freq
-    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, None].double() for f in (torch.cos, torch.sin))
-    return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
 
 
 def reference_block(config, tensors, target_hf, prompt, anchor, drafts):
@@ -158,28 +145,21 @@ def test_imported_drafter_drafts_what_deepspec_defines(tmp_path, variant):
     target_hf = target_model()
     config, tensors = released_drafter(target_hf, variant)
     pipe = block_pipeline(target_hf, save_released(tmp_path / "drafter", config, tensors))
-    seen = []
-    original = pipe.drafter.propose
-    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
     prompt = [5, 17, 33, 2, 90, 41, 7]
-    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=3, ignore_eos=True)
-    drafts = seen[0].tokens[0].tolist()
-    probs, confidence = reference_block(config, tensors, target_hf, prompt, result.token_ids[0][0], drafts)
-    assert torch.allclose(seen[0].probs[0], probs, atol=1e-5), (seen[0].probs[0] - probs).abs().max()
+    proposal, anchor = first_proposal(pipe, prompt)
+    probs, confidence = reference_block(config, tensors, target_hf, prompt, anchor, proposal.tokens[0].tolist())
+    assert torch.allclose(proposal.probs[0], probs, atol=1e-5), (proposal.probs[0] - probs).abs().max()
     if confidence is None:
-        assert seen[0].confidence is None and not pipe.drafter.provides_confidence
+        assert proposal.confidence is None and not pipe.drafter.provides_confidence
     else:
-        assert torch.allclose(seen[0].confidence[0], confidence, atol=1e-5)
+        assert torch.allclose(proposal.confidence[0], confidence, atol=1e-5)
 
 
 def test_imported_drafter_keeps_greedy_decoding_exact(tmp_path):
     target_hf = target_model()
     path = save_released(tmp_path / "drafter", *released_drafter(target_hf, "dspark", copies_dtype=torch.bfloat16))
     pipe = block_pipeline(target_hf, path)
-    prompt = [3, 14, 15, 92, 65, 35]
-    out = pipe.generate([prompt], max_new_tokens=24, ignore_eos=True)
-    assert out.token_ids[0] == hf_greedy(target_hf, prompt, 24)
-    assert out.stats.drafted_tokens > 0
+    assert_drafted_greedy_equals_transformers(pipe, target_hf, [3, 14, 15, 92, 65, 35], 24)
 
 
 def test_dflash_without_a_confidence_head_is_refused_by_a_scheduler_that_reads_confidences(tmp_path):
@@ -227,7 +207,4 @@ def test_compiled_rounds_with_a_drafter_without_confidences_keep_greedy_decoding
     target_hf = target_model()
     path = save_released(tmp_path / "dflash", *released_drafter(target_hf, "dflash"))
     pipe = block_pipeline(target_hf, path, "engine.compile=true")
-    prompt = [3, 14, 15, 92, 65, 35]
-    out = pipe.generate([prompt], max_new_tokens=16, ignore_eos=True)
-    assert out.token_ids[0] == hf_greedy(target_hf, prompt, 16)
-    assert out.stats.drafted_tokens > 0
+    assert_drafted_greedy_equals_transformers(pipe, target_hf, [3, 14, 15, 92, 65, 35], 16)

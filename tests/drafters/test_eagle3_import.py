@@ -16,7 +16,7 @@ from dspark.drafters.eagle3 import load_eagle3
 from dspark.models import load_model
 from dspark.models.loading import CheckpointError
 
-from helpers import hf_greedy, tiny_hf_model
+from helpers import assert_drafted_greedy_equals_transformers, first_proposal, rms, rotate, tiny_hf_model
 
 LAYERS = 6  # the target's depth: default aux ids (2, 3, 3)
 
@@ -97,21 +97,6 @@ def save_published(directory, config, tensors, fmt="safetensors"):
     else:
         torch.save(tensors, directory / "pytorch_model.bin")
     return directory
-
-
-def rms(x, weight, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def rotate(x, positions, theta):
-    """Rotate-half rotary embedding of ``x`` ``[T, heads, D]`` at ``positions`` ``[T]`` (angles in
-    float32, as transformers and vLLM compute them)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    angles = positions.float()[:, None] * inv_freq  # [T, D/2]
-    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, None].double() for f in (torch.cos, torch.sin))
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class ReferenceHead:
@@ -202,33 +187,26 @@ def test_imported_head_drafts_what_the_format_defines(tmp_path, variant):
             aux=[1, 3, 5] if variant == "aux_in_eagle_config" else None, aux_in_eagle_config=True)
     path = save_published(tmp_path / "head", config, tensors, fmt="bin" if variant == "bin" else "safetensors")
     pipe = eagle_pipeline(target_hf, path)
-    seen = []
-    original = pipe.drafter.propose
-    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
     prompt = [5, 17, 33, 2, 90, 41, 7]
-    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=3, ignore_eos=True)
-    drafts = seen[0].tokens[0].tolist()
-    expected = reference_draft_probs(config, tensors, target_hf, prompt, result.token_ids[0][0], drafts)
+    proposal, anchor = first_proposal(pipe, prompt)
+    expected = reference_draft_probs(config, tensors, target_hf, prompt, anchor, proposal.tokens[0].tolist())
     # transformers normalises in float32 even in a float64 model: its hidden states (the reference's
     # features) are ~1e-7 off dspark's; a wrong weight, norm, layer id or offset is off by ~0.1
-    assert torch.allclose(seen[0].probs[0], expected, atol=1e-5), (seen[0].probs[0] - expected).abs().max(-1)
+    assert torch.allclose(proposal.probs[0], expected, atol=1e-5), (proposal.probs[0] - expected).abs().max(-1)
     if variant.startswith("deepspec"):  # its γ, its five layers, the target's LM head shared when it is a copy
         args = pipe.drafter.head.args
         assert (args.gamma, args.target_layers, args.qk_norm) == (5, (0, 1, 2, 3, 4), True)
         assert args.draft_vocab_size == (config["vocab_size"] if variant.endswith("own_lm_head") else 0)
     if variant == "draft_vocab":  # no draft outside the draft vocabulary
         ids = torch.arange(40) + tensors["d2t"]
-        assert (seen[0].probs[0].sum(-1) - seen[0].probs[0][:, ids].sum(-1)).abs().max() < 1e-12
+        assert (proposal.probs[0].sum(-1) - proposal.probs[0][:, ids].sum(-1)).abs().max() < 1e-12
 
 
 def test_imported_head_keeps_greedy_decoding_exact(tmp_path):
     target_hf = target_model()
     path = save_published(tmp_path / "head", *published_head(target_hf, draft_vocab=60))
     pipe = eagle_pipeline(target_hf, path, 5)
-    prompt = [3, 14, 15, 92, 65, 35]
-    out = pipe.generate([prompt], max_new_tokens=24, ignore_eos=True)
-    assert out.token_ids[0] == hf_greedy(target_hf, prompt, 24)
-    assert out.stats.drafted_tokens > 0
+    assert_drafted_greedy_equals_transformers(pipe, target_hf, [3, 14, 15, 92, 65, 35], 24)
 
 
 def test_embedding_copy_of_the_targets_is_accepted_and_another_refused(tmp_path):
@@ -321,14 +299,10 @@ def test_exported_head_is_the_same_head_in_the_format(tmp_path, draft_vocab):
     pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"},
                                   "drafter": {"name": "eagle3", "num_speculative_tokens": 4}},
                                  target_model=target_hf, draft_model=head)
-    seen = []
-    original = pipe.drafter.propose
-    pipe.drafter.propose = lambda state, u: seen.append(original(state, u)) or seen[-1]
     prompt = [5, 17, 33, 2, 90, 41, 7]
-    result = pipe.generate([prompt], max_new_tokens=2, temperature=1.0, seed=3, ignore_eos=True)
-    expected = reference_draft_probs(config, tensors, target_hf, prompt, result.token_ids[0][0],
-                                     seen[0].tokens[0].tolist())
-    assert torch.allclose(seen[0].probs[0], expected, atol=1e-5), (seen[0].probs[0] - expected).abs().max()
+    proposal, anchor = first_proposal(pipe, prompt)
+    expected = reference_draft_probs(config, tensors, target_hf, prompt, anchor, proposal.tokens[0].tolist())
+    assert torch.allclose(proposal.probs[0], expected, atol=1e-5), (proposal.probs[0] - expected).abs().max()
 
 
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):
