@@ -140,7 +140,7 @@ def deepspec_state_dict(tensors: dict[str, torch.Tensor], net: BlockDrafter, con
             raise ValueError(f"{where} carries a {name.split('.')[0]} that is not the target's: dspark's block "
                              "drafter shares the target's; use the target this drafter was trained for")
     embedding = tensors.get("embed_tokens.weight", target.embed_tokens.weight.detach())
-    state["mask_embedding"] = embedding[config["mask_token_id"]].to("cpu")
+    state["mask_embedding"] = embedding[config["mask_token_id"]]
     expected = net.state_dict()
     misshaped = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
                  for k, v in state.items() if v.shape != expected[k].shape]
