@@ -155,8 +155,10 @@ def import_deepspec(directory: str | Path, config: dict, target) -> BlockDrafter
     from dspark.models.loading import read_checkpoint_tensors
 
     where = f"DeepSpec checkpoint {str(directory)!r}"
-    net = BlockDrafter(deepspec_args(config, target, where))
+    args = deepspec_args(config, target, where)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        net = BlockDrafter(args)
     state = deepspec_state_dict(read_checkpoint_tensors(directory), net, config, target, where)
-    with torch.no_grad():
-        net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.load_state_dict({k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in state.items()},
+                        assign=True)  # copies: nothing aliases the checkpoint or the target
     return net

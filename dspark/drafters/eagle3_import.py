@@ -194,10 +194,11 @@ def import_eagle3(directory: str | Path, config: dict, target, *, gamma: int = D
     tensors = {k.removeprefix("model."): v for k, v in read_checkpoint_tensors(directory).items()}
     if copies_target_lm_head(tensors, args, target, deepspec=is_deepspec(config)):  # shared, not loaded twice
         args = published_args(config, target, gamma=gamma, own_lm_head=False, where=where)
-    head = Eagle3Head(args)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        head = Eagle3Head(args)
     state = published_state_dict(tensors, head, target, where)
-    with torch.no_grad():
-        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    head.load_state_dict({k: v.detach().to("cpu", torch.float32, copy=True).contiguous() if v.is_floating_point() else v.cpu()
+                          for k, v in state.items()}, assign=True)
     if args.draft_vocab_size:
         head.set_draft_vocabulary(head.d2t.clone())  # validates the map
     return head

@@ -174,6 +174,10 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
     target_hf = target_model()
     target = load_model(target_hf)
     config, tensors = released_drafter(target_hf)
+    # first what it can: the mask input is the target's embedding of mask_token_id, a copy
+    net = load_block_drafter(save_released(tmp_path / "fine", config, tensors), target)
+    mask_row = target.embed_tokens.weight[MASK]
+    assert torch.equal(net.mask_embedding, mask_row) and net.mask_embedding.data_ptr() != mask_row.data_ptr()
     cases = {
         "gated": ({"markov_head_type": "gated"}, r"markov_head_type 'gated' \(dspark runs vanilla, rnn"),
         "embedding_layer": ({"target_layer_ids": [-1, 1]}, r"target_layer_ids \[-1, 1\] \(ids of target layers 0..1"),
