@@ -28,14 +28,25 @@ def check_conversations(conversations) -> list[list[dict]]:
     return [list(conversation) for conversation in conversations]
 
 
-def render_conversations(tokenizer, conversations, chat_template: str | None = None) -> list[list[int]]:
+def render_conversations(tokenizer, conversations, chat_template: str | None = None,
+                         chat_template_kwargs: dict | None = None) -> list[list[int]]:
     """Token ids of each conversation rendered with the generation prompt appended.
 
     Args:
         tokenizer: a ``transformers`` tokenizer.
         conversations: as :func:`check_conversations` accepts.
         chat_template: a Jinja chat template to use instead of ``tokenizer.chat_template``.
+        chat_template_kwargs: more variables for the template, e.g. ``{"enable_thinking": False}``
+            for Qwen3's (the non-thinking mode DeepSeek's released drafters were trained on).
     """
+    kwargs = dict(chat_template_kwargs or {})
+    if not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"chat_template_kwargs must map variable names to values, got keys {list(kwargs)}")
+    reserved = sorted(set(kwargs) & {"conversation", "messages", "chat_template", "add_generation_prompt", "tokenize",
+                                     "return_dict"})
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {reserved}: dspark sets them (the conversation, the "
+                         "template, the generation prompt, token ids)")
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer: this pipeline has none (target.tokenizer)")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -44,6 +55,6 @@ def render_conversations(tokenizer, conversations, chat_template: str | None = N
     prompts = []
     for conversation in check_conversations(conversations):
         rendered = tokenizer.apply_chat_template(conversation, chat_template=chat_template, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)
+                                                 tokenize=True, return_dict=True, **kwargs)
         prompts.append(list(rendered["input_ids"]))
     return prompts

@@ -43,6 +43,17 @@ def _generate(args: argparse.Namespace) -> int:
             chat_template = Path(args.chat_template).read_text(encoding="utf-8")
     elif args.chat_template:
         raise SystemExit("dspark generate: --chat-template applies with --chat")
+    template_kwargs = None
+    if args.chat_template_kwargs is not None:
+        if not args.chat:
+            raise SystemExit("dspark generate: --chat-template-kwargs applies with --chat")
+        try:
+            template_kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as err:
+            raise SystemExit(f"dspark generate: --chat-template-kwargs is not JSON: {err}") from None
+        if not isinstance(template_kwargs, dict):
+            raise SystemExit("dspark generate: --chat-template-kwargs must be a JSON object, e.g. "
+                             "'{\"enable_thinking\": false}'")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise SystemExit(f"dspark generate: --output {args.output}: its directory does not exist")
     if args.stream and len(prompts) != 1:
@@ -64,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
-                               **settings)
+                               chat_template_kwargs=template_kwargs, **settings)
         except ValueError as err:  # e.g. a tokenizer without a chat template
             raise SystemExit(f"dspark generate: {err}") from None
     else:
@@ -223,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="each text prompt is a user message, rendered by the tokenizer's chat template")
     gen.add_argument("--chat-template", help="a Jinja chat template file to use instead of the tokenizer's (with --chat)")
+    gen.add_argument("--chat-template-kwargs",
+                     help="more template variables as a JSON object, e.g. '{\"enable_thinking\": false}' (with --chat)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

@@ -179,7 +179,8 @@ class Pipeline:
                                 logprobs=token_logprobs)
 
 
-    def chat(self, conversations, *, chat_template: str | None = None, **generate_kwargs) -> GenerationResult:
+    def chat(self, conversations, *, chat_template: str | None = None, chat_template_kwargs: dict | None = None,
+             **generate_kwargs) -> GenerationResult:
         """Generate the assistant's reply to each conversation.
 
         Args:
@@ -187,12 +188,14 @@ class Pipeline:
                 "content": ...}``, rendered by the tokenizer's chat template with the assistant's
                 turn opened (:func:`dspark.chat.render_conversations`).
             chat_template: a Jinja template to use instead of the tokenizer's own.
+            chat_template_kwargs: more template variables, e.g. ``{"enable_thinking": False}`` (Qwen3).
             **generate_kwargs: as for :meth:`generate` (``max_new_tokens``, sampling, stops, ...).
 
         Returns:
             :meth:`generate`'s result: the replies' token ids and texts, in conversation order.
         """
-        return self.generate(render_conversations(self.tokenizer, conversations, chat_template), **generate_kwargs)
+        return self.generate(render_conversations(self.tokenizer, conversations, chat_template, chat_template_kwargs),
+                             **generate_kwargs)
 
 
 def _request_seeds(seed, count: int) -> list[int]:

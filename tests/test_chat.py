@@ -48,3 +48,18 @@ def test_bad_conversations_are_refused_naming_the_problem(pipe, monkeypatch):
         render_conversations(None, CONVERSATIONS, TEMPLATE)
     with pytest.raises(ValueError, match="max_new_tokens"):  # generate's own checks still apply
         pipe.chat(CONVERSATIONS, chat_template=TEMPLATE, max_new_tokens=0)
+
+
+def test_chat_template_kwargs_reach_the_template(pipe):
+    """Extra template variables (Qwen3's enable_thinking) render; dspark's own arguments stay its own."""
+    template = TEMPLATE.replace("<|assistant|>{% endif %}",
+                                "<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
+                                "<think></think>{% endif %}{% endif %}")
+    plain = render_conversations(pipe.tokenizer, CONVERSATIONS[1:], template)
+    quiet = render_conversations(pipe.tokenizer, CONVERSATIONS[1:], template, {"enable_thinking": False})
+    assert pipe.tokenizer.decode(quiet[0]) == pipe.tokenizer.decode(plain[0]) + "<think></think>"
+    reply = pipe.chat(CONVERSATIONS[1:], chat_template=template, chat_template_kwargs={"enable_thinking": False},
+                      max_new_tokens=6, temperature=1.0, seed=2)
+    assert reply.token_ids == pipe.generate(quiet, max_new_tokens=6, temperature=1.0, seed=2).token_ids
+    with pytest.raises(ValueError, match=r"chat_template_kwargs may not set \['add_generation_prompt'\]"):
+        render_conversations(pipe.tokenizer, CONVERSATIONS, template, {"add_generation_prompt": False})

@@ -157,3 +157,16 @@ def test_chat_renders_each_prompt_as_a_user_message(capsys, tmp_path):
         main([*args, "--chat-template", str(template)])
     with pytest.raises(SystemExit, match="--chat takes text prompts"):
         main(["generate", "--prompt-ids", "1 2", "--chat", "target.device=cpu"])
+    # template variables: a JSON object, with --chat
+    template.write_text(template.read_text() + "{% if greeting is defined %}{{ greeting }}{% endif %}")
+    assert main([*args, "--chat", "--chat-template", str(template), "--chat-template-kwargs", '{"greeting": "Hi"}']) == 0
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).chat(
+        [[{"role": "user", "content": "Name a river."}]], chat_template=template.read_text(),
+        chat_template_kwargs={"greeting": "Hi"}, max_new_tokens=6, ignore_eos=True)
+    assert capsys.readouterr().out.split() == [str(t) for t in expected.token_ids[0]]
+    with pytest.raises(SystemExit, match="--chat-template-kwargs must be a JSON object"):
+        main([*args, "--chat", "--chat-template", str(template), "--chat-template-kwargs", "[1]"])
+    with pytest.raises(SystemExit, match="--chat-template-kwargs is not JSON"):
+        main([*args, "--chat", "--chat-template", str(template), "--chat-template-kwargs", "{nope"])
+    with pytest.raises(SystemExit, match="--chat-template-kwargs applies with --chat"):
+        main([*args, "--chat-template-kwargs", "{}"])
