@@ -95,6 +95,9 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     if "min_survival" in keys:
         fixed.append("drafter.min_survival=0")
     pipe = build_pipeline(config, overrides=[*overrides, *fixed])
+    if not pipe.drafter.provides_confidence:  # e.g. a released DFlash drafter: no confidence head
+        raise ValueError(f"dspark calibrate needs confidences, and this {cfg.drafter.name!r} drafter's checkpoint "
+                         "has no confidence head")
     recorder = RoundRecorder()
     pipe.engine.round_hooks.append(recorder)
     texts = load_prompts(prompts, pipe.tokenizer, num_prompts)

@@ -168,6 +168,14 @@ def test_dflash_without_a_confidence_head_is_refused_by_a_scheduler_that_reads_c
     with pytest.raises(ValueError, match=r"scheduler 'threshold' reads draft confidences, which this 'dspark' "
                                          r"drafter does not produce \(its checkpoint has no confidence head\)"):
         block_pipeline(target_hf, path, "scheduler.name=threshold")
+    from dspark.scheduling.recipes import calibrate
+
+    target_hf.save_pretrained(tmp_path / "target")
+    config = {"target": {"path": str(tmp_path / "target"), "device": "cpu"},
+              "drafter": {"name": "dspark", "path": str(path), "num_speculative_tokens": BLOCK}}
+    with pytest.raises(ValueError, match="dspark calibrate needs confidences, and this 'dspark' drafter's checkpoint "
+                                         "has no confidence head"):
+        calibrate(config, [], output=str(tmp_path / "calibration.json"))
 
 
 def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
