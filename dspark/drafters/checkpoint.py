@@ -37,6 +37,30 @@ def read_foreign_config(directory, architectures: tuple[str, ...]) -> dict | Non
     return config if isinstance(named, list) and any(a in architectures for a in named) else None
 
 
+def joined_parts(tensors: dict[str, torch.Tensor], parts: dict[str, list[str]], where: str) -> dict[str, torch.Tensor]:
+    """``{name: the tensors parts[name] names, concatenated along dim 0}`` (fused projections from
+    separate ones); ``CheckpointError`` naming the pieces' shapes when they do not join."""
+    from dspark.models.loading import CheckpointError
+
+    joined = {}
+    for name, pieces in parts.items():
+        try:
+            joined[name] = torch.cat([tensors[p] for p in pieces])
+        except RuntimeError as err:
+            shapes = ", ".join(f"{p} {tuple(tensors[p].shape)}" for p in pieces)
+            raise CheckpointError(f"{where}: {shapes} do not join into {name} ({err})") from None
+    return joined
+
+
+def per_head_rows(norm: torch.Tensor, heads: int, name: str, where: str) -> torch.Tensor:
+    """A q or k norm shared by the heads ``[D]`` as one row per head ``[heads, D]``."""
+    from dspark.models.loading import CheckpointError
+
+    if norm.dim() != 1:
+        raise CheckpointError(f"{where}: {name} has shape {tuple(norm.shape)}, expected one weight per head dimension")
+    return norm.expand(heads, -1)
+
+
 def rope_mismatch(config: dict, head_dim: int, target) -> str | None:
     """``None`` when the rotary embedding ``config`` (a ``transformers`` config dict) describes is
     the target's, else a description of it for an error message."""

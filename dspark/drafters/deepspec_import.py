@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
-from dspark.drafters.checkpoint import (CONFIG_FILE, TargetShape, equal_at_coarser_precision, read_foreign_config,
-                                       rope_mismatch)
+from dspark.drafters.checkpoint import (CONFIG_FILE, TargetShape, equal_at_coarser_precision, joined_parts,
+                                       per_head_rows, read_foreign_config, rope_mismatch)
 
 #: ``architectures`` entries that mark a DeepSpec block drafter
 ARCHITECTURES = ("Qwen3DSparkModel",)
@@ -130,10 +130,11 @@ def deepspec_state_dict(tensors: dict[str, torch.Tensor], net: BlockDrafter, con
     if missing or unexpected:
         raise CheckpointError(f"{where} is not a DeepSpec drafter dspark can read: missing {missing}, "
                               f"unexpected {unexpected}")
-    state = {name: torch.cat([tensors[n] for n in names]) for name, names in parts.items()}
+    state = joined_parts(tensors, parts, where)
     for i in range(a.num_layers):  # one norm per head dimension, shared by the heads: one row per head here
-        q_norm, k_norm = (tensors[f"layers.{i}.self_attn.{n}_norm.weight"] for n in ("q", "k"))
-        state[f"layers.{i}.qk_norm"] = torch.cat([q_norm.expand(a.num_heads, -1), k_norm.expand(a.num_kv_heads, -1)])
+        q_norm, k_norm = (f"layers.{i}.self_attn.{n}_norm.weight" for n in ("q", "k"))
+        state[f"layers.{i}.qk_norm"] = torch.cat([per_head_rows(tensors[q_norm], a.num_heads, q_norm, where),
+                                                  per_head_rows(tensors[k_norm], a.num_kv_heads, k_norm, where)])
     for name, own in (("embed_tokens.weight", target.embed_tokens.weight), ("lm_head.weight", target.lm_head.weight)):
         copy = tensors.get(name)
         if copy is not None and not equal_at_coarser_precision(copy, own):

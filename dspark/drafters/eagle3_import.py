@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from dspark.drafters.checkpoint import TargetShape, equal_at_coarser_precision, read_foreign_config, rope_mismatch
+from dspark.drafters.checkpoint import (TargetShape, equal_at_coarser_precision, joined_parts, per_head_rows,
+                                       read_foreign_config, rope_mismatch)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
 #: ``architectures`` entries that mark a published EAGLE-3 head: the EAGLE / SpecForge format, DeepSpec's
@@ -152,14 +153,17 @@ def published_state_dict(tensors: dict[str, torch.Tensor], head: Eagle3Head, tar
     if missing or unexpected:
         raise CheckpointError(f"{where} is not an EAGLE-3 head dspark can read: missing {missing}, "
                               f"unexpected {unexpected}")
-    state = {name: torch.cat([tensors[n] for n in names]) for name, names in parts.items()}
+    state = joined_parts(tensors, parts, where)
     if a.qk_norm:  # one norm per head dimension, shared by the heads: one row per head here
-        q_norm, k_norm = (tensors[n] for n in qk_norms)
-        state["layer.qk_norm"] = torch.cat([q_norm.expand(a.num_heads, -1), k_norm.expand(a.num_kv_heads, -1)])
+        state["layer.qk_norm"] = torch.cat([per_head_rows(tensors[qk_norms[0]], a.num_heads, qk_norms[0], where),
+                                            per_head_rows(tensors[qk_norms[1]], a.num_kv_heads, qk_norms[1], where)])
     if a.draft_vocab_size:
         offsets = tensors.get("d2t")
         if offsets is None and a.draft_vocab_size != a.vocab_size:
             raise CheckpointError(f"{where} has a draft vocabulary of {a.draft_vocab_size} tokens but no d2t map")
+        if offsets is not None and offsets.shape != (a.draft_vocab_size,):
+            raise CheckpointError(f"{where}: d2t has shape {tuple(offsets.shape)}, expected ({a.draft_vocab_size},) "
+                                  "(one offset per draft token)")
         state["d2t"] = torch.arange(a.draft_vocab_size) + (0 if offsets is None else offsets.long())
     expected = head.state_dict()
     misshaped = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"

@@ -205,6 +205,10 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
     missing = {k: v for k, v in tensors.items() if k != "layers.1.self_attn.k_norm.weight"}
     with pytest.raises(CheckpointError, match=r"missing \['layers.1.self_attn.k_norm.weight'\], unexpected \[\]"):
         load_block_drafter(save_released(tmp_path / "missing", config, missing), target)
+    norm = {**tensors, "layers.0.self_attn.q_norm.weight": torch.ones(4, 32)}
+    with pytest.raises(CheckpointError, match=r"layers.0.self_attn.q_norm.weight has shape \(4, 32\), expected one "
+                                              r"weight per head dimension"):
+        load_block_drafter(save_released(tmp_path / "norm", config, norm), target)
     extra = {**tensors, "layers.2.mlp.up_proj.weight": torch.zeros(2)}
     with pytest.raises(CheckpointError, match=r"unexpected \['layers.2.mlp.up_proj.weight'\]"):
         load_block_drafter(save_released(tmp_path / "extra", config, extra), target)

@@ -255,6 +255,14 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"target_layer_ids \[0, 1, 2, 3, 5\] \(ids of target layers 0..4: DeepSpec "
                                          r"never reads the last layer"):
         load_eagle3(last, target)
+    wrong_in = {**tensors, "midlayer.self_attn.k_proj.weight": torch.zeros(32, 64)}
+    with pytest.raises(CheckpointError, match=r"midlayer.self_attn.q_proj.weight \(64, 128\), midlayer.self_attn."
+                                              r"k_proj.weight \(32, 64\), .* do not join into layer.wqkv.weight"):
+        load_eagle3(save_published(tmp_path / "wrong_in", config, wrong_in), target)
+    offsets_config, offsets = published_head(target_hf, draft_vocab=40)
+    offsets["d2t"] = offsets["d2t"][:39]
+    with pytest.raises(CheckpointError, match=r"d2t has shape \(39,\), expected \(40,\)"):
+        load_eagle3(save_published(tmp_path / "offsets", offsets_config, offsets), target)
     small_config, small = published_head(target_hf, draft_vocab=40)
     small.pop("d2t")
     with pytest.raises(CheckpointError, match="draft vocabulary of 40 tokens but no d2t map"):
