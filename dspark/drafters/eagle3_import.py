@@ -2,7 +2,8 @@
 native target. Two formats describe the same network under other names:
 
 **EAGLE / SpecForge** (``architectures: ["LlamaForCausalLMEagle3"]``), the heads vLLM and SGLang
-serve:
+serve (also in vLLM's ``speculators`` layout, ``Eagle3Speculator``: the same fields, the draft
+layer's config under ``transformer_layer_config``, the layer's tensors under ``layers.0.``):
 
 * ``config.json``: Llama fields of the one draft layer (``hidden_size``, ``intermediate_size``,
   ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps``, rope), the
@@ -42,16 +43,25 @@ from dspark.drafters.checkpoint import (TargetShape, equal_at_coarser_precision,
                                        read_foreign_config, rope_mismatch)
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
-#: ``architectures`` entries that mark a published EAGLE-3 head: the EAGLE / SpecForge format, DeepSpec's
-ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+#: ``architectures`` entries that mark a published EAGLE-3 head: the EAGLE / SpecForge format (and
+#: vLLM's ``speculators`` layout of it), DeepSpec's
+ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "Eagle3Speculator")
 DEEPSPEC_ARCHITECTURES = ("Qwen3Eagle3Model",)
 #: draft steps an imported head is said to unroll when the caller gives none (the format keeps none)
 DEFAULT_GAMMA = 7
 
 
 def read_published_config(directory: str | Path) -> dict | None:
-    """``config.json`` of ``directory`` when it declares a published EAGLE-3 head, else ``None``."""
-    return read_foreign_config(directory, ARCHITECTURES + DEEPSPEC_ARCHITECTURES)
+    """``config.json`` of ``directory`` when it declares a published EAGLE-3 head, else ``None``
+    (vLLM's ``speculators`` layout flattened: its ``transformer_layer_config`` is the draft
+    layer's config, the EAGLE-3 fields stay at the top; the layout holds one draft layer)."""
+    config = read_foreign_config(directory, ARCHITECTURES + DEEPSPEC_ARCHITECTURES)
+    if config is not None and isinstance(config.get("transformer_layer_config"), dict):
+        layer = config["transformer_layer_config"]
+        top = {k: v for k, v in config.items() if k not in ("transformer_layer_config", "speculators_config")}
+        config = {**layer, **top, "num_hidden_layers": 1}
+        config.setdefault("head_dim", layer["hidden_size"] // layer["num_attention_heads"])
+    return config
 
 
 def is_deepspec(config: dict) -> bool:

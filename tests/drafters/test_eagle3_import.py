@@ -88,6 +88,19 @@ def deepspec_head(target_hf, *, own_lm_head=False, seed=2):
     return config, tensors
 
 
+def speculators_layout(config, tensors, target_hf):
+    """The same head in vLLM's ``speculators`` layout (``Eagle3Speculator``)."""
+    eagle_keys = ("draft_vocab_size", "norm_before_residual", "eagle_aux_hidden_state_layer_ids", "target_hidden_size")
+    layer = {k: v for k, v in config.items() if k not in eagle_keys + ("architectures", "eagle_config")}
+    layer["num_hidden_layers"] = LAYERS  # as some writers leave it: the layout holds one draft layer regardless
+    converted = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+                 "transformer_layer_config": layer, "speculators_config": {"algorithm": "eagle3"},
+                 **{k: config[k] for k in eagle_keys if k in config}}
+    renamed = {k.replace("midlayer.", "layers.0."): v for k, v in tensors.items()}
+    renamed["embed_tokens.weight"] = target_hf.get_input_embeddings().weight.detach().clone()
+    return converted, renamed
+
+
 def save_published(directory, config, tensors, fmt="safetensors"):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
@@ -174,7 +187,7 @@ def eagle_pipeline(target_hf, path, gamma=4, *overrides):
 
 
 @pytest.mark.parametrize("variant", ["default", "draft_vocab", "norm_before_residual", "aux_in_eagle_config", "bin",
-                                     "deepspec", "deepspec_own_lm_head"])
+                                     "speculators", "deepspec", "deepspec_own_lm_head"])
 def test_imported_head_drafts_what_the_format_defines(tmp_path, variant):
     """q of every draft step equals the format's own definition (teacher-forced on the drafts)."""
     target_hf = target_model()
@@ -185,7 +198,11 @@ def test_imported_head_drafts_what_the_format_defines(tmp_path, variant):
             target_hf, draft_vocab=40 if variant == "draft_vocab" else None,
             norm_before_residual=variant == "norm_before_residual",
             aux=[1, 3, 5] if variant == "aux_in_eagle_config" else None, aux_in_eagle_config=True)
-    path = save_published(tmp_path / "head", config, tensors, fmt="bin" if variant == "bin" else "safetensors")
+    if variant == "speculators":
+        config, tensors = published_head(target_hf, draft_vocab=40, norm_before_residual=True)
+        path = save_published(tmp_path / "head", *speculators_layout(config, tensors, target_hf))
+    else:
+        path = save_published(tmp_path / "head", config, tensors, fmt="bin" if variant == "bin" else "safetensors")
     pipe = eagle_pipeline(target_hf, path)
     prompt = [5, 17, 33, 2, 90, 41, 7]
     proposal, anchor = first_proposal(pipe, prompt)
