@@ -224,3 +224,25 @@ def test_compiled_rounds_with_a_drafter_without_confidences_keep_greedy_decoding
     path = save_released(tmp_path / "dflash", *released_drafter(target_hf, "dflash"))
     pipe = block_pipeline(target_hf, path, "engine.compile=true")
     assert_drafted_greedy_equals_transformers(pipe, target_hf, [3, 14, 15, 92, 65, 35], 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["dspark", "rnn", "dflash"])
+def test_imported_drafter_on_cuda_with_graphs(tmp_path, variant):
+    """On CUDA, graphed rounds give the eager rounds' tokens (greedy and seeded sampling), and greedy
+    decoding with the drafter is plain decoding's."""
+    target_hf = target_model()
+    path = save_released(tmp_path / "drafter", *released_drafter(target_hf, variant))
+    on_cuda = ["target.device=cuda", "target.dtype=float32"]
+    eager = block_pipeline(target_hf, path, *on_cuda)
+    graphed = block_pipeline(target_hf, path, *on_cuda, "engine.cuda_graphs=true")
+    plain = dspark.build_pipeline({"target": {"device": "cuda", "dtype": "float32"}, "drafter": {"name": "none"}},
+                                  target_model=target_hf)
+    prompts = [[3, 14, 15, 92, 65, 35], [5, 17, 33, 2]]
+    for temperature in (0.0, 1.0):
+        runs = [p.generate(prompts, max_new_tokens=24, temperature=temperature, seed=4, ignore_eos=True)
+                for p in (eager, graphed)]
+        assert runs[0].token_ids == runs[1].token_ids
+    greedy = plain.generate(prompts, max_new_tokens=24, ignore_eos=True)
+    assert eager.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids == greedy.token_ids

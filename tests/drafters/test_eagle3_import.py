@@ -361,3 +361,26 @@ def test_cli_export(tmp_path, capsys):
     rc = main(["export", "eagle3", "--drafter", str(tmp_path / "qwen3_style"), "--target", str(tmp_path / "target"),
                "--out", str(tmp_path / "out2")])
     assert rc == 2 and "train one with model.qk_norm=false" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["published", "deepspec"])
+def test_imported_head_on_cuda_with_graphs(tmp_path, variant):
+    """On CUDA, graphed rounds give the eager rounds' tokens (greedy and seeded sampling), and greedy
+    decoding with the head is plain decoding's."""
+    target_hf = target_model()
+    made = published_head(target_hf, draft_vocab=60) if variant == "published" else deepspec_head(target_hf)
+    path = save_published(tmp_path / "head", *made)
+    on_cuda = ["target.device=cuda", "target.dtype=float32"]
+    eager = eagle_pipeline(target_hf, path, 5, *on_cuda)
+    graphed = eagle_pipeline(target_hf, path, 5, *on_cuda, "engine.cuda_graphs=true")
+    plain = dspark.build_pipeline({"target": {"device": "cuda", "dtype": "float32"}, "drafter": {"name": "none"}},
+                                  target_model=target_hf)
+    prompts = [[3, 14, 15, 92, 65, 35], [5, 17, 33, 2]]
+    for temperature in (0.0, 1.0):
+        runs = [p.generate(prompts, max_new_tokens=24, temperature=temperature, seed=4, ignore_eos=True)
+                for p in (eager, graphed)]
+        assert runs[0].token_ids == runs[1].token_ids
+    greedy = plain.generate(prompts, max_new_tokens=24, ignore_eos=True)
+    assert eager.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids == greedy.token_ids
