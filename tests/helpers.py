@@ -127,3 +127,19 @@ def assert_drafted_greedy_equals_transformers(pipe, model, prompt: list[int], ma
     out = pipe.generate([prompt], max_new_tokens=max_new_tokens, ignore_eos=True)
     assert out.token_ids[0] == hf_greedy(model, prompt, max_new_tokens)
     assert out.stats.drafted_tokens > 0
+
+
+def assert_graphs_change_nothing(eager, graphed, target_model, max_new_tokens: int = 24) -> None:
+    """On CUDA: ``graphed`` (``engine.cuda_graphs``) gives ``eager``'s tokens greedy and sampled (same
+    seeds), and greedy decoding with the drafter is plain decoding's (of ``target_model``)."""
+    import dspark
+
+    plain = dspark.build_pipeline({"target": {"device": "cuda", "dtype": "float32"}, "drafter": {"name": "none"}},
+                                  target_model=target_model)
+    prompts = [[3, 14, 15, 92, 65, 35], [5, 17, 33, 2]]
+    for temperature in (0.0, 1.0):
+        runs = [p.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=4, ignore_eos=True)
+                for p in (eager, graphed)]
+        assert runs[0].token_ids == runs[1].token_ids
+    greedy = plain.generate(prompts, max_new_tokens=max_new_tokens, ignore_eos=True)
+    assert eager.generate(prompts, max_new_tokens=max_new_tokens, ignore_eos=True).token_ids == greedy.token_ids

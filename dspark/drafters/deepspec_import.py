@@ -47,6 +47,16 @@ def read_deepspec_config(directory: str | Path) -> dict | None:
     return read_foreign_config(directory, ARCHITECTURES)
 
 
+def layer_ids_problem(layer_ids, num_layers: int) -> str | None:
+    """Why DeepSpec ``target_layer_ids`` (layer outputs) cannot be read from a target of
+    ``num_layers`` layers, or ``None``."""
+    if layer_ids and all(isinstance(i, int) and 0 <= i < num_layers - 1 for i in layer_ids):
+        return None
+    return (f"target_layer_ids {list(layer_ids)} (ids of target layers 0..{num_layers - 2}: -1, the embedding, is not "
+            "returned by dspark's targets, and DeepSpec never reads the last layer, whose transformers hidden state "
+            "is the normalised one)")
+
+
 def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockDrafterArgs:
     """:class:`BlockDrafterArgs` of a DeepSpec drafter's ``config`` for ``target``; ``ValueError``
     naming every setting dspark cannot run, or that does not fit ``target``."""
@@ -65,10 +75,8 @@ def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockD
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {config['hidden_act']!r} (only 'silu')")
     layer_ids = list(config.get("target_layer_ids") or [])
-    if not layer_ids or not all(isinstance(i, int) and 0 <= i < t.num_layers - 1 for i in layer_ids):
-        problems.append(f"target_layer_ids {layer_ids} (ids of target layers 0..{t.num_layers - 2}: -1, the "
-                        "embedding, is not returned by dspark's targets, and DeepSpec never reads the last layer, "
-                        "whose transformers hidden state is the normalised one)")
+    if problem := layer_ids_problem(layer_ids, t.num_layers):
+        problems.append(problem)
     rank = int(config.get("markov_rank", 0))
     head_type = str(config.get("markov_head_type", "")).lower()
     if rank and head_type not in HEAD_TYPES:

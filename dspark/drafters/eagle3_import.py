@@ -35,12 +35,14 @@ biases, an embedding of its own that differs from the target's.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dspark.drafters.checkpoint import (TargetShape, equal_at_coarser_precision, joined_parts, per_head_rows,
                                        read_foreign_config, rope_mismatch)
+from dspark.drafters.deepspec_import import layer_ids_problem
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
 #: ``architectures`` entries that mark a published EAGLE-3 head: the EAGLE / SpecForge format (and
@@ -74,12 +76,11 @@ def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
     return 2, num_layers // 2, num_layers - 3
 
 
-def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_head: bool = True,
-                   where: str = "the checkpoint") -> Eagle3Args:
+def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, where: str = "the checkpoint") -> Eagle3Args:
     """:class:`Eagle3Args` of a published head's ``config`` for ``target``; ``ValueError`` naming
     every setting dspark's head cannot represent, or that does not fit ``target``. ``gamma`` is
-    used when the format does not record one; ``own_lm_head=False``: the head's LM head is a copy
-    of the target's over the whole vocabulary, shared instead."""
+    used when the format does not record one. The head has its own LM head (over the whole
+    vocabulary without a draft vocabulary) until the weights show it is a copy of the target's."""
     t, deepspec = target.args, is_deepspec(config)
     hidden = config.get("hidden_size")
     heads = config.get("num_attention_heads")
@@ -102,9 +103,8 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_h
             problems.append(f"{key} true (no biases)")
     if deepspec:
         layers = list(config.get("target_layer_ids") or [])
-        if not layers or not all(isinstance(i, int) and 0 <= i < t.num_layers - 1 for i in layers):
-            problems.append(f"target_layer_ids {layers} (ids of target layers 0..{t.num_layers - 2}: DeepSpec "
-                            "never reads the last layer, whose transformers hidden state is the normalised one)")
+        if problem := layer_ids_problem(layers, t.num_layers):
+            problems.append(problem)
     else:
         eagle_config = config.get("eagle_config") or {}
         if eagle_config.get("use_aux_hidden_state") is False:
@@ -124,9 +124,8 @@ def published_args(config: dict, target, *, gamma: int = DEFAULT_GAMMA, own_lm_h
                  rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), qk_norm=deepspec)
     if deepspec:
         gamma = int(config.get("ttt_length") or gamma)
-    draft_vocab = 0 if not own_lm_head else (config.get("draft_vocab_size") or t.vocab_size)
     return Eagle3Args(**shape, gamma=gamma, target_layers=tuple(layers), intermediate_size=config["intermediate_size"],
-                      draft_vocab_size=draft_vocab,
+                      draft_vocab_size=config.get("draft_vocab_size") or t.vocab_size,
                       norm_before_residual=bool(config.get("norm_before_residual", False))).validate()
 
 
@@ -207,12 +206,13 @@ def import_eagle3(directory: str | Path, config: dict, target, *, gamma: int = D
     args = published_args(config, target, gamma=gamma, where=where)  # refuses before reading weights
     tensors = {k.removeprefix("model."): v for k, v in read_checkpoint_tensors(directory).items()}
     if copies_target_lm_head(tensors, args, target, deepspec=is_deepspec(config)):  # shared, not loaded twice
-        args = published_args(config, target, gamma=gamma, own_lm_head=False, where=where)
+        args = replace(args, draft_vocab_size=0)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
         head = Eagle3Head(args)
     state = published_state_dict(tensors, head, target, where)
-    head.load_state_dict({k: v.detach().to("cpu", torch.float32, copy=True).contiguous() if v.is_floating_point() else v.cpu()
-                          for k, v in state.items()}, assign=True)
+    copied = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True).contiguous()
+              for k, v in state.items()}  # nothing aliases the checkpoint or the target
+    head.load_state_dict(copied, assign=True)
     if args.draft_vocab_size:
         head.set_draft_vocabulary(head.d2t.clone())  # validates the map
     return head

@@ -15,7 +15,8 @@ from dspark.drafters.dspark import load_block_drafter
 from dspark.models import load_model
 from dspark.models.loading import CheckpointError
 
-from helpers import assert_drafted_greedy_equals_transformers, first_proposal, rms, rotate, tiny_hf_model
+from helpers import (assert_drafted_greedy_equals_transformers, assert_graphs_change_nothing, first_proposal, rms,
+                     rotate, tiny_hf_model)
 
 BLOCK, MASK, RANK, INTER = 4, 99, 16, 96
 VARIANTS = {  # markov_rank, markov_head_type, enable_confidence_head, confidence_head_with_markov
@@ -237,12 +238,4 @@ def test_imported_drafter_on_cuda_with_graphs(tmp_path, variant):
     on_cuda = ["target.device=cuda", "target.dtype=float32"]
     eager = block_pipeline(target_hf, path, *on_cuda)
     graphed = block_pipeline(target_hf, path, *on_cuda, "engine.cuda_graphs=true")
-    plain = dspark.build_pipeline({"target": {"device": "cuda", "dtype": "float32"}, "drafter": {"name": "none"}},
-                                  target_model=target_hf)
-    prompts = [[3, 14, 15, 92, 65, 35], [5, 17, 33, 2]]
-    for temperature in (0.0, 1.0):
-        runs = [p.generate(prompts, max_new_tokens=24, temperature=temperature, seed=4, ignore_eos=True)
-                for p in (eager, graphed)]
-        assert runs[0].token_ids == runs[1].token_ids
-    greedy = plain.generate(prompts, max_new_tokens=24, ignore_eos=True)
-    assert eager.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids == greedy.token_ids
+    assert_graphs_change_nothing(eager, graphed, target_hf)

@@ -16,7 +16,8 @@ from dspark.drafters.eagle3 import load_eagle3
 from dspark.models import load_model
 from dspark.models.loading import CheckpointError
 
-from helpers import assert_drafted_greedy_equals_transformers, first_proposal, rms, rotate, tiny_hf_model
+from helpers import (assert_drafted_greedy_equals_transformers, assert_graphs_change_nothing, first_proposal, rms,
+                     rotate, tiny_hf_model)
 
 LAYERS = 6  # the target's depth: default aux ids (2, 3, 3)
 
@@ -269,8 +270,8 @@ def test_what_dspark_cannot_run_is_refused_naming_it(tmp_path):
         load_eagle3(save_published(tmp_path / "misshaped", config, misshaped), target)
     deepspec_config, deepspec_tensors = deepspec_head(target_hf)
     last = save_published(tmp_path / "last", {**deepspec_config, "target_layer_ids": [0, 1, 2, 3, 5]}, deepspec_tensors)
-    with pytest.raises(ValueError, match=r"target_layer_ids \[0, 1, 2, 3, 5\] \(ids of target layers 0..4: DeepSpec "
-                                         r"never reads the last layer"):
+    with pytest.raises(ValueError, match=r"target_layer_ids \[0, 1, 2, 3, 5\] \(ids of target layers 0..4: .* "
+                                         r"DeepSpec never reads the last layer"):
         load_eagle3(last, target)
     wrong_in = {**tensors, "midlayer.self_attn.k_proj.weight": torch.zeros(32, 64)}
     with pytest.raises(CheckpointError, match=r"midlayer.self_attn.q_proj.weight \(64, 128\), midlayer.self_attn."
@@ -375,12 +376,4 @@ def test_imported_head_on_cuda_with_graphs(tmp_path, variant):
     on_cuda = ["target.device=cuda", "target.dtype=float32"]
     eager = eagle_pipeline(target_hf, path, 5, *on_cuda)
     graphed = eagle_pipeline(target_hf, path, 5, *on_cuda, "engine.cuda_graphs=true")
-    plain = dspark.build_pipeline({"target": {"device": "cuda", "dtype": "float32"}, "drafter": {"name": "none"}},
-                                  target_model=target_hf)
-    prompts = [[3, 14, 15, 92, 65, 35], [5, 17, 33, 2]]
-    for temperature in (0.0, 1.0):
-        runs = [p.generate(prompts, max_new_tokens=24, temperature=temperature, seed=4, ignore_eos=True)
-                for p in (eager, graphed)]
-        assert runs[0].token_ids == runs[1].token_ids
-    greedy = plain.generate(prompts, max_new_tokens=24, ignore_eos=True)
-    assert eager.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids == greedy.token_ids
+    assert_graphs_change_nothing(eager, graphed, target_hf)
