@@ -19,7 +19,7 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "eagle3",
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "eagle3", "eagle3_published_forms",
             "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold",
             "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
@@ -65,7 +65,16 @@ ADAPTIVE = ["scheduler.name=adaptive", f"scheduler.profile={PROFILE}", "schedule
 BLOCK_HEADS = {"dspark": "markov", "dflash": "none", "dspark_rnn": "rnn"}
 # block drafter variants: the scheduled ones, and the Markov head multiplying by W2 each step
 # rather than reading its precomputed bias table (which the tiny vocabulary gets by default)
-BLOCK_VARIANTS = {**SCHEDULED, "dspark_matvec": ["drafter.bias_table_mib=0"]}
+BLOCK_VARIANTS = {**SCHEDULED, "dspark_matvec": ["drafter.bias_table_mib=0"],
+                  # the forms DeepSeek's released drafters take (context into the keys/values without the
+                  # input norm, per-head q/k norms; a confidence head over h_k alone, or none and no W1)
+                  "dspark_deepspec": ["drafter.context_input_norm=false", "drafter.confidence=hidden",
+                                      "drafter.qk_norm=true"],
+                  "dflash_deepspec": ["drafter.head=none", "drafter.rank=0", "drafter.confidence=none",
+                                      "drafter.context_input_norm=false", "drafter.qk_norm=true"]}
+# the EAGLE-3 head in the forms published heads take: five fused layers, q/k norms, the normalised
+# feature as the residual stream
+EAGLE_PUBLISHED_FORMS = ["drafter.qk_norm=true", "drafter.norm_before_residual=true", "drafter.target_layers=[0,1,1,0,1]"]
 
 
 def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
@@ -86,6 +95,8 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
             section["min_survival"] = (2 / target.config.vocab_size) ** 2  # (2/V)²: here after 0 to 7 drafts
         if drafter == "eagle3_scheduled":  # the hardware-aware scheduler over the head's confidences
             overrides = (*SCHEDULED["dspark_scheduled"], *overrides)
+        if drafter == "eagle3_published_forms":
+            overrides = (*EAGLE_PUBLISHED_FORMS, *overrides)
         if drafter == "eagle3_calibrated":  # calibrated confidences: stopping early on them, then the scheduler
             section.update(calibration=str(calibration_file(target.config.vocab_size)),
                            min_survival=CALIBRATED_MIN_SURVIVAL)
@@ -220,7 +231,8 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "ngram", "dspark",
-                                     "dspark_matvec", "dflash", "dspark_rnn", "eagle3", "eagle3_draft_vocab", "eagle3_stop",
+                                     "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec",
+                                     "eagle3", "eagle3_published_forms", "eagle3_draft_vocab", "eagle3_stop",
                                      "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold", "dspark_scheduled",
                                      "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
                                      "draft_model_adaptive"])

@@ -67,11 +67,17 @@ class BlockDrafterArgs(TargetShape):
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, num_layers: int, target_layers, head: str,
-                   rank: int, intermediate_size: int | None = None) -> "BlockDrafterArgs":
-        """Arguments for a drafter of ``target``; raises ``ValueError`` on impossible settings."""
-        return cls(**TargetShape.fields_of(target), gamma=gamma, num_layers=num_layers,
+                   rank: int, intermediate_size: int | None = None, context_input_norm: bool = True,
+                   confidence: str = "token", qk_norm: bool | None = None) -> "BlockDrafterArgs":
+        """Arguments for a drafter of ``target``; raises ``ValueError`` on impossible settings.
+        ``qk_norm``: per-head q/k norms in the backbone layers (default: as the target has them)."""
+        shape = TargetShape.fields_of(target)
+        if qk_norm is not None:
+            shape["qk_norm"] = bool(qk_norm)
+        return cls(**shape, gamma=gamma, num_layers=num_layers,
                    intermediate_size=intermediate_size or target.args.intermediate_size,
-                   target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank).validate()
+                   target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank,
+                   context_input_norm=context_input_norm, confidence=confidence).validate()
 
     def validate(self) -> "BlockDrafterArgs":
         """Raise ``ValueError`` naming the bad setting."""

@@ -34,10 +34,12 @@ class DSparkConfig(DrafterConfig):
             embedded target); ``null`` builds a randomly initialised drafter from the keys below. A
             DSpark or DFlash drafter released with DeepSpec (``Qwen3DSparkModel``) is read too:
             :mod:`dspark.drafters.deepspec_import`.
-        head, num_layers, target_layers, rank, intermediate_size, seed: architecture of a random
-            drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target
-            layer, rank 128, the target's MLP width). A checkpoint brings its own: set keys must
-            agree with it, or the drafter is refused.
+        head, num_layers, target_layers, rank, intermediate_size, context_input_norm, confidence, qk_norm, seed:
+            architecture of a random drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target layer, rank 128, the target's MLP width,
+            context through each layer's input norm, a confidence head over ``[h_k; W1[x_{k-1}]]``
+            (``hidden``: ``h_k`` alone; ``none``), q/k norms as the target has them; see
+            :class:`~dspark.drafters.block_model.BlockDrafterArgs`). A checkpoint brings its own:
+            set keys must agree with it, or the drafter is refused.
         calibration: per-position maps of the confidences, ``σ(logit(c_k) / T_k + b_k)`` (fitted
             by ``dspark calibrate``; one for sampling, optionally one for greedy decoding: see
             :mod:`dspark.drafters.calibrated`): ``auto`` reads ``calibration.json`` beside the
@@ -57,6 +59,9 @@ class DSparkConfig(DrafterConfig):
     target_layers: list[int] = field(default_factory=list)
     rank: int | None = None
     intermediate_size: int | None = None
+    context_input_norm: bool | None = None
+    confidence: str | None = None
+    qk_norm: bool | None = None
     seed: int = 0
     calibration: str | None = "auto"
     bias_table_mib: float = 128.0
@@ -125,10 +130,15 @@ class DSparkDrafter(Drafter):
             layers = tuple(config.target_layers) or default_target_layers(target.num_layers)
             return BlockDrafter(BlockDrafterArgs.for_target(
                 target, gamma=config.num_speculative_tokens, num_layers=config.num_layers or 1, target_layers=layers,
-                head=config.head or "markov", rank=config.rank or 128, intermediate_size=config.intermediate_size))
+                head=config.head or "markov", rank=128 if config.rank is None else config.rank,
+                intermediate_size=config.intermediate_size,
+                context_input_norm=True if config.context_input_norm is None else config.context_input_norm,
+                confidence=config.confidence or "token", qk_norm=config.qk_norm))
 
         requested = {"head": config.head, "num_layers": config.num_layers, "rank": config.rank,
-                     "target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size}
+                     "target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size,
+                     "context_input_norm": config.context_input_norm, "confidence": config.confidence,
+                     "qk_norm": config.qk_norm}
         net = drafter_network("dspark", BlockDrafter, load_block_drafter, build, target=target,
                               draft_model=draft_model, path=config.path, requested=requested)
         if config.num_speculative_tokens > net.args.gamma:

@@ -35,9 +35,10 @@ class Eagle3Config(DrafterConfig):
             embedded target); ``null`` builds a randomly initialised head from the keys below. A
             published EAGLE-3 head (``LlamaForCausalLMEagle3``, as EAGLE and SpecForge train it and
             vLLM / SGLang serve it) is read too: :mod:`dspark.drafters.eagle3_import`.
-        target_layers, intermediate_size, draft_vocab_size, qk_norm, seed: architecture of a random
-            head (``path: null``; unset: a low, a middle and the last layer, the target's MLP width,
-            the target's vocabulary, per-head q/k norms as the target has them). A checkpoint brings its own: set keys must agree with it, or the
+        target_layers, intermediate_size, draft_vocab_size, qk_norm, norm_before_residual, seed:
+            architecture of a random head (``path: null``; unset: a low, a middle and the last
+            layer, the target's MLP width, the target's vocabulary, per-head q/k norms as the target
+            has them, the raw feature as the residual stream). A checkpoint brings its own: set keys must agree with it, or the
             drafter is refused.
         min_survival: stop drafting a request once the survival its confidences predict,
             ``a_k = Π_{i≤k} c_i``, falls below this (``c_k``: the head's top probability at position
@@ -59,6 +60,7 @@ class Eagle3Config(DrafterConfig):
     intermediate_size: int | None = None
     draft_vocab_size: int | None = None
     qk_norm: bool | None = None
+    norm_before_residual: bool | None = None
     seed: int = 0
     min_survival: float = 0.0
     calibration: str | None = "auto"
@@ -130,10 +132,12 @@ class Eagle3Drafter(Drafter):
             return Eagle3Head(Eagle3Args.for_target(target, gamma=config.num_speculative_tokens, target_layers=layers,
                                                     intermediate_size=config.intermediate_size,
                                                     draft_vocab_size=config.draft_vocab_size or 0,
-                                                    qk_norm=config.qk_norm))
+                                                    qk_norm=config.qk_norm,
+                                                    norm_before_residual=bool(config.norm_before_residual)))
 
         requested = {"target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size,
-                     "draft_vocab_size": config.draft_vocab_size, "qk_norm": config.qk_norm}
+                     "draft_vocab_size": config.draft_vocab_size, "qk_norm": config.qk_norm,
+                     "norm_before_residual": config.norm_before_residual}
         load = lambda source, target: load_eagle3(source, target, gamma=config.num_speculative_tokens)  # noqa: E731
         head = drafter_network("eagle3", Eagle3Head, load, build, target=target, draft_model=draft_model,
                                path=config.path, requested=requested)

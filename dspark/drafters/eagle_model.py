@@ -50,7 +50,8 @@ class Eagle3Args(TargetShape):
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, target_layers, intermediate_size: int | None = None,
-                   draft_vocab_size: int = 0, qk_norm: bool | None = None) -> "Eagle3Args":
+                   draft_vocab_size: int = 0, qk_norm: bool | None = None,
+                   norm_before_residual: bool = False) -> "Eagle3Args":
         """Arguments for a head of ``target``; raises ``ValueError`` on impossible settings.
         ``qk_norm``: whether the draft layer normalises q and k per head (default: as the target
         does; ``False`` for a Qwen3 target gives a head that the EAGLE / SpecForge format, and so
@@ -60,7 +61,7 @@ class Eagle3Args(TargetShape):
             shape["qk_norm"] = bool(qk_norm)
         return cls(**shape, gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
                    intermediate_size=intermediate_size or target.args.intermediate_size,
-                   draft_vocab_size=draft_vocab_size).validate()
+                   draft_vocab_size=draft_vocab_size, norm_before_residual=norm_before_residual).validate()
 
     def validate(self) -> "Eagle3Args":
         """Raise ``ValueError`` naming the bad setting."""

@@ -226,8 +226,10 @@ def _block_drafter_module(cfg: TrainConfig):
 
     target = load_model(cfg.teacher, dtype="float32", device="cpu")
     architecture = cfg.model.get("architecture", "dspark")
-    allowed = {"dspark": {"gamma", "head", "num_layers", "rank", "intermediate_size", "target_layers"},
-               "eagle3": {"gamma", "target_layers", "intermediate_size", "draft_vocab_size", "qk_norm"}}
+    allowed = {"dspark": {"gamma", "head", "num_layers", "rank", "intermediate_size", "target_layers",
+                          "context_input_norm", "confidence", "qk_norm"},
+               "eagle3": {"gamma", "target_layers", "intermediate_size", "draft_vocab_size", "qk_norm",
+                          "norm_before_residual"}}
     if architecture not in allowed:
         raise ValueError(f"model.architecture must be one of {', '.join(allowed)}, got {architecture!r}")
     spec = {k: v for k, v in cfg.model.items() if k != "architecture"}
