@@ -30,6 +30,19 @@ def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_pat
     assert json.loads((tmp_path / "out" / "config.json").read_text())["target"] == str(assets / "target")
 
 
+def test_a_drafter_in_deepspecs_dflash_form_trains(assets, tmp_path):
+    """No sequential head, no confidence head (no W1, no confidence term), context into the keys and
+    values without the input norm: the loss still falls and the export loads as that drafter."""
+    model = "model={gamma: 3, head: none, rank: 0, confidence: none, context_input_norm: false, target_layers: [0, 2]}"
+    args = [a for a in drafter_config(assets, tmp_path, "max_steps=12") if not a.startswith("model=")] + [model]
+    train(load_train_config(None, args), documents=corpus())
+    losses = read_logged(training_logs(tmp_path / "run"), "train/loss")
+    assert losses[-1][1] < losses[0][1]
+    net = load_block_drafter(tmp_path / "out", load_model(assets / "target"))
+    assert (net.args.confidence, net.args.rank, net.args.context_input_norm) == ("none", 0, False)
+    assert net.confidence is None and net.token_embedding is None
+
+
 @pytest.mark.slow
 def test_recipe_runs_under_ddp_on_two_cpu_processes(assets, tmp_path):
     """`dspark train drafter ... strategy=ddp devices=2 accelerator=cpu`: two processes, gloo, both
