@@ -169,8 +169,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dspark.drafters.eagle3 import load_eagle3
-    from dspark.drafters.eagle3_export import export_eagle3
+    from dspark.drafters.checkpoint import read_drafter_spec
+    from dspark.drafters.eagle3 import CHECKPOINT_KEY, load_eagle3
+    from dspark.drafters.eagle3_export import export_eagle3, export_problems
+    from dspark.drafters.eagle_model import Eagle3Args
     from dspark.models import load_model
     from dspark.models.loading import resolve_checkpoint, resolve_dtype
 
@@ -179,6 +181,10 @@ def _export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--target {args.target!r} has no config.json: give the target's checkpoint "
                                 "directory (or an embedded model name)")
     dtype = resolve_dtype(args.dtype)
+    _, spec = read_drafter_spec(args.drafter, CHECKPOINT_KEY)  # refuse before loading the target
+    problems = export_problems(Eagle3Args(**{**spec, "target_layers": tuple(spec["target_layers"])}))
+    if problems:
+        raise ValueError("this EAGLE-3 head cannot be written in the EAGLE / SpecForge format: " + "; ".join(problems))
     target = load_model(args.target)
     head = load_eagle3(args.drafter, target)
     out = export_eagle3(head, target, json.loads(config_file.read_text()), args.out, dtype=dtype)

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from dspark.drafters.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from dspark.drafters.eagle_model import Eagle3Head
+from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 
 
-def exportable(head: Eagle3Head) -> list[str]:
-    """Why ``head`` cannot be written in the format (empty when it can)."""
-    a, problems = head.args, []
+def export_problems(a: Eagle3Args) -> list[str]:
+    """Why a head of architecture ``a`` cannot be written in the format (empty when it can)."""
+    problems = []
     if a.qk_norm:
         problems.append("its draft layer normalises q and k per head (it was built for a target that does, e.g. "
                         "Qwen3), which the format has no place for; train one with model.qk_norm=false")
@@ -44,10 +44,10 @@ def export_eagle3(head: Eagle3Head, target, target_config: dict, directory: str 
                   dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write ``head`` (built for ``target``, whose ``transformers`` config is ``target_config``) to
     ``directory``: ``config.json`` and ``model.safetensors`` in ``dtype``. ``ValueError`` naming why
-    when the format cannot hold the head (:func:`exportable`)."""
+    when the format cannot hold the head (:func:`export_problems`)."""
     from safetensors.torch import save_file
 
-    problems = exportable(head)
+    problems = export_problems(head.args)
     if problems:
         raise ValueError("this EAGLE-3 head cannot be written in the EAGLE / SpecForge format: " + "; ".join(problems))
     a = head.args
