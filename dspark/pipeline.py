@@ -15,7 +15,7 @@ from dspark.chat import render_conversations
 from dspark.config import load_config, section_object
 from dspark.engine import Engine
 from dspark.models import load_model, random_hf_model
-from dspark.models.loading import resolve_checkpoint
+from dspark.models.loading import model_skeleton, resolve_checkpoint
 from dspark.records import SamplingParams
 from dspark.stats import GenerationStats
 from dspark.stop_strings import StopStrings, check_stop_strings
@@ -263,6 +263,10 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
         else:
             raise ValueError("no target model: set target.name (an embedded model), target.path (a checkpoint "
                              "directory) or target.random, or pass build_pipeline(target_model=...)")
+    if draft_model is None and target_cfg.backend != "hf":  # a drafter checkpoint that cannot run: no target load
+        skeleton = model_skeleton(source, trust_remote_code=target_cfg.trust_remote_code)
+        if skeleton is not None:
+            drafter_cls.check_checkpoint(section_object(cfg, "drafter"), skeleton)
     target = load_model(source, dtype=target_cfg.dtype, device=target_cfg.device, backend=target_cfg.backend,
                         trust_remote_code=target_cfg.trust_remote_code)
 

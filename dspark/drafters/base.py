@@ -71,6 +71,14 @@ class Drafter(ABC):
     #: decoding steps under load
     skippable = False
 
+    @classmethod
+    def check_checkpoint(cls, config: DrafterConfig, target) -> None:
+        """Refuse (``ValueError`` naming why) a checkpoint that ``config`` names and that cannot
+        run on ``target``, from the files' configs alone. ``target`` may be a skeleton of the
+        target's architecture on the meta device (:func:`~dspark.models.loading.model_skeleton`):
+        :func:`~dspark.build_pipeline` calls this before it reads the target's weights, so a
+        mismatch costs no target load. Default: nothing to check."""
+
     @property
     def gamma(self) -> int:
         """γ, the number of drafts per round."""

@@ -92,11 +92,30 @@ def load_block_drafter(source, target) -> BlockDrafter:
     released = read_deepspec_config(resolve_checkpoint(source))
     if released is not None:
         return import_deepspec(resolve_checkpoint(source), released, target)
+    directory = Path(resolve_checkpoint(source))
+    return load_weights(BlockDrafter(block_drafter_args(source, target)), directory)
+
+
+def block_drafter_args(source, target) -> BlockDrafterArgs:
+    """The architecture of the drafter checkpoint ``source`` (dspark's or DeepSpec's), checked
+    against ``target`` from the configs alone (``target`` may be a meta-device skeleton)."""
+    from dspark.drafters.deepspec_import import deepspec_args
+    from dspark.models.loading import resolve_checkpoint
+
+    released = read_deepspec_config(resolve_checkpoint(source))
+    if released is not None:
+        return deepspec_args(released, target, f"DeepSpec checkpoint {str(resolve_checkpoint(source))!r}")
     directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
-    spec["target_layers"] = tuple(spec["target_layers"])
-    args = BlockDrafterArgs(**spec)
+    args = BlockDrafterArgs(**{**spec, "target_layers": tuple(spec["target_layers"])})
     check_fits_target(args, target, directory)
-    return load_weights(BlockDrafter(args.validate()), directory)
+    return args.validate()
+
+
+def check_block_size(config: DSparkConfig, args: BlockDrafterArgs) -> None:
+    """γ may not exceed the block size the drafter was built for."""
+    if config.num_speculative_tokens > args.gamma:
+        raise ValueError(f"drafter.num_speculative_tokens={config.num_speculative_tokens} exceeds the block size "
+                         f"this drafter was built for ({args.gamma})")
 
 
 #: context of at most this many rounds without drafts waits for drafting to resume
@@ -141,9 +160,7 @@ class DSparkDrafter(Drafter):
                      "qk_norm": config.qk_norm}
         net = drafter_network("dspark", BlockDrafter, load_block_drafter, build, target=target,
                               draft_model=draft_model, path=config.path, requested=requested)
-        if config.num_speculative_tokens > net.args.gamma:
-            raise ValueError(f"drafter.num_speculative_tokens={config.num_speculative_tokens} exceeds the block size "
-                             f"this drafter was built for ({net.args.gamma})")
+        check_block_size(config, net.args)
         self.net = net.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.hidden_layers = tuple(net.args.target_layers)
         self.provides_confidence = net.args.confidence != "none"  # a checkpoint may have no confidence head
@@ -162,6 +179,11 @@ class DSparkDrafter(Drafter):
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
         self._deferred: tuple | None = None  # (hidden states, num_new) of the last drafted round, not yet appended
         self._copy_hidden = False
+
+    @classmethod
+    def check_checkpoint(cls, config: DSparkConfig, target) -> None:
+        if config.path is not None:
+            check_block_size(config, block_drafter_args(config.path, target))
 
     def compile(self) -> None:
         # static shapes: the block reads the whole context cache and every round appends γ + 1

@@ -14,7 +14,7 @@ from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.calibrated import find_calibration
 from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
                                        save_drafter)
-from dspark.drafters.eagle3_import import DEFAULT_GAMMA, import_eagle3, read_published_config
+from dspark.drafters.eagle3_import import DEFAULT_GAMMA, import_eagle3, published_args, read_published_config
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
 from dspark.models.compiled import compile_forward
@@ -88,14 +88,27 @@ def load_eagle3(source, target, *, gamma: int | None = None) -> Eagle3Head:
     published = read_published_config(resolve_checkpoint(source))
     if published is not None:
         return import_eagle3(resolve_checkpoint(source), published, target, gamma=gamma or DEFAULT_GAMMA)
-    directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
-    spec["target_layers"] = tuple(spec["target_layers"])
-    args = Eagle3Args(**spec)
-    check_fits_target(args, target, directory)
-    head = load_weights(Eagle3Head(args.validate()), directory)
+    args = eagle3_args(source, target)
+    head = load_weights(Eagle3Head(args), Path(resolve_checkpoint(source)))
     if args.draft_vocab_size:
         head.set_draft_vocabulary(head.d2t.clone())  # validates the stored map
     return head
+
+
+def eagle3_args(source, target, *, gamma: int | None = None) -> Eagle3Args:
+    """The architecture of the head checkpoint ``source`` (dspark's or a published one), checked
+    against ``target`` from the configs alone (``target`` may be a meta-device skeleton); a
+    published head's config says no more than that its LM head is its own."""
+    from dspark.models.loading import resolve_checkpoint
+
+    published = read_published_config(resolve_checkpoint(source))
+    if published is not None:
+        return published_args(published, target, gamma=gamma or DEFAULT_GAMMA,
+                              where=f"EAGLE-3 checkpoint {str(resolve_checkpoint(source))!r}")
+    directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
+    args = Eagle3Args(**{**spec, "target_layers": tuple(spec["target_layers"])})
+    check_fits_target(args, target, directory)
+    return args.validate()
 
 
 @register_drafter("eagle3")
@@ -150,6 +163,11 @@ class Eagle3Drafter(Drafter):
         self._append_round, self._draft_steps, self._static_kv = self.append_pairs, self.draft_steps, False
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
         self._deferred: tuple | None = None  # (following tokens, hidden states, num_new) not yet appended
+
+    @classmethod
+    def check_checkpoint(cls, config: Eagle3Config, target) -> None:
+        if config.path is not None:
+            eagle3_args(config.path, target, gamma=config.num_speculative_tokens)
 
     def compile(self) -> None:
         # static shapes: every draft step and every round's append reads the whole pair cache; the

@@ -113,6 +113,26 @@ def load_model(source, *, dtype: str | torch.dtype = "float32", device: str | to
     return HFCausalLM(hf_model_fn()).to(dtype=torch_dtype, device=torch_device).eval().requires_grad_(False)
 
 
+def model_skeleton(source, *, trust_remote_code: bool = False) -> NativeCausalLM | None:
+    """The native model ``source`` (a checkpoint directory or embedded name) would load, on the
+    meta device: its architecture and real rotary frequencies, no weights read — enough to check a
+    drafter against it first. ``None`` for anything else (a model object, an architecture without
+    a native implementation)."""
+    source = resolve_checkpoint(source)
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    config = _read_config(Path(source), trust_remote_code)
+    try:
+        args = ModelArgs.from_hf_config(config)
+    except UnsupportedArchitectureError:
+        return None
+    inv_freq, scaling = rope_inverse_frequencies(config, args.head_dim)
+    with torch.device("meta"):
+        model = NativeCausalLM(args, inv_freq, scaling)
+    model.inv_freq = inv_freq  # rope checks compare the real frequencies
+    return model
+
+
 def _read_config(path: Path, trust_remote_code: bool):
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")

@@ -239,3 +239,23 @@ def test_imported_drafter_on_cuda_with_graphs(tmp_path, variant):
     eager = block_pipeline(target_hf, path, *on_cuda)
     graphed = block_pipeline(target_hf, path, *on_cuda, "engine.cuda_graphs=true")
     assert_graphs_change_nothing(eager, graphed, target_hf)
+
+
+def test_a_drafter_that_cannot_run_is_refused_before_the_target_is_loaded(tmp_path, monkeypatch):
+    """build_pipeline checks the drafter's files against the target's config first (a skeleton on
+    the meta device): a mismatch costs no load of the target's weights."""
+    import dspark.pipeline
+
+    target_hf = target_model()
+    target_hf.save_pretrained(tmp_path / "target")
+    config, tensors = released_drafter(target_hf)
+    wrong = save_released(tmp_path / "wrong", {**config, "num_target_layers": 36}, tensors)
+    right = save_released(tmp_path / "right", config, tensors)
+    monkeypatch.setattr(dspark.pipeline, "load_model", lambda *a, **k: pytest.fail("the target's weights were read"))
+    build = lambda path, gamma: dspark.build_pipeline({  # noqa: E731
+        "target": {"path": str(tmp_path / "target"), "device": "cpu"},
+        "drafter": {"name": "dspark", "path": str(path), "num_speculative_tokens": gamma}})
+    with pytest.raises(ValueError, match=r"num_target_layers 36 \(target: 3\)"):
+        build(wrong, BLOCK)
+    with pytest.raises(ValueError, match=rf"num_speculative_tokens={BLOCK + 1} exceeds the block size .* \({BLOCK}\)"):
+        build(right, BLOCK + 1)

@@ -377,3 +377,22 @@ def test_imported_head_on_cuda_with_graphs(tmp_path, variant):
     eager = eagle_pipeline(target_hf, path, 5, *on_cuda)
     graphed = eagle_pipeline(target_hf, path, 5, *on_cuda, "engine.cuda_graphs=true")
     assert_graphs_change_nothing(eager, graphed, target_hf)
+
+
+def test_a_head_that_cannot_run_is_refused_before_the_target_is_loaded(tmp_path, monkeypatch):
+    """A published head and a dspark head built for another target: refused from their configs and
+    the target's, no target weights read."""
+    import dspark.pipeline
+    from dspark.drafters.eagle3 import save_eagle3
+
+    target_hf = target_model()
+    target_hf.save_pretrained(tmp_path / "target")
+    config, tensors = published_head(target_hf)
+    published = save_published(tmp_path / "published", {**config, "rope_theta": 500000.0}, tensors)
+    other = load_model(target_model(hidden_size=48, head_dim=12))
+    save_eagle3(exportable_head(other, draft_vocab=0, layers=(0, 1, 2)), tmp_path / "other")
+    monkeypatch.setattr(dspark.pipeline, "load_model", lambda *a, **k: pytest.fail("the target's weights were read"))
+    for path, message in ((published, r"rope .*500000"), (tmp_path / "other", r"hidden_size 48 \(target: 64\)")):
+        with pytest.raises(ValueError, match=message):
+            dspark.build_pipeline({"target": {"path": str(tmp_path / "target"), "device": "cpu"},
+                                   "drafter": {"name": "eagle3", "path": str(path), "num_speculative_tokens": 4}})
