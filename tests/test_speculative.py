@@ -19,7 +19,7 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "eagle3", "eagle3_published_forms",
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab", "dflash_zlab", "eagle3", "eagle3_published_forms",
             "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold",
             "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
@@ -71,7 +71,10 @@ BLOCK_VARIANTS = {**SCHEDULED, "dspark_matvec": ["drafter.bias_table_mib=0"],
                   "dspark_deepspec": ["drafter.context_input_norm=false", "drafter.confidence=hidden",
                                       "drafter.qk_norm=true"],
                   "dflash_deepspec": ["drafter.head=none", "drafter.rank=0", "drafter.confidence=none",
-                                      "drafter.context_input_norm=false", "drafter.qk_norm=true"]}
+                                      "drafter.context_input_norm=false", "drafter.qk_norm=true"],
+                  # z-lab's DFlash: the block is [anchor, mask × γ], each mask position drafts its own token
+                  "dflash_zlab": ["drafter.head=none", "drafter.rank=0", "drafter.confidence=none",
+                                  "drafter.context_input_norm=false", "drafter.qk_norm=true", "drafter.anchor_predicts=false"]}
 # the EAGLE-3 head in the forms published heads take: five fused layers, q/k norms, the normalised
 # feature as the residual stream
 EAGLE_PUBLISHED_FORMS = ["drafter.qk_norm=true", "drafter.norm_before_residual=true", "drafter.target_layers=[0,1,1,0,1]"]
@@ -231,7 +234,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "ngram", "dspark",
-                                     "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec",
+                                     "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab",
                                      "eagle3", "eagle3_published_forms", "eagle3_draft_vocab", "eagle3_stop",
                                      "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold", "dspark_scheduled",
                                      "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",

@@ -54,6 +54,9 @@ class BlockDrafterArgs(TargetShape):
         context_input_norm: each layer normalises the context features (its input norm) before
             projecting them to keys/values (dspark's drafters); ``False``: projected as they are.
         confidence: what the confidence head reads (:data:`CONFIDENCE_INPUTS`).
+        anchor_predicts: the block is ``[anchor, mask × (γ−1)]`` and position k−1 drafts ``x_k``
+            (dspark's and DeepSpec's drafters); ``False``: the block is ``[anchor, mask × γ]`` and
+            each mask position drafts its own token, the anchor's output unused (z-lab's DFlash).
     """
 
     gamma: int
@@ -64,11 +67,18 @@ class BlockDrafterArgs(TargetShape):
     rank: int
     context_input_norm: bool = True
     confidence: str = "token"
+    anchor_predicts: bool = True
+
+    @property
+    def block_width(self) -> int:
+        """Positions of one block forward: γ, or γ + 1 when the anchor's own output is not a draft."""
+        return self.gamma + (0 if self.anchor_predicts else 1)
 
     @classmethod
     def for_target(cls, target: NativeCausalLM, *, gamma: int, num_layers: int, target_layers, head: str,
                    rank: int, intermediate_size: int | None = None, context_input_norm: bool = True,
-                   confidence: str = "token", qk_norm: bool | None = None) -> "BlockDrafterArgs":
+                   confidence: str = "token", qk_norm: bool | None = None,
+                   anchor_predicts: bool = True) -> "BlockDrafterArgs":
         """Arguments for a drafter of ``target``; raises ``ValueError`` on impossible settings.
         ``qk_norm``: per-head q/k norms in the backbone layers (default: as the target has them)."""
         shape = TargetShape.fields_of(target)
@@ -77,7 +87,8 @@ class BlockDrafterArgs(TargetShape):
         return cls(**shape, gamma=gamma, num_layers=num_layers,
                    intermediate_size=intermediate_size or target.args.intermediate_size,
                    target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank,
-                   context_input_norm=context_input_norm, confidence=confidence).validate()
+                   context_input_norm=context_input_norm, confidence=confidence,
+                   anchor_predicts=anchor_predicts).validate()
 
     def validate(self) -> "BlockDrafterArgs":
         """Raise ``ValueError`` naming the bad setting."""

@@ -20,6 +20,13 @@ The format describes the network of :mod:`dspark.drafters.block_model` under oth
   (``context_input_norm: false``); the confidence head reads ``[h_k; W1[x_{k-1}]]`` or ``h_k``
   alone, or is absent (DFlash).
 
+z-lab's own DFlash drafters (``architectures: ["DFlashDraftModel"]``, e.g. block size 16) are the
+same network as DeepSpec's DFlash with one difference: the block is ``[anchor, mask × (B−1)]`` and
+each mask position drafts its own token (B − 1 drafts; the anchor's output is unused), where
+DeepSpec's position k − 1 drafts ``x_k`` (``anchor_predicts: false``). Their ``dflash_config``
+holds ``target_layer_ids`` (else z-lab's default spread over layers 1..L−3) and ``mask_token_id``;
+a ``causal_head`` is refused.
+
 What dspark cannot run is refused before any weight is read, naming it.
 """
 
@@ -33,8 +40,9 @@ from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.checkpoint import (CONFIG_FILE, TargetShape, equal_at_coarser_precision, joined_parts,
                                        per_head_rows, read_foreign_config, rope_mismatch)
 
-#: ``architectures`` entries that mark a DeepSpec block drafter
+#: ``architectures`` entries that mark a DeepSpec block drafter, and z-lab's DFlash
 ARCHITECTURES = ("Qwen3DSparkModel",)
+ZLAB_ARCHITECTURES = ("DFlashDraftModel",)
 #: DeepSpec's ``markov_head_type`` → dspark's sequential head
 HEAD_TYPES = {"vanilla": "markov", "rnn": "rnn"}
 
@@ -44,7 +52,28 @@ def read_deepspec_config(directory: str | Path) -> dict | None:
     if read_foreign_config(directory, ("Gemma4DSparkModel",)) is not None:
         raise ValueError(f"{Path(directory) / CONFIG_FILE} is a DeepSpec drafter for a Gemma 4 target, which dspark "
                          "does not run natively (native targets: Llama, Qwen2, Qwen3)")
-    return read_foreign_config(directory, ARCHITECTURES)
+    config = read_foreign_config(directory, ARCHITECTURES + ZLAB_ARCHITECTURES)
+    if config is not None and is_zlab(config):  # its fields under dflash_config; no sequential or confidence head
+        dflash = config.get("dflash_config") or {}
+        layers = dflash.get("target_layer_ids") or zlab_default_layer_ids(config.get("num_target_layers", 0),
+                                                                            config.get("num_hidden_layers", 1))
+        config = {**config, "target_layer_ids": layers, "mask_token_id": dflash.get("mask_token_id"),
+                  "markov_rank": 0, "enable_confidence_head": False}
+    return config
+
+
+def is_zlab(config: dict) -> bool:
+    """Whether a drafter's ``config`` is z-lab's DFlash (each mask position drafts its own token)."""
+    return any(a in ZLAB_ARCHITECTURES for a in config["architectures"])
+
+
+def zlab_default_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """z-lab's DFlash default: the middle layer for one draft layer, else as many ids as draft
+    layers spread evenly (rounded) over target layers 1..L−3."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [int(round(start + i * (end - start) / (num_draft_layers - 1))) for i in range(num_draft_layers)]
 
 
 def layer_ids_problem(layer_ids, num_layers: int) -> str | None:
@@ -60,7 +89,8 @@ def layer_ids_problem(layer_ids, num_layers: int) -> str | None:
 def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockDrafterArgs:
     """:class:`BlockDrafterArgs` of a DeepSpec drafter's ``config`` for ``target``; ``ValueError``
     naming every setting dspark cannot run, or that does not fit ``target``."""
-    t = target.args
+    t, zlab = target.args, is_zlab(config)
+    gamma = config.get("block_size", 0) - (1 if zlab else 0)  # z-lab's anchor position drafts nothing
     heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
     expected = {"hidden_size": t.hidden_size, "num_attention_heads": t.num_heads,
@@ -82,6 +112,13 @@ def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockD
     if rank and head_type not in HEAD_TYPES:
         problems.append(f"markov_head_type {head_type!r} (dspark runs {', '.join(HEAD_TYPES)}; DeepSpec's 'gated' "
                         "gates each dimension of W1[x], dspark's gated_markov the whole bias)")
+    if zlab and (config.get("dflash_config") or {}).get("causal_head"):
+        problems.append("dflash_config.causal_head true (a block drafter attends within its block both ways)")
+    if zlab and (config.get("dflash_config") or {}).get("target_hidden_size", t.hidden_size) != t.hidden_size:
+        problems.append(f"dflash_config.target_hidden_size {config['dflash_config']['target_hidden_size']} "
+                        f"(target: {t.hidden_size})")
+    if gamma < 1:
+        problems.append(f"block_size {config.get('block_size')} (at least one draft per block)")
     mask = config.get("mask_token_id")
     if not isinstance(mask, int) or not 0 <= mask < t.vocab_size:
         problems.append(f"mask_token_id {mask!r} (a token id in [0, {t.vocab_size}))")
@@ -95,10 +132,10 @@ def deepspec_args(config: dict, target, where: str = "the checkpoint") -> BlockD
         confidence = "token" if config.get("confidence_head_with_markov", False) else "hidden"
     shape = TargetShape.fields_of(target)
     shape.update(rms_norm_eps=float(config.get("rms_norm_eps", t.rms_norm_eps)), qk_norm=True)
-    return BlockDrafterArgs(**shape, gamma=int(config["block_size"]), num_layers=int(config["num_hidden_layers"]),
+    return BlockDrafterArgs(**shape, gamma=int(gamma), num_layers=int(config["num_hidden_layers"]),
                             intermediate_size=int(config["intermediate_size"]), target_layers=tuple(layer_ids),
                             head=HEAD_TYPES[head_type] if rank else "none", rank=rank, context_input_norm=False,
-                            confidence=confidence).validate()
+                            confidence=confidence, anchor_predicts=not zlab).validate()
 
 
 def deepspec_state_dict(tensors: dict[str, torch.Tensor], net: BlockDrafter, config: dict, target,

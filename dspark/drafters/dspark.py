@@ -34,10 +34,12 @@ class DSparkConfig(DrafterConfig):
             embedded target); ``null`` builds a randomly initialised drafter from the keys below. A
             DSpark or DFlash drafter released with DeepSpec (``Qwen3DSparkModel``) is read too:
             :mod:`dspark.drafters.deepspec_import`.
-        head, num_layers, target_layers, rank, intermediate_size, context_input_norm, confidence, qk_norm, seed:
+        head, num_layers, target_layers, rank, intermediate_size, context_input_norm, confidence, qk_norm, anchor_predicts, seed:
             architecture of a random drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target layer, rank 128, the target's MLP width,
             context through each layer's input norm, a confidence head over ``[h_k; W1[x_{k-1}]]``
-            (``hidden``: ``h_k`` alone; ``none``), q/k norms as the target has them; see
+            (``hidden``: ``h_k`` alone; ``none``), q/k norms as the target has them, the anchor's
+            position drafting ``x_1`` (``false``: z-lab's DFlash layout, mask positions draft
+            themselves; read and run, not trained); see
             :class:`~dspark.drafters.block_model.BlockDrafterArgs`). A checkpoint brings its own:
             set keys must agree with it, or the drafter is refused.
         calibration: per-position maps of the confidences, ``σ(logit(c_k) / T_k + b_k)`` (fitted
@@ -62,6 +64,7 @@ class DSparkConfig(DrafterConfig):
     context_input_norm: bool | None = None
     confidence: str | None = None
     qk_norm: bool | None = None
+    anchor_predicts: bool | None = None
     seed: int = 0
     calibration: str | None = "auto"
     bias_table_mib: float = 128.0
@@ -152,12 +155,13 @@ class DSparkDrafter(Drafter):
                 head=config.head or "markov", rank=128 if config.rank is None else config.rank,
                 intermediate_size=config.intermediate_size,
                 context_input_norm=True if config.context_input_norm is None else config.context_input_norm,
-                confidence=config.confidence or "token", qk_norm=config.qk_norm))
+                confidence=config.confidence or "token", qk_norm=config.qk_norm,
+                anchor_predicts=True if config.anchor_predicts is None else config.anchor_predicts))
 
         requested = {"head": config.head, "num_layers": config.num_layers, "rank": config.rank,
                      "target_layers": config.target_layers or None, "intermediate_size": config.intermediate_size,
                      "context_input_norm": config.context_input_norm, "confidence": config.confidence,
-                     "qk_norm": config.qk_norm}
+                     "qk_norm": config.qk_norm, "anchor_predicts": config.anchor_predicts}
         net = drafter_network("dspark", BlockDrafter, load_block_drafter, build, target=target,
                               draft_model=draft_model, path=config.path, requested=requested)
         check_block_size(config, net.args)
@@ -218,7 +222,7 @@ class DSparkDrafter(Drafter):
         cache.advance(num_new)
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
-        batch, block = state.batch_size, self.net.args.gamma
+        batch, block = state.batch_size, self.net.args.block_width
         cache = self.cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len + block:
             for graphed in (self._draft_block, self._append_and_draft):
@@ -253,7 +257,8 @@ class DSparkDrafter(Drafter):
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache = self.cache
-        kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.gamma, cache.max_len)
+        kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.block_width,
+                                                            cache.max_len)
         if self._deferred is not None:  # the last round's context, appended in the same compiled call
             hidden, num_new = self._deferred
             self._deferred = None
@@ -277,7 +282,7 @@ class DSparkDrafter(Drafter):
         """Draft one block after each anchor ``[B]`` given ``context_lengths`` ``[B]`` committed context
         positions: tokens ``[B, γ]``, ``q`` ``[B, γ, V]`` (``None`` when greedy), confidences ``[B, γ]``."""
         net, target, cache = self.net, self.target, self.cache
-        block, gamma, batch = net.args.gamma, self.gamma, anchor.shape[0]
+        block, gamma, batch = net.args.block_width, self.gamma, anchor.shape[0]
         # 1. parallel backbone: one forward over [anchor, mask × (block−1)], bidirectional in the block
         x = torch.cat([target.embed_tokens(anchor).unsqueeze(1),
                        net.mask_embedding.expand(batch, block - 1, -1)], 1)  # [B, block, H]
@@ -287,8 +292,9 @@ class DSparkDrafter(Drafter):
         mask = build_attention_mask(context_lengths, block, kv_len, everyone)
         for layer in net.layers:  # block keys/values land past the context length: never committed
             x = layer(x, rope, cache, positions, mask, kv_len)
-        hidden = net.output(x)  # [B, block, H]
-        base_logits = target.lm_head(hidden)  # U [B, block, V]
+        # h_1..h_γ [B, γ_block, H]: from the anchor's position on, or after it (z-lab's DFlash)
+        hidden = net.output(x)[:, block - net.args.gamma:]
+        base_logits = target.lm_head(hidden)  # U [B, γ_block, V]
         # 2. sequential head: left to right from softmax(U_k + B_k); without a head (DFlash) the
         #    positions are independent given the block and are drafted in one call
         if net.args.head == "none":

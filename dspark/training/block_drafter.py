@@ -101,6 +101,9 @@ class BlockDrafterModule(L.LightningModule):
     def __init__(self, net: BlockDrafter, target, optim: OptimConfig, max_steps: int, *, anchors: int = 16,
                  loss_weights: dict | None = None, teacher_cache: TeacherCache | None = None):
         super().__init__()
+        if not getattr(net.args, "anchor_predicts", True):  # (EAGLE-3 heads train through this module too)
+            raise ValueError("the block drafter recipe trains drafters whose anchor position drafts x_1 "
+                             "(anchor_predicts); z-lab's DFlash layout is read, not trained, here")
         self.net = net
         object.__setattr__(self, "target", target.eval().requires_grad_(False))  # not a submodule
         self.optim, self.max_steps, self.anchors = optim, max_steps, anchors

@@ -24,6 +24,7 @@ VARIANTS = {  # markov_rank, markov_head_type, enable_confidence_head, confidenc
     "rnn": (RANK, "rnn", True, True),
     "confidence_reads_hidden": (RANK, "vanilla", True, False),
     "dflash": (0, None, False, False),
+    "zlab_dflash": (0, None, False, False),  # z-lab's own DFlash format: mask positions draft themselves
 }
 
 
@@ -40,6 +41,11 @@ def released_drafter(target_hf, variant="dspark", seed=1, copies_dtype=torch.flo
               "num_target_layers": c.num_hidden_layers, "block_size": BLOCK, "target_layer_ids": [0, 1],
               "mask_token_id": MASK, "num_anchors": 8, "markov_rank": rank, "enable_confidence_head": confidence,
               "tie_word_embeddings": False}
+    if variant == "zlab_dflash":  # its fields under dflash_config, B = γ + 1 (the anchor drafts nothing)
+        for key in ("target_layer_ids", "mask_token_id", "num_anchors", "markov_rank", "enable_confidence_head"):
+            config.pop(key)
+        config.update(architectures=["DFlashDraftModel"], block_size=BLOCK + 1,
+                      dflash_config={"target_layer_ids": [0, 1], "mask_token_id": MASK})
     if head_type:
         config["markov_head_type"] = head_type
     if confidence:
@@ -70,6 +76,8 @@ def released_drafter(target_hf, variant="dspark", seed=1, copies_dtype=torch.flo
     if confidence:
         tensors.update({"confidence_head.proj.weight": w(1, hidden + (rank if with_markov else 0)),
                         "confidence_head.proj.bias": w(1)})
+    if variant == "zlab_dflash":  # z-lab's files hold no embedding or LM head
+        del tensors["embed_tokens.weight"], tensors["lm_head.weight"]
     return config, tensors
 
 
@@ -92,10 +100,14 @@ def reference_block(config, tensors, target_hf, prompt, anchor, drafts):
     with torch.no_grad():
         hidden = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
     n = len(prompt)
-    context = torch.cat([hidden[i + 1][0] for i in config["target_layer_ids"]], -1) @ t["fc.weight"].T
+    zlab = config["architectures"] == ["DFlashDraftModel"]  # B = γ + 1 positions, drafts from positions 1..γ
+    fields = config["dflash_config"] if zlab else config
+    width = BLOCK + 1 if zlab else BLOCK
+    context = torch.cat([hidden[i + 1][0] for i in fields["target_layer_ids"]], -1) @ t["fc.weight"].T
     context = rms(context, t["hidden_norm.weight"], eps)  # [n, H], into k/v as it is
-    x = t["embed_tokens.weight"][[anchor] + [config["mask_token_id"]] * (BLOCK - 1)]
-    ctx_pos, block_pos = torch.arange(n), torch.arange(n, n + BLOCK)
+    embedding = model.get_input_embeddings().weight.detach()  # the target's (a copy in DeepSpec's files)
+    x = embedding[[anchor] + [fields["mask_token_id"]] * (width - 1)]
+    ctx_pos, block_pos = torch.arange(n), torch.arange(n, n + width)
     for i in range(config["num_hidden_layers"]):
         p = f"layers.{i}."
         proj = lambda h, name, nh: (h @ t[p + f"self_attn.{name}_proj.weight"].T).view(len(h), nh, d)  # noqa: E731
@@ -107,13 +119,13 @@ def reference_block(config, tensors, target_hf, prompt, anchor, drafts):
         v = torch.cat([proj(context, "v", kv_heads), proj(h, "v", kv_heads)])
         k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)  # the block sees all context and itself
-        x = x + torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(BLOCK, -1) @ t[p + "self_attn.o_proj.weight"].T
+        x = x + torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(width, -1) @ t[p + "self_attn.o_proj.weight"].T
         y = rms(x, t[p + "post_attention_layernorm.weight"], eps)
         x = x + (F.silu(y @ t[p + "mlp.gate_proj.weight"].T) * (y @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
-    h = rms(x, t["norm.weight"], eps)
-    logits = h @ t["lm_head.weight"].T  # [γ, V]
+    h = rms(x, t["norm.weight"], eps)[width - BLOCK:]  # [γ, H]
+    logits = h @ model.get_output_embeddings().weight.detach().T  # [γ, V]: the target's LM head
     previous = torch.tensor([anchor] + drafts[:-1])
-    rank, head_type = config["markov_rank"], config.get("markov_head_type")
+    rank, head_type = config.get("markov_rank", 0), config.get("markov_head_type")
     if rank:
         w1 = t["markov_head.markov_w1.weight"][previous]  # [γ, r]
         if head_type == "vanilla":
@@ -127,7 +139,7 @@ def reference_block(config, tensors, target_hf, prompt, anchor, drafts):
                 biases.append(torch.tanh(out) @ t["markov_head.markov_w2.weight"].T)
             logits = logits + torch.stack(biases)
     confidence = None
-    if config["enable_confidence_head"]:
+    if config.get("enable_confidence_head"):
         features = torch.cat([h, w1], -1) if config["confidence_head_with_markov"] else h
         confidence = torch.sigmoid(features @ t["confidence_head.proj.weight"].T + t["confidence_head.proj.bias"])[:, 0]
     return logits.softmax(-1), confidence
@@ -259,3 +271,17 @@ def test_a_drafter_that_cannot_run_is_refused_before_the_target_is_loaded(tmp_pa
         build(wrong, BLOCK)
     with pytest.raises(ValueError, match=rf"num_speculative_tokens={BLOCK + 1} exceeds the block size .* \({BLOCK}\)"):
         build(right, BLOCK + 1)
+
+
+def test_zlab_layout_is_read_not_trained(tmp_path):
+    """The block drafter recipe trains the anchor-drafts-x_1 layout only; z-lab's is refused there."""
+    from dspark.training.block_drafter import BlockDrafterModule
+    from dspark.training.modules import OptimConfig
+
+    target_hf = target_model()
+    net = load_block_drafter(save_released(tmp_path / "zlab", *released_drafter(target_hf, "zlab_dflash")),
+                             load_model(target_hf))
+    assert (net.args.anchor_predicts, net.args.gamma, net.args.block_width) == (False, BLOCK, BLOCK + 1)
+    with pytest.raises(ValueError, match="z-lab's DFlash layout is read, not trained"):
+        BlockDrafterModule(net, load_model(target_hf), OptimConfig(), 1)
+
