@@ -263,10 +263,11 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
         else:
             raise ValueError("no target model: set target.name (an embedded model), target.path (a checkpoint "
                              "directory) or target.random, or pass build_pipeline(target_model=...)")
+    drafter_cfg = section_object(cfg, "drafter")
     if draft_model is None and target_cfg.backend != "hf":  # a drafter checkpoint that cannot run: no target load
         skeleton = model_skeleton(source, trust_remote_code=target_cfg.trust_remote_code)
         if skeleton is not None:
-            drafter_cls.check_checkpoint(section_object(cfg, "drafter"), skeleton)
+            drafter_cls.check_checkpoint(drafter_cfg, skeleton)
     target = load_model(source, dtype=target_cfg.dtype, device=target_cfg.device, backend=target_cfg.backend,
                         trust_remote_code=target_cfg.trust_remote_code)
 
@@ -279,7 +280,7 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
 
     sampler = sampler_cls(section_object(cfg, "sampler"))
     verifier = verifier_cls(section_object(cfg, "verifier"))
-    drafter = drafter_cls(section_object(cfg, "drafter"), target=target, sampler=sampler, draft_model=draft_model)
+    drafter = drafter_cls(drafter_cfg, target=target, sampler=sampler, draft_model=draft_model)
     if scheduler_cls.needs_confidence and not drafter.provides_confidence:  # e.g. a checkpoint without the head
         raise ValueError(f"scheduler {cfg.scheduler.name!r} reads draft confidences, which this {cfg.drafter.name!r} "
                          "drafter does not produce (its checkpoint has no confidence head); use scheduler: adaptive "

@@ -35,8 +35,9 @@ class DSparkConfig(DrafterConfig):
             DSpark or DFlash drafter released with DeepSpec (``Qwen3DSparkModel``) is read too:
             :mod:`dspark.drafters.deepspec_import`.
         head, num_layers, target_layers, rank, intermediate_size, context_input_norm, confidence, qk_norm, anchor_predicts, seed:
-            architecture of a random drafter (``path: null``; unset: ``markov``, 1 layer, a low, a middle and the last target layer, rank 128, the target's MLP width,
-            context through each layer's input norm, a confidence head over ``[h_k; W1[x_{k-1}]]``
+            architecture of a random drafter (``path: null``; unset: ``markov``, 1 layer, a low, a
+            middle and the last target layer, rank 128, the target's MLP width, context through
+            each layer's input norm, a confidence head over ``[h_k; W1[x_{k-1}]]``
             (``hidden``: ``h_k`` alone; ``none``), q/k norms as the target has them, the anchor's
             position drafting ``x_1`` (``false``: z-lab's DFlash layout, mask positions draft
             themselves; read and run, not trained); see
@@ -92,11 +93,11 @@ def load_block_drafter(source, target) -> BlockDrafter:
     """
     from dspark.models.loading import resolve_checkpoint
 
-    released = read_deepspec_config(resolve_checkpoint(source))
+    directory = resolve_checkpoint(source)
+    released = read_deepspec_config(directory)
     if released is not None:
-        return import_deepspec(resolve_checkpoint(source), released, target)
-    directory = Path(resolve_checkpoint(source))
-    return load_weights(BlockDrafter(block_drafter_args(source, target)), directory)
+        return import_deepspec(directory, released, target)
+    return load_weights(BlockDrafter(_own_checkpoint_args(source, target)), Path(directory))
 
 
 def block_drafter_args(source, target) -> BlockDrafterArgs:
@@ -105,9 +106,15 @@ def block_drafter_args(source, target) -> BlockDrafterArgs:
     from dspark.drafters.deepspec_import import deepspec_args
     from dspark.models.loading import resolve_checkpoint
 
-    released = read_deepspec_config(resolve_checkpoint(source))
+    directory = resolve_checkpoint(source)
+    released = read_deepspec_config(directory)
     if released is not None:
-        return deepspec_args(released, target, f"DeepSpec checkpoint {str(resolve_checkpoint(source))!r}")
+        return deepspec_args(released, target, f"DeepSpec checkpoint {str(directory)!r}")
+    return _own_checkpoint_args(source, target)
+
+
+def _own_checkpoint_args(source, target) -> BlockDrafterArgs:
+    """The architecture of a dspark block-drafter checkpoint, checked against ``target``."""
     directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
     args = BlockDrafterArgs(**{**spec, "target_layers": tuple(spec["target_layers"])})
     check_fits_target(args, target, directory)

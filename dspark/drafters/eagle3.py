@@ -38,8 +38,8 @@ class Eagle3Config(DrafterConfig):
         target_layers, intermediate_size, draft_vocab_size, qk_norm, norm_before_residual, seed:
             architecture of a random head (``path: null``; unset: a low, a middle and the last
             layer, the target's MLP width, the target's vocabulary, per-head q/k norms as the target
-            has them, the raw feature as the residual stream). A checkpoint brings its own: set keys must agree with it, or the
-            drafter is refused.
+            has them, the raw feature as the residual stream). A checkpoint brings its own: set
+            keys must agree with it, or the drafter is refused.
         min_survival: stop drafting a request once the survival its confidences predict,
             ``a_k = Π_{i≤k} c_i``, falls below this (``c_k``: the head's top probability at position
             k, before the sampler's processing); ``x_k`` is then not offered. ``0`` (default) drafts
@@ -85,11 +85,12 @@ def load_eagle3(source, target, *, gamma: int | None = None) -> Eagle3Head:
     format does not say; dspark checkpoints bring their own)."""
     from dspark.models.loading import resolve_checkpoint
 
-    published = read_published_config(resolve_checkpoint(source))
+    directory = resolve_checkpoint(source)
+    published = read_published_config(directory)
     if published is not None:
-        return import_eagle3(resolve_checkpoint(source), published, target, gamma=gamma or DEFAULT_GAMMA)
-    args = eagle3_args(source, target)
-    head = load_weights(Eagle3Head(args), Path(resolve_checkpoint(source)))
+        return import_eagle3(directory, published, target, gamma=gamma or DEFAULT_GAMMA)
+    args = _own_checkpoint_args(source, target)
+    head = load_weights(Eagle3Head(args), Path(directory))
     if args.draft_vocab_size:
         head.set_draft_vocabulary(head.d2t.clone())  # validates the stored map
     return head
@@ -101,10 +102,16 @@ def eagle3_args(source, target, *, gamma: int | None = None) -> Eagle3Args:
     published head's config says no more than that its LM head is its own."""
     from dspark.models.loading import resolve_checkpoint
 
-    published = read_published_config(resolve_checkpoint(source))
+    directory = resolve_checkpoint(source)
+    published = read_published_config(directory)
     if published is not None:
         return published_args(published, target, gamma=gamma or DEFAULT_GAMMA,
-                              where=f"EAGLE-3 checkpoint {str(resolve_checkpoint(source))!r}")
+                              where=f"EAGLE-3 checkpoint {str(directory)!r}")
+    return _own_checkpoint_args(source, target)
+
+
+def _own_checkpoint_args(source, target) -> Eagle3Args:
+    """The architecture of a dspark EAGLE-3 checkpoint, checked against ``target``."""
     directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
     args = Eagle3Args(**{**spec, "target_layers": tuple(spec["target_layers"])})
     check_fits_target(args, target, directory)
