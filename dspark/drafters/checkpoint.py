@@ -163,6 +163,15 @@ def check_fits_target(args: TargetShape, target, directory) -> None:
         raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
 
 
+def checkpoint_args(source, key: str, args_class: type, target):
+    """The architecture ``args_class`` of the dspark drafter checkpoint ``source`` (``config.json[key]``),
+    checked against ``target`` (``ValueError`` naming what differs) and validated."""
+    directory, spec = read_drafter_spec(source, key)
+    args = args_class(**{**spec, "target_layers": tuple(spec["target_layers"])})
+    check_fits_target(args, target, directory)
+    return args.validate()
+
+
 def drafter_network(kind: str, net_class: type, load, build, *, target, draft_model, path, requested=None):
     """The network a target-reading drafter runs: ``draft_model`` when it already is one, else the
     checkpoint ``draft_model`` or ``path`` names (``load(source, target)``), else ``build()`` (random init).

@@ -13,8 +13,7 @@ from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.calibrated import find_calibration
-from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
-                                       save_drafter)
+from dspark.drafters.checkpoint import checkpoint_args, drafter_network, load_weights, save_drafter
 from dspark.drafters.deepspec_import import import_deepspec, read_deepspec_config
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
@@ -97,7 +96,7 @@ def load_block_drafter(source, target) -> BlockDrafter:
     released = read_deepspec_config(directory)
     if released is not None:
         return import_deepspec(directory, released, target)
-    return load_weights(BlockDrafter(_own_checkpoint_args(source, target)), Path(directory))
+    return load_weights(BlockDrafter(checkpoint_args(source, CHECKPOINT_KEY, BlockDrafterArgs, target)), Path(directory))
 
 
 def block_drafter_args(source, target) -> BlockDrafterArgs:
@@ -110,15 +109,7 @@ def block_drafter_args(source, target) -> BlockDrafterArgs:
     released = read_deepspec_config(directory)
     if released is not None:
         return deepspec_args(released, target, f"DeepSpec checkpoint {str(directory)!r}")
-    return _own_checkpoint_args(source, target)
-
-
-def _own_checkpoint_args(source, target) -> BlockDrafterArgs:
-    """The architecture of a dspark block-drafter checkpoint, checked against ``target``."""
-    directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
-    args = BlockDrafterArgs(**{**spec, "target_layers": tuple(spec["target_layers"])})
-    check_fits_target(args, target, directory)
-    return args.validate()
+    return checkpoint_args(source, CHECKPOINT_KEY, BlockDrafterArgs, target)
 
 
 def check_block_size(config: DSparkConfig, args: BlockDrafterArgs) -> None:

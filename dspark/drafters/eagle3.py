@@ -12,8 +12,7 @@ import torch
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.calibrated import find_calibration
-from dspark.drafters.checkpoint import (check_fits_target, drafter_network, load_weights, read_drafter_spec,
-                                       save_drafter)
+from dspark.drafters.checkpoint import checkpoint_args, drafter_network, load_weights, save_drafter
 from dspark.drafters.eagle3_import import DEFAULT_GAMMA, import_eagle3, published_args, read_published_config
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
@@ -89,7 +88,7 @@ def load_eagle3(source, target, *, gamma: int | None = None) -> Eagle3Head:
     published = read_published_config(directory)
     if published is not None:
         return import_eagle3(directory, published, target, gamma=gamma or DEFAULT_GAMMA)
-    args = _own_checkpoint_args(source, target)
+    args = checkpoint_args(source, CHECKPOINT_KEY, Eagle3Args, target)
     head = load_weights(Eagle3Head(args), Path(directory))
     if args.draft_vocab_size:
         head.set_draft_vocabulary(head.d2t.clone())  # validates the stored map
@@ -107,15 +106,7 @@ def eagle3_args(source, target, *, gamma: int | None = None) -> Eagle3Args:
     if published is not None:
         return published_args(published, target, gamma=gamma or DEFAULT_GAMMA,
                               where=f"EAGLE-3 checkpoint {str(directory)!r}")
-    return _own_checkpoint_args(source, target)
-
-
-def _own_checkpoint_args(source, target) -> Eagle3Args:
-    """The architecture of a dspark EAGLE-3 checkpoint, checked against ``target``."""
-    directory, spec = read_drafter_spec(source, CHECKPOINT_KEY)
-    args = Eagle3Args(**{**spec, "target_layers": tuple(spec["target_layers"])})
-    check_fits_target(args, target, directory)
-    return args.validate()
+    return checkpoint_args(source, CHECKPOINT_KEY, Eagle3Args, target)
 
 
 @register_drafter("eagle3")
