@@ -71,7 +71,9 @@ def _generate(args: argparse.Namespace) -> int:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos,
                     progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
-                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs)
+                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs,
+                    repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty)
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -247,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="> 1 discourages tokens already in the prompt or output (1 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="subtracted from the logit of every token already in the output (in [-2, 2]; 0 = off)")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="times a token's count in the output, subtracted from its logit (in [-2, 2]; 0 = off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-id", type=int, action="append",

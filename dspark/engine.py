@@ -34,6 +34,7 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
+from dspark.samplers.penalties import PenaltyHistory, penalize
 from dspark.scheduling.prefix import survival
 from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
@@ -214,8 +215,11 @@ class Engine:
         no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0),
                                                     num_tokens=state.tokens.new_zeros(batch))  # also for skipped rounds
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
-        first = self.verifier.verify(stopper.suppress(out.logits, state), no_drafts, sampler=self.sampler, params=params,
-                                     uniforms=uniforms)
+        first_logits = stopper.suppress(out.logits, state)
+        if params.penalized:  # the history is the prompt
+            state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths, out.logits.shape[-1])
+            first_logits = penalize(first_logits, state.penalties.counts.unsqueeze(1), state.penalties.in_prompt, params)
+        first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         stopper.append(state, first.tokens, torch.ones_like(state.lengths), out.logits)
         state.max_cache_len = max_prompt
         self.drafter.start(state, out, cache.max_len)
@@ -270,6 +274,9 @@ class Engine:
         returns whether it drafted."""
         params, gamma = state.params, self.drafter.gamma
         clock = _PhaseClock(self.config.time_phases, self.device)
+        if state.penalties is not None:  # the history the penalties read: committed tokens so far
+            state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths,
+                                                state.penalties.counts.shape[1], in_prompt=state.penalties.in_prompt)
         n_draft = self.drafter.num_uniforms(params)
         uniforms = _draw_uniforms(generators, active, n_draft + self.verifier.num_uniforms(gamma, params), self.device)
 
@@ -305,8 +312,11 @@ class Engine:
             _round_up(state.max_cache_len + gamma + 1, self.config.kv_len_multiple), cache.max_len)
         out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
         # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
-        result = self.verifier.verify(stopper.suppress(out.logits, state), proposal, sampler=self.sampler,
-                                      params=params, uniforms=verifier_uniforms)
+        #    (penalties: position j's history is the committed tokens and x_1..x_j)
+        logits = stopper.suppress(out.logits, state)
+        if state.penalties is not None:
+            logits = penalize(logits, state.penalties.along(proposal.tokens, num_verify), state.penalties.in_prompt, params)
+        result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:
             self.scheduler.record(num_verify, num_accepted)

@@ -108,13 +108,17 @@ class Pipeline:
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
-                 min_new_tokens: int = 0, logprobs: bool = False) -> GenerationResult:
+                 min_new_tokens: int = 0, logprobs: bool = False, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
             prompts: ``list[str]`` (needs a tokenizer) or ``list[list[int]]``.
             max_new_tokens: generation budget per request (≥ 1).
             temperature, top_k, top_p, min_p: sampling settings (see :class:`~dspark.records.SamplingParams`).
+            repetition_penalty, presence_penalty, frequency_penalty: penalties from each request's
+                history (1, 0, 0: off; see :mod:`dspark.samplers.penalties`); the drafts are verified
+                against the penalised target, so the output is exactly penalised decoding's.
             seed: one int (request ``i`` uses ``seed + i``), one int per request, or ``None`` (fresh
                 seeds from ``torch``'s global generator).
             ignore_eos: keep generating past EOS until ``max_new_tokens``.
@@ -149,7 +153,8 @@ class Pipeline:
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
         params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
-                                else temperature, top_k, top_p, min_p).validate()
+                                else temperature, top_k, top_p, min_p, _as_float(repetition_penalty),
+                                _as_float(presence_penalty), _as_float(frequency_penalty)).validate()
         encoded = self.encode(prompts)
         seeds = _request_seeds(seed, len(encoded))
         self.engine.check_fits([len(p) for p in encoded], max_new_tokens)
@@ -196,6 +201,12 @@ class Pipeline:
         """
         return self.generate(render_conversations(self.tokenizer, conversations, chat_template, chat_template_kwargs),
                              **generate_kwargs)
+
+
+def _as_float(value):
+    """An int (not a bool) as a float, so that ``1`` and ``1.0`` make the same parameters; anything
+    else unchanged (validation names it)."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _request_seeds(seed, count: int) -> list[int]:

@@ -18,8 +18,12 @@ becomes the next anchor. Shapes use ``B`` = batch, ``γ`` = drafts per round (th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dspark.samplers.penalties import PenaltyHistory
 
 
 @dataclass(frozen=True)
@@ -28,17 +32,32 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy (argmax); ``top_k == 0`` and ``top_p == 1`` and
     ``min_p == 0`` disable those filters.
+
+    The penalties (vLLM's and the OpenAI API's meaning; off at their defaults) change the logits
+    before all of that, from each request's history: ``repetition_penalty`` ``r`` divides the
+    positive logits and multiplies the negative ones of every token in the prompt or the output so
+    far (transformers' ``repetition_penalty`` too); ``frequency_penalty`` subtracts ``f`` times the
+    number of times a token occurs in the output so far, ``presence_penalty`` subtracts ``p`` once
+    if it occurs there at all (:mod:`dspark.samplers.penalties`).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         """True when decoding takes the argmax (temperature 0)."""
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """True when a penalty is on: the distributions then depend on each request's history."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> "SamplingParams":
         """Raise ``ValueError`` naming the bad parameter and the allowed range; return self."""
@@ -50,6 +69,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
         if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1] (0 = disabled), got {self.min_p!r}")
+        if (isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float))
+                or not 0.0 < self.repetition_penalty < float("inf")):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = disabled), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = disabled), got {value!r}")
         return self
 
 
@@ -121,6 +147,9 @@ class DecodingState:
         params: the sampling parameters of this call.
         max_cache_len: host-side upper bound on the target cache's longest length, refreshed by the
             engine's one synchronisation per round (drafters size their forwards with it).
+        penalties: with penalties in ``params``, each request's history as the penalties read it,
+            refreshed by the engine before every round
+            (:class:`~dspark.samplers.penalties.PenaltyHistory`); else ``None``.
     """
 
     tokens: torch.Tensor
@@ -130,6 +159,7 @@ class DecodingState:
     max_new_tokens: int
     params: SamplingParams
     max_cache_len: int = 0
+    penalties: "PenaltyHistory | None" = None
 
     @property
     def batch_size(self) -> int:

@@ -195,8 +195,25 @@ def tiny_pair():
     return target, draft
 
 
+def penalised(logits: torch.Tensor, seqs: torch.Tensor, params) -> torch.Tensor:
+    """The penalties written out token by token: ``logits[n, t]`` (after ``seqs[n, :t+1]``) with the
+    repetition penalty on tokens of the prompt or the output so far, and the frequency and presence
+    penalties on the output's counts (vLLM's definitions)."""
+    out = logits.clone()
+    for n, seq in enumerate(seqs.tolist()):
+        for t in range(len(PROMPT) - 1, len(seq)):
+            output = seq[len(PROMPT): t + 1]
+            for v in range(logits.shape[-1]):
+                x = float(out[n, t, v])
+                if v in PROMPT or v in output:
+                    x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
+                out[n, t, v] = x - params.frequency_penalty * output.count(v) - params.presence_penalty * (v in output)
+    return out
+
+
 def exact_joint(target, params, held_back: tuple[int, int] | None = None) -> torch.Tensor:
-    """P(y1, y2, y3 | PROMPT) of the target with the sampler's processing, enumerated: ``[V, V, V]``.
+    """P(y1, y2, y3 | PROMPT) of the target with the sampler's processing (and the penalties of
+    ``params``, from each sequence's history), enumerated: ``[V, V, V]``.
     ``held_back=(token, n)``: that token has probability 0 among the first n (``min_new_tokens``)."""
     from dspark.models import load_model
     from dspark.samplers import DefaultSampler
@@ -205,6 +222,8 @@ def exact_joint(target, params, held_back: tuple[int, int] | None = None) -> tor
     seqs = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(VOCAB), repeat=2)])
     with torch.inference_mode():
         logits = model(seqs, model.new_cache(len(seqs), 8)).logits.clone()  # [V*V, 5, V]
+        if params.penalized:
+            logits = penalised(logits, seqs, params)
         if held_back is not None:
             token, count = held_back
             logits[:, len(PROMPT) - 1: len(PROMPT) - 1 + count, token] = -float("inf")
@@ -220,7 +239,9 @@ def empirical_joint(pipe, params, samples=20000, **options) -> torch.Tensor:
     batch = 5000
     for start in range(0, samples, batch):
         result = pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=params.temperature, top_k=params.top_k,
-                               top_p=params.top_p, seed=1000 + start, ignore_eos=True, **options)
+                               top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                               presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                               seed=1000 + start, ignore_eos=True, **options)
         ids = torch.tensor(result.token_ids)
         counts += torch.bincount(ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2],
                                  minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
@@ -246,6 +267,53 @@ def test_chi_square_joint_of_first_three_tokens(setting, drafter):
     pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
     counts = empirical_joint(pipe, params)
     assert chi_square_p_value(counts, exact_joint(target, params)) > 1e-3
+
+
+# strong enough to move most of the mass: the prompt's tokens, and those drawn before, fall back
+PENALTIES = dspark.SamplingParams(1.0, repetition_penalty=2.5, presence_penalty=0.8, frequency_penalty=0.6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash",
+                                     "dspark_rnn", "eagle3", "eagle3_draft_vocab", "dspark_scheduled",
+                                     "draft_model_stop", "ngram_adaptive"])
+def test_chi_square_with_penalties(drafter):
+    """With penalties, the target's distribution at each verify position depends on the drafts
+    before it; speculative sampling must still give the penalised target's joint (enumerated
+    with the penalties written out). 20,000 samples, significance 0.001, fixed seeds."""
+    target, draft = tiny_pair()
+    exact = exact_joint(target, PENALTIES)
+    assert (exact - exact_joint(target, SETTINGS["temperature_1"])).abs().sum() > 0.5  # the penalties matter
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
+    assert chi_square_p_value(empirical_joint(pipe, PENALTIES), exact) > 1e-3
+
+
+def test_chi_square_detects_penalties_without_the_drafts():
+    """The check has power: penalising every verify position with the committed history alone
+    (forgetting the drafts before it) is caught."""
+    from dspark.samplers.penalties import PenaltyHistory
+
+    target, draft = tiny_pair()
+    pipe = spec_pipeline(target, "draft_model_self", 3, "engine.max_batch_size=5000", draft=draft)
+    real_along = PenaltyHistory.along
+    PenaltyHistory.along = lambda self, drafts, num: real_along(self, drafts, torch.zeros_like(num))
+    try:
+        counts = empirical_joint(pipe, PENALTIES)
+    finally:
+        PenaltyHistory.along = real_along
+    assert chi_square_p_value(counts, exact_joint(target, PENALTIES)) < 1e-3
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS[1:])
+def test_greedy_with_penalties_equals_autoregressive(drafter):
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9, 3, 14))
+    penalties = dict(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.4)
+    plain = spec_pipeline(target, "none", 0)
+    expected = plain.generate(prompts, max_new_tokens=24, ignore_eos=True, **penalties).token_ids
+    assert expected != plain.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids
+    result = spec_pipeline(target, drafter, 3).generate(prompts, max_new_tokens=24, ignore_eos=True, **penalties)
+    assert result.token_ids == expected
 
 
 @pytest.mark.slow

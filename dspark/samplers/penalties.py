@@ -1,0 +1,89 @@
+"""Repetition, presence and frequency penalties: logits that depend on each request's history.
+
+Definitions (vLLM's and the OpenAI API's; ``repetition_penalty`` is also transformers'), applied
+to the logits before temperature and the top-k / top-p / min-p filters:
+
+* ``repetition_penalty`` ``r``: every token in the prompt or the output so far has its logit
+  divided by ``r`` if positive, multiplied by ``r`` otherwise;
+* ``frequency_penalty`` ``f``: ``f × (occurrences of the token in the output so far)`` is subtracted;
+* ``presence_penalty`` ``p``: ``p`` is subtracted once from every token that occurs in the output.
+
+**Why speculative decoding stays exact.** The target's distribution at verify position ``j`` (after
+the anchor and the drafts ``x_1..x_j``) is penalised with the history those drafts extend, i.e. the
+distribution plain decoding would use had it generated them; rejection sampling against it keeps
+the penalised target's output distribution. A drafter may penalise its own distributions the same
+way (they get closer to the target's: more drafts accepted) or not: ``q`` is whatever it drew from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark.records import SamplingParams
+
+
+@dataclass
+class PenaltyHistory:
+    """What the penalties read of a batch's history (on the model's device).
+
+    Attributes:
+        counts: ``[B, V]`` float32, occurrences of each token in each request's output so far
+            (the generated tokens; the anchor is the last of them).
+        in_prompt: ``[B, V]`` bool, the tokens of each request's prompt.
+    """
+
+    counts: torch.Tensor
+    in_prompt: torch.Tensor
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, prompt_lengths: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
+           in_prompt: torch.Tensor | None = None) -> "PenaltyHistory":
+        """Count the history of ``tokens`` ``[B, W]`` (prompt ``[:P_b]``, output ``[P_b:L_b]``, the rest
+        padding). ``in_prompt`` may be passed in when already known (it never changes in a call)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        prompt = positions < prompt_lengths.unsqueeze(1)  # [B, W]
+        output = ~prompt & (positions < lengths.unsqueeze(1))
+        counts = tokens.new_zeros(tokens.shape[0], vocab_size, dtype=torch.float32).scatter_add_(1, tokens, output.float())
+        if in_prompt is None:
+            in_prompt = tokens.new_zeros(tokens.shape[0], vocab_size, dtype=torch.float32).scatter_add_(
+                1, tokens, prompt.float()) > 0
+        return cls(counts, in_prompt)
+
+    def along(self, drafts: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
+        """Counts before each verify position ``[B, K+1, V]``: position ``j`` (after the anchor and
+        ``x_1..x_j``) adds the first ``j`` of ``drafts`` ``[B, K]``; drafts past ``num_drafts[b]``
+        ``[B]`` (padding) count nowhere."""
+        batch, width = drafts.shape
+        real = torch.arange(width, device=drafts.device) < num_drafts.unsqueeze(1)  # [B, K]
+        steps = self.counts.new_zeros(batch, width + 1, self.counts.shape[1])
+        steps[:, 1:].scatter_(2, drafts.clamp(0, self.counts.shape[1] - 1).unsqueeze(-1), real.unsqueeze(-1).float())
+        return self.counts.unsqueeze(1) + steps.cumsum(1)
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``logits`` ``[B, ..., V]`` with the penalties of ``params`` applied (a new tensor).
+
+    Args:
+        counts: ``[B, ..., V]`` output occurrences before each position (the same leading shape
+            as ``logits``: :meth:`PenaltyHistory.along` for a verify forward, the running counts
+            of a drafter's own steps).
+        in_prompt: ``[B, V]`` bool, each request's prompt tokens.
+    """
+    prompt = in_prompt.view(in_prompt.shape[0], *([1] * (logits.dim() - 2)), in_prompt.shape[1])
+    present = counts > 0
+    if params.repetition_penalty != 1.0:
+        r = params.repetition_penalty
+        logits = torch.where(present | prompt, torch.where(logits > 0, logits / r, logits * r), logits)
+    if params.frequency_penalty != 0.0:
+        logits = logits - params.frequency_penalty * counts.to(logits.dtype)
+    if params.presence_penalty != 0.0:
+        logits = logits - params.presence_penalty * present.to(logits.dtype)
+    return logits
+
+
+def counted(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``counts`` ``[B, V]`` after one more output token per request ``tokens`` ``[B]`` (a new tensor):
+    a drafter's running history from one draft step to the next."""
+    return counts.scatter_add(1, tokens.unsqueeze(1), torch.ones_like(counts[:, :1]))

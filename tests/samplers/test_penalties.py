@@ -1,0 +1,97 @@
+"""Repetition / presence / frequency penalties against their definitions, written out token by token;
+the engine's penalised decoding against transformers'; bad values refused."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dspark
+from dspark.records import SamplingParams
+from dspark.samplers.penalties import PenaltyHistory, counted, penalize
+
+from helpers import ragged_prompts, tiny_hf_model
+
+
+def reference(logits: list[float], prompt: list[int], output: list[int], params: SamplingParams) -> list[float]:
+    """vLLM's definitions, one token at a time, in Python floats."""
+    out = []
+    for v, x in enumerate(logits):
+        if v in prompt or v in output:
+            x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
+        out.append(x - params.frequency_penalty * output.count(v) - params.presence_penalty * (v in output))
+    return out
+
+
+penalty_params = st.builds(SamplingParams, temperature=st.just(1.0),
+                           repetition_penalty=st.floats(0.2, 5.0), presence_penalty=st.floats(-2.0, 2.0),
+                           frequency_penalty=st.floats(-2.0, 2.0))
+
+
+@given(params=penalty_params, seed=st.integers(0, 2**16))
+def test_penalize_matches_the_definition(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    vocab, width = 9, 4
+    lengths, prompt_lengths = torch.tensor([7, 3]), torch.tensor([3, 3])
+    tokens = torch.randint(0, vocab, (2, 10), generator=g)
+    drafts = torch.randint(0, vocab, (2, width - 1), generator=g)
+    num_drafts = torch.tensor([3, 1])  # request 1: one real draft, then padding
+    logits = torch.randn(2, width, vocab, generator=g, dtype=torch.float64) * 3
+    history = PenaltyHistory.of(tokens, prompt_lengths, lengths, vocab)
+    got = penalize(logits, history.along(drafts, num_drafts), history.in_prompt, params)
+    for b in range(2):
+        prompt, output = tokens[b, :prompt_lengths[b]].tolist(), tokens[b, prompt_lengths[b]:lengths[b]].tolist()
+        for j in range(width):
+            before = output + drafts[b, :min(j, int(num_drafts[b]))].tolist()  # x_1..x_j, real ones only
+            want = reference(logits[b, j].tolist(), prompt, before, params)
+            assert torch.allclose(got[b, j], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_a_drafters_running_counts_equal_the_verifiers():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (3, 8), generator=g)
+    history = PenaltyHistory.of(tokens, torch.tensor([2, 5, 8]), torch.tensor([6, 8, 8]), 11)
+    drafts = torch.randint(0, 11, (3, 4), generator=g)
+    counts, steps = history.counts, [history.counts]
+    for k in range(4):
+        counts = counted(counts, drafts[:, k])
+        steps.append(counts)
+    assert torch.equal(torch.stack(steps, 1), history.along(drafts, torch.full((3,), 4)))
+    assert torch.equal(history.counts, PenaltyHistory.of(tokens, torch.tensor([2, 5, 8]), torch.tensor([6, 8, 8]), 11).counts)
+
+
+def test_no_penalty_changes_nothing():
+    logits = torch.randn(2, 3, 7)
+    history = PenaltyHistory.of(torch.randint(0, 7, (2, 5)), torch.tensor([2, 2]), torch.tensor([5, 4]), 7)
+    assert not SamplingParams(1.0).penalized
+    assert torch.equal(penalize(logits, history.along(torch.zeros(2, 2, dtype=torch.long), torch.tensor([2, 2])),
+                                history.in_prompt, SamplingParams(1.0)), logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_repetition_penalty_greedy_equals_transformers(family):
+    """transformers' ``repetition_penalty`` (prompt and output, as ours) in its own greedy loop."""
+    target = tiny_hf_model(family, scale=3.0)
+    prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9))
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "none"}}, target_model=target)
+    got = pipe.generate(prompts, max_new_tokens=20, ignore_eos=True, repetition_penalty=1.4).token_ids
+    for prompt, ids in zip(prompts, got):
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                                  repetition_penalty=1.4, eos_token_id=None, pad_token_id=0)
+        assert ids == out[0, len(prompt):].tolist()
+    assert got != pipe.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids  # the penalty mattered
+
+
+@pytest.mark.parametrize("name, value", [("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+                                         ("repetition_penalty", float("inf")), ("repetition_penalty", float("nan")),
+                                         ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+                                         ("frequency_penalty", float("nan")), ("presence_penalty", "0.5"),
+                                         ("repetition_penalty", True)])
+def test_bad_penalties_are_refused_before_any_work(name, value):
+    target = tiny_hf_model("llama")
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "none"}}, target_model=target)
+    pipe.engine.generate = None  # any work would fail on this
+    with pytest.raises(ValueError, match=name):
+        pipe.generate([[3, 4]], max_new_tokens=4, **{name: value})
