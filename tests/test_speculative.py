@@ -314,6 +314,8 @@ def test_greedy_with_penalties_equals_autoregressive(drafter):
     assert expected != plain.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids
     result = spec_pipeline(target, drafter, 3).generate(prompts, max_new_tokens=24, ignore_eos=True, **penalties)
     assert result.token_ids == expected
+    if drafter == "draft_model_self":  # the target drafting for itself, penalised as it is verified: all accepted
+        assert result.stats.acceptance_by_position == [1.0] * 3
 
 
 @pytest.mark.slow
@@ -406,6 +408,16 @@ def test_compiled_rounds_match_eager(drafter):
     assert compiled.engine.cache_class is not None and compiled.engine._cache.max_len % 256 == 0
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
     assert compiled.generate(prompts, **sampled).token_ids == eager.generate(prompts, **sampled).token_ids
+    if drafter not in ("draft_model_stop", "dspark", "eagle3", "eagle3_stop"):  # (compiling takes time)
+        return
+    # penalties: the drafters' compiled steps carry their running counts (across chunks, when stopping early)
+    penalised = dict(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2)
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True,
+                                                         **penalised).token_ids
+    for pipe in (compiled, eager):
+        assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True, **penalised).token_ids == expected
+    assert (compiled.generate(prompts, **sampled, **penalised).token_ids
+            == eager.generate(prompts, **sampled, **penalised).token_ids)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from dspark.drafters.early_stop import check_min_survival, draft_while_likely, t
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+from dspark.samplers.penalties import after_draft, draft_penalty, penalize_draft
 
 
 #: skipped rounds after which the draft model is fed the tokens it lacks without drafting
@@ -160,15 +161,16 @@ class DraftModelDrafter(Drafter):
         logits, kv_len = self._feed(state, with_anchor=True)  # step 0: [missing tokens…, anchor]
         num_new, first_logits = active.long(), logits[:, -1]
 
-        def steps_from(logits, start, stop):  # x_{start+1}..x_stop from the logits of step start + 1
-            return self._draft_steps(logits, num_new, uniforms, params, kv_len, start, stop)
+        def steps_from(carry, start, stop):  # x_{start+1}..x_stop from the logits of step start + 1 (and its penalty)
+            return self._draft_steps(*carry, num_new, uniforms, params, kv_len, start, stop)
 
+        first = (first_logits, draft_penalty(state.penalties))
         if self.min_survival > 0:
-            proposal, steps = draft_while_likely(lambda stop: steps_from(first_logits, 0, stop), steps_from,
+            proposal, steps = draft_while_likely(lambda stop: steps_from(first, 0, stop), steps_from,
                                                  gamma=gamma, check_every=self.check_every,
                                                  min_survival=self.min_survival, done=state.done)
         else:
-            tokens, q, confidence, _ = steps_from(first_logits, 0, gamma)
+            tokens, q, confidence, _ = steps_from(first, 0, gamma)
             proposal, steps = DraftProposal(tokens=tokens, num_tokens=torch.where(active, gamma, 0), probs=q,
                                             confidence=confidence), gamma
         # drafts fed to the cache this round: each drafted step's but x_γ's (commit rolls back the
@@ -177,24 +179,26 @@ class DraftModelDrafter(Drafter):
         self.fed = torch.where(active, self.fed_steps, 0)
         return proposal
 
-    def draft_steps(self, logits: torch.Tensor, num_new: torch.Tensor, uniforms: torch.Tensor, params,
+    def draft_steps(self, logits: torch.Tensor, penalty, num_new: torch.Tensor, uniforms: torch.Tensor, params,
                     kv_len: int, start: int, stop: int):
         """Draft ``x_{start+1}..x_stop`` left to right from ``logits`` ``[B, V]`` (those of step
-        ``start + 1``), feeding each draft but ``x_γ`` (``num_new`` ``[B]``: 1, or 0 for finished
-        requests): tokens ``[B, n]``, ``q`` ``[B, n, V]`` (``None`` when greedy), confidences
-        ``[B, n]`` and the logits of step ``stop + 1`` (``None`` after step γ). One function, so
+        ``start + 1``) and the penalty there (:mod:`dspark.samplers.penalties`; ``None`` without),
+        feeding each draft but ``x_γ`` (``num_new`` ``[B]``: 1, or 0 for finished requests): tokens
+        ``[B, n]``, ``q`` ``[B, n, V]`` (``None`` when greedy), confidences ``[B, n]`` and the
+        logits and penalty of step ``stop + 1`` (logits ``None`` after step γ). One function, so
         that ``engine.compile`` makes each range one graph (the loop unrolled)."""
         drafts, probs, confidence = [], [], []
         for k in range(start, stop):
+            logits = penalize_draft(logits, params, penalty)
             token, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
             drafts.append(token), probs.append(q), confidence.append(top_probability(logits))
-            logits = None
+            logits, penalty = None, after_draft(penalty, token)
             if k < self.gamma - 1:
                 logits = self.model(token.unsqueeze(1), self.cache, num_new, kv_len=kv_len).logits[:, -1]
         confidence = torch.stack(confidence, 1)
         if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
             confidence = self.calibration.apply(confidence, start, stop, params.greedy)
-        return torch.stack(drafts, 1), (None if params.greedy else torch.stack(probs, 1)), confidence, logits
+        return torch.stack(drafts, 1), (None if params.greedy else torch.stack(probs, 1)), confidence, (logits, penalty)
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,
                target_output: ModelOutput) -> None:

@@ -19,6 +19,7 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+from dspark.samplers.penalties import after_draft, draft_penalty, penalize_draft
 
 CHECKPOINT_KEY = "block_drafter"  # config.json key of the architecture
 
@@ -257,28 +258,33 @@ class DSparkDrafter(Drafter):
         cache = self.cache
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.block_width,
                                                             cache.max_len)
+        penalty = draft_penalty(state.penalties)
         if self._deferred is not None:  # the last round's context, appended in the same compiled call
             hidden, num_new = self._deferred
             self._deferred = None
-            tokens, q, confidence = self._append_and_draft(hidden, num_new, state.anchor, uniforms, state.params,
-                                                           kv_len)
+            tokens, q, confidence = self._append_and_draft(hidden, num_new, state.anchor, penalty, uniforms,
+                                                           state.params, kv_len)
         else:
             self._flush_pending(state.lengths)
-            tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, uniforms, state.params, kv_len)
+            tokens, q, confidence = self._draft_block(state.anchor, cache.lengths, penalty, uniforms, state.params,
+                                                      kv_len)
         return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, self.gamma), probs=q,
                              confidence=confidence)
 
     def append_and_draft(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor, anchor: torch.Tensor,
-                         uniforms: torch.Tensor, params, kv_len: int):
+                         penalty, uniforms: torch.Tensor, params, kv_len: int):
         """Append a round's context, then :meth:`draft_block` after it, as one function (one compiled
         call per round instead of two)."""
         self._append_context(hidden_states, num_new)
-        return self.draft_block(anchor, self.cache.lengths, uniforms, params, kv_len)
+        return self.draft_block(anchor, self.cache.lengths, penalty, uniforms, params, kv_len)
 
-    def draft_block(self, anchor: torch.Tensor, context_lengths: torch.Tensor, uniforms: torch.Tensor, params,
+    def draft_block(self, anchor: torch.Tensor, context_lengths: torch.Tensor, penalty, uniforms: torch.Tensor, params,
                     kv_len: int):
         """Draft one block after each anchor ``[B]`` given ``context_lengths`` ``[B]`` committed context
-        positions: tokens ``[B, γ]``, ``q`` ``[B, γ, V]`` (``None`` when greedy), confidences ``[B, γ]``."""
+        positions: tokens ``[B, γ]``, ``q`` ``[B, γ, V]`` (``None`` when greedy), confidences ``[B, γ]``.
+        ``penalty`` (:mod:`dspark.samplers.penalties`; ``None`` without): the penalty after the
+        anchor; the sequential heads carry it along their drafts, DFlash's independent positions
+        all take it as it is (their draws may not depend on each other)."""
         net, target, cache = self.net, self.target, self.cache
         block, gamma, batch = net.args.block_width, self.gamma, anchor.shape[0]
         # 1. parallel backbone: one forward over [anchor, mask × (block−1)], bidirectional in the block
@@ -296,6 +302,8 @@ class DSparkDrafter(Drafter):
         # 2. sequential head: left to right from softmax(U_k + B_k); without a head (DFlash) the
         #    positions are independent given the block and are drafted in one call
         if net.args.head == "none":
+            if penalty is not None:
+                base_logits = penalize_draft(base_logits, params, (penalty[0].unsqueeze(1), penalty[1]))
             tokens, q = self.sampler.draw(base_logits[:, :gamma], params, uniforms[:, :gamma])
         else:
             previous, head_state, drafted, probs = anchor, None, [], []
@@ -303,9 +311,10 @@ class DSparkDrafter(Drafter):
                 table_row = None if self.bias_table is None else self.bias_table[previous]  # [B, V]
                 bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state,
                                                  self.projection_t, table_row)
-                previous, q = self.sampler.draw(base_logits[:, k] + bias, params,
+                previous, q = self.sampler.draw(penalize_draft(base_logits[:, k] + bias, params, penalty), params,
                                                 None if params.greedy else uniforms[:, k])
                 drafted.append(previous), probs.append(q)
+                penalty = after_draft(penalty, previous)
             tokens, q = torch.stack(drafted, 1), (None if params.greedy else torch.stack(probs, 1))
         # 3. confidence head over [h_k; W1[x_{k-1}]] for the whole block at once (if it has one)
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]

@@ -20,6 +20,7 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
+from dspark.samplers.penalties import after_draft, draft_penalty, penalize_draft
 
 CHECKPOINT_KEY = "eagle3"  # config.json key of the architecture
 
@@ -243,17 +244,18 @@ class Eagle3Drafter(Drafter):
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + gamma, cache.max_len)
         if self.min_survival > 0:
             return self._propose_while_likely(state, uniforms, kv_len)
-        tokens, q, p, _ = self._first_steps(gamma, uniforms, state.params, kv_len)
+        tokens, q, p, *_ = self._first_steps(gamma, uniforms, state, kv_len)
         return DraftProposal(tokens=tokens, num_tokens=torch.where(state.done, 0, gamma), probs=q, confidence=p)
 
-    def _first_steps(self, stop: int, uniforms: torch.Tensor, params, kv_len: int):
+    def _first_steps(self, stop: int, uniforms: torch.Tensor, state: DecodingState, kv_len: int):
         """Draft ``x_1..x_stop`` from the last committed pair (appending last round's pairs first, in
         the same compiled call, when a compiled round left them): :meth:`draft_steps`'s outputs."""
+        params, penalty = state.params, draft_penalty(state.penalties)
         if self._deferred is not None:
-            *drafts, self.last_output = self._append_and_draft(*self._deferred, uniforms, params, kv_len, stop)
+            *drafts, self.last_output = self._append_and_draft(*self._deferred, penalty, uniforms, params, kv_len, stop)
             self._deferred = None
             return drafts
-        return self._draft_steps(self.last_output, None, self.cache.lengths, uniforms, params, kv_len, 0, stop)
+        return self._draft_steps(self.last_output, None, penalty, self.cache.lengths, uniforms, params, kv_len, 0, stop)
 
     def _propose_while_likely(self, state: DecodingState, uniforms: torch.Tensor, kv_len: int) -> DraftProposal:
         """Draft ``check_every`` steps per compiled call while some request's survival stays at or
@@ -261,36 +263,39 @@ class Eagle3Drafter(Drafter):
         params = state.params
 
         def first(stop):
-            tokens, q, p, d = self._first_steps(stop, uniforms, params, kv_len)
-            return tokens, q, p, (d, tokens[:, -1])
+            tokens, q, p, d, penalty = self._first_steps(stop, uniforms, state, kv_len)
+            return tokens, q, p, (d, tokens[:, -1], penalty)
 
         def more(carry, start, stop):
-            tokens, q, p, d = self._draft_steps(*carry, self.cache.lengths, uniforms, params, kv_len, start, stop)
-            return tokens, q, p, (d, tokens[:, -1])
+            tokens, q, p, d, penalty = self._draft_steps(*carry, self.cache.lengths, uniforms, params, kv_len, start, stop)
+            return tokens, q, p, (d, tokens[:, -1], penalty)
 
         proposal, _ = draft_while_likely(first, more, gamma=self.gamma, check_every=self.check_every,
                                          min_survival=self.min_survival, done=state.done)
         return proposal
 
-    def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, lengths: torch.Tensor,
+    def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, penalty, lengths: torch.Tensor,
                     uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int):
         """Draft ``x_{start+1}..x_stop`` left to right over a pair cache of ``lengths`` ``[B]``: from the
         last committed pair's output ``d`` ``[B, H]`` when ``start`` is 0, else from the output ``d``
-        that drafted ``previous`` ``[B]`` (= ``x_start``). Returns tokens ``[B, n]``, ``q``
+        that drafted ``previous`` ``[B]`` (= ``x_start``); ``penalty``: the penalty at ``x_{start+1}``
+        (:mod:`dspark.samplers.penalties`; ``None`` without). Returns tokens ``[B, n]``, ``q``
         ``[B, n, V]`` (``None`` when greedy), each position's confidence ``[B, n]`` (calibrated
-        when a calibration was found) and the output that drafted the last one ``[B, H]``. One
-        function, so that ``engine.compile`` makes each range one graph (the loop unrolled)."""
+        when a calibration was found), the output that drafted the last one ``[B, H]`` and the
+        penalty after it. One function, so that ``engine.compile`` makes each range one graph (the
+        loop unrolled)."""
         drafted, probs, confidence = [], [], []
         for k in range(start, stop):
             if k:  # the pair (d, x_k): the head's own output is the next feature
                 d = self._pair_step(d.unsqueeze(1), previous.unsqueeze(1), lengths + k - 1, kv_len).squeeze(1)
-            logits = self.head.logits(d, self.target)  # [B, V]
+            logits = penalize_draft(self.head.logits(d, self.target), params, penalty)  # [B, V]
             previous, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
             drafted.append(previous), probs.append(q), confidence.append(self.confidence_at(logits, previous))
+            penalty = after_draft(penalty, previous)
         q, confidence = (None if params.greedy else torch.stack(probs, 1)), torch.stack(confidence, 1)
         if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
             confidence = self.calibration.apply(confidence, start, stop, params.greedy)
-        return torch.stack(drafted, 1), q, confidence, d
+        return torch.stack(drafted, 1), q, confidence, d, penalty
 
     def confidence_at(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """``c_k`` ``[B]`` from the head's logits at position k ``[B, V]``: its top probability.
@@ -300,12 +305,12 @@ class Eagle3Drafter(Drafter):
         return top_probability(logits)
 
     def append_and_draft(self, following: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
-                         uniforms: torch.Tensor, params, kv_len: int, stop: int):
+                         penalty, uniforms: torch.Tensor, params, kv_len: int, stop: int):
         """:meth:`append_pairs` then :meth:`draft_steps` of ``x_1..x_stop`` from its output, as one
         function (one compiled call per round instead of two): :meth:`draft_steps`'s tokens, ``q``,
         confidences and last drafting output, then the appended last output ``[B, H]``."""
         d = self.append_pairs(following, hidden_states, num_new, kv_len)
-        return (*self.draft_steps(d, None, self.cache.lengths, uniforms, params, kv_len, 0, stop), d)
+        return (*self.draft_steps(d, None, penalty, self.cache.lengths, uniforms, params, kv_len, 0, stop), d)
 
     def flush(self) -> None:
         """Append the pairs a compiled round left for the next draft call (to inspect the pair cache

@@ -87,3 +87,24 @@ def counted(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """``counts`` ``[B, V]`` after one more output token per request ``tokens`` ``[B]`` (a new tensor):
     a drafter's running history from one draft step to the next."""
     return counts.scatter_add(1, tokens.unsqueeze(1), torch.ones_like(counts[:, :1]))
+
+
+#: what a drafter carries from one draft step to the next: (running counts ``[B, V]``, ``in_prompt``
+#: ``[B, V]``), or ``None`` without penalties
+DraftPenalty = "tuple[torch.Tensor, torch.Tensor] | None"
+
+
+def draft_penalty(history: PenaltyHistory | None) -> DraftPenalty:
+    """A drafter's penalty at its first draft (after the anchor): the committed history's, or ``None``."""
+    return None if history is None else (history.counts, history.in_prompt)
+
+
+def penalize_draft(logits: torch.Tensor, params: SamplingParams, penalty: DraftPenalty) -> torch.Tensor:
+    """A draft step's logits ``[B, V]`` penalised as the target's will be at that position (unchanged
+    without penalties): the drafter then draws from a distribution closer to the target's."""
+    return logits if penalty is None else penalize(logits, penalty[0], penalty[1], params)
+
+
+def after_draft(penalty: DraftPenalty, tokens: torch.Tensor) -> DraftPenalty:
+    """The penalty of the next draft step, after drafting ``tokens`` ``[B]``."""
+    return None if penalty is None else (counted(penalty[0], tokens), penalty[1])

@@ -43,16 +43,19 @@ def test_graphed_rounds_match_eager_rounds(drafter):
     prompts = ragged_prompts(101, lengths=(5, 1, 9))
     expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
+    penalised = dict(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2)  # the drafters' running counts
     eager_pipe = spec_pipeline(target, drafter, 3)  # the same calls in the same order (schedulers learn)
     eager_pipe.generate(prompts, max_new_tokens=12, ignore_eos=True)
     eager = eager_pipe.generate(prompts, **sampled).token_ids
+    eager_penalised = eager_pipe.generate(prompts, **sampled, **penalised).token_ids
     pipe = spec_pipeline(target, drafter, 3)
     forward = graphed(pipe)
     assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
     assert pipe.generate(prompts, **sampled).token_ids == eager
+    assert pipe.generate(prompts, **sampled, **penalised).token_ids == eager_penalised
     assert 1 <= forward.num_graphs <= len(forward.widths)
-    if drafter.startswith("dspark"):  # the block forward: one graph per sampling setting
-        assert pipe.engine.drafter._draft_block.num_graphs == 2
+    if drafter.startswith("dspark"):  # the block forward: one graph per sampling setting (penalties too)
+        assert pipe.engine.drafter._draft_block.num_graphs == 3
     if drafter in ("dspark", "eagle3"):  # fused append + draft: per sampling setting (and verify width)
         assert pipe.engine.drafter._append_and_draft.num_graphs >= 2
     if drafter.startswith("draft_model"):
