@@ -78,6 +78,24 @@ def test_stop_token_id_ends_the_request(capsys):
     assert free[2] not in held[:5] and (len(held) == 8 or held[-1] == free[2])
 
 
+def test_penalties_are_the_apis(capsys):
+    """--repetition-penalty / --presence-penalty / --frequency-penalty give generate()'s tokens, with a
+    drafter too; a value out of range is named."""
+    import dspark
+
+    prompt = "def fibonacci(n):"
+    penalties = dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1)
+    want = dspark.build_pipeline("configs/ar.yaml", overrides=["target.device=cpu"]).generate(
+        [prompt], max_new_tokens=12, ignore_eos=True, **penalties).token_ids[0]
+    for config in ("ar", "eagle3"):
+        assert main(["generate", "--config", config, "--prompt", prompt, "--print-ids", "--max-new-tokens", "12",
+                     "--ignore-eos", "--repetition-penalty", "1.3", "--presence-penalty", "0.2",
+                     "--frequency-penalty", "0.1", "target.device=cpu"]) == 0
+        assert [int(t) for t in capsys.readouterr().out.split()] == want
+    assert main(["generate", "--config", "ar", "--prompt", prompt, "--presence-penalty", "3", "target.device=cpu"]) == 2
+    assert "presence_penalty must be a number in [-2, 2]" in capsys.readouterr().err
+
+
 def test_stop_string_ends_the_request(capsys):
     args = ["generate", "--config", "ar", "def add(a, b):", "--max-new-tokens", "24", "--ignore-eos", "target.device=cpu"]
     assert main(args) == 0
