@@ -315,7 +315,7 @@ class Engine:
         #    (penalties: position j's history is the committed tokens and x_1..x_j)
         logits = stopper.suppress(out.logits, state)
         if state.penalties is not None:
-            logits = penalize(logits, state.penalties.along(proposal.tokens, num_verify), state.penalties.in_prompt, params)
+            logits = state.penalties.penalize_verify(logits, proposal.tokens, num_verify, params)
         result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:

@@ -295,12 +295,13 @@ def test_chi_square_detects_penalties_without_the_drafts():
 
     target, draft = tiny_pair()
     pipe = spec_pipeline(target, "draft_model_self", 3, "engine.max_batch_size=5000", draft=draft)
-    real_along = PenaltyHistory.along
-    PenaltyHistory.along = lambda self, drafts, num: real_along(self, drafts, torch.zeros_like(num))
+    real = PenaltyHistory.penalize_verify
+    PenaltyHistory.penalize_verify = lambda self, logits, drafts, num, params: real(self, logits, drafts,
+                                                                                    torch.zeros_like(num), params)
     try:
         counts = empirical_joint(pipe, PENALTIES)
     finally:
-        PenaltyHistory.along = real_along
+        PenaltyHistory.penalize_verify = real
     assert chi_square_p_value(counts, exact_joint(target, PENALTIES)) < 1e-3
 
 

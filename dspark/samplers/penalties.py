@@ -51,36 +51,60 @@ class PenaltyHistory:
                 1, tokens, prompt.float()) > 0
         return cls(counts, in_prompt)
 
-    def along(self, drafts: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
-        """Counts before each verify position ``[B, K+1, V]``: position ``j`` (after the anchor and
-        ``x_1..x_j``) adds the first ``j`` of ``drafts`` ``[B, K]``; drafts past ``num_drafts[b]``
-        ``[B]`` (padding) count nowhere."""
-        batch, width = drafts.shape
-        real = torch.arange(width, device=drafts.device) < num_drafts.unsqueeze(1)  # [B, K]
-        steps = self.counts.new_zeros(batch, width + 1, self.counts.shape[1])
-        steps[:, 1:].scatter_(2, drafts.clamp(0, self.counts.shape[1] - 1).unsqueeze(-1), real.unsqueeze(-1).float())
-        return self.counts.unsqueeze(1) + steps.cumsum(1)
+    def penalize_verify(self, logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
+                        params: SamplingParams) -> torch.Tensor:
+        """The target's logits of a verify forward over ``[anchor, x_1..x_K]`` ``[B, K+1, V]``, position
+        ``j`` penalised with the committed history and ``x_1..x_j`` (a new tensor).
+
+        Args:
+            drafts: ``[B, K]`` the verified drafts; those past ``num_drafts[b]`` ``[B]`` (padding)
+                count nowhere.
+
+        Every position is first penalised with the committed history alone; then the entries of
+        the draft tokens, the only ones the drafts change, are recomputed with their counts at
+        each position (``[B, K+1, K]`` values): no ``[B, K+1, V]`` counts are built.
+        """
+        out = penalize(logits, self.counts.unsqueeze(1), self.in_prompt, params)
+        width, vocab = drafts.shape[1], self.counts.shape[1]
+        if width == 0:
+            return out
+        positions = torch.arange(width + 1, device=drafts.device)
+        tokens = drafts.clamp(0, vocab - 1)  # [B, K]
+        real = positions[:width] < num_drafts.unsqueeze(1)  # [B, K]
+        before = positions[:width] < positions.unsqueeze(1)  # [K+1, K]: x_{i+1} comes before position j iff i < j
+        same = (tokens.unsqueeze(2) == tokens.unsqueeze(1)) & real.unsqueeze(1)  # [B, K, K]: x_{i'+1} = x_{i+1}, real
+        extra = before.float() @ same.float().transpose(1, 2)  # [B, K+1, K]: copies of x_{i+1} before position j
+        index = tokens.unsqueeze(1).expand(-1, width + 1, -1)  # [B, K+1, K]
+        counts = self.counts.gather(1, tokens).unsqueeze(1) + extra
+        fixed = penalized(logits.gather(2, index), counts, self.in_prompt.gather(1, tokens).unsqueeze(1), params)
+        return out.scatter(2, index, fixed)
+
+
+def penalized(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The definitions, elementwise: ``logits``, ``counts`` (output occurrences) and ``in_prompt``
+    (bool) broadcast together."""
+    present = counts > 0
+    if params.repetition_penalty != 1.0:
+        r = params.repetition_penalty
+        logits = torch.where(present | in_prompt, torch.where(logits > 0, logits / r, logits * r), logits)
+    if params.frequency_penalty != 0.0:
+        logits = logits - params.frequency_penalty * counts.to(logits.dtype)
+    if params.presence_penalty != 0.0:
+        logits = logits - params.presence_penalty * present.to(logits.dtype)
+    return logits
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """``logits`` ``[B, ..., V]`` with the penalties of ``params`` applied (a new tensor).
 
     Args:
-        counts: ``[B, ..., V]`` output occurrences before each position (the same leading shape
-            as ``logits``: :meth:`PenaltyHistory.along` for a verify forward, the running counts
-            of a drafter's own steps).
+        counts: output occurrences before each position, ``[B, ..., V]`` or broadcastable to it
+            (the committed history's ``[B, 1, V]`` for every verify position; a drafter's
+            running counts ``[B, V]`` at its step).
         in_prompt: ``[B, V]`` bool, each request's prompt tokens.
     """
     prompt = in_prompt.view(in_prompt.shape[0], *([1] * (logits.dim() - 2)), in_prompt.shape[1])
-    present = counts > 0
-    if params.repetition_penalty != 1.0:
-        r = params.repetition_penalty
-        logits = torch.where(present | prompt, torch.where(logits > 0, logits / r, logits * r), logits)
-    if params.frequency_penalty != 0.0:
-        logits = logits - params.frequency_penalty * counts.to(logits.dtype)
-    if params.presence_penalty != 0.0:
-        logits = logits - params.presence_penalty * present.to(logits.dtype)
-    return logits
+    return penalized(logits, counts, prompt, params)
 
 
 def counted(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

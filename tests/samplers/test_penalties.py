@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import dspark
 from dspark.records import SamplingParams
-from dspark.samplers.penalties import PenaltyHistory, counted, penalize
+from dspark.samplers.penalties import PenaltyHistory, after_draft, counted, draft_penalty, penalize_draft
 
 from helpers import ragged_prompts, tiny_hf_model
 
@@ -29,16 +29,18 @@ penalty_params = st.builds(SamplingParams, temperature=st.just(1.0),
 
 
 @given(params=penalty_params, seed=st.integers(0, 2**16))
-def test_penalize_matches_the_definition(params, seed):
+def test_verify_positions_match_the_definition(params, seed):
+    """Each verify position penalised with the committed history and the real drafts before it
+    (few tokens, so that drafts repeat each other and the history)."""
     g = torch.Generator().manual_seed(seed)
-    vocab, width = 9, 4
+    vocab, width = 6, 5
     lengths, prompt_lengths = torch.tensor([7, 3]), torch.tensor([3, 3])
     tokens = torch.randint(0, vocab, (2, 10), generator=g)
     drafts = torch.randint(0, vocab, (2, width - 1), generator=g)
-    num_drafts = torch.tensor([3, 1])  # request 1: one real draft, then padding
+    num_drafts = torch.tensor([4, 2])  # request 1: two real drafts, then padding
     logits = torch.randn(2, width, vocab, generator=g, dtype=torch.float64) * 3
     history = PenaltyHistory.of(tokens, prompt_lengths, lengths, vocab)
-    got = penalize(logits, history.along(drafts, num_drafts), history.in_prompt, params)
+    got = history.penalize_verify(logits, drafts, num_drafts, params)
     for b in range(2):
         prompt, output = tokens[b, :prompt_lengths[b]].tolist(), tokens[b, prompt_lengths[b]:lengths[b]].tolist()
         for j in range(width):
@@ -47,25 +49,32 @@ def test_penalize_matches_the_definition(params, seed):
             assert torch.allclose(got[b, j], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
-def test_a_drafters_running_counts_equal_the_verifiers():
+def test_a_drafters_running_penalty_is_the_verifiers():
+    """A drafter that penalises its step k with the committed history and its drafts x_1..x_{k-1}
+    (running counts) sees at each step exactly what the verifier will apply there."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 11, (3, 8), generator=g)
-    history = PenaltyHistory.of(tokens, torch.tensor([2, 5, 8]), torch.tensor([6, 8, 8]), 11)
-    drafts = torch.randint(0, 11, (3, 4), generator=g)
-    counts, steps = history.counts, [history.counts]
-    for k in range(4):
-        counts = counted(counts, drafts[:, k])
-        steps.append(counts)
-    assert torch.equal(torch.stack(steps, 1), history.along(drafts, torch.full((3,), 4)))
-    assert torch.equal(history.counts, PenaltyHistory.of(tokens, torch.tensor([2, 5, 8]), torch.tensor([6, 8, 8]), 11).counts)
+    tokens = torch.randint(0, 5, (3, 8), generator=g)
+    history = PenaltyHistory.of(tokens, torch.tensor([2, 5, 8]), torch.tensor([6, 8, 8]), 5)
+    drafts = torch.randint(0, 5, (3, 4), generator=g)
+    logits = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    params = SamplingParams(1.0, repetition_penalty=1.7, presence_penalty=0.4, frequency_penalty=0.9)
+    verified = history.penalize_verify(logits, drafts, torch.full((3,), 4), params)
+    penalty = draft_penalty(history)
+    for k in range(5):
+        assert torch.equal(penalize_draft(logits[:, k], params, penalty), verified[:, k])
+        if k < 4:
+            penalty = after_draft(penalty, drafts[:, k])
+    assert torch.equal(counted(torch.zeros(1, 4), torch.tensor([2])), torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
 
 
 def test_no_penalty_changes_nothing():
     logits = torch.randn(2, 3, 7)
     history = PenaltyHistory.of(torch.randint(0, 7, (2, 5)), torch.tensor([2, 2]), torch.tensor([5, 4]), 7)
     assert not SamplingParams(1.0).penalized
-    assert torch.equal(penalize(logits, history.along(torch.zeros(2, 2, dtype=torch.long), torch.tensor([2, 2])),
-                                history.in_prompt, SamplingParams(1.0)), logits)
+    assert torch.equal(history.penalize_verify(logits, torch.zeros(2, 2, dtype=torch.long), torch.tensor([2, 2]),
+                                               SamplingParams(1.0)), logits)
+    assert torch.equal(penalize_draft(logits[:, 0], SamplingParams(1.0, repetition_penalty=2.0), None), logits[:, 0])
+    assert draft_penalty(None) is None and after_draft(None, torch.tensor([1, 2])) is None
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
