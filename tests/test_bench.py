@@ -52,7 +52,34 @@ def test_bench_smoke_writes_every_metric(tmp_path):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
 
+def test_bench_with_a_repetition_penalty_matches_transformers(tmp_path):
+    """The penalty reaches every variant, the peers included: greedy outputs agree with
+    transformers' (whose repetition penalty is ours), though the penalty changes them."""
+    from dspark.bench.runner import build_variants, load_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "The quick brown fox"}\n')
+    cfg = smoke_config(tmp_path, prompts)
+    cfg.temperatures, cfg.batch_sizes, cfg.max_new_tokens, cfg.repetition_penalty = [0.0], [1], 12, 1.6
+    report = run_bench(cfg, progress=False)
+    assert report["greedy_mismatches"] == [] and report["config"]["repetition_penalty"] == 1.6
+    assert "penalties: repetition_penalty 1.6" in (tmp_path / "out" / "bench.md").read_text()
+    outputs = {}
+    for penalty in (1.0, 1.6):
+        cfg.repetition_penalty, cfg.peers.plain, cfg.peers.assisted, cfg.peers.prompt_lookup = penalty, False, False, False
+        variants, tokenizer = build_variants(cfg)
+        none = next(v for v in variants if v.label == "none")
+        outputs[penalty] = none.run(load_prompts(str(prompts), tokenizer, 2), 0.0, 1, 12).outputs
+    assert outputs[1.0] != outputs[1.6]
+
+
 def test_bad_bench_configs():
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
+        load_bench_config(None, ["repetition_penalty=0"])
+    with pytest.raises(ValueError, match="no presence_penalty or frequency_penalty: turn the peers off"):
+        load_bench_config(None, ["presence_penalty=0.5"])
+    assert load_bench_config(None, ["presence_penalty=0.5", "peers.plain=false", "peers.assisted=false",
+                                    "peers.prompt_lookup=false"]).presence_penalty == 0.5
     with pytest.raises(ValueError, match="batch_sizes must be a non-empty list of integers >= 1"):
         load_bench_config(None, ["batch_sizes=[0]"])
     with pytest.raises(ValueError, match="pipeline labels must be unique"):

@@ -149,6 +149,20 @@ def test_batch_invariance_float64(drafter, temperature):
         assert alone.token_ids[0] == batched.token_ids[i]
 
 
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_stop", "dspark", "dflash", "eagle3",
+                                     "eagle3_stop"])
+def test_batch_invariance_with_penalties(drafter):
+    """A request's penalties read its own history only: batched = alone, sampled, float64."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64")
+    prompts = ragged_prompts(101, lengths=(4, 9, 2, 6))
+    settings = dict(max_new_tokens=14, temperature=1.0, ignore_eos=True, repetition_penalty=1.8,
+                    presence_penalty=0.5, frequency_penalty=0.7)
+    batched = pipe.generate(prompts, seed=[21, 22, 23, 24], **settings)
+    for i, prompt in enumerate(prompts):
+        assert pipe.generate([prompt], seed=[21 + i], **settings).token_ids[0] == batched.token_ids[i]
+
+
 def test_eos_inside_accepted_drafts_stops_there():
     target = tiny_hf_model("llama", scale=3.0)
     prompts = ragged_prompts(101, lengths=(4, 6))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dspark.config import load_structured
+from dspark.records import SamplingParams
 
 
 @dataclass
@@ -53,6 +54,9 @@ class BenchConfig:
             outputs (batch 1) with ``transformers``' plain generate, or with dspark ``none`` when that peer is off.
         output_dir: where ``bench.json``, ``bench.md`` and the PNGs go.
         seed: sampling seed; threads: torch CPU threads (``null`` = default).
+        repetition_penalty, presence_penalty, frequency_penalty: penalties for every variant (off:
+            1, 0, 0; :mod:`dspark.samplers.penalties`). The ``transformers`` peers take the
+            repetition penalty too; they have no presence or frequency penalty, so those need the peers off.
     """
 
     pipelines: list[PipelineSpec] = field(default_factory=lambda: [PipelineSpec("none", None, ["drafter=none"], False)])
@@ -70,6 +74,15 @@ class BenchConfig:
     output_dir: str = "bench_out"
     seed: int = 0
     threads: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalties(self) -> dict[str, float]:
+        """The penalties as ``generate`` keyword arguments."""
+        return dict(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty)
 
     def validate(self) -> "BenchConfig":
         """Raise ``ValueError`` naming the bad setting."""
@@ -88,6 +101,11 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        SamplingParams(1.0, **self.penalties).validate()
+        peers_on = self.peers.plain or self.peers.assisted or self.peers.prompt_lookup
+        if peers_on and (self.presence_penalty or self.frequency_penalty):
+            raise ValueError("transformers' generate has no presence_penalty or frequency_penalty: turn the peers off "
+                             "(peers.plain=false peers.assisted=false peers.prompt_lookup=false) to bench with them")
         return self
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dspark.bench.runner import CellResult, median
+from dspark.records import SamplingParams
 from dspark.stats import METRICS, GenerationStats, metrics_markdown
 
 # which transformers peer a dspark pipeline family is compared with
@@ -194,6 +195,8 @@ def write_report(cfg, results: list[CellResult], mismatches: list[dict]) -> dict
               f"all greedy outputs match {reference}" if not mismatches else
               f"**{len(mismatches)} greedy outputs differ from {reference}** (see bench.json)")
     env = report["environment"]
+    if SamplingParams(1.0, **cfg.penalties).penalized:
+        status += " · penalties: " + ", ".join(f"{name} {value:g}" for name, value in cfg.penalties.items())
     (out / "bench.md").write_text(f"# dspark bench\n\n{env['date']} · {env['cpu']} · {env['torch_threads']} threads · "
                                   f"torch {env['torch']} · transformers {env['transformers']}\n\n{status}\n\n{table}"
                                   f"\n## Metrics\n\n{metrics_markdown()}")

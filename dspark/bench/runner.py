@@ -70,15 +70,15 @@ def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
     return [tokenizer(r["prompt"])["input_ids"] for r in records]
 
 
-def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int) -> Variant:
-    """A variant that runs ``pipe.generate`` over the prompts in batches."""
+def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int, **penalties) -> Variant:
+    """A variant that runs ``pipe.generate`` over the prompts in batches (with ``penalties``)."""
     def run(prompts, temperature, batch_size, max_new_tokens):
         outputs, parts = [], []
         started = time.perf_counter()
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             result = pipe.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start,
-                                   ignore_eos=True)
+                                   ignore_eos=True, **penalties)
             outputs += result.token_ids
             parts.append(result.stats)
         seconds = time.perf_counter() - started
@@ -125,28 +125,32 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
             tokenizer = tokenizer or pipe.tokenizer
             first_pipe = first_pipe or pipe
             label = spec.label if gamma is None else f"{spec.label} g={gamma}"
-            variants.append(dspark_variant(label, spec.label, gamma, pipe, cfg.seed))
+            variants.append(dspark_variant(label, spec.label, gamma, pipe, cfg.seed, **cfg.penalties))
             drafter = pipe.config.drafter.name
             if drafter == "draft_model" and first_draft_model is None:
                 first_draft_model = pipe
             if drafter == "ngram" and first_ngram is None:
                 first_ngram = pipe
     if cfg.peers.plain or cfg.peers.assisted or cfg.peers.prompt_lookup:
+        # the peers' one penalty (validation refused the others with peers on)
+        penalty = {} if cfg.repetition_penalty == 1.0 else {"repetition_penalty": cfg.repetition_penalty}
         target_hf = hf_model_of(first_pipe.target)
         pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         if cfg.peers.plain:
-            variants.append(hf_variant("hf plain", "hf_plain", None, target_hf, pad, cfg.seed))
+            variants.append(hf_variant("hf plain", "hf_plain", None, target_hf, pad, cfg.seed, **penalty))
         if cfg.peers.assisted and first_draft_model is not None:
             draft_hf = hf_model_of(first_draft_model.drafter.model)
             for gamma in cfg.gammas:
                 variants.append(hf_variant(f"hf assisted g={gamma}", "hf_assisted", gamma, target_hf, pad, cfg.seed, (1,),
                                            assistant_model=draft_hf, num_assistant_tokens=gamma,
-                                           num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0))
+                                           num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
+                                           **penalty))
         if cfg.peers.prompt_lookup and first_ngram is not None:
             max_n = first_ngram.config.drafter.max_n
             for gamma in cfg.gammas:
                 variants.append(hf_variant(f"hf prompt lookup g={gamma}", "hf_prompt_lookup", gamma, target_hf, pad,
-                                           cfg.seed, (1,), prompt_lookup_num_tokens=gamma, max_matching_ngram_size=max_n))
+                                           cfg.seed, (1,), prompt_lookup_num_tokens=gamma, max_matching_ngram_size=max_n,
+                                           **penalty))
     return variants, tokenizer
 
 
