@@ -71,7 +71,8 @@ def _generate(args: argparse.Namespace) -> int:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos,
                     progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
-                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs,
+                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
+                    top_logprobs=args.top_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty)
     if args.chat:
@@ -92,8 +93,9 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"--- request {i}")
         if streamer is None:
             print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))
-        if args.logprobs:
-            _print_logprobs(ids, result.logprobs[i], None if args.print_ids else pipe.tokenizer)
+        if result.logprobs is not None:
+            _print_logprobs(ids, result.logprobs[i], None if args.print_ids else pipe.tokenizer,
+                            None if result.top_logprobs is None else result.top_logprobs[i])
     print(f"[dspark] {result.stats.summary()}", file=sys.stderr)
     if args.stats_json:
         from dataclasses import asdict
@@ -113,15 +115,23 @@ def _write_outputs(path: str, prompts: list, result) -> None:
                 record["text"] = result.texts[i]
             if result.logprobs is not None:
                 record["logprobs"] = result.logprobs[i]
+            if result.top_logprobs is not None:
+                record["top_logprobs"] = result.top_logprobs[i]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer) -> None:
+def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer, top: list | None = None) -> None:
     """One line per generated token: its id, its text (with a tokenizer) and its log-probability
-    under the target's own distribution."""
-    for token, logprob in zip(ids, logprobs):
-        piece = "" if tokenizer is None else "\t" + repr(tokenizer.decode([token], skip_special_tokens=False))
-        print(f"{token}{piece}\t{logprob:.4f}")
+    under the target's own distribution; then, with ``top``, the likeliest tokens there as
+    ``id(text)=log-probability``."""
+    text = (lambda token: "") if tokenizer is None else (  # noqa: E731
+        lambda token: repr(tokenizer.decode([token], skip_special_tokens=False)))
+    for t, (token, logprob) in enumerate(zip(ids, logprobs)):
+        line = f"{token}\t{text(token)}\t{logprob:.4f}" if tokenizer is not None else f"{token}\t{logprob:.4f}"
+        if top is not None:
+            line += "\t" + " ".join(f"{alt}{'(' + text(alt) + ')' if tokenizer is not None else ''}={lp:.4f}"
+                                    for alt, lp in top[t])
+        print(line)
 
 
 class _IdsAsText:
@@ -237,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
     gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the others)")
-    gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs]) "
+    gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs, top_logprobs]) "
                                       "instead of printing the outputs")
     gen.add_argument("--chat", action="store_true",
                      help="each text prompt is a user message, rendered by the tokenizer's chat template")
@@ -263,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append",
                      help="a string that ends a request once generated (repeatable; kept in the output)")
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
+    gen.add_argument("--top-logprobs", type=int, default=0,
+                     help="with each token, the K likeliest tokens there and their log-probabilities (implies --logprobs)")
     gen.add_argument("--logprobs", action="store_true",
                      help="after each request, print every generated token with its log-probability under the target")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")

@@ -168,10 +168,13 @@ class Engine:
                  on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
                  stop_check: Callable[[int, list[int]], int | None] | None = None,
-                 logprobs: bool = False) -> tuple[list[list[int]], GenerationStats, list[list[float]] | None]:
-        """Decode one batch of token-id prompts (already validated); return generated ids, stats and,
-        with ``logprobs``, each generated token's log-probability under the target's own
-        distribution (before the sampler's processing), else ``None``.
+                 logprobs: bool = False, top_logprobs: int = 0) -> tuple[
+                     list[list[int]], GenerationStats, list[list[float]] | None, list[list[list[tuple[int, float]]]] | None]:
+        """Decode one batch of token-id prompts (already validated); return generated ids, stats,
+        with ``logprobs`` each generated token's log-probability under the target's own
+        distribution (before the sampler's processing), else ``None``, and with ``top_logprobs = k``
+        (and ``logprobs``) the ``k`` likeliest tokens there as ``(token, log-probability)`` pairs,
+        likeliest first, else ``None``.
 
         A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
         ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
@@ -202,7 +205,10 @@ class Engine:
             stop = torch.cat([stop, torch.tensor(stop_token_ids, dtype=torch.long, device=device)])
         logprob_buffer = (torch.zeros(batch, max_len + gamma + 1, dtype=torch.float32, device=device)
                           if logprobs else None)
-        stopper = _Stopper(stop, max_new_tokens, min_new_tokens, self.target.vocab_size, logprob_buffer)
+        top_buffers = None if not (logprobs and top_logprobs) else (
+            torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
+            torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))
+        stopper = _Stopper(stop, max_new_tokens, min_new_tokens, self.target.vocab_size, logprob_buffer, top_buffers)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
         self.scheduler.reset()
@@ -244,12 +250,16 @@ class Engine:
 
         rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
         generated = [row[1 + prompt_lengths[b]: 1 + row[0]] for b, row in enumerate(rows)]
-        token_logprobs = None
+        token_logprobs = top = None
         if logprob_buffer is not None:
             token_logprobs = [row[prompt_lengths[b]: prompt_lengths[b] + len(generated[b])]
                               for b, row in enumerate(logprob_buffer.tolist())]
+        if top_buffers is not None:
+            values, ids = (buffer.tolist() for buffer in top_buffers)
+            top = [[list(zip(ids[b][t], values[b][t])) for t in range(prompt_lengths[b], prompt_lengths[b] + len(generated[b]))]
+                   for b in range(batch)]
         wall = time.perf_counter() - started
-        return generated, counters.stats(generated, wall, prefill_time), token_logprobs
+        return generated, counters.stats(generated, wall, prefill_time), token_logprobs, top
 
     @staticmethod
     def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
@@ -443,10 +453,10 @@ class _Stopper:
     keeps stop tokens out of each request's first ``min_new_tokens`` tokens."""
 
     def __init__(self, eos: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, vocab_size: int = 0,
-                 logprobs: torch.Tensor | None = None):
+                 logprobs: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.eos = eos
         self.max_new_tokens = max_new_tokens
-        self.logprobs = logprobs
+        self.logprobs, self.top = logprobs, top
         self.min_new_tokens = min_new_tokens if eos.numel() else 0
         self.calls = 0  # target distributions suppressed so far (host int)
         if self.min_new_tokens:
@@ -470,14 +480,20 @@ class _Stopper:
         """Append ``emitted`` ``[B, K]``, of which the first ``num_emitted[b]`` are real; return how many
         were kept ``[B]`` (fewer after an EOS or when the budget runs out). One kernel for the batch.
         With :attr:`logprobs` (a ``[B, S]`` buffer beside ``state.tokens``), also record each
-        token's log-probability under the target's ``logits`` ``[B, ≥K, V]`` it was drawn after; as
-        with the tokens, what lands past a request's new length is never read (and is overwritten)."""
+        token's log-probability under the target's ``logits`` ``[B, ≥K, V]`` it was drawn after, and
+        with :attr:`top` (``[B, S, k]`` values and token ids) the ``k`` likeliest there; as with the
+        tokens, what lands past a request's new length is never read (and is overwritten)."""
         kept = kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
                                      num_emitted, self.eos, self.max_new_tokens)
         if self.logprobs is not None:
             width = emitted.shape[1]
-            logprobs = torch.log_softmax(logits[:, :width].float(), -1).gather(-1, emitted.unsqueeze(-1)).squeeze(-1)
+            distributions = torch.log_softmax(logits[:, :width].float(), -1)  # [B, K, V]
             start = state.lengths - kept  # where this call's tokens went
             positions = start.unsqueeze(1) + torch.arange(width, device=kept.device)  # [B, K]; γ + 1 spare columns
-            self.logprobs.scatter_(1, positions, logprobs)
+            self.logprobs.scatter_(1, positions, distributions.gather(-1, emitted.unsqueeze(-1)).squeeze(-1))
+            if self.top is not None:
+                values, ids = distributions.topk(self.top[0].shape[-1], -1)  # [B, K, k], likeliest first
+                index = positions.unsqueeze(-1).expand_as(ids)
+                self.top[0].scatter_(1, index, values)
+                self.top[1].scatter_(1, index, ids)
         return kept

@@ -23,6 +23,9 @@ from dspark.tokenization import has_tokenizer_files, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+#: the most alternatives ``generate(top_logprobs=k)`` returns per position (the OpenAI API's bound)
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass
 class GenerationResult:
@@ -35,12 +38,16 @@ class GenerationResult:
         logprobs: with ``generate(logprobs=True)``, one list per request: each generated token's
             log-probability under the target's own distribution (the model's log-softmax, before
             temperature and the other sampling settings), aligned with ``token_ids``; else ``None``.
+        top_logprobs: with ``generate(logprobs=True, top_logprobs=k)``, per request and generated
+            token, the ``k`` likeliest tokens of that distribution as ``(token id, log-probability)``
+            pairs, likeliest first; else ``None``.
     """
 
     token_ids: list[list[int]]
     texts: list[str] | None
     stats: GenerationStats
     logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 class Pipeline:
@@ -108,7 +115,7 @@ class Pipeline:
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
-                 min_new_tokens: int = 0, logprobs: bool = False, repetition_penalty: float = 1.0,
+                 min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
@@ -132,6 +139,8 @@ class Pipeline:
             progress: show a progress bar (default: ``engine.progress``).
             logprobs: also return each generated token's log-probability under the target
                 (:attr:`GenerationResult.logprobs`).
+            top_logprobs: with ``logprobs``, also the ``k`` likeliest tokens at each generated
+                position, ``0 ≤ k ≤ 20`` (:attr:`GenerationResult.top_logprobs`).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
                 accepted). The ids are final: request ``i``'s calls concatenate to its
@@ -147,6 +156,10 @@ class Pipeline:
                              f"got {min_new_tokens!r}")
         if not isinstance(logprobs, bool):
             raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+        if top_logprobs and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
         stop_ids = self._check_stop_token_ids(stop_token_ids)
         stop_strings = check_stop_strings(stop, self.tokenizer)
         if on_tokens is not None and not callable(on_tokens):
@@ -161,27 +174,30 @@ class Pipeline:
 
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show, max_new_tokens)
-        token_ids, parts, token_logprobs = [], [], [] if logprobs else None
+        token_ids, parts, token_logprobs, top = [], [], [] if logprobs else None, [] if top_logprobs else None
         size = self.engine.config.max_batch_size
         for start in range(0, len(encoded), size):
             chunk_callback = None if on_tokens is None else (
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
             stop_check = StopStrings(self.tokenizer, stop_strings, min_new_tokens) if stop_strings else None
-            ids, stats, chunk_logprobs = self.engine.generate(
+            ids, stats, chunk_logprobs, chunk_top = self.engine.generate(
                 encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
                 seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,
-                stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs)
+                stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs,
+                top_logprobs=top_logprobs)
             token_ids += ids
             parts.append(stats)
             if logprobs:
                 token_logprobs += chunk_logprobs
+            if top_logprobs:
+                top += chunk_top
         if bar is not None:
             bar.close()
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
-                                logprobs=token_logprobs)
+                                logprobs=token_logprobs, top_logprobs=top)
 
 
     def chat(self, conversations, *, chat_template: str | None = None, chat_template_kwargs: dict | None = None,

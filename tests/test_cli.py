@@ -123,6 +123,12 @@ def test_logprobs_prints_each_token_with_the_targets_log_probability(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == " ".join(map(str, expected.token_ids[0]))
     assert [len(line.split("\t")) for line in out[1:]] == [2] * 6  # id and log-probability
+    top = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        ["def add(a, b):"], max_new_tokens=6, temperature=1.0, seed=2, ignore_eos=True, logprobs=True, top_logprobs=3)
+    assert main([*args, "--top-logprobs", "3", "--print-ids"]) == 0  # implies --logprobs
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [[pair.split("=")[0] for pair in row[2].split()] for row in rows] == [
+        [str(token) for token, _ in alternatives] for alternatives in top.top_logprobs[0]]
 
 
 def test_prompts_file_and_output_jsonl(capsys, tmp_path):

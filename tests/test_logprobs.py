@@ -46,6 +46,41 @@ def test_logprobs_equal_a_teacher_forced_forward(drafter, temperature):
         assert all(lp >= -torch.log(torch.tensor(101.0)).item() for lps in result.logprobs for lp in lps)
 
 
+@pytest.mark.parametrize("drafter", list(DRAFTERS))
+def test_top_logprobs_equal_a_teacher_forced_forward(drafter):
+    """The k likeliest tokens at each generated position, likeliest first, with their
+    log-probabilities: those of one float64 forward over the finished sequence (sampled, with
+    penalties: the alternatives are the target's own distribution's, before any processing)."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"}, "drafter": DRAFTERS[drafter]},
+                                 target_model=target, overrides=["engine.max_batch_size=2"])
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    result = pipe.generate(prompts, max_new_tokens=16, temperature=1.0, seed=3, ignore_eos=True, logprobs=True,
+                           top_logprobs=4, repetition_penalty=1.3)
+    model = load_model(target, dtype="float64")
+    for prompt, ids, chosen, top in zip(prompts, result.token_ids, result.logprobs, result.top_logprobs):
+        assert len(top) == len(ids) and all(len(alternatives) == 4 for alternatives in top)
+        sequence = torch.tensor([prompt + ids])
+        with torch.inference_mode():
+            logits = model(sequence, model.new_cache(1, sequence.shape[1])).logits[0]
+        values, tokens = torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) - 1 + len(ids)].topk(4, -1)
+        assert [[token for token, _ in alternatives] for alternatives in top] == tokens.tolist()
+        for alternatives, want in zip(top, values.tolist()):
+            assert [lp for _, lp in alternatives] == pytest.approx(want, abs=1e-6)
+        for token, logprob, alternatives in zip(ids, chosen, top):  # the chosen token is among them or below them
+            assert token in [t for t, _ in alternatives] or logprob <= alternatives[-1][1] + 1e-9
+
+
+def test_top_logprobs_are_checked():
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        pipe.generate([[3, 4]], max_new_tokens=2, top_logprobs=3)
+    for bad in (-1, 21, 2.0, True):
+        with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 20\]"):
+            pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True, top_logprobs=bad)
+    assert pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True).top_logprobs is None
+
+
 def test_logprobs_must_be_a_flag():
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
     with pytest.raises(TypeError, match="logprobs must be True or False"):

@@ -129,7 +129,7 @@ def test_a_stop_check_ends_a_request_between_rounds(device):
         return 7 - before if index == 0 and before < 7 <= before + len(ids) else None
 
     calls, on_tokens = collect()
-    ids, stats, _ = pipe.engine.generate(prompts, max_new_tokens=24, params=dspark.SamplingParams(), seeds=[0, 1, 2],
+    ids, stats, *_ = pipe.engine.generate(prompts, max_new_tokens=24, params=dspark.SamplingParams(), seeds=[0, 1, 2],
                                       ignore_eos=True, on_tokens=on_tokens, stop_check=stop_after_seven)
     assert ids == [free.token_ids[0][:7], *free.token_ids[1:]]
     assert [sum((got for i, got in calls if i == b), []) for b in range(3)] == ids
