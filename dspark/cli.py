@@ -74,7 +74,7 @@ def _generate(args: argparse.Namespace) -> int:
                     min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
                     top_logprobs=args.top_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                    frequency_penalty=args.frequency_penalty)
+                    frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="subtracted from the logit of every token already in the output (in [-2, 2]; 0 = off)")
     gen.add_argument("--frequency-penalty", type=float, default=0.0,
                      help="times a token's count in the output, subtracted from its logit (in [-2, 2]; 0 = off)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                     help="no n-gram of this size occurs twice in prompt + output (0 = off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-id", type=int, action="append",

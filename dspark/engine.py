@@ -34,7 +34,7 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
 from dspark.records import DecodingState, DraftProposal, SamplingParams
 from dspark.samplers import Sampler
-from dspark.samplers.penalties import PenaltyHistory, penalize
+from dspark.samplers.penalties import PenaltyHistory
 from dspark.scheduling.prefix import survival
 from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
@@ -224,7 +224,7 @@ class Engine:
         first_logits = stopper.suppress(out.logits, state)
         if params.penalized:  # the history is the prompt
             state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths, out.logits.shape[-1])
-            first_logits = penalize(first_logits, state.penalties.counts.unsqueeze(1), state.penalties.in_prompt, params)
+            first_logits = state.penalties.penalize_verify(first_logits, no_drafts.tokens, no_drafts.num_tokens, params)
         first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         stopper.append(state, first.tokens, torch.ones_like(state.lengths), out.logits)
         state.max_cache_len = max_prompt

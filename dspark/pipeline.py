@@ -116,16 +116,18 @@ class Pipeline:
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
                  min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, repetition_penalty: float = 1.0,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> GenerationResult:
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 no_repeat_ngram_size: int = 0) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
             prompts: ``list[str]`` (needs a tokenizer) or ``list[list[int]]``.
             max_new_tokens: generation budget per request (≥ 1).
             temperature, top_k, top_p, min_p: sampling settings (see :class:`~dspark.records.SamplingParams`).
-            repetition_penalty, presence_penalty, frequency_penalty: penalties from each request's
-                history (1, 0, 0: off; see :mod:`dspark.samplers.penalties`); the drafts are verified
-                against the penalised target, so the output is exactly penalised decoding's.
+            repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size: penalties
+                from each request's history (1, 0, 0, 0: off; see :mod:`dspark.samplers.penalties`);
+                the drafts are verified against the penalised target, so the output is exactly
+                penalised decoding's.
             seed: one int (request ``i`` uses ``seed + i``), one int per request, or ``None`` (fresh
                 seeds from ``torch``'s global generator).
             ignore_eos: keep generating past EOS until ``max_new_tokens``.
@@ -167,7 +169,7 @@ class Pipeline:
                             f"got {type(on_tokens).__name__}")
         params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
                                 else temperature, top_k, top_p, min_p, _as_float(repetition_penalty),
-                                _as_float(presence_penalty), _as_float(frequency_penalty)).validate()
+                                _as_float(presence_penalty), _as_float(frequency_penalty), no_repeat_ngram_size).validate()
         encoded = self.encode(prompts)
         seeds = _request_seeds(seed, len(encoded))
         self.engine.check_fits([len(p) for p in encoded], max_new_tokens)

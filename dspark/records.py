@@ -38,7 +38,9 @@ class SamplingParams:
     positive logits and multiplies the negative ones of every token in the prompt or the output so
     far (transformers' ``repetition_penalty`` too); ``frequency_penalty`` subtracts ``f`` times the
     number of times a token occurs in the output so far, ``presence_penalty`` subtracts ``p`` once
-    if it occurs there at all (:mod:`dspark.samplers.penalties`).
+    if it occurs there at all; ``no_repeat_ngram_size`` ``n`` (transformers') gives probability 0
+    to every token that would repeat an n-gram of the prompt or the output
+    (:mod:`dspark.samplers.penalties`).
     """
 
     temperature: float = 0.0
@@ -48,6 +50,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -57,7 +60,8 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         """True when a penalty is on: the distributions then depend on each request's history."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.no_repeat_ngram_size != 0)
 
     def validate(self) -> "SamplingParams":
         """Raise ``ValueError`` naming the bad parameter and the allowed range; return self."""
@@ -76,6 +80,9 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 = disabled), got {value!r}")
+        if (isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int)
+                or self.no_repeat_ngram_size < 0):
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 = disabled), got {self.no_repeat_ngram_size!r}")
         return self
 
 

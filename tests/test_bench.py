@@ -61,6 +61,7 @@ def test_bench_with_a_repetition_penalty_matches_transformers(tmp_path):
     prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "The quick brown fox"}\n')
     cfg = smoke_config(tmp_path, prompts)
     cfg.temperatures, cfg.batch_sizes, cfg.max_new_tokens, cfg.repetition_penalty = [0.0], [1], 12, 1.6
+    cfg.no_repeat_ngram_size = 3
     report = run_bench(cfg, progress=False)
     assert report["greedy_mismatches"] == [] and report["config"]["repetition_penalty"] == 1.6
     assert "penalties: repetition_penalty 1.6" in (tmp_path / "out" / "bench.md").read_text()

@@ -211,17 +211,22 @@ def tiny_pair():
 
 def penalised(logits: torch.Tensor, seqs: torch.Tensor, params) -> torch.Tensor:
     """The penalties written out token by token: ``logits[n, t]`` (after ``seqs[n, :t+1]``) with the
-    repetition penalty on tokens of the prompt or the output so far, and the frequency and presence
-    penalties on the output's counts (vLLM's definitions)."""
-    out = logits.clone()
+    repetition penalty on tokens of the prompt or the output so far, the frequency and presence
+    penalties on the output's counts (vLLM's definitions), and −∞ for a token that would repeat an
+    n-gram of the sequence (transformers' ``no_repeat_ngram_size``)."""
+    out, size = logits.clone(), params.no_repeat_ngram_size
     for n, seq in enumerate(seqs.tolist()):
         for t in range(len(PROMPT) - 1, len(seq)):
-            output = seq[len(PROMPT): t + 1]
+            history, output = seq[: t + 1], seq[len(PROMPT): t + 1]
+            tail = history[len(history) - size + 1:] if size > 1 else []
+            banned = {history[i + size - 1] for i in range(len(history) - size + 1)
+                      if history[i: i + size - 1] == tail} if size else set()
             for v in range(logits.shape[-1]):
                 x = float(out[n, t, v])
                 if v in PROMPT or v in output:
                     x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
-                out[n, t, v] = x - params.frequency_penalty * output.count(v) - params.presence_penalty * (v in output)
+                x = x - params.frequency_penalty * output.count(v) - params.presence_penalty * (v in output)
+                out[n, t, v] = -float("inf") if v in banned else x
     return out
 
 
@@ -255,7 +260,8 @@ def empirical_joint(pipe, params, samples=20000, **options) -> torch.Tensor:
         result = pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=params.temperature, top_k=params.top_k,
                                top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                               seed=1000 + start, ignore_eos=True, **options)
+                               no_repeat_ngram_size=params.no_repeat_ngram_size, seed=1000 + start, ignore_eos=True,
+                               **options)
         ids = torch.tensor(result.token_ids)
         counts += torch.bincount(ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2],
                                  minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
@@ -285,21 +291,26 @@ def test_chi_square_joint_of_first_three_tokens(setting, drafter):
 
 # strong enough to move most of the mass: the prompt's tokens, and those drawn before, fall back
 PENALTIES = dspark.SamplingParams(1.0, repetition_penalty=2.5, presence_penalty=0.8, frequency_penalty=0.6)
+# no bigram twice: PROMPT = [3, 7, 1], so e.g. 7 may not follow a drawn 3, nor 1 a drawn 7
+NGRAM_BANS = dspark.SamplingParams(1.0, no_repeat_ngram_size=2, top_k=6)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setting", ["penalties", "ngram_bans"])
 @pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash",
                                      "dspark_rnn", "eagle3", "eagle3_draft_vocab", "dspark_scheduled",
                                      "draft_model_stop", "ngram_adaptive"])
-def test_chi_square_with_penalties(drafter):
-    """With penalties, the target's distribution at each verify position depends on the drafts
-    before it; speculative sampling must still give the penalised target's joint (enumerated
-    with the penalties written out). 20,000 samples, significance 0.001, fixed seeds."""
+def test_chi_square_with_penalties(drafter, setting):
+    """With penalties or n-gram bans, the target's distribution at each verify position depends on
+    the drafts before it; speculative sampling must still give the penalised target's joint
+    (enumerated with the penalties written out). 20,000 samples, significance 0.001, fixed seeds."""
+    params = PENALTIES if setting == "penalties" else NGRAM_BANS
     target, draft = tiny_pair()
-    exact = exact_joint(target, PENALTIES)
-    assert (exact - exact_joint(target, SETTINGS["temperature_1"])).abs().sum() > 0.5  # the penalties matter
+    exact = exact_joint(target, params)
+    unpenalised = exact_joint(target, dspark.SamplingParams(1.0, top_k=params.top_k))
+    assert (exact - unpenalised).abs().sum() > (0.5 if setting == "penalties" else 0.05)  # they matter
     pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
-    assert chi_square_p_value(empirical_joint(pipe, PENALTIES), exact) > 1e-3
+    assert chi_square_p_value(empirical_joint(pipe, params), exact) > 1e-3
 
 
 def test_chi_square_detects_penalties_without_the_drafts():
@@ -319,18 +330,20 @@ def test_chi_square_detects_penalties_without_the_drafts():
     assert chi_square_p_value(counts, exact_joint(target, PENALTIES)) < 1e-3
 
 
+@pytest.mark.parametrize("setting", ["penalties", "ngram_bans"])
 @pytest.mark.parametrize("drafter", DRAFTERS[1:])
-def test_greedy_with_penalties_equals_autoregressive(drafter):
+def test_greedy_with_penalties_equals_autoregressive(drafter, setting):
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9, 3, 14))
-    penalties = dict(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.4)
+    penalties = (dict(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.4) if setting == "penalties"
+                 else dict(no_repeat_ngram_size=2))
     plain = spec_pipeline(target, "none", 0)
     expected = plain.generate(prompts, max_new_tokens=24, ignore_eos=True, **penalties).token_ids
     assert expected != plain.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids
     result = spec_pipeline(target, drafter, 3).generate(prompts, max_new_tokens=24, ignore_eos=True, **penalties)
     assert result.token_ids == expected
-    if drafter == "draft_model_self":  # the target drafting for itself, penalised as it is verified: all accepted
-        assert result.stats.acceptance_by_position == [1.0] * 3
+    if drafter == "draft_model_self" and setting == "penalties":  # the target drafting for itself, penalised as
+        assert result.stats.acceptance_by_position == [1.0] * 3           # it is verified: all accepted
 
 
 @pytest.mark.slow

@@ -54,9 +54,10 @@ class BenchConfig:
             outputs (batch 1) with ``transformers``' plain generate, or with dspark ``none`` when that peer is off.
         output_dir: where ``bench.json``, ``bench.md`` and the PNGs go.
         seed: sampling seed; threads: torch CPU threads (``null`` = default).
-        repetition_penalty, presence_penalty, frequency_penalty: penalties for every variant (off:
-            1, 0, 0; :mod:`dspark.samplers.penalties`). The ``transformers`` peers take the
-            repetition penalty too; they have no presence or frequency penalty, so those need the peers off.
+        repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size: penalties for
+            every variant (off: 1, 0, 0, 0; :mod:`dspark.samplers.penalties`). The ``transformers``
+            peers take the repetition penalty and the n-gram size too; they have no presence or
+            frequency penalty, so those need the peers off.
     """
 
     pipelines: list[PipelineSpec] = field(default_factory=lambda: [PipelineSpec("none", None, ["drafter=none"], False)])
@@ -77,12 +78,13 @@ class BenchConfig:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
 
     @property
     def penalties(self) -> dict[str, float]:
         """The penalties as ``generate`` keyword arguments."""
         return dict(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty)
+                    frequency_penalty=self.frequency_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size)
 
     def validate(self) -> "BenchConfig":
         """Raise ``ValueError`` naming the bad setting."""

@@ -132,8 +132,10 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
             if drafter == "ngram" and first_ngram is None:
                 first_ngram = pipe
     if cfg.peers.plain or cfg.peers.assisted or cfg.peers.prompt_lookup:
-        # the peers' one penalty (validation refused the others with peers on)
-        penalty = {} if cfg.repetition_penalty == 1.0 else {"repetition_penalty": cfg.repetition_penalty}
+        # the penalties transformers has (validation refused the others with peers on)
+        penalty = {name: value for name, value, off in (("repetition_penalty", cfg.repetition_penalty, 1.0),
+                                                        ("no_repeat_ngram_size", cfg.no_repeat_ngram_size, 0))
+                   if value != off}
         target_hf = hf_model_of(first_pipe.target)
         pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         if cfg.peers.plain:

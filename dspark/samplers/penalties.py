@@ -1,12 +1,14 @@
-"""Repetition, presence and frequency penalties: logits that depend on each request's history.
+"""Repetition, presence and frequency penalties, n-gram bans: logits that depend on each request's history.
 
-Definitions (vLLM's and the OpenAI API's; ``repetition_penalty`` is also transformers'), applied
-to the logits before temperature and the top-k / top-p / min-p filters:
+Definitions (vLLM's and the OpenAI API's; ``repetition_penalty`` and ``no_repeat_ngram_size`` are
+also transformers'), applied to the logits before temperature and the top-k / top-p / min-p filters:
 
 * ``repetition_penalty`` ``r``: every token in the prompt or the output so far has its logit
   divided by ``r`` if positive, multiplied by ``r`` otherwise;
 * ``frequency_penalty`` ``f``: ``f × (occurrences of the token in the output so far)`` is subtracted;
-* ``presence_penalty`` ``p``: ``p`` is subtracted once from every token that occurs in the output.
+* ``presence_penalty`` ``p``: ``p`` is subtracted once from every token that occurs in the output;
+* ``no_repeat_ngram_size`` ``n``: a token that would complete an n-gram already present in the
+  prompt and output (its first ``n − 1`` tokens being the last ``n − 1`` so far) gets logit −∞.
 
 **Why speculative decoding stays exact.** The target's distribution at verify position ``j`` (after
 the anchor and the drafts ``x_1..x_j``) is penalised with the history those drafts extend, i.e. the
@@ -32,10 +34,14 @@ class PenaltyHistory:
         counts: ``[B, V]`` float32, occurrences of each token in each request's output so far
             (the generated tokens; the anchor is the last of them).
         in_prompt: ``[B, V]`` bool, the tokens of each request's prompt.
+        tokens, lengths: the committed tokens ``[B, W]`` (prompt, then output) and their number
+            ``[B]`` (the decoding state's own tensors: the n-gram bans read them).
     """
 
     counts: torch.Tensor
     in_prompt: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
 
     @classmethod
     def of(cls, tokens: torch.Tensor, prompt_lengths: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
@@ -49,7 +55,7 @@ class PenaltyHistory:
         if in_prompt is None:
             in_prompt = tokens.new_zeros(tokens.shape[0], vocab_size, dtype=torch.float32).scatter_add_(
                 1, tokens, prompt.float()) > 0
-        return cls(counts, in_prompt)
+        return cls(counts, in_prompt, tokens, lengths)
 
     def penalize_verify(self, logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
                         params: SamplingParams) -> torch.Tensor:
@@ -66,6 +72,9 @@ class PenaltyHistory:
         """
         out = penalize(logits, self.counts.unsqueeze(1), self.in_prompt, params)
         width, vocab = drafts.shape[1], self.counts.shape[1]
+        if params.no_repeat_ngram_size:
+            banned = banned_ngrams(self.tokens, self.lengths, drafts, params.no_repeat_ngram_size, vocab)
+            out = out.masked_fill(banned, float("-inf"))
         if width == 0:
             return out
         positions = torch.arange(width + 1, device=drafts.device)
@@ -77,7 +86,34 @@ class PenaltyHistory:
         index = tokens.unsqueeze(1).expand(-1, width + 1, -1)  # [B, K+1, K]
         counts = self.counts.gather(1, tokens).unsqueeze(1) + extra
         fixed = penalized(logits.gather(2, index), counts, self.in_prompt.gather(1, tokens).unsqueeze(1), params)
+        if params.no_repeat_ngram_size:  # a banned draft token stays banned
+            fixed = fixed.masked_fill(banned.gather(2, index), float("-inf"))
         return out.scatter(2, index, fixed)
+
+
+def banned_ngrams(tokens: torch.Tensor, lengths: torch.Tensor, drafts: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """``[B, K+1, V]`` bool: the tokens ``no_repeat_ngram_size = n`` forbids at each verify position.
+
+    Position ``j`` follows the committed tokens ``tokens[b, :lengths[b]]`` ``[B, W]`` and the drafts
+    ``x_1..x_j`` of ``drafts`` ``[B, K]``; a token is banned there when it ends an n-gram of that
+    sequence whose first ``n − 1`` tokens are the sequence's last ``n − 1``. Every window of the
+    sequence is compared at once (``[B, K+1, W + K, n − 1]`` comparisons), on the device.
+    """
+    batch, width = drafts.shape
+    columns = torch.arange(width + 1, device=tokens.device)
+    # the sequence of the last position: committed tokens, then the drafts (padding drafts are
+    # written too; a position never sees a draft after its own)
+    sequence = torch.cat([tokens, tokens.new_zeros(batch, width)], 1)
+    sequence = sequence.scatter(1, lengths.unsqueeze(1) + columns[:width], drafts)  # [B, W + K]
+    ends = lengths.unsqueeze(1) + columns  # [B, K+1]: sequence length at position j
+    windows = sequence.unfold(1, n, 1)  # [B, N, n], N = W + K − n + 1
+    suffix = sequence.gather(1, (ends.unsqueeze(-1) - (n - 1) + torch.arange(n - 1, device=tokens.device)).clamp(min=0)
+                             .flatten(1)).view(batch, width + 1, n - 1)  # [B, K+1, n−1]
+    same = (windows[:, None, :, : n - 1] == suffix[:, :, None, :]).all(-1)  # [B, K+1, N]
+    inside = torch.arange(windows.shape[1], device=tokens.device) <= ends.unsqueeze(-1) - n  # the window is history
+    follower = windows[:, None, :, n - 1].expand(-1, width + 1, -1)  # [B, K+1, N]
+    hits = torch.zeros(batch, width + 1, vocab_size, device=tokens.device)
+    return hits.scatter_reduce_(2, follower, (same & inside).float(), "amax") > 0
 
 
 def penalized(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import dspark
 from dspark.records import SamplingParams
-from dspark.samplers.penalties import PenaltyHistory, after_draft, counted, draft_penalty, penalize_draft
+from dspark.samplers.penalties import PenaltyHistory, after_draft, banned_ngrams, counted, draft_penalty, penalize_draft
 
 from helpers import ragged_prompts, tiny_hf_model
 
@@ -67,6 +67,31 @@ def test_a_drafters_running_penalty_is_the_verifiers():
     assert torch.equal(counted(torch.zeros(1, 4), torch.tensor([2])), torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
 
 
+def reference_bans(sequence: list[int], n: int) -> set[int]:
+    """transformers' no_repeat_ngram_size rule, written out: the tokens that followed an earlier
+    occurrence of the sequence's last n − 1 tokens."""
+    if len(sequence) < n:
+        return set()
+    suffix = sequence[len(sequence) - n + 1:]
+    return {sequence[i + n - 1] for i in range(len(sequence) - n + 1) if sequence[i:i + n - 1] == suffix}
+
+
+@given(n=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_ngram_bans_match_the_definition(n, seed):
+    """Each verify position's bans read the committed tokens and the drafts before it (three
+    tokens, so that n-grams repeat)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, width = 3, 4
+    tokens = torch.randint(0, vocab, (3, 9), generator=g)
+    lengths = torch.tensor([5, 1, 9 - width])
+    drafts = torch.randint(0, vocab, (3, width), generator=g)
+    banned = banned_ngrams(tokens, lengths, drafts, n, vocab)
+    for b in range(3):
+        for j in range(width + 1):
+            sequence = tokens[b, :lengths[b]].tolist() + drafts[b, :j].tolist()
+            assert set(banned[b, j].nonzero().flatten().tolist()) == reference_bans(sequence, n)
+
+
 def test_no_penalty_changes_nothing():
     logits = torch.randn(2, 3, 7)
     history = PenaltyHistory.of(torch.randint(0, 7, (2, 5)), torch.tensor([2, 2]), torch.tensor([5, 4]), 7)
@@ -93,7 +118,27 @@ def test_repetition_penalty_greedy_equals_transformers(family):
     assert got != pipe.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids  # the penalty mattered
 
 
-@pytest.mark.parametrize("name, value", [("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_no_repeat_ngram_size_greedy_equals_transformers(family):
+    """transformers' ``no_repeat_ngram_size`` (over prompt and output), plain and speculative."""
+    target = tiny_hf_model(family, scale=3.0)
+    prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9))
+    expected = []
+    for prompt in prompts:
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                                  no_repeat_ngram_size=2, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    for drafter in ("none", {"name": "eagle3", "num_speculative_tokens": 3, "path": None},
+                    {"name": "ngram", "num_speculative_tokens": 3, "min_n": 1, "max_n": 2}):
+        pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": drafter}, target_model=target)
+        assert pipe.generate(prompts, max_new_tokens=20, ignore_eos=True, no_repeat_ngram_size=2).token_ids == expected
+    assert expected != pipe.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids  # the bans mattered
+
+
+@pytest.mark.parametrize("name, value", [("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 2.0),
+                                         ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
                                          ("repetition_penalty", float("inf")), ("repetition_penalty", float("nan")),
                                          ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
                                          ("frequency_penalty", float("nan")), ("presence_penalty", "0.5"),
