@@ -111,9 +111,11 @@ def banned_ngrams(tokens: torch.Tensor, lengths: torch.Tensor, drafts: torch.Ten
                              .flatten(1)).view(batch, width + 1, n - 1)  # [B, K+1, n−1]
     same = (windows[:, None, :, : n - 1] == suffix[:, :, None, :]).all(-1)  # [B, K+1, N]
     inside = torch.arange(windows.shape[1], device=tokens.device) <= ends.unsqueeze(-1) - n  # the window is history
-    follower = windows[:, None, :, n - 1].expand(-1, width + 1, -1)  # [B, K+1, N]
-    hits = torch.zeros(batch, width + 1, vocab_size, device=tokens.device)
-    return hits.scatter_reduce_(2, follower, (same & inside).float(), "amax") > 0
+    # each matching window bans its last token; the others write to a spare column (every write is
+    # True, so windows that repeat a token agree)
+    follower = torch.where(same & inside, windows[:, None, :, n - 1], vocab_size)  # [B, K+1, N]
+    banned = torch.zeros(batch, width + 1, vocab_size + 1, dtype=torch.bool, device=tokens.device)
+    return banned.scatter_(2, follower, True)[..., :vocab_size]
 
 
 def penalized(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
