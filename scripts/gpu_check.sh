@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one device check for a session lent a GPU (4–6 minutes): the GPU-marked tests, the
+# The one device check for a session lent a GPU (5–7 minutes): the GPU-marked tests, the
 # kernel-vs-twin and CUDA-graph timings (benchmarks/gpu_check.py), then the drafters on the GPU
 # (dspark bench --config configs/bench/gpu.yaml). Results land in $OUT (or ./gpu_out), at most
 # eight files: device.txt, gpu_tests.txt, gpu_check.{json,md,log}, bench_gpu.{json,md}, bench.log.
@@ -26,7 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUF
 
 per_test=()  # pytest-timeout is in the image; a hung test then fails alone
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
-timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -p no:cacheprovider "${per_test[@]}" -rA --durations=10 tests \
+timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -m gpu -p no:cacheprovider "${per_test[@]}" -rA --durations=10 tests \
     > "$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
 tail -5 "$OUT/gpu_tests.txt"
