@@ -74,7 +74,8 @@ def _generate(args: argparse.Namespace) -> int:
                     min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
                     top_logprobs=args.top_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                    frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+                    frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    logit_bias=_logit_bias(args.logit_bias))
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -103,6 +104,19 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(asdict(result.stats), f, indent=2)
     return 0
+
+
+def _logit_bias(text: str | None) -> dict[int, float] | None:
+    """``--logit-bias``'s JSON object, its keys (strings in JSON) read as token ids."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return {int(token): bias for token, bias in value.items()}
+    except ValueError as err:
+        raise SystemExit(f"dspark generate: --logit-bias must be a JSON object {{token id: bias}}, got {text!r} ({err})") from None
 
 
 def _write_outputs(path: str, prompts: list, result) -> None:
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="subtracted from the logit of every token already in the output (in [-2, 2]; 0 = off)")
     gen.add_argument("--frequency-penalty", type=float, default=0.0,
                      help="times a token's count in the output, subtracted from its logit (in [-2, 2]; 0 = off)")
+    gen.add_argument("--logit-bias", help="a JSON object {token id: bias}, biases in [-100, 100], e.g. '{\"0\": -100}'")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0,
                      help="no n-gram of this size occurs twice in prompt + output (0 = off)")
     gen.add_argument("--seed", type=int, default=0)

@@ -117,7 +117,7 @@ class Pipeline:
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
                  min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 no_repeat_ngram_size: int = 0) -> GenerationResult:
+                 no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -128,6 +128,8 @@ class Pipeline:
                 from each request's history (1, 0, 0, 0: off; see :mod:`dspark.samplers.penalties`);
                 the drafts are verified against the penalised target, so the output is exactly
                 penalised decoding's.
+            logit_bias: ``{token id: bias}``, biases in [-100, 100] added to those logits first
+                (the OpenAI API's; -100 all but bans a token).
             seed: one int (request ``i`` uses ``seed + i``), one int per request, or ``None`` (fresh
                 seeds from ``torch``'s global generator).
             ignore_eos: keep generating past EOS until ``max_new_tokens``.
@@ -169,7 +171,8 @@ class Pipeline:
                             f"got {type(on_tokens).__name__}")
         params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
                                 else temperature, top_k, top_p, min_p, _as_float(repetition_penalty),
-                                _as_float(presence_penalty), _as_float(frequency_penalty), no_repeat_ngram_size).validate()
+                                _as_float(presence_penalty), _as_float(frequency_penalty), no_repeat_ngram_size,
+                                self._logit_bias(logit_bias)).validate()
         encoded = self.encode(prompts)
         seeds = _request_seeds(seed, len(encoded))
         self.engine.check_fits([len(p) for p in encoded], max_new_tokens)
@@ -201,6 +204,21 @@ class Pipeline:
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
                                 logprobs=token_logprobs, top_logprobs=top)
 
+
+    def _logit_bias(self, logit_bias) -> tuple[tuple[int, float], ...]:
+        """``generate``'s ``logit_bias`` as the parameters hold it (sorted pairs), its token ids
+        checked against the target's vocabulary (the rest by :meth:`SamplingParams.validate`)."""
+        if logit_bias is None:
+            return ()
+        if not isinstance(logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {type(logit_bias).__name__}")
+        vocab = self.engine.target.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids (integers), got {list(logit_bias)!r}")
+        outside = [t for t in logit_bias if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"logit_bias token ids {outside} are outside the target's vocabulary (0..{vocab - 1})")
+        return tuple(sorted((t, _as_float(b)) for t, b in logit_bias.items()))
 
     def chat(self, conversations, *, chat_template: str | None = None, chat_template_kwargs: dict | None = None,
              **generate_kwargs) -> GenerationResult:

@@ -40,7 +40,8 @@ class SamplingParams:
     number of times a token occurs in the output so far, ``presence_penalty`` subtracts ``p`` once
     if it occurs there at all; ``no_repeat_ngram_size`` ``n`` (transformers') gives probability 0
     to every token that would repeat an n-gram of the prompt or the output
-    (:mod:`dspark.samplers.penalties`).
+    (:mod:`dspark.samplers.penalties`). ``logit_bias`` (the OpenAI API's: ``(token id, bias)``
+    pairs, biases in [-100, 100]) is added to those tokens' logits first.
     """
 
     temperature: float = 0.0
@@ -51,6 +52,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -59,9 +61,10 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """True when a penalty is on: the distributions then depend on each request's history."""
+        """True when a penalty or a logit bias is on: the logits are adjusted before the sampler's
+        processing (the penalties from each request's history)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.no_repeat_ngram_size != 0)
+                or self.no_repeat_ngram_size != 0 or bool(self.logit_bias))
 
     def validate(self) -> "SamplingParams":
         """Raise ``ValueError`` naming the bad parameter and the allowed range; return self."""
@@ -83,6 +86,14 @@ class SamplingParams:
         if (isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int)
                 or self.no_repeat_ngram_size < 0):
             raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 = disabled), got {self.no_repeat_ngram_size!r}")
+        if not isinstance(self.logit_bias, tuple) or not all(
+                isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)
+                and pair[0] >= 0 and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
+                and -100.0 <= pair[1] <= 100.0 for pair in self.logit_bias):
+            raise ValueError("logit_bias must map token ids (integers >= 0) to biases in [-100, 100], "
+                             f"got {self.logit_bias!r}")
+        if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError(f"logit_bias names a token twice: {self.logit_bias!r}")
         return self
 
 

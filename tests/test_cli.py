@@ -84,16 +84,20 @@ def test_penalties_are_the_apis(capsys):
     import dspark
 
     prompt = "def fibonacci(n):"
-    penalties = dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1, no_repeat_ngram_size=3)
+    penalties = dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1, no_repeat_ngram_size=3,
+                     logit_bias={5: -3.0, 40: 2.5})
     want = dspark.build_pipeline("configs/ar.yaml", overrides=["target.device=cpu"]).generate(
         [prompt], max_new_tokens=12, ignore_eos=True, **penalties).token_ids[0]
     for config in ("ar", "eagle3"):
         assert main(["generate", "--config", config, "--prompt", prompt, "--print-ids", "--max-new-tokens", "12",
                      "--ignore-eos", "--repetition-penalty", "1.3", "--presence-penalty", "0.2",
-                     "--frequency-penalty", "0.1", "--no-repeat-ngram-size", "3", "target.device=cpu"]) == 0
+                     "--frequency-penalty", "0.1", "--no-repeat-ngram-size", "3", "--logit-bias", '{"5": -3, "40": 2.5}',
+                     "target.device=cpu"]) == 0
         assert [int(t) for t in capsys.readouterr().out.split()] == want
     assert main(["generate", "--config", "ar", "--prompt", prompt, "--presence-penalty", "3", "target.device=cpu"]) == 2
     assert "presence_penalty must be a number in [-2, 2]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--logit-bias must be a JSON object"):
+        main(["generate", "--config", "ar", "--prompt", prompt, "--logit-bias", "[1, 2]", "target.device=cpu"])
 
 
 def test_stop_string_ends_the_request(capsys):

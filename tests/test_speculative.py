@@ -211,10 +211,10 @@ def tiny_pair():
 
 def penalised(logits: torch.Tensor, seqs: torch.Tensor, params) -> torch.Tensor:
     """The penalties written out token by token: ``logits[n, t]`` (after ``seqs[n, :t+1]``) with the
-    repetition penalty on tokens of the prompt or the output so far, the frequency and presence
+    logit bias added, then the repetition penalty on tokens of the prompt or the output so far, the frequency and presence
     penalties on the output's counts (vLLM's definitions), and −∞ for a token that would repeat an
     n-gram of the sequence (transformers' ``no_repeat_ngram_size``)."""
-    out, size = logits.clone(), params.no_repeat_ngram_size
+    out, size, bias = logits.clone(), params.no_repeat_ngram_size, dict(params.logit_bias)
     for n, seq in enumerate(seqs.tolist()):
         for t in range(len(PROMPT) - 1, len(seq)):
             history, output = seq[: t + 1], seq[len(PROMPT): t + 1]
@@ -222,7 +222,7 @@ def penalised(logits: torch.Tensor, seqs: torch.Tensor, params) -> torch.Tensor:
             banned = {history[i + size - 1] for i in range(len(history) - size + 1)
                       if history[i: i + size - 1] == tail} if size else set()
             for v in range(logits.shape[-1]):
-                x = float(out[n, t, v])
+                x = float(out[n, t, v]) + bias.get(v, 0.0)
                 if v in PROMPT or v in output:
                     x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
                 x = x - params.frequency_penalty * output.count(v) - params.presence_penalty * (v in output)
@@ -260,8 +260,8 @@ def empirical_joint(pipe, params, samples=20000, **options) -> torch.Tensor:
         result = pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=params.temperature, top_k=params.top_k,
                                top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                               no_repeat_ngram_size=params.no_repeat_ngram_size, seed=1000 + start, ignore_eos=True,
-                               **options)
+                               no_repeat_ngram_size=params.no_repeat_ngram_size, logit_bias=dict(params.logit_bias),
+                               seed=1000 + start, ignore_eos=True, **options)
         ids = torch.tensor(result.token_ids)
         counts += torch.bincount(ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2],
                                  minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
@@ -290,7 +290,8 @@ def test_chi_square_joint_of_first_three_tokens(setting, drafter):
 
 
 # strong enough to move most of the mass: the prompt's tokens, and those drawn before, fall back
-PENALTIES = dspark.SamplingParams(1.0, repetition_penalty=2.5, presence_penalty=0.8, frequency_penalty=0.6)
+PENALTIES = dspark.SamplingParams(1.0, repetition_penalty=2.5, presence_penalty=0.8, frequency_penalty=0.6,
+                                  logit_bias=((2, 1.5), (5, -2.0), (7, 0.7)))
 # no bigram twice: PROMPT = [3, 7, 1], so e.g. 7 may not follow a drawn 3, nor 1 a drawn 7
 NGRAM_BANS = dspark.SamplingParams(1.0, no_repeat_ngram_size=2, top_k=6)
 
@@ -335,8 +336,8 @@ def test_chi_square_detects_penalties_without_the_drafts():
 def test_greedy_with_penalties_equals_autoregressive(drafter, setting):
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9, 3, 14))
-    penalties = (dict(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.4) if setting == "penalties"
-                 else dict(no_repeat_ngram_size=2))
+    penalties = (dict(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.4, logit_bias={3: 2.0, 9: -4.0})
+                 if setting == "penalties" else dict(no_repeat_ngram_size=2))
     plain = spec_pipeline(target, "none", 0)
     expected = plain.generate(prompts, max_new_tokens=24, ignore_eos=True, **penalties).token_ids
     assert expected != plain.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids

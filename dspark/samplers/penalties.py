@@ -8,7 +8,9 @@ also transformers'), applied to the logits before temperature and the top-k / to
 * ``frequency_penalty`` ``f``: ``f × (occurrences of the token in the output so far)`` is subtracted;
 * ``presence_penalty`` ``p``: ``p`` is subtracted once from every token that occurs in the output;
 * ``no_repeat_ngram_size`` ``n``: a token that would complete an n-gram already present in the
-  prompt and output (its first ``n − 1`` tokens being the last ``n − 1`` so far) gets logit −∞.
+  prompt and output (its first ``n − 1`` tokens being the last ``n − 1`` so far) gets logit −∞;
+* ``logit_bias``: a fixed amount added to chosen tokens' logits, before the penalties (the
+  OpenAI API's; it does not depend on the history, and rides along here).
 
 **Why speculative decoding stays exact.** The target's distribution at verify position ``j`` (after
 the anchor and the drafts ``x_1..x_j``) is penalised with the history those drafts extend, i.e. the
@@ -66,11 +68,13 @@ class PenaltyHistory:
             drafts: ``[B, K]`` the verified drafts; those past ``num_drafts[b]`` ``[B]`` (padding)
                 count nowhere.
 
-        Every position is first penalised with the committed history alone; then the entries of
-        the draft tokens, the only ones the drafts change, are recomputed with their counts at
-        each position (``[B, K+1, K]`` values): no ``[B, K+1, V]`` counts are built.
+        The logit bias goes first. Every position is then penalised with the committed history
+        alone; then the entries of the draft tokens, the only ones the drafts change, are
+        recomputed with their counts at each position (``[B, K+1, K]`` values): no
+        ``[B, K+1, V]`` counts are built.
         """
-        out = penalize(logits, self.counts.unsqueeze(1), self.in_prompt, params)
+        logits = biased(logits, params)
+        out = penalized(logits, self.counts.unsqueeze(1), self.in_prompt.unsqueeze(1), params)
         width, vocab = drafts.shape[1], self.counts.shape[1]
         if params.no_repeat_ngram_size:
             banned = banned_ngrams(self.tokens, self.lengths, drafts, params.no_repeat_ngram_size, vocab)
@@ -132,8 +136,18 @@ def penalized(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tenso
     return logits
 
 
+def biased(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``logits`` ``[..., V]`` plus ``params.logit_bias`` (unchanged without one)."""
+    if not params.logit_bias:
+        return logits
+    tokens, bias = zip(*params.logit_bias)
+    index = torch.tensor(tokens, device=logits.device)
+    values = torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, index, values.expand(*logits.shape[:-1], len(tokens)))
+
+
 def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """``logits`` ``[B, ..., V]`` with the penalties of ``params`` applied (a new tensor).
+    """``logits`` ``[B, ..., V]`` with the logit bias and the penalties of ``params`` applied (a new tensor).
 
     Args:
         counts: output occurrences before each position, ``[B, ..., V]`` or broadcastable to it
@@ -142,7 +156,7 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor
         in_prompt: ``[B, V]`` bool, each request's prompt tokens.
     """
     prompt = in_prompt.view(in_prompt.shape[0], *([1] * (logits.dim() - 2)), in_prompt.shape[1])
-    return penalized(logits, counts, prompt, params)
+    return penalized(biased(logits, params), counts, prompt, params)
 
 
 def counted(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

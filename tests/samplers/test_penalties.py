@@ -14,9 +14,10 @@ from helpers import ragged_prompts, tiny_hf_model
 
 
 def reference(logits: list[float], prompt: list[int], output: list[int], params: SamplingParams) -> list[float]:
-    """vLLM's definitions, one token at a time, in Python floats."""
-    out = []
+    """vLLM's definitions, one token at a time, in Python floats: the logit bias, then the penalties."""
+    out, bias = [], dict(params.logit_bias)
     for v, x in enumerate(logits):
+        x = x + bias.get(v, 0.0)
         if v in prompt or v in output:
             x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
         out.append(x - params.frequency_penalty * output.count(v) - params.presence_penalty * (v in output))
@@ -25,7 +26,9 @@ def reference(logits: list[float], prompt: list[int], output: list[int], params:
 
 penalty_params = st.builds(SamplingParams, temperature=st.just(1.0),
                            repetition_penalty=st.floats(0.2, 5.0), presence_penalty=st.floats(-2.0, 2.0),
-                           frequency_penalty=st.floats(-2.0, 2.0))
+                           frequency_penalty=st.floats(-2.0, 2.0),
+                           logit_bias=st.dictionaries(st.integers(0, 5), st.floats(-100, 100), max_size=3).map(
+                               lambda bias: tuple(sorted(bias.items()))))
 
 
 @given(params=penalty_params, seed=st.integers(0, 2**16))
@@ -137,7 +140,36 @@ def test_no_repeat_ngram_size_greedy_equals_transformers(family):
     assert expected != pipe.generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids  # the bans mattered
 
 
-@pytest.mark.parametrize("name, value", [("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 2.0),
+def test_logit_bias_greedy_equals_transformers_sequence_bias():
+    """A bias against each prompt's likeliest first tokens, as transformers' single-token
+    ``sequence_bias``; plain and speculative (the drafters bias their drafts the same way)."""
+    target = tiny_hf_model("llama", scale=3.0)
+    prompts = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9))
+    plain = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "none"}}, target_model=target)
+    free = plain.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
+    bias = {free[0][0]: -30.0, free[1][0]: -5.5, 7: 4.0}
+    expected = []
+    for prompt in prompts:
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                                  sequence_bias={(t,): b for t, b in bias.items()}, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    assert expected != free
+    for drafter in ("none", {"name": "eagle3", "num_speculative_tokens": 3, "path": None},
+                    {"name": "draft_model", "num_speculative_tokens": 3}):
+        pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": drafter}, target_model=target,
+                                     draft_model=target if isinstance(drafter, dict) and drafter["name"] == "draft_model" else None)
+        result = pipe.generate(prompts, max_new_tokens=16, ignore_eos=True, logit_bias=bias)
+        assert result.token_ids == expected
+        if isinstance(drafter, dict) and drafter["name"] == "draft_model":  # the target drafting for itself, biased
+            assert result.stats.acceptance_by_position == [1.0] * 3
+
+
+@pytest.mark.parametrize("name, value", [("logit_bias", {3: 101.0}), ("logit_bias", {3: float("nan")}),
+                                         ("logit_bias", {-1: 1.0}), ("logit_bias", {10**6: 1.0}),
+                                         ("logit_bias", {"3": 1.0}), ("logit_bias", [(3, 1.0)]),
+                                         ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 2.0),
                                          ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
                                          ("repetition_penalty", float("inf")), ("repetition_penalty", float("nan")),
                                          ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
