@@ -14,7 +14,7 @@ from dspark.drafters.early_stop import check_min_survival, draft_while_likely, t
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
-from dspark.samplers.penalties import after_draft, draft_penalty, penalize_draft
+from dspark.samplers.penalties import DraftPenalty, after_draft, draft_penalty, penalize_draft
 
 
 #: skipped rounds after which the draft model is fed the tokens it lacks without drafting
@@ -179,8 +179,8 @@ class DraftModelDrafter(Drafter):
         self.fed = torch.where(active, self.fed_steps, 0)
         return proposal
 
-    def draft_steps(self, logits: torch.Tensor, penalty, num_new: torch.Tensor, uniforms: torch.Tensor, params,
-                    kv_len: int, start: int, stop: int):
+    def draft_steps(self, logits: torch.Tensor, penalty: DraftPenalty, num_new: torch.Tensor, uniforms: torch.Tensor,
+                    params, kv_len: int, start: int, stop: int):
         """Draft ``x_{start+1}..x_stop`` left to right from ``logits`` ``[B, V]`` (those of step
         ``start + 1``) and the penalty there (:mod:`dspark.samplers.penalties`; ``None`` without),
         feeding each draft but ``x_γ`` (``num_new`` ``[B]``: 1, or 0 for finished requests): tokens

@@ -19,7 +19,7 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
-from dspark.samplers.penalties import after_draft, draft_penalty, penalize_draft
+from dspark.samplers.penalties import DraftPenalty, after_draft, draft_penalty, penalize_draft
 
 CHECKPOINT_KEY = "block_drafter"  # config.json key of the architecture
 
@@ -272,14 +272,14 @@ class DSparkDrafter(Drafter):
                              confidence=confidence)
 
     def append_and_draft(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor, anchor: torch.Tensor,
-                         penalty, uniforms: torch.Tensor, params, kv_len: int):
+                         penalty: DraftPenalty, uniforms: torch.Tensor, params, kv_len: int):
         """Append a round's context, then :meth:`draft_block` after it, as one function (one compiled
         call per round instead of two)."""
         self._append_context(hidden_states, num_new)
         return self.draft_block(anchor, self.cache.lengths, penalty, uniforms, params, kv_len)
 
-    def draft_block(self, anchor: torch.Tensor, context_lengths: torch.Tensor, penalty, uniforms: torch.Tensor, params,
-                    kv_len: int):
+    def draft_block(self, anchor: torch.Tensor, context_lengths: torch.Tensor, penalty: DraftPenalty,
+                    uniforms: torch.Tensor, params, kv_len: int):
         """Draft one block after each anchor ``[B]`` given ``context_lengths`` ``[B]`` committed context
         positions: tokens ``[B, γ]``, ``q`` ``[B, γ, V]`` (``None`` when greedy), confidences ``[B, γ]``.
         ``penalty`` (:mod:`dspark.samplers.penalties`; ``None`` without): the penalty after the

@@ -20,7 +20,7 @@ from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
 from dspark.models.native import build_attention_mask
 from dspark.records import DecodingState, DraftProposal, ModelOutput, VerificationResult
-from dspark.samplers.penalties import after_draft, draft_penalty, penalize_draft
+from dspark.samplers.penalties import DraftPenalty, after_draft, draft_penalty, penalize_draft
 
 CHECKPOINT_KEY = "eagle3"  # config.json key of the architecture
 
@@ -274,7 +274,7 @@ class Eagle3Drafter(Drafter):
                                          min_survival=self.min_survival, done=state.done)
         return proposal
 
-    def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, penalty, lengths: torch.Tensor,
+    def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, penalty: DraftPenalty, lengths: torch.Tensor,
                     uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int):
         """Draft ``x_{start+1}..x_stop`` left to right over a pair cache of ``lengths`` ``[B]``: from the
         last committed pair's output ``d`` ``[B, H]`` when ``start`` is 0, else from the output ``d``
@@ -305,7 +305,7 @@ class Eagle3Drafter(Drafter):
         return top_probability(logits)
 
     def append_and_draft(self, following: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
-                         penalty, uniforms: torch.Tensor, params, kv_len: int, stop: int):
+                         penalty: DraftPenalty, uniforms: torch.Tensor, params, kv_len: int, stop: int):
         """:meth:`append_pairs` then :meth:`draft_steps` of ``x_1..x_stop`` from its output, as one
         function (one compiled call per round instead of two): :meth:`draft_steps`'s tokens, ``q``,
         confidences and last drafting output, then the appended last output ``[B, H]``."""

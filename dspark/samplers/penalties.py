@@ -167,7 +167,7 @@ def counted(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 #: what a drafter carries from one draft step to the next: (running counts ``[B, V]``, ``in_prompt``
 #: ``[B, V]``), or ``None`` without penalties
-DraftPenalty = "tuple[torch.Tensor, torch.Tensor] | None"
+DraftPenalty = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def draft_penalty(history: PenaltyHistory | None) -> DraftPenalty:
@@ -176,8 +176,10 @@ def draft_penalty(history: PenaltyHistory | None) -> DraftPenalty:
 
 
 def penalize_draft(logits: torch.Tensor, params: SamplingParams, penalty: DraftPenalty) -> torch.Tensor:
-    """A draft step's logits ``[B, V]`` penalised as the target's will be at that position (unchanged
-    without penalties): the drafter then draws from a distribution closer to the target's."""
+    """A draft step's logits ``[B, V]`` biased and penalised as the target's will be at that position
+    (unchanged without penalties): the drafter then draws from a distribution closer to the
+    target's. The n-gram bans are not applied here (they read the whole sequence; a banned draft
+    has probability 0 under the target and is rejected)."""
     return logits if penalty is None else penalize(logits, penalty[0], penalty[1], params)
 
 
