@@ -59,6 +59,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and len(prompts) != 1:
         raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
                          "prompts (drop --stream to generate a batch)")
+    if args.chat and args.prompt_logprobs:
+        raise SystemExit("dspark generate: --prompt-logprobs scores the prompts as given; with --chat they are "
+                         "rendered by the template first (use the Python API's prompt_logprobs on the rendered text)")
     if args.stream and args.progress:
         raise SystemExit("dspark generate: --stream and --progress both draw on the terminal; choose one")
     pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
@@ -72,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos,
                     progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
                     min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
-                    top_logprobs=args.top_logprobs,
+                    top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                     logit_bias=_logit_bias(args.logit_bias))
@@ -92,6 +95,11 @@ def _generate(args: argparse.Namespace) -> int:
     for i, ids in enumerate(result.token_ids if not args.output else []):
         if len(prompts) > 1:  # (--stream takes one prompt)
             print(f"--- request {i}")
+        if result.prompt_logprobs is not None:  # the prompt's tokens first, each given the ones before it
+            prompt_ids = pipe.encode([prompts[i]])[0]
+            print("prompt:")
+            _print_logprobs(prompt_ids, result.prompt_logprobs[i], None if args.print_ids else pipe.tokenizer)
+            print("generated:")
         if streamer is None:
             print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))
         if result.logprobs is not None:
@@ -131,6 +139,8 @@ def _write_outputs(path: str, prompts: list, result) -> None:
                 record["logprobs"] = result.logprobs[i]
             if result.top_logprobs is not None:
                 record["top_logprobs"] = result.top_logprobs[i]
+            if result.prompt_logprobs is not None:
+                record["prompt_logprobs"] = result.prompt_logprobs[i]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -141,7 +151,8 @@ def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer, top: list 
     text = (lambda token: "") if tokenizer is None else (  # noqa: E731
         lambda token: repr(tokenizer.decode([token], skip_special_tokens=False)))
     for t, (token, logprob) in enumerate(zip(ids, logprobs)):
-        line = f"{token}\t{text(token)}\t{logprob:.4f}" if tokenizer is not None else f"{token}\t{logprob:.4f}"
+        value = "-" if logprob is None else f"{logprob:.4f}"  # (a prompt's first token has none)
+        line = f"{token}\t{text(token)}\t{value}" if tokenizer is not None else f"{token}\t{value}"
         if top is not None:
             line += "\t" + " ".join(f"{alt}{'(' + text(alt) + ')' if tokenizer is not None else ''}={lp:.4f}"
                                     for alt, lp in top[t])
@@ -261,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
     gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the others)")
-    gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs, top_logprobs]) "
+    gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs, ...]) "
                                       "instead of printing the outputs")
     gen.add_argument("--chat", action="store_true",
                      help="each text prompt is a user message, rendered by the tokenizer's chat template")
@@ -292,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
     gen.add_argument("--top-logprobs", type=int, default=0,
                      help="with each token, the K likeliest tokens there and their log-probabilities (implies --logprobs)")
+    gen.add_argument("--prompt-logprobs", action="store_true",
+                     help="also each prompt token's log-probability under the target given the ones before it")
     gen.add_argument("--logprobs", action="store_true",
                      help="after each request, print every generated token with its log-probability under the target")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")

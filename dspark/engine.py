@@ -168,13 +168,14 @@ class Engine:
                  on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
                  stop_check: Callable[[int, list[int]], int | None] | None = None,
-                 logprobs: bool = False, top_logprobs: int = 0) -> tuple[
-                     list[list[int]], GenerationStats, list[list[float]] | None, list[list[list[tuple[int, float]]]] | None]:
-        """Decode one batch of token-id prompts (already validated); return generated ids, stats,
-        with ``logprobs`` each generated token's log-probability under the target's own
-        distribution (before the sampler's processing), else ``None``, and with ``top_logprobs = k``
-        (and ``logprobs``) the ``k`` likeliest tokens there as ``(token, log-probability)`` pairs,
-        likeliest first, else ``None``.
+                 logprobs: bool = False, top_logprobs: int = 0,
+                 prompt_logprobs: bool = False) -> tuple[list[list[int]], GenerationStats, "Scores"]:
+        """Decode one batch of token-id prompts (already validated); return generated ids, stats and
+        the log-probabilities asked for (:class:`Scores`): with ``logprobs`` each generated token's
+        under the target's own distribution (before the sampler's processing), with
+        ``top_logprobs = k`` (and ``logprobs``) the ``k`` likeliest tokens there, with
+        ``prompt_logprobs`` each prompt token's given the ones before it (the prefill then
+        computes the target's logits at every prompt position: ``[B, P, V]``).
 
         A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
         ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
@@ -215,9 +216,14 @@ class Engine:
 
         # prefill: the prompt goes into the cache; its last logits give the first token
         last = state.prompt_lengths - 1
+        positions = torch.arange(max_prompt, device=device).expand(batch, -1) if prompt_logprobs else last.unsqueeze(1)
         out = self.target(state.tokens[:, :max_prompt], cache, state.prompt_lengths,
-                          logits_positions=last.unsqueeze(1), hidden_layers=self.drafter.hidden_layers,
-                          kv_len=max_prompt)
+                          logits_positions=positions, hidden_layers=self.drafter.hidden_layers, kv_len=max_prompt)
+        prompt_scores = None
+        if prompt_logprobs:  # log p(prompt[i] | prompt[:i]), then keep the last position's logits
+            prompt_scores = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(
+                -1, state.tokens[:, 1:max_prompt].unsqueeze(-1)).squeeze(-1)  # [B, P−1]; past P_b − 1: padding
+            out = replace(out, logits=out.logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1])))
         no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0),
                                                     num_tokens=state.tokens.new_zeros(batch))  # also for skipped rounds
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
@@ -250,16 +256,19 @@ class Engine:
 
         rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
         generated = [row[1 + prompt_lengths[b]: 1 + row[0]] for b, row in enumerate(rows)]
-        token_logprobs = top = None
+        scores = Scores()
         if logprob_buffer is not None:
-            token_logprobs = [row[prompt_lengths[b]: prompt_lengths[b] + len(generated[b])]
-                              for b, row in enumerate(logprob_buffer.tolist())]
+            scores.tokens = [row[prompt_lengths[b]: prompt_lengths[b] + len(generated[b])]
+                             for b, row in enumerate(logprob_buffer.tolist())]
         if top_buffers is not None:
             values, ids = (buffer.tolist() for buffer in top_buffers)
-            top = [[list(zip(ids[b][t], values[b][t])) for t in range(prompt_lengths[b], prompt_lengths[b] + len(generated[b]))]
-                   for b in range(batch)]
+            scores.top = [[list(zip(ids[b][t], values[b][t])) for t in range(prompt_lengths[b],
+                                                                              prompt_lengths[b] + len(generated[b]))]
+                          for b in range(batch)]
+        if prompt_scores is not None:
+            scores.prompt = [[None] + row[: prompt_lengths[b] - 1] for b, row in enumerate(prompt_scores.tolist())]
         wall = time.perf_counter() - started
-        return generated, counters.stats(generated, wall, prefill_time), token_logprobs, top
+        return generated, counters.stats(generated, wall, prefill_time), scores
 
     @staticmethod
     def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
@@ -348,6 +357,22 @@ class Engine:
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
         return drafting
+
+
+@dataclass
+class Scores:
+    """The log-probabilities an :meth:`Engine.generate` call was asked for (``None`` otherwise),
+    all under the target's own distribution (its log-softmax), one list per request.
+
+    Attributes:
+        tokens: each generated token's. top: at each generated position, the ``k`` likeliest tokens
+            as ``(token id, log-probability)`` pairs, likeliest first. prompt: each prompt token's
+            given the ones before it (``None`` for the first).
+    """
+
+    tokens: list[list[float]] | None = None
+    top: list[list[list[tuple[int, float]]]] | None = None
+    prompt: list[list[float | None]] | None = None
 
 
 def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:

@@ -41,6 +41,9 @@ class GenerationResult:
         top_logprobs: with ``generate(logprobs=True, top_logprobs=k)``, per request and generated
             token, the ``k`` likeliest tokens of that distribution as ``(token id, log-probability)``
             pairs, likeliest first; else ``None``.
+        prompt_logprobs: with ``generate(prompt_logprobs=True)``, per request, each prompt token's
+            log-probability under the target given the tokens before it (``None`` for the first,
+            as vLLM's); else ``None``.
     """
 
     token_ids: list[list[int]]
@@ -48,6 +51,7 @@ class GenerationResult:
     stats: GenerationStats
     logprobs: list[list[float]] | None = None
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    prompt_logprobs: list[list[float | None]] | None = None
 
 
 class Pipeline:
@@ -115,7 +119,8 @@ class Pipeline:
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
-                 min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, repetition_penalty: float = 1.0,
+                 min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, prompt_logprobs: bool = False,
+                 repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None) -> GenerationResult:
         """Generate continuations of ``prompts``.
@@ -145,6 +150,9 @@ class Pipeline:
                 (:attr:`GenerationResult.logprobs`).
             top_logprobs: with ``logprobs``, also the ``k`` likeliest tokens at each generated
                 position, ``0 ≤ k ≤ 20`` (:attr:`GenerationResult.top_logprobs`).
+            prompt_logprobs: also return each prompt token's log-probability given the ones before
+                it (:attr:`GenerationResult.prompt_logprobs`; the prefill then computes the target's
+                logits at every prompt position, ``[batch, prompt length, vocabulary]`` floats).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
                 accepted). The ids are final: request ``i``'s calls concatenate to its
@@ -162,6 +170,8 @@ class Pipeline:
             raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+        if not isinstance(prompt_logprobs, bool):
+            raise TypeError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
         if top_logprobs and not logprobs:
             raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
         stop_ids = self._check_stop_token_ids(stop_token_ids)
@@ -179,30 +189,34 @@ class Pipeline:
 
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show, max_new_tokens)
-        token_ids, parts, token_logprobs, top = [], [], [] if logprobs else None, [] if top_logprobs else None
+        token_ids, parts = [], []
+        token_logprobs, top, prompt_scores = ([] if logprobs else None, [] if top_logprobs else None,
+                                              [] if prompt_logprobs else None)
         size = self.engine.config.max_batch_size
         for start in range(0, len(encoded), size):
             chunk_callback = None if on_tokens is None else (
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
             stop_check = StopStrings(self.tokenizer, stop_strings, min_new_tokens) if stop_strings else None
-            ids, stats, chunk_logprobs, chunk_top = self.engine.generate(
+            ids, stats, scores = self.engine.generate(
                 encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
                 seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,
                 stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs,
-                top_logprobs=top_logprobs)
+                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
             token_ids += ids
             parts.append(stats)
             if logprobs:
-                token_logprobs += chunk_logprobs
+                token_logprobs += scores.tokens
             if top_logprobs:
-                top += chunk_top
+                top += scores.top
+            if prompt_logprobs:
+                prompt_scores += scores.prompt
         if bar is not None:
             bar.close()
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
-                                logprobs=token_logprobs, top_logprobs=top)
+                                logprobs=token_logprobs, top_logprobs=top, prompt_logprobs=prompt_scores)
 
 
     def _logit_bias(self, logit_bias) -> tuple[tuple[int, float], ...]:

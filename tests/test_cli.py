@@ -135,6 +135,21 @@ def test_logprobs_prints_each_token_with_the_targets_log_probability(capsys):
         [str(token) for token, _ in alternatives] for alternatives in top.top_logprobs[0]]
 
 
+def test_prompt_logprobs_print_the_prompts_scores(capsys):
+    import dspark
+
+    args = ["generate", "--config", "ar", "def add(a, b):", "--max-new-tokens", "3", "--print-ids", "target.device=cpu"]
+    expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        ["def add(a, b):"], max_new_tokens=3, prompt_logprobs=True)
+    assert main([*args, "--prompt-logprobs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "prompt:" and lines[-2] == "generated:"
+    rows = [line.split("\t") for line in lines[1:-2]]
+    assert [row[1] for row in rows] == ["-"] + [f"{x:.4f}" for x in expected.prompt_logprobs[0][1:]]
+    with pytest.raises(SystemExit, match="--prompt-logprobs scores the prompts as given"):
+        main([*args, "--prompt-logprobs", "--chat"])
+
+
 def test_prompts_file_and_output_jsonl(capsys, tmp_path):
     """A batch from a JSONL file, written as JSON lines in prompt order (the same outputs as the
     Python API); a bad file is refused naming the line, before any work."""

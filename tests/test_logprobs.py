@@ -71,6 +71,22 @@ def test_top_logprobs_equal_a_teacher_forced_forward(drafter):
             assert token in [t for t, _ in alternatives] or logprob <= alternatives[-1][1] + 1e-9
 
 
+@pytest.mark.parametrize("drafter", list(DRAFTERS))
+def test_prompt_logprobs_equal_a_teacher_forced_forward(drafter):
+    """Each prompt token's log-probability given the ones before it (ragged prompts, two per
+    chunk), as one float64 forward over the prompt gives it; asking for them changes no output."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"}, "drafter": DRAFTERS[drafter]},
+                                 target_model=target, overrides=["engine.max_batch_size=2"])
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    plain = pipe.generate(prompts, max_new_tokens=10, temperature=1.0, seed=4, ignore_eos=True)
+    scored = pipe.generate(prompts, max_new_tokens=10, temperature=1.0, seed=4, ignore_eos=True, prompt_logprobs=True)
+    assert plain.prompt_logprobs is None and scored.token_ids == plain.token_ids
+    for prompt, logprobs in zip(prompts, scored.prompt_logprobs):
+        assert len(logprobs) == len(prompt) and logprobs[0] is None
+        assert logprobs[1:] == pytest.approx(teacher_forced(target, prompt[:1], prompt[1:]), abs=1e-6)
+
+
 def test_top_logprobs_are_checked():
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
     with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
@@ -79,6 +95,8 @@ def test_top_logprobs_are_checked():
         with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 20\]"):
             pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True, top_logprobs=bad)
     assert pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True).top_logprobs is None
+    with pytest.raises(TypeError, match="prompt_logprobs must be True or False"):
+        pipe.generate([[3, 4]], max_new_tokens=2, prompt_logprobs=1)
 
 
 def test_logprobs_must_be_a_flag():
