@@ -148,15 +148,16 @@ def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer, top: list 
     """One line per generated token: its id, its text (with a tokenizer) and its log-probability
     under the target's own distribution; then, with ``top``, the likeliest tokens there as
     ``id(text)=log-probability``."""
-    text = (lambda token: "") if tokenizer is None else (  # noqa: E731
-        lambda token: repr(tokenizer.decode([token], skip_special_tokens=False)))
+    def text(token: int) -> str:
+        return "" if tokenizer is None else repr(tokenizer.decode([token], skip_special_tokens=False))
+
     for t, (token, logprob) in enumerate(zip(ids, logprobs)):
-        value = "-" if logprob is None else f"{logprob:.4f}"  # (a prompt's first token has none)
-        line = f"{token}\t{text(token)}\t{value}" if tokenizer is not None else f"{token}\t{value}"
+        columns = [str(token)] + ([text(token)] if tokenizer is not None else [])
+        columns.append("-" if logprob is None else f"{logprob:.4f}")  # (a prompt's first token has none)
         if top is not None:
-            line += "\t" + " ".join(f"{alt}{'(' + text(alt) + ')' if tokenizer is not None else ''}={lp:.4f}"
-                                    for alt, lp in top[t])
-        print(line)
+            columns.append(" ".join(f"{alt}({text(alt)})={lp:.4f}" if tokenizer is not None else f"{alt}={lp:.4f}"
+                                    for alt, lp in top[t]))
+        print("\t".join(columns))
 
 
 class _IdsAsText:

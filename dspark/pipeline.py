@@ -120,8 +120,7 @@ class Pipeline:
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
                  min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, prompt_logprobs: bool = False,
-                 repetition_penalty: float = 1.0,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
@@ -179,8 +178,7 @@ class Pipeline:
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
-        params = SamplingParams(float(temperature) if isinstance(temperature, int) and not isinstance(temperature, bool)
-                                else temperature, top_k, top_p, min_p, _as_float(repetition_penalty),
+        params = SamplingParams(_as_float(temperature), top_k, top_p, min_p, _as_float(repetition_penalty),
                                 _as_float(presence_penalty), _as_float(frequency_penalty), no_repeat_ngram_size,
                                 self._logit_bias(logit_bias)).validate()
         encoded = self.encode(prompts)
@@ -217,7 +215,6 @@ class Pipeline:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
                                 logprobs=token_logprobs, top_logprobs=top, prompt_logprobs=prompt_scores)
-
 
     def _logit_bias(self, logit_bias) -> tuple[tuple[int, float], ...]:
         """``generate``'s ``logit_bias`` as the parameters hold it (sorted pairs), its token ids
