@@ -21,15 +21,18 @@ def _generate(args: argparse.Namespace) -> int:
     prompts: list = positional + list(args.prompt or [])
     for ids in args.prompt_ids or []:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])
+    budgets = [args.max_new_tokens] * len(prompts)
     if args.prompts_file:
         from dspark.data.eval_sets import read_jsonl
 
         if not Path(args.prompts_file).is_file():
             raise SystemExit(f"dspark generate: --prompts-file {args.prompts_file} is not a file")
         try:
-            prompts += [record["prompt"] for record in read_jsonl(args.prompts_file)]
+            records = read_jsonl(args.prompts_file)
         except ValueError as err:
             raise SystemExit(f"dspark generate: {err}") from None
+        prompts += [record["prompt"] for record in records]
+        budgets += [record.get("max_new_tokens", args.max_new_tokens) for record in records]  # a line's own budget
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
                          "or --prompts-file FILE.jsonl")
@@ -71,7 +74,8 @@ def _generate(args: argparse.Namespace) -> int:
 
         text = pipe.tokenizer is not None and not args.print_ids
         streamer = TextStreamer(pipe.tokenizer if text else _IdsAsText())
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    settings = dict(max_new_tokens=budgets if any(b != args.max_new_tokens for b in budgets) else args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos,
                     progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
                     min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
@@ -272,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "else the built-in defaults: the embedded dspark-tiny model)")
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
-    gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the others)")
+    gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the "
+                                            "others; a line's \"max_new_tokens\" is its own budget)")
     gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs, ...]) "
                                       "instead of printing the outputs")
     gen.add_argument("--chat", action="store_true",

@@ -130,11 +130,12 @@ class Engine:
         """Positions per request a batch needs: prompt + budget + one round of lookahead (γ + 1)."""
         return max_prompt_len + max_new_tokens + self.drafter.gamma + 1
 
-    def check_fits(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
-        """Raise ``ValueError`` (before any compute) if a request cannot fit in the cache or the model."""
+    def check_fits(self, prompt_lengths: list[int], max_new_tokens: int | list[int]) -> None:
+        """Raise ``ValueError`` (before any compute) if a request cannot fit in the cache or the model
+        (``max_new_tokens``: one budget for all, or one per request)."""
         capacity = self.cache_config.max_len
         max_positions = getattr(self.target, "max_position_embeddings", None)
-        for i, length in enumerate(prompt_lengths):
+        for i, (length, max_new_tokens) in enumerate(zip(prompt_lengths, _budgets(max_new_tokens, len(prompt_lengths)))):
             if capacity is not None and length > capacity:
                 raise ValueError(f"prompt {i} has {length} tokens, longer than the KV cache (cache.max_len={capacity})")
             if capacity is not None and self.cache_len_needed(length, max_new_tokens) > capacity:
@@ -163,7 +164,7 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], params: SamplingParams,
                  seeds: list[int], ignore_eos: bool = False, progress=None,
                  on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
@@ -177,7 +178,8 @@ class Engine:
         ``prompt_logprobs`` each prompt token's given the ones before it (the prefill then
         computes the target's logits at every prompt position: ``[B, P, V]``).
 
-        A request ends at ``max_new_tokens``, at an EOS token (unless ``ignore_eos``) or at one of
+        A request ends at its ``max_new_tokens`` (one budget for all, or one per request), at an EOS
+        token (unless ``ignore_eos``) or at one of
         ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
         is among its first ``min_new_tokens`` (the target's distribution excludes them there, so
         verification stays exact). ``stop_check(b, ids)`` sees each request's emitted ids as
@@ -189,9 +191,9 @@ class Engine:
         request's calls is its output). The ids ride on the round's one host read."""
         started = time.perf_counter()
         batch, device, gamma = len(prompts), self.device, self.drafter.gamma
-        prompt_lengths = [len(p) for p in prompts]
+        prompt_lengths, budgets = [len(p) for p in prompts], _budgets(max_new_tokens, len(prompts))
         max_prompt = max(prompt_lengths)
-        max_len = self.cache_len_needed(max_prompt, max_new_tokens)
+        max_len = max(self.cache_len_needed(p, m) for p, m in zip(prompt_lengths, budgets))
 
         tokens = torch.zeros(batch, max_len, dtype=torch.long)
         for b, prompt in enumerate(prompts):
@@ -199,7 +201,7 @@ class Engine:
         lengths = torch.tensor(prompt_lengths, dtype=torch.long)
         state = DecodingState(tokens=tokens.to(device), prompt_lengths=lengths.to(device), lengths=lengths.clone().to(device),
                               done=torch.zeros(batch, dtype=torch.bool, device=device),
-                              max_new_tokens=max_new_tokens, params=params)
+                              max_new_tokens=max(budgets), params=params)
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         stop = self._eos if not ignore_eos else self._eos[:0]
         if stop_token_ids:
@@ -209,7 +211,8 @@ class Engine:
         top_buffers = None if not (logprobs and top_logprobs) else (
             torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
             torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))
-        stopper = _Stopper(stop, max_new_tokens, min_new_tokens, self.target.vocab_size, logprob_buffer, top_buffers)
+        stopper = _Stopper(stop, torch.tensor(budgets, device=device), min_new_tokens, self.target.vocab_size,
+                           logprob_buffer, top_buffers)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
         self.scheduler.reset()
@@ -417,6 +420,11 @@ class _PhaseClock:
 COMPILED_CACHE_BUCKET = 256
 
 
+def _budgets(max_new_tokens: int | list[int], batch: int) -> list[int]:
+    """Each request's generation budget: one for all, or one per request."""
+    return [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -477,7 +485,7 @@ class _Stopper:
     """Appends emitted tokens to the state and marks requests done at EOS or the token budget;
     keeps stop tokens out of each request's first ``min_new_tokens`` tokens."""
 
-    def __init__(self, eos: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0, vocab_size: int = 0,
+    def __init__(self, eos: torch.Tensor, max_new_tokens: torch.Tensor, min_new_tokens: int = 0, vocab_size: int = 0,
                  logprobs: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.eos = eos
         self.max_new_tokens = max_new_tokens

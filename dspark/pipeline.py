@@ -115,7 +115,7 @@ class Pipeline:
             raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[:5]}")
         return tuple(int(t) for t in stop_token_ids)
 
-    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+    def generate(self, prompts, *, max_new_tokens: int | list[int], temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
@@ -126,7 +126,8 @@ class Pipeline:
 
         Args:
             prompts: ``list[str]`` (needs a tokenizer) or ``list[list[int]]``.
-            max_new_tokens: generation budget per request (≥ 1).
+            max_new_tokens: generation budget (≥ 1): one for every request, or a list with one per
+                request (requests with different budgets still share a batch).
             temperature, top_k, top_p, min_p: sampling settings (see :class:`~dspark.records.SamplingParams`).
             repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size: penalties
                 from each request's history (1, 0, 0, 0: off; see :mod:`dspark.samplers.penalties`);
@@ -159,11 +160,13 @@ class Pipeline:
 
         All arguments are checked before any compute; a bad one raises ``ValueError``/``TypeError``.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        budgets = [max_new_tokens] if not isinstance(max_new_tokens, (list, tuple)) else list(max_new_tokens)
+        if not budgets or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in budgets):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, or a list of them (one per request), "
+                             f"got {max_new_tokens!r}")
         if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
-                or not 0 <= min_new_tokens <= max_new_tokens):
-            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], "
+                or not 0 <= min_new_tokens <= min(budgets)):
+            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={min(budgets)}], "
                              f"got {min_new_tokens!r}")
         if not isinstance(logprobs, bool):
             raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
@@ -182,11 +185,15 @@ class Pipeline:
                                 _as_float(presence_penalty), _as_float(frequency_penalty), no_repeat_ngram_size,
                                 self._logit_bias(logit_bias)).validate()
         encoded = self.encode(prompts)
+        if isinstance(max_new_tokens, (list, tuple)) and len(budgets) != len(encoded):
+            raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(encoded)} prompts: give one per "
+                             "prompt, or one integer for all")
+        budgets = budgets * len(encoded) if len(budgets) == 1 else budgets
         seeds = _request_seeds(seed, len(encoded))
-        self.engine.check_fits([len(p) for p in encoded], max_new_tokens)
+        self.engine.check_fits([len(p) for p in encoded], budgets)
 
         show = self.engine.config.progress if progress is None else progress
-        bar = _progress_bar(show, max_new_tokens)
+        bar = _progress_bar(show)
         token_ids, parts = [], []
         token_logprobs, top, prompt_scores = ([] if logprobs else None, [] if top_logprobs else None,
                                               [] if prompt_logprobs else None)
@@ -196,7 +203,7 @@ class Pipeline:
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
             stop_check = StopStrings(self.tokenizer, stop_strings, min_new_tokens) if stop_strings else None
             ids, stats, scores = self.engine.generate(
-                encoded[start:start + size], max_new_tokens=max_new_tokens, params=params,
+                encoded[start:start + size], max_new_tokens=budgets[start:start + size], params=params,
                 seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,
                 stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs,
                 top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
@@ -269,7 +276,7 @@ def _request_seeds(seed, count: int) -> list[int]:
     return seeds
 
 
-def _progress_bar(show: bool, total_tokens: int):
+def _progress_bar(show: bool):
     if not show:
         return None
     from tqdm.auto import tqdm

@@ -161,7 +161,8 @@ class DecodingState:
         lengths: ``[B]`` int64 committed tokens ``P_b + generated_b``; the anchor is
             ``tokens[b, lengths[b] - 1]``.
         done: ``[B]`` bool, request finished (EOS or ``max_new_tokens``).
-        max_new_tokens: the per-call generation budget (a Python int).
+        max_new_tokens: the call's largest generation budget (a Python int; the requests' own
+            budgets may be smaller).
         params: the sampling parameters of this call.
         max_cache_len: host-side upper bound on the target cache's longest length, refreshed by the
             engine's one synchronisation per round (drafters size their forwards with it).

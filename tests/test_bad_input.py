@@ -38,6 +38,11 @@ def no_compute(pipe, monkeypatch):
     ([list(range(40))], dict(max_new_tokens=4), ValueError, r"prompt 0 has 40 tokens, longer than the KV cache \(cache.max_len=32\)"),
     ([list(range(30))], dict(max_new_tokens=4), ValueError, r"needs 35 cache positions, more than cache.max_len=32"),
     ([[1, 2]], dict(max_new_tokens=4, seed=[1, 2]), ValueError, "one int per request"),
+    ([[1, 2], [3]], dict(max_new_tokens=[4]), ValueError, "max_new_tokens has 1 budgets for 2 prompts"),
+    ([[1, 2], [3]], dict(max_new_tokens=[4, 0]), ValueError, "max_new_tokens must be an integer >= 1, or a list"),
+    ([[1, 2], [3]], dict(max_new_tokens=[]), ValueError, "max_new_tokens must be an integer >= 1, or a list"),
+    ([[1, 2], [3]], dict(max_new_tokens=[4, 2], min_new_tokens=3), ValueError, r"min_new_tokens must be .* \[0, .*2\]"),
+    ([[1, 2], list(range(20))], dict(max_new_tokens=[4, 12]), ValueError, r"prompt 1 \(20 tokens\) \+ max_new_tokens \(12\)"),
 ])
 def test_bad_generate_arguments(pipe, no_compute, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):

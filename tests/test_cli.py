@@ -179,6 +179,12 @@ def test_prompts_file_and_output_jsonl(capsys, tmp_path):
     with pytest.raises(SystemExit, match="its directory does not exist"):
         main(["generate", "--prompts-file", str(source), "--output", str(tmp_path / "no" / "out.jsonl"),
               "target.device=cpu"])
+    # a line's own budget; the others keep --max-new-tokens
+    source.write_text(json.dumps({"prompt": prompts[1], "max_new_tokens": 2}) + "\n" + json.dumps({"prompt": prompts[2]}) + "\n")
+    assert main(["generate", "--config", "ar", "--prompt", prompts[0], "--prompts-file", str(source),
+                 "--output", str(output), "--max-new-tokens", "5", "--ignore-eos", "target.device=cpu"]) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["token_ids"] for r in records] == [expected.token_ids[0], expected.token_ids[1][:2], expected.token_ids[2]]
 
 
 def test_chat_renders_each_prompt_as_a_user_message(capsys, tmp_path):

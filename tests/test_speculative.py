@@ -163,6 +163,24 @@ def test_batch_invariance_with_penalties(drafter):
         assert pipe.generate([prompt], seed=[21 + i], **settings).token_ids[0] == batched.token_ids[i]
 
 
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_stop", "dspark", "eagle3",
+                                     "eagle3_stop", "dspark_threshold"])  # (batch-invariant ones: not load-aware)
+def test_a_budget_per_request(drafter):
+    """``max_new_tokens=[...]``: each request stops at its own budget, inside a round's accepted
+    drafts too, and decodes as it does alone (float64, sampled; greedy: a prefix of a longer run)."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64")
+    prompts, budgets = ragged_prompts(101, lengths=(4, 9, 2, 6)), [3, 11, 1, 7]
+    sampled = pipe.generate(prompts, max_new_tokens=budgets, temperature=1.0, seed=[5, 6, 7, 8], ignore_eos=True)
+    assert [len(ids) for ids in sampled.token_ids] == budgets
+    for i, prompt in enumerate(prompts):
+        alone = pipe.generate([prompt], max_new_tokens=budgets[i], temperature=1.0, seed=[5 + i], ignore_eos=True)
+        assert alone.token_ids[0] == sampled.token_ids[i]
+    longest = pipe.generate(prompts, max_new_tokens=11, ignore_eos=True).token_ids
+    greedy = pipe.generate(prompts, max_new_tokens=budgets, ignore_eos=True).token_ids
+    assert greedy == [ids[:budget] for ids, budget in zip(longest, budgets)]
+
+
 def test_eos_inside_accepted_drafts_stops_there():
     target = tiny_hf_model("llama", scale=3.0)
     prompts = ragged_prompts(101, lengths=(4, 6))

@@ -31,9 +31,12 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
 
 def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor, done: torch.Tensor,
                   emitted: torch.Tensor, num_emitted: torch.Tensor, eos: torch.Tensor,
-                  max_new_tokens: int) -> torch.Tensor:
+                  max_new_tokens: torch.Tensor | int) -> torch.Tensor:
     """Append kept tokens and advance lengths for the whole batch in place → kept ``[B]``; see
-    :func:`dspark.kernels.reference.commit_tokens`."""
+    :func:`dspark.kernels.reference.commit_tokens` (``max_new_tokens``: each request's budget
+    ``[B]``, or one for all)."""
+    if not isinstance(max_new_tokens, torch.Tensor):
+        max_new_tokens = torch.full_like(lengths, max_new_tokens)
     return implementation("commit_tokens", tokens.device)(tokens, lengths, prompt_lengths, done, emitted, num_emitted,
                                                           eos, max_new_tokens)
 

@@ -110,8 +110,8 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
 
 def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor, done: torch.Tensor,
                   emitted: torch.Tensor, num_emitted: torch.Tensor, eos: torch.Tensor,
-                  max_new_tokens: int) -> torch.Tensor:
-    """Append each request's emitted tokens, stopping at EOS or the token budget, in place.
+                  max_new_tokens: torch.Tensor) -> torch.Tensor:
+    """Append each request's emitted tokens, stopping at EOS or its token budget, in place.
 
     Args:
         tokens: ``[B, W]`` int64 token buffer (prompt + generated); written at ``lengths[b] + k``.
@@ -120,7 +120,7 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
         done: ``[B]`` bool; set for requests that hit EOS or the budget.
         emitted: ``[B, K]`` int64, of which the first ``num_emitted[b]`` are real.
         eos: ``[E]`` int64 end-of-sequence ids (``E`` may be 0).
-        max_new_tokens: the generation budget per request.
+        max_new_tokens: ``[B]`` int64, each request's generation budget.
 
     Returns:
         ``[B]`` int64 tokens kept (fewer than emitted after an EOS or when the budget runs out).

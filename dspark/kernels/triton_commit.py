@@ -14,11 +14,12 @@ import triton.language as tl
 
 @triton.jit
 def _commit_tokens_kernel(tokens_ptr, lengths_ptr, prompt_ptr, done_ptr, emitted_ptr, num_ptr, eos_ptr, kept_ptr,
-                          width, num_eos, max_new,
+                          max_new_ptr, width, num_eos,
                           K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_EOS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     length = tl.load(lengths_ptr + b)
     prompt = tl.load(prompt_ptr + b)
+    max_new = tl.load(max_new_ptr + b)
     num = tl.minimum(tl.load(num_ptr + b), max_new - (length - prompt))
     k = tl.arange(0, BLOCK_K)
     emitted = tl.load(emitted_ptr + b * K + k, mask=k < K, other=0)
@@ -41,7 +42,7 @@ def _commit_tokens_kernel(tokens_ptr, lengths_ptr, prompt_ptr, done_ptr, emitted
 
 def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor, done: torch.Tensor,
                   emitted: torch.Tensor, num_emitted: torch.Tensor, eos: torch.Tensor,
-                  max_new_tokens: int) -> torch.Tensor:
+                  max_new_tokens: torch.Tensor) -> torch.Tensor:
     """Triton twin of :func:`dspark.kernels.reference.commit_tokens` (same arguments and results)."""
     batch, width = tokens.shape
     if not (tokens.is_contiguous() and lengths.is_contiguous() and done.is_contiguous()):
@@ -51,7 +52,7 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
     if batch:
         _commit_tokens_kernel[(batch,)](
             tokens, lengths, prompt_lengths.contiguous(), done, emitted.contiguous(), num_emitted.contiguous(),
-            eos.contiguous() if num_eos else lengths, kept, width, num_eos, max_new_tokens,
+            eos.contiguous() if num_eos else lengths, kept, max_new_tokens.contiguous(), width, num_eos,
             K=emitted.shape[1], BLOCK_K=triton.next_power_of_2(max(emitted.shape[1], 1)),
             BLOCK_E=triton.next_power_of_2(max(num_eos, 1)), HAS_EOS=num_eos > 0)
     return kept

@@ -20,7 +20,8 @@ def commit_case(seed: int, batch: int, width: int, num_eos: int, max_new: int):
     emitted = torch.randint(0, vocab, (batch, width), generator=g)
     num_emitted = torch.where(done, 0, torch.randint(1, width + 1, (batch,), generator=g))
     eos = torch.randperm(vocab, generator=g)[:num_eos]
-    return tokens, lengths, prompt_lengths, done, emitted, num_emitted, eos, max_new
+    budgets = torch.maximum(generated, torch.randint(1, max_new + 1, (batch,), generator=g))  # each request's own
+    return tokens, lengths, prompt_lengths, done, emitted, num_emitted, eos, budgets
 
 
 @given(seed=st.integers(0, 2 ** 16), batch=st.integers(1, 6), width=st.integers(1, 9), num_eos=st.integers(0, 3),
@@ -48,6 +49,12 @@ def test_commit_semantics(kernel_backend):
     assert done.tolist() == [False, True, False]
     kept = commit_tokens(tokens, lengths, prompt, done, emitted, torch.tensor([0, 0, 4]), torch.tensor([9]), 5)
     assert kept.tolist() == [0, 0, 1] and done.tolist() == [False, True, True]  # request 2 reached its budget
+    # a budget per request (generated so far: 4, 3, 5): one more token each for requests 0 and 1,
+    # which are then done; request 2 takes all four and has one left
+    done[:] = False
+    kept = commit_tokens(tokens, lengths, prompt, done, emitted, torch.tensor([4, 4, 4]), torch.tensor([9]),
+                         torch.tensor([5, 4, 10]))
+    assert kept.tolist() == [1, 1, 4] and done.tolist() == [True, True, False]
 
 
 def sequential_gather(buffer, lengths, src_offsets, num):
