@@ -175,8 +175,7 @@ class Engine:
         the log-probabilities asked for (:class:`Scores`): with ``logprobs`` each generated token's
         under the target's own distribution (before the sampler's processing), with
         ``top_logprobs = k`` (and ``logprobs``) the ``k`` likeliest tokens there, with
-        ``prompt_logprobs`` each prompt token's given the ones before it (the prefill then
-        computes the target's logits at every prompt position: ``[B, P, V]``).
+        ``prompt_logprobs`` each prompt token's given the ones before it (:meth:`_prefill`).
 
         A request ends at its ``max_new_tokens`` (one budget for all, or one per request), at an EOS
         token (unless ``ignore_eos``) or at one of
@@ -218,15 +217,7 @@ class Engine:
         self.scheduler.reset()
 
         # prefill: the prompt goes into the cache; its last logits give the first token
-        last = state.prompt_lengths - 1
-        positions = torch.arange(max_prompt, device=device).expand(batch, -1) if prompt_logprobs else last.unsqueeze(1)
-        out = self.target(state.tokens[:, :max_prompt], cache, state.prompt_lengths,
-                          logits_positions=positions, hidden_layers=self.drafter.hidden_layers, kv_len=max_prompt)
-        prompt_scores = None
-        if prompt_logprobs:  # log p(prompt[i] | prompt[:i]), then keep the last position's logits
-            prompt_scores = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(
-                -1, state.tokens[:, 1:max_prompt].unsqueeze(-1)).squeeze(-1)  # [B, P−1]; past P_b − 1: padding
-            out = replace(out, logits=out.logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1])))
+        out, prompt_scores = self._prefill(state, cache, max_prompt, prompt_logprobs)
         no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0),
                                                     num_tokens=state.tokens.new_zeros(batch))  # also for skipped rounds
         uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
@@ -272,6 +263,32 @@ class Engine:
             scores.prompt = [[None] + row[: prompt_lengths[b] - 1] for b, row in enumerate(prompt_scores.tolist())]
         wall = time.perf_counter() - started
         return generated, counters.stats(generated, wall, prefill_time), scores
+
+    def _prefill(self, state: DecodingState, cache, max_prompt: int, prompt_logprobs: bool):
+        """The prompt's forward into the cache: its output (the logits after each prompt's last
+        token ``[B, 1, V]``, the drafter's hidden states) and, with ``prompt_logprobs``, log p(prompt[i]
+        | prompt[:i]) ``[B, P−1]`` (past ``P_b − 1``: padding). A model that maps its last layer's
+        output to logits (``logits_of``, the native models) scores the prompt in chunks of
+        :data:`PROMPT_SCORE_CHUNK` positions; others return the logits at every position at once."""
+        target, batch, last = self.target, state.batch_size, state.prompt_lengths - 1
+        layers = tuple(self.drafter.hidden_layers)
+        chunked = prompt_logprobs and hasattr(target, "logits_of")
+        positions = last.unsqueeze(1)
+        if prompt_logprobs and not chunked:
+            positions = torch.arange(max_prompt, device=last.device).expand(batch, -1)
+        out = target(state.tokens[:, :max_prompt], cache, state.prompt_lengths, logits_positions=positions,
+                     hidden_layers=layers + ((target.num_layers - 1,) if chunked else ()), kv_len=max_prompt)
+        if not prompt_logprobs:
+            return out, None
+        following = state.tokens[:, 1:max_prompt]  # [B, P−1]: the token each position predicts
+        if chunked:
+            hidden, out = out.hidden_states[-1], replace(out, hidden_states=out.hidden_states[:len(layers)])
+            scores = torch.cat([torch.log_softmax(target.logits_of(hidden[:, i:i + PROMPT_SCORE_CHUNK]).float(), -1)
+                                .gather(-1, following[:, i:i + PROMPT_SCORE_CHUNK].unsqueeze(-1)).squeeze(-1)
+                                for i in range(0, max_prompt - 1, PROMPT_SCORE_CHUNK)], 1)
+            return out, scores
+        scores = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
+        return replace(out, logits=out.logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1]))), scores
 
     @staticmethod
     def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
@@ -418,6 +435,8 @@ class _PhaseClock:
 
 
 COMPILED_CACHE_BUCKET = 256
+#: prompt positions scored per LM-head call for ``prompt_logprobs`` (bounds the logits held at once)
+PROMPT_SCORE_CHUNK = 512
 
 
 def _budgets(max_new_tokens: int | list[int], batch: int) -> list[int]:

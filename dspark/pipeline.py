@@ -151,8 +151,9 @@ class Pipeline:
             top_logprobs: with ``logprobs``, also the ``k`` likeliest tokens at each generated
                 position, ``0 ≤ k ≤ 20`` (:attr:`GenerationResult.top_logprobs`).
             prompt_logprobs: also return each prompt token's log-probability given the ones before
-                it (:attr:`GenerationResult.prompt_logprobs`; the prefill then computes the target's
-                logits at every prompt position, ``[batch, prompt length, vocabulary]`` floats).
+                it (:attr:`GenerationResult.prompt_logprobs`; native targets score the prompt in
+                chunks of positions, transformers-backed ones compute the logits at every prompt
+                position at once, ``[batch, prompt length, vocabulary]`` floats).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
                 accepted). The ids are final: request ``i``'s calls concatenate to its

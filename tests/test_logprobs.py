@@ -71,13 +71,18 @@ def test_top_logprobs_equal_a_teacher_forced_forward(drafter):
             assert token in [t for t, _ in alternatives] or logprob <= alternatives[-1][1] + 1e-9
 
 
-@pytest.mark.parametrize("drafter", list(DRAFTERS))
-def test_prompt_logprobs_equal_a_teacher_forced_forward(drafter):
+@pytest.mark.parametrize("drafter, backend", [(d, "native") for d in DRAFTERS] + [("none", "hf"), ("ngram", "hf")])
+def test_prompt_logprobs_equal_a_teacher_forced_forward(drafter, backend, monkeypatch):
     """Each prompt token's log-probability given the ones before it (ragged prompts, two per
-    chunk), as one float64 forward over the prompt gives it; asking for them changes no output."""
+    batch; native targets score them 4 positions per LM-head call here, transformers-backed ones
+    all at once), as one float64 forward over the prompt gives it; asking changes no output."""
+    import dspark.engine
+
+    monkeypatch.setattr(dspark.engine, "PROMPT_SCORE_CHUNK", 4)
     target = tiny_hf_model("qwen3", scale=3.0)
-    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64"}, "drafter": DRAFTERS[drafter]},
-                                 target_model=target, overrides=["engine.max_batch_size=2"])
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64", "backend": backend},
+                                  "drafter": DRAFTERS[drafter]}, target_model=target, overrides=["engine.max_batch_size=2"])
+    assert hasattr(pipe.target, "logits_of") == (backend == "native")
     prompts = ragged_prompts(101, lengths=(5, 1, 9))
     plain = pipe.generate(prompts, max_new_tokens=10, temperature=1.0, seed=4, ignore_eos=True)
     scored = pipe.generate(prompts, max_new_tokens=10, temperature=1.0, seed=4, ignore_eos=True, prompt_logprobs=True)
