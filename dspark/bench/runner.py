@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dspark.bench.config import BenchConfig
+from dspark.records import SamplingParams
 from dspark.stats import GenerationStats
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,10 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
             if drafter == "ngram" and first_ngram is None:
                 first_ngram = pipe
     if cfg.peers.plain or cfg.peers.assisted or cfg.peers.prompt_lookup:
-        # the penalties transformers has (validation refused the others with peers on)
-        penalty = {name: value for name, value, off in (("repetition_penalty", cfg.repetition_penalty, 1.0),
-                                                        ("no_repeat_ngram_size", cfg.no_repeat_ngram_size, 0))
-                   if value != off}
+        # the penalties transformers has, where on (validation refused the others with peers on)
+        off = SamplingParams()
+        penalty = {name: getattr(cfg, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
+                   if getattr(cfg, name) != getattr(off, name)}
         target_hf = hf_model_of(first_pipe.target)
         pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         if cfg.peers.plain:
