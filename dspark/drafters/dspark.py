@@ -302,8 +302,7 @@ class DSparkDrafter(Drafter):
         # 2. sequential head: left to right from softmax(U_k + B_k); without a head (DFlash) the
         #    positions are independent given the block and are drafted in one call
         if net.args.head == "none":
-            if penalty is not None:
-                base_logits = penalize_draft(base_logits, params, (penalty[0].unsqueeze(1), penalty[1]))
+            base_logits = penalize_draft(base_logits, params, penalty)  # every position: the committed history's
             tokens, q = self.sampler.draw(base_logits[:, :gamma], params, uniforms[:, :gamma])
         else:
             previous, head_state, drafted, probs = anchor, None, [], []

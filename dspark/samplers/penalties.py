@@ -178,9 +178,13 @@ def draft_penalty(history: PenaltyHistory | None) -> DraftPenalty:
 def penalize_draft(logits: torch.Tensor, params: SamplingParams, penalty: DraftPenalty) -> torch.Tensor:
     """A draft step's logits ``[B, V]`` biased and penalised as the target's will be at that position
     (unchanged without penalties): the drafter then draws from a distribution closer to the
-    target's. The n-gram bans are not applied here (they read the whole sequence; a banned draft
+    target's. Logits ``[B, ..., V]`` of several positions drafted independently all take the same
+    penalty. The n-gram bans are not applied here (they read the whole sequence; a banned draft
     has probability 0 under the target and is rejected)."""
-    return logits if penalty is None else penalize(logits, penalty[0], penalty[1], params)
+    if penalty is None:
+        return logits
+    counts, in_prompt = penalty
+    return penalize(logits, counts.view(counts.shape[0], *([1] * (logits.dim() - 2)), counts.shape[1]), in_prompt, params)
 
 
 def after_draft(penalty: DraftPenalty, tokens: torch.Tensor) -> DraftPenalty:
