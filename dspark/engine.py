@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ from dspark.cache import CacheConfig, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
-from dspark.records import DecodingState, DraftProposal, SamplingParams
+from dspark.records import DecodingState, DraftProposal, SamplingParams, batch_params
 from dspark.samplers import Sampler
 from dspark.samplers.penalties import PenaltyHistory
 from dspark.scheduling.prefix import survival
@@ -164,7 +164,8 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], params: SamplingParams,
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int],
+                 params: SamplingParams | Sequence[SamplingParams],
                  seeds: list[int], ignore_eos: bool = False, progress=None,
                  on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
@@ -176,6 +177,9 @@ class Engine:
         under the target's own distribution (before the sampler's processing), with
         ``top_logprobs = k`` (and ``logprobs``) the ``k`` likeliest tokens there, with
         ``prompt_logprobs`` each prompt token's given the ones before it (:meth:`_prefill`).
+
+        ``params``: the sampling settings, one for every request or one per request (requests with
+        different settings share the batch: :func:`~dspark.records.batch_params`).
 
         A request ends at its ``max_new_tokens`` (one budget for all, or one per request), at an EOS
         token (unless ``ignore_eos``) or at one of
@@ -193,6 +197,7 @@ class Engine:
         prompt_lengths, budgets = [len(p) for p in prompts], _budgets(max_new_tokens, len(prompts))
         max_prompt = max(prompt_lengths)
         max_len = max(self.cache_len_needed(p, m) for p, m in zip(prompt_lengths, budgets))
+        params = batch_params(params, batch, device)
 
         tokens = torch.zeros(batch, max_len, dtype=torch.long)
         for b, prompt in enumerate(prompts):

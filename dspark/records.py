@@ -18,7 +18,7 @@ becomes the next anchor. Shapes use ``B`` = batch, ``γ`` = drafts per round (th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
@@ -66,6 +66,15 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.no_repeat_ngram_size != 0 or bool(self.logit_bias))
 
+    #: the settings of one request hold for every row: no row is greedy apart from the others
+    #: (:class:`MixedSamplingParams` has a ``[B]`` mask here)
+    greedy_rows = None
+
+    @property
+    def ngram_sizes(self) -> tuple[int, ...]:
+        """The ``no_repeat_ngram_size`` values in force (none when 0)."""
+        return (self.no_repeat_ngram_size,) if self.no_repeat_ngram_size else ()
+
     def validate(self) -> "SamplingParams":
         """Raise ``ValueError`` naming the bad parameter and the allowed range; return self."""
         if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature or self.temperature < 0:
@@ -95,6 +104,122 @@ class SamplingParams:
         if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
             raise ValueError(f"logit_bias names a token twice: {self.logit_bias!r}")
         return self
+
+
+class RowBias(NamedTuple):
+    """Logit biases that differ between the requests of a batch: request ``b`` adds ``values[b, i]``
+    to token ``index[b, i]``'s logit (rows padded with bias 0 on token 0).
+
+    Attributes:
+        index: ``[B, M]`` int64 token ids. values: ``[B, M]`` float64 biases.
+    """
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class MixedSamplingParams:
+    """The sampling settings of a batch whose requests asked for different ones (vLLM takes one
+    :class:`SamplingParams` per request). Built by :func:`batch_params`; the samplers, penalties,
+    drafters and verifiers read it where they read a :class:`SamplingParams`.
+
+    A setting that every request shares stays a Python number, exactly as in
+    :class:`SamplingParams`; one that differs is a ``[B]`` tensor on the model's device (so at
+    least one request has it on), broadcast over each row's logits with :func:`per_row`. Greedy
+    requests may share a batch with sampled ones: they are drawn from a one-hot distribution at the
+    argmax (``greedy_rows``), which rejection sampling turns into greedy verification.
+
+    Attributes:
+        rows: the requests' own settings, in batch order (equality and hashing go by them: CUDA
+            graphs are keyed on the settings).
+        temperature: ``float`` or ``[B]`` float64 (1 in the greedy rows).
+        top_k: ``int`` or ``[B]`` int64; ``top_k_max``: the largest of the rows.
+        top_p: and likewise ``min_p``, ``repetition_penalty``, ``presence_penalty``,
+            ``frequency_penalty``: ``float`` or ``[B]`` float64.
+        no_repeat_ngram_size: ``int`` or ``[B]`` int64; ``ngram_sizes``: its distinct non-zero values.
+        logit_bias: ``(token, bias)`` pairs shared by every request, or a :class:`RowBias`.
+        greedy: every request is greedy; ``greedy_rows``: ``[B]`` bool when some are and some are not.
+        penalized: some request has a penalty or a logit bias.
+    """
+
+    rows: tuple[SamplingParams, ...]
+    temperature: float | torch.Tensor
+    top_k: int | torch.Tensor
+    top_k_max: int
+    top_p: float | torch.Tensor
+    min_p: float | torch.Tensor
+    repetition_penalty: float | torch.Tensor
+    presence_penalty: float | torch.Tensor
+    frequency_penalty: float | torch.Tensor
+    no_repeat_ngram_size: int | torch.Tensor
+    logit_bias: tuple[tuple[int, float], ...] | RowBias
+    greedy: bool
+    greedy_rows: torch.Tensor | None
+    penalized: bool
+    ngram_sizes: tuple[int, ...]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MixedSamplingParams) and self.rows == other.rows
+
+    def __hash__(self) -> int:
+        return hash(self.rows)
+
+
+def batch_params(params: "SamplingParams | Sequence[SamplingParams]", batch_size: int,
+                 device=None) -> "SamplingParams | MixedSamplingParams":
+    """The settings of a batch of ``batch_size`` requests from one :class:`SamplingParams` for all,
+    or one per request: the shared one when they all agree, else a :class:`MixedSamplingParams`
+    (tensors on ``device``). Every request's settings are validated."""
+    if isinstance(params, SamplingParams):
+        return params.validate()
+    rows = tuple(params)
+    if len(rows) != batch_size or not all(isinstance(row, SamplingParams) for row in rows):
+        raise ValueError(f"expected one SamplingParams for the batch or one per request ({batch_size}), got {params!r}")
+    for row in rows:
+        row.validate()
+    if all(row == rows[0] for row in rows):
+        return rows[0]
+
+    def column(name: str, dtype=torch.float64, values=None):
+        values = [getattr(row, name) for row in rows] if values is None else values
+        return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=dtype, device=device)
+
+    greedy = [row.greedy for row in rows]
+    if all(row.logit_bias == rows[0].logit_bias for row in rows):
+        bias = rows[0].logit_bias
+    else:
+        width = max(len(row.logit_bias) for row in rows)
+        pad = lambda pairs: list(pairs) + [(0, 0.0)] * (width - len(pairs))  # noqa: E731
+        bias = RowBias(torch.tensor([[t for t, _ in pad(row.logit_bias)] for row in rows], dtype=torch.long, device=device),
+                       torch.tensor([[b for _, b in pad(row.logit_bias)] for row in rows], dtype=torch.float64,
+                                    device=device))
+    return MixedSamplingParams(
+        rows=rows, temperature=column("temperature", values=[row.temperature or 1.0 for row in rows])
+        if not all(greedy) else 0.0,
+        top_k=column("top_k", torch.long), top_k_max=max(row.top_k for row in rows), top_p=column("top_p"),
+        min_p=column("min_p"), repetition_penalty=column("repetition_penalty"),
+        presence_penalty=column("presence_penalty"), frequency_penalty=column("frequency_penalty"),
+        no_repeat_ngram_size=column("no_repeat_ngram_size", torch.long), logit_bias=bias, greedy=all(greedy),
+        greedy_rows=torch.tensor(greedy, device=device) if any(greedy) and not all(greedy) else None,
+        penalized=any(row.penalized for row in rows),
+        ngram_sizes=tuple(sorted({row.no_repeat_ngram_size for row in rows} - {0})))
+
+
+def per_row(value, like: torch.Tensor):
+    """A setting as it applies to ``like`` ``[B, ..., V]``: a number as it is, a ``[B]`` tensor viewed
+    as ``[B, 1, ..., 1]`` (floating settings in ``like``'s dtype)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        value = value.to(like.dtype)
+    return value.view(-1, *([1] * (like.dim() - 1)))
+
+
+def is_on(value, off) -> bool:
+    """Whether a setting does something in some row: a number other than ``off``, or a tensor
+    (settings differ between rows only as tensors, so some row is not ``off``)."""
+    return isinstance(value, torch.Tensor) or value != off
 
 
 @dataclass
@@ -163,7 +288,8 @@ class DecodingState:
         done: ``[B]`` bool, request finished (EOS or ``max_new_tokens``).
         max_new_tokens: the call's largest generation budget (a Python int; the requests' own
             budgets may be smaller).
-        params: the sampling parameters of this call.
+        params: the sampling settings of the batch (:func:`batch_params`: one
+            :class:`SamplingParams` shared by every request, or a :class:`MixedSamplingParams`).
         max_cache_len: host-side upper bound on the target cache's longest length, refreshed by the
             engine's one synchronisation per round (drafters size their forwards with it).
         penalties: with penalties in ``params``, each request's history as the penalties read it,
@@ -176,7 +302,7 @@ class DecodingState:
     lengths: torch.Tensor
     done: torch.Tensor
     max_new_tokens: int
-    params: SamplingParams
+    params: "SamplingParams | MixedSamplingParams"
     max_cache_len: int = 0
     penalties: "PenaltyHistory | None" = None
 

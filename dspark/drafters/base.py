@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.records import DecodingState, DraftProposal, ModelOutput, SamplingParams, VerificationResult
+from dspark.records import DecodingState, DraftProposal, MixedSamplingParams, ModelOutput, SamplingParams, VerificationResult
 from dspark.registry import Registry
 
 
@@ -84,7 +84,7 @@ class Drafter(ABC):
         """γ, the number of drafts per round."""
         return self.config.num_speculative_tokens
 
-    def num_uniforms(self, params: SamplingParams) -> int:
+    def num_uniforms(self, params: SamplingParams | MixedSamplingParams) -> int:
         """Uniform draws per request per round that :meth:`propose` consumes (0 if it never samples)."""
         return 0
 

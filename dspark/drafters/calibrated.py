@@ -38,9 +38,17 @@ class Calibration:
     sampled: Map | None
     greedy: Map | None
 
-    def apply(self, confidence: torch.Tensor, start: int, stop: int, greedy: bool) -> torch.Tensor:
-        """Calibrated confidences of positions ``start+1..stop`` ``[B, stop − start]`` (same dtype)."""
-        chosen = self.greedy if greedy else self.sampled
+    def apply(self, confidence: torch.Tensor, start: int, stop: int, params) -> torch.Tensor:
+        """Calibrated confidences of positions ``start+1..stop`` ``[B, stop − start]`` (same dtype),
+        each request's by the map of its decoding (``params``: the batch's sampling settings; greedy
+        and sampled requests may share a batch)."""
+        if params.greedy_rows is not None:
+            return torch.where(params.greedy_rows.unsqueeze(1), self._mapped(confidence, start, stop, self.greedy),
+                               self._mapped(confidence, start, stop, self.sampled))
+        return self._mapped(confidence, start, stop, self.greedy if params.greedy else self.sampled)
+
+    @staticmethod
+    def _mapped(confidence: torch.Tensor, start: int, stop: int, chosen: Map | None) -> torch.Tensor:
         if chosen is None:
             return confidence
         temperatures, biases = chosen

@@ -197,7 +197,7 @@ class DraftModelDrafter(Drafter):
                 logits = self.model(token.unsqueeze(1), self.cache, num_new, kv_len=kv_len).logits[:, -1]
         confidence = torch.stack(confidence, 1)
         if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
-            confidence = self.calibration.apply(confidence, start, stop, params.greedy)
+            confidence = self.calibration.apply(confidence, start, stop, params)
         return torch.stack(drafts, 1), (None if params.greedy else torch.stack(probs, 1)), confidence, (logits, penalty)
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,

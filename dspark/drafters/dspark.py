@@ -319,7 +319,7 @@ class DSparkDrafter(Drafter):
         previous = torch.cat([anchor.unsqueeze(1), tokens[:, :-1]], 1)  # [B, γ]
         confidence = net.confidence_of(hidden[:, :gamma], net.previous_embedding(previous))
         if self.calibration is not None and confidence is not None:  # σ(logit(c_k) / T_k + b_k)
-            confidence = self.calibration.apply(confidence, 0, gamma, params.greedy)
+            confidence = self.calibration.apply(confidence, 0, gamma, params)
         return tokens, q, confidence
 
     def commit(self, state: DecodingState, proposal: DraftProposal, result: VerificationResult,

@@ -294,7 +294,7 @@ class Eagle3Drafter(Drafter):
             penalty = after_draft(penalty, previous)
         q, confidence = (None if params.greedy else torch.stack(probs, 1)), torch.stack(confidence, 1)
         if self.calibration is not None:  # σ(logit(c_k) / T_k + b_k)
-            confidence = self.calibration.apply(confidence, start, stop, params.greedy)
+            confidence = self.calibration.apply(confidence, start, stop, params)
         return torch.stack(drafted, 1), q, confidence, d, penalty
 
     def confidence_at(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.records import SamplingParams
+from dspark.records import MixedSamplingParams, SamplingParams
 from dspark.registry import Registry
 
 
@@ -50,10 +50,13 @@ class Sampler(ABC):
         self.config = config or SamplerConfig()
 
     @abstractmethod
-    def probs(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """``[..., V]`` logits → ``[..., V]`` processed probabilities (float32, float64 if the logits are).
+    def probs(self, logits: torch.Tensor, params: SamplingParams | MixedSamplingParams) -> torch.Tensor:
+        """``[B, ..., V]`` logits → ``[B, ..., V]`` processed probabilities (float32, float64 if the logits are).
 
-        With ``params.greedy`` the result is one-hot at the argmax.
+        With ``params.greedy`` the result is one-hot at the argmax. ``params`` may differ between
+        the requests (:class:`~dspark.records.MixedSamplingParams`: a setting is then a ``[B]``
+        tensor, :func:`~dspark.records.per_row` broadcasts it; the rows of ``greedy_rows`` must
+        come out one-hot at their argmax).
         """
 
     def greedy(self, logits: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,9 @@ also transformers'), applied to the logits before temperature and the top-k / to
 * ``logit_bias``: a fixed amount added to chosen tokens' logits, before the penalties (the
   OpenAI API's; it does not depend on the history, and rides along here).
 
+Each request may have its own settings (:class:`~dspark.records.MixedSamplingParams`: the values
+that differ are ``[B]`` columns, applied row by row).
+
 **Why speculative decoding stays exact.** The target's distribution at verify position ``j`` (after
 the anchor and the drafts ``x_1..x_j``) is penalised with the history those drafts extend, i.e. the
 distribution plain decoding would use had it generated them; rejection sampling against it keeps
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.records import SamplingParams
+from dspark.records import MixedSamplingParams, RowBias, SamplingParams, is_on, per_row
 
 
 @dataclass
@@ -60,7 +63,7 @@ class PenaltyHistory:
         return cls(counts, in_prompt, tokens, lengths)
 
     def penalize_verify(self, logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
-                        params: SamplingParams) -> torch.Tensor:
+                        params: SamplingParams | MixedSamplingParams) -> torch.Tensor:
         """The target's logits of a verify forward over ``[anchor, x_1..x_K]`` ``[B, K+1, V]``, position
         ``j`` penalised with the committed history and ``x_1..x_j`` (a new tensor).
 
@@ -76,8 +79,13 @@ class PenaltyHistory:
         logits = biased(logits, params)
         out = penalized(logits, self.counts.unsqueeze(1), self.in_prompt.unsqueeze(1), params)
         width, vocab = drafts.shape[1], self.counts.shape[1]
-        if params.no_repeat_ngram_size:
-            banned = banned_ngrams(self.tokens, self.lengths, drafts, params.no_repeat_ngram_size, vocab)
+        banned = None
+        for n in params.ngram_sizes:  # (one size, unless the requests asked for different ones)
+            banned_n = banned_ngrams(self.tokens, self.lengths, drafts, n, vocab)
+            if isinstance(params.no_repeat_ngram_size, torch.Tensor):
+                banned_n &= (params.no_repeat_ngram_size == n).view(-1, 1, 1)
+            banned = banned_n if banned is None else banned | banned_n
+        if banned is not None:
             out = out.masked_fill(banned, float("-inf"))
         if width == 0:
             return out
@@ -90,7 +98,7 @@ class PenaltyHistory:
         index = tokens.unsqueeze(1).expand(-1, width + 1, -1)  # [B, K+1, K]
         counts = self.counts.gather(1, tokens).unsqueeze(1) + extra
         fixed = penalized(logits.gather(2, index), counts, self.in_prompt.gather(1, tokens).unsqueeze(1), params)
-        if params.no_repeat_ngram_size:  # a banned draft token stays banned
+        if banned is not None:  # a banned draft token stays banned
             fixed = fixed.masked_fill(banned.gather(2, index), float("-inf"))
         return out.scatter(2, index, fixed)
 
@@ -122,22 +130,27 @@ def banned_ngrams(tokens: torch.Tensor, lengths: torch.Tensor, drafts: torch.Ten
     return banned.scatter_(2, follower, True)[..., :vocab_size]
 
 
-def penalized(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def penalized(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams | MixedSamplingParams) -> torch.Tensor:
     """The definitions, elementwise: ``logits``, ``counts`` (output occurrences) and ``in_prompt``
     (bool) broadcast together."""
     present = counts > 0
-    if params.repetition_penalty != 1.0:
-        r = params.repetition_penalty
+    if is_on(params.repetition_penalty, 1.0):
+        r = per_row(params.repetition_penalty, logits)
         logits = torch.where(present | in_prompt, torch.where(logits > 0, logits / r, logits * r), logits)
-    if params.frequency_penalty != 0.0:
-        logits = logits - params.frequency_penalty * counts.to(logits.dtype)
-    if params.presence_penalty != 0.0:
-        logits = logits - params.presence_penalty * present.to(logits.dtype)
+    if is_on(params.frequency_penalty, 0.0):
+        logits = logits - per_row(params.frequency_penalty, logits) * counts.to(logits.dtype)
+    if is_on(params.presence_penalty, 0.0):
+        logits = logits - per_row(params.presence_penalty, logits) * present.to(logits.dtype)
     return logits
 
 
-def biased(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """``logits`` ``[..., V]`` plus ``params.logit_bias`` (unchanged without one)."""
+def biased(logits: torch.Tensor, params: SamplingParams | MixedSamplingParams) -> torch.Tensor:
+    """``logits`` ``[B, ..., V]`` plus ``params.logit_bias`` (unchanged without one)."""
+    if isinstance(params.logit_bias, RowBias):  # each request its own: padding adds 0 to token 0
+        index, values = params.logit_bias
+        shape = (*logits.shape[:-1], index.shape[1])
+        view = (index.shape[0], *([1] * (logits.dim() - 2)), index.shape[1])
+        return logits.scatter_add(-1, index.view(view).expand(shape), values.to(logits.dtype).view(view).expand(shape))
     if not params.logit_bias:
         return logits
     tokens, bias = zip(*params.logit_bias)
@@ -146,7 +159,7 @@ def biased(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.index_add(-1, index, values.expand(*logits.shape[:-1], len(tokens)))
 
 
-def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams | MixedSamplingParams) -> torch.Tensor:
     """``logits`` ``[B, ..., V]`` with the logit bias and the penalties of ``params`` applied (a new tensor).
 
     Args:
@@ -175,7 +188,7 @@ def draft_penalty(history: PenaltyHistory | None) -> DraftPenalty:
     return None if history is None else (history.counts, history.in_prompt)
 
 
-def penalize_draft(logits: torch.Tensor, params: SamplingParams, penalty: DraftPenalty) -> torch.Tensor:
+def penalize_draft(logits: torch.Tensor, params: SamplingParams | MixedSamplingParams, penalty: DraftPenalty) -> torch.Tensor:
     """A draft step's logits ``[B, V]`` biased and penalised as the target's will be at that position
     (unchanged without penalties): the drafter then draws from a distribution closer to the
     target's. Logits ``[B, ..., V]`` of several positions drafted independently all take the same

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.records import DraftProposal, SamplingParams, VerificationResult
+from dspark.records import DraftProposal, MixedSamplingParams, SamplingParams, VerificationResult
 from dspark.registry import Registry
 from dspark.samplers import Sampler
 
@@ -30,13 +30,13 @@ class Verifier(ABC):
     def __init__(self, config: VerifierConfig | None = None):
         self.config = config or VerifierConfig()
 
-    def num_uniforms(self, gamma: int, params: SamplingParams) -> int:
+    def num_uniforms(self, gamma: int, params: SamplingParams | MixedSamplingParams) -> int:
         """How many uniform draws per request one round consumes (0 for deterministic verification)."""
         return 0 if params.greedy else gamma + 1
 
     @abstractmethod
     def verify(self, target_logits: torch.Tensor, proposal: DraftProposal, *, sampler: Sampler,
-               params: SamplingParams, uniforms: torch.Tensor) -> VerificationResult:
+               params: SamplingParams | MixedSamplingParams, uniforms: torch.Tensor) -> VerificationResult:
         """Verify a proposal against the target.
 
         Args:
@@ -44,7 +44,7 @@ class Verifier(ABC):
                 (position ``k`` scores the token that follows ``x_1..x_k``).
             proposal: the drafts; only the first ``proposal.num_tokens[b]`` of row ``b`` are verified.
             sampler: turns logits into the processed distribution ``p`` (the drafter used it for ``q``).
-            params: sampling parameters of this call.
+            params: the batch's sampling settings (one per request in a :class:`MixedSamplingParams`).
             uniforms: ``[B, num_uniforms(γ, params)]`` draws in ``[0, 1)`` from each request's generator.
         """
 

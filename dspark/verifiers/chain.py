@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dspark import kernels
 from dspark.kernels import acceptance_probability, residual_distribution
-from dspark.records import DraftProposal, SamplingParams, VerificationResult
+from dspark.records import DraftProposal, MixedSamplingParams, SamplingParams, VerificationResult
 from dspark.samplers import Sampler
 from dspark.verifiers.base import Verifier, register_verifier
 from dspark.verifiers.greedy import greedy_verify
@@ -27,7 +27,7 @@ __all__ = ["ChainVerifier", "acceptance_probability", "residual_distribution"]
 class ChainVerifier(Verifier):
     """Rejection-sampling verification of a chain of drafts; greedy when temperature is 0."""
 
-    def verify(self, target_logits, proposal: DraftProposal, *, sampler: Sampler, params: SamplingParams,
+    def verify(self, target_logits, proposal: DraftProposal, *, sampler: Sampler, params: SamplingParams | MixedSamplingParams,
                uniforms) -> VerificationResult:
         if params.greedy:
             return greedy_verify(target_logits, proposal)

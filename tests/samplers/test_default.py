@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspark.records import SamplingParams
+from dspark.records import SamplingParams, batch_params
 from dspark.samplers import DefaultSampler, sample_from
 
 from helpers import chi_square_p_value
@@ -116,3 +116,17 @@ def test_draw_is_the_argmax_when_greedy_and_a_draw_from_the_processed_q_otherwis
     tokens, q = sampler.draw(logits, params, uniforms)
     torch.testing.assert_close(q, sampler.probs(logits, params), rtol=0, atol=0)
     assert tokens.tolist() == sample_from(q, uniforms).tolist() == [2, 0]
+
+
+request_settings = st.builds(SamplingParams, temperature=st.sampled_from([0.0, 0.3, 1.0, 2.5]), top_k=st.integers(0, 12),
+                             top_p=st.sampled_from([1.0, 0.95, 0.5]), min_p=st.sampled_from([0.0, 0.05, 0.3]))
+
+
+@given(rows=st.lists(request_settings, min_size=2, max_size=5), seed=st.integers(0, 2**16))
+def test_settings_per_request_process_each_row_as_alone(rows, seed):
+    """A batch whose requests differ (greedy ones among them): each row's distribution, at every
+    position, is bit for bit the one its own settings give it alone."""
+    logits = torch.randn(len(rows), 3, 10, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+    got = sampler.probs(logits, batch_params(rows, len(rows)))
+    for b, row in enumerate(rows):
+        assert torch.equal(got[b], sampler.probs(logits[b:b + 1], row)[0])

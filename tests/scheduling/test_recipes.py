@@ -7,6 +7,7 @@ import torch
 
 import dspark
 from dspark.cli import main
+from dspark.records import batch_params
 from dspark.scheduling import ThroughputProfile
 from dspark.scheduling.recipes import calibrate
 
@@ -15,6 +16,8 @@ TINY = ("{model_type: llama, vocab_size: 258, hidden_size: 32, intermediate_size
 COMMON = [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.path=null",
           "drafter.rank=8", "drafter.num_speculative_tokens=3"]
 # the drafters whose confidences dspark calibrate fits (randomly initialised, γ = 3)
+# the batch settings a calibration map is chosen by: sampled (False) or greedy (True)
+MODES = {False: dspark.SamplingParams(1.0), True: dspark.SamplingParams(0.0)}
 SETUPS = {"dspark": COMMON,
           "eagle3": [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.path=null",
                      "drafter.num_speculative_tokens=3"],
@@ -76,8 +79,8 @@ def test_greedy_and_sampling_maps_share_one_file(tmp_path):
     for mode, report in ((False, sampled), (True, greedy)):
         expected = torch.sigmoid(torch.logit(c.double()) / torch.tensor(report["temperatures"])
                                  + torch.tensor(report["biases"]))
-        assert torch.allclose(calibration.apply(c, 0, 3, greedy=mode).double(), expected, atol=1e-6)
-        assert torch.allclose(calibration.apply(c[:, 1:], 1, 3, greedy=mode).double(), expected[:, 1:], atol=1e-6)
+        assert torch.allclose(calibration.apply(c, 0, 3, MODES[mode]).double(), expected, atol=1e-6)
+        assert torch.allclose(calibration.apply(c[:, 1:], 1, 3, MODES[mode]).double(), expected[:, 1:], atol=1e-6)
     # recalibrating the sampling map keeps the greedy one
     calibrate("eagle3", setup, prompts=str(prompts), num_prompts=4, max_new_tokens=12, batch_size=2,
               output=str(output), temperature=1.0, seed=5)
@@ -95,8 +98,14 @@ def test_greedy_and_sampling_maps_share_one_file(tmp_path):
     only_greedy.write_text(json.dumps({"greedy": {"temperatures": [2.0, 2.0, 2.0]}}))
     calibration = dspark.build_pipeline("eagle3", overrides=[*setup, f"drafter.calibration={only_greedy}"]
                                         ).drafter.calibration
-    assert torch.equal(calibration.apply(c, 0, 3, greedy=False), c)
-    assert torch.allclose(calibration.apply(c, 0, 3, greedy=True).double(), torch.sigmoid(torch.logit(c.double()) / 2))
+    assert torch.equal(calibration.apply(c, 0, 3, MODES[False]), c)
+    assert torch.allclose(calibration.apply(c, 0, 3, MODES[True]).double(), torch.sigmoid(torch.logit(c.double()) / 2))
+    # greedy and sampled requests in one batch: each row by its own map
+    rows = torch.tensor([[0.2, 0.5, 0.9], [0.3, 0.6, 0.8]])
+    mixed = batch_params([dspark.SamplingParams(1.0), dspark.SamplingParams(0.0)], 2)
+    assert torch.equal(calibration.apply(rows, 0, 3, mixed),
+                       torch.stack([calibration.apply(rows[:1], 0, 3, MODES[False])[0],
+                                    calibration.apply(rows[1:], 0, 3, MODES[True])[0]]))
 
 
 def test_eagle3_stops_early_on_the_calibrated_survival(tmp_path):
