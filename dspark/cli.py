@@ -22,6 +22,7 @@ def _generate(args: argparse.Namespace) -> int:
     for ids in args.prompt_ids or []:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])
     budgets = [args.max_new_tokens] * len(prompts)
+    lines: list[dict] = [{} for _ in prompts]  # each prompt's own settings (a JSONL line's)
     if args.prompts_file:
         from dspark.data.eval_sets import read_jsonl
 
@@ -33,6 +34,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"dspark generate: {err}") from None
         prompts += [record["prompt"] for record in records]
         budgets += [record.get("max_new_tokens", args.max_new_tokens) for record in records]  # a line's own budget
+        lines += [{name: record[name] for name in LINE_SETTINGS if name in record} for record in records]
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
                          "or --prompts-file FILE.jsonl")
@@ -74,15 +76,15 @@ def _generate(args: argparse.Namespace) -> int:
 
         text = pipe.tokenizer is not None and not args.print_ids
         streamer = TextStreamer(pipe.tokenizer if text else _IdsAsText())
-    settings = dict(max_new_tokens=budgets if any(b != args.max_new_tokens for b in budgets) else args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, ignore_eos=args.ignore_eos,
-                    progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
-                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
-                    top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs,
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    logit_bias=_logit_bias(args.logit_bias))
+                    logit_bias=_logit_bias(args.logit_bias), seed=args.seed)
+    settings = dict(max_new_tokens=budgets if any(b != args.max_new_tokens for b in budgets) else args.max_new_tokens,
+                    **_settings_per_line(sampling, lines), ignore_eos=args.ignore_eos,
+                    progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
+                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
+                    top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs)
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -118,17 +120,50 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what a line of ``--prompts-file`` may set for its own request (besides ``max_new_tokens``)
+LINE_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "seed")
+
+
+def _settings_per_line(flags: dict, lines: list[dict]) -> dict:
+    """``generate``'s sampling arguments: the flags' values, and a list with one value per request
+    for each setting some line of the prompts file sets (the others keep the flag's; a request
+    without a seed of its own gets ``--seed + i``, or a fresh one without ``--seed``)."""
+    settings = dict(flags)
+    for name in LINE_SETTINGS:
+        if not any(name in line for line in lines):
+            continue
+        if name == "seed":
+            default = [None if flags["seed"] is None else flags["seed"] + i for i in range(len(lines))]
+        else:
+            default = [flags[name]] * len(lines)
+        settings[name] = [line[name] if name in line else default[i] for i, line in enumerate(lines)]
+        if name == "logit_bias":  # JSON objects: their keys are strings
+            settings[name] = [_token_keyed(bias, f"request {i}'s logit_bias (--prompts-file)")
+                              if "logit_bias" in line and bias is not None else bias
+                              for i, (line, bias) in enumerate(zip(lines, settings[name]))]
+    return settings
+
+
 def _logit_bias(text: str | None) -> dict[int, float] | None:
     """``--logit-bias``'s JSON object, its keys (strings in JSON) read as token ids."""
     if text is None:
         return None
     try:
         value = json.loads(text)
+    except ValueError as err:
+        raise SystemExit(f"dspark generate: --logit-bias must be a JSON object {{token id: bias}}, got {text!r} ({err})") from None
+    return _token_keyed(value, "--logit-bias")
+
+
+def _token_keyed(value, where: str) -> dict[int, float]:
+    """A JSON object ``{"token id": bias}`` with its keys read as token ids (``where`` names it in errors)."""
+    try:
         if not isinstance(value, dict):
             raise ValueError("not an object")
         return {int(token): bias for token, bias in value.items()}
     except ValueError as err:
-        raise SystemExit(f"dspark generate: --logit-bias must be a JSON object {{token id: bias}}, got {text!r} ({err})") from None
+        raise SystemExit(f"dspark generate: {where} must be a JSON object {{token id: bias}}, got {value!r} ({err})") from None
 
 
 def _write_outputs(path: str, prompts: list, result) -> None:
@@ -277,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
     gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the "
-                                            "others; a line's \"max_new_tokens\" is its own budget)")
+                                            "others); a line may set its own \"max_new_tokens\", sampling settings ("
+                                            "\"temperature\", \"top_p\", \"logit_bias\", ...) and \"seed\"")
     gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs, ...]) "
                                       "instead of printing the outputs")
     gen.add_argument("--chat", action="store_true",

@@ -115,13 +115,15 @@ class Pipeline:
             raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[:5]}")
         return tuple(int(t) for t in stop_token_ids)
 
-    def generate(self, prompts, *, max_new_tokens: int | list[int], temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p: float = 0.0, seed: int | list[int] | None = None, ignore_eos: bool = False,
+    def generate(self, prompts, *, max_new_tokens: int | list[int], temperature: float | list[float] = 0.0,
+                 top_k: int | list[int] = 0, top_p: float | list[float] = 1.0, min_p: float | list[float] = 0.0,
+                 seed: int | list[int] | None = None, ignore_eos: bool = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
                  min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, prompt_logprobs: bool = False,
-                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None) -> GenerationResult:
+                 repetition_penalty: float | list[float] = 1.0, presence_penalty: float | list[float] = 0.0,
+                 frequency_penalty: float | list[float] = 0.0, no_repeat_ngram_size: int | list[int] = 0,
+                 logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -135,8 +137,14 @@ class Pipeline:
                 penalised decoding's.
             logit_bias: ``{token id: bias}``, biases in [-100, 100] added to those logits first
                 (the OpenAI API's; -100 all but bans a token).
-            seed: one int (request ``i`` uses ``seed + i``), one int per request, or ``None`` (fresh
-                seeds from ``torch``'s global generator).
+
+                Each sampling setting (``temperature`` to ``logit_bias``) is one value for every
+                request, or a list with one per request (vLLM's ``SamplingParams`` per request):
+                requests with different settings — greedy and sampled ones too — share a batch,
+                each decoded exactly as it would be alone.
+            seed: one int (request ``i`` uses ``seed + i``), one int per request (``None`` in the list:
+                a fresh seed for that request), or ``None`` (fresh seeds from ``torch``'s global
+                generator).
             ignore_eos: keep generating past EOS until ``max_new_tokens``.
             stop_token_ids: more tokens that end a request, for this call (as EOS does, and kept in
                 its output); they apply with ``ignore_eos`` too.
@@ -182,10 +190,11 @@ class Pipeline:
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
-        params = SamplingParams(_as_float(temperature), top_k, top_p, min_p, _as_float(repetition_penalty),
-                                _as_float(presence_penalty), _as_float(frequency_penalty), no_repeat_ngram_size,
-                                self._logit_bias(logit_bias)).validate()
         encoded = self.encode(prompts)
+        params = self._sampling_params(len(encoded), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                       logit_bias=logit_bias)
         if isinstance(max_new_tokens, (list, tuple)) and len(budgets) != len(encoded):
             raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(encoded)} prompts: give one per "
                              "prompt, or one integer for all")
@@ -204,7 +213,8 @@ class Pipeline:
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
             stop_check = StopStrings(self.tokenizer, stop_strings, min_new_tokens) if stop_strings else None
             ids, stats, scores = self.engine.generate(
-                encoded[start:start + size], max_new_tokens=budgets[start:start + size], params=params,
+                encoded[start:start + size], max_new_tokens=budgets[start:start + size],
+                params=params if isinstance(params, SamplingParams) else params[start:start + size],
                 seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,
                 stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs,
                 top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
@@ -223,6 +233,32 @@ class Pipeline:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
                                 logprobs=token_logprobs, top_logprobs=top, prompt_logprobs=prompt_scores)
+
+    def _sampling_params(self, count: int, **settings) -> SamplingParams | list[SamplingParams]:
+        """``generate``'s sampling settings as :class:`SamplingParams`: one for all ``count``
+        requests, or one per request where some setting is a list (checked: one value per
+        request, each valid; a bad one is named with its request)."""
+        lists = {name: value for name, value in settings.items() if isinstance(value, (list, tuple))}
+        for name, values in lists.items():
+            if len(values) != count:
+                raise ValueError(f"{name} has {len(values)} values for {count} prompts: give one per prompt, "
+                                 "or one value for all")
+
+        def one(index: int | None) -> SamplingParams:
+            value = {name: (lists[name][index] if name in lists else settings[name]) for name in settings}
+            try:
+                return SamplingParams(
+                    _as_float(value["temperature"]), value["top_k"], _as_float(value["top_p"]), _as_float(value["min_p"]),
+                    _as_float(value["repetition_penalty"]), _as_float(value["presence_penalty"]),
+                    _as_float(value["frequency_penalty"]), value["no_repeat_ngram_size"],
+                    self._logit_bias(value["logit_bias"])).validate()
+            except ValueError as err:
+                raise ValueError(f"request {index}: {err}" if index is not None else str(err)) from None
+
+        if not lists:
+            return one(None)
+        rows = [one(i) for i in range(count)]
+        return rows[0] if all(row == rows[0] for row in rows) else rows
 
     def _logit_bias(self, logit_bias) -> tuple[tuple[int, float], ...]:
         """``generate``'s ``logit_bias`` as the parameters hold it (sorted pairs), its token ids
@@ -265,6 +301,8 @@ def _as_float(value):
 
 
 def _request_seeds(seed, count: int) -> list[int]:
+    """One seed per request: ``seed + i``, the list's own (``None`` entries: fresh ones from
+    ``torch``'s global generator), or all fresh without a seed."""
     if seed is None:
         return torch.randint(0, 2**62, (count,)).tolist()
     if isinstance(seed, bool):
@@ -272,9 +310,10 @@ def _request_seeds(seed, count: int) -> list[int]:
     if isinstance(seed, int):
         return [seed + i for i in range(count)]
     seeds = list(seed)
-    if len(seeds) != count or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seed must be an int or one int per request ({count}), got {seed!r}")
-    return seeds
+    if len(seeds) != count or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in seeds):
+        raise ValueError(f"seed must be an int or one int per request ({count}; None for a fresh one), got {seed!r}")
+    fresh = iter(torch.randint(0, 2**62, (count,)).tolist())
+    return [next(fresh) if s is None else s for s in seeds]
 
 
 def _progress_bar(show: bool):

@@ -43,6 +43,12 @@ def no_compute(pipe, monkeypatch):
     ([[1, 2], [3]], dict(max_new_tokens=[]), ValueError, "max_new_tokens must be an integer >= 1, or a list"),
     ([[1, 2], [3]], dict(max_new_tokens=[4, 2], min_new_tokens=3), ValueError, r"min_new_tokens must be .* \[0, .*2\]"),
     ([[1, 2], list(range(20))], dict(max_new_tokens=[4, 12]), ValueError, r"prompt 1 \(20 tokens\) \+ max_new_tokens \(12\)"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, temperature=[0.5]), ValueError, "temperature has 1 values for 2 prompts"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, top_p=[0.9, 0.0]), ValueError, r"request 1: top_p must be in \(0, 1\]"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, logit_bias=[{1: 2.0}, {500: 1.0}]), ValueError,
+     r"request 1: logit_bias token ids \[500\] are outside"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, no_repeat_ngram_size=[2, -1]), ValueError,
+     "request 1: no_repeat_ngram_size must be an integer >= 0"),
 ])
 def test_bad_generate_arguments(pipe, no_compute, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -185,6 +185,27 @@ def test_prompts_file_and_output_jsonl(capsys, tmp_path):
                  "--output", str(output), "--max-new-tokens", "5", "--ignore-eos", "target.device=cpu"]) == 0
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["token_ids"] for r in records] == [expected.token_ids[0], expected.token_ids[1][:2], expected.token_ids[2]]
+    # a line's own sampling settings and seed (the first prompt keeps the flags'); JSON's string keys
+    # of logit_bias read as token ids
+    source.write_text(json.dumps({"prompt": prompts[1], "temperature": 0.8, "top_p": 0.9, "seed": 7}) + "\n"
+                      + json.dumps({"prompt": prompts[2], "logit_bias": {"32": -100, "10": 5.0},
+                                    "repetition_penalty": 1.3}) + "\n")
+    assert main(["generate", "--config", "ar", "--prompt", prompts[0], "--prompts-file", str(source),
+                 "--output", str(output), "--max-new-tokens", "5", "--ignore-eos", "--seed", "3",
+                 "target.device=cpu"]) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    per_request = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        prompts, max_new_tokens=5, ignore_eos=True, temperature=[0.0, 0.8, 0.0], top_p=[1.0, 0.9, 1.0],
+        seed=[3, 7, 5], logit_bias=[None, None, {32: -100, 10: 5.0}], repetition_penalty=[1.0, 1.0, 1.3])
+    assert [r["token_ids"] for r in records] == per_request.token_ids
+    assert per_request.token_ids[0] == expected.token_ids[0] and per_request.token_ids[2] != expected.token_ids[2]
+    source.write_text(json.dumps({"prompt": prompts[1], "logit_bias": [32, -100]}) + "\n")
+    with pytest.raises(SystemExit, match="request 0's logit_bias .*must be a JSON object"):
+        main(["generate", "--config", "ar", "--prompts-file", str(source), "target.device=cpu"])
+    source.write_text(json.dumps({"prompt": prompts[1]}) + "\n" + json.dumps({"prompt": prompts[2], "top_k": -2}) + "\n")
+    capsys.readouterr()
+    assert main(["generate", "--config", "ar", "--prompts-file", str(source), "target.device=cpu"]) != 0
+    assert "request 1: top_k must be an integer >= 0" in capsys.readouterr().err
 
 
 def test_chat_renders_each_prompt_as_a_user_message(capsys, tmp_path):
