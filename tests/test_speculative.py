@@ -163,6 +163,40 @@ def test_batch_invariance_with_penalties(drafter):
         assert pipe.generate([prompt], seed=[21 + i], **settings).token_ids[0] == batched.token_ids[i]
 
 
+# four requests, four settings: top-k sampling, greedy with a repetition penalty, nucleus with min-p
+# and bigram bans, hot with presence / frequency penalties, a logit bias and trigram bans
+PER_REQUEST = [dict(temperature=1.0, top_k=5), dict(repetition_penalty=1.5),
+               dict(temperature=0.7, top_p=0.8, min_p=0.05, no_repeat_ngram_size=2),
+               dict(temperature=1.3, presence_penalty=0.5, frequency_penalty=0.3, logit_bias={3: 2.0, 5: -1.0},
+                    no_repeat_ngram_size=3)]
+
+
+def settings_per_request(requests: list[dict]) -> dict:
+    """``generate``'s keyword arguments giving request i the settings ``requests[i]`` (a list per
+    setting; the others at ``generate``'s defaults)."""
+    defaults = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, no_repeat_ngram_size=0, logit_bias=None)
+    return {name: [request.get(name, default) for request in requests] for name, default in defaults.items()}
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_stop", "dspark", "dflash", "dspark_rnn",
+                                     "eagle3", "eagle3_stop", "eagle3_draft_vocab", "dspark_threshold"])
+def test_settings_per_request_decode_each_request_as_alone(drafter):
+    """Requests asking for different settings (a greedy one among sampled ones) share a batch, each
+    decoded exactly as alone with its own settings: float64, token for token."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64")
+    prompts = ragged_prompts(101, lengths=(4, 9, 2, 6))
+    batched = pipe.generate(prompts, max_new_tokens=14, seed=[21, 22, 23, 24], ignore_eos=True,
+                            **settings_per_request(PER_REQUEST))
+    for i, prompt in enumerate(prompts):
+        alone = pipe.generate([prompt], max_new_tokens=14, seed=[21 + i], ignore_eos=True, **PER_REQUEST[i])
+        assert alone.token_ids[0] == batched.token_ids[i]
+    greedy = spec_pipeline(target, "none", 0, "target.dtype=float64").generate(
+        prompts[1:2], max_new_tokens=14, ignore_eos=True, **PER_REQUEST[1])
+    assert batched.token_ids[1] == greedy.token_ids[0]  # the greedy request: plain greedy decoding's tokens
+
+
 @pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_stop", "dspark", "eagle3",
                                      "eagle3_stop", "dspark_threshold"])  # (batch-invariant ones: not load-aware)
 def test_a_budget_per_request(drafter):
@@ -349,6 +383,49 @@ def test_chi_square_detects_penalties_without_the_drafts():
     assert chi_square_p_value(counts, exact_joint(target, PENALTIES)) < 1e-3
 
 
+# the settings requests share a batch with in the chi-square check: each group's joint is checked
+GROUPS = [PENALTIES, NGRAM_BANS, dspark.SamplingParams(0.9, top_p=0.8, min_p=0.05),
+          dspark.SamplingParams(0.0, repetition_penalty=1.5)]
+
+
+def empirical_joints(pipe, groups: list, samples: int) -> list[torch.Tensor]:
+    """The first three tokens' counts ``[V, V, V]`` per group of ``groups``, request i of each
+    5,000-request batch decoded with ``groups[i % len(groups)]``."""
+    counts = [torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.long) for _ in groups]
+    batch = 5000
+    requests = [dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                     repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
+                     frequency_penalty=g.frequency_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+                     logit_bias=dict(g.logit_bias)) for g in groups]
+    settings = settings_per_request([requests[i % len(groups)] for i in range(batch)])
+    for start in range(0, samples, batch):
+        ids = torch.tensor(pipe.generate([PROMPT] * batch, max_new_tokens=3, seed=1000 + start, ignore_eos=True,
+                                         **settings).token_ids)
+        cells = ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2]
+        for g, count in enumerate(counts):
+            count += torch.bincount(cells[g::len(groups)], minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "dflash", "eagle3", "eagle3_calibrated",
+                                     "dspark_scheduled"])
+def test_chi_square_with_settings_per_request(drafter):
+    """Requests of one batch asking for different settings (penalties with a bias, n-gram bans with
+    top-k, nucleus with min-p, greedy with a penalty): each group's joint of the first three tokens
+    is its own target's (10,000 samples per group, significance 0.001, fixed seeds); every greedy
+    request decodes the greedy sequence."""
+    target, draft = tiny_pair()
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
+    counts = empirical_joints(pipe, GROUPS, samples=40000)
+    for group, count in zip(GROUPS, counts):
+        exact = exact_joint(target, group)
+        if group.greedy:
+            assert count[exact == 1].sum() == count.sum() == 10000
+        else:
+            assert chi_square_p_value(count, exact) > 1e-3
+
+
 @pytest.mark.parametrize("setting", ["penalties", "ngram_bans"])
 @pytest.mark.parametrize("drafter", DRAFTERS[1:])
 def test_greedy_with_penalties_equals_autoregressive(drafter, setting):
@@ -465,6 +542,9 @@ def test_compiled_rounds_match_eager(drafter):
         assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True, **penalised).token_ids == expected
     assert (compiled.generate(prompts, **sampled, **penalised).token_ids
             == eager.generate(prompts, **sampled, **penalised).token_ids)
+    # settings per request (a greedy request among sampled ones): the settings that differ are tensors
+    mixed = dict(max_new_tokens=12, seed=[1, 2, 3], ignore_eos=True, **settings_per_request(PER_REQUEST[:3]))
+    assert compiled.generate(prompts, **mixed).token_ids == eager.generate(prompts, **mixed).token_ids
 
 
 @pytest.mark.slow

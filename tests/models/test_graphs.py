@@ -9,7 +9,7 @@ import torch
 from dspark.models.graphs import GraphedForward, GraphedFunction, eager_capture, graph_widths
 from dspark.scheduling.schedulers import FixedScheduler
 from helpers import ragged_prompts, tiny_hf_model
-from test_speculative import spec_pipeline
+from test_speculative import PER_REQUEST, settings_per_request, spec_pipeline
 
 
 def test_bucket_widths_end_at_the_round_width():
@@ -48,14 +48,21 @@ def test_graphed_rounds_match_eager_rounds(drafter):
     eager_pipe.generate(prompts, max_new_tokens=12, ignore_eos=True)
     eager = eager_pipe.generate(prompts, **sampled).token_ids
     eager_penalised = eager_pipe.generate(prompts, **sampled, **penalised).token_ids
+    # settings per request: two batches of them, then the first again (its graphs are replayed,
+    # reading the settings they were captured with — equal ones)
+    mixed = [settings_per_request(order) for order in (PER_REQUEST[:3], PER_REQUEST[2::-1], PER_REQUEST[:3])]
+    eager_mixed = [eager_pipe.generate(prompts, max_new_tokens=12, seed=[1, 2, 3], ignore_eos=True, **m).token_ids
+                   for m in mixed]
     pipe = spec_pipeline(target, drafter, 3)
     forward = graphed(pipe)
     assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
     assert pipe.generate(prompts, **sampled).token_ids == eager
     assert pipe.generate(prompts, **sampled, **penalised).token_ids == eager_penalised
+    assert [pipe.generate(prompts, max_new_tokens=12, seed=[1, 2, 3], ignore_eos=True, **m).token_ids
+            for m in mixed] == eager_mixed
     assert 1 <= forward.num_graphs <= len(forward.widths)
     if drafter.startswith("dspark"):  # the block forward: one graph per sampling setting (penalties too)
-        assert pipe.engine.drafter._draft_block.num_graphs == 3
+        assert pipe.engine.drafter._draft_block.num_graphs == 5
     if drafter in ("dspark", "eagle3"):  # fused append + draft: per sampling setting (and verify width)
         assert pipe.engine.drafter._append_and_draft.num_graphs >= 2
     if drafter.startswith("draft_model"):
