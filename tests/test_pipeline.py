@@ -54,6 +54,12 @@ def test_sampling_depends_on_seed_and_is_reproducible():
     c = pipe.generate(prompts, max_new_tokens=20, temperature=1.0, seed=6, ignore_eos=True).token_ids
     assert a == b and a != c
     assert a[0] != a[1]  # seed 5 gives request i the seed 5 + i
+    # a None in a list of seeds: a fresh seed for that request, the others keep theirs
+    torch.manual_seed(0)
+    d = pipe.generate(prompts, max_new_tokens=20, temperature=1.0, seed=[5, None], ignore_eos=True).token_ids
+    torch.manual_seed(1)
+    e = pipe.generate(prompts, max_new_tokens=20, temperature=1.0, seed=[5, None], ignore_eos=True).token_ids
+    assert d[0] == e[0] == a[0] and d[1] != e[1]
 
 
 def test_eos_stops_each_request_and_is_included():
