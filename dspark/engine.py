@@ -54,7 +54,9 @@ class EngineConfig:
             whole cache, one graph per batch size). Pays off for small models whose step time is
             dominated by per-operation overhead; the first round of each shape compiles (seconds
             to a minute). The drafter's own forwards are compiled too; on CPU with inductor's C++
-            wrapper (:func:`~dspark.models.compiled.compile_forward`).
+            wrapper (:func:`~dspark.models.compiled.compile_forward`). The sampling settings reach
+            them as tensors, so a new temperature (or top-p, penalty, ...) reuses the graphs;
+            turning a setting on that was off compiles once more.
         time_phases: split each round's time into draft / schedule / verify / other (host clock; on
             CUDA this adds synchronisations, so keep it for measurements).
         cuda_graphs: replay the target's round forward from CUDA graphs captured per batch size and
@@ -197,7 +199,7 @@ class Engine:
         prompt_lengths, budgets = [len(p) for p in prompts], _budgets(max_new_tokens, len(prompts))
         max_prompt = max(prompt_lengths)
         max_len = max(self.cache_len_needed(p, m) for p, m in zip(prompt_lengths, budgets))
-        params = batch_params(params, batch, device)
+        params = batch_params(params, batch, device, columns=self.config.compile)  # (compiled: no recompiles per value)
 
         tokens = torch.zeros(batch, max_len, dtype=torch.long)
         for b, prompt in enumerate(prompts):

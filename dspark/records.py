@@ -126,7 +126,8 @@ class MixedSamplingParams:
 
     A setting that every request shares stays a Python number, exactly as in
     :class:`SamplingParams`; one that differs is a ``[B]`` tensor on the model's device (so at
-    least one request has it on), broadcast over each row's logits with :func:`per_row`. Greedy
+    least one request has it on), broadcast over each row's logits with :func:`per_row`. (Compiled
+    engines hold every setting that is on in a tensor, shared or not: ``batch_params(columns=True)``.) Greedy
     requests may share a batch with sampled ones: they are drawn from a one-hot distribution at the
     argmax (``greedy_rows``), which rejection sampling turns into greedy verification.
 
@@ -134,7 +135,7 @@ class MixedSamplingParams:
         rows: the requests' own settings, in batch order (equality and hashing go by them: CUDA
             graphs are keyed on the settings).
         temperature: ``float`` or ``[B]`` float64 (1 in the greedy rows).
-        top_k: ``int`` or ``[B]`` int64; ``top_k_max``: the largest of the rows.
+        top_k: ``int`` or ``[B]`` int64; ``top_k_max``: the largest of the rows rounded up to a power of two.
         top_p: and likewise ``min_p``, ``repetition_penalty``, ``presence_penalty``,
             ``frequency_penalty``: ``float`` or ``[B]`` float64.
         no_repeat_ngram_size: ``int`` or ``[B]`` int64; ``ngram_sizes``: its distinct non-zero values.
@@ -166,27 +167,30 @@ class MixedSamplingParams:
         return hash(self.rows)
 
 
-def batch_params(params: "SamplingParams | Sequence[SamplingParams]", batch_size: int,
-                 device=None) -> "SamplingParams | MixedSamplingParams":
+def batch_params(params: "SamplingParams | Sequence[SamplingParams]", batch_size: int, device=None,
+                 columns: bool = False) -> "SamplingParams | MixedSamplingParams":
     """The settings of a batch of ``batch_size`` requests from one :class:`SamplingParams` for all,
     or one per request: the shared one when they all agree, else a :class:`MixedSamplingParams`
-    (tensors on ``device``). Every request's settings are validated."""
-    if isinstance(params, SamplingParams):
-        return params.validate()
-    rows = tuple(params)
+    (tensors on ``device``). Every request's settings are validated.
+
+    ``columns``: every setting that is on becomes a ``[B]`` tensor even when the requests agree
+    (``engine.compile`` asks for it: compiled code specialises on Python numbers, so a new
+    temperature would recompile every compiled function; values held in tensors do not)."""
+    rows = (params,) * batch_size if isinstance(params, SamplingParams) else tuple(params)
     if len(rows) != batch_size or not all(isinstance(row, SamplingParams) for row in rows):
         raise ValueError(f"expected one SamplingParams for the batch or one per request ({batch_size}), got {params!r}")
-    for row in rows:
+    for row in set(rows):
         row.validate()
-    if all(row == rows[0] for row in rows):
+    if all(row == rows[0] for row in rows) and not (columns and not rows[0].greedy or columns and rows[0].penalized):
         return rows[0]
 
-    def column(name: str, dtype=torch.float64, values=None):
+    def column(name: str, dtype=torch.float64, values=None, off=None):
         values = [getattr(row, name) for row in rows] if values is None else values
-        return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=dtype, device=device)
+        shared = all(v == values[0] for v in values) and not (columns and values[0] != off)
+        return values[0] if shared else torch.tensor(values, dtype=dtype, device=device)
 
     greedy = [row.greedy for row in rows]
-    if all(row.logit_bias == rows[0].logit_bias for row in rows):
+    if all(row.logit_bias == rows[0].logit_bias for row in rows) and not (columns and rows[0].logit_bias):
         bias = rows[0].logit_bias
     else:
         width = max(len(row.logit_bias) for row in rows)
@@ -194,13 +198,16 @@ def batch_params(params: "SamplingParams | Sequence[SamplingParams]", batch_size
         bias = RowBias(torch.tensor([[t for t, _ in pad(row.logit_bias)] for row in rows], dtype=torch.long, device=device),
                        torch.tensor([[b for _, b in pad(row.logit_bias)] for row in rows], dtype=torch.float64,
                                     device=device))
+    largest_k = max(row.top_k for row in rows)
     return MixedSamplingParams(
         rows=rows, temperature=column("temperature", values=[row.temperature or 1.0 for row in rows])
         if not all(greedy) else 0.0,
-        top_k=column("top_k", torch.long), top_k_max=max(row.top_k for row in rows), top_p=column("top_p"),
-        min_p=column("min_p"), repetition_penalty=column("repetition_penalty"),
-        presence_penalty=column("presence_penalty"), frequency_penalty=column("frequency_penalty"),
-        no_repeat_ngram_size=column("no_repeat_ngram_size", torch.long), logit_bias=bias, greedy=all(greedy),
+        # top_k_max rounded up to a power of two: fewer distinct values for compiled code to specialise on
+        top_k=column("top_k", torch.long, off=0), top_k_max=1 << (largest_k - 1).bit_length() if largest_k else 0,
+        top_p=column("top_p", off=1.0), min_p=column("min_p", off=0.0),
+        repetition_penalty=column("repetition_penalty", off=1.0), presence_penalty=column("presence_penalty", off=0.0),
+        frequency_penalty=column("frequency_penalty", off=0.0),
+        no_repeat_ngram_size=column("no_repeat_ngram_size", torch.long, off=0), logit_bias=bias, greedy=all(greedy),
         greedy_rows=torch.tensor(greedy, device=device) if any(greedy) and not all(greedy) else None,
         penalized=any(row.penalized for row in rows),
         ngram_sizes=tuple(sorted({row.no_repeat_ngram_size for row in rows} - {0})))

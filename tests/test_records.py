@@ -54,3 +54,15 @@ def test_bad_batches_of_settings_are_refused():
         batch_params([SamplingParams(), {"temperature": 1.0}], 2)
     with pytest.raises(ValueError, match="top_p"):
         batch_params([SamplingParams(), SamplingParams(1.0, top_p=0.0)], 2)
+
+
+def test_compiled_engines_hold_every_setting_that_is_on_in_a_column():
+    """``columns=True`` (engine.compile): a new value is a new tensor value, not a new Python number
+    for compiled code to specialise on; settings that are off stay numbers (no work)."""
+    columns = batch_params(SamplingParams(0.8, top_p=0.9, top_k=5, logit_bias=((3, 1.0),)), 2, columns=True)
+    assert columns.temperature.tolist() == [0.8, 0.8] and columns.top_p.tolist() == [0.9, 0.9]
+    assert columns.top_k.tolist() == [5, 5] and columns.top_k_max == 8
+    assert columns.logit_bias.index.tolist() == [[3], [3]] and columns.min_p == 0.0 and columns.presence_penalty == 0.0
+    assert batch_params(SamplingParams(0.0), 2, columns=True) == SamplingParams(0.0)  # greedy, nothing on
+    greedy_penalised = batch_params(SamplingParams(0.0, repetition_penalty=1.2), 2, columns=True)
+    assert greedy_penalised.greedy and greedy_penalised.repetition_penalty.tolist() == [1.2, 1.2]

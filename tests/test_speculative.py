@@ -552,7 +552,8 @@ def test_compiled_rounds_match_eager(drafter):
 def test_compiled_rounds_do_not_recompile_for_new_prompt_lengths(drafter):
     """engine.compile: once a batch size and the sampling settings have been seen, other prompt
     lengths (within one cache bucket) reuse the compiled graphs — nothing a compiled function takes
-    may have a prompt-dependent shape (dynamo would recompile per length, then fall back to eager)."""
+    may have a prompt-dependent shape (dynamo would recompile per length, then fall back to eager) —
+    and so do other values of the settings (a new temperature is a new tensor value, not a new graph)."""
     from torch._dynamo.utils import counters
 
     target = tiny_hf_model("qwen3", scale=3.0)
@@ -561,4 +562,12 @@ def test_compiled_rounds_do_not_recompile_for_new_prompt_lengths(drafter):
     before = counters["stats"]["unique_graphs"]
     for length in (3, 11, 8):
         compiled.generate(ragged_prompts(101, lengths=(length,), seed=length), max_new_tokens=10, ignore_eos=True)
+    assert counters["stats"]["unique_graphs"] == before
+    # new values of the settings that are on (held in tensors) reuse the graphs too
+    sampled = dict(max_new_tokens=10, ignore_eos=True, seed=0)
+    compiled.generate(ragged_prompts(101, lengths=(6,)), temperature=0.7, top_p=0.9, repetition_penalty=1.2, **sampled)
+    before = counters["stats"]["unique_graphs"]
+    for temperature, top_p, penalty in ((0.9, 0.8, 1.4), (1.3, 0.95, 1.1)):
+        compiled.generate(ragged_prompts(101, lengths=(6,)), temperature=temperature, top_p=top_p,
+                          repetition_penalty=penalty, **sampled)
     assert counters["stats"]["unique_graphs"] == before
