@@ -237,7 +237,8 @@ class Pipeline:
     def _sampling_params(self, count: int, **settings) -> SamplingParams | list[SamplingParams]:
         """``generate``'s sampling settings as :class:`SamplingParams`: one for all ``count``
         requests, or one per request where some setting is a list (checked: one value per
-        request, each valid; a bad one is named with its request)."""
+        request, each valid; a bad one is named with its request). The engine shares one record
+        among requests that agree (:func:`~dspark.records.batch_params`)."""
         lists = {name: value for name, value in settings.items() if isinstance(value, (list, tuple))}
         for name, values in lists.items():
             if len(values) != count:
@@ -255,10 +256,7 @@ class Pipeline:
             except ValueError as err:
                 raise ValueError(f"request {index}: {err}" if index is not None else str(err)) from None
 
-        if not lists:
-            return one(None)
-        rows = [one(i) for i in range(count)]
-        return rows[0] if all(row == rows[0] for row in rows) else rows
+        return one(None) if not lists else [one(i) for i in range(count)]
 
     def _logit_bias(self, logit_bias) -> tuple[tuple[int, float], ...]:
         """``generate``'s ``logit_bias`` as the parameters hold it (sorted pairs), its token ids

@@ -181,8 +181,8 @@ def batch_params(params: "SamplingParams | Sequence[SamplingParams]", batch_size
         raise ValueError(f"expected one SamplingParams for the batch or one per request ({batch_size}), got {params!r}")
     for row in set(rows):
         row.validate()
-    if all(row == rows[0] for row in rows) and not (columns and not rows[0].greedy or columns and rows[0].penalized):
-        return rows[0]
+    if all(row == rows[0] for row in rows) and not (columns and (not rows[0].greedy or rows[0].penalized)):
+        return rows[0]  # (compiled engines: unless a setting is on)
 
     def column(name: str, dtype=torch.float64, values=None, off=None):
         values = [getattr(row, name) for row in rows] if values is None else values
