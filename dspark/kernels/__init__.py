@@ -33,10 +33,13 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
                   emitted: torch.Tensor, num_emitted: torch.Tensor, eos: torch.Tensor,
                   max_new_tokens: torch.Tensor | int) -> torch.Tensor:
     """Append kept tokens and advance lengths for the whole batch in place → kept ``[B]``; see
-    :func:`dspark.kernels.reference.commit_tokens` (``max_new_tokens``: each request's budget
-    ``[B]``, or one for all)."""
+    :func:`dspark.kernels.reference.commit_tokens` (``eos``: each request's stop ids ``[B, E]``
+    padded with −1, or ``[E]`` for all; ``max_new_tokens``: each request's budget ``[B]``, or one
+    for all)."""
     if not isinstance(max_new_tokens, torch.Tensor):
         max_new_tokens = torch.full_like(lengths, max_new_tokens)
+    if eos.dim() == 1:
+        eos = eos.expand(lengths.shape[0], -1).contiguous()
     return implementation("commit_tokens", tokens.device)(tokens, lengths, prompt_lengths, done, emitted, num_emitted,
                                                           eos, max_new_tokens)
 

@@ -119,7 +119,7 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
         prompt_lengths: ``[B]`` int64.
         done: ``[B]`` bool; set for requests that hit EOS or the budget.
         emitted: ``[B, K]`` int64, of which the first ``num_emitted[b]`` are real.
-        eos: ``[E]`` int64 end-of-sequence ids (``E`` may be 0).
+        eos: ``[B, E]`` int64 stop ids of each request, padded with −1 (``E`` may be 0).
         max_new_tokens: ``[B]`` int64, each request's generation budget.
 
     Returns:
@@ -130,7 +130,7 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
     offsets = torch.arange(width, device=emitted.device)
     num = torch.minimum(num_emitted, max_new_tokens - (lengths - prompt_lengths))
     if eos.numel():
-        is_eos = torch.isin(emitted, eos) & (offsets < num.unsqueeze(1))
+        is_eos = (emitted.unsqueeze(-1) == eos.unsqueeze(1)).any(-1) & (offsets < num.unsqueeze(1))
         hit_eos = is_eos.any(1)
         num = torch.where(hit_eos, is_eos.long().argmax(1) + 1, num)
     else:

@@ -26,7 +26,7 @@ def _commit_tokens_kernel(tokens_ptr, lengths_ptr, prompt_ptr, done_ptr, emitted
     hit_eos = num < 0  # False, shaped like a scalar
     if HAS_EOS:
         e = tl.arange(0, BLOCK_E)
-        eos = tl.load(eos_ptr + e, mask=e < num_eos, other=-1)
+        eos = tl.load(eos_ptr + b * num_eos + e, mask=e < num_eos, other=-1)  # this request's stop ids
         is_eos = tl.max((emitted[:, None] == eos[None, :]).to(tl.int32), 1) > 0
         is_eos = is_eos & (k < num)
         first_eos = tl.min(tl.where(is_eos, k, BLOCK_K), 0)
@@ -48,7 +48,7 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
     if not (tokens.is_contiguous() and lengths.is_contiguous() and done.is_contiguous()):
         raise ValueError("commit_tokens writes in place: tokens, lengths and done must be contiguous")
     kept = torch.empty(batch, dtype=torch.long, device=tokens.device)
-    num_eos = eos.numel()
+    num_eos = eos.shape[1]
     if batch:
         _commit_tokens_kernel[(batch,)](
             tokens, lengths, prompt_lengths.contiguous(), done, emitted.contiguous(), num_emitted.contiguous(),

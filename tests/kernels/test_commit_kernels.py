@@ -19,7 +19,9 @@ def commit_case(seed: int, batch: int, width: int, num_eos: int, max_new: int):
     done = torch.rand(batch, generator=g) < 0.2
     emitted = torch.randint(0, vocab, (batch, width), generator=g)
     num_emitted = torch.where(done, 0, torch.randint(1, width + 1, (batch,), generator=g))
-    eos = torch.randperm(vocab, generator=g)[:num_eos]
+    # each request's own stop ids, padded with -1 (some requests have fewer, or none)
+    eos = torch.stack([torch.randperm(vocab, generator=g)[:num_eos] for _ in range(batch)])
+    eos = eos.masked_fill(torch.arange(num_eos) >= torch.randint(0, num_eos + 1, (batch, 1), generator=g), -1)
     budgets = torch.maximum(generated, torch.randint(1, max_new + 1, (batch,), generator=g))  # each request's own
     return tokens, lengths, prompt_lengths, done, emitted, num_emitted, eos, budgets
 
@@ -55,6 +57,12 @@ def test_commit_semantics(kernel_backend):
     kept = commit_tokens(tokens, lengths, prompt, done, emitted, torch.tensor([4, 4, 4]), torch.tensor([9]),
                          torch.tensor([5, 4, 10]))
     assert kept.tolist() == [1, 1, 4] and done.tolist() == [True, True, False]
+    # stop ids per request ([B, E], padded with -1): 9 stops request 1 only, 7 request 2 only
+    tokens.zero_()
+    lengths[:], done[:] = torch.tensor([2, 3, 4]), False
+    kept = commit_tokens(tokens, lengths, prompt, done, emitted, torch.tensor([4, 4, 4]),
+                         torch.tensor([[-1, -1], [9, -1], [7, 3]]), 10)
+    assert kept.tolist() == [4, 2, 3] and done.tolist() == [False, True, True]
 
 
 def sequential_gather(buffer, lengths, src_offsets, num):
