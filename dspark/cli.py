@@ -76,15 +76,15 @@ def _generate(args: argparse.Namespace) -> int:
 
         text = pipe.tokenizer is not None and not args.print_ids
         streamer = TextStreamer(pipe.tokenizer if text else _IdsAsText())
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                    frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    logit_bias=_logit_bias(args.logit_bias), seed=args.seed)
+    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                 frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                 logit_bias=_logit_bias(args.logit_bias), seed=args.seed, stop=args.stop,
+                 stop_token_ids=args.stop_token_id, min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos)
     settings = dict(max_new_tokens=budgets if any(b != args.max_new_tokens for b in budgets) else args.max_new_tokens,
-                    **_settings_per_line(sampling, lines), ignore_eos=args.ignore_eos,
-                    progress=args.progress, on_tokens=streamer, stop_token_ids=args.stop_token_id, stop=args.stop,
-                    min_new_tokens=args.min_new_tokens, logprobs=args.logprobs or args.top_logprobs > 0,
-                    top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs)
+                    **_settings_per_line(flags, lines), progress=args.progress, on_tokens=streamer,
+                    logprobs=args.logprobs or args.top_logprobs > 0, top_logprobs=args.top_logprobs,
+                    prompt_logprobs=args.prompt_logprobs)
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -122,12 +122,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 #: what a line of ``--prompts-file`` may set for its own request (besides ``max_new_tokens``)
 LINE_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "seed")
+                 "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "seed", "stop", "stop_token_ids",
+                 "min_new_tokens", "ignore_eos")
 
 
 def _settings_per_line(flags: dict, lines: list[dict]) -> dict:
-    """``generate``'s sampling arguments: the flags' values, and a list with one value per request
-    for each setting some line of the prompts file sets (the others keep the flag's; a request
+    """``generate``'s sampling and stop arguments: the flags' values, and a list with one value per
+    request for each setting some line of the prompts file sets (the others keep the flag's; a request
     without a seed of its own gets ``--seed + i``, or a fresh one without ``--seed``)."""
     settings = dict(flags)
     for name in LINE_SETTINGS:
@@ -138,6 +139,8 @@ def _settings_per_line(flags: dict, lines: list[dict]) -> dict:
         else:
             default = [flags[name]] * len(lines)
         settings[name] = [line[name] if name in line else default[i] for i, line in enumerate(lines)]
+        if name in ("stop", "stop_token_ids"):  # a line's single stop string or id: a list of one
+            settings[name] = [[value] if isinstance(value, (str, int)) else value for value in settings[name]]
         if name == "logit_bias":  # JSON objects: their keys are strings
             settings[name] = [_token_keyed(bias, f"request {i}'s logit_bias (--prompts-file)")
                               if "logit_bias" in line and bias is not None else bias
@@ -313,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-ids", action="append", help="a prompt as token ids, 'ID ID ...' (repeatable)")
     gen.add_argument("--prompts-file", help="a JSONL file of prompts, one {\"prompt\": \"...\"} per line (added to the "
                                             "others); a line may set its own \"max_new_tokens\", sampling settings ("
-                                            "\"temperature\", \"top_p\", \"logit_bias\", ...) and \"seed\"")
+                                            "\"temperature\", \"top_p\", \"logit_bias\", ...), \"seed\" and stops "
+                                            "(\"stop\", \"stop_token_ids\", \"min_new_tokens\", \"ignore_eos\")")
     gen.add_argument("--output", help="write one JSON line per request here (prompt, text, token_ids[, logprobs, ...]) "
                                       "instead of printing the outputs")
     gen.add_argument("--chat", action="store_true",

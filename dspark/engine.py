@@ -111,7 +111,6 @@ class Engine:
         self.config = engine_config or EngineConfig()
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.device = target.device
-        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
         self._cache = None
         forward = compile_forward(target, target.device) if self.config.compile else target
         if self.config.compile:
@@ -168,9 +167,10 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int],
                  params: SamplingParams | Sequence[SamplingParams],
-                 seeds: list[int], ignore_eos: bool = False, progress=None,
+                 seeds: list[int], ignore_eos: bool | Sequence[bool] = False, progress=None,
                  on_tokens: Callable[[int, list[int]], None] | None = None,
-                 stop_token_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
+                 stop_token_ids: Sequence[int] | Sequence[Sequence[int]] = (),
+                 min_new_tokens: int | Sequence[int] = 0,
                  stop_check: Callable[[int, list[int]], int | None] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0,
                  prompt_logprobs: bool = False) -> tuple[list[list[int]], GenerationStats, "Scores"]:
@@ -181,7 +181,8 @@ class Engine:
         ``prompt_logprobs`` each prompt token's given the ones before it (:meth:`_prefill`).
 
         ``params``: the sampling settings, one for every request or one per request (requests with
-        different settings share the batch: :func:`~dspark.records.batch_params`).
+        different settings share the batch: :func:`~dspark.records.batch_params`); so may
+        ``ignore_eos``, ``stop_token_ids`` (a list of id lists) and ``min_new_tokens`` be.
 
         A request ends at its ``max_new_tokens`` (one budget for all, or one per request), at an EOS
         token (unless ``ignore_eos``) or at one of
@@ -209,16 +210,14 @@ class Engine:
                               done=torch.zeros(batch, dtype=torch.bool, device=device),
                               max_new_tokens=max(budgets), params=params)
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        stop = self._eos if not ignore_eos else self._eos[:0]
-        if stop_token_ids:
-            stop = torch.cat([stop, torch.tensor(stop_token_ids, dtype=torch.long, device=device)])
+        stop = _stop_ids(self.eos_token_ids, ignore_eos, stop_token_ids, batch).to(device)  # [B, E], −1 padding
         logprob_buffer = (torch.zeros(batch, max_len + gamma + 1, dtype=torch.float32, device=device)
                           if logprobs else None)
         top_buffers = None if not (logprobs and top_logprobs) else (
             torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
             torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))
-        stopper = _Stopper(stop, torch.tensor(budgets, device=device), min_new_tokens, self.target.vocab_size,
-                           logprob_buffer, top_buffers)
+        stopper = _Stopper(stop, torch.tensor(budgets, device=device), _per_request(min_new_tokens, batch),
+                           self.target.vocab_size, logprob_buffer, top_buffers)
         counters = RoundCounters(batch, gamma, device)
         cache = self._get_cache(batch, max_len)
         self.scheduler.reset()
@@ -448,7 +447,22 @@ PROMPT_SCORE_CHUNK = 512
 
 def _budgets(max_new_tokens: int | list[int], batch: int) -> list[int]:
     """Each request's generation budget: one for all, or one per request."""
-    return [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    return _per_request(max_new_tokens, batch)
+
+
+def _per_request(value, batch: int) -> list:
+    """A setting given once for all requests (a number or bool) or as a list, one per request."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * batch
+
+
+def _stop_ids(eos_token_ids: tuple[int, ...], ignore_eos, stop_token_ids, batch: int) -> torch.Tensor:
+    """``[B, E]`` each request's stop ids — EOS unless it ignores it, then its stop tokens — padded
+    with −1 (``stop_token_ids``: one id list for all, or one per request)."""
+    per_request = bool(stop_token_ids) and isinstance(stop_token_ids[0], (list, tuple))
+    rows = [(() if ignore else eos_token_ids) + tuple(stop_token_ids[b] if per_request else stop_token_ids)
+            for b, ignore in enumerate(_per_request(ignore_eos, batch))]
+    width = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [-1] * (width - len(row)) for row in rows], dtype=torch.long).view(batch, width)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -508,31 +522,40 @@ class _TokenStream:
 
 
 class _Stopper:
-    """Appends emitted tokens to the state and marks requests done at EOS or the token budget;
-    keeps stop tokens out of each request's first ``min_new_tokens`` tokens."""
+    """Appends emitted tokens to the state and marks requests done at a stop id or the token budget;
+    keeps each request's stop ids out of its first ``min_new_tokens`` tokens.
 
-    def __init__(self, eos: torch.Tensor, max_new_tokens: torch.Tensor, min_new_tokens: int = 0, vocab_size: int = 0,
+    Args:
+        eos: ``[B, E]`` each request's stop ids, padded with −1.
+        max_new_tokens: ``[B]`` budgets. min_new_tokens: one per request.
+    """
+
+    def __init__(self, eos: torch.Tensor, max_new_tokens: torch.Tensor, min_new_tokens: list[int], vocab_size: int = 0,
                  logprobs: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.eos = eos
         self.max_new_tokens = max_new_tokens
         self.logprobs, self.top = logprobs, top
-        self.min_new_tokens = min_new_tokens if eos.numel() else 0
+        self.longest_hold = max(min_new_tokens) if eos.numel() else 0  # (host int)
         self.calls = 0  # target distributions suppressed so far (host int)
-        if self.min_new_tokens:
-            self.stop_vocab = torch.zeros(vocab_size, dtype=torch.bool, device=eos.device).index_fill_(0, eos, True)
+        if self.longest_hold:
+            self.min_new_tokens = torch.tensor(min_new_tokens, device=eos.device)
+            spare = torch.where(eos >= 0, eos, vocab_size)  # padding → a spare column
+            self.stop_vocab = torch.zeros(eos.shape[0], vocab_size + 1, dtype=torch.bool, device=eos.device).scatter_(
+                1, spare, True)[:, :vocab_size]  # [B, V]
 
     def suppress(self, logits: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """The target's logits ``[B, K, V]`` for positions 0..K−1 after each request's last token, with
-        the stop tokens at −∞ where they would be among its first ``min_new_tokens`` generated
+        its stop ids at −∞ where they would be among its first ``min_new_tokens`` generated
         tokens. Verification then samples from (and accepts drafts by) this distribution, so
         suppressing stays exact. A request has ≥ n − 1 tokens before the n-th call (one per call
-        at least): once ``calls ≥ min_new_tokens`` nothing is left to suppress, and the logits pass."""
-        if self.calls >= self.min_new_tokens:
+        at least): once ``calls ≥`` the largest ``min_new_tokens`` nothing is left to suppress, and
+        the logits pass."""
+        if self.calls >= self.longest_hold:
             return logits
         self.calls += 1
         generated = state.lengths - state.prompt_lengths  # [B]: tokens before position 0's
-        early = generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device) < self.min_new_tokens
-        return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab, float("-inf"))
+        early = generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device) < self.min_new_tokens.unsqueeze(1)
+        return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab.unsqueeze(1), float("-inf"))
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor,
                logits: torch.Tensor) -> torch.Tensor:

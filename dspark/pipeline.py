@@ -117,10 +117,10 @@ class Pipeline:
 
     def generate(self, prompts, *, max_new_tokens: int | list[int], temperature: float | list[float] = 0.0,
                  top_k: int | list[int] = 0, top_p: float | list[float] = 1.0, min_p: float | list[float] = 0.0,
-                 seed: int | list[int] | None = None, ignore_eos: bool = False,
+                 seed: int | list[int] | None = None, ignore_eos: bool | list[bool] = False,
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
-                 stop_token_ids: list[int] | None = None, stop: list[str] | None = None,
-                 min_new_tokens: int = 0, logprobs: bool = False, top_logprobs: int = 0, prompt_logprobs: bool = False,
+                 stop_token_ids: list[int] | list[list[int] | None] | None = None,
+                 stop: list[str] | list[list[str] | None] | None = None, min_new_tokens: int | list[int] = 0, logprobs: bool = False, top_logprobs: int = 0, prompt_logprobs: bool = False,
                  repetition_penalty: float | list[float] = 1.0, presence_penalty: float | list[float] = 0.0,
                  frequency_penalty: float | list[float] = 0.0, no_repeat_ngram_size: int | list[int] = 0,
                  logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None) -> GenerationResult:
@@ -153,6 +153,10 @@ class Pipeline:
             min_new_tokens: no EOS or stop token among a request's first ``min_new_tokens``
                 tokens (they get probability 0 there; ``0 ≤ min_new_tokens ≤ max_new_tokens``), and
                 stop strings count only when completed by the ``min_new_tokens``-th token or later.
+
+                ``ignore_eos``, ``stop_token_ids``, ``stop`` and ``min_new_tokens`` may be given per
+                request too: a list of bools, of id lists, of string lists (``None``: none for that
+                request), of ints.
             progress: show a progress bar (default: ``engine.progress``).
             logprobs: also return each generated token's log-probability under the target
                 (:attr:`GenerationResult.logprobs`).
@@ -173,10 +177,6 @@ class Pipeline:
         if not budgets or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in budgets):
             raise ValueError(f"max_new_tokens must be an integer >= 1, or a list of them (one per request), "
                              f"got {max_new_tokens!r}")
-        if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
-                or not 0 <= min_new_tokens <= min(budgets)):
-            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={min(budgets)}], "
-                             f"got {min_new_tokens!r}")
         if not isinstance(logprobs, bool):
             raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
@@ -185,8 +185,6 @@ class Pipeline:
             raise TypeError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
         if top_logprobs and not logprobs:
             raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
-        stop_ids = self._check_stop_token_ids(stop_token_ids)
-        stop_strings = check_stop_strings(stop, self.tokenizer)
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
@@ -199,6 +197,8 @@ class Pipeline:
             raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(encoded)} prompts: give one per "
                              "prompt, or one integer for all")
         budgets = budgets * len(encoded) if len(budgets) == 1 else budgets
+        ignore, stop_ids, stop_strings, min_new = self._stop_settings(budgets, ignore_eos, stop_token_ids, stop,
+                                                                      min_new_tokens)
         seeds = _request_seeds(seed, len(encoded))
         self.engine.check_fits([len(p) for p in encoded], budgets)
 
@@ -211,12 +211,16 @@ class Pipeline:
         for start in range(0, len(encoded), size):
             chunk_callback = None if on_tokens is None else (
                 lambda b, ids, offset=start: on_tokens(offset + b, ids))
-            stop_check = StopStrings(self.tokenizer, stop_strings, min_new_tokens) if stop_strings else None
+            checks = [StopStrings(self.tokenizer, strings, m) if strings else None
+                      for strings, m in zip(stop_strings[start:start + size], min_new[start:start + size])]
+            stop_check = None if not any(checks) else (
+                lambda b, ids, checks=checks: None if checks[b] is None else checks[b](b, ids))
             ids, stats, scores = self.engine.generate(
                 encoded[start:start + size], max_new_tokens=budgets[start:start + size],
                 params=params if isinstance(params, SamplingParams) else params[start:start + size],
-                seeds=seeds[start:start + size], ignore_eos=ignore_eos, progress=bar, on_tokens=chunk_callback,
-                stop_token_ids=stop_ids, min_new_tokens=min_new_tokens, stop_check=stop_check, logprobs=logprobs,
+                seeds=seeds[start:start + size], ignore_eos=ignore[start:start + size], progress=bar,
+                on_tokens=chunk_callback, stop_token_ids=stop_ids[start:start + size],
+                min_new_tokens=min_new[start:start + size], stop_check=stop_check, logprobs=logprobs,
                 top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
             token_ids += ids
             parts.append(stats)
@@ -233,6 +237,37 @@ class Pipeline:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
                                 logprobs=token_logprobs, top_logprobs=top, prompt_logprobs=prompt_scores)
+
+    def _stop_settings(self, budgets: list[int], ignore_eos, stop_token_ids, stop, min_new_tokens):
+        """``generate``'s stop settings, one per request (each given once for all or as a list),
+        checked: ``(ignore_eos, stop ids, stop strings, min_new_tokens)`` lists."""
+        count = len(budgets)
+
+        def per_request(name: str, value, listed: bool) -> list:
+            if not listed:
+                return [value] * count
+            if len(value) != count:
+                raise ValueError(f"{name} has {len(value)} entries for {count} prompts: give one per prompt, "
+                                 "or one for all")
+            return list(value)
+
+        nested = lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(  # noqa: E731
+            x is None or isinstance(x, (list, tuple)) for x in v)
+        ignore = per_request("ignore_eos", ignore_eos, isinstance(ignore_eos, (list, tuple)))
+        if not all(isinstance(i, bool) for i in ignore):
+            raise TypeError(f"ignore_eos must be True or False, or one per request, got {ignore_eos!r}")
+        stop_ids = [self._check_stop_token_ids(ids) for ids in per_request("stop_token_ids", stop_token_ids,
+                                                                           nested(stop_token_ids))]
+        stop_strings = [check_stop_strings(strings, self.tokenizer) for strings in per_request("stop", stop,
+                                                                                              nested(stop))]
+        listed = isinstance(min_new_tokens, (list, tuple))
+        min_new = per_request("min_new_tokens", min_new_tokens, listed)
+        for i, (m, budget) in enumerate(zip(min_new, budgets)):
+            bound = budget if listed else min(budgets)
+            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= bound:
+                raise ValueError(f"{f'request {i}: ' if listed else ''}min_new_tokens must be an integer in "
+                                 f"[0, max_new_tokens={bound}], got {m!r}")
+        return ignore, stop_ids, stop_strings, min_new
 
     def _sampling_params(self, count: int, **settings) -> SamplingParams | list[SamplingParams]:
         """``generate``'s sampling settings as :class:`SamplingParams`: one for all ``count``

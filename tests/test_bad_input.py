@@ -49,6 +49,13 @@ def no_compute(pipe, monkeypatch):
      r"request 1: logit_bias token ids \[500\] are outside"),
     ([[1, 2], [3]], dict(max_new_tokens=4, no_repeat_ngram_size=[2, -1]), ValueError,
      "request 1: no_repeat_ngram_size must be an integer >= 0"),
+    ([[1, 2], [3]], dict(max_new_tokens=[4, 2], min_new_tokens=[3, 3]), ValueError,
+     r"request 1: min_new_tokens must be an integer in \[0, max_new_tokens=2\]"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, stop_token_ids=[[1], [500]]), ValueError, r"stop_token_ids must be token ids"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, stop_token_ids=[[1]]), ValueError, "stop_token_ids has 1 entries for 2 prompts"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, ignore_eos=[True]), ValueError, "ignore_eos has 1 entries for 2 prompts"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, ignore_eos=[True, 1]), TypeError, "ignore_eos must be True or False"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, stop=[["x"], None]), ValueError, "stop strings need a tokenizer"),
 ])
 def test_bad_generate_arguments(pipe, no_compute, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -86,4 +93,3 @@ def test_greedy_verifier_refuses_sampling():
     with pytest.raises(ValueError, match="greedy verifier only supports temperature 0"):
         pipe.generate([[1, 2]], max_new_tokens=3, temperature=1.0)
     assert len(pipe.generate([[1, 2]], max_new_tokens=3).token_ids[0]) <= 3
-    assert torch.is_tensor(pipe.engine._eos)

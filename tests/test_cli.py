@@ -199,6 +199,20 @@ def test_prompts_file_and_output_jsonl(capsys, tmp_path):
         seed=[3, 7, 5], logit_bias=[None, None, {32: -100, 10: 5.0}], repetition_penalty=[1.0, 1.0, 1.3])
     assert [r["token_ids"] for r in records] == per_request.token_ids
     assert per_request.token_ids[0] == expected.token_ids[0] and per_request.token_ids[2] != expected.token_ids[2]
+    # a line's own stops: a stop id (one, or a list), min_new_tokens, ignore_eos
+    stop_id = expected.token_ids[1][2]
+    source.write_text(json.dumps({"prompt": prompts[1], "stop_token_ids": stop_id}) + "\n"
+                      + json.dumps({"prompt": prompts[2], "stop_token_ids": [expected.token_ids[2][1]],
+                                    "min_new_tokens": 3, "ignore_eos": False}) + "\n")
+    assert main(["generate", "--config", "ar", "--prompt", prompts[0], "--prompts-file", str(source),
+                 "--output", str(output), "--max-new-tokens", "5", "--ignore-eos", "target.device=cpu"]) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    stops = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        prompts, max_new_tokens=5, ignore_eos=[True, True, False], stop_token_ids=[None, [stop_id],
+                                                                                  [expected.token_ids[2][1]]],
+        min_new_tokens=[0, 0, 3])
+    assert [r["token_ids"] for r in records] == stops.token_ids
+    assert stops.token_ids[1] == expected.token_ids[1][:3]
     source.write_text(json.dumps({"prompt": prompts[1], "logit_bias": [32, -100]}) + "\n")
     with pytest.raises(SystemExit, match="request 0's logit_bias .*must be a JSON object"):
         main(["generate", "--config", "ar", "--prompts-file", str(source), "target.device=cpu"])

@@ -70,7 +70,6 @@ def test_eos_stops_each_request_and_is_included():
     eos = free[0][3]
     pipe = build(hf)
     pipe.engine.eos_token_ids = (eos,)
-    pipe.engine._eos = torch.tensor([eos])
     stopped = pipe.generate(prompts, max_new_tokens=12).token_ids
     for full, got in zip(free, stopped):
         cut = full.index(eos) + 1 if eos in full else len(full)

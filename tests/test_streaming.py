@@ -57,7 +57,7 @@ def test_streaming_stops_at_eos_and_adds_no_host_read(monkeypatch):
                                  target_model=target)
     free = pipe.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
     eos = free[0][5]
-    pipe.engine.eos_token_ids, pipe.engine._eos = (eos,), torch.tensor([eos])
+    pipe.engine.eos_token_ids = (eos,)
     reads, original = [], torch.Tensor.tolist
 
     def counted(tensor):
