@@ -215,13 +215,34 @@ def test_a_budget_per_request(drafter):
     assert greedy == [ids[:budget] for ids, budget in zip(longest, budgets)]
 
 
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "eagle3", "eagle3_stop"])
+def test_stop_settings_per_request_decode_each_request_as_alone(drafter):
+    """Stop tokens, ``min_new_tokens`` and ``ignore_eos`` per request (EOS set to a token that
+    occurs): batched = alone, sampled, float64; and the stops matter."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64")
+    prompts, seeds = ragged_prompts(101, lengths=(4, 9, 2, 6)), [21, 22, 23, 24]
+    free = pipe.generate(prompts, max_new_tokens=14, temperature=1.0, seed=seeds, ignore_eos=True).token_ids
+    pipe.engine.eos_token_ids = (free[3][3],)
+    requests = [dict(stop_token_ids=[free[0][5]], min_new_tokens=7, ignore_eos=False),
+                dict(stop_token_ids=None, min_new_tokens=0, ignore_eos=True),
+                dict(stop_token_ids=[free[2][4], free[2][1]], min_new_tokens=0, ignore_eos=False),
+                dict(stop_token_ids=None, min_new_tokens=2, ignore_eos=False)]
+    batched = pipe.generate(prompts, max_new_tokens=14, temperature=1.0, seed=seeds,
+                            **{name: [r[name] for r in requests] for name in requests[0]}).token_ids
+    for i, prompt in enumerate(prompts):
+        alone = pipe.generate([prompt], max_new_tokens=14, temperature=1.0, seed=[seeds[i]], **requests[i])
+        assert alone.token_ids[0] == batched[i]
+    assert batched[1] == free[1] and len(batched[2]) <= 5 and len(batched[3]) <= 4
+
+
 def test_eos_inside_accepted_drafts_stops_there():
     target = tiny_hf_model("llama", scale=3.0)
     prompts = ragged_prompts(101, lengths=(4, 6))
     free = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=20, ignore_eos=True).token_ids
     eos = free[0][5]
     pipe = spec_pipeline(target, "draft_model_self", 7)  # accepts everything: EOS lands mid-round
-    pipe.engine.eos_token_ids, pipe.engine._eos = (eos,), torch.tensor([eos])
+    pipe.engine.eos_token_ids = (eos,)
     got = pipe.generate(prompts, max_new_tokens=20).token_ids
     for full, ids in zip(free, got):
         assert ids == full[: full.index(eos) + 1] if eos in full else ids == full
@@ -455,6 +476,35 @@ def test_chi_square_with_a_stop_token_held_back(drafter):
     counts = empirical_joint(pipe, params, stop_token_ids=[stop], min_new_tokens=2)
     assert counts[stop].sum() == 0 and counts[:, stop].sum() == 0 and counts[:, :, stop].sum() > 0
     assert chi_square_p_value(counts, exact_joint(target, params, held_back=(stop, 2))) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
+def test_chi_square_with_stop_tokens_per_request(drafter):
+    """Three groups of one batch: the target's likeliest first token held back from the first two
+    tokens, its second likeliest held back, no stop token — each group's joint is its own
+    (10,000 samples per group, significance 0.001, fixed seeds)."""
+    params = SETTINGS["temperature_1"]
+    target, draft = tiny_pair()
+    first, second = exact_joint(target, params).sum((1, 2)).topk(2).indices.tolist()
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=5000", draft=draft)
+    groups = [([first], 2), ([second], 2), (None, 0)]
+    batch = 5000
+    rows = [groups[i % 3] for i in range(batch)]
+    counts = [torch.zeros(VOCAB ** 3, dtype=torch.long) for _ in groups]
+    for start in range(0, 30000, batch):
+        ids = torch.tensor(pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=1.0, seed=1000 + start,
+                                         stop_token_ids=[stop for stop, _ in rows],
+                                         min_new_tokens=[hold for _, hold in rows]).token_ids)
+        cells = ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2]
+        for g, count in enumerate(counts):
+            count += torch.bincount(cells[g::3], minlength=VOCAB ** 3)
+    for (stop, hold), count in zip(groups, counts):
+        count = count.view(VOCAB, VOCAB, VOCAB)
+        exact = exact_joint(target, params, held_back=None if stop is None else (stop[0], hold))
+        if stop is not None:
+            assert count[stop[0]].sum() == 0 and count[:, stop[0]].sum() == 0
+        assert chi_square_p_value(count, exact) > 1e-3
 
 
 @pytest.mark.gpu

@@ -67,6 +67,22 @@ def test_min_new_tokens_lets_only_later_tokens_complete_a_stop_string(config):
     assert cut == free[:later]
 
 
+@pytest.mark.parametrize("config", ["ar", "eagle3"])
+def test_stop_strings_per_request(config):
+    """Each request its own stop strings (or none): each output is its free output cut after its
+    own first completion, with the requests' own ``min_new_tokens``."""
+    pipe = dspark.build_pipeline(config, overrides=["target.device=cpu"])
+    prompts = ["def add(a, b):", "The river", "import os\n"]
+    kwargs = dict(max_new_tokens=40, ignore_eos=True)
+    free = pipe.generate(prompts, **kwargs)
+    stops = [[free.texts[0][10:13]], None, [free.texts[2][20:22], free.texts[0][10:13]]]
+    holds = [0, 0, 4]
+    stopped = pipe.generate(prompts, stop=stops, min_new_tokens=holds, **kwargs).token_ids
+    for ids, strings, hold, got in zip(free.token_ids, stops, holds, stopped):
+        assert got == ids[:first_completion(pipe.tokenizer, ids, strings, min_new_tokens=hold)] if strings else ids
+    assert len(stopped[0]) < len(free.token_ids[0]) and stopped[1] == free.token_ids[1]
+
+
 def test_only_generated_text_counts():
     """A stop string that the prompt already contains, or that begins in the prompt, ends nothing."""
     pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
