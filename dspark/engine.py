@@ -136,7 +136,8 @@ class Engine:
         (``max_new_tokens``: one budget for all, or one per request)."""
         capacity = self.cache_config.max_len
         max_positions = getattr(self.target, "max_position_embeddings", None)
-        for i, (length, max_new_tokens) in enumerate(zip(prompt_lengths, _budgets(max_new_tokens, len(prompt_lengths)))):
+        budgets = _per_request(max_new_tokens, len(prompt_lengths))
+        for i, (length, max_new_tokens) in enumerate(zip(prompt_lengths, budgets)):
             if capacity is not None and length > capacity:
                 raise ValueError(f"prompt {i} has {length} tokens, longer than the KV cache (cache.max_len={capacity})")
             if capacity is not None and self.cache_len_needed(length, max_new_tokens) > capacity:
@@ -197,7 +198,7 @@ class Engine:
         request's calls is its output). The ids ride on the round's one host read."""
         started = time.perf_counter()
         batch, device, gamma = len(prompts), self.device, self.drafter.gamma
-        prompt_lengths, budgets = [len(p) for p in prompts], _budgets(max_new_tokens, len(prompts))
+        prompt_lengths, budgets = [len(p) for p in prompts], _per_request(max_new_tokens, len(prompts))
         max_prompt = max(prompt_lengths)
         max_len = max(self.cache_len_needed(p, m) for p, m in zip(prompt_lengths, budgets))
         params = batch_params(params, batch, device, columns=self.config.compile)  # (compiled: no recompiles per value)
@@ -445,13 +446,9 @@ COMPILED_CACHE_BUCKET = 256
 PROMPT_SCORE_CHUNK = 512
 
 
-def _budgets(max_new_tokens: int | list[int], batch: int) -> list[int]:
-    """Each request's generation budget: one for all, or one per request."""
-    return _per_request(max_new_tokens, batch)
-
-
 def _per_request(value, batch: int) -> list:
-    """A setting given once for all requests (a number or bool) or as a list, one per request."""
+    """A setting given once for all requests (a number or bool: a budget, ``min_new_tokens``,
+    ``ignore_eos``) or as a list, one per request."""
     return list(value) if isinstance(value, (list, tuple)) else [value] * batch
 
 
