@@ -35,7 +35,9 @@ class DefaultSampler(Sampler):
             sorted_logits, order = logits.sort(-1, descending=True)
             sorted_probs = sorted_logits.softmax(-1)
             mass_before = sorted_probs.cumsum(-1) - sorted_probs
-            drop_sorted = (mass_before >= top_p) & (top_p < 1.0)  # never drops the first (mass_before == 0)
+            drop_sorted = mass_before >= top_p  # never drops the first (mass_before == 0)
+            if isinstance(top_p, torch.Tensor):  # rows with top_p = 1 keep every token, rounding aside
+                drop_sorted &= top_p < 1.0
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         probs = logits.softmax(-1)
         if is_on(params.min_p, 0.0):
