@@ -32,13 +32,11 @@ class DefaultSampler(Sampler):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if is_on(params.top_p, 1.0):
             top_p = per_row(params.top_p, logits)
-            sorted_logits, order = logits.sort(-1, descending=True)
-            sorted_probs = sorted_logits.softmax(-1)
-            mass_before = sorted_probs.cumsum(-1) - sorted_probs
-            drop_sorted = mass_before >= top_p  # never drops the first (mass_before == 0)
+            probs = logits.softmax(-1)
+            keep = probs >= top_p_threshold(probs, top_p)
             if isinstance(top_p, torch.Tensor):  # rows with top_p = 1 keep every token, rounding aside
-                drop_sorted &= top_p < 1.0
-            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+                keep |= top_p >= 1.0
+            logits = logits.masked_fill(~keep, float("-inf"))
         probs = logits.softmax(-1)
         if is_on(params.min_p, 0.0):
             min_p = per_row(params.min_p, logits)
@@ -48,6 +46,39 @@ class DefaultSampler(Sampler):
         if params.greedy_rows is not None:  # greedy requests among sampled ones: one-hot at the argmax
             probs = torch.where(per_row(params.greedy_rows, probs), _one_hot_argmax(raw), probs)
         return probs
+
+
+#: where a top-p cut is looked for first: the likeliest tokens, the whole vocabulary only for the
+#: rows whose cut lies further down (on the CPU, where a full sort costs far more than a partial one)
+TOP_P_CANDIDATES = 256
+
+
+def top_p_threshold(probs: torch.Tensor, top_p) -> torch.Tensor:
+    """``[..., 1]`` the least probability a token of ``probs`` ``[..., V]`` may have and stay in the
+    top-p set: the set keeps ``p_i ≥ t``, ``t`` the least value whose strictly likelier tokens
+    weigh less than ``top_p`` (a number, or ``[B, 1, ..., 1]``). Tokens tied at the cut stay or go
+    together, so the set does not depend on how a sort orders ties (nor on the batch).
+
+    On the CPU the cut is found among the :data:`TOP_P_CANDIDATES` likeliest tokens (a partial
+    sort), and only rows whose cut lies beyond them sort the whole vocabulary."""
+
+    def cut(values: torch.Tensor, top_p) -> tuple[torch.Tensor, torch.Tensor]:  # values [..., k], descending
+        before = values.cumsum(-1) - values  # mass of the tokens ahead of each
+        count = (before < top_p).sum(-1, keepdim=True)  # ≥ 1 (nothing is ahead of the first)
+        return values.gather(-1, count - 1), count
+
+    candidates = min(TOP_P_CANDIDATES, probs.shape[-1])
+    if probs.device.type != "cpu" or candidates == probs.shape[-1]:
+        return cut(probs.sort(-1, descending=True).values, top_p)[0]
+    threshold, count = cut(probs.topk(candidates, -1).values, top_p)
+    beyond = (count == candidates).flatten().nonzero().squeeze(1)  # (a host read, on the CPU only)
+    if len(beyond):  # every candidate is in these rows' sets: their cuts may lie further down
+        rows = probs.reshape(-1, probs.shape[-1])[beyond]
+        row_top_p = top_p if not isinstance(top_p, torch.Tensor) else (
+            top_p.expand(threshold.shape).reshape(-1, 1)[beyond])
+        threshold = threshold.reshape(-1, 1).index_copy(0, beyond, cut(rows.sort(-1, descending=True).values,
+                                                                        row_top_p)[0]).view(threshold.shape)
+    return threshold
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:

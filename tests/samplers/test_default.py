@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspark.records import SamplingParams, batch_params
-from dspark.samplers import DefaultSampler, sample_from
+from dspark.samplers import DefaultSampler, default, sample_from
 
 from helpers import chi_square_p_value
 
@@ -130,3 +130,31 @@ def test_settings_per_request_process_each_row_as_alone(rows, seed):
     got = sampler.probs(logits, batch_params(rows, len(rows)))
     for b, row in enumerate(rows):
         assert torch.equal(got[b], sampler.probs(logits[b:b + 1], row)[0])
+
+
+@given(seed=st.integers(0, 2**16), scale=st.sampled_from([0.5, 3.0, 10.0]), candidates=st.integers(1, 40),
+       top_p=st.lists(st.sampled_from([0.3, 0.8, 0.95, 0.999, 1.0]), min_size=3, max_size=3))
+def test_top_p_from_candidates_equals_the_full_sort(seed, scale, candidates, top_p):
+    """On the CPU the top-p cut is looked for among the likeliest tokens first, and rows whose cut
+    lies beyond them sort the whole vocabulary: the same sets, bit for bit, as sorting every row
+    (requests with their own top-p included)."""
+    logits = torch.randn(3, 4, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    params = batch_params([SamplingParams(0.9, top_p=p) for p in top_p], 3)
+    assert default.TOP_P_CANDIDATES >= 40  # (so that the 40-token rows below are sorted whole)
+    saved, default.TOP_P_CANDIDATES = default.TOP_P_CANDIDATES, candidates
+    try:
+        partial = sampler.probs(logits, params)
+    finally:
+        default.TOP_P_CANDIDATES = saved
+    full = sampler.probs(logits, params)  # 40 tokens < TOP_P_CANDIDATES: every row sorted whole
+    assert torch.equal(partial, full)
+
+
+def test_top_p_keeps_tokens_tied_at_the_cut_together():
+    """Probabilities ½, ¼, ¼ (and a little less): at top-p 0.6 the cut falls between the two tied
+    tokens, which stay (or go) together, whatever order a sort puts them in."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, -3.0], [2.0, -3.0, 1.0, 1.0]], dtype=torch.float64).log_softmax(-1)
+    probs = sampler.probs(logits.exp().log(), SamplingParams(1.0, top_p=0.6))
+    assert (probs[0, :3] > 0).all() and probs[0, 3] == 0
+    assert (probs[1, [0, 2, 3]] > 0).all() and probs[1, 1] == 0
+    assert torch.allclose(probs[0, 1], probs[0, 2])
