@@ -11,7 +11,8 @@ from dspark.samplers.base import Sampler, register_sampler
 @register_sampler("default")
 class DefaultSampler(Sampler):
     """Temperature, then top-k (ties at the k-th logit kept), then top-p (the smallest set of most
-    likely tokens whose mass reaches ``top_p``), softmax, then min-p (drop tokens below
+    likely tokens whose mass reaches ``top_p``, ties at the cut kept: :func:`top_p_threshold`),
+    softmax, then min-p (drop tokens below
     ``min_p × max prob``) and renormalise — the order ``transformers`` applies them. Settings that
     differ between requests (:class:`~dspark.records.MixedSamplingParams`) apply row by row, each
     row exactly as it would alone."""
