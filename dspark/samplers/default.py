@@ -72,6 +72,11 @@ def top_p_threshold(probs: torch.Tensor, top_p) -> torch.Tensor:
     if probs.device.type != "cpu" or candidates == probs.shape[-1]:
         return cut(probs.sort(-1, descending=True).values, top_p)[0]
     threshold, count = cut(probs.topk(candidates, -1).values, top_p)
+    if torch.compiler.is_compiling():  # compiled steps keep static shapes: every row sorted when one must be
+        beyond = count == candidates
+        if beyond.any():
+            threshold = torch.where(beyond, cut(probs.sort(-1, descending=True).values, top_p)[0], threshold)
+        return threshold
     beyond = (count == candidates).flatten().nonzero().squeeze(1)  # (a host read, on the CPU only)
     if len(beyond):  # every candidate is in these rows' sets: their cuts may lie further down
         rows = probs.reshape(-1, probs.shape[-1])[beyond]

@@ -158,3 +158,18 @@ def test_top_p_keeps_tokens_tied_at_the_cut_together():
     assert (probs[0, :3] > 0).all() and probs[0, 3] == 0
     assert (probs[1, [0, 2, 3]] > 0).all() and probs[1, 1] == 0
     assert torch.allclose(probs[0, 1], probs[0, 2])
+
+
+def test_top_p_from_candidates_compiled_keeps_the_same_sets():
+    """Compiled steps (``engine.compile``) take the static-shape search — every row sorted when one
+    row's cut lies beyond the candidates: the same sets as the eager search."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.5, 1, 2, 4, 8, 16]).view(6, 1)
+    params = batch_params([SamplingParams(0.9, top_p=0.9)] * 6, 6, columns=True)
+    saved, default.TOP_P_CANDIDATES = default.TOP_P_CANDIDATES, 5
+    try:
+        compiled = torch.compile(sampler.probs, dynamic=False)(logits, params)
+        eager = sampler.probs(logits, params)
+    finally:
+        default.TOP_P_CANDIDATES = saved
+    assert torch.equal(compiled > 0, eager > 0) and torch.allclose(compiled, eager, atol=1e-6)
+    assert 5 < int((eager > 0).sum(-1).max()) and int((eager > 0).sum(-1).min()) < 5  # both kinds of rows
