@@ -23,17 +23,11 @@ def reference_probs(logits: list[float], temperature: float, top_k: int, top_p: 
     if 0 < top_k < len(scaled):
         kth = scaled[order[top_k - 1]]
         keep = {i for i in keep if scaled[i] >= kth}
-    if top_p < 1.0:
+    if top_p < 1.0:  # a token stays while its strictly likelier tokens weigh less than top_p (ties together)
         z = sum(math.exp(scaled[i]) for i in keep)
-        mass, nucleus = 0.0, set()
-        for i in order:
-            if i not in keep:
-                continue
-            if mass >= top_p:
-                break
-            nucleus.add(i)
-            mass += math.exp(scaled[i]) / z
-        keep = nucleus
+        q = {i: math.exp(scaled[i]) / z for i in keep}
+        ahead = {i: sum(q[j] for j in order if j in keep and q[j] > q[i]) for i in keep}
+        keep = {i for i in keep if ahead[i] < top_p}
     z = sum(math.exp(scaled[i]) for i in keep)
     probs = [math.exp(scaled[i]) / z if i in keep else 0.0 for i in range(len(scaled))]
     if min_p > 0:
