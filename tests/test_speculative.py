@@ -429,8 +429,7 @@ def empirical_joints(pipe, groups: list, samples: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "dflash", "eagle3", "eagle3_calibrated",
-                                     "dspark_scheduled"])
+@pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3", "eagle3_calibrated", "dspark_scheduled"])
 def test_chi_square_with_settings_per_request(drafter):
     """Requests of one batch asking for different settings (penalties with a bias, n-gram bans with
     top-k, nucleus with min-p, greedy with a penalty): each group's joint of the first three tokens
