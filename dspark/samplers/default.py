@@ -72,18 +72,17 @@ def top_p_threshold(probs: torch.Tensor, top_p) -> torch.Tensor:
     if probs.device.type != "cpu" or candidates == probs.shape[-1]:
         return cut(probs.sort(-1, descending=True).values, top_p)[0]
     threshold, count = cut(probs.topk(candidates, -1).values, top_p)
+    beyond = count == candidates  # every candidate is in the set: the cut may lie further down
     if torch.compiler.is_compiling():  # compiled steps keep static shapes: every row sorted when one must be
-        beyond = count == candidates
         if beyond.any():
             threshold = torch.where(beyond, cut(probs.sort(-1, descending=True).values, top_p)[0], threshold)
         return threshold
-    beyond = (count == candidates).flatten().nonzero().squeeze(1)  # (a host read, on the CPU only)
-    if len(beyond):  # every candidate is in these rows' sets: their cuts may lie further down
-        rows = probs.reshape(-1, probs.shape[-1])[beyond]
+    rows = beyond.flatten().nonzero().squeeze(1)  # (a host read, on the CPU only)
+    if len(rows):  # sort just those rows whole
         row_top_p = top_p if not isinstance(top_p, torch.Tensor) else (
-            top_p.expand(threshold.shape).reshape(-1, 1)[beyond])
-        threshold = threshold.reshape(-1, 1).index_copy(0, beyond, cut(rows.sort(-1, descending=True).values,
-                                                                        row_top_p)[0]).view(threshold.shape)
+            top_p.expand(threshold.shape).reshape(-1, 1)[rows])
+        full = probs.reshape(-1, probs.shape[-1])[rows].sort(-1, descending=True).values
+        threshold = threshold.reshape(-1, 1).index_copy(0, rows, cut(full, row_top_p)[0]).view(threshold.shape)
     return threshold
 
 
