@@ -69,6 +69,12 @@ class KVCache(ABC):
         """Forget everything (lengths to zero)."""
         self.set_lengths(torch.zeros_like(self.lengths))
 
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A cache over the requests ``index`` ``[k]`` alone whose writes land in this cache's rows
+        (continuous batching prefills newly admitted requests through it). A cache class without
+        row views decodes in static batches (:attr:`~dspark.engine.EngineConfig.batching`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no row views")
+
     def check_capacity(self, needed: int) -> None:
         """Raise :class:`CacheCapacityError` unless ``needed`` positions per request fit."""
         if needed > self.max_len:

@@ -82,3 +82,49 @@ class StaticKVCache(KVCache):
         # that was two thirds of a decoding step.
         self.buffer[self._layer_ids[layer:layer + 1], self._rows.unsqueeze(1), :, :, positions] = keys_values
         return self.buffer[layer, :, 0, :, :kv_len], self.buffer[layer, :, 1, :, :kv_len]
+
+    def rows(self, index: torch.Tensor) -> "StaticCacheRows":
+        """A cache over the requests ``index`` ``[k]`` (int64, distinct) alone, written through into
+        this one: a forward over new requests' prompts fills their rows while the other requests'
+        rows stay as they are (continuous batching admits requests this way)."""
+        return StaticCacheRows(self, index)
+
+
+class StaticCacheRows(KVCache):
+    """Rows ``index`` of a :class:`StaticKVCache` as a cache of their own (:meth:`StaticKVCache.rows`).
+
+    Writes and lengths go straight to the parent's buffer and lengths; what :meth:`write` returns
+    is a copy of those rows' keys and values (gathered: fine for a prefill, not meant for the
+    rounds' forwards, which run over the whole cache)."""
+
+    def __init__(self, parent: StaticKVCache, index: torch.Tensor):
+        self.parent, self.index = parent, index
+        self.lengths = parent.lengths[index]
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int):
+        raise TypeError("a StaticCacheRows is made by StaticKVCache.rows(index), not for a model")
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.parent.max_len
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        self.lengths = lengths.clone()
+        self.parent.lengths[self.index] = lengths
+
+    def advance(self, num_new: torch.Tensor) -> None:
+        """``lengths += num_new`` (``[k]`` int64), here and in the parent's rows."""
+        self.set_lengths(self.lengths + num_new)
+
+    def write(self, layer: int, keys_values: torch.Tensor, positions: torch.Tensor,
+              kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`StaticKVCache.write`, for these rows: ``keys_values`` ``[k, T, 2, H_kv, D]``."""
+        buffer = self.parent.buffer
+        buffer[layer, self.index.unsqueeze(1), :, :, positions] = keys_values
+        rows = buffer[layer, self.index, :, :, :kv_len]  # [k, 2, H_kv, kv_len, D]
+        return rows[:, 0], rows[:, 1]

@@ -89,3 +89,27 @@ def test_compiled_forward_writes_the_cache_in_place():
     assert shapes, "no allocations found: the generated code's format changed"
     sizes = [torch.Size(int(d) for d in s.split(",") if d.strip()).numel() for s in shapes]
     assert max(sizes) < layer_cache, f"a temporary of {max(sizes)} elements ≥ one layer's cache ({layer_cache})"
+
+
+def test_a_row_view_prefills_some_requests_and_leaves_the_others():
+    """A forward through ``cache.rows(index)`` over new prompts fills those rows as a cache of
+    their own would be filled; the other rows' keys, values and lengths do not change, and the
+    whole cache then decodes every row as if each had been prefilled alone."""
+    model = load_model(tiny_hf_model("qwen3", scale=3.0), dtype="float64")
+    cache = model.new_cache(3, 16)
+    model(torch.randint(0, model.vocab_size, (3, 7)), cache)
+    other = cache.buffer[:, 1].clone()
+    new = torch.randint(0, model.vocab_size, (2, 5))
+    rows = torch.tensor([2, 0])
+    view = cache.rows(rows)
+    view.set_lengths(torch.zeros(2, dtype=torch.long))
+    got = model(new, view, torch.tensor([5, 3])).logits
+    alone = model.new_cache(2, 16)
+    expected = model(new, alone, torch.tensor([5, 3])).logits
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert cache.lengths.tolist() == [3, 7, 5] and view.lengths.tolist() == [5, 3]
+    assert torch.equal(cache.buffer[:, 1], other)
+    assert torch.equal(cache.buffer[:, 2, :, :, :5], alone.buffer[:, 0, :, :, :5])
+    step = torch.randint(0, model.vocab_size, (3, 1))
+    decoded = model(step, cache).logits
+    assert torch.allclose(decoded[[2, 0]], model(step[[2, 0]], alone).logits, atol=1e-12)
