@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from dspark import kernels
-from dspark.cache import CacheConfig, StaticKVCache
+from dspark.cache import CacheConfig, KVCache, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
@@ -41,12 +41,22 @@ from dspark.stats import GenerationStats, RoundCounters
 from dspark.verifiers import Verifier
 
 
+BATCHING = ("auto", "continuous", "static")
+
+
 @dataclass
 class EngineConfig:
     """Config section ``engine``.
 
     Attributes:
-        max_batch_size: requests decoded together; longer prompt lists are split into batches.
+        max_batch_size: requests decoded together (slots of the batch).
+        batching: how a call with more requests than slots goes. ``continuous``: a request that
+            ends hands its slot to the next waiting one between two rounds (its prompt is
+            prefilled into that row of the cache; vLLM's continuous batching), so the batch stays
+            full; ``static``: batches of ``max_batch_size`` one after the other, each until its
+            last request ends; ``auto`` (default): continuous when the drafter
+            (:meth:`~dspark.drafters.Drafter.admit`) and the cache (:meth:`~dspark.cache.KVCache.rows`)
+            support it — every built-in drafter with a native target does — else static.
         kv_len_multiple: attention reads the cache up to the longest request rounded up to this
             multiple (fewer distinct shapes for compiled kernels; 1 = exact).
         progress: show a progress bar over rounds.
@@ -67,6 +77,7 @@ class EngineConfig:
     """
 
     max_batch_size: int = 64
+    batching: str = "auto"
     kv_len_multiple: int = 16
     progress: bool = False
     compile: bool = False
@@ -76,6 +87,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.max_batch_size < 1:
             raise ValueError(f"engine.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"engine.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.kv_len_multiple < 1:
             raise ValueError(f"engine.kv_len_multiple must be >= 1, got {self.kv_len_multiple}")
 
@@ -123,6 +136,13 @@ class Engine:
             forward = GraphedForward(forward, drafter.gamma + 1)
             drafter.use_graphs()
         self._round_forward = forward
+        refusal = ([] if drafter.can_admit else [f"the {type(drafter).__name__} drafter does not implement admit()"]) + (
+            [] if self.cache_class.rows is not KVCache.rows else [f"the {self.cache_class.__name__} cache has no row views"])
+        if self.config.batching == "continuous" and refusal:
+            raise ValueError(f"engine.batching=continuous cannot run here: {' and '.join(refusal)}; "
+                             "use engine.batching=static (or auto)")
+        #: whether requests take finished requests' slots between rounds (:attr:`EngineConfig.batching`)
+        self.continuous = self.config.batching != "static" and not refusal
         # compiled or graphed rounds read the whole cache: static shapes
         self._static_shapes = self.config.compile or self.config.cuda_graphs
 
@@ -175,11 +195,16 @@ class Engine:
                  stop_check: Callable[[int, list[int]], int | None] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0,
                  prompt_logprobs: bool = False) -> tuple[list[list[int]], GenerationStats, "Scores"]:
-        """Decode one batch of token-id prompts (already validated); return generated ids, stats and
-        the log-probabilities asked for (:class:`Scores`): with ``logprobs`` each generated token's
+        """Decode token-id prompts (already validated); return generated ids, stats and the
+        log-probabilities asked for (:class:`Scores`): with ``logprobs`` each generated token's
         under the target's own distribution (before the sampler's processing), with
         ``top_logprobs = k`` (and ``logprobs``) the ``k`` likeliest tokens there, with
         ``prompt_logprobs`` each prompt token's given the ones before it (:meth:`_prefill`).
+
+        Up to ``engine.max_batch_size`` requests decode together. With continuous batching
+        (:attr:`EngineConfig.batching`) a request that ends hands its slot to the next waiting
+        one between two rounds; otherwise the prompts decode in static batches of that size, each
+        until its last request ends. Either way each request decodes as it would alone.
 
         ``params``: the sampling settings, one for every request or one per request (requests with
         different settings share the batch: :func:`~dspark.records.batch_params`); so may
@@ -189,87 +214,171 @@ class Engine:
         token (unless ``ignore_eos``) or at one of
         ``stop_token_ids``; the token that ends it is part of its output; none of these stop tokens
         is among its first ``min_new_tokens`` (the target's distribution excludes them there, so
-        verification stays exact). ``stop_check(b, ids)`` sees each request's emitted ids as
+        verification stays exact). ``stop_check(i, ids)`` sees each request's emitted ids as
         ``on_tokens`` does (before it) and may end the request after the first ``k`` of them by
         returning ``k`` (:class:`~dspark.stop_strings.StopStrings`).
 
-        ``on_tokens(b, ids)``: called after prefill and after every round, for each request ``b`` of
-        the batch that emitted tokens, with the ids it emitted (final: the concatenation of a
-        request's calls is its output). The ids ride on the round's one host read."""
-        started = time.perf_counter()
-        batch, device, gamma = len(prompts), self.device, self.drafter.gamma
-        prompt_lengths, budgets = [len(p) for p in prompts], _per_request(max_new_tokens, len(prompts))
-        max_prompt = max(prompt_lengths)
-        max_len = max(self.cache_len_needed(p, m) for p, m in zip(prompt_lengths, budgets))
-        params = batch_params(params, batch, device, columns=self.config.compile)  # (compiled: no recompiles per value)
+        ``on_tokens(i, ids)``: called after prefill and after every round, for each request ``i``
+        (its index in ``prompts``) that emitted tokens, with the ids it emitted (final: the
+        concatenation of a request's calls is its output). The ids ride on the round's one host read."""
+        count, size = len(prompts), self.config.max_batch_size
+        requests = _Requests(
+            prompts=[list(p) for p in prompts], budgets=_per_request(max_new_tokens, count),
+            params=[params] * count if isinstance(params, SamplingParams) else list(params), seeds=list(seeds),
+            stop_ids=_stop_ids(self.eos_token_ids, ignore_eos, stop_token_ids, count),
+            min_new=_per_request(min_new_tokens, count))
+        options = dict(progress=progress, on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs,
+                       top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        if self.continuous or count <= size:
+            return self._decode(requests, min(count, size), **options)
+        outputs, parts, scores = [], [], Scores()  # static batches, one after the other
+        for start in range(0, count, size):
+            shift = lambda callback, start=start: None if callback is None else (  # noqa: E731
+                lambda i, ids: callback(start + i, ids))
+            ids, stats, part = self._decode(requests.slice(start, start + size), len(requests.prompts[start:start + size]),
+                                            **{**options, "on_tokens": shift(on_tokens), "stop_check": shift(stop_check)})
+            outputs += ids
+            parts.append(stats)
+            scores.extend(part)
+        return outputs, GenerationStats.merge(parts), scores
 
-        tokens = torch.zeros(batch, max_len, dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            tokens[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        lengths = torch.tensor(prompt_lengths, dtype=torch.long)
-        state = DecodingState(tokens=tokens.to(device), prompt_lengths=lengths.to(device), lengths=lengths.clone().to(device),
-                              done=torch.zeros(batch, dtype=torch.bool, device=device),
-                              max_new_tokens=max(budgets), params=params)
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        stop = _stop_ids(self.eos_token_ids, ignore_eos, stop_token_ids, batch).to(device)  # [B, E], −1 padding
-        logprob_buffer = (torch.zeros(batch, max_len + gamma + 1, dtype=torch.float32, device=device)
-                          if logprobs else None)
-        top_buffers = None if not (logprobs and top_logprobs) else (
-            torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
-            torch.zeros(batch, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))
-        stopper = _Stopper(stop, torch.tensor(budgets, device=device), _per_request(min_new_tokens, batch),
-                           self.target.vocab_size, logprob_buffer, top_buffers)
-        counters = RoundCounters(batch, gamma, device)
-        cache = self._get_cache(batch, max_len)
+    def _decode(self, requests: "_Requests", slots: int, *, progress, on_tokens, stop_check, logprobs: bool,
+                top_logprobs: int, prompt_logprobs: bool) -> tuple[list[list[int]], GenerationStats, "Scores"]:
+        """Decode ``requests`` in a batch of ``slots`` rows: the first ``slots`` requests start
+        together; each later one takes the slot of a request that ended, between two rounds
+        (:meth:`_admit`)."""
+        started = time.perf_counter()
+        count, device, gamma = len(requests.prompts), self.device, self.drafter.gamma
+        max_len = max(self.cache_len_needed(len(p), m) for p, m in zip(requests.prompts, requests.budgets))
+        zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
+        state = DecodingState(tokens=torch.zeros(slots, max_len, dtype=torch.long, device=device),
+                              prompt_lengths=zeros(), lengths=zeros(), done=~zeros(torch.bool),
+                              max_new_tokens=max(requests.budgets), params=requests.params[0])
+        buffers = None if not logprobs else (
+            torch.zeros(slots, max_len + gamma + 1, dtype=torch.float32, device=device),
+            *(() if not top_logprobs else (
+                torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
+                torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))))
+        run = _Run(requests=requests, state=state, cache=self._get_cache(slots, max_len),
+                   stopper=_Stopper(slots, requests.stop_ids.shape[1], max(requests.min_new) > 0, self.target.vocab_size,
+                                    device, buffers and buffers[0], buffers[1:] if buffers and len(buffers) > 1 else None),
+                   counters=RoundCounters(slots, gamma, device, requests=count),
+                   stream=None if on_tokens is None and stop_check is None else _TokenStream(slots, gamma + 1, on_tokens,
+                                                                                              stop_check),
+                   scores=Scores(tokens=[None] * count if logprobs else None,
+                                 top=[None] * count if logprobs and top_logprobs else None,
+                                 prompt=[None] * count if prompt_logprobs else None),
+                   outputs=[None] * count, holder=[-1] * slots, generators=[None] * slots,
+                   slot_params=[requests.params[0]] * slots, prompt_logprobs=prompt_logprobs)
         self.scheduler.reset()
 
-        # prefill: the prompt goes into the cache; its last logits give the first token
-        out, prompt_scores = self._prefill(state, cache, max_prompt, prompt_logprobs)
-        no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(batch, 0),
-                                                    num_tokens=state.tokens.new_zeros(batch))  # also for skipped rounds
-        uniforms = _draw_uniforms(generators, [True] * batch, self.verifier.num_uniforms(0, params), device)
-        first_logits = stopper.suppress(out.logits, state)
-        if params.penalized:  # the history is the prompt
-            state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths, out.logits.shape[-1])
-            first_logits = state.penalties.penalize_verify(first_logits, no_drafts.tokens, no_drafts.num_tokens, params)
-        first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
-        stopper.append(state, first.tokens, torch.ones_like(state.lengths), out.logits)
-        state.max_cache_len = max_prompt
-        self.drafter.start(state, out, cache.max_len)
-        prefill_time = time.perf_counter() - started
-
-        stream = None if on_tokens is None and stop_check is None else _TokenStream(
-            prompt_lengths, gamma + 1, on_tokens, stop_check)
-        status = self._status(state, cache, None, stream)  # the one sync per round
-        round_started = time.perf_counter()
-        while not all(status[:batch]):
-            active, state.max_cache_len, emitted_before = [not d for d in status[:batch]], status[batch], status[batch + 1]
-            drafted = self._round(state, cache, generators, active, stopper, counters)
+        status, prefill_time = [1] * slots, 0.0  # every slot free
+        while True:
+            free = [b for b in range(slots) if status[b]]
+            if free and run.next_request < count:
+                # admit: waiting requests take the free slots (all of them at first); prefill
+                # their prompts, draw their first tokens, give the drafter their context
+                admitted = time.perf_counter()
+                self._admit(run, free[:count - run.next_request])
+                status = self._status(state, run.cache, None, run.stream)  # their first tokens may end them
+                round_started = time.perf_counter()
+                prefill_time += round_started - admitted
+                continue
+            if all(status[:slots]):
+                break
+            active, state.max_cache_len, emitted_before = [not d for d in status[:slots]], status[slots], status[slots + 1]
+            drafted = self._round(state, run.cache, run.generators, active, run.stopper, run.counters)
             if progress is not None:
                 progress.update(1)
             summary = self.scheduler.round_summary()
-            status = self._status(state, cache, summary, stream)
+            status = self._status(state, run.cache, summary, run.stream)
             now = time.perf_counter()  # the status read waited for the device: the round is over
             if summary is not None:
-                self.scheduler.summary_read(status[batch + 2:])
-            self.scheduler.timed(batch, drafted, now - round_started, (status[batch + 1] - emitted_before) / sum(active))
+                self.scheduler.summary_read(status[slots + 2:])
+            self.scheduler.timed(slots, drafted, now - round_started, (status[slots + 1] - emitted_before) / sum(active))
             round_started = now
 
-        rows = torch.cat([state.lengths.unsqueeze(1), state.tokens], 1).tolist()  # one read for all outputs
-        generated = [row[1 + prompt_lengths[b]: 1 + row[0]] for b, row in enumerate(rows)]
-        scores = Scores()
-        if logprob_buffer is not None:
-            scores.tokens = [row[prompt_lengths[b]: prompt_lengths[b] + len(generated[b])]
-                             for b, row in enumerate(logprob_buffer.tolist())]
-        if top_buffers is not None:
-            values, ids = (buffer.tolist() for buffer in top_buffers)
-            scores.top = [[list(zip(ids[b][t], values[b][t])) for t in range(prompt_lengths[b],
-                                                                              prompt_lengths[b] + len(generated[b]))]
-                          for b in range(batch)]
-        if prompt_scores is not None:
-            scores.prompt = [[None] + row[: prompt_lengths[b] - 1] for b, row in enumerate(prompt_scores.tolist())]
+        self._collect(run, [b for b in range(slots) if run.holder[b] >= 0])
         wall = time.perf_counter() - started
-        return generated, counters.stats(generated, wall, prefill_time), scores
+        return run.outputs, run.counters.stats(run.outputs, wall, prefill_time), run.scores
+
+    def _admit(self, run: "_Run", free: list[int]) -> None:
+        """Requests ``run.next_request, …`` take the slots ``free``: their prompts go into the
+        target cache's rows (a forward over them alone), their first tokens are drawn from its
+        last logits, and the drafter starts them (:meth:`Drafter.start` for the first batch,
+        :meth:`Drafter.admit` later). The requests that held those slots are collected first."""
+        state, device, slots = run.state, self.device, run.state.batch_size
+        taken = list(range(run.next_request, run.next_request + len(free)))
+        run.next_request += len(free)
+        self._collect(run, [b for b in free if run.holder[b] >= 0])
+        prompts = [run.requests.prompts[i] for i in taken]
+        longest = max(len(p) for p in prompts)
+        rows = torch.tensor(free, device=device)
+        tokens = torch.zeros(len(free), state.tokens.shape[1], dtype=torch.long)
+        for k, prompt in enumerate(prompts):
+            tokens[k, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        state.tokens[rows], state.prompt_lengths[rows], state.lengths[rows] = tokens.to(device), prompt_lengths, prompt_lengths
+        state.done[rows] = False
+        for b, i in zip(free, taken):
+            run.holder[b], run.slot_params[b] = i, run.requests.params[i]
+            run.generators[b] = torch.Generator(device=device).manual_seed(int(run.requests.seeds[i]))
+        state.params = params = batch_params(run.slot_params, slots, device, columns=self.config.compile)
+        run.stopper.admit(rows, free, run.requests.stop_ids[taken], [run.requests.budgets[i] for i in taken],
+                          [run.requests.min_new[i] for i in taken])
+        if run.stream is not None:
+            run.stream.admit(free, taken, [len(p) for p in prompts])
+
+        # prefill: the prompts go into their cache rows; their last logits give the first tokens
+        whole = len(free) == slots
+        cache = run.cache if whole else run.cache.rows(rows)
+        cache.set_lengths(torch.zeros_like(prompt_lengths))
+        out, prompt_scores = self._prefill(state if whole else replace(
+            state, tokens=state.tokens[rows], prompt_lengths=prompt_lengths, lengths=prompt_lengths.clone(),
+            done=state.done[rows]), cache, longest, run.prompt_logprobs)
+        if prompt_scores is not None:
+            for i, row in zip(taken, prompt_scores.tolist()):
+                run.scores.prompt[i] = [None] + row[: len(run.requests.prompts[i]) - 1]
+        logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
+        admitted = [b in free for b in range(slots)]
+        no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(slots, 0),
+                                                    num_tokens=state.tokens.new_zeros(slots))  # also for skipped rounds
+        uniforms = _draw_uniforms(run.generators, admitted, self.verifier.num_uniforms(0, params), device)
+        first_logits = run.stopper.suppress(logits, state)
+        state.penalties = None
+        if params.penalized:  # the history is the prompt (for the new requests)
+            state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths, logits.shape[-1])
+            first_logits = state.penalties.penalize_verify(first_logits, no_drafts.tokens, no_drafts.num_tokens, params)
+        first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
+        run.stopper.append(state, first.tokens, torch.tensor(admitted, device=device).long(), logits)
+        state.max_cache_len = max(state.max_cache_len, longest)
+        if whole:
+            self.drafter.start(state, out, run.cache.max_len)
+        else:
+            self.drafter.admit(rows, state, out)
+
+    @staticmethod
+    def _collect(run: "_Run", slots: list[int]) -> None:
+        """Read the outputs (and log-probabilities) of the requests in ``slots`` and free the slots
+        (one host read)."""
+        if not slots:
+            return
+        state, rows = run.state, torch.tensor(slots, device=run.state.tokens.device)
+        requests = [run.holder[b] for b in slots]
+        data = torch.cat([state.lengths[rows].unsqueeze(1), state.tokens[rows]], 1).tolist()
+        for i, row in zip(requests, data):
+            run.outputs[i] = row[1 + len(run.requests.prompts[i]): 1 + row[0]]
+        spans = [(len(run.requests.prompts[i]), len(run.outputs[i])) for i in requests]
+        if run.stopper.logprobs is not None:
+            for i, row, (start, n) in zip(requests, run.stopper.logprobs[rows].tolist(), spans):
+                run.scores.tokens[i] = row[start: start + n]
+        if run.stopper.top is not None:
+            values, ids = (buffer[rows].tolist() for buffer in run.stopper.top)
+            for k, (i, (start, n)) in enumerate(zip(requests, spans)):
+                run.scores.top[i] = [list(zip(ids[k][t], values[k][t])) for t in range(start, start + n)]
+        run.counters.retire(rows, torch.tensor(requests, device=rows.device))
+        for b in slots:
+            run.holder[b] = -1
 
     def _prefill(self, state: DecodingState, cache, max_prompt: int, prompt_logprobs: bool):
         """The prompt's forward into the cache: its output (the logits after each prompt's last
@@ -401,6 +510,49 @@ class Scores:
     top: list[list[list[tuple[int, float]]]] | None = None
     prompt: list[list[float | None]] | None = None
 
+    def extend(self, other: "Scores") -> None:
+        """Append the requests of ``other`` (the next static batch of the same call)."""
+        for name in ("tokens", "top", "prompt"):
+            if getattr(other, name) is not None:
+                setattr(self, name, (getattr(self, name) or []) + getattr(other, name))
+
+
+@dataclass
+class _Requests:
+    """What a ``generate`` call asks for, one entry per request (``stop_ids``: ``[N, E]`` on the
+    host, −1 padding)."""
+
+    prompts: list[list[int]]
+    budgets: list[int]
+    params: list[SamplingParams]
+    seeds: list[int]
+    stop_ids: torch.Tensor
+    min_new: list[int]
+
+    def slice(self, start: int, stop: int) -> "_Requests":
+        return _Requests(self.prompts[start:stop], self.budgets[start:stop], self.params[start:stop],
+                         self.seeds[start:stop], self.stop_ids[start:stop], self.min_new[start:stop])
+
+
+@dataclass
+class _Run:
+    """One batch being decoded: its state on the device, and which request each slot (row) holds
+    (``holder``, −1: none) with that request's generator and settings."""
+
+    requests: _Requests
+    state: DecodingState
+    cache: object
+    stopper: "_Stopper"
+    counters: RoundCounters
+    stream: "_TokenStream | None"
+    scores: Scores
+    outputs: list
+    holder: list[int]
+    generators: list
+    slot_params: list[SamplingParams]
+    prompt_logprobs: bool
+    next_request: int = 0  # the first request not admitted yet
+
 
 def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:
     """The first ``width`` draft positions of a proposal, and the verifier's uniforms for them:
@@ -481,10 +633,16 @@ class _TokenStream:
     ``width`` tokens and its length; a round emits at most γ + 1): handed to ``on_tokens`` and
     checked by ``stop_check``, which may end the request after one of them (see :meth:`emit`)."""
 
-    def __init__(self, prompt_lengths: list[int], width: int, on_tokens: Callable[[int, list[int]], None] | None,
+    def __init__(self, batch: int, width: int, on_tokens: Callable[[int, list[int]], None] | None,
                  stop_check: Callable[[int, list[int]], int | None] | None):
         self.on_tokens, self.stop_check, self.width = on_tokens, stop_check, width
-        self.sent = list(prompt_lengths)  # tokens of each request already handed over (prompt included)
+        self.sent = [0] * batch  # tokens of each slot's request already handed over (prompt included)
+        self.request = [-1] * batch  # the request each slot holds (its index in the call)
+
+    def admit(self, slots: list[int], requests: list[int], prompt_lengths: list[int]) -> None:
+        """Requests took these slots: nothing of theirs handed over yet but the prompt."""
+        for b, i, length in zip(slots, requests, prompt_lengths):
+            self.sent[b], self.request[b] = length, i
 
     def size(self, batch: int) -> int:
         return batch * (1 + self.width)
@@ -497,7 +655,7 @@ class _TokenStream:
 
     def emit(self, values: list[int]) -> list[tuple[int, int, int]]:
         """Hand over the new tokens in ``values`` (the host copy of :meth:`window`); return
-        ``(request, length, dropped)`` for each request a stop check ended: its new length and how
+        ``(slot, length, dropped)`` for each request a stop check ended: its new length and how
         many emitted tokens past the stop it loses."""
         row, ended = 1 + self.width, []
         for b in range(len(self.sent)):
@@ -508,45 +666,64 @@ class _TokenStream:
             if new <= 0:
                 continue
             ids = last[self.width - new:]
-            kept = None if self.stop_check is None else self.stop_check(b, ids)
+            request = self.request[b]
+            kept = None if self.stop_check is None else self.stop_check(request, ids)
             if kept is not None:
                 ids = ids[:kept]
                 ended.append((b, self.sent[b] + kept, new - kept))
             self.sent[b] += len(ids)
             if self.on_tokens is not None:
-                self.on_tokens(b, ids)
+                self.on_tokens(request, ids)
         return ended
 
 
 class _Stopper:
     """Appends emitted tokens to the state and marks requests done at a stop id or the token budget;
-    keeps each request's stop ids out of its first ``min_new_tokens`` tokens.
+    keeps each request's stop ids out of its first ``min_new_tokens`` tokens. Per slot of the
+    batch, set by :meth:`admit` as requests take the slots.
 
     Args:
-        eos: ``[B, E]`` each request's stop ids, padded with −1.
-        max_new_tokens: ``[B]`` budgets. min_new_tokens: one per request.
+        batch: slots. stop_width: E, the most stop ids a request has. hold: whether any request
+            has a ``min_new_tokens``.
     """
 
-    def __init__(self, eos: torch.Tensor, max_new_tokens: torch.Tensor, min_new_tokens: list[int], vocab_size: int = 0,
+    def __init__(self, batch: int, stop_width: int, hold: bool, vocab_size: int, device,
                  logprobs: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.eos = eos
-        self.max_new_tokens = max_new_tokens
+        self.eos = torch.full((batch, stop_width), -1, dtype=torch.long, device=device)  # [B, E], −1 padding
+        self.max_new_tokens = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
         self.logprobs, self.top = logprobs, top
-        self.longest_hold = max(min_new_tokens) if eos.numel() else 0  # (host int)
-        self.calls = 0  # target distributions suppressed so far (host int)
-        if self.longest_hold:
-            self.min_new_tokens = torch.tensor(min_new_tokens, device=eos.device)
-            spare = torch.where(eos >= 0, eos, vocab_size)  # padding → a spare column
-            self.stop_vocab = torch.zeros(eos.shape[0], vocab_size + 1, dtype=torch.bool, device=eos.device).scatter_(
-                1, spare, True)[:, :vocab_size]  # [B, V]
+        self.vocab_size, self.hold = vocab_size, hold and stop_width > 0
+        self.min_new = [0] * batch  # (host)
+        self.longest_hold = 0  # (host int)
+        self.calls = 0  # target distributions suppressed since the last admission (host int)
+        if self.hold:
+            self.min_new_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+            self.stop_vocab = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)  # [B, V]
+
+    def admit(self, rows: torch.Tensor, slots: list[int], eos: torch.Tensor, budgets: list[int],
+              min_new_tokens: list[int]) -> None:
+        """New requests in ``slots`` (``rows`` on the device): their stop ids ``[k, E]``, budgets
+        and ``min_new_tokens``."""
+        device = rows.device
+        eos = eos.to(device)
+        self.eos[rows] = eos
+        self.max_new_tokens[rows] = torch.tensor(budgets, dtype=torch.long, device=device)
+        for b, m in zip(slots, min_new_tokens):
+            self.min_new[b] = m
+        if self.hold:
+            self.min_new_tokens[rows] = torch.tensor(min_new_tokens, dtype=torch.long, device=device)
+            spare = torch.where(eos >= 0, eos, self.vocab_size)  # padding → a spare column
+            self.stop_vocab[rows] = torch.zeros(len(slots), self.vocab_size + 1, dtype=torch.bool, device=device).scatter_(
+                1, spare, True)[:, :self.vocab_size]
+            self.calls, self.longest_hold = 0, max(self.min_new)
 
     def suppress(self, logits: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """The target's logits ``[B, K, V]`` for positions 0..K−1 after each request's last token, with
         its stop ids at −∞ where they would be among its first ``min_new_tokens`` generated
         tokens. Verification then samples from (and accepts drafts by) this distribution, so
-        suppressing stays exact. A request has ≥ n − 1 tokens before the n-th call (one per call
-        at least): once ``calls ≥`` the largest ``min_new_tokens`` nothing is left to suppress, and
-        the logits pass."""
+        suppressing stays exact. A request has ≥ n − 1 tokens before the n-th call since it was
+        admitted (one per call at least): once ``calls ≥`` the largest ``min_new_tokens`` of the
+        batch nothing is left to suppress, and the logits pass."""
         if self.calls >= self.longest_hold:
             return logits
         self.calls += 1

@@ -204,39 +204,19 @@ class Pipeline:
 
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show)
-        token_ids, parts = [], []
-        token_logprobs, top, prompt_scores = ([] if logprobs else None, [] if top_logprobs else None,
-                                              [] if prompt_logprobs else None)
-        size = self.engine.config.max_batch_size
-        for start in range(0, len(encoded), size):
-            chunk_callback = None if on_tokens is None else (
-                lambda b, ids, offset=start: on_tokens(offset + b, ids))
-            checks = [StopStrings(self.tokenizer, strings, m) if strings else None
-                      for strings, m in zip(stop_strings[start:start + size], min_new[start:start + size])]
-            stop_check = None if not any(checks) else (
-                lambda b, ids, checks=checks: None if checks[b] is None else checks[b](b, ids))
-            ids, stats, scores = self.engine.generate(
-                encoded[start:start + size], max_new_tokens=budgets[start:start + size],
-                params=params if isinstance(params, SamplingParams) else params[start:start + size],
-                seeds=seeds[start:start + size], ignore_eos=ignore[start:start + size], progress=bar,
-                on_tokens=chunk_callback, stop_token_ids=stop_ids[start:start + size],
-                min_new_tokens=min_new[start:start + size], stop_check=stop_check, logprobs=logprobs,
-                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
-            token_ids += ids
-            parts.append(stats)
-            if logprobs:
-                token_logprobs += scores.tokens
-            if top_logprobs:
-                top += scores.top
-            if prompt_logprobs:
-                prompt_scores += scores.prompt
+        checks = [StopStrings(self.tokenizer, strings, m) if strings else None for strings, m in zip(stop_strings, min_new)]
+        stop_check = None if not any(checks) else (lambda i, ids: None if checks[i] is None else checks[i](i, ids))
+        token_ids, stats, scores = self.engine.generate(
+            encoded, max_new_tokens=budgets, params=params, seeds=seeds, ignore_eos=ignore, progress=bar,
+            on_tokens=on_tokens, stop_token_ids=stop_ids, min_new_tokens=min_new, stop_check=stop_check,
+            logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         if bar is not None:
             bar.close()
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-        return GenerationResult(token_ids=token_ids, texts=texts, stats=GenerationStats.merge(parts),
-                                logprobs=token_logprobs, top_logprobs=top, prompt_logprobs=prompt_scores)
+        return GenerationResult(token_ids=token_ids, texts=texts, stats=stats, logprobs=scores.tokens,
+                                top_logprobs=scores.top, prompt_logprobs=scores.prompt)
 
     def _stop_settings(self, budgets: list[int], ignore_eos, stop_token_ids, stop, min_new_tokens):
         """``generate``'s stop settings, one per request (each given once for all or as a list),

@@ -148,10 +148,14 @@ class GenerationStats:
 class RoundCounters:
     """Device-side counters updated every round and read once at the end (no host sync)."""
 
-    def __init__(self, batch: int, gamma: int, device):
+    def __init__(self, batch: int, gamma: int, device, requests: int | None = None):
         self.gamma = gamma
         self.rounds = 0
-        self.per_request = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
+        self.per_slot = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
+        #: each request's counts once its slot is retired (``requests``: how many a call decodes,
+        #: when slots take new requests as others finish — continuous batching; default ``batch``)
+        self.per_request = torch.zeros(4, requests or batch, dtype=torch.long, device=device)
+        self._slots_are_requests = requests is None
         self.reached = torch.zeros(gamma, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
         self.phase_seconds = [0.0, 0.0, 0.0]  # draft, schedule, verify (host clock; engine.time_phases)
@@ -171,16 +175,25 @@ class RoundCounters:
         elif predicted is not None:
             total = predicted.double().sum()
             self.predicted = total if self.predicted is None else self.predicted + total
-        self.per_request += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
+        self.per_slot += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
         if self.gamma and drafted:  # a round without drafts reaches no position
             reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
             self.reached += reached
             self.accepted_at += accepted
 
+    def retire(self, slots: torch.Tensor, requests: torch.Tensor) -> None:
+        """Move the counts of ``slots`` ``[k]`` to ``requests`` ``[k]`` (the requests that held them)
+        and zero the slots for the requests that take them next (no host sync)."""
+        self.per_request.index_add_(1, requests, self.per_slot[:, slots])
+        self.per_slot[:, slots] = 0
+
     def stats(self, generated: list[list[int]], wall: float, prefill: float) -> GenerationStats:
-        """Read the counters (one device-to-host copy) into a :class:`GenerationStats`."""
-        batch, gamma = self.per_request.shape[1], self.gamma
-        counts = torch.cat([self.per_request.flatten(), self.reached, self.accepted_at])
+        """Read the counters (one device-to-host copy) into a :class:`GenerationStats`. Given
+        ``requests``, every slot must have been retired (:meth:`retire`) into its request by then;
+        without, slot ``b`` counts for request ``b``."""
+        per_request = self.per_request + self.per_slot if self._slots_are_requests else self.per_request
+        batch, gamma = per_request.shape[1], self.gamma
+        counts = torch.cat([per_request.flatten(), self.reached, self.accepted_at])
         if self.predicted is not None:  # one read for everything (counts are exact in float64)
             *flat, predicted = torch.cat([counts.double(), self.predicted.view(1)]).tolist()
             flat = [int(v) for v in flat]

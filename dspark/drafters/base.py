@@ -30,7 +30,8 @@ class Drafter(ABC):
     """Proposes draft tokens; keeps whatever per-request state it needs in step with the target.
 
     Life cycle per ``generate`` batch: :meth:`start` once after the target's prefill, then per round
-    :meth:`propose` → (target verifies) → :meth:`commit`. Subclasses register themselves with
+    :meth:`propose` → (target verifies) → :meth:`commit`; between rounds, :meth:`admit` when new
+    requests take the slots of finished ones (continuous batching). Subclasses register themselves with
     ``@register_drafter("name")`` and declare a ``config_class`` dataclass for their config keys.
 
     Args:
@@ -108,6 +109,26 @@ class Drafter(ABC):
         ``target_output.hidden_states`` holds :attr:`hidden_layers` over the prompt ``[B, P_max, H]``;
         ``max_len`` bounds the positions any request will reach (size caches with it).
         """
+
+    def admit(self, rows: torch.Tensor, state: DecodingState, target_output: ModelOutput) -> None:
+        """Continuous batching: new requests took the slots ``rows`` ``[k]`` (int64, distinct) of the
+        batch between two rounds (after :meth:`commit`, before the next :meth:`propose`); reset
+        whatever this drafter keeps for those rows, as :meth:`start` does for a whole batch.
+
+        ``state`` is the whole batch, already holding the new requests' prompts and first tokens
+        (their anchors); ``target_output`` is the target's prefill over the new requests alone, in
+        the order of ``rows`` (``hidden_states``: :attr:`hidden_layers` ``[k, P, H]``, ``P`` their
+        longest prompt). The other rows' state must not change.
+
+        The default raises ``NotImplementedError``, and the engine then decodes in static batches
+        (each batch runs until its last request ends): a drafter without per-request state
+        implements it as a no-op."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement admit()")
+
+    @property
+    def can_admit(self) -> bool:
+        """Whether :meth:`admit` is implemented (continuous batching)."""
+        return type(self).admit is not Drafter.admit
 
     @abstractmethod
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:

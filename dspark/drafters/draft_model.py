@@ -141,6 +141,20 @@ class DraftModelDrafter(Drafter):
         self.fed: torch.Tensor | None = None
         self.fed_steps = 0  # drafts fed to the cache by the last propose (host int)
 
+    @property
+    def can_admit(self) -> bool:
+        return hasattr(self.model, "cache_shape")  # a native draft model: its static cache has row views
+
+    def admit(self, rows: torch.Tensor, state: DecodingState, target_output: ModelOutput) -> None:
+        """Prefill the new requests' prompts into their rows of the draft cache (as :meth:`start`;
+        their anchors are fed by the next :meth:`propose`, like every request's)."""
+        prompt_lengths = state.prompt_lengths[rows]
+        longest = int(prompt_lengths.max())
+        cache = self.cache.rows(rows)
+        cache.set_lengths(torch.zeros_like(prompt_lengths))
+        self.model(state.tokens[rows, :longest], cache, prompt_lengths, kv_len=longest,
+                   logits_positions=torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device))
+
     def _feed(self, state: DecodingState, with_anchor: bool):
         """Feed each unfinished request's committed tokens the cache lacks (and its anchor): one ragged step."""
         width = self.max_lag + int(with_anchor)

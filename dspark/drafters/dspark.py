@@ -209,15 +209,17 @@ class DSparkDrafter(Drafter):
     def num_uniforms(self, params) -> int:
         return 0 if params.greedy else self.gamma
 
-    def _append_context(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor) -> None:
+    def _append_context(self, hidden_states: list[torch.Tensor], num_new: torch.Tensor, cache=None) -> None:
         """Project target hidden states ``[B, T, H]`` (per layer id) into every layer's context
-        keys/values at each request's next positions; commit the first ``num_new[b]`` of them."""
-        cache, num_tokens = self.cache, hidden_states[0].shape[1]
+        keys/values at each request's next positions; commit the first ``num_new[b]`` of them
+        (``cache``: the context cache, or a view of some of its rows)."""
+        cache, num_tokens = cache or self.cache, hidden_states[0].shape[1]
         positions = cache.lengths.unsqueeze(1) + torch.arange(num_tokens, device=num_new.device)
         features = self.net.context_features(hidden_states)
         rope = self.target.rotary(positions, features.dtype)
+        kv_len = cache.max_len if cache is self.cache else num_tokens  # a view's write gathers its rows up to kv_len
         for layer, kv in enumerate(self.net.context_kv(features, rope)):
-            cache.write(layer, kv, positions, cache.max_len)
+            cache.write(layer, kv, positions, kv_len)
         cache.advance(num_new)
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
@@ -235,6 +237,16 @@ class DSparkDrafter(Drafter):
         # rounds without drafts append their context lazily, when drafting resumes (see commit)
         self._pending: list[list[torch.Tensor]] = []
         self._deferred = None
+
+    def admit(self, rows: torch.Tensor, state: DecodingState, target_output: ModelOutput) -> None:
+        """The new requests' context from the target's prefill, into their rows of the context cache
+        (rounds that skipped drafting and wait to be appended commit nothing for these rows: the
+        context then lacks no committed token of theirs)."""
+        self.flush()
+        cache = self.cache.rows(rows)
+        prompt_lengths = state.prompt_lengths[rows]
+        cache.set_lengths(torch.zeros_like(prompt_lengths))
+        self._append_context(target_output.hidden_states, prompt_lengths, cache)
 
     def _flush_pending(self, lengths: torch.Tensor) -> None:
         """Append the context of the rounds that did not draft, in one forward. Each such round

@@ -191,30 +191,32 @@ class Eagle3Drafter(Drafter):
         return 0 if params.greedy else self.gamma
 
     def _pair_step(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, kv_len: int,
-                   only: torch.Tensor | None = None):
+                   only: torch.Tensor | None = None, cache=None):
         """The draft layer over pairs (``features`` ``[B, T, H]``, ``tokens`` ``[B, T]``) written at
         positions ``lengths[:, None] + arange(T)``, causal: the outputs ``d`` ``[B, T, H]``; with
         ``only`` ``[B]``, just the output of pair ``only[b]`` ``[B, 1, H]`` (every pair's keys/values
-        are still written; attention and MLP run for that one query, which sees the pairs up to its own)."""
+        are still written; attention and MLP run for that one query, which sees the pairs up to its own).
+        ``cache``: the pair cache (default) or a view of some of its rows."""
         target, layer, num_tokens = self.target, self.head.layer, tokens.shape[1]
         positions = lengths.unsqueeze(1) + torch.arange(num_tokens, device=tokens.device)
         rope = target.rotary(positions, features.dtype)
         q, kv = layer.project_pair(target.embed_tokens(tokens), features, rope)
-        keys, values = self.cache.write(0, kv, positions, kv_len)
+        keys, values = (cache or self.cache).write(0, kv, positions, kv_len)
         if only is None:
             return layer.attend(features, q, keys, values, build_attention_mask(lengths, num_tokens, kv_len))
         pick = lambda x: x.gather(1, only.view(-1, *[1] * (x.dim() - 1)).expand(-1, 1, *x.shape[2:]))  # noqa: E731
         return layer.attend(pick(features), pick(q), keys, values, build_attention_mask(lengths + only, 1, kv_len))
 
     def append_pairs(self, tokens: torch.Tensor, hidden_states: list[torch.Tensor], num_new: torch.Tensor,
-                     kv_len: int) -> torch.Tensor:
+                     kv_len: int, cache=None) -> torch.Tensor:
         """Commit ``num_new[b]`` pairs per request: the fused target features ``[B, T, ·]`` (per layer
         id) with ``tokens`` ``[B, T]``, the committed tokens that follow them; returns each request's
-        last output ``[B, H]``, the next round's first feature."""
-        cache = self.cache
+        last output ``[B, H]``, the next round's first feature (``cache``: the pair cache, or a view
+        of some of its rows)."""
+        cache = cache or self.cache
         # only each request's last kept pair's output is needed (the next round's first feature)
         last = (num_new - 1).clamp(min=0)  # [B]
-        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len, only=last)  # [B, 1, H]
+        d = self._pair_step(self.head.fuse(hidden_states), tokens, cache.lengths, kv_len, only=last, cache=cache)
         cache.advance(num_new)
         return d.squeeze(1)
 
@@ -238,6 +240,19 @@ class Eagle3Drafter(Drafter):
         prompt_width = target_output.hidden_states[0].shape[1]
         self.last_output = self.append_pairs(self._following_tokens(state, prompt_width), target_output.hidden_states,
                                              state.prompt_lengths, min(prompt_width, cache.max_len))
+
+    def admit(self, rows: torch.Tensor, state: DecodingState, target_output: ModelOutput) -> None:
+        """The new requests' prompt pairs into their rows of the pair cache, and their last outputs
+        (as :meth:`start` does for a whole batch)."""
+        self.flush()
+        cache = self.cache.rows(rows)
+        prompt_lengths = state.prompt_lengths[rows]
+        cache.set_lengths(torch.zeros_like(prompt_lengths))
+        width = target_output.hidden_states[0].shape[1]
+        positions = (1 + torch.arange(width, device=rows.device)).clamp(max=state.tokens.shape[1] - 1)
+        following = state.tokens[rows][:, positions]  # [k, P]: the token after each prompt position
+        d = self.append_pairs(following, target_output.hidden_states, prompt_lengths, width, cache)
+        self.last_output = self.last_output.index_copy(0, rows, d)
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma

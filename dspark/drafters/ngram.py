@@ -45,6 +45,9 @@ class NgramDrafter(Drafter):
         if not 1 <= config.min_n <= config.max_n:
             raise ValueError(f"ngram drafter needs 1 <= min_n <= max_n, got min_n={config.min_n}, max_n={config.max_n}")
 
+    def admit(self, rows, state, target_output) -> None:
+        """Nothing per request to reset: the token buffer is all it reads."""
+
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         tokens, lengths = state.tokens, state.lengths  # [B, W], [B]
         batch, width = tokens.shape

@@ -24,5 +24,8 @@ class NoDrafter(Drafter):
         batch = state.batch_size
         self._empty = DraftProposal(tokens=state.tokens.new_zeros(batch, 0), num_tokens=state.tokens.new_zeros(batch))
 
+    def admit(self, rows, state, target_output) -> None:
+        """Nothing per request to reset."""
+
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         return self._empty
