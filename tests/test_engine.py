@@ -10,7 +10,7 @@ from dspark.drafters import register_drafter
 from dspark.drafters.ngram import NgramDrafter
 
 from helpers import chi_square_p_value, ragged_prompts, tiny_hf_model
-from test_speculative import PER_REQUEST, exact_joint, settings_per_request, spec_pipeline, tiny_pair, PROMPT, VOCAB
+from test_speculative import DRAFTERS, PER_REQUEST, exact_joint, settings_per_request, spec_pipeline, tiny_pair, PROMPT, VOCAB
 
 # seven requests through three slots: budgets that end them at different rounds (one at its first
 # token), the per-request sampling settings of test_speculative cycled, and stop settings
@@ -55,6 +55,18 @@ def test_continuous_batching_decodes_each_request_as_alone(drafter):
         assert alone.token_ids[0] == batched.token_ids[i], f"request {i}"
     assert [r["generated"] for r in batched.stats.per_request] == [len(ids) for ids in batched.token_ids]
     assert sum(r["target_forwards"] for r in batched.stats.per_request) == batched.stats.target_forwards
+
+
+@pytest.mark.parametrize("drafter", sorted(set(DRAFTERS[1:])))
+def test_greedy_continuous_batching_equals_autoregressive(drafter):
+    """Every drafter and scheduler (load-aware ones, which skip drafting and catch up later,
+    included): six requests through two slots decode plain greedy decoding's tokens."""
+    target = tiny_hf_model("qwen3", scale=3.0)
+    prompts, budgets = ragged_prompts(target.config.vocab_size, lengths=(5, 1, 9, 3, 14, 6)), [20, 3, 9, 1, 12, 6]
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=budgets, ignore_eos=True).token_ids
+    pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=2")
+    assert pipe.engine.continuous
+    assert pipe.generate(prompts, max_new_tokens=budgets, ignore_eos=True).token_ids == expected
 
 
 def test_static_batching_decodes_each_request_as_alone():

@@ -594,6 +594,12 @@ def test_compiled_rounds_match_eager(drafter):
     # settings per request (a greedy request among sampled ones): the settings that differ are tensors
     mixed = dict(max_new_tokens=12, seed=[1, 2, 3], ignore_eos=True, **settings_per_request(PER_REQUEST[:3]))
     assert compiled.generate(prompts, **mixed).token_ids == eager.generate(prompts, **mixed).token_ids
+    # continuous batching: six requests through the three slots, admitted into the compiled batch
+    more = ragged_prompts(101, lengths=(5, 1, 9, 4, 7, 2), seed=5)
+    refilled = dict(max_new_tokens=[12, 3, 5, 9, 4, 6], temperature=1.0, seed=list(range(6)), ignore_eos=True)
+    for pipe in (compiled, eager):
+        pipe.engine.config.max_batch_size = 3
+    assert compiled.generate(more, **refilled).token_ids == eager.generate(more, **refilled).token_ids
 
 
 @pytest.mark.slow
@@ -619,4 +625,9 @@ def test_compiled_rounds_do_not_recompile_for_new_prompt_lengths(drafter):
     for temperature, top_p, penalty in ((0.9, 0.8, 1.4), (1.3, 0.95, 1.1)):
         compiled.generate(ragged_prompts(101, lengths=(6,)), temperature=temperature, top_p=top_p,
                           repetition_penalty=penalty, **sampled)
+    assert counters["stats"]["unique_graphs"] == before
+    # requests admitted into a running batch (continuous batching, one slot) reuse them as well
+    compiled.engine.config.max_batch_size = 1
+    compiled.generate(ragged_prompts(101, lengths=(6, 3, 9)), max_new_tokens=[4, 6, 2], temperature=0.9, top_p=0.8,
+                      repetition_penalty=1.3, ignore_eos=True, seed=0)
     assert counters["stats"]["unique_graphs"] == before
