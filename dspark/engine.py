@@ -229,25 +229,29 @@ class Engine:
             min_new=_per_request(min_new_tokens, count))
         options = dict(progress=progress, on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs,
                        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        started = time.perf_counter()
         if self.continuous or count <= size:
-            return self._decode(requests, min(count, size), **options)
+            return self._decode(requests, min(count, size), started=started, **options)
         outputs, parts, scores = [], [], Scores()  # static batches, one after the other
         for start in range(0, count, size):
             shift = lambda callback, start=start: None if callback is None else (  # noqa: E731
                 lambda i, ids: callback(start + i, ids))
             ids, stats, part = self._decode(requests.slice(start, start + size), len(requests.prompts[start:start + size]),
+                                            started=started,
                                             **{**options, "on_tokens": shift(on_tokens), "stop_check": shift(stop_check)})
             outputs += ids
             parts.append(stats)
             scores.extend(part)
         return outputs, GenerationStats.merge(parts), scores
 
-    def _decode(self, requests: "_Requests", slots: int, *, progress, on_tokens, stop_check, logprobs: bool,
-                top_logprobs: int, prompt_logprobs: bool) -> tuple[list[list[int]], GenerationStats, "Scores"]:
+    def _decode(self, requests: "_Requests", slots: int, *, started: float, progress, on_tokens, stop_check,
+                logprobs: bool, top_logprobs: int,
+                prompt_logprobs: bool) -> tuple[list[list[int]], GenerationStats, "Scores"]:
         """Decode ``requests`` in a batch of ``slots`` rows: the first ``slots`` requests start
         together; each later one takes the slot of a request that ended, between two rounds
-        (:meth:`_admit`)."""
-        started = time.perf_counter()
+        (:meth:`_admit`). ``started``: when the call began (``time.perf_counter()``; request
+        timings count from it)."""
+        began = time.perf_counter()
         count, device, gamma = len(requests.prompts), self.device, self.drafter.gamma
         max_len = max(self.cache_len_needed(len(p), m) for p, m in zip(requests.prompts, requests.budgets))
         zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
@@ -273,16 +277,20 @@ class Engine:
         self.scheduler.reset()
 
         status, prefill_time = [1] * slots, 0.0  # every slot free
+        first_token, finished = [None] * count, [None] * count  # seconds since the call began
         while True:
             free = [b for b in range(slots) if status[b]]
             if free and run.next_request < count:
                 # admit: waiting requests take the free slots (all of them at first); prefill
                 # their prompts, draw their first tokens, give the drafter their context
-                admitted = time.perf_counter()
-                self._admit(run, free[:count - run.next_request])
+                admitted, admitting = time.perf_counter(), free[:count - run.next_request]
+                self._admit(run, admitting)
                 status = self._status(state, run.cache, None, run.stream)  # their first tokens may end them
                 round_started = time.perf_counter()
                 prefill_time += round_started - admitted
+                for b in admitting:
+                    first_token[run.holder[b]] = round_started - started
+                _mark_finished(finished, run.holder, status, round_started - started)
                 continue
             if all(status[:slots]):
                 break
@@ -297,10 +305,13 @@ class Engine:
                 self.scheduler.summary_read(status[slots + 2:])
             self.scheduler.timed(slots, drafted, now - round_started, (status[slots + 1] - emitted_before) / sum(active))
             round_started = now
+            _mark_finished(finished, run.holder, status, now - started)
 
         self._collect(run, [b for b in range(slots) if run.holder[b] >= 0])
-        wall = time.perf_counter() - started
-        return run.outputs, run.counters.stats(run.outputs, wall, prefill_time), run.scores
+        stats = run.counters.stats(run.outputs, time.perf_counter() - began, prefill_time)
+        for row, first, end in zip(stats.per_request, first_token, finished):
+            row.update(first_token_s=first, finished_s=end)
+        return run.outputs, stats, run.scores
 
     def _admit(self, run: "_Run", free: list[int]) -> None:
         """Requests ``run.next_request, …`` take the slots ``free``: their prompts go into the
@@ -616,6 +627,13 @@ def _stop_ids(eos_token_ids: tuple[int, ...], ignore_eos, stop_token_ids, batch:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _mark_finished(finished: list, holder: list[int], status: list[int], now: float) -> None:
+    """Note ``now`` for each request the status read shows done for the first time."""
+    for b, request in enumerate(holder):
+        if request >= 0 and status[b] and finished[request] is None:
+            finished[request] = now
 
 
 def _draw_uniforms(generators: list[torch.Generator], active: list[bool], count: int, device) -> torch.Tensor:

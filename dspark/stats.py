@@ -93,7 +93,11 @@ class GenerationStats:
         predicted_tokens / predicted_tau: with a drafter that returns confidences, the tokens the
             survivals predicted for the verified prefixes (``Σ (1 + Σ_{j≤ℓ} a_j)``) and per request-round —
             compare with τ to see how well the confidences are calibrated; ``None`` without confidences.
-        per_request: the counters per request (generated, target_forwards, drafted, verified, accepted).
+        per_request: the counters per request (generated, target_forwards, drafted, verified,
+            accepted) and, from the engine, ``first_token_s`` / ``finished_s``: seconds from the
+            start of the ``generate`` call until the host had the request's first token / saw it
+            end (read at the round's status read: round granularity). With more requests than
+            slots, later requests wait for a slot: their time to first token includes the wait.
     """
 
     rounds: int = 0

@@ -98,6 +98,20 @@ def test_freed_slots_are_refilled_at_once():
     assert rounds == {"continuous": 11, "static": 11 + 2 + 2}  # the first token of each comes from its prefill
 
 
+def test_each_request_has_its_time_to_first_token_and_to_its_end():
+    """``stats.per_request`` carries when each request's first token reached the host and when it
+    ended (seconds since the call began): later requests waited for a slot."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, "ngram", 3, "engine.max_batch_size=2")
+    result = pipe.generate(ragged_prompts(101, lengths=(4, 9, 2, 6, 5)), max_new_tokens=[12, 3, 3, 3, 3],
+                           ignore_eos=True)
+    rows = result.stats.per_request
+    assert all(0 < row["first_token_s"] <= row["finished_s"] <= result.stats.wall_time_s for row in rows)
+    assert rows[0]["first_token_s"] == rows[1]["first_token_s"]  # admitted together
+    assert rows[1]["finished_s"] <= rows[2]["first_token_s"] <= rows[2]["finished_s"] <= rows[3]["first_token_s"]
+    assert rows[4]["finished_s"] <= rows[0]["finished_s"]  # the short ones passed while the long one ran
+
+
 @pytest.mark.parametrize("drafter", ["ngram", "eagle3"])
 def test_streaming_logprobs_and_stop_strings_follow_each_request(drafter):
     """Through refilled slots, ``on_tokens`` and the stop check see request indices, and the
