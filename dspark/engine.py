@@ -540,6 +540,12 @@ class _Requests:
     stop_ids: torch.Tensor
     min_new: list[int]
 
+    def __post_init__(self):
+        count = len(self.prompts)
+        for name in ("budgets", "params", "seeds", "stop_ids", "min_new"):
+            if len(getattr(self, name)) != count:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {count} prompts: give one per prompt")
+
     def slice(self, start: int, stop: int) -> "_Requests":
         return _Requests(self.prompts[start:stop], self.budgets[start:stop], self.params[start:stop],
                          self.seeds[start:stop], self.stop_ids[start:stop], self.min_new[start:stop])
@@ -619,6 +625,8 @@ def _stop_ids(eos_token_ids: tuple[int, ...], ignore_eos, stop_token_ids, batch:
     """``[B, E]`` each request's stop ids — EOS unless it ignores it, then its stop tokens — padded
     with −1 (``stop_token_ids``: one id list for all, or one per request)."""
     per_request = bool(stop_token_ids) and isinstance(stop_token_ids[0], (list, tuple))
+    if per_request and len(stop_token_ids) != batch:
+        raise ValueError(f"stop_token_ids has {len(stop_token_ids)} lists for {batch} prompts: give one per prompt")
     rows = [(() if ignore else eos_token_ids) + tuple(stop_token_ids[b] if per_request else stop_token_ids)
             for b, ignore in enumerate(_per_request(ignore_eos, batch))]
     width = max(len(row) for row in rows)

@@ -195,3 +195,15 @@ def test_batching_falls_back_to_static_batches_or_refuses():
                       "engine.batching=continuous")
     with pytest.raises(ValueError, match="engine.batching must be one of auto, continuous, static"):
         spec_pipeline(target, "ngram", 3, "engine.batching=sometimes")
+
+
+def test_per_request_lists_of_the_wrong_length_are_refused_before_work():
+    target = tiny_hf_model("qwen3", scale=2.0)
+    engine = spec_pipeline(target, "ngram", 3, "engine.max_batch_size=2").engine
+    prompts, params = ragged_prompts(101, lengths=(4, 9, 2)), dspark.SamplingParams()
+    with pytest.raises(ValueError, match="budgets has 2 entries for 3 prompts"):
+        engine.generate(prompts, max_new_tokens=[4, 5], params=params, seeds=[0, 1, 2])
+    with pytest.raises(ValueError, match="seeds has 2 entries for 3 prompts"):
+        engine.generate(prompts, max_new_tokens=4, params=params, seeds=[0, 1])
+    with pytest.raises(ValueError, match="stop_token_ids has 1 lists for 3 prompts"):
+        engine.generate(prompts, max_new_tokens=4, params=params, seeds=[0, 1, 2], stop_token_ids=[[3]])
