@@ -1,7 +1,7 @@
 """Continuous batching against static batches: more requests than slots, of different lengths.
 
     python benchmarks/continuous_batching.py [--configs ar eagle3] [--prompts 32] [--batch 8]
-        [--budgets 16 32 64 128] [--temperature 0] [--repeats 3] [--compile]
+        [--budgets 16 32 64 128] [--temperature 0] [--repeats 3] [--compile] [--plot PNG]
 
 The first ``--prompts`` code prompts of the eval set, request ``i`` with budget
 ``budgets[i % len(budgets)]`` (EOS ignored, so the lengths are what the budgets say), decoded
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="engine.compile=true")
+    parser.add_argument("--plot", help="draw each request's wait and decoding, both ways, for the first config "
+                                       "(a PNG path, e.g. docs/images/continuous_batching_timeline.png)")
     args = parser.parse_args()
 
     for name in args.configs:
@@ -43,17 +45,47 @@ def main() -> None:
                         ignore_eos=True)
         outputs = {key: pipe.generate(prompts, **settings) for key, pipe in pipes.items()}  # warm-up (and compiling)
         assert outputs["continuous"].token_ids == outputs["static"].token_ids, "a request decoded differently"
-        rates = {key: [] for key in pipes}
+        rates, last = {key: [] for key in pipes}, {}
         for _ in range(args.repeats):
             for key, pipe in pipes.items():
                 start = time.perf_counter()
-                result = pipe.generate(prompts, **settings)
-                rates[key].append(result.stats.generated_tokens / (time.perf_counter() - start))
+                last[key] = pipe.generate(prompts, **settings)
+                rates[key].append(last[key].stats.generated_tokens / (time.perf_counter() - start))
+        if args.plot and name == args.configs[0]:
+            draw_timeline(last, budgets, args, name)
         medians = {key: statistics.median(r) for key, r in rates.items()}
         cells = ", ".join(f"{key} {medians[key]:.0f} [{min(r):.0f}..{max(r):.0f}] tokens/s "
                           f"({outputs[key].stats.rounds} rounds, τ {outputs[key].stats.mean_accepted_length:.2f})"
                           for key, r in rates.items())
         print(f"{name}: {cells}; continuous / static {medians['continuous'] / medians['static']:.2f}x", flush=True)
+
+
+def draw_timeline(results: dict, budgets: list[int], args, name: str) -> None:
+    """One row per request: waiting for a slot (light), then decoding from its first token to its
+    end (dark, shaded by budget), the static batches above the continuous batch, on one time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    shades = {budget: plt.cm.viridis(k / max(1, len(args.budgets) - 1)) for k, budget in enumerate(sorted(set(budgets)))}
+    for ax, key in zip(axes, ("static", "continuous")):
+        stats = results[key].stats
+        for i, (row, budget) in enumerate(zip(stats.per_request, budgets)):
+            ax.barh(i, row["first_token_s"], color="0.88")
+            ax.barh(i, row["finished_s"] - row["first_token_s"], left=row["first_token_s"], color=shades[budget])
+        ax.invert_yaxis()
+        ax.set_ylabel("request")
+        ax.set_title(f"{key}: {stats.generated_tokens / stats.wall_time_s:.0f} tokens/s, {stats.rounds} rounds")
+    axes[-1].set_xlabel("seconds since the call began")
+    handles = [plt.Rectangle((0, 0), 1, 1, color="0.88")] + [plt.Rectangle((0, 0), 1, 1, color=c) for c in shades.values()]
+    fig.legend(handles, ["waiting for a slot"] + [f"decoding, {b} tokens" for b in shades], loc="lower center", ncol=5,
+               frameon=False)
+    fig.suptitle(f"{name}: {len(budgets)} requests through {args.batch} slots (T = {args.temperature:g})")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(args.plot, dpi=110)
+    print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

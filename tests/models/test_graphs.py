@@ -53,6 +53,11 @@ def test_graphed_rounds_match_eager_rounds(drafter):
     mixed = [settings_per_request(order) for order in (PER_REQUEST[:3], PER_REQUEST[2::-1], PER_REQUEST[:3])]
     eager_mixed = [eager_pipe.generate(prompts, max_new_tokens=12, seed=[1, 2, 3], ignore_eos=True, **m).token_ids
                    for m in mixed]
+    # continuous batching: five requests through the three slots, admitted between graphed rounds
+    more = ragged_prompts(101, lengths=(5, 1, 9, 4, 7), seed=5)
+    refilled = dict(max_new_tokens=[12, 3, 5, 9, 4], temperature=1.0, seed=list(range(5)), ignore_eos=True)
+    eager_pipe.engine.config.max_batch_size = 3
+    eager_refilled = eager_pipe.generate(more, **refilled).token_ids
     pipe = spec_pipeline(target, drafter, 3)
     forward = graphed(pipe)
     assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == expected
@@ -67,6 +72,8 @@ def test_graphed_rounds_match_eager_rounds(drafter):
         assert pipe.engine.drafter._append_and_draft.num_graphs >= 2
     if drafter.startswith("draft_model"):
         assert pipe.engine.drafter._draft_steps.num_graphs >= 2 and pipe.engine.drafter._catch_up.num_graphs >= 1
+    pipe.engine.config.max_batch_size = 3
+    assert pipe.generate(more, **refilled).token_ids == eager_refilled
 
 
 class EveryOtherRound(FixedScheduler):
