@@ -80,10 +80,10 @@ def draw_timeline(results: dict, budgets: list[int], args, name: str) -> None:
         ax.set_title(f"{key}: {stats.generated_tokens / stats.wall_time_s:.0f} tokens/s, {stats.rounds} rounds")
     axes[-1].set_xlabel("seconds since the call began")
     handles = [plt.Rectangle((0, 0), 1, 1, color="0.88")] + [plt.Rectangle((0, 0), 1, 1, color=c) for c in shades.values()]
-    fig.legend(handles, ["waiting for a slot"] + [f"decoding, {b} tokens" for b in shades], loc="lower center", ncol=5,
+    fig.legend(handles, ["waiting for a slot"] + [f"decoding, {b} tokens" for b in shades], loc="lower center", ncol=3, fontsize="small",
                frameon=False)
     fig.suptitle(f"{name}: {len(budgets)} requests through {args.batch} slots (T = {args.temperature:g})")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(args.plot, dpi=110)
     print(f"wrote {args.plot}")
 
