@@ -22,7 +22,7 @@ may use to decide whether later rounds draft.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -222,174 +222,206 @@ class Engine:
         (its index in ``prompts``) that emitted tokens, with the ids it emitted (final: the
         concatenation of a request's calls is its output). The ids ride on the round's one host read."""
         count, size = len(prompts), self.config.max_batch_size
-        requests = _Requests(
-            prompts=[list(p) for p in prompts], budgets=_per_request(max_new_tokens, count),
-            params=[params] * count if isinstance(params, SamplingParams) else list(params), seeds=list(seeds),
-            stop_ids=_stop_ids(self.eos_token_ids, ignore_eos, stop_token_ids, count),
-            min_new=_per_request(min_new_tokens, count))
-        options = dict(progress=progress, on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs,
-                       top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        budgets, min_new = _per_request(max_new_tokens, count), _per_request(min_new_tokens, count)
+        params = [params] * count if isinstance(params, SamplingParams) else list(params)
+        stops = _stop_ids(self.eos_token_ids, ignore_eos, stop_token_ids, count)
+        for name, values in (("budgets", budgets), ("params", params), ("seeds", seeds), ("min_new_tokens", min_new)):
+            if len(values) != count:
+                raise ValueError(f"{name} has {len(values)} entries for {count} prompts: give one per prompt")
+        requests = [Request(list(p), b, q, int(s), stop, m)
+                    for p, b, q, s, stop, m in zip(prompts, budgets, params, seeds, stops, min_new)]  # (stops: EOS in)
+        options = dict(on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs, top_logprobs=top_logprobs,
+                       prompt_logprobs=prompt_logprobs)
         started = time.perf_counter()
-        if self.continuous or count <= size:
-            return self._decode(requests, min(count, size), started=started, **options)
-        outputs, parts, scores = [], [], Scores()  # static batches, one after the other
-        for start in range(0, count, size):
-            shift = lambda callback, start=start: None if callback is None else (  # noqa: E731
-                lambda i, ids: callback(start + i, ids))
-            ids, stats, part = self._decode(requests.slice(start, start + size), len(requests.prompts[start:start + size]),
-                                            started=started,
-                                            **{**options, "on_tokens": shift(on_tokens), "stop_check": shift(stop_check)})
+        chunks = [requests] if self.continuous or count <= size else [requests[i:i + size] for i in range(0, count, size)]
+        outputs, parts, scores = [], [], Scores()  # static batches: one after the other
+        for first, chunk in zip(range(0, count, size), chunks):
+            shift = lambda callback: None if callback is None else (  # noqa: E731
+                lambda i, ids, first=first: callback(first + i, ids))
+            batch = self.open_batch(min(len(chunk), size), max(self.cache_len_needed(len(r.prompt), r.budget) for r in chunk),
+                                    started=started if len(chunks) > 1 else None, **{**options, "on_tokens": shift(on_tokens),
+                                                        "stop_check": shift(stop_check)})
+            for request in chunk:
+                batch.add(request)
+            rounds = 0
+            while self.step(batch):
+                if progress is not None and batch.counters.rounds > rounds:  # (admissions are steps too)
+                    progress.update(batch.counters.rounds - rounds)
+                    rounds = batch.counters.rounds
+            ids, stats, part = self.finish(batch)
             outputs += ids
             parts.append(stats)
             scores.extend(part)
         return outputs, GenerationStats.merge(parts), scores
 
-    def _decode(self, requests: "_Requests", slots: int, *, started: float, progress, on_tokens, stop_check,
-                logprobs: bool, top_logprobs: int,
-                prompt_logprobs: bool) -> tuple[list[list[int]], GenerationStats, "Scores"]:
-        """Decode ``requests`` in a batch of ``slots`` rows: the first ``slots`` requests start
-        together; each later one takes the slot of a request that ended, between two rounds
-        (:meth:`_admit`). ``started``: when the call began (``time.perf_counter()``; request
-        timings count from it)."""
-        began = time.perf_counter()
-        count, device, gamma = len(requests.prompts), self.device, self.drafter.gamma
-        max_len = max(self.cache_len_needed(len(p), m) for p, m in zip(requests.prompts, requests.budgets))
+    def request(self, prompt: list[int], *, max_new_tokens: int, params: SamplingParams, seed: int,
+                ignore_eos: bool = False, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0) -> "Request":
+        """One request as :meth:`Batch.add` takes it (already validated; its stop ids are the
+        engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``)."""
+        stops = _stop_ids(self.eos_token_ids, [ignore_eos], [list(stop_token_ids)], 1)[0]
+        return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens))
+
+    def open_batch(self, slots: int, max_len: int, *, on_tokens=None, stop_check=None, logprobs: bool = False,
+                   top_logprobs: int = 0, prompt_logprobs: bool = False, started: float | None = None) -> "Batch":
+        """A batch of ``slots`` rows, each holding up to ``max_len`` positions (prompt + budget + one
+        round of lookahead: :meth:`cache_len_needed`), for requests to join (:meth:`Batch.add`)
+        and be decoded by :meth:`step` — the loop under :meth:`generate`, and under
+        :class:`~dspark.session.Session` for requests that arrive while others decode. The options
+        are :meth:`generate`'s, for every request of the batch."""
+        device, gamma = self.device, self.drafter.gamma
         zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
         state = DecodingState(tokens=torch.zeros(slots, max_len, dtype=torch.long, device=device),
-                              prompt_lengths=zeros(), lengths=zeros(), done=~zeros(torch.bool),
-                              max_new_tokens=max(requests.budgets), params=requests.params[0])
+                              prompt_lengths=zeros(), lengths=zeros() + 1, done=~zeros(torch.bool), max_new_tokens=0,
+                              params=SamplingParams())  # (an empty slot: done, its anchor token 0)
         buffers = None if not logprobs else (
             torch.zeros(slots, max_len + gamma + 1, dtype=torch.float32, device=device),
             *(() if not top_logprobs else (
                 torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
                 torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))))
-        run = _Run(requests=requests, state=state, cache=self._get_cache(slots, max_len),
-                   stopper=_Stopper(slots, requests.stop_ids.shape[1], max(requests.min_new) > 0, self.target.vocab_size,
-                                    device, buffers and buffers[0], buffers[1:] if buffers and len(buffers) > 1 else None),
-                   counters=RoundCounters(slots, gamma, device, requests=count),
-                   stream=None if on_tokens is None and stop_check is None else _TokenStream(slots, gamma + 1, on_tokens,
-                                                                                              stop_check),
-                   scores=Scores(tokens=[None] * count if logprobs else None,
-                                 top=[None] * count if logprobs and top_logprobs else None,
-                                 prompt=[None] * count if prompt_logprobs else None),
-                   outputs=[None] * count, holder=[-1] * slots, generators=[None] * slots,
-                   slot_params=[requests.params[0]] * slots, prompt_logprobs=prompt_logprobs)
         self.scheduler.reset()
+        return Batch(state=state, cache=self._get_cache(slots, max_len), max_len=max_len, lookahead=gamma + 1,
+                     stopper=_Stopper(slots, self.target.vocab_size, device, buffers and buffers[0],
+                                      buffers[1:] if buffers and len(buffers) > 1 else None),
+                     counters=RoundCounters(slots, gamma, device, requests=0),
+                     stream=None if on_tokens is None and stop_check is None else _TokenStream(slots, gamma + 1, on_tokens,
+                                                                                                stop_check),
+                     logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                     started=started)
 
-        status, prefill_time = [1] * slots, 0.0  # every slot free
-        first_token, finished = [None] * count, [None] * count  # seconds since the call began
-        while True:
-            free = [b for b in range(slots) if status[b]]
-            if free and run.next_request < count:
-                # admit: waiting requests take the free slots (all of them at first); prefill
-                # their prompts, draw their first tokens, give the drafter their context
-                admitted, admitting = time.perf_counter(), free[:count - run.next_request]
-                self._admit(run, admitting)
-                status = self._status(state, run.cache, None, run.stream)  # their first tokens may end them
-                round_started = time.perf_counter()
-                prefill_time += round_started - admitted
-                for b in admitting:
-                    first_token[run.holder[b]] = round_started - started
-                _mark_finished(finished, run.holder, status, round_started - started)
-                continue
-            if all(status[:slots]):
-                break
-            active, state.max_cache_len, emitted_before = [not d for d in status[:slots]], status[slots], status[slots + 1]
-            drafted = self._round(state, run.cache, run.generators, active, run.stopper, run.counters)
-            if progress is not None:
-                progress.update(1)
-            summary = self.scheduler.round_summary()
-            status = self._status(state, run.cache, summary, run.stream)
-            now = time.perf_counter()  # the status read waited for the device: the round is over
-            if summary is not None:
-                self.scheduler.summary_read(status[slots + 2:])
-            self.scheduler.timed(slots, drafted, now - round_started, (status[slots + 1] - emitted_before) / sum(active))
-            round_started = now
-            _mark_finished(finished, run.holder, status, now - started)
+    @torch.inference_mode()
+    def step(self, batch: "Batch") -> bool:
+        """Advance ``batch`` by one step: admit waiting requests into the free slots (at most one
+        admission between two rounds), or decode one round. Returns ``False`` when there was
+        nothing to do (no request waiting, none unfinished)."""
+        state, slots, status = batch.state, batch.state.batch_size, batch.status
+        free = [b for b in range(slots) if status[b]]
+        if free and batch.next_request < len(batch.requests):
+            # admit: waiting requests take the free slots (all of them at first); prefill
+            # their prompts, draw their first tokens, give the drafter their context
+            admitted, admitting = time.perf_counter(), free[:len(batch.requests) - batch.next_request]
+            self._admit(batch, admitting)
+            batch.status = self._status(state, batch.cache, None, batch.stream)  # their first tokens may end them
+            batch.round_started = time.perf_counter()
+            batch.prefill_time += batch.round_started - admitted
+            for b in admitting:
+                batch.first_token[batch.holder[b]] = batch.round_started - batch.started
+            batch.mark_finished(batch.round_started)
+            return True
+        if all(status[:slots]):
+            return False
+        active, state.max_cache_len, emitted_before = [not d for d in status[:slots]], status[slots], status[slots + 1]
+        drafted = self._round(state, batch.cache, batch.generators, active, batch.stopper, batch.counters)
+        summary = self.scheduler.round_summary()
+        batch.status = status = self._status(state, batch.cache, summary, batch.stream)
+        now = time.perf_counter()  # the status read waited for the device: the round is over
+        if summary is not None:
+            self.scheduler.summary_read(status[slots + 2:])
+        self.scheduler.timed(slots, drafted, now - batch.round_started, (status[slots + 1] - emitted_before) / sum(active))
+        batch.round_started = now
+        batch.mark_finished(now)
+        return True
 
-        self._collect(run, [b for b in range(slots) if run.holder[b] >= 0])
-        stats = run.counters.stats(run.outputs, time.perf_counter() - began, prefill_time)
-        for row, first, end in zip(stats.per_request, first_token, finished):
+    @torch.inference_mode()
+    def collect_finished(self, batch: "Batch") -> list[int]:
+        """Read out the requests the last status read shows ended (their ids, log-probabilities,
+        counts: one host read when some did) and free their slots; returns their indices."""
+        slots = [b for b, request in enumerate(batch.holder) if request >= 0 and batch.status[b]]
+        requests = [batch.holder[b] for b in slots]
+        self._collect(batch, slots)
+        return requests
+
+    @torch.inference_mode()
+    def finish(self, batch: "Batch") -> tuple[list[list[int]], GenerationStats, "Scores"]:
+        """Collect every request of ``batch`` (call once :meth:`step` returns ``False``): the
+        generated ids, the stats and the log-probabilities asked for, in the order the requests
+        were added."""
+        self._collect(batch, [b for b in range(batch.state.batch_size) if batch.holder[b] >= 0])
+        stats = batch.counters.stats(batch.outputs, time.perf_counter() - batch.opened, batch.prefill_time)
+        for row, first, end in zip(stats.per_request, batch.first_token, batch.finished):
             row.update(first_token_s=first, finished_s=end)
-        return run.outputs, stats, run.scores
+        return batch.outputs, stats, batch.scores
 
-    def _admit(self, run: "_Run", free: list[int]) -> None:
-        """Requests ``run.next_request, …`` take the slots ``free``: their prompts go into the
+    def _admit(self, batch: "Batch", free: list[int]) -> None:
+        """Requests ``batch.next_request, …`` take the slots ``free``: their prompts go into the
         target cache's rows (a forward over them alone), their first tokens are drawn from its
-        last logits, and the drafter starts them (:meth:`Drafter.start` for the first batch,
-        :meth:`Drafter.admit` later). The requests that held those slots are collected first."""
-        state, device, slots = run.state, self.device, run.state.batch_size
-        taken = list(range(run.next_request, run.next_request + len(free)))
-        run.next_request += len(free)
-        self._collect(run, [b for b in free if run.holder[b] >= 0])
-        prompts = [run.requests.prompts[i] for i in taken]
-        longest = max(len(p) for p in prompts)
+        last logits, and the drafter starts them (:meth:`Drafter.start` for a whole batch, or the
+        batch's first requests with the other slots empty; :meth:`Drafter.admit` for some of its
+        slots later). The requests that held those slots are collected first."""
+        state, device, slots = batch.state, self.device, batch.state.batch_size
+        taken = list(range(batch.next_request, batch.next_request + len(free)))
+        batch.next_request += len(free)
+        self._collect(batch, [b for b in free if batch.holder[b] >= 0])
+        requests = [batch.requests[i] for i in taken]
+        longest = max(len(r.prompt) for r in requests)
         rows = torch.tensor(free, device=device)
         tokens = torch.zeros(len(free), state.tokens.shape[1], dtype=torch.long)
-        for k, prompt in enumerate(prompts):
-            tokens[k, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        for k, request in enumerate(requests):
+            tokens[k, :len(request.prompt)] = torch.tensor(request.prompt, dtype=torch.long)
+        prompt_lengths = torch.tensor([len(r.prompt) for r in requests], dtype=torch.long, device=device)
         state.tokens[rows], state.prompt_lengths[rows], state.lengths[rows] = tokens.to(device), prompt_lengths, prompt_lengths
         state.done[rows] = False
-        for b, i in zip(free, taken):
-            run.holder[b], run.slot_params[b] = i, run.requests.params[i]
-            run.generators[b] = torch.Generator(device=device).manual_seed(int(run.requests.seeds[i]))
-        state.params = params = batch_params(run.slot_params, slots, device, columns=self.config.compile)
-        run.stopper.admit(rows, free, run.requests.stop_ids[taken], [run.requests.budgets[i] for i in taken],
-                          [run.requests.min_new[i] for i in taken])
-        if run.stream is not None:
-            run.stream.admit(free, taken, [len(p) for p in prompts])
+        state.max_new_tokens = max(state.max_new_tokens, *(r.budget for r in requests))
+        for b, i, request in zip(free, taken, requests):
+            batch.holder[b], batch.slot_params[b] = i, request.params
+            batch.generators[b] = torch.Generator(device=device).manual_seed(request.seed)
+        state.params = params = batch_params([p or requests[0].params for p in batch.slot_params], slots, device,
+                                             columns=self.config.compile)
+        batch.stopper.admit(rows, free, requests)
+        if batch.stream is not None:
+            batch.stream.admit(free, taken, [len(r.prompt) for r in requests])
 
         # prefill: the prompts go into their cache rows; their last logits give the first tokens
         whole = len(free) == slots
-        cache = run.cache if whole else run.cache.rows(rows)
+        cache = batch.cache if whole else batch.cache.rows(rows)
         cache.set_lengths(torch.zeros_like(prompt_lengths))
         out, prompt_scores = self._prefill(state if whole else replace(
             state, tokens=state.tokens[rows], prompt_lengths=prompt_lengths, lengths=prompt_lengths.clone(),
-            done=state.done[rows]), cache, longest, run.prompt_logprobs)
+            done=state.done[rows]), cache, longest, batch.prompt_logprobs)
         if prompt_scores is not None:
             for i, row in zip(taken, prompt_scores.tolist()):
-                run.scores.prompt[i] = [None] + row[: len(run.requests.prompts[i]) - 1]
+                batch.scores.prompt[i] = [None] + row[: len(batch.requests[i].prompt) - 1]
         logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
         admitted = [b in free for b in range(slots)]
         no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(slots, 0),
                                                     num_tokens=state.tokens.new_zeros(slots))  # also for skipped rounds
-        uniforms = _draw_uniforms(run.generators, admitted, self.verifier.num_uniforms(0, params), device)
-        first_logits = run.stopper.suppress(logits, state)
+        uniforms = _draw_uniforms(batch.generators, admitted, self.verifier.num_uniforms(0, params), device)
+        first_logits = batch.stopper.suppress(logits, state)
         state.penalties = None
         if params.penalized:  # the history is the prompt (for the new requests)
             state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths, logits.shape[-1])
             first_logits = state.penalties.penalize_verify(first_logits, no_drafts.tokens, no_drafts.num_tokens, params)
         first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
-        run.stopper.append(state, first.tokens, torch.tensor(admitted, device=device).long(), logits)
+        batch.stopper.append(state, first.tokens, torch.tensor(admitted, device=device).long(), logits)
         state.max_cache_len = max(state.max_cache_len, longest)
-        if whole:
-            self.drafter.start(state, out, run.cache.max_len)
+        if whole or not batch.drafter_started:  # a batch's first requests (the others' slots empty: no context)
+            self.drafter.start(state, out if whole else replace(out, logits=logits, hidden_states=[
+                h.new_zeros(slots, *h.shape[1:]).index_copy(0, rows, h) for h in out.hidden_states]), batch.cache.max_len)
+            batch.drafter_started = True
         else:
             self.drafter.admit(rows, state, out)
 
     @staticmethod
-    def _collect(run: "_Run", slots: list[int]) -> None:
+    def _collect(batch: "Batch", slots: list[int]) -> None:
         """Read the outputs (and log-probabilities) of the requests in ``slots`` and free the slots
         (one host read)."""
         if not slots:
             return
-        state, rows = run.state, torch.tensor(slots, device=run.state.tokens.device)
-        requests = [run.holder[b] for b in slots]
+        state, rows = batch.state, torch.tensor(slots, device=batch.state.tokens.device)
+        requests = [batch.holder[b] for b in slots]
         data = torch.cat([state.lengths[rows].unsqueeze(1), state.tokens[rows]], 1).tolist()
         for i, row in zip(requests, data):
-            run.outputs[i] = row[1 + len(run.requests.prompts[i]): 1 + row[0]]
-        spans = [(len(run.requests.prompts[i]), len(run.outputs[i])) for i in requests]
-        if run.stopper.logprobs is not None:
-            for i, row, (start, n) in zip(requests, run.stopper.logprobs[rows].tolist(), spans):
-                run.scores.tokens[i] = row[start: start + n]
-        if run.stopper.top is not None:
-            values, ids = (buffer[rows].tolist() for buffer in run.stopper.top)
+            batch.outputs[i] = row[1 + len(batch.requests[i].prompt): 1 + row[0]]
+        spans = [(len(batch.requests[i].prompt), len(batch.outputs[i])) for i in requests]
+        if batch.stopper.logprobs is not None:
+            for i, row, (start, n) in zip(requests, batch.stopper.logprobs[rows].tolist(), spans):
+                batch.scores.tokens[i] = row[start: start + n]
+        if batch.stopper.top is not None:
+            values, ids = (buffer[rows].tolist() for buffer in batch.stopper.top)
             for k, (i, (start, n)) in enumerate(zip(requests, spans)):
-                run.scores.top[i] = [list(zip(ids[k][t], values[k][t])) for t in range(start, start + n)]
-        run.counters.retire(rows, torch.tensor(requests, device=rows.device))
+                batch.scores.top[i] = [list(zip(ids[k][t], values[k][t])) for t in range(start, start + n)]
+        batch.counters.retire(rows, torch.tensor(requests, device=rows.device))
         for b in slots:
-            run.holder[b] = -1
+            batch.holder[b] = -1
 
     def _prefill(self, state: DecodingState, cache, max_prompt: int, prompt_logprobs: bool):
         """The prompt's forward into the cache: its output (the logits after each prompt's last
@@ -529,46 +561,81 @@ class Scores:
 
 
 @dataclass
-class _Requests:
-    """What a ``generate`` call asks for, one entry per request (``stop_ids``: ``[N, E]`` on the
-    host, −1 padding)."""
+class Request:
+    """One request of a batch (:meth:`Engine.request`): its prompt and what it asks for
+    (``stop_ids``: EOS unless it ignores it, then its stop tokens)."""
 
-    prompts: list[list[int]]
-    budgets: list[int]
-    params: list[SamplingParams]
-    seeds: list[int]
-    stop_ids: torch.Tensor
-    min_new: list[int]
-
-    def __post_init__(self):
-        count = len(self.prompts)
-        for name in ("budgets", "params", "seeds", "stop_ids", "min_new"):
-            if len(getattr(self, name)) != count:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {count} prompts: give one per prompt")
-
-    def slice(self, start: int, stop: int) -> "_Requests":
-        return _Requests(self.prompts[start:stop], self.budgets[start:stop], self.params[start:stop],
-                         self.seeds[start:stop], self.stop_ids[start:stop], self.min_new[start:stop])
+    prompt: list[int]
+    budget: int
+    params: SamplingParams
+    seed: int
+    stop_ids: tuple[int, ...]
+    min_new: int
 
 
 @dataclass
-class _Run:
-    """One batch being decoded: its state on the device, and which request each slot (row) holds
-    (``holder``, −1: none) with that request's generator and settings."""
+class Batch:
+    """A batch being decoded (:meth:`Engine.open_batch`): its state on the device, which request
+    each slot (row) holds (``holder``, −1: none) with that request's generator and settings, the
+    requests added so far (in order; ``next_request``: the first not admitted yet) and what is
+    known of them (``outputs``, ``scores``, ``first_token`` / ``finished``: seconds since
+    ``started``; ``None`` until known)."""
 
-    requests: _Requests
     state: DecodingState
     cache: object
+    max_len: int
+    lookahead: int
     stopper: "_Stopper"
     counters: RoundCounters
     stream: "_TokenStream | None"
-    scores: Scores
-    outputs: list
-    holder: list[int]
-    generators: list
-    slot_params: list[SamplingParams]
+    logprobs: bool
+    top_logprobs: int
     prompt_logprobs: bool
-    next_request: int = 0  # the first request not admitted yet
+    started: float | None  # request timings count from here (default: when the batch opened)
+    requests: list = field(default_factory=list)
+    next_request: int = 0
+    outputs: list = field(default_factory=list)
+    scores: Scores = field(default_factory=Scores)
+    first_token: list = field(default_factory=list)
+    finished: list = field(default_factory=list)
+    prefill_time: float = 0.0
+    round_started: float = 0.0
+    drafter_started: bool = False
+
+    def __post_init__(self):
+        slots = self.state.batch_size
+        self.holder, self.generators, self.slot_params = [-1] * slots, [None] * slots, [None] * slots
+        self.status = [1] * slots  # the last status read (every slot free)
+        self.opened = time.perf_counter()  # the batch's wall time counts from here
+        self.started = self.opened if self.started is None else self.started
+        self.scores = Scores(tokens=[] if self.logprobs else None, top=[] if self.logprobs and self.top_logprobs else None,
+                             prompt=[] if self.prompt_logprobs else None)
+
+    def add(self, request: Request) -> int:
+        """Queue a request (it joins at the next :meth:`Engine.step` that finds a slot free);
+        returns its index in the batch."""
+        if len(request.prompt) + request.budget + self.lookahead > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.budget}) + one round of "
+                             f"lookahead ({self.lookahead}) needs {len(request.prompt) + request.budget + self.lookahead} "
+                             f"positions, more than the batch's {self.max_len} per request")
+        self.requests.append(request)
+        for results in (self.outputs, self.first_token, self.finished, *(
+                r for r in (self.scores.tokens, self.scores.top, self.scores.prompt) if r is not None)):
+            results.append(None)
+        self.counters.grow(len(self.requests))
+        return len(self.requests) - 1
+
+    @property
+    def unfinished(self) -> int:
+        """Requests added and not finished yet (waiting ones included)."""
+        return len(self.requests) - self.next_request + sum(
+            1 for b, request in enumerate(self.holder) if request >= 0 and not self.status[b])
+
+    def mark_finished(self, now: float) -> None:
+        """Note ``now`` for each request the last status read shows done for the first time."""
+        for b, request in enumerate(self.holder):
+            if request >= 0 and self.status[b] and self.finished[request] is None:
+                self.finished[request] = now - self.started
 
 
 def _narrow(proposal: DraftProposal, uniforms: torch.Tensor, width: int) -> tuple[DraftProposal, torch.Tensor]:
@@ -621,27 +688,21 @@ def _per_request(value, batch: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * batch
 
 
-def _stop_ids(eos_token_ids: tuple[int, ...], ignore_eos, stop_token_ids, batch: int) -> torch.Tensor:
-    """``[B, E]`` each request's stop ids — EOS unless it ignores it, then its stop tokens — padded
-    with −1 (``stop_token_ids``: one id list for all, or one per request)."""
+def _stop_ids(eos_token_ids: tuple[int, ...], ignore_eos, stop_token_ids, batch: int) -> list[tuple[int, ...]]:
+    """Each request's stop ids — EOS unless it ignores it, then its stop tokens
+    (``stop_token_ids``: one id list for all, or one per request)."""
     per_request = bool(stop_token_ids) and isinstance(stop_token_ids[0], (list, tuple))
     if per_request and len(stop_token_ids) != batch:
         raise ValueError(f"stop_token_ids has {len(stop_token_ids)} lists for {batch} prompts: give one per prompt")
-    rows = [(() if ignore else eos_token_ids) + tuple(stop_token_ids[b] if per_request else stop_token_ids)
-            for b, ignore in enumerate(_per_request(ignore_eos, batch))]
-    width = max(len(row) for row in rows)
-    return torch.tensor([list(row) + [-1] * (width - len(row)) for row in rows], dtype=torch.long).view(batch, width)
+    ignore_eos = _per_request(ignore_eos, batch)
+    if len(ignore_eos) != batch:
+        raise ValueError(f"ignore_eos has {len(ignore_eos)} entries for {batch} prompts: give one per prompt")
+    return [(() if ignore else eos_token_ids) + tuple(int(t) for t in (stop_token_ids[b] if per_request else stop_token_ids))
+            for b, ignore in enumerate(ignore_eos)]
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _mark_finished(finished: list, holder: list[int], status: list[int], now: float) -> None:
-    """Note ``now`` for each request the status read shows done for the first time."""
-    for b, request in enumerate(holder):
-        if request >= 0 and status[b] and finished[request] is None:
-            finished[request] = now
 
 
 def _draw_uniforms(generators: list[torch.Generator], active: list[bool], count: int, device) -> torch.Tensor:
@@ -709,35 +770,39 @@ class _Stopper:
     batch, set by :meth:`admit` as requests take the slots.
 
     Args:
-        batch: slots. stop_width: E, the most stop ids a request has. hold: whether any request
-            has a ``min_new_tokens``.
+        batch: slots. logprobs, top: the buffers the log-probabilities go to (``None``: not asked for).
     """
 
-    def __init__(self, batch: int, stop_width: int, hold: bool, vocab_size: int, device,
-                 logprobs: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.eos = torch.full((batch, stop_width), -1, dtype=torch.long, device=device)  # [B, E], −1 padding
-        self.max_new_tokens = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+    def __init__(self, batch: int, vocab_size: int, device, logprobs: torch.Tensor | None = None,
+                 top: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.eos = torch.full((batch, 0), -1, dtype=torch.long, device=device)  # [B, E], −1 padding
+        # [B] budgets; an empty slot's never binds (it is done, and its commits add nothing)
+        self.max_new_tokens = torch.full((batch,), 2**40, dtype=torch.long, device=device)
         self.logprobs, self.top = logprobs, top
-        self.vocab_size, self.hold = vocab_size, hold and stop_width > 0
+        self.vocab_size = vocab_size
         self.min_new = [0] * batch  # (host)
         self.longest_hold = 0  # (host int)
         self.calls = 0  # target distributions suppressed since the last admission (host int)
-        if self.hold:
-            self.min_new_tokens = torch.zeros(batch, dtype=torch.long, device=device)
-            self.stop_vocab = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)  # [B, V]
+        self.min_new_tokens = self.stop_vocab = None  # [B], [B, V]: once a request holds stop ids back
 
-    def admit(self, rows: torch.Tensor, slots: list[int], eos: torch.Tensor, budgets: list[int],
-              min_new_tokens: list[int]) -> None:
-        """New requests in ``slots`` (``rows`` on the device): their stop ids ``[k, E]``, budgets
-        and ``min_new_tokens``."""
-        device = rows.device
-        eos = eos.to(device)
+    def admit(self, rows: torch.Tensor, slots: list[int], requests: list) -> None:
+        """New requests (:class:`Request`) in ``slots`` (``rows`` on the device): their stop ids,
+        budgets and ``min_new_tokens``."""
+        device, batch = rows.device, self.eos.shape[0]
+        width = max(self.eos.shape[1], *(len(r.stop_ids) for r in requests))
+        if width > self.eos.shape[1]:  # a request with more stop ids than any before: widen
+            self.eos = torch.cat([self.eos, self.eos.new_full((batch, width - self.eos.shape[1]), -1)], 1)
+        eos = torch.tensor([list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in requests], dtype=torch.long,
+                           device=device).view(len(requests), width)
         self.eos[rows] = eos
-        self.max_new_tokens[rows] = torch.tensor(budgets, dtype=torch.long, device=device)
-        for b, m in zip(slots, min_new_tokens):
-            self.min_new[b] = m
-        if self.hold:
-            self.min_new_tokens[rows] = torch.tensor(min_new_tokens, dtype=torch.long, device=device)
+        self.max_new_tokens[rows] = torch.tensor([r.budget for r in requests], dtype=torch.long, device=device)
+        for b, request in zip(slots, requests):
+            self.min_new[b] = request.min_new if request.stop_ids else 0
+        if self.stop_vocab is None and any(self.min_new):
+            self.min_new_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+            self.stop_vocab = torch.zeros(batch, self.vocab_size, dtype=torch.bool, device=device)
+        if self.stop_vocab is not None:
+            self.min_new_tokens[rows] = torch.tensor([self.min_new[b] for b in slots], dtype=torch.long, device=device)
             spare = torch.where(eos >= 0, eos, self.vocab_size)  # padding → a spare column
             self.stop_vocab[rows] = torch.zeros(len(slots), self.vocab_size + 1, dtype=torch.bool, device=device).scatter_(
                 1, spare, True)[:, :self.vocab_size]

@@ -173,38 +173,19 @@ class Pipeline:
 
         All arguments are checked before any compute; a bad one raises ``ValueError``/``TypeError``.
         """
-        budgets = [max_new_tokens] if not isinstance(max_new_tokens, (list, tuple)) else list(max_new_tokens)
-        if not budgets or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in budgets):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, or a list of them (one per request), "
-                             f"got {max_new_tokens!r}")
-        if not isinstance(logprobs, bool):
-            raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
-        if not isinstance(prompt_logprobs, bool):
-            raise TypeError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
-        if top_logprobs and not logprobs:
-            raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
+        check_score_options(logprobs, top_logprobs, prompt_logprobs)
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
-        encoded = self.encode(prompts)
-        params = self._sampling_params(len(encoded), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                                       frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                       logit_bias=logit_bias)
-        if isinstance(max_new_tokens, (list, tuple)) and len(budgets) != len(encoded):
-            raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(encoded)} prompts: give one per "
-                             "prompt, or one integer for all")
-        budgets = budgets * len(encoded) if len(budgets) == 1 else budgets
-        ignore, stop_ids, stop_strings, min_new = self._stop_settings(budgets, ignore_eos, stop_token_ids, stop,
-                                                                      min_new_tokens)
-        seeds = _request_seeds(seed, len(encoded))
+        encoded, budgets, params, seeds, (ignore, stop_ids, checks, min_new) = self._requests(
+            prompts, max_new_tokens, seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias,
+            ignore_eos=ignore_eos, stop_token_ids=stop_token_ids, stop=stop, min_new_tokens=min_new_tokens)
         self.engine.check_fits([len(p) for p in encoded], budgets)
 
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show)
-        checks = [StopStrings(self.tokenizer, strings, m) if strings else None for strings, m in zip(stop_strings, min_new)]
         stop_check = None if not any(checks) else (lambda i, ids: None if checks[i] is None else checks[i](i, ids))
         token_ids, stats, scores = self.engine.generate(
             encoded, max_new_tokens=budgets, params=params, seeds=seeds, ignore_eos=ignore, progress=bar,
@@ -217,6 +198,35 @@ class Pipeline:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=stats, logprobs=scores.tokens,
                                 top_logprobs=scores.top, prompt_logprobs=scores.prompt)
+
+    def session(self, *, max_len: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                prompt_logprobs: bool = False) -> "Session":
+        """A :class:`~dspark.session.Session`: requests submitted one by one, while others decode
+        (continuous batching over ``engine.max_batch_size`` slots of ``max_len`` positions each)."""
+        from dspark.session import Session
+
+        return Session(self, max_len=max_len, logprobs=logprobs, top_logprobs=top_logprobs,
+                       prompt_logprobs=prompt_logprobs)
+
+    def _requests(self, prompts, max_new_tokens, seed, *, ignore_eos, stop_token_ids, stop, min_new_tokens,
+                  **sampling):
+        """``generate``'s per-request arguments, checked and one per request: the encoded prompts,
+        budgets, sampling settings, seeds, and the stop settings (``ignore_eos``, stop ids, a
+        :class:`~dspark.stop_strings.StopStrings` or ``None``, ``min_new_tokens``)."""
+        budgets = [max_new_tokens] if not isinstance(max_new_tokens, (list, tuple)) else list(max_new_tokens)
+        if not budgets or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in budgets):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, or a list of them (one per request), "
+                             f"got {max_new_tokens!r}")
+        encoded = self.encode(prompts)
+        params = self._sampling_params(len(encoded), **sampling)
+        if isinstance(max_new_tokens, (list, tuple)) and len(budgets) != len(encoded):
+            raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(encoded)} prompts: give one per "
+                             "prompt, or one integer for all")
+        budgets = budgets * len(encoded) if len(budgets) == 1 else budgets
+        ignore, stop_ids, stop_strings, min_new = self._stop_settings(budgets, ignore_eos, stop_token_ids, stop,
+                                                                      min_new_tokens)
+        checks = [StopStrings(self.tokenizer, strings, m) if strings else None for strings, m in zip(stop_strings, min_new)]
+        return encoded, budgets, params, _request_seeds(seed, len(encoded)), (ignore, stop_ids, checks, min_new)
 
     def _stop_settings(self, budgets: list[int], ignore_eos, stop_token_ids, stop, min_new_tokens):
         """``generate``'s stop settings, one per request (each given once for all or as a list),
@@ -305,6 +315,19 @@ class Pipeline:
         """
         return self.generate(render_conversations(self.tokenizer, conversations, chat_template, chat_template_kwargs),
                              **generate_kwargs)
+
+
+def check_score_options(logprobs, top_logprobs, prompt_logprobs) -> None:
+    """Refuse bad ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs`` options (``TypeError`` /
+    ``ValueError`` naming the option)."""
+    if not isinstance(logprobs, bool):
+        raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+    if not isinstance(prompt_logprobs, bool):
+        raise TypeError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
+    if top_logprobs and not logprobs:
+        raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
 
 
 def _as_float(value):

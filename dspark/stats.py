@@ -156,9 +156,10 @@ class RoundCounters:
         self.gamma = gamma
         self.rounds = 0
         self.per_slot = torch.zeros(4, batch, dtype=torch.long, device=device)  # forwards, drafted, verified, accepted
-        #: each request's counts once its slot is retired (``requests``: how many a call decodes,
-        #: when slots take new requests as others finish — continuous batching; default ``batch``)
-        self.per_request = torch.zeros(4, requests or batch, dtype=torch.long, device=device)
+        #: each request's counts once its slot is retired (``requests``: how many there are so far,
+        #: when slots take new requests as others finish — continuous batching, :meth:`grow` as more
+        #: come; default: slot ``b`` is request ``b``)
+        self.per_request = torch.zeros(4, batch if requests is None else requests, dtype=torch.long, device=device)
         self._slots_are_requests = requests is None
         self.reached = torch.zeros(gamma, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros(gamma, dtype=torch.long, device=device)
@@ -184,6 +185,12 @@ class RoundCounters:
             reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
             self.reached += reached
             self.accepted_at += accepted
+
+    def grow(self, requests: int) -> None:
+        """Room for the counts of ``requests`` requests (more join the call)."""
+        if requests > self.per_request.shape[1]:
+            self.per_request = torch.cat([self.per_request, self.per_request.new_zeros(
+                4, requests - self.per_request.shape[1])], 1)
 
     def retire(self, slots: torch.Tensor, requests: torch.Tensor) -> None:
         """Move the counts of ``slots`` ``[k]`` to ``requests`` ``[k]`` (the requests that held them)

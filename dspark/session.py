@@ -1,0 +1,153 @@
+"""Requests that arrive while others decode: the serving loop over continuous batching.
+
+``generate`` takes every request at once. A server gets them one by one: :class:`Session` takes a
+request whenever it comes (:meth:`Session.submit`), and each :meth:`Session.step` either admits
+waiting requests into free slots or decodes one round, returning what every request emitted
+(vLLM's ``LLMEngine.add_request`` / ``step``). A request decodes exactly as it would alone,
+whenever it was submitted and whatever it shares the batch with.
+
+    session = pipe.session(max_len=512)
+    first = session.submit("def add(a, b):", max_new_tokens=32)
+    while session.unfinished:
+        for update in session.step():
+            print(update.request, update.token_ids, update.finished)
+        if ...:  # a new request arrived
+            session.submit("import os", max_new_tokens=16, temperature=0.8, seed=3)
+    print(session.result(first).text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dspark.engine import Batch
+
+
+@dataclass
+class RequestUpdate:
+    """What one :meth:`Session.step` brought for a request.
+
+    Attributes:
+        request: the request's id (what :meth:`Session.submit` returned).
+        token_ids: the tokens it emitted in this step (final; a request's updates concatenate to
+            its output; empty when a stop string ended it on tokens already handed over).
+        finished: whether it ended in this step (:meth:`Session.result` then has its output).
+    """
+
+    request: int
+    token_ids: list[int]
+    finished: bool
+
+
+@dataclass
+class RequestOutput:
+    """A finished request (:meth:`Session.result`), as one row of ``generate``'s result.
+
+    Attributes:
+        token_ids: the generated ids. text: their text (with a tokenizer, else ``None``).
+        logprobs, top_logprobs, prompt_logprobs: as the session was opened to record them (else ``None``).
+        stats: its counters (target forwards, drafted / verified / accepted tokens) and timings
+            (``first_token_s`` / ``finished_s``: seconds since the session opened).
+    """
+
+    token_ids: list[int]
+    text: str | None
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    prompt_logprobs: list[float | None] | None
+    stats: dict
+
+
+class Session:
+    """A batch of ``engine.max_batch_size`` slots that requests join as they are submitted (see the
+    module docstring). Open one with :meth:`Pipeline.session <dspark.pipeline.Pipeline.session>`.
+
+    Args:
+        pipeline: the pipeline whose engine decodes (it must batch continuously:
+            ``engine.batching`` ``auto`` or ``continuous`` with a drafter that implements
+            ``admit`` and a cache with row views).
+        max_len: positions per request (prompt + ``max_new_tokens`` + γ + 1 at most); default
+            ``cache.max_len``. The cache holds ``max_batch_size × max_len`` positions.
+        logprobs, top_logprobs, prompt_logprobs: as for ``generate``, for every request.
+    """
+
+    def __init__(self, pipeline, *, max_len: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                 prompt_logprobs: bool = False):
+        from dspark.pipeline import check_score_options
+
+        engine = pipeline.engine
+        if not engine.continuous:
+            raise ValueError("a Session needs continuous batching, and this engine decodes in static batches "
+                             f"(engine.batching={engine.config.batching}; the drafter must implement admit() and the "
+                             "cache have row views)")
+        check_score_options(logprobs, top_logprobs, prompt_logprobs)
+        max_len = engine.cache_config.max_len if max_len is None else max_len
+        if max_len is None:
+            raise ValueError("a Session needs max_len, the positions per request (prompt + max_new_tokens + "
+                             f"{engine.drafter.gamma + 1} at most), or cache.max_len in the config")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < engine.drafter.gamma + 2:
+            raise ValueError(f"max_len must be an integer >= {engine.drafter.gamma + 2}, got {max_len!r}")
+        self.pipeline, self.engine = pipeline, engine
+        self._emitted: dict[int, list[int]] = {}
+        self._checks: list = []
+        self._ended: set[int] = set()
+        self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
+                                              stop_check=self._stop_check, logprobs=logprobs,
+                                              top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+
+    def submit(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None,
+               seed: int | None = None, ignore_eos: bool = False, stop_token_ids: list[int] | None = None,
+               stop: list[str] | None = None, min_new_tokens: int = 0) -> int:
+        """Queue one request (a string, with a tokenizer, or token ids) with ``generate``'s settings
+        for one request; it joins the batch at the next :meth:`step` that finds a slot free.
+        Everything is checked first (a bad value raises, and nothing is queued). ``seed=None``:
+        a fresh seed. Returns the request's id: 0, 1, … in submission order."""
+        encoded, budgets, params, seeds, (ignore, stop_ids, checks, min_new) = self.pipeline._requests(
+            [prompt], max_new_tokens, [seed], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias,
+            ignore_eos=ignore_eos, stop_token_ids=stop_token_ids, stop=stop, min_new_tokens=min_new_tokens)
+        self.engine.check_fits([len(encoded[0])], budgets)
+        request = self.engine.request(encoded[0], max_new_tokens=budgets[0],
+                                      params=params if not isinstance(params, list) else params[0], seed=seeds[0],
+                                      ignore_eos=ignore[0], stop_token_ids=stop_ids[0], min_new_tokens=min_new[0])
+        index = self.batch.add(request)  # (refuses a request that does not fit max_len)
+        self._checks.append(checks[0])
+        return index
+
+    def step(self) -> list[RequestUpdate]:
+        """Admit waiting requests into free slots, or decode one round (nothing when no request is
+        unfinished); returns an update for each request that emitted tokens or ended, by id."""
+        self._emitted = {}
+        self.engine.step(self.batch)
+        ended = set(self.engine.collect_finished(self.batch))
+        self._ended |= ended
+        return [RequestUpdate(i, self._emitted.get(i, []), i in ended) for i in sorted(set(self._emitted) | ended)]
+
+    @property
+    def unfinished(self) -> int:
+        """Requests submitted and not finished (waiting ones included)."""
+        return self.batch.unfinished
+
+    def result(self, request: int) -> RequestOutput:
+        """The output of a finished request (``ValueError`` while it is not)."""
+        if request not in self._ended:
+            raise ValueError(f"request {request} has not finished (submitted: {len(self.batch.requests)})")
+        batch, tokenizer = self.batch, self.pipeline.tokenizer
+        ids = batch.outputs[request]
+        pick = lambda values: None if values is None else values[request]  # noqa: E731
+        stats = dict(generated=len(ids), first_token_s=batch.first_token[request], finished_s=batch.finished[request])
+        stats.update(zip(("target_forwards", "drafted", "verified", "accepted"),
+                         batch.counters.per_request[:, request].tolist()))
+        return RequestOutput(token_ids=ids, text=None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True),
+                             logprobs=pick(batch.scores.tokens), top_logprobs=pick(batch.scores.top),
+                             prompt_logprobs=pick(batch.scores.prompt), stats=stats)
+
+    def _on_tokens(self, request: int, ids: list[int]) -> None:
+        self._emitted.setdefault(request, []).extend(ids)
+
+    def _stop_check(self, request: int, ids: list[int]) -> int | None:
+        check = self._checks[request]
+        return None if check is None else check(request, ids)

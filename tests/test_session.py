@@ -1,0 +1,86 @@
+"""Session: requests submitted while others decode, each decoded exactly as alone; its updates are
+its output; bad requests are refused before they are queued."""
+
+import pytest
+
+import dspark
+
+from helpers import ragged_prompts, tiny_hf_model
+from test_speculative import PER_REQUEST, spec_pipeline
+
+PROMPTS = ragged_prompts(101, lengths=(4, 9, 2, 6, 5, 7))
+BUDGETS = [9, 3, 6, 12, 1, 7]
+ARRIVALS = [0, 1, 2, 3, 3, 8]  # the step before which each request is submitted (the first alone)
+
+
+def serve(session, requests: list[dict], arrivals: list[int]) -> tuple[dict, list]:
+    """Submit ``requests[i]`` before step ``arrivals[i]``, step until none is unfinished; return each
+    request's streamed tokens and every update."""
+    streamed, updates, step, submitted = {}, [], 0, 0
+    while submitted < len(requests) or session.unfinished:
+        while submitted < len(requests) and arrivals[submitted] <= step:
+            assert session.submit(**requests[submitted]) == submitted
+            submitted += 1
+        for update in session.step():
+            streamed.setdefault(update.request, []).extend(update.token_ids)
+            updates.append(update)
+        step += 1
+    return streamed, updates
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "eagle3", "eagle3_stop"])
+def test_requests_submitted_while_others_decode_decode_as_alone(drafter):
+    """Six requests arriving at different steps into two slots, with their own budgets and
+    settings (greedy among sampled): each request's output — streamed and final — is its output
+    alone (float64, token for token), and it is reported finished once."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=2")
+    requests = [dict(prompt=prompt, max_new_tokens=budget, seed=40 + i, **PER_REQUEST[i % len(PER_REQUEST)])
+                for i, (prompt, budget) in enumerate(zip(PROMPTS, BUDGETS))]
+    session = pipe.session(max_len=40)
+    streamed, updates = serve(session, requests, ARRIVALS)
+    assert sorted(u.request for u in updates if u.finished) == list(range(len(requests)))
+    for i, request in enumerate(requests):
+        alone = pipe.generate([request["prompt"]], **{k: v for k, v in request.items() if k != "prompt"}).token_ids[0]
+        assert streamed[i] == session.result(i).token_ids == alone, f"request {i}"
+        assert session.result(i).stats["generated"] == len(alone)
+    assert session.step() == [] and session.unfinished == 0
+
+
+def test_a_session_with_every_request_at_once_is_generate():
+    """Submitted together, the requests decode as ``generate`` decodes them (same seeds), with the
+    same log-probabilities; stop strings end requests as they do there."""
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.max_batch_size=2"])
+    prompts = ["def add(a, b):", "The river", "import os\n"]
+    kwargs = dict(max_new_tokens=24, temperature=1.0, ignore_eos=True)
+    free = pipe.generate(prompts, seed=[1, 2, 3], **kwargs)
+    stops = [None, [free.texts[1][4:7]], None]
+    expected = pipe.generate(prompts, seed=[1, 2, 3], stop=stops, logprobs=True, **kwargs)
+    session = pipe.session(max_len=64, logprobs=True)
+    streamed, _ = serve(session, [dict(prompt=p, seed=1 + i, stop=stops[i], **kwargs) for i, p in enumerate(prompts)],
+                        [0, 0, 0])
+    assert [session.result(i).token_ids for i in range(3)] == [streamed[i] for i in range(3)] == expected.token_ids
+    assert [session.result(i).text for i in range(3)] == expected.texts
+    for i in range(3):
+        assert session.result(i).logprobs == pytest.approx(expected.logprobs[i], abs=1e-5)
+    assert len(expected.token_ids[1]) < len(free.token_ids[1])  # the stop string ended it
+
+
+def test_bad_requests_and_sessions_are_refused():
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, "ngram", 3, "engine.max_batch_size=2")
+    session = pipe.session(max_len=20)
+    with pytest.raises(ValueError, match="temperature"):
+        session.submit([1, 2, 3], max_new_tokens=4, temperature=-1.0)
+    with pytest.raises(ValueError, match="needs 24 positions, more than the batch's 20"):
+        session.submit([1, 2, 3], max_new_tokens=17)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        session.submit([1, 2, 3], max_new_tokens=0)
+    assert session.submit([1, 2, 3], max_new_tokens=4) == 0  # nothing was queued before
+    with pytest.raises(ValueError, match="request 0 has not finished"):
+        session.result(0)
+    with pytest.raises(ValueError, match="a Session needs max_len"):
+        pipe.session()
+    static = spec_pipeline(target, "ngram", 3, "engine.batching=static")
+    with pytest.raises(ValueError, match="a Session needs continuous batching"):
+        static.session(max_len=32)
