@@ -125,6 +125,7 @@ class Engine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.device = target.device
         self._cache = None
+        self._live: Batch | None = None  # the batch that owns the cache and the drafter's state
         forward = compile_forward(target, target.device) if self.config.compile else target
         if self.config.compile:
             drafter.compile()
@@ -279,7 +280,7 @@ class Engine:
                 torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
                 torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))))
         self.scheduler.reset()
-        return Batch(state=state, cache=self._get_cache(slots, max_len), max_len=max_len, lookahead=gamma + 1,
+        self._live = Batch(state=state, cache=self._get_cache(slots, max_len), max_len=max_len, lookahead=gamma + 1,
                      stopper=_Stopper(slots, self.target.vocab_size, device, buffers and buffers[0],
                                       buffers[1:] if buffers and len(buffers) > 1 else None),
                      counters=RoundCounters(slots, gamma, device, requests=0),
@@ -287,12 +288,18 @@ class Engine:
                                                                                                 stop_check),
                      logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                      started=started)
+        return self._live
 
     @torch.inference_mode()
     def step(self, batch: "Batch") -> bool:
         """Advance ``batch`` by one step: admit waiting requests into the free slots (at most one
         admission between two rounds), or decode one round. Returns ``False`` when there was
-        nothing to do (no request waiting, none unfinished)."""
+        nothing to do (no request waiting, none unfinished). One batch decodes at a time per engine
+        (they share its cache and the drafter's state): a batch opened since — by ``generate``, say —
+        ends this one's use (``RuntimeError``)."""
+        if batch is not self._live:
+            raise RuntimeError("this batch no longer owns the engine: another was opened on it since (a generate call "
+                               "or another session; one batch decodes at a time per engine)")
         state, slots, status = batch.state, batch.state.batch_size, batch.status
         free = [b for b in range(slots) if status[b]]
         if free and batch.next_request < len(batch.requests):

@@ -40,11 +40,11 @@ def test_requests_submitted_while_others_decode_decode_as_alone(drafter):
     session = pipe.session(max_len=40)
     streamed, updates = serve(session, requests, ARRIVALS)
     assert sorted(u.request for u in updates if u.finished) == list(range(len(requests)))
+    assert session.step() == [] and session.unfinished == 0
     for i, request in enumerate(requests):
         alone = pipe.generate([request["prompt"]], **{k: v for k, v in request.items() if k != "prompt"}).token_ids[0]
         assert streamed[i] == session.result(i).token_ids == alone, f"request {i}"
         assert session.result(i).stats["generated"] == len(alone)
-    assert session.step() == [] and session.unfinished == 0
 
 
 def test_a_session_with_every_request_at_once_is_generate():
@@ -79,6 +79,9 @@ def test_bad_requests_and_sessions_are_refused():
     assert session.submit([1, 2, 3], max_new_tokens=4) == 0  # nothing was queued before
     with pytest.raises(ValueError, match="request 0 has not finished"):
         session.result(0)
+    pipe.generate([[4, 5]], max_new_tokens=2)  # a generate call takes the engine over from the session
+    with pytest.raises(RuntimeError, match="this batch no longer owns the engine"):
+        session.step()
     with pytest.raises(ValueError, match="a Session needs max_len"):
         pipe.session()
     static = spec_pipeline(target, "ngram", 3, "engine.batching=static")
