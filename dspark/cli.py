@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -124,6 +125,90 @@ def _generate(args: argparse.Namespace) -> int:
 LINE_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "no_repeat_ngram_size", "logit_bias", "seed", "stop", "stop_token_ids",
                  "min_new_tokens", "ignore_eos")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Requests as JSON lines on stdin (or ``--requests FILE``), each submitted as it arrives while
+    the others decode; one JSON line per request on stdout as it finishes."""
+    import queue
+    import threading
+
+    from dspark.config import find_config
+    from dspark.pipeline import build_pipeline
+
+    source = sys.stdin if args.requests in (None, "-") else None
+    if source is None and not Path(args.requests).is_file():
+        raise SystemExit(f"dspark serve: --requests {args.requests} is not a file")
+    pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=args.overrides)
+    try:
+        session = pipe.session(max_len=args.max_len, logprobs=args.logprobs)
+    except ValueError as err:
+        raise SystemExit(f"dspark serve: {err}") from None
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:  # lines arrive on their own schedule; the decoding loop takes what has come
+        with open(args.requests, encoding="utf-8") if source is None else contextlib.nullcontext(source) as stream:
+            for number, line in enumerate(stream, 1):
+                lines.put((number, line))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    origin: dict[int, tuple[int, object]] = {}  # request → (line number, the line's "id")
+    reading = True
+    while reading or session.unfinished:
+        while reading:  # wait for a line only when nothing decodes
+            try:
+                item = lines.get(block=not session.unfinished)
+            except queue.Empty:
+                break
+            if item is None:
+                reading = False
+                break
+            number, line = item
+            if line.strip():
+                _serve_submit(session, number, line, args, origin)
+        for update in session.step():
+            if update.finished:
+                _serve_write(session, update.request, origin[update.request])
+    return 0
+
+
+def _serve_submit(session, number: int, line: str, args: argparse.Namespace, origin: dict) -> None:
+    """Submit one request line, or write why it was refused (``{"line": n, "error": ...}``)."""
+    try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError('a request is a JSON object with a "prompt"')
+        unknown = set(record) - {"prompt", "id", "max_new_tokens", *LINE_SETTINGS}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; a request may set max_new_tokens, "
+                             f"{', '.join(LINE_SETTINGS)} and id")
+        settings = {name: record[name] for name in LINE_SETTINGS if name in record}
+        for name in ("stop", "stop_token_ids"):  # a single stop string or id: a list of one
+            if isinstance(settings.get(name), (str, int)):
+                settings[name] = [settings[name]]
+        if settings.get("logit_bias") is not None:
+            settings["logit_bias"] = {int(token): bias for token, bias in settings["logit_bias"].items()}
+        request = session.submit(record["prompt"], max_new_tokens=record.get("max_new_tokens", args.max_new_tokens),
+                                 **settings)
+    except (ValueError, TypeError, AttributeError) as err:
+        print(json.dumps({"line": number, "error": str(err)}, ensure_ascii=False), flush=True)
+        return
+    origin[request] = (number, record.get("id"))
+
+
+def _serve_write(session, request: int, origin: tuple[int, object]) -> None:
+    """A finished request's JSON line: where it came from, its output, its counts and timings."""
+    output = session.result(request)
+    number, name = origin
+    record = {"line": number, **({"id": name} if name is not None else {}), "request": request,
+              "token_ids": output.token_ids}
+    if output.text is not None:
+        record["text"] = output.text
+    if output.logprobs is not None:
+        record["logprobs"] = output.logprobs
+    record["stats"] = output.stats
+    print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 def _settings_per_line(flags: dict, lines: list[dict]) -> dict:
@@ -358,6 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats-json", help="also write the stats to this JSON file")
     gen.add_argument("overrides", nargs="*", help='the prompt, then config overrides, e.g. drafter.num_speculative_tokens=5')
     gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="decode requests (JSON lines) as they arrive, continuous batching",
+                           usage="dspark serve --max-len N [--config CONFIG] [--requests FILE] [section.key=value ...]")
+    serve.add_argument("--config", default=None, help="as for generate")
+    serve.add_argument("--requests", default=None,
+                       help="a JSONL file of requests (default: stdin, read as lines arrive); a line is "
+                            "{\"prompt\": ..., \"id\": ..., \"max_new_tokens\": ...} with any setting a --prompts-file "
+                            "line may set")
+    serve.add_argument("--max-len", type=int, default=None,
+                       help="positions per request, prompt + max_new_tokens + γ + 1 at most (default: cache.max_len)")
+    serve.add_argument("--max-new-tokens", type=int, default=64, help="a request's budget unless its line sets one")
+    serve.add_argument("--logprobs", action="store_true", help="each output line carries its tokens' log-probabilities")
+    serve.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.max_batch_size=16")
+    serve.set_defaults(func=_serve)
 
     tr = sub.add_parser("train", help="train a target, a draft model or a block drafter (Lightning)")
     tr.add_argument("kind", choices=["target", "draft", "drafter"])

@@ -254,3 +254,31 @@ def test_chat_renders_each_prompt_as_a_user_message(capsys, tmp_path):
         main([*args, "--chat", "--chat-template", str(template), "--chat-template-kwargs", "{nope"])
     with pytest.raises(SystemExit, match="--chat-template-kwargs applies with --chat"):
         main([*args, "--chat-template-kwargs", "{}"])
+
+
+def test_serve_answers_each_request_line_as_it_finishes(capsys, monkeypatch):
+    """Request lines on stdin, one refused (named, the others go on): each finished request's line
+    carries its output — what ``generate`` gives it alone — and where it came from."""
+    import io
+
+    import dspark
+
+    requests = [{"prompt": "def add(a, b):", "id": "a", "max_new_tokens": 12},
+                {"prompt": "The river", "temperature": 0.8, "seed": 5, "stop": "e"},
+                {"prompt": "import os", "temperature": -1},
+                {"prompt": "class Stack:", "max_new_tokens": 3, "logit_bias": {"0": -100}}]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in requests) + "\n"))
+    assert main(["serve", "--config", "ar", "--max-len", "64", "--max-new-tokens", "8", "target.device=cpu",
+                 "engine.max_batch_size=2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    errors = [r for r in records if "error" in r]
+    assert len(errors) == 1 and errors[0]["line"] == 3 and "temperature" in errors[0]["error"]
+    done = {r["line"]: r for r in records if "error" not in r}
+    assert sorted(done) == [1, 2, 4] and done[1]["id"] == "a" and done[4]["request"] == 2
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
+    alone = [pipe.generate(["def add(a, b):"], max_new_tokens=12),
+             pipe.generate(["The river"], max_new_tokens=8, temperature=0.8, seed=5, stop=["e"]),
+             pipe.generate(["class Stack:"], max_new_tokens=3, logit_bias={0: -100})]
+    for line, result in zip((1, 2, 4), alone):
+        assert done[line]["token_ids"] == result.token_ids[0] and done[line]["text"] == result.texts[0]
+        assert done[line]["stats"]["generated"] == len(result.token_ids[0])
