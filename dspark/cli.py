@@ -183,12 +183,9 @@ def _serve_submit(session, number: int, line: str, args: argparse.Namespace, ori
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}; a request may set max_new_tokens, "
                              f"{', '.join(LINE_SETTINGS)} and id")
-        settings = {name: record[name] for name in LINE_SETTINGS if name in record}
-        for name in ("stop", "stop_token_ids"):  # a single stop string or id: a list of one
-            if isinstance(settings.get(name), (str, int)):
-                settings[name] = [settings[name]]
+        settings = {name: _listed_stops(name, record[name]) for name in LINE_SETTINGS if name in record}
         if settings.get("logit_bias") is not None:
-            settings["logit_bias"] = {int(token): bias for token, bias in settings["logit_bias"].items()}
+            settings["logit_bias"] = _keys_as_token_ids(settings["logit_bias"])
         request = session.submit(record["prompt"], max_new_tokens=record.get("max_new_tokens", args.max_new_tokens),
                                  **settings)
     except (ValueError, TypeError, AttributeError) as err:
@@ -224,8 +221,7 @@ def _settings_per_line(flags: dict, lines: list[dict]) -> dict:
         else:
             default = [flags[name]] * len(lines)
         settings[name] = [line[name] if name in line else default[i] for i, line in enumerate(lines)]
-        if name in ("stop", "stop_token_ids"):  # a line's single stop string or id: a list of one
-            settings[name] = [[value] if isinstance(value, (str, int)) else value for value in settings[name]]
+        settings[name] = [_listed_stops(name, value) for value in settings[name]]
         if name == "logit_bias":  # JSON objects: their keys are strings
             settings[name] = [_token_keyed(bias, f"request {i}'s logit_bias (--prompts-file)")
                               if "logit_bias" in line and bias is not None else bias
@@ -247,11 +243,21 @@ def _logit_bias(text: str | None) -> dict[int, float] | None:
 def _token_keyed(value, where: str) -> dict[int, float]:
     """A JSON object ``{"token id": bias}`` with its keys read as token ids (``where`` names it in errors)."""
     try:
-        if not isinstance(value, dict):
-            raise ValueError("not an object")
-        return {int(token): bias for token, bias in value.items()}
+        return _keys_as_token_ids(value)
     except ValueError as err:
         raise SystemExit(f"dspark generate: {where} must be a JSON object {{token id: bias}}, got {value!r} ({err})") from None
+
+
+def _keys_as_token_ids(value) -> dict[int, float]:
+    """A JSON object's keys (strings) read as token ids (``ValueError`` if they are not)."""
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return {int(token): bias for token, bias in value.items()}
+
+
+def _listed_stops(name: str, value):
+    """A line's ``stop`` / ``stop_token_ids``: a single string or id as a list of one."""
+    return [value] if name in ("stop", "stop_token_ids") and isinstance(value, (str, int)) else value
 
 
 def _write_outputs(path: str, prompts: list, result) -> None:

@@ -602,7 +602,7 @@ class Batch:
     requests: list = field(default_factory=list)
     next_request: int = 0
     outputs: list = field(default_factory=list)
-    scores: Scores = field(default_factory=Scores)
+    scores: Scores = field(init=False)
     first_token: list = field(default_factory=list)
     finished: list = field(default_factory=list)
     prefill_time: float = 0.0

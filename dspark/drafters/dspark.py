@@ -239,10 +239,15 @@ class DSparkDrafter(Drafter):
         self._deferred = None
 
     def admit(self, rows: torch.Tensor, state: DecodingState, target_output: ModelOutput) -> None:
-        """The new requests' context from the target's prefill, into their rows of the context cache
-        (rounds that skipped drafting and wait to be appended commit nothing for these rows: the
-        context then lacks no committed token of theirs)."""
+        """The new requests' context from the target's prefill, into their rows of the context cache.
+        The context of rounds that skipped drafting is appended first, for the other rows (it
+        follows their committed tokens column by column; in the new rows its columns belong to
+        the requests that held them before)."""
         self.flush()
+        if self._pending:
+            lengths = state.lengths.clone()
+            lengths[rows] = self.cache.lengths[rows] + 1  # nothing of it is committed in the new rows
+            self._flush_pending(lengths)
         cache = self.cache.rows(rows)
         prompt_lengths = state.prompt_lengths[rows]
         cache.set_lengths(torch.zeros_like(prompt_lengths))

@@ -34,15 +34,18 @@ def test_pipeline_reports_missing_draft_model():
 register_scheduler("adaptive_slow_drafts_test")(fake_clock_scheduler(3.0, base=AdaptiveScheduler))
 
 
-@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping", "skipping_static", "stopping"])
+@pytest.mark.parametrize("mode", ["fixed", "scheduled", "unverified", "skipping", "skipping_static", "stopping",
+                                  "skipping_refilled"])
 def test_draft_cache_tracks_committed_context(mode, tmp_path):
     """After every round the draft cache holds a prefix of the committed tokens, at most
     ``drafter.max_lag`` short of all but the anchor — also when a scheduler verifies fewer drafts
     than were fed (the adaptive scheduler with a cost table that stops at depth 1–2), when it
     skips rounds (a fake clock on which drafting does not pay, so skipped runs reach the catch-up
     bound; also with the static shapes of ``engine.compile``, where a catch-up is padded to one of
-    three widths), and when drafting stops early (``min_survival``: the last draft of a stopped round is
-    fed, unlike ``x_γ``). At the end its keys and values equal a fresh forward over the committed tokens."""
+    three widths), when drafting stops early (``min_survival``: the last draft of a stopped round is
+    fed, unlike ``x_γ``), and when requests take the slots of finished ones between skipped rounds
+    (continuous batching, two slots). At the end its keys and values equal a fresh forward over the
+    committed tokens."""
     from dspark.drafters.draft_model import MAX_LAG
     from dspark.scheduling import ThroughputProfile
 
@@ -56,10 +59,12 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
                                 "scheduler.idle_backoff=0", f"scheduler.profile={tmp_path / 'idle.json'}"],
                  "skipping": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"],
                  "skipping_static": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0"],
+                 "skipping_refilled": ["scheduler.name=adaptive_slow_drafts_test", "scheduler.idle_backoff=0",
+                                       "engine.max_batch_size=2"],
                  # γ = 5, a threshold near the 80th percentile of the survival after two drafts:
                  # rounds stop after 2 drafts (x_2 fed) or after 4 (x_4 fed, x_5 never drafted)
                  "stopping": ["drafter.num_speculative_tokens=5", "drafter.min_survival=0.000235"]}[mode]
-    if mode in ("scheduled", "skipping", "skipping_static"):
+    if mode in ("scheduled", "skipping", "skipping_static", "skipping_refilled"):
         overrides.append(f"scheduler.profile={tmp_path / 'sps.json'}")
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "num_speculative_tokens": 3}},
@@ -88,8 +93,9 @@ def test_draft_cache_tracks_committed_context(mode, tmp_path):
         drafter._forward = lambda tokens, *args, **kwargs: fed_widths.append(tokens.shape[1]) or forward(
             tokens, *args, **kwargs)
     max_new = 90 if mode.startswith("skipping") else 25
-    stats = pipe.generate(ragged_prompts(101, lengths=(3, 7, 1)), max_new_tokens=max_new, temperature=1.0, seed=3,
-                          ignore_eos=True).stats
+    prompts = ragged_prompts(101, lengths=(3, 7, 1, 5, 2) if mode == "skipping_refilled" else (3, 7, 1))
+    stats = pipe.generate(prompts, max_new_tokens=[30, 90, 45, 60, 20] if mode == "skipping_refilled" else max_new,
+                          temperature=1.0, seed=3, ignore_eos=True).stats
     assert checks and all(checks)
     if mode == "scheduled":
         assert 0 < stats.verified_tokens < stats.drafted_tokens

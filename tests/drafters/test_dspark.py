@@ -23,15 +23,18 @@ def block_pipeline(target_hf, head="markov", gamma=3, *overrides):
                                  target_model=target_hf, overrides=list(overrides))
 
 
-@pytest.mark.parametrize("head, schedule, compiled", [
-    ("none", "fixed", False), ("markov", "fixed", False), ("gated_markov", "fixed", False), ("rnn", "fixed", False),
-    ("markov", "threshold", False), ("markov", "idle", False),
-    pytest.param("markov", "fixed", True, marks=pytest.mark.slow), pytest.param("rnn", "idle", True, marks=pytest.mark.slow)])
-def test_context_cache_equals_recomputation_over_the_accepted_prefix(head, schedule, compiled, tmp_path):
+@pytest.mark.parametrize("head, schedule, compiled, refilled", [
+    ("none", "fixed", False, False), ("markov", "fixed", False, False), ("gated_markov", "fixed", False, False),
+    ("rnn", "fixed", False, False), ("markov", "threshold", False, False), ("markov", "idle", False, False),
+    ("markov", "fixed", False, True), ("markov", "idle", False, True),
+    pytest.param("markov", "fixed", True, False, marks=pytest.mark.slow),
+    pytest.param("rnn", "idle", True, True, marks=pytest.mark.slow)])
+def test_context_cache_equals_recomputation_over_the_accepted_prefix(head, schedule, compiled, refilled, tmp_path):
     """After rounds with rejections, the drafter's context keys/values equal a from-scratch
     computation from the target's hidden states over the committed tokens (all but the anchor) —
     also when rounds verify nothing (``threshold``) or skip drafting (``idle``) and append their
-    context lazily, and when compiled rounds append it in the next round's draft call (flushed here)."""
+    context lazily, when compiled rounds append it in the next round's draft call (flushed here),
+    and when requests took the slots of finished ones (``refilled``: continuous batching, two slots)."""
     from dspark.scheduling import ThroughputProfile
 
     target_hf = tiny_hf_model("qwen3", scale=2.0)
@@ -40,11 +43,14 @@ def test_context_cache_equals_recomputation_over_the_accepted_prefix(head, sched
         counts = list(range(1, 33))
         ThroughputProfile(counts, [t ** -0.99 for t in counts]).save(tmp_path / "sps.json")
         overrides = ["scheduler.name=dspark", f"scheduler.profile={tmp_path / 'sps.json'}"]
-    pipe = block_pipeline(target_hf, head, 3, *overrides, *(["engine.compile=true"] if compiled else []))
+    pipe = block_pipeline(target_hf, head, 3, *overrides, *(["engine.compile=true"] if compiled else []),
+                          *(["engine.max_batch_size=2"] if refilled else []))
     drafter = pipe.drafter
-    prompts = ragged_prompts(101, lengths=(5, 9, 2))
-    result = pipe.generate(prompts, max_new_tokens=17, temperature=1.0, seed=3, ignore_eos=True)
+    prompts = ragged_prompts(101, lengths=(5, 9, 2, 7, 4) if refilled else (5, 9, 2))
+    budgets = [6, 17, 9, 14, 11] if refilled else 17
+    result = pipe.generate(prompts, max_new_tokens=budgets, temperature=1.0, seed=3, ignore_eos=True)
     assert result.stats.rounds >= 4
+    state = pipe.engine._live.state  # each slot's last request: prompt and generated tokens
     if compiled:
         assert drafter._deferred is not None or drafter._pending  # the last round's context waits
         with torch.inference_mode():
@@ -57,10 +63,10 @@ def test_context_cache_equals_recomputation_over_the_accepted_prefix(head, sched
         assert result.stats.verified_tokens < result.stats.drafted_tokens
         assert schedule != "idle" or drafter._pending
         with torch.inference_mode():
-            drafter._flush_pending(torch.tensor([len(p) + len(g) for p, g in zip(prompts, result.token_ids)]))  # as propose would
+            drafter._flush_pending(state.lengths)  # as propose would
     target = pipe.target
-    for b, (prompt, generated) in enumerate(zip(prompts, result.token_ids)):
-        committed = torch.tensor(prompt + generated[:-1]).unsqueeze(0)  # the last token is the anchor
+    for b in range(state.batch_size):
+        committed = state.tokens[b, :state.lengths[b] - 1].unsqueeze(0)  # the last token is the anchor
         length = committed.shape[1]
         assert drafter.cache.lengths[b].item() == length
         out = target(committed, target.new_cache(1, length), hidden_layers=drafter.hidden_layers, kv_len=length)

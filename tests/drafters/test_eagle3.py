@@ -66,16 +66,19 @@ def test_training_time_test_equals_inference_drafting():
     assert not torch.allclose(logits_altered[0, 0, 2], logits[0, 0, 2], atol=1e-6)
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_pair_cache_equals_recomputation_over_the_accepted_prefix(compiled):
+@pytest.mark.parametrize("compiled, refilled", [(False, False), (False, True), pytest.param(True, False, marks=pytest.mark.slow)])
+def test_pair_cache_equals_recomputation_over_the_accepted_prefix(compiled, refilled):
     """After rounds with rejections, the committed pair keys/values equal one causal pass over
     (target feature p, token p + 1) for every committed position but the anchor — also when
-    compiled rounds append their pairs in the next round's draft call (flushed here)."""
+    compiled rounds append their pairs in the next round's draft call (flushed here), and when
+    requests took the slots of finished ones (continuous batching, two slots)."""
     target_hf = tiny_hf_model("llama", scale=2.0)
-    pipe = eagle_pipeline(target_hf, 3, *(["engine.compile=true"] if compiled else []))
+    pipe = eagle_pipeline(target_hf, 3, *(["engine.compile=true"] if compiled else []),
+                          *(["engine.max_batch_size=2"] if refilled else []))
     drafter, target = pipe.drafter, pipe.target
-    prompts = ragged_prompts(101, lengths=(5, 9, 2))
-    result = pipe.generate(prompts, max_new_tokens=15, temperature=1.0, seed=4, ignore_eos=True)
+    prompts = ragged_prompts(101, lengths=(5, 9, 2, 7, 4) if refilled else (5, 9, 2))
+    result = pipe.generate(prompts, max_new_tokens=[6, 15, 9, 12, 10] if refilled else 15, temperature=1.0, seed=4,
+                           ignore_eos=True)
     assert result.stats.accepted_tokens < result.stats.verified_tokens  # there were rejections
     if compiled:
         assert drafter._deferred is not None  # the last round's pairs wait for the next draft call
@@ -84,8 +87,9 @@ def test_pair_cache_equals_recomputation_over_the_accepted_prefix(compiled):
     # compiled kernels evaluate the float32 rotary angles' cos/sin themselves: float32-ulp differences
     atol = 1e-6 if compiled else 1e-9
     layer = drafter.head.layer
-    for b, (prompt, generated) in enumerate(zip(prompts, result.token_ids)):
-        tokens = torch.tensor(prompt + generated).unsqueeze(0)
+    state = pipe.engine._live.state  # each slot's last request: prompt and generated tokens
+    for b in range(state.batch_size):
+        tokens = state.tokens[b, :state.lengths[b]].unsqueeze(0)
         pairs = tokens.shape[1] - 1
         assert drafter.cache.lengths[b].item() == pairs
         out = target(tokens[:, :pairs], target.new_cache(1, pairs), hidden_layers=drafter.hidden_layers, kv_len=pairs)
