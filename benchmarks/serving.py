@@ -1,0 +1,85 @@
+"""Serving latency: requests arriving over time (a Poisson process) into a session, per pipeline.
+
+    python benchmarks/serving.py [--configs ar eagle3] [--rates 20 60] [--requests 48]
+        [--batch 8] [--max-new-tokens 64] [--temperature 0] [--seed 0]
+
+``--requests`` code prompts arrive at ``--rates`` requests per second (exponential gaps from
+``--seed``: the same arrival times for every pipeline); before each step the session takes every
+request whose time has come (:class:`dspark.Session`: continuous batching over ``--batch``
+slots). Per request: time to first token (from its arrival), time per output token after the
+first, and latency (arrival to end); per run: throughput (tokens ÷ the time from the first
+arrival to the last end). Prints medians and 90th percentiles. One run per cell, pipelines in
+turn at each rate (a serving run is long enough that its own requests average the noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import dspark
+from dspark.bench.runner import load_prompts
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def serve(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, temperature: float) -> dict:
+    """Submit each prompt once its arrival time has passed, step until all are done."""
+    session = pipe.session(max_len=max(len(p) for p in pipe.encode(prompts)) + max_new_tokens + pipe.drafter.gamma + 1)
+    start, submitted, arrived_at = time.perf_counter(), 0, []
+    while submitted < len(prompts) or session.unfinished:
+        now = time.perf_counter() - start
+        while submitted < len(prompts) and arrivals[submitted] <= now:
+            session.submit(prompts[submitted], max_new_tokens=max_new_tokens, temperature=temperature, seed=submitted,
+                           ignore_eos=True)
+            arrived_at.append(arrivals[submitted] + (start - session.batch.started))  # on the session's clock
+            submitted += 1
+        if not session.unfinished:  # idle until the next arrival
+            time.sleep(max(0.0, arrivals[submitted] - (time.perf_counter() - start)))
+            continue
+        session.step()
+    outputs = [session.result(i) for i in range(len(prompts))]
+    ttft = [o.stats["first_token_s"] - a for o, a in zip(outputs, arrived_at)]
+    latency = [o.stats["finished_s"] - a for o, a in zip(outputs, arrived_at)]
+    per_token = [(o.stats["finished_s"] - o.stats["first_token_s"]) / max(1, o.stats["generated"] - 1) for o in outputs]
+    tokens = sum(o.stats["generated"] for o in outputs)
+    makespan = max(o.stats["finished_s"] for o in outputs) - min(arrived_at)
+    return dict(ttft=ttft, latency=latency, per_token=per_token, throughput=tokens / makespan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["ar", "eagle3"])
+    parser.add_argument("--rates", type=float, nargs="+", default=[20.0, 60.0])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    pipes = {name: dspark.build_pipeline(f"configs/{name}.yaml", overrides=[
+        "target.device=cpu", "target.dtype=float32", f"engine.max_batch_size={args.batch}"]) for name in args.configs}
+    prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.requests)
+    for pipe in pipes.values():  # warm-up
+        serve(pipe, prompts[:args.batch], [0.0] * args.batch, 8, args.temperature)
+    for rate in args.rates:
+        gaps = random.Random(args.seed).expovariate
+        arrivals, t = [], 0.0
+        for _ in prompts:
+            arrivals.append(t)
+            t += gaps(rate)
+        for name, pipe in pipes.items():
+            r = serve(pipe, prompts, arrivals, args.max_new_tokens, args.temperature)
+            cells = "; ".join(f"{key} median {1e3 * statistics.median(r[key]):.0f} ms, p90 {1e3 * percentile(r[key], 0.9):.0f} ms"
+                              for key in ("ttft", "per_token", "latency"))
+            print(f"rate {rate:g}/s, {name}: {r['throughput']:.0f} tokens/s; {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
