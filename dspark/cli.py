@@ -154,6 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     threading.Thread(target=read, daemon=True).start()
     origin: dict[int, tuple[int, object]] = {}  # request → (line number, the line's "id")
+    pieces: dict[int, str] = {}  # --stream: the text each request's new tokens completed
+    text = None
+    if args.stream and pipe.tokenizer is not None:
+        from dspark.streaming import TextStreamer
+
+        text = TextStreamer(pipe.tokenizer, on_text=lambda i, piece: pieces.__setitem__(i, pieces.get(i, "") + piece))
     reading = True
     while reading or session.unfinished:
         while reading:  # wait for a line only when nothing decodes
@@ -168,6 +174,15 @@ def _serve(args: argparse.Namespace) -> int:
             if line.strip():
                 _serve_submit(session, number, line, args, origin)
         for update in session.step():
+            if args.stream:  # the new tokens (and their text) first, then the request's result when it ends
+                if text is not None:
+                    text(update.request, update.token_ids)
+                    if update.finished:
+                        text.finish(update.request)
+                number, name = origin[update.request]
+                event = {"line": number, **({"id": name} if name is not None else {}), "request": update.request,
+                         "token_ids": update.token_ids, **({"text": pieces.pop(update.request, "")} if text else {})}
+                print(json.dumps(event, ensure_ascii=False), flush=True)
             if update.finished:
                 _serve_write(session, update.request, origin[update.request])
     return 0
@@ -461,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="positions per request, prompt + max_new_tokens + γ + 1 at most (default: cache.max_len)")
     serve.add_argument("--max-new-tokens", type=int, default=64, help="a request's budget unless its line sets one")
     serve.add_argument("--logprobs", action="store_true", help="each output line carries its tokens' log-probabilities")
+    serve.add_argument("--stream", action="store_true",
+                       help="also a line per step for each request that emitted: its new token_ids and the text they "
+                            "complete (before its result line, which has \"stats\")")
     serve.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.max_batch_size=16")
     serve.set_defaults(func=_serve)
 

@@ -62,10 +62,12 @@ class TextStreamer:
             stream.ids = stream.ids[-CONTEXT_TOKENS:]
             stream.written = self._decode(stream.ids)
 
-    def finish(self) -> None:
-        """Write every request's remaining text, incomplete characters included."""
-        for index, stream in self._streams.items():
-            self._write(index, stream, self._decode(stream.ids))
+    def finish(self, index: int | None = None) -> None:
+        """Write every request's remaining text (or request ``index``'s alone, once it ended),
+        incomplete characters included."""
+        for i, stream in self._streams.items():
+            if index is None or i == index:
+                self._write(i, stream, self._decode(stream.ids))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

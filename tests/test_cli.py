@@ -282,3 +282,21 @@ def test_serve_answers_each_request_line_as_it_finishes(capsys, monkeypatch):
     for line, result in zip((1, 2, 4), alone):
         assert done[line]["token_ids"] == result.token_ids[0] and done[line]["text"] == result.texts[0]
         assert done[line]["stats"]["generated"] == len(result.token_ids[0])
+
+
+def test_serve_streams_each_requests_tokens_and_text(capsys, monkeypatch):
+    """``--stream``: before a request's result line, lines with its new tokens and text, which
+    add up to its output and its text."""
+    import io
+
+    requests = [{"prompt": "def add(a, b):", "max_new_tokens": 10}, {"prompt": "The river", "max_new_tokens": 6}]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in requests)))
+    assert main(["serve", "--config", "ar", "--max-len", "64", "--stream", "target.device=cpu",
+                 "engine.max_batch_size=2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for request in (0, 1):
+        mine = [r for r in records if r["request"] == request]
+        events, result = mine[:-1], mine[-1]
+        assert "stats" in result and all("stats" not in e for e in events)
+        assert sum((e["token_ids"] for e in events), []) == result["token_ids"]
+        assert "".join(e["text"] for e in events) == result["text"]
