@@ -22,6 +22,7 @@ may use to decide whether later rounds draft.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -302,10 +303,10 @@ class Engine:
                                "or another session; one batch decodes at a time per engine)")
         state, slots, status = batch.state, batch.state.batch_size, batch.status
         free = [b for b in range(slots) if status[b]]
-        if free and batch.next_request < len(batch.requests):
+        if free and batch.waiting:
             # admit: waiting requests take the free slots (all of them at first); prefill
             # their prompts, draw their first tokens, give the drafter their context
-            admitted, admitting = time.perf_counter(), free[:len(batch.requests) - batch.next_request]
+            admitted, admitting = time.perf_counter(), free[:len(batch.waiting)]
             self._admit(batch, admitting)
             batch.status = self._status(state, batch.cache, None, batch.stream)  # their first tokens may end them
             batch.round_started = time.perf_counter()
@@ -329,6 +330,32 @@ class Engine:
         return True
 
     @torch.inference_mode()
+    def abort(self, batch: "Batch", request: int) -> bool:
+        """End ``request`` of ``batch`` now, between two steps (vLLM's ``abort_request``): a waiting
+        one never starts (no tokens); a decoding one keeps the tokens it has emitted so far and its
+        slot is freed at once (one host read). The other requests decode as they would have: the
+        row rides along done until a request takes it. Returns whether it was unfinished."""
+        if batch is not self._live:
+            raise RuntimeError("this batch no longer owns the engine: another was opened on it since (a generate call "
+                               "or another session; one batch decodes at a time per engine)")
+        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
+            raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
+        now = time.perf_counter() - batch.started
+        if request in batch.waiting:
+            batch.waiting.remove(request)
+            batch.outputs[request], batch.finished[request] = [], now
+            for scores in (batch.scores.tokens, batch.scores.top):
+                if scores is not None:
+                    scores[request] = []
+            return True
+        if request not in batch.holder or batch.status[slot := batch.holder.index(request)]:
+            return False  # finished already (collected, or ended in the last step)
+        batch.state.done[slot] = True
+        batch.status[slot], batch.finished[request] = 1, now
+        self._collect(batch, [slot])
+        return True
+
+    @torch.inference_mode()
     def collect_finished(self, batch: "Batch") -> list[int]:
         """Read out the requests the last status read shows ended (their ids, log-probabilities,
         counts: one host read when some did) and free their slots; returns their indices."""
@@ -349,14 +376,13 @@ class Engine:
         return batch.outputs, stats, batch.scores
 
     def _admit(self, batch: "Batch", free: list[int]) -> None:
-        """Requests ``batch.next_request, …`` take the slots ``free``: their prompts go into the
+        """The first waiting requests (``batch.waiting``) take the slots ``free``: their prompts go into the
         target cache's rows (a forward over them alone), their first tokens are drawn from its
         last logits, and the drafter starts them (:meth:`Drafter.start` for a whole batch, or the
         batch's first requests with the other slots empty; :meth:`Drafter.admit` for some of its
         slots later). The requests that held those slots are collected first."""
         state, device, slots = batch.state, self.device, batch.state.batch_size
-        taken = list(range(batch.next_request, batch.next_request + len(free)))
-        batch.next_request += len(free)
+        taken = [batch.waiting.popleft() for _ in free]
         self._collect(batch, [b for b in free if batch.holder[b] >= 0])
         requests = [batch.requests[i] for i in taken]
         longest = max(len(r.prompt) for r in requests)
@@ -579,12 +605,16 @@ class Request:
     stop_ids: tuple[int, ...]
     min_new: int
 
+    def released(self) -> "Request":
+        """The same request without its prompt (a finished one whose output was read)."""
+        return replace(self, prompt=[])
+
 
 @dataclass
 class Batch:
     """A batch being decoded (:meth:`Engine.open_batch`): its state on the device, which request
     each slot (row) holds (``holder``, −1: none) with that request's generator and settings, the
-    requests added so far (in order; ``next_request``: the first not admitted yet) and what is
+    requests added so far (in order; ``waiting``: those not admitted yet, in order) and what is
     known of them (``outputs``, ``scores``, ``first_token`` / ``finished``: seconds since
     ``started``; ``None`` until known)."""
 
@@ -600,7 +630,7 @@ class Batch:
     prompt_logprobs: bool
     started: float | None  # request timings count from here (default: when the batch opened)
     requests: list = field(default_factory=list)
-    next_request: int = 0
+    waiting: deque = field(default_factory=deque)
     outputs: list = field(default_factory=list)
     scores: Scores = field(init=False)
     first_token: list = field(default_factory=list)
@@ -626,6 +656,7 @@ class Batch:
                              f"lookahead ({self.lookahead}) needs {len(request.prompt) + request.budget + self.lookahead} "
                              f"positions, more than the batch's {self.max_len} per request")
         self.requests.append(request)
+        self.waiting.append(len(self.requests) - 1)
         for results in (self.outputs, self.first_token, self.finished, *(
                 r for r in (self.scores.tokens, self.scores.top, self.scores.prompt) if r is not None)):
             results.append(None)
@@ -635,7 +666,7 @@ class Batch:
     @property
     def unfinished(self) -> int:
         """Requests added and not finished yet (waiting ones included)."""
-        return len(self.requests) - self.next_request + sum(
+        return len(self.waiting) + sum(
             1 for b, request in enumerate(self.holder) if request >= 0 and not self.status[b])
 
     def mark_finished(self, now: float) -> None:

@@ -45,6 +45,9 @@ class RequestOutput:
 
     Attributes:
         token_ids: the generated ids. text: their text (with a tokenizer, else ``None``).
+        finish_reason: why it ended: ``"stop"`` (EOS, a stop token or a stop string), ``"length"``
+            (its ``max_new_tokens``) or ``"abort"`` (:meth:`Session.abort`).
+        prompt_token_ids: its prompt, as the target read it.
         logprobs, top_logprobs, prompt_logprobs: as the session was opened to record them (else ``None``).
         stats: its counters (target forwards, drafted / verified / accepted tokens) and timings
             (``first_token_s`` / ``finished_s``: seconds since the session opened).
@@ -52,6 +55,8 @@ class RequestOutput:
 
     token_ids: list[int]
     text: str | None
+    finish_reason: str
+    prompt_token_ids: list[int]
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
     prompt_logprobs: list[float | None] | None
@@ -91,6 +96,9 @@ class Session:
         self._emitted: dict[int, list[int]] = {}
         self._checks: list = []
         self._ended: set[int] = set()
+        self._stopped: set[int] = set()  # ended by a stop string
+        self._aborted: set[int] = set()
+        self._released: set[int] = set()
         self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
                                               stop_check=self._stop_check, logprobs=logprobs,
                                               top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
@@ -126,22 +134,55 @@ class Session:
         self._ended |= ended
         return [RequestUpdate(i, self._emitted.get(i, []), i in ended) for i in sorted(set(self._emitted) | ended)]
 
+    def abort(self, request: int) -> bool:
+        """End ``request`` now (a client went away): a waiting one never starts, a decoding one
+        keeps what it emitted so far and frees its slot for the next. It is not reported by a later
+        :meth:`step`; :meth:`result` has it (``finish_reason="abort"``). Returns whether it was
+        unfinished (``False``: it had ended already, and keeps its own finish reason)."""
+        ended = self.engine.abort(self.batch, request)
+        if ended:
+            self._ended.add(request)
+            self._aborted.add(request)
+        return ended
+
+    def release(self, request: int) -> None:
+        """Forget a finished request's prompt, output and scores (a long-running server calls this
+        once it has sent a result); :meth:`result` then refuses it."""
+        if request not in self._ended:
+            raise ValueError(f"request {request!r} has not finished: abort() it first, or wait")
+        batch = self.batch
+        self._released.add(request)
+        batch.requests[request] = batch.requests[request].released()
+        batch.outputs[request] = self._checks[request] = None
+        for scores in (batch.scores.tokens, batch.scores.top, batch.scores.prompt):
+            if scores is not None:
+                scores[request] = None
+
     @property
     def unfinished(self) -> int:
         """Requests submitted and not finished (waiting ones included)."""
         return self.batch.unfinished
 
     def result(self, request: int) -> RequestOutput:
-        """The output of a finished request (``ValueError`` while it is not)."""
+        """The output of a finished request (``ValueError`` while it is not, or once released)."""
         if request not in self._ended:
             raise ValueError(f"request {request} has not finished (submitted: {len(self.batch.requests)})")
+        if request in self._released:
+            raise ValueError(f"request {request} was released: its output is gone")
         batch, tokenizer = self.batch, self.pipeline.tokenizer
         ids = batch.outputs[request]
+        if request in self._aborted:
+            reason = "abort"
+        elif request in self._stopped or (ids and ids[-1] in batch.requests[request].stop_ids):
+            reason = "stop"
+        else:
+            reason = "length"
         pick = lambda values: None if values is None else values[request]  # noqa: E731
         stats = dict(generated=len(ids), first_token_s=batch.first_token[request], finished_s=batch.finished[request])
         stats.update(zip(("target_forwards", "drafted", "verified", "accepted"),
                          batch.counters.per_request[:, request].tolist()))
         return RequestOutput(token_ids=ids, text=None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True),
+                             finish_reason=reason, prompt_token_ids=list(batch.requests[request].prompt),
                              logprobs=pick(batch.scores.tokens), top_logprobs=pick(batch.scores.top),
                              prompt_logprobs=pick(batch.scores.prompt), stats=stats)
 
@@ -150,4 +191,7 @@ class Session:
 
     def _stop_check(self, request: int, ids: list[int]) -> int | None:
         check = self._checks[request]
-        return None if check is None else check(request, ids)
+        kept = None if check is None else check(request, ids)
+        if kept is not None:
+            self._stopped.add(request)
+        return kept

@@ -187,10 +187,13 @@ class RoundCounters:
             self.accepted_at += accepted
 
     def grow(self, requests: int) -> None:
-        """Room for the counts of ``requests`` requests (more join the call)."""
+        """Room for the counts of ``requests`` requests (more join the call). The room doubles
+        when it runs out (a session may take requests for a long time); columns past the
+        requests stay zero."""
         if requests > self.per_request.shape[1]:
+            room = max(requests, 2 * self.per_request.shape[1])
             self.per_request = torch.cat([self.per_request, self.per_request.new_zeros(
-                4, requests - self.per_request.shape[1])], 1)
+                4, room - self.per_request.shape[1])], 1)
 
     def retire(self, slots: torch.Tensor, requests: torch.Tensor) -> None:
         """Move the counts of ``slots`` ``[k]`` to ``requests`` ``[k]`` (the requests that held them)

@@ -87,3 +87,70 @@ def test_bad_requests_and_sessions_are_refused():
     static = spec_pipeline(target, "ngram", 3, "engine.batching=static")
     with pytest.raises(ValueError, match="a Session needs continuous batching"):
         static.session(max_len=32)
+
+
+@pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
+def test_aborted_requests_leave_the_others_as_alone(drafter):
+    """Requests aborted while waiting, while decoding and after they ended: the aborted one keeps
+    what it had streamed, the others decode as alone (float64, token for token) — the slot it
+    frees is taken by the next request mid-flight."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=2")
+    requests = [dict(prompt=prompt, max_new_tokens=budget + 6, seed=40 + i, **PER_REQUEST[i % len(PER_REQUEST)])
+                for i, (prompt, budget) in enumerate(zip(PROMPTS, BUDGETS))]
+    session = pipe.session(max_len=48)
+    ids = [session.submit(**request) for request in requests]
+    streamed: dict[int, list[int]] = {}
+    assert session.abort(ids[3])  # waiting: never starts
+    for _ in range(3):  # admission, then two rounds
+        for update in session.step():
+            streamed.setdefault(update.request, []).extend(update.token_ids)
+    running = [b for b in session.batch.holder if b >= 0 and b not in session._ended]
+    assert 0 in running
+    assert session.abort(0)  # decoding: keeps what it streamed
+    assert not session.abort(0)  # (once)
+    late = None
+    while session.unfinished:
+        for update in session.step():
+            streamed.setdefault(update.request, []).extend(update.token_ids)
+            assert update.request not in (0, 3, late)  # aborted requests are not reported
+        if late is None and not session.batch.waiting and 4 in session.batch.holder and streamed.get(4):
+            assert session.abort(4)  # no request waits for its slot: the row rides along done
+            late = 4
+    assert late == 4 and session.result(4).finish_reason == "abort"
+    assert session.result(3).token_ids == [] and session.result(3).finish_reason == "abort"
+    assert not session.abort(1)  # ended already: keeps its reason
+    first = session.result(0)
+    assert first.finish_reason == "abort" and first.token_ids == streamed.get(0, [])
+    alone = [pipe.generate([r["prompt"]], **{k: v for k, v in r.items() if k != "prompt"}).token_ids[0] for r in requests]
+    assert first.token_ids == alone[0][:len(first.token_ids)] and len(first.token_ids) < len(alone[0])
+    assert session.result(4).token_ids == streamed[4] == alone[4][:len(streamed[4])]
+    for i in (1, 2, 5):
+        assert session.result(i).token_ids == streamed[i] == alone[i], f"request {i}"
+        assert session.result(i).finish_reason in ("stop", "length")
+
+
+def test_finish_reasons_and_release():
+    """``length`` at the budget, ``stop`` at EOS / a stop token / a stop string; a released request's
+    output is gone and it is refused by ``result``."""
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.max_batch_size=2"])
+    free = pipe.generate(["def add(a, b):"], max_new_tokens=24, ignore_eos=True).token_ids[0]
+    session = pipe.session(max_len=64)
+    by_length = session.submit("def add(a, b):", max_new_tokens=24, ignore_eos=True)
+    by_token = session.submit("def add(a, b):", max_new_tokens=24, ignore_eos=True, stop_token_ids=[free[5]])
+    by_string = session.submit("def add(a, b):", max_new_tokens=24, ignore_eos=True,
+                               stop=[pipe.tokenizer.decode(free[3:5])])
+    while session.unfinished:
+        session.step()
+    assert session.result(by_length).finish_reason == "length" and session.result(by_length).token_ids == free
+    assert session.result(by_token).finish_reason == "stop" and session.result(by_token).token_ids[-1] == free[5]
+    assert session.result(by_string).finish_reason == "stop" and len(session.result(by_string).token_ids) <= 5
+    assert session.result(by_length).prompt_token_ids == pipe.encode(["def add(a, b):"])[0]
+    session.release(by_length)
+    with pytest.raises(ValueError, match="released"):
+        session.result(by_length)
+    waiting = session.submit("import os", max_new_tokens=4)
+    with pytest.raises(ValueError, match="has not finished"):
+        session.release(waiting)
+    with pytest.raises(ValueError, match="no request 7"):
+        session.abort(7)
