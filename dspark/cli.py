@@ -136,6 +136,14 @@ def _serve(args: argparse.Namespace) -> int:
     from dspark.config import find_config
     from dspark.pipeline import build_pipeline
 
+    if args.port is not None:
+        return _serve_http(args)
+    for flag, given in (("--host", args.host), ("--served-model-name", args.served_model_name),
+                        ("--max-logprobs", args.max_logprobs), ("--chat-template", args.chat_template),
+                        ("--chat-template-kwargs", args.chat_template_kwargs)):
+        if given is not None:
+            raise SystemExit(f"dspark serve: {flag} applies with --port (the HTTP server)")
+    args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
     source = sys.stdin if args.requests in (None, "-") else None
     if source is None and not Path(args.requests).is_file():
         raise SystemExit(f"dspark serve: --requests {args.requests} is not a file")
@@ -185,6 +193,44 @@ def _serve(args: argparse.Namespace) -> int:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
             if update.finished:
                 _serve_write(session, update.request, origin[update.request])
+    return 0
+
+
+def _serve_http(args: argparse.Namespace) -> int:
+    """``dspark serve --port P``: the OpenAI API over HTTP (:class:`~dspark.serving.OpenAIServer`)."""
+    from dspark.config import find_config
+    from dspark.pipeline import build_pipeline
+    from dspark.serving import OpenAIServer
+
+    for flag, given in (("--requests", args.requests is not None), ("--stream", args.stream), ("--logprobs", args.logprobs)):
+        if given:
+            raise SystemExit(f"dspark serve: {flag} is for JSON lines on stdin; over HTTP a request sets stream / "
+                             "logprobs itself (--max-logprobs K allows them)")
+    template = None
+    if args.chat_template is not None:
+        if not Path(args.chat_template).is_file():
+            raise SystemExit(f"dspark serve: --chat-template {args.chat_template} is not a file")
+        template = Path(args.chat_template).read_text(encoding="utf-8")
+    template_kwargs = None
+    if args.chat_template_kwargs is not None:
+        try:
+            template_kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as err:
+            raise SystemExit(f"dspark serve: --chat-template-kwargs is not JSON: {err}") from None
+        if not isinstance(template_kwargs, dict):
+            raise SystemExit("dspark serve: --chat-template-kwargs must be a JSON object")
+    pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=args.overrides)
+    try:
+        server = OpenAIServer(pipe, max_len=args.max_len, host=args.host or "127.0.0.1", port=args.port,
+                              model_name=args.served_model_name or "dspark",
+                              default_max_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
+                              max_logprobs=args.max_logprobs or 0, chat_template=template,
+                              chat_template_kwargs=template_kwargs)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"dspark serve: {err}") from None
+    print(f"[dspark] serving the OpenAI API at {server.url}/v1 (model {server.model_name!r}, "
+          f"{pipe.engine.config.max_batch_size} slots; Ctrl-C stops)", file=sys.stderr, flush=True)
+    server.serve_forever()
     return 0
 
 
@@ -465,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", help='the prompt, then config overrides, e.g. drafter.num_speculative_tokens=5')
     gen.set_defaults(func=_generate)
 
-    serve = sub.add_parser("serve", help="decode requests (JSON lines) as they arrive, continuous batching",
-                           usage="dspark serve --max-len N [--config CONFIG] [--requests FILE] [section.key=value ...]")
+    serve = sub.add_parser("serve", help="decode requests as they arrive (JSON lines, or the OpenAI API over HTTP with --port), "
+                                "continuous batching",
+                           usage="dspark serve --max-len N [--config CONFIG] [--requests FILE | --port P] "
+                                 "[section.key=value ...]")
     serve.add_argument("--config", default=None, help="as for generate")
     serve.add_argument("--requests", default=None,
                        help="a JSONL file of requests (default: stdin, read as lines arrive); a line is "
@@ -474,11 +522,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "line may set")
     serve.add_argument("--max-len", type=int, default=None,
                        help="positions per request, prompt + max_new_tokens + γ + 1 at most (default: cache.max_len)")
-    serve.add_argument("--max-new-tokens", type=int, default=64, help="a request's budget unless its line sets one")
+    serve.add_argument("--max-new-tokens", type=int, default=None,
+                       help="a request's budget unless it sets one (default: 64 for lines, 16 over HTTP as OpenAI's)")
     serve.add_argument("--logprobs", action="store_true", help="each output line carries its tokens' log-probabilities")
     serve.add_argument("--stream", action="store_true",
                        help="also a line per step for each request that emitted: its new token_ids and the text they "
                             "complete (before its result line, which has \"stats\")")
+    http = serve.add_argument_group("HTTP (the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models)")
+    http.add_argument("--port", type=int, default=None, help="serve the OpenAI API over HTTP on this port (0: any free "
+                                                             "one) instead of reading JSON lines")
+    http.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1)")
+    http.add_argument("--served-model-name", default=None, help="the model name requests use (default: dspark)")
+    http.add_argument("--max-logprobs", type=int, default=None,
+                      help="allow log-probabilities with up to K likeliest tokens (K <= 20; every request then pays "
+                           "for computing them; default: refused)")
+    http.add_argument("--chat-template", default=None, help="a Jinja chat template file for /v1/chat/completions "
+                                                            "(default: the tokenizer's)")
+    http.add_argument("--chat-template-kwargs", default=None,
+                      help="template variables as a JSON object, for every chat request")
     serve.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.max_batch_size=16")
     serve.set_defaults(func=_serve)
 

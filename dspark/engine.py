@@ -788,10 +788,10 @@ class _TokenStream:
             new = length - self.sent[b]
             if new > self.width:  # cannot happen: a round emits at most γ + 1 tokens per request
                 raise RuntimeError(f"request {b} emitted {new} tokens in one round, more than {self.width}")
-            if new <= 0:
+            request = self.request[b]
+            if new <= 0 or request < 0:  # (an empty slot)
                 continue
             ids = last[self.width - new:]
-            request = self.request[b]
             kept = None if self.stop_check is None else self.stop_check(request, ids)
             if kept is not None:
                 ids = ids[:kept]

@@ -1,6 +1,8 @@
 """The dspark console script."""
 
 import json
+import re
+import sys
 
 import pytest
 
@@ -300,3 +302,43 @@ def test_serve_streams_each_requests_tokens_and_text(capsys, monkeypatch):
         assert "stats" in result and all("stats" not in e for e in events)
         assert sum((e["token_ids"] for e in events), []) == result["token_ids"]
         assert "".join(e["text"] for e in events) == result["text"]
+
+
+def test_serve_http_answers_the_openai_api_until_interrupted():
+    """``dspark serve --port 0``: says where it listens, answers a completion with what
+    ``generate`` gives alone, and stops cleanly on Ctrl-C (SIGINT)."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    import dspark
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dspark.cli", "serve", "--port", "0", "--config", "ar", "--max-len", "64",
+         "--served-model-name", "tiny", "target.device=cpu", "engine.max_batch_size=2"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = process.stderr.readline()
+        match = re.search(r"serving the OpenAI API at (http://\S+)/v1 \(model 'tiny'", line)
+        assert match, line
+        request = urllib.request.Request(match.group(1) + "/v1/completions", data=json.dumps(
+            {"prompt": "def add(a, b):", "max_tokens": 10, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+        expected = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(["def add(a, b):"],
+                                                                                         max_new_tokens=10)
+        assert body["choices"][0]["text"] == expected.texts[0] and body["model"] == "tiny"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_serve_flags_that_do_not_go_together():
+    with pytest.raises(SystemExit, match="--stream is for JSON lines on stdin"):
+        main(["serve", "--port", "0", "--stream", "--config", "ar"])
+    with pytest.raises(SystemExit, match="--max-logprobs applies with --port"):
+        main(["serve", "--max-logprobs", "2", "--config", "ar"])

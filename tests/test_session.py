@@ -22,6 +22,7 @@ def serve(session, requests: list[dict], arrivals: list[int]) -> tuple[dict, lis
             assert session.submit(**requests[submitted]) == submitted
             submitted += 1
         for update in session.step():
+            assert update.request >= 0  # (empty slots report nothing)
             streamed.setdefault(update.request, []).extend(update.token_ids)
             updates.append(update)
         step += 1

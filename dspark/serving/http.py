@@ -1,0 +1,313 @@
+"""An OpenAI-compatible HTTP server over a pipeline: ``/v1/completions``, ``/v1/chat/completions``
+(both with ``stream``), ``/v1/models`` and ``/health`` — what vLLM's and SGLang's servers answer,
+so that OpenAI clients talk to dspark unchanged.
+
+    server = OpenAIServer(dspark.build_pipeline("eagle3"), max_len=512, port=8000).start()
+    # POST http://127.0.0.1:8000/v1/completions {"prompt": "def add(a, b):", "max_tokens": 32}
+    server.close()
+
+Every request joins one :class:`~dspark.session.Session` (continuous batching over
+``engine.max_batch_size`` slots) stepped by the engine's own thread (:class:`EngineLoop`); each
+HTTP connection is served on a thread of its own, which waits for its choices' tokens. A choice
+decodes exactly as ``generate`` would decode it alone with the same settings and seed. A client
+that goes away while its choices stream has them aborted, freeing their slots.
+
+Standard library only (``http.server``): a research server, not a hardened front end — put it
+behind one to face the internet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from dspark.pipeline import MAX_TOP_LOGPROBS
+from dspark.serving.loop import EngineLoop, EngineStopped
+from dspark.serving.protocol import ChoiceText, Job, ProtocolError, cut_at_stop, logprobs_body, parse_request
+
+log = logging.getLogger("dspark.serving")
+
+#: the largest request body read (bytes)
+MAX_BODY = 32 * 2**20
+
+
+class OpenAIServer:
+    """The HTTP server and the engine's thread, over ``pipeline``.
+
+    Args:
+        pipeline: a :class:`~dspark.pipeline.Pipeline` that batches continuously.
+        max_len: positions per request (prompt + ``max_tokens`` + γ + 1 at most); default ``cache.max_len``.
+        host, port: where to listen (port 0: any free port; :attr:`url` says which).
+        model_name: the ``model`` this server answers to (a request may leave it out).
+        default_max_tokens: the budget of a request that sets no ``max_tokens``.
+        max_logprobs: the most likeliest tokens a request may ask for with its log-probabilities;
+            0 (default) refuses log-probabilities — with K > 0 every request pays for computing them.
+        chat_template: a Jinja chat template for ``/v1/chat/completions`` (default: the tokenizer's).
+        chat_template_kwargs: template variables for every chat request (a request may add its own).
+    """
+
+    def __init__(self, pipeline, *, max_len: int | None = None, host: str = "127.0.0.1", port: int = 8000,
+                 model_name: str = "dspark", default_max_tokens: int = 16, max_logprobs: int = 0,
+                 chat_template: str | None = None, chat_template_kwargs: dict | None = None):
+        if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be an integer >= 1, got {default_max_tokens!r}")
+        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or not 0 <= max_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"max_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {max_logprobs!r}")
+        if not isinstance(model_name, str) or not model_name:
+            raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
+        if pipeline.tokenizer is None:
+            raise ValueError("the OpenAI API returns text: serve a pipeline with a tokenizer (target.tokenizer, or "
+                             "build_pipeline(tokenizer=...))")
+        self.pipeline, self.model_name = pipeline, model_name
+        self.default_max_tokens, self.max_logprobs = default_max_tokens, max_logprobs
+        self.chat_template, self.chat_template_kwargs = chat_template, dict(chat_template_kwargs or {})
+        session = pipeline.session(max_len=max_len, logprobs=max_logprobs > 0, top_logprobs=max_logprobs)
+        self.loop = EngineLoop(session)
+        self.created = int(time.time())
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.api = self  # (the handler's way back)
+        self._serving: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` (the port bound, when 0 was asked for)."""
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "OpenAIServer":
+        """Serve on background threads; returns at once (:meth:`close` stops)."""
+        self.loop.start()
+        self._serving = threading.Thread(target=self.httpd.serve_forever, name="dspark-http", daemon=True)
+        self._serving.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until interrupted (Ctrl-C), then close."""
+        self.loop.start()
+        try:
+            self.httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening, abort what is unfinished and stop the engine's thread."""
+        if self._serving is not None:
+            self.httpd.shutdown()
+            self._serving = None
+        self.httpd.server_close()
+        self.loop.close()
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- a request's life: checked, submitted, answered ----------------------------------------
+
+    def job(self, body, *, chat: bool) -> Job:
+        return parse_request(body, chat=chat, model=self.model_name, default_max_tokens=self.default_max_tokens,
+                             max_logprobs=self.max_logprobs)
+
+    def submit(self, job: Job, events: queue.Queue) -> list[int]:
+        """Submit every choice of ``job`` (choice ``k``'s events tagged ``k``); returns their ids."""
+        prompts = job.prompts
+        if job.chat:
+            from dspark.chat import render_conversations
+
+            kwargs = {**self.chat_template_kwargs, **(job.chat_template_kwargs or {})}
+            try:
+                prompts = render_conversations(self.pipeline.tokenizer, prompts, self.chat_template, kwargs)
+            except (ValueError, TypeError) as err:
+                if "no chat template" in str(err):
+                    err = ValueError("this server's tokenizer has no chat template: start it with --chat-template FILE "
+                                     "(OpenAIServer(chat_template=...)), or use /v1/completions")
+                raise ProtocolError(str(err), "messages") from None
+        requests = [dict(prompt=prompt, max_new_tokens=job.max_tokens,
+                         seed=None if job.seed is None else job.seed + i * job.n + j, **job.settings)
+                    for i, prompt in enumerate(prompts) for j in range(job.n)]
+        try:
+            return self.loop.submit(requests, list(range(job.choices)), events)
+        except (ValueError, TypeError) as err:  # the session's checks (prompt length, vocabulary, ...)
+            raise ProtocolError(str(err)) from None
+
+    def choice(self, job: Job, index: int, output) -> dict:
+        """Choice ``index``'s body, its text cut at a stop string."""
+        text, _ = cut_at_stop(output.text, job.stops, job.include_stop)
+        body = {"index": index}
+        if job.chat:
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["text"] = text
+        body["logprobs"] = self.logprobs(job, output)
+        body["finish_reason"] = output.finish_reason
+        return body
+
+    def logprobs(self, job: Job, output) -> dict | None:
+        if job.logprobs is None:
+            return None
+        tokenizer = self.pipeline.tokenizer
+        name = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        top = None
+        if output.top_logprobs is not None and (job.logprobs or job.chat):
+            top = [[(name(t), lp) for t, lp in alternatives[:job.logprobs]] for alternatives in output.top_logprobs]
+        return logprobs_body(job.chat, [name(t) for t in output.token_ids], output.logprobs, top)
+
+    @staticmethod
+    def usage(job: Job, outputs: list) -> dict:
+        """Token counts (each prompt once, whatever ``n``), and dspark's: target forwards and drafts."""
+        prompt = sum(len(outputs[i * job.n].prompt_token_ids) for i in range(len(job.prompts)))
+        completion = sum(len(o.token_ids) for o in outputs)
+        forwards = sum(o.stats["target_forwards"] for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "speculative": {"target_forwards": forwards, "drafted_tokens": sum(o.stats["drafted"] for o in outputs),
+                                "accepted_tokens": sum(o.stats["accepted"] for o in outputs),
+                                "tokens_per_forward": completion / forwards if forwards else None}}
+
+    def head(self, job: Job) -> dict:
+        kind = "chat.completion" if job.chat else "text_completion"
+        return {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": kind + (".chunk" if job.chat and job.stream else ""), "created": int(time.time()),
+                "model": self.model_name}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection's requests (on a thread of its own)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "dspark"
+
+    @property
+    def api(self) -> OpenAIServer:
+        return self.server.api
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 — http.server's signature
+        log.info("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 — http.server's name
+        if self.path == "/health":
+            ok = self.api.loop.running
+            self._json(200 if ok else 503, {"status": "ok" if ok else "the engine is not running"})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.api.model_name, "object": "model",
+                                                         "created": self.api.created, "owned_by": "dspark"}]})
+        else:
+            self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health)", status=404))
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path not in ("/v1/completions", "/v1/chat/completions"):
+            self._error(ProtocolError(f"no such path: POST {self.path} (POST /v1/completions, /v1/chat/completions)",
+                                      status=404))
+            return
+        try:
+            job = self.api.job(self._body(), chat=self.path == "/v1/chat/completions")
+            events: queue.Queue = queue.Queue()
+            ids = self.api.submit(job, events)
+        except ProtocolError as err:
+            self._error(err)
+            return
+        except EngineStopped as err:
+            self._error(ProtocolError(str(err), status=503))
+            return
+        try:
+            (self._stream if job.stream else self._answer)(job, ids, events)
+        except EngineStopped as err:  # (before any byte of a stream: a 503; during one, the connection ends)
+            if not job.stream:
+                self._error(ProtocolError(str(err), status=503))
+
+    def _body(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ProtocolError("the request needs a Content-Length header", status=411)
+        if int(length) > MAX_BODY:
+            raise ProtocolError(f"the request body is {length} bytes, more than {MAX_BODY}", status=413)
+        raw = self.rfile.read(int(length))
+        try:
+            return json.loads(raw)
+        except ValueError as err:
+            raise ProtocolError(f"the request body is not JSON: {err}") from None
+
+    def _answer(self, job: Job, ids: list[int], events: queue.Queue) -> None:
+        outputs = [None] * job.choices
+        while any(o is None for o in outputs):
+            event = self.api.loop.next(events)
+            if isinstance(event, BaseException):
+                raise event
+            if event.output is not None:
+                outputs[event.tag] = event.output
+        body = {**self.api.head(job), "choices": [self.api.choice(job, k, o) for k, o in enumerate(outputs)],
+                "usage": self.api.usage(job, outputs)}
+        self._json(200, body)
+
+    def _stream(self, job: Job, ids: list[int], events: queue.Queue) -> None:
+        """Server-sent events: a chunk per step that brings a choice text, its last with its finish
+        reason (and its log-probabilities, all at once); then the usage if asked; then ``[DONE]``."""
+        from dspark.streaming import TextStreamer
+
+        api, head = self.api, self.api.head(job)
+        pieces: dict[int, str] = {}
+        decode = TextStreamer(api.pipeline.tokenizer, on_text=lambda k, piece: pieces.__setitem__(k, pieces.get(k, "") + piece))
+        texts = [ChoiceText(job.stops, job.include_stop) for _ in range(job.choices)]
+        outputs = [None] * job.choices
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            if job.chat:
+                for k in range(job.choices):
+                    self._event({**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]})
+            while any(o is None for o in outputs):
+                event = self.api.loop.next(events)
+                if isinstance(event, BaseException):
+                    raise event
+                k = event.tag
+                decode(k, event.token_ids)
+                if event.output is not None:
+                    decode.finish(k)
+                    outputs[k] = event.output
+                    delta = texts[k].finish(pieces.pop(k, ""))
+                else:
+                    delta = texts[k].feed(pieces.pop(k, ""))
+                if not delta and event.output is None:
+                    continue
+                choice = {"index": k, **({"delta": {"content": delta}} if job.chat else {"text": delta}),
+                          "logprobs": None if event.output is None else api.logprobs(job, event.output),
+                          "finish_reason": None if event.output is None else event.output.finish_reason}
+                self._event({**head, "choices": [choice]})
+            if job.include_usage:
+                self._event({**head, "choices": [], "usage": api.usage(job, outputs)})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: free its slots
+            log.info("%s went away: aborting %d requests", self.address_string(), len(ids))
+            self.api.loop.abort([i for i, o in zip(ids, outputs) if o is None])
+
+    def _event(self, body: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _error(self, err: ProtocolError) -> None:
+        self._json(err.status, err.body())

@@ -1,0 +1,324 @@
+"""The OpenAI API's request and response bodies, as dspark reads and writes them.
+
+A request body (``/v1/completions`` or ``/v1/chat/completions``) becomes a :class:`Job`: the
+prompts, how many choices each, and the settings :meth:`Session.submit
+<dspark.session.Session.submit>` takes. Everything is checked here, before anything is queued;
+a bad field raises :class:`ProtocolError`, which names it and says what is allowed (HTTP 400).
+
+Where the two APIs' defaults differ from ``generate``'s, the API's hold: ``temperature`` is 1 and
+stop strings are left out of the returned text (vLLM's ``include_stop_str_in_output`` keeps
+them). vLLM's extra sampling fields are read too (``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``), and dspark's ``no_repeat_ngram_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+#: choices one request may ask for (``n`` × prompts)
+MAX_CHOICES = 128
+
+
+class ProtocolError(ValueError):
+    """A request the API refuses: ``status`` (400: bad request, 404: no such model or path) and
+    the field at fault (``param``), as OpenAI's error body carries them."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": None}}
+
+
+@dataclass
+class Job:
+    """One API request, checked.
+
+    Attributes:
+        chat: a chat completion (``prompts`` are conversations) or a completion (text or ids).
+        prompts: ``list[str | list[int]]``, or ``list[list[dict]]`` messages for chat.
+        n: choices per prompt; choice ``i · n + j`` is prompt ``i``'s ``j``-th.
+        max_tokens: each choice's budget. seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
+        settings: :meth:`Session.submit`'s sampling and stop keywords (all but the prompt,
+            ``max_new_tokens`` and ``seed``).
+        stops: the stop strings (cut from the text unless ``include_stop``).
+        logprobs: ``None``, or how many likeliest tokens to list at each position (0: the chosen
+            token's log-probability alone).
+        stream: send server-sent events; include_usage: a last event with the usage.
+        chat_template_kwargs: more variables for the chat template.
+    """
+
+    chat: bool
+    prompts: list
+    n: int
+    max_tokens: int
+    seed: int | None
+    settings: dict
+    stops: list[str]
+    include_stop: bool
+    logprobs: int | None
+    stream: bool
+    include_usage: bool
+    chat_template_kwargs: dict | None = None
+    choices: int = field(init=False)
+
+    def __post_init__(self):
+        self.choices = len(self.prompts) * self.n
+
+
+# fields each endpoint reads (others are refused, naming them); "user" is accepted and ignored
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+           "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p", "repetition_penalty",
+           "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "no_repeat_ngram_size"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "chat_template_kwargs"}
+
+
+def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_logprobs: int) -> Job:
+    """Check a request body (the parsed JSON) and read it into a :class:`Job`.
+
+    Args:
+        chat: ``/v1/chat/completions`` (else ``/v1/completions``).
+        model: the served model's name (a body naming another is refused, 404).
+        default_max_tokens: the budget of a request that sets none.
+        max_logprobs: the most likeliest tokens a request may ask for (0: log-probabilities are off).
+    """
+    if not isinstance(body, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
+    if unknown:
+        raise ProtocolError(f"unsupported fields {unknown}; this server reads {sorted(CHAT_FIELDS if chat else COMPLETION_FIELDS)}",
+                            unknown[0])
+    if body.get("model") is not None and body["model"] != model:
+        raise ProtocolError(f"the model {body['model']!r} does not exist: this server serves {model!r}", "model", 404)
+    prompts = _messages(body) if chat else _prompts(body)
+    if not chat:
+        if body.get("echo"):
+            raise ProtocolError("echo is not supported: the prompt is not repeated in the choices", "echo")
+        if body.get("suffix") is not None:
+            raise ProtocolError("suffix is not supported (no insertion mode)", "suffix")
+    n = _integer(body, "n", 1, low=1)
+    if not chat and body.get("best_of") is not None and _integer(body, "best_of", n, low=1) != n:
+        raise ProtocolError("best_of must equal n here (every sampled choice is returned)", "best_of")
+    if len(prompts) * n > MAX_CHOICES:
+        raise ProtocolError(f"{len(prompts)} prompts × n={n} is {len(prompts) * n} choices, more than {MAX_CHOICES}",
+                            "n")
+    budget_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, budget_field, default_max_tokens, low=1)
+    stream = _boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise ProtocolError("stream_options applies with stream=true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise ProtocolError('stream_options must be {"include_usage": true|false}', "stream_options")
+    include_usage = bool(options and _boolean(options, "include_usage", False))
+    stops = body.get("stop")
+    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ProtocolError(f"stop must be a non-empty string or a list of them, got {body.get('stop')!r}", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ProtocolError(f"seed must be an integer, got {seed!r}", "seed")
+    top_k = _integer(body, "top_k", 0, low=-1)
+    settings = dict(
+        temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
+        top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
+        top_k=0 if top_k == -1 else top_k,
+        min_p=_number(body, "min_p", 0.0, low=0.0, high=1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, low=-2.0, high=2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, open_low=True),
+        no_repeat_ngram_size=_integer(body, "no_repeat_ngram_size", 0, low=0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        min_new_tokens=_integer(body, "min_tokens", 0, low=0),
+        ignore_eos=_boolean(body, "ignore_eos", False),
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
+        stop=stops or None,
+    )
+    if settings["min_new_tokens"] > max_tokens:
+        raise ProtocolError(f"min_tokens ({settings['min_new_tokens']}) must not exceed {budget_field} ({max_tokens})",
+                            "min_tokens")
+    logprobs = _logprobs(body, chat, max_logprobs)
+    template_kwargs = body.get("chat_template_kwargs") if chat else None
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise ProtocolError("chat_template_kwargs must be an object of template variables", "chat_template_kwargs")
+    return Job(chat=chat, prompts=prompts, n=n, max_tokens=max_tokens, seed=seed, settings=settings, stops=stops,
+               include_stop=_boolean(body, "include_stop_str_in_output", False), logprobs=logprobs, stream=stream,
+               include_usage=include_usage, chat_template_kwargs=template_kwargs)
+
+
+def _prompts(body: dict) -> list:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of those lists."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return [list(p) for p in prompt]
+    raise ProtocolError("prompt must be a string, a list of strings, a list of token ids or a list of such lists "
+                        f"(none empty), got {_show(prompt)}", "prompt")
+
+
+def _messages(body: dict) -> list:
+    """``messages``: ``{"role", "content"}`` objects; a content may be a list of text parts."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}}, got {_show(messages)}",
+                            "messages")
+    conversation = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ProtocolError(f"messages[{j}] must be an object with a string 'role', got {_show(message)}", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content):
+                raise ProtocolError(f"messages[{j}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
+                                    "supported", "messages")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ProtocolError(f"messages[{j}].content must be a string or a list of text parts, got {_show(content)}",
+                                "messages")
+        conversation.append({"role": message["role"], "content": content})
+    return [conversation]
+
+
+def _logprobs(body: dict, chat: bool, max_logprobs: int) -> int | None:
+    """How many likeliest tokens to list (``None``: no log-probabilities): completions' integer
+    ``logprobs``, chat's boolean ``logprobs`` with ``top_logprobs``."""
+    if chat:
+        wanted = _boolean(body, "logprobs", False)
+        top = _integer(body, "top_logprobs", 0, low=0)
+        if top and not wanted:
+            raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
+        count, name = (top if wanted else None), "top_logprobs"
+    else:
+        count, name = (None if body.get("logprobs") is None else _integer(body, "logprobs", 0, low=0)), "logprobs"
+    if count is None:
+        return None
+    if max_logprobs <= 0:
+        raise ProtocolError("this server does not return log-probabilities: start it with --max-logprobs K "
+                            "(every request then pays for computing them)", "logprobs")
+    if count > max_logprobs:
+        raise ProtocolError(f"{name} must be at most {max_logprobs} (--max-logprobs), got {count}", name)
+    return count
+
+
+def _integer(body: dict, name: str, default: int, *, low: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ProtocolError(f"{name} must be an integer >= {low}, got {value!r}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float, *, low: float, high: float = math.inf,
+            open_low: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (low < value if open_low else low <= value) and value <= high and math.isfinite(value)):
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else f"{'>' if open_low else '>='} {low:g}"
+        raise ProtocolError(f"{name} must be a number {'in ' if high < math.inf else ''}{bounds}, got {value!r}", name)
+    return float(value)
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
+def _logit_bias(value) -> dict[int, float] | None:
+    """``{"token id": bias}`` (JSON keys are strings) → ``{int: float}``."""
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, dict):
+            raise ValueError
+        return {int(token): float(bias) for token, bias in value.items()}
+    except (TypeError, ValueError):
+        raise ProtocolError(f'logit_bias must map token ids to biases, e.g. {{"50256": -100}}, got {_show(value)}',
+                            "logit_bias") from None
+
+
+def _token_ids(value, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ProtocolError(f"{name} must be a list of token ids, got {_show(value)}", name)
+    return value
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# responses ------------------------------------------------------------------------------------
+
+
+def cut_at_stop(text: str, stops: list[str], include_stop: bool) -> tuple[str, bool]:
+    """``text`` up to its first stop string (with it when ``include_stop``), and whether one was
+    found. A request ends on the token that completes a stop string; that token's text may go on
+    past it, and the API returns the text before the stop."""
+    found = [(at, stop) for stop in stops if (at := text.find(stop)) >= 0]
+    if not found:
+        return text, False
+    at, stop = min(found)
+    return text[:at + len(stop) if include_stop else at], True
+
+
+class ChoiceText:
+    """What a streamed choice may send: its text so far with the stop strings cut. Until the
+    choice ends, the last ``len(longest stop) − 1`` characters wait (they may begin a stop
+    string the next tokens complete); :meth:`finish` sends the rest, cut."""
+
+    def __init__(self, stops: list[str], include_stop: bool):
+        self.stops, self.include_stop = stops, include_stop
+        self.hold = 0 if include_stop or not stops else max(len(s) for s in stops) - 1
+        self.text, self.sent = "", 0
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        ready = max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent:ready], ready
+        return delta
+
+    def finish(self, piece: str) -> str:
+        self.text += piece
+        final, _ = cut_at_stop(self.text, self.stops, self.include_stop)
+        delta, self.sent = final[self.sent:], max(self.sent, len(final))
+        return delta
+
+
+def logprobs_body(chat: bool, tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None,
+                  offset: int = 0) -> dict:
+    """A choice's ``logprobs`` object: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``
+    or completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``offset``: where
+    these tokens' text starts in the choice's)."""
+    if chat:
+        entry = lambda token, lp: {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}  # noqa: E731
+        return {"content": [{**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in (top[i] if top else [])]}
+                            for i, (token, lp) in enumerate(zip(tokens, logprobs))]}
+    offsets, at = [], offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": logprobs,
+            "top_logprobs": None if top is None else [dict(alternatives) for alternatives in top],
+            "text_offset": offsets}

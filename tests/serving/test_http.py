@@ -1,0 +1,208 @@
+"""The OpenAI-compatible server, over real HTTP on localhost: each choice is what ``generate``
+gives alone with the same settings and seed (EAGLE-3 drafting, float64), streamed or not, from
+concurrent clients; stop strings are cut; a client that goes away has its requests aborted; bad
+requests get the API's error body before anything is queued."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import dspark
+from dspark.serving import OpenAIServer
+
+OVERRIDES = ["target.device=cpu", "target.dtype=float64", "engine.max_batch_size=2"]
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant> {% endif %}")
+PROMPTS = ["def add(a, b):", "import os\n", "class Stack:", "for i in range("]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A second pipeline, same config: what each choice decodes alone."""
+    return dspark.build_pipeline("eagle3", overrides=OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def server():
+    pipe = dspark.build_pipeline("eagle3", overrides=OVERRIDES)
+    with OpenAIServer(pipe, max_len=96, port=0, model_name="tiny", max_logprobs=2, chat_template=TEMPLATE) as server:
+        yield server
+
+
+def request(server, method: str, path: str, body=None, raw: bytes | None = None):
+    """``(status, parsed JSON body)``; a stream's body is its list of events (``[DONE]`` last)."""
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=120)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    if response.getheader("Content-Type") == "text/event-stream":
+        events = [line[len("data: "):] for line in text.split("\n\n") if line]
+        return response.status, [json.loads(e) if e != "[DONE]" else e for e in events]
+    return response.status, json.loads(text)
+
+
+def alone(reference, prompt, **settings) -> str:
+    return reference.generate([prompt], **settings).texts[0]
+
+
+def test_completions_are_generate_alone(server, reference):
+    """Two prompts × n = 2, sampled with a seed: choice k is prompt k // 2 decoded alone with
+    seed + k; greedy likewise; usage counts each prompt once."""
+    status, body = request(server, "POST", "/v1/completions", {
+        "prompt": PROMPTS[:2], "n": 2, "max_tokens": 12, "temperature": 0.8, "top_p": 0.95, "seed": 5,
+        "ignore_eos": True, "model": "tiny"})
+    assert status == 200 and body["object"] == "text_completion" and body["model"] == "tiny"
+    expected = [alone(reference, PROMPTS[k // 2], max_new_tokens=12, temperature=0.8, top_p=0.95, seed=5 + k,
+                      ignore_eos=True) for k in range(4)]
+    assert [c["text"] for c in body["choices"]] == expected
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    prompt_tokens = sum(len(reference.encode([p])[0]) for p in PROMPTS[:2])
+    assert body["usage"]["prompt_tokens"] == prompt_tokens and body["usage"]["completion_tokens"] == 48
+    assert body["usage"]["speculative"]["target_forwards"] < 48  # drafts were accepted
+    status, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 20,
+                                                              "temperature": 0})
+    assert body["choices"][0]["text"] == alone(reference, PROMPTS[2], max_new_tokens=20)
+
+
+def test_streams_add_up_to_the_answer(server):
+    """The streamed deltas of every choice concatenate to the non-streamed text; each choice ends
+    once with its finish reason; the usage comes last, then [DONE]; one id throughout."""
+    body = {"prompt": PROMPTS[1:3], "n": 2, "max_tokens": 16, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    _, whole = request(server, "POST", "/v1/completions", body)
+    status, events = request(server, "POST", "/v1/completions",
+                             {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    assert len({e["id"] for e in events[:-1]}) == 1
+    for choice in whole["choices"]:
+        mine = [c for e in chunks for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine].count("length") == 1 and mine[-1]["finish_reason"] == "length"
+    assert len(chunks) > 4  # it streamed
+
+
+def test_stop_strings_are_cut(server, reference):
+    free = alone(reference, PROMPTS[0], max_new_tokens=24, ignore_eos=True)
+    stop = free[6:9]
+    body = {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": stop}
+    _, cut = request(server, "POST", "/v1/completions", body)
+    assert cut["choices"][0]["text"] == free[:free.find(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    _, kept = request(server, "POST", "/v1/completions", {**body, "include_stop_str_in_output": True})
+    assert kept["choices"][0]["text"] == free[:free.find(stop) + len(stop)]
+    _, events = request(server, "POST", "/v1/completions", {**body, "stream": True})
+    assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == cut["choices"][0]["text"]
+
+
+def test_concurrent_clients_each_get_their_own(server, reference):
+    """Four clients at once into two slots (requests wait for slots and join mid-flight)."""
+    results = {}
+
+    def client(i):
+        results[i] = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[i], "max_tokens": 8 + 4 * i,
+                                                                 "temperature": 0.7, "seed": 100 + i, "ignore_eos": True,
+                                                                 "stream": i % 2 == 1})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        status, body = results[i]
+        text = "".join(c["text"] for e in body[:-1] for c in e["choices"]) if i % 2 else body["choices"][0]["text"]
+        assert status == 200 and text == alone(reference, PROMPTS[i], max_new_tokens=8 + 4 * i, temperature=0.7,
+                                               seed=100 + i, ignore_eos=True), f"client {i}"
+
+
+def test_chat_completions(server, reference):
+    messages = [{"role": "user", "content": "write a function"}]
+    rendered = reference.encode(["<user> write a function\n<assistant> "])[0]
+    status, body = request(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 10,
+                                                                   "temperature": 0, "ignore_eos": True})
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant",
+                                             "content": reference.generate([rendered], max_new_tokens=10,
+                                                                           ignore_eos=True).texts[0]}
+    assert body["usage"]["prompt_tokens"] == len(rendered)
+    _, events = request(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 10,
+                                                                "temperature": 0, "ignore_eos": True, "stream": True})
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["delta"].get("content", "") for e in events[:-1] for c in e["choices"]) == \
+        body["choices"][0]["message"]["content"]
+
+
+def test_logprobs(server, reference):
+    expected = reference.generate([PROMPTS[3]], max_new_tokens=6, logprobs=True, top_logprobs=2)
+    _, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0,
+                                                          "logprobs": 2})
+    lp = body["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == pytest.approx(expected.logprobs[0], abs=1e-9)
+    assert lp["tokens"] == [reference.tokenizer.decode([t], skip_special_tokens=False) for t in expected.token_ids[0]]
+    assert [list(d.values()) for d in lp["top_logprobs"]] == [
+        pytest.approx([v for _, v in alts], abs=1e-9) for alts in expected.top_logprobs[0]]
+    _, chat = request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                               "max_tokens": 3, "logprobs": True, "top_logprobs": 1})
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(entry["top_logprobs"]) == 1 for entry in content)
+
+
+def test_a_client_that_goes_away_is_aborted(server, reference):
+    """Close the connection after the first chunk of a long stream: the server aborts the request
+    (its slot frees), and the next request decodes as alone."""
+    before = server.loop.aborted
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 80, "temperature": 1.0, "seed": 3, "ignore_eos": True,
+                       "stream": True}).encode()
+    with socket.create_connection(server.httpd.server_address[:2], timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 60
+    while server.loop.aborted == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.loop.aborted == before + 1
+    _, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
+    assert body["choices"][0]["text"] == alone(reference, PROMPTS[1], max_new_tokens=8)
+
+
+def test_errors_and_the_other_routes(server):
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "temperature": -1})
+    assert status == 400 and body["error"]["param"] == "temperature" and body["error"]["type"] == "invalid_request_error"
+    status, body = request(server, "POST", "/v1/completions", raw=b"{not json")
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "model": "other"})
+    assert status == 404 and "'other' does not exist" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": " ".join(map(str, range(200))), "max_tokens": 8})
+    assert status == 400 and "more than the batch's 96 per request" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": [[1, 2], [10**6]], "max_tokens": 8})
+    assert status == 400 and "vocabulary" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/embeddings", {"input": "x"})
+    assert status == 404 and "POST /v1/completions" in body["error"]["message"]
+    assert request(server, "GET", "/health") == (200, {"status": "ok"})
+    status, body = request(server, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+    # refused requests left nothing behind: the next decodes as the first
+    _, again = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0})
+    assert again["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_servers_are_refused_before_they_start():
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
+    with pytest.raises(ValueError, match=r"max_logprobs must be an integer in \[0, 20\]"):
+        OpenAIServer(pipe, max_len=64, port=0, max_logprobs=21)
+    with pytest.raises(ValueError, match="default_max_tokens must be an integer >= 1"):
+        OpenAIServer(pipe, max_len=64, port=0, default_max_tokens=0)
+    static = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.batching=static"])
+    with pytest.raises(ValueError, match="a Session needs continuous batching"):
+        OpenAIServer(static, max_len=64, port=0)
