@@ -1,7 +1,7 @@
 """Serving latency: requests arriving over time (a Poisson process) into a session, per pipeline.
 
     python benchmarks/serving.py [--configs ar eagle3] [--rates 20 60] [--requests 48]
-        [--batch 8] [--max-new-tokens 64] [--temperature 0] [--seed 0]
+        [--batch 8] [--max-new-tokens 64] [--temperature 0] [--seed 0] [--http]
 
 ``--requests`` code prompts arrive at ``--rates`` requests per second (exponential gaps from
 ``--seed``: the same arrival times for every pipeline); before each step the session takes every
@@ -10,13 +10,22 @@ slots). Per request: time to first token (from its arrival), time per output tok
 first, and latency (arrival to end); per run: throughput (tokens ÷ the time from the first
 arrival to the last end). Prints medians and 90th percentiles. One run per cell, pipelines in
 turn at each rate (a serving run is long enough that its own requests average the noise).
+
+``--http`` also serves the same arrivals through the OpenAI-compatible server
+(:class:`dspark.serving.OpenAIServer` on a free local port): a client thread per request, started
+at its arrival, streams a completion; its first token is the first chunk with text, its end the
+``[DONE]``. Clients and server share this process (and its GIL), so the overhead measured is an
+upper bound of what HTTP, JSON and text decoding add to the session itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import random
 import statistics
+import threading
 import time
 
 import dspark
@@ -52,6 +61,48 @@ def serve(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, tempe
     return dict(ttft=ttft, latency=latency, per_token=per_token, throughput=tokens / makespan)
 
 
+def serve_http(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, temperature: float) -> dict:
+    """The same arrivals as :func:`serve`, each a streaming client of an :class:`OpenAIServer`."""
+    from dspark.serving import OpenAIServer
+
+    max_len = max(len(p) for p in pipe.encode(prompts)) + max_new_tokens + pipe.drafter.gamma + 1
+    results: dict[int, tuple[float, float, int]] = {}  # request → (first text, end, tokens), since `start`
+    with OpenAIServer(pipe, max_len=max_len, port=0) as server:
+        host, port = server.httpd.server_address[:2]
+
+        def client(i: int) -> None:
+            connection = http.client.HTTPConnection(host, port, timeout=600)
+            connection.request("POST", "/v1/completions", body=json.dumps(
+                {"prompt": prompts[i], "max_tokens": max_new_tokens, "temperature": temperature, "seed": i,
+                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}),
+                headers={"Content-Type": "application/json"})
+            response, first, tokens = connection.getresponse(), None, 0
+            for line in response:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if first is None and any(c["text"] for c in event["choices"]):
+                    first = time.perf_counter() - start
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+            results[i] = (first, time.perf_counter() - start, tokens)
+            connection.close()
+
+        start, threads = time.perf_counter(), []
+        for i, arrival in enumerate(arrivals):
+            time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
+            threads.append(threading.Thread(target=client, args=(i,)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
+    ttft = [results[i][0] - a for i, a in enumerate(arrivals)]
+    latency = [results[i][1] - a for i, a in enumerate(arrivals)]
+    per_token = [(results[i][1] - results[i][0]) / max(1, results[i][2] - 1) for i in range(len(arrivals))]
+    makespan = max(r[1] for r in results.values()) - min(arrivals)
+    return dict(ttft=ttft, latency=latency, per_token=per_token,
+                throughput=sum(r[2] for r in results.values()) / makespan)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["ar", "eagle3"])
@@ -61,6 +112,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--http", action="store_true", help="also through the OpenAI-compatible HTTP server")
     args = parser.parse_args()
 
     pipes = {name: dspark.build_pipeline(f"configs/{name}.yaml", overrides=[
@@ -75,10 +127,12 @@ def main() -> None:
             arrivals.append(t)
             t += gaps(rate)
         for name, pipe in pipes.items():
-            r = serve(pipe, prompts, arrivals, args.max_new_tokens, args.temperature)
-            cells = "; ".join(f"{key} median {1e3 * statistics.median(r[key]):.0f} ms, p90 {1e3 * percentile(r[key], 0.9):.0f} ms"
-                              for key in ("ttft", "per_token", "latency"))
-            print(f"rate {rate:g}/s, {name}: {r['throughput']:.0f} tokens/s; {cells}", flush=True)
+            for way, run in (("session", serve), *((("http", serve_http),) if args.http else ())):
+                r = run(pipe, prompts, arrivals, args.max_new_tokens, args.temperature)
+                cells = "; ".join(f"{key} median {1e3 * statistics.median(r[key]):.0f} ms, "
+                                  f"p90 {1e3 * percentile(r[key], 0.9):.0f} ms" for key in ("ttft", "per_token", "latency"))
+                print(f"rate {rate:g}/s, {name}{', over HTTP' if way == 'http' else ''}: {r['throughput']:.0f} tokens/s; "
+                      f"{cells}", flush=True)
 
 
 if __name__ == "__main__":

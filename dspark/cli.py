@@ -224,7 +224,8 @@ def _serve_http(args: argparse.Namespace) -> int:
         server = OpenAIServer(pipe, max_len=args.max_len, host=args.host or "127.0.0.1", port=args.port,
                               model_name=args.served_model_name or "dspark",
                               default_max_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
-                              max_logprobs=args.max_logprobs or 0, chat_template=template,
+                              max_logprobs=20 if args.max_logprobs is None else args.max_logprobs,
+                              chat_template=template,
                               chat_template_kwargs=template_kwargs)
     except (ValueError, OSError) as err:
         raise SystemExit(f"dspark serve: {err}") from None
@@ -534,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1)")
     http.add_argument("--served-model-name", default=None, help="the model name requests use (default: dspark)")
     http.add_argument("--max-logprobs", type=int, default=None,
-                      help="allow log-probabilities with up to K likeliest tokens (K <= 20; every request then pays "
-                           "for computing them; default: refused)")
+                      help="the most likeliest tokens a request may ask for with its log-probabilities (0-20; "
+                           "default 20; 0 refuses log-probabilities)")
     http.add_argument("--chat-template", default=None, help="a Jinja chat template file for /v1/chat/completions "
                                                             "(default: the tokenizer's)")
     http.add_argument("--chat-template-kwargs", default=None,

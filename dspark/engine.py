@@ -257,11 +257,13 @@ class Engine:
         return outputs, GenerationStats.merge(parts), scores
 
     def request(self, prompt: list[int], *, max_new_tokens: int, params: SamplingParams, seed: int,
-                ignore_eos: bool = False, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0) -> "Request":
+                ignore_eos: bool = False, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
+                logprobs: int | None = None) -> "Request":
         """One request as :meth:`Batch.add` takes it (already validated; its stop ids are the
-        engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``)."""
+        engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``; ``logprobs``: see
+        :class:`Request`)."""
         stops = _stop_ids(self.eos_token_ids, [ignore_eos], [list(stop_token_ids)], 1)[0]
-        return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens))
+        return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens), logprobs)
 
     def open_batch(self, slots: int, max_len: int, *, on_tokens=None, stop_check=None, logprobs: bool = False,
                    top_logprobs: int = 0, prompt_logprobs: bool = False, started: float | None = None) -> "Batch":
@@ -344,9 +346,10 @@ class Engine:
         if request in batch.waiting:
             batch.waiting.remove(request)
             batch.outputs[request], batch.finished[request] = [], now
-            for scores in (batch.scores.tokens, batch.scores.top):
+            wanted = batch.requests[request].logprobs
+            for scores, least in ((batch.scores.tokens, 0), (batch.scores.top, 1)):
                 if scores is not None:
-                    scores[request] = []
+                    scores[request] = [] if wanted >= least else None
             return True
         if request not in batch.holder or batch.status[slot := batch.holder.index(request)]:
             return False  # finished already (collected, or ended in the last step)
@@ -445,14 +448,17 @@ class Engine:
         for i, row in zip(requests, data):
             batch.outputs[i] = row[1 + len(batch.requests[i].prompt): 1 + row[0]]
         spans = [(len(batch.requests[i].prompt), len(batch.outputs[i])) for i in requests]
+        wanted = [batch.requests[i].logprobs for i in requests]  # (−1: none; k: k likeliest)
         if batch.stopper.logprobs is not None:
-            for i, row, (start, n) in zip(requests, batch.stopper.logprobs[rows].tolist(), spans):
-                batch.scores.tokens[i] = row[start: start + n]
+            for i, row, (start, n), k in zip(requests, batch.stopper.logprobs[rows].tolist(), spans, wanted):
+                batch.scores.tokens[i] = row[start: start + n] if k >= 0 else None
         if batch.stopper.top is not None:
             values, ids = (buffer[rows].tolist() for buffer in batch.stopper.top)
-            for k, (i, (start, n)) in enumerate(zip(requests, spans)):
-                batch.scores.top[i] = [list(zip(ids[k][t], values[k][t])) for t in range(start, start + n)]
+            for j, (i, (start, n), k) in enumerate(zip(requests, spans, wanted)):
+                batch.scores.top[i] = None if k < 1 else [list(zip(ids[j][t][:k], values[j][t][:k]))
+                                                          for t in range(start, start + n)]
         batch.counters.retire(rows, torch.tensor(requests, device=rows.device))
+        batch.stopper.release(slots)
         for b in slots:
             batch.holder[b] = -1
 
@@ -596,7 +602,9 @@ class Scores:
 @dataclass
 class Request:
     """One request of a batch (:meth:`Engine.request`): its prompt and what it asks for
-    (``stop_ids``: EOS unless it ignores it, then its stop tokens)."""
+    (``stop_ids``: EOS unless it ignores it, then its stop tokens; ``logprobs``: −1 none, ``k ≥ 0``
+    its tokens' log-probabilities and the ``k`` likeliest tokens at each position, ``None`` the
+    batch's setting)."""
 
     prompt: list[int]
     budget: int
@@ -604,6 +612,7 @@ class Request:
     seed: int
     stop_ids: tuple[int, ...]
     min_new: int
+    logprobs: int | None = None
 
     def released(self) -> "Request":
         """The same request without its prompt (a finished one whose output was read)."""
@@ -655,6 +664,14 @@ class Batch:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.budget}) + one round of "
                              f"lookahead ({self.lookahead}) needs {len(request.prompt) + request.budget + self.lookahead} "
                              f"positions, more than the batch's {self.max_len} per request")
+        if request.logprobs is None:
+            request = replace(request, logprobs=self.top_logprobs if self.logprobs else -1)
+        elif request.logprobs >= 0 and not self.logprobs:
+            raise ValueError("this batch records no log-probabilities: open it with logprobs=True (and top_logprobs=K "
+                             "for the likeliest tokens) for requests to ask for them")
+        elif request.logprobs > self.top_logprobs:
+            raise ValueError(f"top_logprobs={request.logprobs} is more than this batch records ({self.top_logprobs}: "
+                             "open it with a larger top_logprobs)")
         self.requests.append(request)
         self.waiting.append(len(self.requests) - 1)
         for results in (self.outputs, self.first_token, self.finished, *(
@@ -822,6 +839,7 @@ class _Stopper:
         self.longest_hold = 0  # (host int)
         self.calls = 0  # target distributions suppressed since the last admission (host int)
         self.min_new_tokens = self.stop_vocab = None  # [B], [B, V]: once a request holds stop ids back
+        self.wants = [-1] * batch  # (host) each slot's request's log-probabilities: −1 none, k ≥ 0: k likeliest
 
     def admit(self, rows: torch.Tensor, slots: list[int], requests: list) -> None:
         """New requests (:class:`Request`) in ``slots`` (``rows`` on the device): their stop ids,
@@ -836,6 +854,7 @@ class _Stopper:
         self.max_new_tokens[rows] = torch.tensor([r.budget for r in requests], dtype=torch.long, device=device)
         for b, request in zip(slots, requests):
             self.min_new[b] = request.min_new if request.stop_ids else 0
+            self.wants[b] = -1 if request.logprobs is None else request.logprobs
         if self.stop_vocab is None and any(self.min_new):
             self.min_new_tokens = torch.zeros(batch, dtype=torch.long, device=device)
             self.stop_vocab = torch.zeros(batch, self.vocab_size, dtype=torch.bool, device=device)
@@ -845,6 +864,11 @@ class _Stopper:
             self.stop_vocab[rows] = torch.zeros(len(slots), self.vocab_size + 1, dtype=torch.bool, device=device).scatter_(
                 1, spare, True)[:, :self.vocab_size]
             self.calls, self.longest_hold = 0, max(self.min_new)
+
+    def release(self, slots: list[int]) -> None:
+        """The requests in ``slots`` were collected: nothing of theirs to record any more."""
+        for b in slots:
+            self.wants[b] = -1
 
     def suppress(self, logits: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """The target's logits ``[B, K, V]`` for positions 0..K−1 after each request's last token, with
@@ -867,18 +891,21 @@ class _Stopper:
         With :attr:`logprobs` (a ``[B, S]`` buffer beside ``state.tokens``), also record each
         token's log-probability under the target's ``logits`` ``[B, ≥K, V]`` it was drawn after, and
         with :attr:`top` (``[B, S, k]`` values and token ids) the ``k`` likeliest there; as with the
-        tokens, what lands past a request's new length is never read (and is overwritten)."""
+        tokens, what lands past a request's new length is never read (and is overwritten). Only
+        while a request that asks for them holds a slot (:attr:`wants`), and as many likeliest
+        tokens as the most any of them asks for: the others pay nothing."""
         kept = kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
                                      num_emitted, self.eos, self.max_new_tokens)
-        if self.logprobs is not None:
+        want = max(self.wants)
+        if self.logprobs is not None and want >= 0:
             width = emitted.shape[1]
             distributions = torch.log_softmax(logits[:, :width].float(), -1)  # [B, K, V]
             start = state.lengths - kept  # where this call's tokens went
             positions = start.unsqueeze(1) + torch.arange(width, device=kept.device)  # [B, K]; γ + 1 spare columns
             self.logprobs.scatter_(1, positions, distributions.gather(-1, emitted.unsqueeze(-1)).squeeze(-1))
-            if self.top is not None:
-                values, ids = distributions.topk(self.top[0].shape[-1], -1)  # [B, K, k], likeliest first
+            if self.top is not None and want > 0:
+                values, ids = distributions.topk(want, -1)  # [B, K, k], likeliest first
                 index = positions.unsqueeze(-1).expand_as(ids)
-                self.top[0].scatter_(1, index, values)
-                self.top[1].scatter_(1, index, ids)
+                self.top[0][..., :want].scatter_(1, index, values)
+                self.top[1][..., :want].scatter_(1, index, ids)
         return kept

@@ -73,7 +73,9 @@ class Session:
             ``admit`` and a cache with row views).
         max_len: positions per request (prompt + ``max_new_tokens`` + γ + 1 at most); default
             ``cache.max_len``. The cache holds ``max_batch_size × max_len`` positions.
-        logprobs, top_logprobs, prompt_logprobs: as for ``generate``, for every request.
+        logprobs, top_logprobs, prompt_logprobs: as for ``generate``, for every request; with
+            ``logprobs``, a request may ask for fewer (``submit(logprobs=False)``, a smaller
+            ``top_logprobs``) and pays only for what it asks.
     """
 
     def __init__(self, pipeline, *, max_len: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
@@ -107,11 +109,21 @@ class Session:
                min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None,
                seed: int | None = None, ignore_eos: bool = False, stop_token_ids: list[int] | None = None,
-               stop: list[str] | None = None, min_new_tokens: int = 0) -> int:
+               stop: list[str] | None = None, min_new_tokens: int = 0, logprobs: bool | None = None,
+               top_logprobs: int | None = None) -> int:
         """Queue one request (a string, with a tokenizer, or token ids) with ``generate``'s settings
         for one request; it joins the batch at the next :meth:`step` that finds a slot free.
         Everything is checked first (a bad value raises, and nothing is queued). ``seed=None``:
-        a fresh seed. Returns the request's id: 0, 1, … in submission order."""
+        a fresh seed. ``logprobs`` / ``top_logprobs``: this request's (default: the session's;
+        a session opened with ``logprobs=True, top_logprobs=K`` records them only for the requests
+        that ask, up to ``K`` likeliest tokens, and costs the others nothing while none of those
+        decodes). Returns the request's id: 0, 1, … in submission order."""
+        scores = None  # the session's setting
+        if logprobs is not None or top_logprobs is not None:
+            from dspark.pipeline import check_score_options
+
+            check_score_options(False if logprobs is None else logprobs, top_logprobs or 0, False)
+            scores = (top_logprobs or 0) if logprobs else -1
         encoded, budgets, params, seeds, (ignore, stop_ids, checks, min_new) = self.pipeline._requests(
             [prompt], max_new_tokens, [seed], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -120,7 +132,8 @@ class Session:
         self.engine.check_fits([len(encoded[0])], budgets)
         request = self.engine.request(encoded[0], max_new_tokens=budgets[0],
                                       params=params if not isinstance(params, list) else params[0], seed=seeds[0],
-                                      ignore_eos=ignore[0], stop_token_ids=stop_ids[0], min_new_tokens=min_new[0])
+                                      ignore_eos=ignore[0], stop_token_ids=stop_ids[0], min_new_tokens=min_new[0],
+                                      logprobs=scores)
         index = self.batch.add(request)  # (refuses a request that does not fit max_len)
         self._checks.append(checks[0])
         return index

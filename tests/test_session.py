@@ -155,3 +155,40 @@ def test_finish_reasons_and_release():
         session.release(waiting)
     with pytest.raises(ValueError, match="no request 7"):
         session.abort(7)
+
+
+def test_log_probabilities_per_request():
+    """A session that records up to 3 likeliest tokens: each request gets what it asks for —
+    nothing, its tokens' log-probabilities, or the k likeliest too — equal to ``generate``'s
+    alone; while no request that asks decodes, nothing is computed."""
+    pipe = dspark.build_pipeline("eagle3", overrides=["target.device=cpu", "target.dtype=float64",
+                                                      "engine.max_batch_size=2"])
+    prompts = ["def add(a, b):", "import os\n", "class Stack:", "for i in range("]
+    asks = [dict(logprobs=False), dict(logprobs=True), dict(logprobs=True, top_logprobs=2), {}]
+    expected = [pipe.generate([p], max_new_tokens=10, temperature=0.8, seed=i, logprobs=True, top_logprobs=3)
+                for i, p in enumerate(prompts)]
+    quiet = pipe.session(max_len=48, logprobs=True, top_logprobs=3)
+    quiet.submit(prompts[0], max_new_tokens=10, logprobs=False)
+    while quiet.unfinished:
+        quiet.step()
+    assert quiet.result(0).logprobs is None and not quiet.batch.stopper.logprobs.any()  # nothing computed
+    session = pipe.session(max_len=48, logprobs=True, top_logprobs=3)
+    for i, (prompt, ask) in enumerate(zip(prompts, asks)):
+        session.submit(prompt, max_new_tokens=10, temperature=0.8, seed=i, **ask)
+    while session.unfinished:
+        session.step()
+    outputs = [session.result(i) for i in range(4)]
+    assert [o.token_ids for o in outputs] == [e.token_ids[0] for e in expected]
+    assert outputs[0].logprobs is None and outputs[0].top_logprobs is None
+    assert outputs[1].logprobs == pytest.approx(expected[1].logprobs[0], abs=1e-9) and outputs[1].top_logprobs is None
+    for i, k in ((2, 2), (3, 3)):
+        assert outputs[i].logprobs == pytest.approx(expected[i].logprobs[0], abs=1e-9)
+        assert [[t for t, _ in alts] for alts in outputs[i].top_logprobs] == [
+            [t for t, _ in alts[:k]] for alts in expected[i].top_logprobs[0]]
+    plain = pipe.session(max_len=48)
+    with pytest.raises(ValueError, match="records no log-probabilities"):
+        plain.submit(prompts[0], max_new_tokens=4, logprobs=True)
+    with pytest.raises(ValueError, match=r"top_logprobs=5 is more than this batch records \(3"):
+        session.submit(prompts[0], max_new_tokens=4, logprobs=True, top_logprobs=5)
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        session.submit(prompts[0], max_new_tokens=4, top_logprobs=2)

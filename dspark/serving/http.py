@@ -45,14 +45,16 @@ class OpenAIServer:
         host, port: where to listen (port 0: any free port; :attr:`url` says which).
         model_name: the ``model`` this server answers to (a request may leave it out).
         default_max_tokens: the budget of a request that sets no ``max_tokens``.
-        max_logprobs: the most likeliest tokens a request may ask for with its log-probabilities;
-            0 (default) refuses log-probabilities — with K > 0 every request pays for computing them.
+        max_logprobs: the most likeliest tokens a request may ask for with its log-probabilities
+            (vLLM's default, 20; 0 refuses log-probabilities). Only the requests that ask pay for
+            them — and the others while one of those decodes beside them (the batch's distributions
+            go through one log-softmax).
         chat_template: a Jinja chat template for ``/v1/chat/completions`` (default: the tokenizer's).
         chat_template_kwargs: template variables for every chat request (a request may add its own).
     """
 
     def __init__(self, pipeline, *, max_len: int | None = None, host: str = "127.0.0.1", port: int = 8000,
-                 model_name: str = "dspark", default_max_tokens: int = 16, max_logprobs: int = 0,
+                 model_name: str = "dspark", default_max_tokens: int = 16, max_logprobs: int = 20,
                  chat_template: str | None = None, chat_template_kwargs: dict | None = None):
         if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be an integer >= 1, got {default_max_tokens!r}")
@@ -131,8 +133,9 @@ class OpenAIServer:
                     err = ValueError("this server's tokenizer has no chat template: start it with --chat-template FILE "
                                      "(OpenAIServer(chat_template=...)), or use /v1/completions")
                 raise ProtocolError(str(err), "messages") from None
+        scores = {} if not self.max_logprobs else dict(logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0)
         requests = [dict(prompt=prompt, max_new_tokens=job.max_tokens,
-                         seed=None if job.seed is None else job.seed + i * job.n + j, **job.settings)
+                         seed=None if job.seed is None else job.seed + i * job.n + j, **job.settings, **scores)
                     for i, prompt in enumerate(prompts) for j in range(job.n)]
         try:
             return self.loop.submit(requests, list(range(job.choices)), events)

@@ -206,8 +206,8 @@ def _logprobs(body: dict, chat: bool, max_logprobs: int) -> int | None:
     if count is None:
         return None
     if max_logprobs <= 0:
-        raise ProtocolError("this server does not return log-probabilities: start it with --max-logprobs K "
-                            "(every request then pays for computing them)", "logprobs")
+        raise ProtocolError("this server does not return log-probabilities: it was started with --max-logprobs 0",
+                            "logprobs")
     if count > max_logprobs:
         raise ProtocolError(f"{name} must be at most {max_logprobs} (--max-logprobs), got {count}", name)
     return count

@@ -80,7 +80,7 @@ def test_model_logprobs_and_chat_refusals():
     with pytest.raises(ProtocolError, match="the model 'gpt-4' does not exist: this server serves 'tiny'") as caught:
         parse({"prompt": "x", "model": "gpt-4"})
     assert caught.value.status == 404
-    with pytest.raises(ProtocolError, match="start it with --max-logprobs K"):
+    with pytest.raises(ProtocolError, match="started with --max-logprobs 0"):
         parse({"prompt": "x", "logprobs": 1}, max_logprobs=0)
     with pytest.raises(ProtocolError, match="top_logprobs needs logprobs=true"):
         parse({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, chat=True)
