@@ -116,6 +116,7 @@ class OpenAIServer:
     # -- a request's life: checked, submitted, answered ----------------------------------------
 
     def job(self, body, *, chat: bool) -> Job:
+        """A request body checked against this server's model and limits (:func:`parse_request`)."""
         return parse_request(body, chat=chat, model=self.model_name, default_max_tokens=self.default_max_tokens,
                              max_logprobs=self.max_logprobs)
 
@@ -155,6 +156,7 @@ class OpenAIServer:
         return body
 
     def logprobs(self, job: Job, output) -> dict | None:
+        """A choice's ``logprobs`` object (``None`` when its request asked for none), tokens as text."""
         if job.logprobs is None:
             return None
         tokenizer = self.pipeline.tokenizer
@@ -176,6 +178,8 @@ class OpenAIServer:
                                 "tokens_per_forward": completion / forwards if forwards else None}}
 
     def head(self, job: Job) -> dict:
+        """The fields every response (or every chunk of a stream) starts with: a new id, the object
+        kind, the time, the model."""
         kind = "chat.completion" if job.chat else "text_completion"
         return {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": kind + (".chunk" if job.chat and job.stream else ""), "created": int(time.time()),

@@ -48,11 +48,13 @@ class EngineLoop:
         self.aborted = 0  # of which aborted (by abort() or close())
 
     def start(self) -> "EngineLoop":
+        """Start the engine's thread; returns ``self``."""
         self._thread.start()
         return self
 
     @property
     def running(self) -> bool:
+        """Whether the engine's thread is alive (not closed, not failed)."""
         return self._thread.is_alive()
 
     def submit(self, requests: list[dict], tags: list, events: queue.Queue) -> list[int]:

@@ -29,6 +29,7 @@ class ProtocolError(ValueError):
         self.param, self.status = param, status
 
     def body(self) -> dict:
+        """The API's error body: ``{"error": {"message", "type", "param", "code"}}``."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": None}}
 
