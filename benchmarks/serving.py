@@ -13,9 +13,9 @@ turn at each rate (a serving run is long enough that its own requests average th
 
 ``--http`` also serves the same arrivals through the OpenAI-compatible server
 (:class:`dspark.serving.OpenAIServer` on a free local port): a client thread per request, started
-at its arrival, streams a completion; its first token is the first chunk with text, its end the
-``[DONE]``. Clients and server share this process (and its GIL), so the overhead measured is an
-upper bound of what HTTP, JSON and text decoding add to the session itself.
+at its arrival in a process of its own, streams a completion; its first token is the first chunk
+with text, its end the ``[DONE]``. The difference to the session's own numbers is what HTTP, JSON,
+text decoding and the server's threads cost (the client process shares this machine's cores).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import random
 import statistics
 import threading
@@ -62,45 +63,55 @@ def serve(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, tempe
 
 
 def serve_http(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, temperature: float) -> dict:
-    """The same arrivals as :func:`serve`, each a streaming client of an :class:`OpenAIServer`."""
+    """The same arrivals as :func:`serve`, each a streaming client of an :class:`OpenAIServer`; the
+    clients run in a process of their own (as they would on other machines)."""
     from dspark.serving import OpenAIServer
 
     max_len = max(len(p) for p in pipe.encode(prompts)) + max_new_tokens + pipe.drafter.gamma + 1
-    results: dict[int, tuple[float, float, int]] = {}  # request → (first text, end, tokens), since `start`
     with OpenAIServer(pipe, max_len=max_len, port=0) as server:
-        host, port = server.httpd.server_address[:2]
+        results = multiprocessing.get_context("fork").Queue()
+        clients = multiprocessing.get_context("fork").Process(target=_clients, args=(
+            server.httpd.server_address[:2], prompts, arrivals, max_new_tokens, temperature, results))
+        clients.start()
+        timings = results.get()  # request → (first text, end, tokens), seconds since the first arrival
+        clients.join()
+    ttft = [timings[i][0] - a for i, a in enumerate(arrivals)]
+    latency = [timings[i][1] - a for i, a in enumerate(arrivals)]
+    per_token = [(timings[i][1] - timings[i][0]) / max(1, timings[i][2] - 1) for i in range(len(arrivals))]
+    makespan = max(t[1] for t in timings) - min(arrivals)
+    return dict(ttft=ttft, latency=latency, per_token=per_token, throughput=sum(t[2] for t in timings) / makespan)
 
-        def client(i: int) -> None:
-            connection = http.client.HTTPConnection(host, port, timeout=600)
-            connection.request("POST", "/v1/completions", body=json.dumps(
-                {"prompt": prompts[i], "max_tokens": max_new_tokens, "temperature": temperature, "seed": i,
-                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}),
-                headers={"Content-Type": "application/json"})
-            response, first, tokens = connection.getresponse(), None, 0
-            for line in response:
-                if not line.startswith(b"data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if first is None and any(c["text"] for c in event["choices"]):
-                    first = time.perf_counter() - start
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-            results[i] = (first, time.perf_counter() - start, tokens)
-            connection.close()
 
-        start, threads = time.perf_counter(), []
-        for i, arrival in enumerate(arrivals):
-            time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
-            threads.append(threading.Thread(target=client, args=(i,)))
-            threads[-1].start()
-        for thread in threads:
-            thread.join()
-    ttft = [results[i][0] - a for i, a in enumerate(arrivals)]
-    latency = [results[i][1] - a for i, a in enumerate(arrivals)]
-    per_token = [(results[i][1] - results[i][0]) / max(1, results[i][2] - 1) for i in range(len(arrivals))]
-    makespan = max(r[1] for r in results.values()) - min(arrivals)
-    return dict(ttft=ttft, latency=latency, per_token=per_token,
-                throughput=sum(r[2] for r in results.values()) / makespan)
+def _clients(address, prompts: list, arrivals: list[float], max_new_tokens: int, temperature: float, results) -> None:
+    """A thread per request, started at its arrival, streaming a completion (in the client process)."""
+    timings: dict[int, tuple[float, float, int]] = {}
+
+    def client(i: int) -> None:
+        connection = http.client.HTTPConnection(*address, timeout=600)
+        connection.request("POST", "/v1/completions", body=json.dumps(
+            {"prompt": prompts[i], "max_tokens": max_new_tokens, "temperature": temperature, "seed": i,
+             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}),
+            headers={"Content-Type": "application/json"})
+        response, first, tokens = connection.getresponse(), None, 0
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and any(c["text"] for c in event["choices"]):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+        timings[i] = (first, time.perf_counter() - start, tokens)
+        connection.close()
+
+    start, threads = time.perf_counter(), []
+    for i, arrival in enumerate(arrivals):
+        time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
+        threads.append(threading.Thread(target=client, args=(i,)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    results.put([timings[i] for i in range(len(arrivals))])
 
 
 def main() -> None:

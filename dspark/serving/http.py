@@ -10,7 +10,8 @@ Every request joins one :class:`~dspark.session.Session` (continuous batching ov
 ``engine.max_batch_size`` slots) stepped by the engine's own thread (:class:`EngineLoop`); each
 HTTP connection is served on a thread of its own, which waits for its choices' tokens. A choice
 decodes exactly as ``generate`` would decode it alone with the same settings and seed. A client
-that goes away while its choices stream has them aborted, freeing their slots.
+that goes away before its answer is complete (streamed or not) has its choices aborted, freeing
+their slots.
 
 Standard library only (``http.server``): a research server, not a hardened front end — put it
 behind one to face the internet.
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -34,6 +37,8 @@ log = logging.getLogger("dspark.serving")
 
 #: the largest request body read (bytes)
 MAX_BODY = 32 * 2**20
+#: how often a connection waiting for tokens checks that its client is still there (seconds)
+CLIENT_CHECK_S = 0.1
 
 
 class OpenAIServer:
@@ -191,6 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "dspark"
+    _checked = 0.0  # when _next last checked the client
 
     @property
     def api(self) -> OpenAIServer:
@@ -244,12 +250,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, job: Job, ids: list[int], events: queue.Queue) -> None:
         outputs = [None] * job.choices
-        while any(o is None for o in outputs):
-            event = self.api.loop.next(events)
-            if isinstance(event, BaseException):
-                raise event
-            if event.output is not None:
-                outputs[event.tag] = event.output
+        try:
+            while any(o is None for o in outputs):
+                event = self._next(events)
+                if event.output is not None:
+                    outputs[event.tag] = event.output
+        except ConnectionResetError:  # the client went away: free its slots
+            log.info("%s went away: aborting its requests", self.address_string())
+            self.api.loop.abort([i for i, o in zip(ids, outputs) if o is None])
+            return
         body = {**self.api.head(job), "choices": [self.api.choice(job, k, o) for k, o in enumerate(outputs)],
                 "usage": self.api.usage(job, outputs)}
         self._json(200, body)
@@ -276,9 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self._event({**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]})
             while any(o is None for o in outputs):
-                event = self.api.loop.next(events)
-                if isinstance(event, BaseException):
-                    raise event
+                event = self._next(events)
                 k = event.tag
                 decode(k, event.token_ids)
                 if event.output is not None:
@@ -300,6 +307,35 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client went away: free its slots
             log.info("%s went away: aborting %d requests", self.address_string(), len(ids))
             self.api.loop.abort([i for i, o in zip(ids, outputs) if o is None])
+
+    def _next(self, events: queue.Queue):
+        """The next :class:`Emitted` for this connection's requests; ``ConnectionResetError`` once
+        the client has closed the connection (checked while nothing comes), :class:`EngineStopped`
+        if the engine did."""
+        while True:
+            try:
+                event = events.get(timeout=CLIENT_CHECK_S)
+            except queue.Empty:
+                event = None
+                if not self.api.loop.running and events.empty():
+                    raise EngineStopped("the engine stopped") from self.api.loop.error
+            if time.monotonic() - self._checked > CLIENT_CHECK_S:  # (events may come every step)
+                self._checked = time.monotonic()
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed the connection") from None
+            if isinstance(event, BaseException):
+                raise event
+            if event is not None:
+                return event
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end: the socket reads as ended (a client that sent its
+        next request already is still there)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _event(self, body: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n\n")

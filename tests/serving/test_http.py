@@ -155,19 +155,21 @@ def test_logprobs(server, reference):
     assert len(content) == 3 and all(len(entry["top_logprobs"]) == 1 for entry in content)
 
 
-def test_a_client_that_goes_away_is_aborted(server, reference):
-    """Close the connection after the first chunk of a long stream: the server aborts the request
-    (its slot frees), and the next request decodes as alone."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_is_aborted(server, reference, stream):
+    """Close the connection after the first chunk of a long stream, or while waiting for a whole
+    answer: the server aborts the request (its slot frees), and the next request decodes as alone."""
     before = server.loop.aborted
     body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 80, "temperature": 1.0, "seed": 3, "ignore_eos": True,
-                       "stream": True}).encode()
+                       "stream": stream}).encode()
     with socket.create_connection(server.httpd.server_address[:2], timeout=60) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        received = b""
-        while b"data: " not in received:
-            received += sock.recv(4096)
-        assert received.startswith(b"HTTP/1.1 200")
+        if stream:
+            received = b""
+            while b"data: " not in received:
+                received += sock.recv(4096)
+            assert received.startswith(b"HTTP/1.1 200")
     deadline = time.monotonic() + 60
     while server.loop.aborted == before and time.monotonic() < deadline:
         time.sleep(0.05)
