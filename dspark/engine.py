@@ -344,6 +344,7 @@ class Engine:
             raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
         now = time.perf_counter() - batch.started
         if request in batch.waiting:
+            batch.aborted.add(request)
             batch.waiting.remove(request)
             batch.outputs[request], batch.finished[request] = [], now
             wanted = batch.requests[request].logprobs
@@ -353,6 +354,7 @@ class Engine:
             return True
         if request not in batch.holder or batch.status[slot := batch.holder.index(request)]:
             return False  # finished already (collected, or ended in the last step)
+        batch.aborted.add(request)
         batch.state.done[slot] = True
         batch.status[slot], batch.finished[request] = 1, now
         self._collect(batch, [slot])
@@ -374,8 +376,8 @@ class Engine:
         were added."""
         self._collect(batch, [b for b in range(batch.state.batch_size) if batch.holder[b] >= 0])
         stats = batch.counters.stats(batch.outputs, time.perf_counter() - batch.opened, batch.prefill_time)
-        for row, first, end in zip(stats.per_request, batch.first_token, batch.finished):
-            row.update(first_token_s=first, finished_s=end)
+        for i, (row, first, end) in enumerate(zip(stats.per_request, batch.first_token, batch.finished)):
+            row.update(first_token_s=first, finished_s=end, finish_reason=batch.finish_reason(i))
         return batch.outputs, stats, batch.scores
 
     def _admit(self, batch: "Batch", free: list[int]) -> None:
@@ -644,6 +646,7 @@ class Batch:
     scores: Scores = field(init=False)
     first_token: list = field(default_factory=list)
     finished: list = field(default_factory=list)
+    aborted: set = field(default_factory=set)
     prefill_time: float = 0.0
     round_started: float = 0.0
     drafter_started: bool = False
@@ -685,6 +688,17 @@ class Batch:
         """Requests added and not finished yet (waiting ones included)."""
         return len(self.waiting) + sum(
             1 for b, request in enumerate(self.holder) if request >= 0 and not self.status[b])
+
+    def finish_reason(self, request: int) -> str:
+        """Why a finished request ended: ``"abort"`` (:meth:`Engine.abort`), ``"stop"`` (EOS, one of
+        its stop tokens, or its stop check: a stop string) or ``"length"`` (its budget)."""
+        ids = self.outputs[request]
+        if request in self.aborted:
+            return "abort"
+        if (self.stream is not None and request in self.stream.stopped) or (
+                ids and ids[-1] in self.requests[request].stop_ids):
+            return "stop"
+        return "length"
 
     def mark_finished(self, now: float) -> None:
         """Note ``now`` for each request the last status read shows done for the first time."""
@@ -780,6 +794,7 @@ class _TokenStream:
         self.on_tokens, self.stop_check, self.width = on_tokens, stop_check, width
         self.sent = [0] * batch  # tokens of each slot's request already handed over (prompt included)
         self.request = [-1] * batch  # the request each slot holds (its index in the call)
+        self.stopped: set[int] = set()  # requests a stop check ended
 
     def admit(self, slots: list[int], requests: list[int], prompt_lengths: list[int]) -> None:
         """Requests took these slots: nothing of theirs handed over yet but the prompt."""
@@ -811,6 +826,7 @@ class _TokenStream:
             ids = last[self.width - new:]
             kept = None if self.stop_check is None else self.stop_check(request, ids)
             if kept is not None:
+                self.stopped.add(request)
                 ids = ids[:kept]
                 ended.append((b, self.sent[b] + kept, new - kept))
             self.sent[b] += len(ids)

@@ -53,6 +53,12 @@ class GenerationResult:
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
     prompt_logprobs: list[list[float | None]] | None = None
 
+    @property
+    def finish_reasons(self) -> list[str]:
+        """Why each request ended: ``"stop"`` (EOS, a stop token or a stop string) or ``"length"``
+        (its ``max_new_tokens``), as vLLM's ``CompletionOutput.finish_reason``."""
+        return [row["finish_reason"] for row in self.stats.per_request]
+
 
 class Pipeline:
     """A target, a drafter, a verifier, a sampler and a cache, composed into a generator.

@@ -98,8 +98,6 @@ class Session:
         self._emitted: dict[int, list[int]] = {}
         self._checks: list = []
         self._ended: set[int] = set()
-        self._stopped: set[int] = set()  # ended by a stop string
-        self._aborted: set[int] = set()
         self._released: set[int] = set()
         self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
                                               stop_check=self._stop_check, logprobs=logprobs,
@@ -155,7 +153,6 @@ class Session:
         ended = self.engine.abort(self.batch, request)
         if ended:
             self._ended.add(request)
-            self._aborted.add(request)
         return ended
 
     def release(self, request: int) -> None:
@@ -184,18 +181,12 @@ class Session:
             raise ValueError(f"request {request} was released: its output is gone")
         batch, tokenizer = self.batch, self.pipeline.tokenizer
         ids = batch.outputs[request]
-        if request in self._aborted:
-            reason = "abort"
-        elif request in self._stopped or (ids and ids[-1] in batch.requests[request].stop_ids):
-            reason = "stop"
-        else:
-            reason = "length"
         pick = lambda values: None if values is None else values[request]  # noqa: E731
         stats = dict(generated=len(ids), first_token_s=batch.first_token[request], finished_s=batch.finished[request])
         stats.update(zip(("target_forwards", "drafted", "verified", "accepted"),
                          batch.counters.per_request[:, request].tolist()))
         return RequestOutput(token_ids=ids, text=None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True),
-                             finish_reason=reason, prompt_token_ids=list(batch.requests[request].prompt),
+                             finish_reason=batch.finish_reason(request), prompt_token_ids=list(batch.requests[request].prompt),
                              logprobs=pick(batch.scores.tokens), top_logprobs=pick(batch.scores.top),
                              prompt_logprobs=pick(batch.scores.prompt), stats=stats)
 
@@ -204,7 +195,4 @@ class Session:
 
     def _stop_check(self, request: int, ids: list[int]) -> int | None:
         check = self._checks[request]
-        kept = None if check is None else check(request, ids)
-        if kept is not None:
-            self._stopped.add(request)
-        return kept
+        return None if check is None else check(request, ids)

@@ -192,3 +192,24 @@ def test_log_probabilities_per_request():
         session.submit(prompts[0], max_new_tokens=4, logprobs=True, top_logprobs=5)
     with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
         session.submit(prompts[0], max_new_tokens=4, top_logprobs=2)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_generate_says_why_each_request_ended(batching):
+    """``finish_reasons``: ``length`` at the budget, ``stop`` at EOS, a stop token or a stop string —
+    for requests sharing batches (three slots, five requests)."""
+    pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.max_batch_size=3",
+                                                  f"engine.batching={batching}"])
+    prompt = "def add(a, b):"
+    free = pipe.generate([prompt], max_new_tokens=24, ignore_eos=True).token_ids[0]
+    eos = pipe.engine.eos_token_ids[0]
+    fresh = [j for j in range(1, 24) if free[j] not in free[:j]]  # tokens that first occur there
+    early, late = fresh[0], fresh[-1]
+    result = pipe.generate([prompt] * 5, max_new_tokens=[24, 24, 24, 24, late + 1],
+                           ignore_eos=[True, True, True, False, True],
+                           stop_token_ids=[None, [free[early]], None, None, [free[late]]],
+                           stop=[None, None, [pipe.tokenizer.decode(free[3:5])], None, None],
+                           logit_bias=[None, None, None, {eos: 100.0}, None])
+    assert result.finish_reasons == ["length", "stop", "stop", "stop", "stop"]
+    assert result.token_ids[0] == free and result.token_ids[1] == free[:early + 1] and result.token_ids[3] == [eos]
+    assert result.token_ids[4] == free[:late + 1]  # its stop token is its budget's last: a stop, as vLLM says
