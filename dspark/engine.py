@@ -230,7 +230,8 @@ class Engine:
         for name, values in (("budgets", budgets), ("params", params), ("seeds", seeds), ("min_new_tokens", min_new)):
             if len(values) != count:
                 raise ValueError(f"{name} has {len(values)} entries for {count} prompts: give one per prompt")
-        requests = [Request(list(p), b, q, int(s), stop, m)
+        scores = top_logprobs if logprobs else -1
+        requests = [Request(list(p), b, q, int(s), stop, m, scores)
                     for p, b, q, s, stop, m in zip(prompts, budgets, params, seeds, stops, min_new)]  # (stops: EOS in)
         options = dict(on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs, top_logprobs=top_logprobs,
                        prompt_logprobs=prompt_logprobs)
@@ -392,9 +393,8 @@ class Engine:
         requests = [batch.requests[i] for i in taken]
         longest = max(len(r.prompt) for r in requests)
         rows = torch.tensor(free, device=device)
-        tokens = torch.zeros(len(free), state.tokens.shape[1], dtype=torch.long)
-        for k, request in enumerate(requests):
-            tokens[k, :len(request.prompt)] = torch.tensor(request.prompt, dtype=torch.long)
+        width = state.tokens.shape[1]
+        tokens = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in requests], dtype=torch.long)
         prompt_lengths = torch.tensor([len(r.prompt) for r in requests], dtype=torch.long, device=device)
         state.tokens[rows], state.prompt_lengths[rows], state.lengths[rows] = tokens.to(device), prompt_lengths, prompt_lengths
         state.done[rows] = False
@@ -419,7 +419,9 @@ class Engine:
             for i, row in zip(taken, prompt_scores.tolist()):
                 batch.scores.prompt[i] = [None] + row[: len(batch.requests[i].prompt) - 1]
         logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
-        admitted = [b in free for b in range(slots)]
+        admitted = [False] * slots
+        for b in free:
+            admitted[b] = True
         no_drafts = self._no_drafts = DraftProposal(tokens=state.tokens.new_zeros(slots, 0),
                                                     num_tokens=state.tokens.new_zeros(slots))  # also for skipped rounds
         uniforms = _draw_uniforms(batch.generators, admitted, self.verifier.num_uniforms(0, params), device)

@@ -258,8 +258,9 @@ class Pipeline:
                                                                                               nested(stop))]
         listed = isinstance(min_new_tokens, (list, tuple))
         min_new = per_request("min_new_tokens", min_new_tokens, listed)
+        least = min(budgets)
         for i, (m, budget) in enumerate(zip(min_new, budgets)):
-            bound = budget if listed else min(budgets)
+            bound = budget if listed else least
             if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= bound:
                 raise ValueError(f"{f'request {i}: ' if listed else ''}min_new_tokens must be an integer in "
                                  f"[0, max_new_tokens={bound}], got {m!r}")
