@@ -454,13 +454,23 @@ class Engine:
         spans = [(len(batch.requests[i].prompt), len(batch.outputs[i])) for i in requests]
         wanted = [batch.requests[i].logprobs for i in requests]  # (−1: none; k: k likeliest)
         if batch.stopper.logprobs is not None:
-            for i, row, (start, n), k in zip(requests, batch.stopper.logprobs[rows].tolist(), spans, wanted):
-                batch.scores.tokens[i] = row[start: start + n] if k >= 0 else None
+            for i in requests:
+                batch.scores.tokens[i] = None
+            asking = [j for j, k in enumerate(wanted) if k >= 0]  # (read only their rows)
+            if asking:
+                for j, row in zip(asking, batch.stopper.logprobs[rows[asking]].tolist()):
+                    start, n = spans[j]
+                    batch.scores.tokens[requests[j]] = row[start: start + n]
         if batch.stopper.top is not None:
-            values, ids = (buffer[rows].tolist() for buffer in batch.stopper.top)
-            for j, (i, (start, n), k) in enumerate(zip(requests, spans, wanted)):
-                batch.scores.top[i] = None if k < 1 else [list(zip(ids[j][t][:k], values[j][t][:k]))
-                                                          for t in range(start, start + n)]
+            for i in requests:
+                batch.scores.top[i] = None
+            asking = [j for j, k in enumerate(wanted) if k >= 1]
+            if asking:
+                values, ids = (buffer[rows[asking]].tolist() for buffer in batch.stopper.top)
+                for j, row_values, row_ids in zip(asking, values, ids):
+                    (start, n), k = spans[j], wanted[j]
+                    batch.scores.top[requests[j]] = [list(zip(row_ids[t][:k], row_values[t][:k]))
+                                                     for t in range(start, start + n)]
         batch.counters.retire(rows, torch.tensor(requests, device=rows.device))
         batch.stopper.release(slots)
         for b in slots:
