@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over a pipeline: ``/v1/completions``, ``/v1/chat/completions``
-(both with ``stream``), ``/v1/models`` and ``/health`` — what vLLM's and SGLang's servers answer,
-so that OpenAI clients talk to dspark unchanged.
+(both with ``stream``), ``/v1/models``, ``/health`` and ``/metrics`` (Prometheus' format:
+:mod:`dspark.serving.metrics`) — what vLLM's and SGLang's servers answer, so that OpenAI clients
+and dashboards talk to dspark unchanged.
 
     server = OpenAIServer(dspark.build_pipeline("eagle3"), max_len=512, port=8000).start()
     # POST http://127.0.0.1:8000/v1/completions {"prompt": "def add(a, b):", "max_tokens": 32}
@@ -31,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from dspark.pipeline import MAX_TOP_LOGPROBS
 from dspark.serving.loop import EngineLoop, EngineStopped
+from dspark.serving.metrics import render
 from dspark.serving.protocol import ChoiceText, Job, ProtocolError, cut_at_stop, logprobs_body, parse_request
 
 log = logging.getLogger("dspark.serving")
@@ -209,11 +211,25 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             ok = self.api.loop.running
             self._json(200 if ok else 503, {"status": "ok" if ok else "the engine is not running"})
+        elif self.path == "/metrics":
+            try:
+                snapshot = self.api.loop.snapshot()
+            except EngineStopped as err:
+                self._error(ProtocolError(str(err), status=503))
+                return
+            text = render(self.api.loop.metrics, model=self.api.model_name, running=snapshot["running"],
+                          waiting=snapshot["waiting"], reached=snapshot["reached"], accepted_at=snapshot["accepted"])
+            data = text.encode("utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.api.model_name, "object": "model",
                                                          "created": self.api.created, "owned_by": "dspark"}]})
         else:
-            self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health)", status=404))
+            self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health, /metrics)", status=404))
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path not in ("/v1/completions", "/v1/chat/completions"):

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
+import torch
+
+from dspark.serving.metrics import ServerMetrics
 from dspark.session import RequestOutput
 
 
@@ -46,6 +50,8 @@ class EngineLoop:
         self.error: BaseException | None = None  # what stopped the thread, if it failed
         self.completed = 0  # requests that ended
         self.aborted = 0  # of which aborted (by abort() or close())
+        self.metrics = ServerMetrics()  # (written by the engine's thread only)
+        self._submitted: dict[int, float] = {}  # request id → when, on the session's clock
 
     def start(self) -> "EngineLoop":
         """Start the engine's thread; returns ``self``."""
@@ -78,6 +84,17 @@ class EngineLoop:
             except queue.Empty:
                 if not self.running and events.empty():
                     raise EngineStopped("the engine stopped" + (f": it failed ({self.error!r})" if self.error else ""))
+
+    def snapshot(self) -> dict:
+        """Counts as of now, taken by the engine's thread between two steps: requests ``running``
+        and ``waiting``, and per draft position the request-rounds that ``reached`` it and that
+        ``accepted`` it since the session opened."""
+        reply: queue.Queue = queue.Queue(maxsize=1)
+        self._send(("snapshot", None, reply))
+        answer = self.next(reply)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def abort(self, ids: list[int]) -> None:
         """End these requests (those still unfinished; each gets its last :class:`Emitted`)."""
@@ -131,14 +148,22 @@ class EngineLoop:
                     session.release(request)
                 reply.put(err)
                 return False
+            now = time.perf_counter() - session.batch.started
             for request, tag in zip(ids, tags):
                 self._listeners[request] = (events, tag)
+                self._submitted[request] = now
             reply.put(ids)
         elif kind == "abort":
             for request in payload:
                 if request in self._listeners and session.abort(request):
                     self.aborted += 1
                     self._emit(request, [], True)
+        elif kind == "snapshot":
+            batch = session.batch
+            gamma = batch.counters.gamma
+            counts = torch.cat([batch.counters.reached, batch.counters.accepted_at]).tolist() if gamma else []
+            running = sum(1 for b, request in enumerate(batch.holder) if request >= 0 and not batch.status[b])
+            reply.put(dict(running=running, waiting=len(batch.waiting), reached=counts[:gamma], accepted=counts[gamma:]))
         elif kind == "close":
             for request in list(self._listeners):
                 self.aborted += session.abort(request)
@@ -152,6 +177,7 @@ class EngineLoop:
         if finished:
             output = self.session.result(request)
             self.session.release(request)
+            self.metrics.finished(output, self._submitted.pop(request))
             del self._listeners[request]
             self.completed += 1
         events.put(Emitted(tag, token_ids, output))

@@ -208,3 +208,44 @@ def test_servers_are_refused_before_they_start():
     static = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.batching=static"])
     with pytest.raises(ValueError, match="a Session needs continuous batching"):
         OpenAIServer(static, max_len=64, port=0)
+
+
+def test_metrics_add_up_to_the_answers():
+    """``/metrics`` after a few requests: finished requests by reason, tokens and the speculative
+    counts equal the sums of the answers' usage; accepted drafts per position add up to the
+    accepted total and never exceed the rounds that reached the position; one latency per request."""
+    pipe = dspark.build_pipeline("eagle3", overrides=OVERRIDES)
+    with OpenAIServer(pipe, max_len=96, port=0, model_name="tiny") as server:
+        bodies = [request(server, "POST", "/v1/completions", {"prompt": PROMPTS[i], "max_tokens": 6 + 3 * i,
+                                                              "temperature": 0, "ignore_eos": True})[1]
+                  for i in range(3)]
+        bodies.append(request(server, "POST", "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 20,
+                                                                  "temperature": 0, "stop": bodies[0]["choices"][0]["text"][-2:]})[1])
+        host, port = server.httpd.server_address[:2]
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type").startswith("text/plain")
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    label = 'model_name="tiny"'
+    usage = lambda key: sum(b["usage"][key] for b in bodies)  # noqa: E731
+    spec = lambda key: sum(b["usage"]["speculative"][key] for b in bodies)  # noqa: E731
+    reasons = [b["choices"][0]["finish_reason"] for b in bodies]
+    for reason in ("stop", "length", "abort"):
+        assert samples[f'dspark:request_success_total{{{label},finished_reason="{reason}"}}'] == reasons.count(reason)
+    assert samples[f"dspark:generation_tokens_total{{{label}}}"] == usage("completion_tokens")
+    assert samples[f"dspark:prompt_tokens_total{{{label}}}"] == usage("prompt_tokens")
+    assert samples[f"dspark:target_forwards_total{{{label}}}"] == spec("target_forwards")
+    assert samples[f"dspark:spec_decode_num_accepted_tokens_total{{{label}}}"] == spec("accepted_tokens") > 0
+    assert samples[f"dspark:spec_decode_num_draft_tokens_total{{{label}}}"] == spec("drafted_tokens")
+    accepted = [samples[f'dspark:spec_decode_num_accepted_tokens_per_pos{{{label},position="{k}"}}'] for k in range(7)]
+    reached = [samples[f'dspark:spec_decode_num_reached_per_pos{{{label},position="{k}"}}'] for k in range(7)]
+    assert sum(accepted) == spec("accepted_tokens") and all(a <= r for a, r in zip(accepted, reached))
+    assert samples[f"dspark:num_requests_running{{{label}}}"] == samples[f"dspark:num_requests_waiting{{{label}}}"] == 0
+    assert samples[f'dspark:e2e_request_latency_seconds_bucket{{{label},le="+Inf"}}'] == 4
+    assert samples[f"dspark:time_to_first_token_seconds_count{{{label}}}"] == 4
