@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dspark.engine import Batch
 
 
@@ -32,11 +34,15 @@ class RequestUpdate:
         token_ids: the tokens it emitted in this step (final; a request's updates concatenate to
             its output; empty when a stop string ended it on tokens already handed over).
         finished: whether it ended in this step (:meth:`Session.result` then has its output).
+        logprobs, top_logprobs: for a request that asked for them, those of ``token_ids`` (as
+            :class:`RequestOutput` has them for the whole output), else ``None``.
     """
 
     request: int
     token_ids: list[int]
     finished: bool
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Session:
             raise ValueError(f"max_len must be an integer >= {engine.drafter.gamma + 2}, got {max_len!r}")
         self.pipeline, self.engine = pipeline, engine
         self._emitted: dict[int, list[int]] = {}
+        self._handed: dict[int, int] = {}  # tokens handed over so far, per unfinished request
         self._checks: list = []
         self._ended: set[int] = set()
         self._released: set[int] = set()
@@ -141,9 +148,40 @@ class Session:
         unfinished); returns an update for each request that emitted tokens or ended, by id."""
         self._emitted = {}
         self.engine.step(self.batch)
+        scores = self._step_scores()  # (before the finished requests' slots are freed)
         ended = set(self.engine.collect_finished(self.batch))
         self._ended |= ended
-        return [RequestUpdate(i, self._emitted.get(i, []), i in ended) for i in sorted(set(self._emitted) | ended)]
+        for i in ended:
+            self._handed.pop(i, None)
+        return [RequestUpdate(i, self._emitted.get(i, []), i in ended, *scores.get(i, (None, None)))
+                for i in sorted(set(self._emitted) | ended)]
+
+    def _step_scores(self) -> dict[int, tuple[list[float], list | None]]:
+        """The log-probabilities of this step's tokens, for the requests that emitted and asked
+        for them (one read of the rows and positions they landed in)."""
+        batch = self.batch
+        slot = {request: b for b, request in enumerate(batch.holder) if request >= 0}
+        rows, positions, asking = [], [], []
+        for i, ids in self._emitted.items():
+            start = len(batch.requests[i].prompt) + self._handed.get(i, 0)  # where its new tokens landed
+            self._handed[i] = self._handed.get(i, 0) + len(ids)
+            if ids and batch.requests[i].logprobs >= 0:
+                asking.append((i, ids))
+                rows += [slot[i]] * len(ids)
+                positions += range(start, start + len(ids))
+        if not asking:
+            return {}
+        rows, positions = (torch.tensor(v, device=batch.state.tokens.device) for v in (rows, positions))
+        values = batch.stopper.logprobs[rows, positions].tolist()
+        if batch.stopper.top is not None and any(batch.requests[i].logprobs > 0 for i, _ in asking):
+            top_values, top_ids = (buffer[rows, positions].tolist() for buffer in batch.stopper.top)
+        scores, at = {}, 0
+        for i, ids in asking:
+            k, n = batch.requests[i].logprobs, len(ids)
+            top = [list(zip(top_ids[t][:k], top_values[t][:k])) for t in range(at, at + n)] if k > 0 else None
+            scores[i] = (values[at: at + n], top)
+            at += n
+        return scores
 
     def abort(self, request: int) -> bool:
         """End ``request`` now (a client went away): a waiting one never starts, a decoding one
@@ -153,6 +191,7 @@ class Session:
         ended = self.engine.abort(self.batch, request)
         if ended:
             self._ended.add(request)
+            self._handed.pop(request, None)
         return ended
 
     def release(self, request: int) -> None:

@@ -175,9 +175,17 @@ def test_log_probabilities_per_request():
     session = pipe.session(max_len=48, logprobs=True, top_logprobs=3)
     for i, (prompt, ask) in enumerate(zip(prompts, asks)):
         session.submit(prompt, max_new_tokens=10, temperature=0.8, seed=i, **ask)
+    streamed: dict[int, tuple[list, list]] = {i: ([], []) for i in range(4)}
     while session.unfinished:
-        session.step()
+        for update in session.step():  # each step's tokens come with their log-probabilities
+            if update.logprobs is not None:
+                assert len(update.logprobs) == len(update.token_ids)
+                streamed[update.request][0].extend(update.logprobs)
+            if update.top_logprobs is not None:
+                streamed[update.request][1].extend(update.top_logprobs)
     outputs = [session.result(i) for i in range(4)]
+    for i, output in enumerate(outputs):
+        assert streamed[i][0] == (output.logprobs or []) and streamed[i][1] == (output.top_logprobs or [])
     assert [o.token_ids for o in outputs] == [e.token_ids[0] for e in expected]
     assert outputs[0].logprobs is None and outputs[0].top_logprobs is None
     assert outputs[1].logprobs == pytest.approx(expected[1].logprobs[0], abs=1e-9) and outputs[1].top_logprobs is None

@@ -158,20 +158,22 @@ class OpenAIServer:
             body["message"] = {"role": "assistant", "content": text}
         else:
             body["text"] = text
-        body["logprobs"] = self.logprobs(job, output)
+        body["logprobs"] = self.logprobs(job, output.token_ids, output.logprobs, output.top_logprobs)
         body["finish_reason"] = output.finish_reason
         return body
 
-    def logprobs(self, job: Job, output) -> dict | None:
-        """A choice's ``logprobs`` object (``None`` when its request asked for none), tokens as text."""
+    def logprobs(self, job: Job, token_ids: list[int], logprobs: list[float] | None, top_logprobs: list | None,
+                 offset: int = 0) -> dict | None:
+        """The ``logprobs`` object of a choice's tokens (all of them, or a chunk's; ``offset``: where
+        their text starts), tokens as text; ``None`` when its request asked for none."""
         if job.logprobs is None:
             return None
         tokenizer = self.pipeline.tokenizer
         name = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
         top = None
-        if output.top_logprobs is not None and (job.logprobs or job.chat):
-            top = [[(name(t), lp) for t, lp in alternatives[:job.logprobs]] for alternatives in output.top_logprobs]
-        return logprobs_body(job.chat, [name(t) for t in output.token_ids], output.logprobs, top)
+        if top_logprobs is not None and (job.logprobs or job.chat):
+            top = [[(name(t), lp) for t, lp in alternatives[:job.logprobs]] for alternatives in top_logprobs]
+        return logprobs_body(job.chat, [name(t) for t in token_ids], logprobs or [], top, offset)
 
     @staticmethod
     def usage(job: Job, outputs: list) -> dict:
@@ -280,8 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, body)
 
     def _stream(self, job: Job, ids: list[int], events: queue.Queue) -> None:
-        """Server-sent events: a chunk per step that brings a choice text, its last with its finish
-        reason (and its log-probabilities, all at once); then the usage if asked; then ``[DONE]``."""
+        """Server-sent events: a chunk per step that brings a choice text (with its new tokens'
+        log-probabilities, when asked for: a chunk whose text waits carries them on to the next),
+        its last with its finish reason; then the usage if asked; then ``[DONE]``."""
         from dspark.streaming import TextStreamer
 
         api, head = self.api, self.api.head(job)
@@ -289,6 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
         decode = TextStreamer(api.pipeline.tokenizer, on_text=lambda k, piece: pieces.__setitem__(k, pieces.get(k, "") + piece))
         texts = [ChoiceText(job.stops, job.include_stop) for _ in range(job.choices)]
         outputs = [None] * job.choices
+        pending: list[list] = [[[], [], []] for _ in range(job.choices)]  # tokens, log-probabilities, top ones
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -310,11 +314,17 @@ class _Handler(BaseHTTPRequestHandler):
                     delta = texts[k].finish(pieces.pop(k, ""))
                 else:
                     delta = texts[k].feed(pieces.pop(k, ""))
+                if event.logprobs is not None:
+                    pending[k][0] += event.token_ids
+                    pending[k][1] += event.logprobs
+                    pending[k][2] += event.top_logprobs or []
                 if not delta and event.output is None:
                     continue
+                offset = texts[k].sent - len(delta)
                 choice = {"index": k, **({"delta": {"content": delta}} if job.chat else {"text": delta}),
-                          "logprobs": None if event.output is None else api.logprobs(job, event.output),
+                          "logprobs": api.logprobs(job, *pending[k][:2], pending[k][2] or None, offset),
                           "finish_reason": None if event.output is None else event.output.finish_reason}
+                pending[k] = [[], [], []]
                 self._event({**head, "choices": [choice]})
             if job.include_usage:
                 self._event({**head, "choices": [], "usage": api.usage(job, outputs)})

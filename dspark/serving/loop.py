@@ -23,12 +23,15 @@ from dspark.session import RequestOutput
 
 @dataclass
 class Emitted:
-    """What a request emitted in one step (its tag as the handler gave it: a choice index, say).
+    """What a request emitted in one step (its tag as the handler gave it: a choice index, say),
+    with their log-probabilities when it asked for them (:class:`~dspark.session.RequestUpdate`'s).
     ``output`` is set on its last (the request ended: by a stop, its budget or an abort)."""
 
     tag: object
     token_ids: list[int]
     output: RequestOutput | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list | None = None
 
 
 class EngineStopped(RuntimeError):
@@ -124,7 +127,7 @@ class EngineLoop:
                 except queue.Empty:
                     pass
                 for update in session.step():
-                    self._emit(update.request, update.token_ids, update.finished)
+                    self._emit(update.request, update.token_ids, update.finished, update.logprobs, update.top_logprobs)
         except BaseException as err:  # tell every waiting handler, and refuse what comes next
             self.error = err
             for events, tag in self._listeners.values():
@@ -171,7 +174,8 @@ class EngineLoop:
             return True
         return False
 
-    def _emit(self, request: int, token_ids: list[int], finished: bool) -> None:
+    def _emit(self, request: int, token_ids: list[int], finished: bool, logprobs: list[float] | None = None,
+              top_logprobs: list | None = None) -> None:
         events, tag = self._listeners[request]
         output = None
         if finished:
@@ -180,7 +184,7 @@ class EngineLoop:
             self.metrics.finished(output, self._submitted.pop(request))
             del self._listeners[request]
             self.completed += 1
-        events.put(Emitted(tag, token_ids, output))
+        events.put(Emitted(tag, token_ids, output, logprobs, top_logprobs))
 
     def _drain(self) -> None:
         """The thread is ending: answer what is still in the inbox."""

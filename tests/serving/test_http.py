@@ -149,6 +149,13 @@ def test_logprobs(server, reference):
     assert lp["tokens"] == [reference.tokenizer.decode([t], skip_special_tokens=False) for t in expected.token_ids[0]]
     assert [list(d.values()) for d in lp["top_logprobs"]] == [
         pytest.approx([v for _, v in alts], abs=1e-9) for alts in expected.top_logprobs[0]]
+    _, events = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0,
+                                                            "logprobs": 2, "stream": True})
+    chunks = [c["logprobs"] for e in events[:-1] for c in e["choices"] if c["logprobs"] is not None]
+    assert len(chunks) > 1  # each chunk carries its own tokens'
+    assert sum((c["token_logprobs"] for c in chunks), []) == lp["token_logprobs"]
+    assert sum((c["tokens"] for c in chunks), []) == lp["tokens"]
+    assert sum((c["top_logprobs"] for c in chunks), []) == lp["top_logprobs"]
     _, chat = request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                                "max_tokens": 3, "logprobs": True, "top_logprobs": 1})
     content = chat["choices"][0]["logprobs"]["content"]
