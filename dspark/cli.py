@@ -39,27 +39,12 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
                          "or --prompts-file FILE.jsonl")
-    chat_template = None
-    if args.chat:
-        if not all(isinstance(p, str) for p in prompts):
-            raise SystemExit("dspark generate: --chat takes text prompts (each becomes a user message), not --prompt-ids")
-        if args.chat_template:
-            if not Path(args.chat_template).is_file():
-                raise SystemExit(f"dspark generate: --chat-template {args.chat_template} is not a file")
-            chat_template = Path(args.chat_template).read_text(encoding="utf-8")
-    elif args.chat_template:
-        raise SystemExit("dspark generate: --chat-template applies with --chat")
-    template_kwargs = None
-    if args.chat_template_kwargs is not None:
-        if not args.chat:
-            raise SystemExit("dspark generate: --chat-template-kwargs applies with --chat")
-        try:
-            template_kwargs = json.loads(args.chat_template_kwargs)
-        except ValueError as err:
-            raise SystemExit(f"dspark generate: --chat-template-kwargs is not JSON: {err}") from None
-        if not isinstance(template_kwargs, dict):
-            raise SystemExit("dspark generate: --chat-template-kwargs must be a JSON object, e.g. "
-                             "'{\"enable_thinking\": false}'")
+    if args.chat and not all(isinstance(p, str) for p in prompts):
+        raise SystemExit("dspark generate: --chat takes text prompts (each becomes a user message), not --prompt-ids")
+    for flag, given in (("--chat-template", args.chat_template), ("--chat-template-kwargs", args.chat_template_kwargs)):
+        if given is not None and not args.chat:
+            raise SystemExit(f"dspark generate: {flag} applies with --chat")
+    chat_template, template_kwargs = _chat_template_options(args, "generate")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise SystemExit(f"dspark generate: --output {args.output}: its directory does not exist")
     if args.stream and len(prompts) != 1:
@@ -206,19 +191,7 @@ def _serve_http(args: argparse.Namespace) -> int:
         if given:
             raise SystemExit(f"dspark serve: {flag} is for JSON lines on stdin; over HTTP a request sets stream / "
                              "logprobs itself (--max-logprobs K allows them)")
-    template = None
-    if args.chat_template is not None:
-        if not Path(args.chat_template).is_file():
-            raise SystemExit(f"dspark serve: --chat-template {args.chat_template} is not a file")
-        template = Path(args.chat_template).read_text(encoding="utf-8")
-    template_kwargs = None
-    if args.chat_template_kwargs is not None:
-        try:
-            template_kwargs = json.loads(args.chat_template_kwargs)
-        except ValueError as err:
-            raise SystemExit(f"dspark serve: --chat-template-kwargs is not JSON: {err}") from None
-        if not isinstance(template_kwargs, dict):
-            raise SystemExit("dspark serve: --chat-template-kwargs must be a JSON object")
+    template, template_kwargs = _chat_template_options(args, "serve")
     pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=args.overrides)
     try:
         server = OpenAIServer(pipe, max_len=args.max_len, host=args.host or "127.0.0.1", port=args.port,
@@ -233,6 +206,25 @@ def _serve_http(args: argparse.Namespace) -> int:
           f"{pipe.engine.config.max_batch_size} slots; Ctrl-C stops)", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
+
+
+def _chat_template_options(args: argparse.Namespace, command: str) -> tuple[str | None, dict | None]:
+    """``--chat-template FILE``'s text and ``--chat-template-kwargs``' JSON object (``None`` when not
+    given); a missing file or a value that is not a JSON object ends the command, naming it."""
+    template = kwargs = None
+    if args.chat_template is not None:
+        if not Path(args.chat_template).is_file():
+            raise SystemExit(f"dspark {command}: --chat-template {args.chat_template} is not a file")
+        template = Path(args.chat_template).read_text(encoding="utf-8")
+    if args.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as err:
+            raise SystemExit(f"dspark {command}: --chat-template-kwargs is not JSON: {err}") from None
+        if not isinstance(kwargs, dict):
+            raise SystemExit(f"dspark {command}: --chat-template-kwargs must be a JSON object, e.g. "
+                             "'{\"enable_thinking\": false}'")
+    return template, kwargs
 
 
 def _serve_submit(session, number: int, line: str, args: argparse.Namespace, origin: dict) -> None:

@@ -301,9 +301,7 @@ class Engine:
         nothing to do (no request waiting, none unfinished). One batch decodes at a time per engine
         (they share its cache and the drafter's state): a batch opened since — by ``generate``, say —
         ends this one's use (``RuntimeError``)."""
-        if batch is not self._live:
-            raise RuntimeError("this batch no longer owns the engine: another was opened on it since (a generate call "
-                               "or another session; one batch decodes at a time per engine)")
+        self._check_owner(batch)
         state, slots, status = batch.state, batch.state.batch_size, batch.status
         free = [b for b in range(slots) if status[b]]
         if free and batch.waiting:
@@ -332,15 +330,18 @@ class Engine:
         batch.mark_finished(now)
         return True
 
+    def _check_owner(self, batch: "Batch") -> None:
+        if batch is not self._live:
+            raise RuntimeError("this batch no longer owns the engine: another was opened on it since (a generate call "
+                               "or another session; one batch decodes at a time per engine)")
+
     @torch.inference_mode()
     def abort(self, batch: "Batch", request: int) -> bool:
         """End ``request`` of ``batch`` now, between two steps (vLLM's ``abort_request``): a waiting
         one never starts (no tokens); a decoding one keeps the tokens it has emitted so far and its
         slot is freed at once (one host read). The other requests decode as they would have: the
         row rides along done until a request takes it. Returns whether it was unfinished."""
-        if batch is not self._live:
-            raise RuntimeError("this batch no longer owns the engine: another was opened on it since (a generate call "
-                               "or another session; one batch decodes at a time per engine)")
+        self._check_owner(batch)
         if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
             raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
         now = time.perf_counter() - batch.started
