@@ -697,10 +697,14 @@ class Batch:
         return len(self.requests) - 1
 
     @property
+    def running(self) -> int:
+        """Requests in a slot and not finished yet (as the last status read shows)."""
+        return sum(1 for b, request in enumerate(self.holder) if request >= 0 and not self.status[b])
+
+    @property
     def unfinished(self) -> int:
         """Requests added and not finished yet (waiting ones included)."""
-        return len(self.waiting) + sum(
-            1 for b, request in enumerate(self.holder) if request >= 0 and not self.status[b])
+        return len(self.waiting) + self.running
 
     def finish_reason(self, request: int) -> str:
         """Why a finished request ended: ``"abort"`` (:meth:`Engine.abort`), ``"stop"`` (EOS, one of

@@ -71,12 +71,7 @@ class EngineLoop:
         :class:`Emitted` go to ``events`` tagged with ``tags``. Returns their ids. If the session
         refuses one, none of them is decoding (those already submitted are aborted) and its
         error is raised here."""
-        reply: queue.Queue = queue.Queue(maxsize=1)
-        self._send(("submit", (requests, tags, events), reply))
-        answer = self.next(reply)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
+        return self._ask("submit", (requests, tags, events))
 
     def next(self, events: queue.Queue):
         """The next item of ``events`` (a queue this loop writes to); :class:`EngineStopped` if the
@@ -92,12 +87,7 @@ class EngineLoop:
         """Counts as of now, taken by the engine's thread between two steps: requests ``running``
         and ``waiting``, and per draft position the request-rounds that ``reached`` it and that
         ``accepted`` it since the session opened."""
-        reply: queue.Queue = queue.Queue(maxsize=1)
-        self._send(("snapshot", None, reply))
-        answer = self.next(reply)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
+        return self._ask("snapshot", None)
 
     def abort(self, ids: list[int]) -> None:
         """End these requests (those still unfinished; each gets its last :class:`Emitted`)."""
@@ -108,6 +98,15 @@ class EngineLoop:
         if self.running:
             self._inbox.put(("close", None, None))
             self._thread.join(timeout)
+
+    def _ask(self, kind: str, payload):
+        """Send a message and wait for the engine thread's answer (raised if it is an error)."""
+        reply: queue.Queue = queue.Queue(maxsize=1)
+        self._send((kind, payload, reply))
+        answer = self.next(reply)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def _send(self, message: tuple) -> None:
         if not self.running:
@@ -165,8 +164,8 @@ class EngineLoop:
             batch = session.batch
             gamma = batch.counters.gamma
             counts = torch.cat([batch.counters.reached, batch.counters.accepted_at]).tolist() if gamma else []
-            running = sum(1 for b, request in enumerate(batch.holder) if request >= 0 and not batch.status[b])
-            reply.put(dict(running=running, waiting=len(batch.waiting), reached=counts[:gamma], accepted=counts[gamma:]))
+            reply.put(dict(running=batch.running, waiting=len(batch.waiting), reached=counts[:gamma],
+                           accepted=counts[gamma:]))
         elif kind == "close":
             for request in list(self._listeners):
                 self.aborted += session.abort(request)
