@@ -221,12 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             text = render(self.api.loop.metrics, model=self.api.model_name, running=snapshot["running"],
                           waiting=snapshot["waiting"], reached=snapshot["reached"], accepted_at=snapshot["accepted"])
-            data = text.encode("utf-8")
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.api.model_name, "object": "model",
                                                          "created": self.api.created, "owned_by": "dspark"}]})
@@ -250,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             (self._stream if job.stream else self._answer)(job, ids, events)
-        except EngineStopped as err:  # (before any byte of a stream: a 503; during one, the connection ends)
+        except EngineStopped as err:  # (a whole answer: a 503; a stream already begun just ends)
             if not job.stream:
                 self._error(ProtocolError(str(err), status=503))
 
@@ -368,9 +363,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self._send(status, json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         try:
