@@ -1,7 +1,7 @@
 """Serving latency: requests arriving over time (a Poisson process) into a session, per pipeline.
 
     python benchmarks/serving.py [--configs ar eagle3] [--rates 20 60] [--requests 48]
-        [--batch 8] [--max-new-tokens 64] [--temperature 0] [--seed 0] [--http]
+        [--batch 8] [--max-new-tokens 64] [--temperature 0] [--seed 0] [--http] [--plot PNG]
 
 ``--requests`` code prompts arrive at ``--rates`` requests per second (exponential gaps from
 ``--seed``: the same arrival times for every pipeline); before each step the session takes every
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--http", action="store_true", help="also through the OpenAI-compatible HTTP server")
+    parser.add_argument("--plot", help="draw time to first token, per output token and latency against the rate")
     args = parser.parse_args()
 
     pipes = {name: dspark.build_pipeline(f"configs/{name}.yaml", overrides=[
@@ -131,6 +132,7 @@ def main() -> None:
     prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.requests)
     for pipe in pipes.values():  # warm-up
         serve(pipe, prompts[:args.batch], [0.0] * args.batch, 8, args.temperature)
+    medians: dict[tuple[str, str], dict[str, list[float]]] = {}  # (config, way) → metric → one per rate
     for rate in args.rates:
         gaps = random.Random(args.seed).expovariate
         arrivals, t = [], 0.0
@@ -140,10 +142,35 @@ def main() -> None:
         for name, pipe in pipes.items():
             for way, run in (("session", serve), *((("http", serve_http),) if args.http else ())):
                 r = run(pipe, prompts, arrivals, args.max_new_tokens, args.temperature)
+                for key in ("ttft", "per_token", "latency"):
+                    medians.setdefault((name, way), {}).setdefault(key, []).append(1e3 * statistics.median(r[key]))
                 cells = "; ".join(f"{key} median {1e3 * statistics.median(r[key]):.0f} ms, "
                                   f"p90 {1e3 * percentile(r[key], 0.9):.0f} ms" for key in ("ttft", "per_token", "latency"))
                 print(f"rate {rate:g}/s, {name}{', over HTTP' if way == 'http' else ''}: {r['throughput']:.0f} tokens/s; "
                       f"{cells}", flush=True)
+    if args.plot:
+        plot(args.plot, args.rates, medians)
+
+
+def plot(path: str, rates: list[float], medians: dict) -> None:
+    """One panel per metric: its median against the arrival rate, a line per pipeline and way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"ttft": "time to first token", "per_token": "per output token", "latency": "latency"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (key, title) in zip(axes, titles.items()):
+        for (name, way), values in medians.items():
+            ax.plot(rates, values[key], marker="o", linestyle="-" if way == "session" else "--",
+                    label=f"{name}{' over HTTP' if way == 'http' else ''}")
+        ax.set(title=f"{title} (median)", xlabel="arrivals per second", ylabel="ms", xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

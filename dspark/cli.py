@@ -189,8 +189,8 @@ def _serve_http(args: argparse.Namespace) -> int:
 
     for flag, given in (("--requests", args.requests is not None), ("--stream", args.stream), ("--logprobs", args.logprobs)):
         if given:
-            raise SystemExit(f"dspark serve: {flag} is for JSON lines on stdin; over HTTP a request sets stream / "
-                             "logprobs itself (--max-logprobs K allows them)")
+            raise SystemExit(f"dspark serve: {flag} is for JSON lines on stdin; over HTTP each request sets stream / "
+                             "logprobs itself")
     template, template_kwargs = _chat_template_options(args, "serve")
     pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=args.overrides)
     try:
@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream", action="store_true",
                        help="also a line per step for each request that emitted: its new token_ids and the text they "
                             "complete (before its result line, which has \"stats\")")
-    http = serve.add_argument_group("HTTP (the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models)")
+    http = serve.add_argument_group("HTTP (the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; "
+                                    "/health, /metrics)")
     http.add_argument("--port", type=int, default=None, help="serve the OpenAI API over HTTP on this port (0: any free "
                                                              "one) instead of reading JSON lines")
     http.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1)")
