@@ -155,6 +155,7 @@ def main() -> None:
 def plot(path: str, rates: list[float], medians: dict) -> None:
     """One panel per metric: its median against the arrival rate, a line per pipeline and way."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -166,6 +167,8 @@ def plot(path: str, rates: list[float], medians: dict) -> None:
             ax.plot(rates, values[key], marker="o", linestyle="-" if way == "session" else "--",
                     label=f"{name}{' over HTTP' if way == 'http' else ''}")
         ax.set(title=f"{title} (median)", xlabel="arrivals per second", ylabel="ms", xscale="log", yscale="log")
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
