@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also a line per step for each request that emitted: its new token_ids and the text they "
                             "complete (before its result line, which has \"stats\")")
     http = serve.add_argument_group("HTTP (the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; "
-                                    "/health, /metrics)")
+                                    "/health, /metrics, /tokenize, /detokenize)")
     http.add_argument("--port", type=int, default=None, help="serve the OpenAI API over HTTP on this port (0: any free "
                                                              "one) instead of reading JSON lines")
     http.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1)")

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over a pipeline: ``/v1/completions``, ``/v1/chat/completions``
-(both with ``stream``), ``/v1/models``, ``/health`` and ``/metrics`` (Prometheus' format:
-:mod:`dspark.serving.metrics`) — what vLLM's and SGLang's servers answer, so that OpenAI clients
-and dashboards talk to dspark unchanged.
+(both with ``stream``), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus' format:
+:mod:`dspark.serving.metrics`), ``/tokenize`` and ``/detokenize`` — what vLLM's and SGLang's
+servers answer, so that OpenAI clients and dashboards talk to dspark unchanged.
 
     server = OpenAIServer(dspark.build_pipeline("eagle3"), max_len=512, port=8000).start()
     # POST http://127.0.0.1:8000/v1/completions {"prompt": "def add(a, b):", "max_tokens": 32}
@@ -33,7 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dspark.pipeline import MAX_TOP_LOGPROBS
 from dspark.serving.loop import EngineLoop, EngineStopped
 from dspark.serving.metrics import render
-from dspark.serving.protocol import ChoiceText, Job, ProtocolError, cut_at_stop, logprobs_body, parse_request
+from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, logprobs_body, parse_detokenize,
+                                     parse_request, parse_tokenize)
 
 log = logging.getLogger("dspark.serving")
 
@@ -127,20 +128,38 @@ class OpenAIServer:
         return parse_request(body, chat=chat, model=self.model_name, default_max_tokens=self.default_max_tokens,
                              max_logprobs=self.max_logprobs)
 
+    def tokenize(self, body) -> dict:
+        """``/tokenize``: a prompt's (or a rendered conversation's) token ids, as a completion would
+        read them, and how many positions a request may use (prompt + completion)."""
+        prompt, chat, template_kwargs = parse_tokenize(body, model=self.model_name)
+        try:
+            tokens = self._render([prompt], template_kwargs)[0] if chat else self.pipeline.encode([prompt])[0]
+        except (ValueError, TypeError) as err:
+            raise ProtocolError(str(err)) from None
+        batch = self.loop.session.batch
+        return {"count": len(tokens), "max_model_len": batch.max_len - batch.lookahead, "tokens": tokens}
+
+    def detokenize(self, body) -> dict:
+        """``/detokenize``: the text of token ids (special tokens kept)."""
+        tokens = parse_detokenize(body, model=self.model_name, vocab_size=self.pipeline.engine.target.vocab_size)
+        return {"prompt": self.pipeline.tokenizer.decode(tokens, skip_special_tokens=False)}
+
+    def _render(self, conversations: list, template_kwargs: dict | None) -> list[list[int]]:
+        """Conversations rendered with this server's chat template and variables (and the request's)."""
+        from dspark.chat import render_conversations
+
+        kwargs = {**self.chat_template_kwargs, **(template_kwargs or {})}
+        try:
+            return render_conversations(self.pipeline.tokenizer, conversations, self.chat_template, kwargs)
+        except (ValueError, TypeError) as err:
+            if "no chat template" in str(err):
+                err = ValueError("this server's tokenizer has no chat template: start it with --chat-template FILE "
+                                 "(OpenAIServer(chat_template=...)), or use /v1/completions")
+            raise ProtocolError(str(err), "messages") from None
+
     def submit(self, job: Job, events: queue.Queue) -> list[int]:
         """Submit every choice of ``job`` (choice ``k``'s events tagged ``k``); returns their ids."""
-        prompts = job.prompts
-        if job.chat:
-            from dspark.chat import render_conversations
-
-            kwargs = {**self.chat_template_kwargs, **(job.chat_template_kwargs or {})}
-            try:
-                prompts = render_conversations(self.pipeline.tokenizer, prompts, self.chat_template, kwargs)
-            except (ValueError, TypeError) as err:
-                if "no chat template" in str(err):
-                    err = ValueError("this server's tokenizer has no chat template: start it with --chat-template FILE "
-                                     "(OpenAIServer(chat_template=...)), or use /v1/completions")
-                raise ProtocolError(str(err), "messages") from None
+        prompts = self._render(job.prompts, job.chat_template_kwargs) if job.chat else job.prompts
         scores = {} if not self.max_logprobs else dict(logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0)
         requests = [dict(prompt=prompt, max_new_tokens=job.max_tokens,
                          seed=None if job.seed is None else job.seed + i * job.n + j, **job.settings, **scores)
@@ -229,9 +248,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health, /metrics)", status=404))
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.path in ("/tokenize", "/detokenize"):
+            try:
+                self._json(200, (self.api.tokenize if self.path == "/tokenize" else self.api.detokenize)(self._body()))
+            except ProtocolError as err:
+                self._error(err)
+            return
         if self.path not in ("/v1/completions", "/v1/chat/completions"):
-            self._error(ProtocolError(f"no such path: POST {self.path} (POST /v1/completions, /v1/chat/completions)",
-                                      status=404))
+            self._error(ProtocolError(f"no such path: POST {self.path} (POST /v1/completions, /v1/chat/completions, "
+                                      "/tokenize, /detokenize)", status=404))
             return
         try:
             job = self.api.job(self._body(), chat=self.path == "/v1/chat/completions")

@@ -93,8 +93,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     if unknown:
         raise ProtocolError(f"unsupported fields {unknown}; this server reads {sorted(CHAT_FIELDS if chat else COMPLETION_FIELDS)}",
                             unknown[0])
-    if body.get("model") is not None and body["model"] != model:
-        raise ProtocolError(f"the model {body['model']!r} does not exist: this server serves {model!r}", "model", 404)
+    _check_model(body, model)
     prompts = _messages(body) if chat else _prompts(body)
     if not chat:
         if body.get("echo"):
@@ -144,12 +143,57 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
         raise ProtocolError(f"min_tokens ({settings['min_new_tokens']}) must not exceed {budget_field} ({max_tokens})",
                             "min_tokens")
     logprobs = _logprobs(body, chat, max_logprobs)
-    template_kwargs = body.get("chat_template_kwargs") if chat else None
-    if template_kwargs is not None and not isinstance(template_kwargs, dict):
-        raise ProtocolError("chat_template_kwargs must be an object of template variables", "chat_template_kwargs")
+    template_kwargs = _template_kwargs(body) if chat else None
     return Job(chat=chat, prompts=prompts, n=n, max_tokens=max_tokens, seed=seed, settings=settings, stops=stops,
                include_stop=_boolean(body, "include_stop_str_in_output", False), logprobs=logprobs, stream=stream,
                include_usage=include_usage, chat_template_kwargs=template_kwargs)
+
+
+def parse_tokenize(body, *, model: str) -> tuple[str | list, bool, dict | None]:
+    """``POST /tokenize``'s body (vLLM's): ``{"prompt": text}`` or ``{"messages": [...]}`` →
+    ``(text or conversation, chat, chat_template_kwargs)``."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"model", "prompt", "messages", "chat_template_kwargs"})
+    if unknown:
+        raise ProtocolError(f"unsupported fields {unknown}; /tokenize reads model and prompt or messages", unknown[0])
+    _check_model(body, model)
+    if ("prompt" in body) == ("messages" in body):
+        raise ProtocolError('give either "prompt" (text) or "messages" (a conversation)', "prompt")
+    if "messages" in body:
+        return _messages(body)[0], True, _template_kwargs(body)
+    if not isinstance(body["prompt"], str) or not body["prompt"]:
+        raise ProtocolError(f"prompt must be a non-empty string, got {_show(body['prompt'])}", "prompt")
+    return body["prompt"], False, None
+
+
+def parse_detokenize(body, *, model: str, vocab_size: int) -> list[int]:
+    """``POST /detokenize``'s body (vLLM's): ``{"tokens": [ids]}`` → the ids, each in the vocabulary."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"model", "tokens"})
+    if unknown:
+        raise ProtocolError(f"unsupported fields {unknown}; /detokenize reads model and tokens", unknown[0])
+    _check_model(body, model)
+    tokens = _token_ids(body.get("tokens"), "tokens")
+    if tokens is None:
+        raise ProtocolError("tokens is required: a list of token ids", "tokens")
+    outside = [t for t in tokens if not 0 <= t < vocab_size]
+    if outside:
+        raise ProtocolError(f"tokens {outside[:5]} are outside the vocabulary (0..{vocab_size - 1})", "tokens")
+    return tokens
+
+
+def _template_kwargs(body: dict) -> dict | None:
+    value = body.get("chat_template_kwargs")
+    if value is not None and not isinstance(value, dict):
+        raise ProtocolError("chat_template_kwargs must be an object of template variables", "chat_template_kwargs")
+    return value
+
+
+def _check_model(body: dict, model: str) -> None:
+    if body.get("model") is not None and body["model"] != model:
+        raise ProtocolError(f"the model {body['model']!r} does not exist: this server serves {model!r}", "model", 404)
 
 
 def _prompts(body: dict) -> list:

@@ -256,3 +256,21 @@ def test_metrics_add_up_to_the_answers():
     assert samples[f"dspark:num_requests_running{{{label}}}"] == samples[f"dspark:num_requests_waiting{{{label}}}"] == 0
     assert samples[f'dspark:e2e_request_latency_seconds_bucket{{{label},le="+Inf"}}'] == 4
     assert samples[f"dspark:time_to_first_token_seconds_count{{{label}}}"] == 4
+
+
+def test_tokenize_and_detokenize(server, reference):
+    """vLLM's ``/tokenize`` (a prompt, or a conversation rendered as chat would render it) and
+    ``/detokenize``; bad bodies named."""
+    status, body = request(server, "POST", "/tokenize", {"prompt": PROMPTS[0], "model": "tiny"})
+    tokens = reference.encode([PROMPTS[0]])[0]
+    assert status == 200 and body == {"count": len(tokens), "max_model_len": 96 - 8, "tokens": tokens}
+    _, chat = request(server, "POST", "/tokenize", {"messages": [{"role": "user", "content": "write a function"}]})
+    assert chat["tokens"] == reference.encode(["<user> write a function\n<assistant> "])[0]
+    status, body = request(server, "POST", "/detokenize", {"tokens": tokens})
+    assert status == 200 and body == {"prompt": reference.tokenizer.decode(tokens, skip_special_tokens=False)}
+    for path, bad, message in (("/tokenize", {"prompt": "x", "messages": []}, "either"),
+                               ("/tokenize", {"prompt": ""}, "non-empty string"),
+                               ("/detokenize", {"tokens": [1, 10**6]}, "outside the vocabulary"),
+                               ("/detokenize", {"text": "x"}, "unsupported fields")):
+        status, body = request(server, "POST", path, bad)
+        assert status == 400 and message in body["error"]["message"], (path, bad)
