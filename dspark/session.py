@@ -102,7 +102,6 @@ class Session:
             raise ValueError(f"max_len must be an integer >= {engine.drafter.gamma + 2}, got {max_len!r}")
         self.pipeline, self.engine = pipeline, engine
         self._emitted: dict[int, list[int]] = {}
-        self._handed: dict[int, int] = {}  # tokens handed over so far, per unfinished request
         self._checks: list = []
         self._ended: set[int] = set()
         self._released: set[int] = set()
@@ -151,8 +150,6 @@ class Session:
         scores = self._step_scores()  # (before the finished requests' slots are freed)
         ended = set(self.engine.collect_finished(self.batch))
         self._ended |= ended
-        for i in ended:
-            self._handed.pop(i, None)
         return [RequestUpdate(i, self._emitted.get(i, []), i in ended, *scores.get(i, (None, None)))
                 for i in sorted(set(self._emitted) | ended)]
 
@@ -160,17 +157,15 @@ class Session:
         """The log-probabilities of this step's tokens, for the requests that emitted and asked
         for them (one read of the rows and positions they landed in)."""
         batch = self.batch
-        slot = {request: b for b, request in enumerate(batch.holder) if request >= 0}
-        rows, positions, asking = [], [], []
-        for i, ids in self._emitted.items():
-            start = len(batch.requests[i].prompt) + self._handed.get(i, 0)  # where its new tokens landed
-            self._handed[i] = self._handed.get(i, 0) + len(ids)
-            if ids and batch.requests[i].logprobs >= 0:
-                asking.append((i, ids))
-                rows += [slot[i]] * len(ids)
-                positions += range(start, start + len(ids))
+        asking = [(i, ids) for i, ids in self._emitted.items() if ids and batch.requests[i].logprobs >= 0]
         if not asking:
             return {}
+        slot = {request: b for b, request in enumerate(batch.holder) if request >= 0}
+        rows, positions = [], []
+        for i, ids in asking:  # its new tokens end where the stream has handed its row over to
+            end = batch.stream.sent[slot[i]]
+            rows += [slot[i]] * len(ids)
+            positions += range(end - len(ids), end)
         rows, positions = (torch.tensor(v, device=batch.state.tokens.device) for v in (rows, positions))
         values = batch.stopper.logprobs[rows, positions].tolist()
         if batch.stopper.top is not None and any(batch.requests[i].logprobs > 0 for i, _ in asking):
@@ -191,7 +186,6 @@ class Session:
         ended = self.engine.abort(self.batch, request)
         if ended:
             self._ended.add(request)
-            self._handed.pop(request, None)
         return ended
 
     def release(self, request: int) -> None:
