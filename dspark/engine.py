@@ -409,13 +409,30 @@ class Engine:
         if batch.stream is not None:
             batch.stream.admit(free, taken, [len(r.prompt) for r in requests])
 
-        # prefill: the prompts go into their cache rows; their last logits give the first tokens
+        # prefill: the prompts go into their cache rows; their last logits give the first tokens.
+        # Requests of one prompt (n choices of one request, say) share one prefill: the first one's
+        # cache rows are copied, its logits and hidden states serve the others.
         whole = len(free) == slots
-        cache = batch.cache if whole else batch.cache.rows(rows)
-        cache.set_lengths(torch.zeros_like(prompt_lengths))
-        out, prompt_scores = self._prefill(state if whole else replace(
-            state, tokens=state.tokens[rows], prompt_lengths=prompt_lengths, lengths=prompt_lengths.clone(),
-            done=state.done[rows]), cache, longest, batch.prompt_logprobs)
+        first: dict[tuple, int] = {}
+        source = [first.setdefault(tuple(r.prompt), k) for k, r in enumerate(requests)]
+        share = len(first) < len(requests) and type(batch.cache).copy_rows is not KVCache.copy_rows
+        prefilled = sorted(first.values()) if share else list(range(len(free)))  # (indices into free)
+        if whole and not share:
+            cache, prefill_state = batch.cache, state
+        else:
+            index = rows[prefilled]
+            cache, lengths = batch.cache.rows(index), prompt_lengths[prefilled]
+            prefill_state = replace(state, tokens=state.tokens[index], prompt_lengths=lengths, lengths=lengths.clone(),
+                                    done=state.done[index])
+        cache.set_lengths(torch.zeros_like(prefill_state.prompt_lengths))
+        out, prompt_scores = self._prefill(prefill_state, cache, longest, batch.prompt_logprobs)
+        if share:
+            copies = [k for k, s in enumerate(source) if s != k]
+            batch.cache.copy_rows(rows[[source[k] for k in copies]], rows[copies], longest)
+            at = {k: j for j, k in enumerate(prefilled)}
+            spread = torch.tensor([at[s] for s in source], device=device)
+            out = replace(out, logits=out.logits[spread], hidden_states=[h[spread] for h in out.hidden_states])
+            prompt_scores = None if prompt_scores is None else prompt_scores[spread]
         if prompt_scores is not None:
             for i, row in zip(taken, prompt_scores.tolist()):
                 batch.scores.prompt[i] = [None] + row[: len(batch.requests[i].prompt) - 1]

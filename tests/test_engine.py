@@ -207,3 +207,26 @@ def test_per_request_lists_of_the_wrong_length_are_refused_before_work():
         engine.generate(prompts, max_new_tokens=4, params=params, seeds=[0, 1])
     with pytest.raises(ValueError, match="stop_token_ids has 1 lists for 3 prompts"):
         engine.generate(prompts, max_new_tokens=4, params=params, seeds=[0, 1, 2], stop_token_ids=[[3]])
+
+
+@pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
+def test_requests_of_one_prompt_share_its_prefill(drafter, monkeypatch):
+    """Five requests of two prompts (some admitted together, some into a refilled slot later): one
+    prefill row per distinct prompt of an admission, and each request decodes as alone (float64,
+    sampled, its own seed) — the copied cache rows, logits and hidden states are its own."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=3")
+    first, second = ragged_prompts(101, lengths=(7, 4), seed=3)
+    prompts, budgets = [first, second, first, first, second], [5, 9, 3, 6, 4]
+    rows: list[int] = []
+    prefill = pipe.engine._prefill
+    monkeypatch.setattr(pipe.engine, "_prefill", lambda state, *a: rows.append(state.batch_size) or prefill(state, *a))
+    shared = pipe.generate(prompts, max_new_tokens=budgets, temperature=1.0, seed=[7, 8, 9, 10, 11], ignore_eos=True,
+                           logprobs=True)
+    assert rows[0] == 2  # the first admission: three requests, two prompts
+    monkeypatch.undo()
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        alone = pipe.generate([prompt], max_new_tokens=budget, temperature=1.0, seed=7 + i, ignore_eos=True,
+                              logprobs=True)
+        assert shared.token_ids[i] == alone.token_ids[0], f"request {i}"
+        assert shared.logprobs[i] == pytest.approx(alone.logprobs[0], abs=1e-12)

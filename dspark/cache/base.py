@@ -69,6 +69,12 @@ class KVCache(ABC):
         """Forget everything (lengths to zero)."""
         self.set_lengths(torch.zeros_like(self.lengths))
 
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor, positions: int) -> None:
+        """Make rows ``target`` ``[k]`` copies of rows ``source`` ``[k]``: their first ``positions``
+        keys and values, and their lengths (requests of one prompt then share its prefill). A cache
+        class without it prefills every request itself."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy rows")
+
     def rows(self, index: torch.Tensor) -> "KVCache":
         """A cache over the requests ``index`` ``[k]`` alone whose writes land in this cache's rows
         (continuous batching prefills newly admitted requests through it). A cache class without

@@ -83,6 +83,12 @@ class StaticKVCache(KVCache):
         self.buffer[self._layer_ids[layer:layer + 1], self._rows.unsqueeze(1), :, :, positions] = keys_values
         return self.buffer[layer, :, 0, :, :kv_len], self.buffer[layer, :, 1, :, :kv_len]
 
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor, positions: int) -> None:
+        """Rows ``target`` ``[k]`` become copies of rows ``source`` ``[k]`` over their first
+        ``positions`` positions, lengths included."""
+        self.buffer[:, target, :, :, :positions] = self.buffer[:, source, :, :, :positions]
+        self.lengths[target] = self.lengths[source]
+
     def rows(self, index: torch.Tensor) -> "StaticCacheRows":
         """A cache over the requests ``index`` ``[k]`` (int64, distinct) alone, written through into
         this one: a forward over new requests' prompts fills their rows while the other requests'
