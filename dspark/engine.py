@@ -145,6 +145,10 @@ class Engine:
                              "use engine.batching=static (or auto)")
         #: whether requests take finished requests' slots between rounds (:attr:`EngineConfig.batching`)
         self.continuous = self.config.batching != "static" and not refusal
+        #: whether requests of one prompt admitted together share one prefill (the cache copies rows
+        #: and has row views to prefill the others through)
+        self.shares_prefill = (self.cache_class.copy_rows is not KVCache.copy_rows
+                               and self.cache_class.rows is not KVCache.rows)
         # compiled or graphed rounds read the whole cache: static shapes
         self._static_shapes = self.config.compile or self.config.cuda_graphs
 
@@ -415,8 +419,8 @@ class Engine:
         whole = len(free) == slots
         first: dict[tuple, int] = {}
         source = [first.setdefault(tuple(r.prompt), k) for k, r in enumerate(requests)]
-        share = len(first) < len(requests) and type(batch.cache).copy_rows is not KVCache.copy_rows
-        prefilled = sorted(first.values()) if share else list(range(len(free)))  # (indices into free)
+        share = self.shares_prefill and len(first) < len(requests)
+        prefilled = list(first.values()) if share else list(range(len(free)))  # (indices into free, ascending)
         if whole and not share:
             cache, prefill_state = batch.cache, state
         else:
