@@ -53,13 +53,18 @@ def serve(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, tempe
             time.sleep(max(0.0, arrivals[submitted] - (time.perf_counter() - start)))
             continue
         session.step()
-    outputs = [session.result(i) for i in range(len(prompts))]
-    ttft = [o.stats["first_token_s"] - a for o, a in zip(outputs, arrived_at)]
-    latency = [o.stats["finished_s"] - a for o, a in zip(outputs, arrived_at)]
-    per_token = [(o.stats["finished_s"] - o.stats["first_token_s"]) / max(1, o.stats["generated"] - 1) for o in outputs]
-    tokens = sum(o.stats["generated"] for o in outputs)
-    makespan = max(o.stats["finished_s"] for o in outputs) - min(arrived_at)
-    return dict(ttft=ttft, latency=latency, per_token=per_token, throughput=tokens / makespan)
+    stats = [session.result(i).stats for i in range(len(prompts))]
+    return summarize([(s["first_token_s"], s["finished_s"], s["generated"]) for s in stats], arrived_at)
+
+
+def summarize(timings: list[tuple[float, float, int]], arrivals: list[float]) -> dict:
+    """Per request (first token, end, tokens) and its arrival, on one clock → time to first token,
+    latency and time per output token after the first, per request; throughput over the run."""
+    ttft = [first - a for (first, _, _), a in zip(timings, arrivals)]
+    latency = [end - a for (_, end, _), a in zip(timings, arrivals)]
+    per_token = [(end - first) / max(1, tokens - 1) for first, end, tokens in timings]
+    makespan = max(end for _, end, _ in timings) - min(arrivals)
+    return dict(ttft=ttft, latency=latency, per_token=per_token, throughput=sum(t for _, _, t in timings) / makespan)
 
 
 def serve_http(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, temperature: float) -> dict:
@@ -75,11 +80,7 @@ def serve_http(pipe, prompts: list, arrivals: list[float], max_new_tokens: int, 
         clients.start()
         timings = results.get()  # request → (first text, end, tokens), seconds since the first arrival
         clients.join()
-    ttft = [timings[i][0] - a for i, a in enumerate(arrivals)]
-    latency = [timings[i][1] - a for i, a in enumerate(arrivals)]
-    per_token = [(timings[i][1] - timings[i][0]) / max(1, timings[i][2] - 1) for i in range(len(arrivals))]
-    makespan = max(t[1] for t in timings) - min(arrivals)
-    return dict(ttft=ttft, latency=latency, per_token=per_token, throughput=sum(t[2] for t in timings) / makespan)
+    return summarize(timings, arrivals)
 
 
 def _clients(address, prompts: list, arrivals: list[float], max_new_tokens: int, temperature: float, results) -> None:
