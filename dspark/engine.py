@@ -200,12 +200,14 @@ class Engine:
                  min_new_tokens: int | Sequence[int] = 0,
                  stop_check: Callable[[int, list[int]], int | None] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0,
-                 prompt_logprobs: bool = False) -> tuple[list[list[int]], GenerationStats, "Scores"]:
+                 prompt_logprobs: bool = False, prompt_top_logprobs: int = 0
+                 ) -> tuple[list[list[int]], GenerationStats, "Scores"]:
         """Decode token-id prompts (already validated); return generated ids, stats and the
         log-probabilities asked for (:class:`Scores`): with ``logprobs`` each generated token's
         under the target's own distribution (before the sampler's processing), with
         ``top_logprobs = k`` (and ``logprobs``) the ``k`` likeliest tokens there, with
-        ``prompt_logprobs`` each prompt token's given the ones before it (:meth:`_prefill`).
+        ``prompt_logprobs`` each prompt token's given the ones before it (:meth:`_prefill`), and with
+        ``prompt_top_logprobs = k`` too the ``k`` likeliest tokens at each prompt position.
 
         Up to ``engine.max_batch_size`` requests decode together. With continuous batching
         (:attr:`EngineConfig.batching`) a request that ends hands its slot to the next waiting
@@ -234,8 +236,8 @@ class Engine:
         for name, values in (("budgets", budgets), ("params", params), ("seeds", seeds), ("min_new_tokens", min_new)):
             if len(values) != count:
                 raise ValueError(f"{name} has {len(values)} entries for {count} prompts: give one per prompt")
-        scores = top_logprobs if logprobs else -1
-        requests = [Request(list(p), b, q, int(s), stop, m, scores)
+        scores, prompt_scores = (top_logprobs if logprobs else -1), (prompt_top_logprobs if prompt_logprobs else -1)
+        requests = [Request(list(p), b, q, int(s), stop, m, scores, prompt_scores)
                     for p, b, q, s, stop, m in zip(prompts, budgets, params, seeds, stops, min_new)]  # (stops: EOS in)
         options = dict(on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs, top_logprobs=top_logprobs,
                        prompt_logprobs=prompt_logprobs)
@@ -259,16 +261,21 @@ class Engine:
             outputs += ids
             parts.append(stats)
             scores.extend(part)
+        if not prompt_logprobs:  # (a batch keeps them per request, None where not asked)
+            scores.prompt = None
+        if not (prompt_logprobs and prompt_top_logprobs):
+            scores.prompt_top = None
         return outputs, GenerationStats.merge(parts), scores
 
     def request(self, prompt: list[int], *, max_new_tokens: int, params: SamplingParams, seed: int,
                 ignore_eos: bool = False, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
-                logprobs: int | None = None) -> "Request":
+                logprobs: int | None = None, prompt_logprobs: int | None = None) -> "Request":
         """One request as :meth:`Batch.add` takes it (already validated; its stop ids are the
-        engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``; ``logprobs``: see
-        :class:`Request`)."""
+        engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``; ``logprobs``,
+        ``prompt_logprobs``: see :class:`Request`)."""
         stops = _stop_ids(self.eos_token_ids, [ignore_eos], [list(stop_token_ids)], 1)[0]
-        return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens), logprobs)
+        return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens), logprobs,
+                       prompt_logprobs)
 
     def open_batch(self, slots: int, max_len: int, *, on_tokens=None, stop_check=None, logprobs: bool = False,
                    top_logprobs: int = 0, prompt_logprobs: bool = False, started: float | None = None) -> "Batch":
@@ -429,17 +436,17 @@ class Engine:
             prefill_state = replace(state, tokens=state.tokens[index], prompt_lengths=lengths, lengths=lengths.clone(),
                                     done=state.done[index])
         cache.set_lengths(torch.zeros_like(prefill_state.prompt_lengths))
-        out, prompt_scores = self._prefill(prefill_state, cache, longest, batch.prompt_logprobs)
+        asked = max(r.prompt_logprobs for r in requests)  # (−1: none asks for its prompt's scores)
+        out, prompt_scores = self._prefill(prefill_state, cache, longest, asked)
         if share:
             copies = [k for k, s in enumerate(source) if s != k]
             batch.cache.copy_rows(rows[[source[k] for k in copies]], rows[copies], longest)
             at = {k: j for j, k in enumerate(prefilled)}
             spread = torch.tensor([at[s] for s in source], device=device)
             out = replace(out, logits=out.logits[spread], hidden_states=[h[spread] for h in out.hidden_states])
-            prompt_scores = None if prompt_scores is None else prompt_scores[spread]
+            prompt_scores = None if prompt_scores is None else [x[spread] for x in prompt_scores]
         if prompt_scores is not None:
-            for i, row in zip(taken, prompt_scores.tolist()):
-                batch.scores.prompt[i] = [None] + row[: len(batch.requests[i].prompt) - 1]
+            self._keep_prompt_scores(batch, taken, requests, prompt_scores)
         logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
         admitted = [False] * slots
         for b in free:
@@ -498,30 +505,55 @@ class Engine:
         for b in slots:
             batch.holder[b] = -1
 
-    def _prefill(self, state: DecodingState, cache, max_prompt: int, prompt_logprobs: bool):
+    @staticmethod
+    def _keep_prompt_scores(batch: "Batch", taken: list[int], requests: list["Request"],
+                            prompt_scores: list[torch.Tensor]) -> None:
+        """Note the prompt scores of the admitted requests ``taken`` that asked for them (one host read)."""
+        asking = [j for j, r in enumerate(requests) if r.prompt_logprobs >= 0]
+        values = prompt_scores[0][asking].tolist()
+        if any(requests[j].prompt_logprobs > 0 for j in asking):
+            top_values, top_ids = (x[asking].tolist() for x in prompt_scores[1:])
+        for at, j in enumerate(asking):
+            i, k, n = taken[j], requests[j].prompt_logprobs, len(requests[j].prompt) - 1
+            batch.scores.prompt[i] = [None] + values[at][:n]
+            if k > 0:
+                batch.scores.prompt_top[i] = [None] + [list(zip(ids[:k], lps[:k]))
+                                                       for lps, ids in zip(top_values[at][:n], top_ids[at][:n])]
+
+    def _prefill(self, state: DecodingState, cache, max_prompt: int, prompt_top: int = -1):
         """The prompt's forward into the cache: its output (the logits after each prompt's last
-        token ``[B, 1, V]``, the drafter's hidden states) and, with ``prompt_logprobs``, log p(prompt[i]
-        | prompt[:i]) ``[B, P−1]`` (past ``P_b − 1``: padding). A model that maps its last layer's
-        output to logits (``logits_of``, the native models) scores the prompt in chunks of
+        token ``[B, 1, V]``, the drafter's hidden states) and, when ``prompt_top ≥ 0``, the prompt's
+        scores: log p(prompt[i] | prompt[:i]) ``[B, P−1]`` (past ``P_b − 1``: padding), then with
+        ``prompt_top = k > 0`` the ``k`` likeliest tokens' log-probabilities and ids at each of those
+        positions (``[B, P−1, k]`` each, likeliest first). A model that maps its last layer's output to
+        logits (``logits_of``, the native models) scores the prompt in chunks of
         :data:`PROMPT_SCORE_CHUNK` positions; others return the logits at every position at once."""
         target, batch, last = self.target, state.batch_size, state.prompt_lengths - 1
-        layers = tuple(self.drafter.hidden_layers)
-        chunked = prompt_logprobs and hasattr(target, "logits_of")
+        layers, scored = tuple(self.drafter.hidden_layers), prompt_top >= 0
+        chunked = scored and hasattr(target, "logits_of")
         positions = last.unsqueeze(1)
-        if prompt_logprobs and not chunked:
+        if scored and not chunked:
             positions = torch.arange(max_prompt, device=last.device).expand(batch, -1)
         out = target(state.tokens[:, :max_prompt], cache, state.prompt_lengths, logits_positions=positions,
                      hidden_layers=layers + ((target.num_layers - 1,) if chunked else ()), kv_len=max_prompt)
-        if not prompt_logprobs:
+        if not scored:
             return out, None
         following = state.tokens[:, 1:max_prompt]  # [B, P−1]: the token each position predicts
+
+        def score(logits: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+            distributions = torch.log_softmax(logits.float(), -1)
+            chosen = distributions.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            return [chosen, *distributions.topk(prompt_top, -1)] if prompt_top > 0 else [chosen]
+
         if chunked:
-            hidden, out = out.hidden_states[-1], replace(out, hidden_states=out.hidden_states[:len(layers)])
-            scores = torch.cat([torch.log_softmax(target.logits_of(hidden[:, i:i + PROMPT_SCORE_CHUNK]).float(), -1)
-                                .gather(-1, following[:, i:i + PROMPT_SCORE_CHUNK].unsqueeze(-1)).squeeze(-1)
-                                for i in range(0, max_prompt - 1, PROMPT_SCORE_CHUNK)], 1)
-            return out, scores
-        scores = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
+            hidden = out.hidden_states[-1][:, :max_prompt - 1]  # [B, P−1, H]: the positions that predict a token
+            out = replace(out, hidden_states=out.hidden_states[:len(layers)])
+            parts = [score(target.logits_of(hidden[:, i:i + PROMPT_SCORE_CHUNK]), following[:, i:i + PROMPT_SCORE_CHUNK])
+                     for i in range(0, max_prompt - 1, PROMPT_SCORE_CHUNK)]
+            if not parts:  # every prompt is one token long: nothing to score
+                parts = [score(out.logits[:, :0], following)]
+            return out, [torch.cat(columns, 1) for columns in zip(*parts)]
+        scores = score(out.logits[:, :-1], following)
         return replace(out, logits=out.logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1]))), scores
 
     @staticmethod
@@ -621,16 +653,18 @@ class Scores:
     Attributes:
         tokens: each generated token's. top: at each generated position, the ``k`` likeliest tokens
             as ``(token id, log-probability)`` pairs, likeliest first. prompt: each prompt token's
-            given the ones before it (``None`` for the first).
+            given the ones before it (``None`` for the first). prompt_top: at each prompt position,
+            the ``k`` likeliest tokens there (``None`` for the first).
     """
 
     tokens: list[list[float]] | None = None
     top: list[list[list[tuple[int, float]]]] | None = None
     prompt: list[list[float | None]] | None = None
+    prompt_top: list[list[list[tuple[int, float]] | None]] | None = None
 
     def extend(self, other: "Scores") -> None:
         """Append the requests of ``other`` (the next static batch of the same call)."""
-        for name in ("tokens", "top", "prompt"):
+        for name in ("tokens", "top", "prompt", "prompt_top"):
             if getattr(other, name) is not None:
                 setattr(self, name, (getattr(self, name) or []) + getattr(other, name))
 
@@ -640,7 +674,7 @@ class Request:
     """One request of a batch (:meth:`Engine.request`): its prompt and what it asks for
     (``stop_ids``: EOS unless it ignores it, then its stop tokens; ``logprobs``: −1 none, ``k ≥ 0``
     its tokens' log-probabilities and the ``k`` likeliest tokens at each position, ``None`` the
-    batch's setting)."""
+    batch's setting; ``prompt_logprobs`` likewise for its prompt's tokens)."""
 
     prompt: list[int]
     budget: int
@@ -649,6 +683,7 @@ class Request:
     stop_ids: tuple[int, ...]
     min_new: int
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def released(self) -> "Request":
         """The same request without its prompt (a finished one whose output was read)."""
@@ -692,7 +727,7 @@ class Batch:
         self.opened = time.perf_counter()  # the batch's wall time counts from here
         self.started = self.opened if self.started is None else self.started
         self.scores = Scores(tokens=[] if self.logprobs else None, top=[] if self.logprobs and self.top_logprobs else None,
-                             prompt=[] if self.prompt_logprobs else None)
+                             prompt=[], prompt_top=[])  # (prompt scores: per request, None where not asked)
 
     def add(self, request: Request) -> int:
         """Queue a request (it joins at the next :meth:`Engine.step` that finds a slot free);
@@ -701,6 +736,8 @@ class Batch:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.budget}) + one round of "
                              f"lookahead ({self.lookahead}) needs {len(request.prompt) + request.budget + self.lookahead} "
                              f"positions, more than the batch's {self.max_len} per request")
+        if request.prompt_logprobs is None:
+            request = replace(request, prompt_logprobs=0 if self.prompt_logprobs else -1)
         if request.logprobs is None:
             request = replace(request, logprobs=self.top_logprobs if self.logprobs else -1)
         elif request.logprobs >= 0 and not self.logprobs:
@@ -712,7 +749,8 @@ class Batch:
         self.requests.append(request)
         self.waiting.append(len(self.requests) - 1)
         for results in (self.outputs, self.first_token, self.finished, *(
-                r for r in (self.scores.tokens, self.scores.top, self.scores.prompt) if r is not None)):
+                r for r in (self.scores.tokens, self.scores.top, self.scores.prompt, self.scores.prompt_top)
+                if r is not None)):
             results.append(None)
         self.counters.grow(len(self.requests))
         return len(self.requests) - 1

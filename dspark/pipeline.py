@@ -44,6 +44,9 @@ class GenerationResult:
         prompt_logprobs: with ``generate(prompt_logprobs=True)``, per request, each prompt token's
             log-probability under the target given the tokens before it (``None`` for the first,
             as vLLM's); else ``None``.
+        prompt_top_logprobs: with ``generate(prompt_logprobs=True, prompt_top_logprobs=k)``, per
+            request and prompt position, the ``k`` likeliest tokens there as ``(token id,
+            log-probability)`` pairs, likeliest first (``None`` for the first position); else ``None``.
     """
 
     token_ids: list[list[int]]
@@ -52,6 +55,7 @@ class GenerationResult:
     logprobs: list[list[float]] | None = None
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
     prompt_logprobs: list[list[float | None]] | None = None
+    prompt_top_logprobs: list[list[list[tuple[int, float]] | None]] | None = None
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -127,6 +131,7 @@ class Pipeline:
                  progress: bool | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
                  stop_token_ids: list[int] | list[list[int] | None] | None = None,
                  stop: list[str] | list[list[str] | None] | None = None, min_new_tokens: int | list[int] = 0, logprobs: bool = False, top_logprobs: int = 0, prompt_logprobs: bool = False,
+                 prompt_top_logprobs: int = 0,
                  repetition_penalty: float | list[float] = 1.0, presence_penalty: float | list[float] = 0.0,
                  frequency_penalty: float | list[float] = 0.0, no_repeat_ngram_size: int | list[int] = 0,
                  logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None) -> GenerationResult:
@@ -172,6 +177,9 @@ class Pipeline:
                 it (:attr:`GenerationResult.prompt_logprobs`; native targets score the prompt in
                 chunks of positions, transformers-backed ones compute the logits at every prompt
                 position at once, ``[batch, prompt length, vocabulary]`` floats).
+            prompt_top_logprobs: with ``prompt_logprobs``, also the ``k`` likeliest tokens at each
+                prompt position, ``0 ≤ k ≤ 20`` (:attr:`GenerationResult.prompt_top_logprobs`; what
+                lm-eval-harness's loglikelihood tasks read: whether the prompt's continuation is greedy).
             on_tokens: streaming: ``on_tokens(i, ids)`` is called as request ``i`` emits tokens
                 (after prefill and after every round; several tokens per call when drafts are
                 accepted). The ids are final: request ``i``'s calls concatenate to its
@@ -179,7 +187,7 @@ class Pipeline:
 
         All arguments are checked before any compute; a bad one raises ``ValueError``/``TypeError``.
         """
-        check_score_options(logprobs, top_logprobs, prompt_logprobs)
+        check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs)
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
@@ -196,23 +204,25 @@ class Pipeline:
         token_ids, stats, scores = self.engine.generate(
             encoded, max_new_tokens=budgets, params=params, seeds=seeds, ignore_eos=ignore, progress=bar,
             on_tokens=on_tokens, stop_token_ids=stop_ids, min_new_tokens=min_new, stop_check=stop_check,
-            logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+            prompt_top_logprobs=prompt_top_logprobs)
         if bar is not None:
             bar.close()
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=stats, logprobs=scores.tokens,
-                                top_logprobs=scores.top, prompt_logprobs=scores.prompt)
+                                top_logprobs=scores.top, prompt_logprobs=scores.prompt,
+                                prompt_top_logprobs=scores.prompt_top)
 
     def session(self, *, max_len: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                prompt_logprobs: bool = False) -> "Session":
+                prompt_logprobs: bool = False, prompt_top_logprobs: int = 0) -> "Session":
         """A :class:`~dspark.session.Session`: requests submitted one by one, while others decode
         (continuous batching over ``engine.max_batch_size`` slots of ``max_len`` positions each)."""
         from dspark.session import Session
 
         return Session(self, max_len=max_len, logprobs=logprobs, top_logprobs=top_logprobs,
-                       prompt_logprobs=prompt_logprobs)
+                       prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top_logprobs)
 
     def _requests(self, prompts, max_new_tokens, seed, *, ignore_eos, stop_token_ids, stop, min_new_tokens,
                   **sampling):
@@ -324,17 +334,20 @@ class Pipeline:
                              **generate_kwargs)
 
 
-def check_score_options(logprobs, top_logprobs, prompt_logprobs) -> None:
-    """Refuse bad ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs`` options (``TypeError`` /
-    ``ValueError`` naming the option)."""
-    if not isinstance(logprobs, bool):
-        raise TypeError(f"logprobs must be True or False, got {logprobs!r}")
-    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
-    if not isinstance(prompt_logprobs, bool):
-        raise TypeError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
+def check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs=0) -> None:
+    """Refuse bad ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs`` / ``prompt_top_logprobs``
+    options (``TypeError`` / ``ValueError`` naming the option)."""
+    for name, flag in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    for name, count in (("top_logprobs", top_logprobs), ("prompt_top_logprobs", prompt_top_logprobs)):
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {count!r}")
     if top_logprobs and not logprobs:
         raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
+    if prompt_top_logprobs and not prompt_logprobs:
+        raise ValueError("prompt_top_logprobs needs prompt_logprobs=True (the likeliest tokens come with the "
+                         "prompt token's)")
 
 
 def _as_float(value):

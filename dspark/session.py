@@ -54,7 +54,8 @@ class RequestOutput:
         finish_reason: why it ended: ``"stop"`` (EOS, a stop token or a stop string), ``"length"``
             (its ``max_new_tokens``) or ``"abort"`` (:meth:`Session.abort`).
         prompt_token_ids: its prompt, as the target read it.
-        logprobs, top_logprobs, prompt_logprobs: as the session was opened to record them (else ``None``).
+        logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs: as the request asked for them
+            (by default: as the session was opened to record them; else ``None``).
         stats: its counters (target forwards, drafted / verified / accepted tokens) and timings
             (``first_token_s`` / ``finished_s``: seconds since the session opened).
     """
@@ -66,6 +67,7 @@ class RequestOutput:
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
     prompt_logprobs: list[float | None] | None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None
     stats: dict
 
 
@@ -79,13 +81,15 @@ class Session:
             ``admit`` and a cache with row views).
         max_len: positions per request (prompt + ``max_new_tokens`` + γ + 1 at most); default
             ``cache.max_len``. The cache holds ``max_batch_size × max_len`` positions.
-        logprobs, top_logprobs, prompt_logprobs: as for ``generate``, for every request; with
-            ``logprobs``, a request may ask for fewer (``submit(logprobs=False)``, a smaller
-            ``top_logprobs``) and pays only for what it asks.
+        logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs: as for ``generate``, for
+            every request; with ``logprobs``, a request may ask for fewer (``submit(logprobs=False)``,
+            a smaller ``top_logprobs``) and pays only for what it asks. The prompt's scores are
+            computed at admission, so any request may ask for them (``submit(prompt_logprobs=True,
+            prompt_top_logprobs=k)``) whatever the session's default.
     """
 
     def __init__(self, pipeline, *, max_len: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, prompt_top_logprobs: int = 0):
         from dspark.pipeline import check_score_options
 
         engine = pipeline.engine
@@ -93,7 +97,7 @@ class Session:
             raise ValueError("a Session needs continuous batching, and this engine decodes in static batches "
                              f"(engine.batching={engine.config.batching}; the drafter must implement admit() and the "
                              "cache have row views)")
-        check_score_options(logprobs, top_logprobs, prompt_logprobs)
+        check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs)
         max_len = engine.cache_config.max_len if max_len is None else max_len
         if max_len is None:
             raise ValueError("a Session needs max_len, the positions per request (prompt + max_new_tokens + "
@@ -108,26 +112,33 @@ class Session:
         self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
                                               stop_check=self._stop_check, logprobs=logprobs,
                                               top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        self._prompt_default = prompt_top_logprobs if prompt_logprobs else -1
 
     def submit(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0, logit_bias: dict[int, float] | None = None,
                seed: int | None = None, ignore_eos: bool = False, stop_token_ids: list[int] | None = None,
                stop: list[str] | None = None, min_new_tokens: int = 0, logprobs: bool | None = None,
-               top_logprobs: int | None = None) -> int:
+               top_logprobs: int | None = None, prompt_logprobs: bool | None = None,
+               prompt_top_logprobs: int | None = None) -> int:
         """Queue one request (a string, with a tokenizer, or token ids) with ``generate``'s settings
         for one request; it joins the batch at the next :meth:`step` that finds a slot free.
         Everything is checked first (a bad value raises, and nothing is queued). ``seed=None``:
         a fresh seed. ``logprobs`` / ``top_logprobs``: this request's (default: the session's;
         a session opened with ``logprobs=True, top_logprobs=K`` records them only for the requests
         that ask, up to ``K`` likeliest tokens, and costs the others nothing while none of those
-        decodes). Returns the request's id: 0, 1, … in submission order."""
-        scores = None  # the session's setting
-        if logprobs is not None or top_logprobs is not None:
-            from dspark.pipeline import check_score_options
+        decodes). ``prompt_logprobs`` / ``prompt_top_logprobs``: likewise for the prompt's tokens
+        (lm-eval-harness's loglikelihood reads them), any request may ask. Returns the request's id:
+        0, 1, … in submission order."""
+        from dspark.pipeline import check_score_options
 
+        scores, prompt_scores = None, self._prompt_default  # (None: the session's setting)
+        if logprobs is not None or top_logprobs is not None:
             check_score_options(False if logprobs is None else logprobs, top_logprobs or 0, False)
             scores = (top_logprobs or 0) if logprobs else -1
+        if prompt_logprobs is not None or prompt_top_logprobs is not None:
+            check_score_options(False, 0, False if prompt_logprobs is None else prompt_logprobs, prompt_top_logprobs or 0)
+            prompt_scores = (prompt_top_logprobs or 0) if prompt_logprobs else -1
         encoded, budgets, params, seeds, (ignore, stop_ids, checks, min_new) = self.pipeline._requests(
             [prompt], max_new_tokens, [seed], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -137,7 +148,7 @@ class Session:
         request = self.engine.request(encoded[0], max_new_tokens=budgets[0],
                                       params=params if not isinstance(params, list) else params[0], seed=seeds[0],
                                       ignore_eos=ignore[0], stop_token_ids=stop_ids[0], min_new_tokens=min_new[0],
-                                      logprobs=scores)
+                                      logprobs=scores, prompt_logprobs=prompt_scores)
         index = self.batch.add(request)  # (refuses a request that does not fit max_len)
         self._checks.append(checks[0])
         return index
@@ -197,7 +208,7 @@ class Session:
         self._released.add(request)
         batch.requests[request] = batch.requests[request].released()
         batch.outputs[request] = self._checks[request] = None
-        for scores in (batch.scores.tokens, batch.scores.top, batch.scores.prompt):
+        for scores in (batch.scores.tokens, batch.scores.top, batch.scores.prompt, batch.scores.prompt_top):
             if scores is not None:
                 scores[request] = None
 
@@ -221,7 +232,8 @@ class Session:
         return RequestOutput(token_ids=ids, text=None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True),
                              finish_reason=batch.finish_reason(request), prompt_token_ids=list(batch.requests[request].prompt),
                              logprobs=pick(batch.scores.tokens), top_logprobs=pick(batch.scores.top),
-                             prompt_logprobs=pick(batch.scores.prompt), stats=stats)
+                             prompt_logprobs=pick(batch.scores.prompt), prompt_top_logprobs=pick(batch.scores.prompt_top),
+                             stats=stats)
 
     def _on_tokens(self, request: int, ids: list[int]) -> None:
         self._emitted.setdefault(request, []).extend(ids)

@@ -92,6 +92,38 @@ def test_prompt_logprobs_equal_a_teacher_forced_forward(drafter, backend, monkey
         assert logprobs[1:] == pytest.approx(teacher_forced(target, prompt[:1], prompt[1:]), abs=1e-6)
 
 
+@pytest.mark.parametrize("drafter, backend", [("none", "native"), ("eagle3", "native"), ("none", "hf")])
+def test_prompt_top_logprobs_equal_a_teacher_forced_forward(drafter, backend, monkeypatch):
+    """The k likeliest tokens at each prompt position (likeliest first, ``None`` at the first),
+    as one float64 forward over the prompt gives them — in chunks of 4 positions for native
+    targets, at once for transformers-backed ones; a batch of one-token prompts has nothing to
+    score; asking changes no output."""
+    import dspark.engine
+
+    monkeypatch.setattr(dspark.engine, "PROMPT_SCORE_CHUNK", 4)
+    target = tiny_hf_model("qwen3", scale=3.0)
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64", "backend": backend},
+                                  "drafter": DRAFTERS[drafter]}, target_model=target, overrides=["engine.max_batch_size=2"])
+    prompts = ragged_prompts(101, lengths=(5, 1, 9))
+    plain = pipe.generate(prompts, max_new_tokens=6, temperature=1.0, seed=4, ignore_eos=True, prompt_logprobs=True)
+    scored = pipe.generate(prompts, max_new_tokens=6, temperature=1.0, seed=4, ignore_eos=True, prompt_logprobs=True,
+                           prompt_top_logprobs=3)
+    assert plain.prompt_top_logprobs is None and scored.token_ids == plain.token_ids
+    assert scored.prompt_logprobs == plain.prompt_logprobs
+    model = load_model(target, dtype="float64")
+    for prompt, chosen, top in zip(prompts, scored.prompt_logprobs, scored.prompt_top_logprobs):
+        assert len(top) == len(prompt) and top[0] is None
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt]), model.new_cache(1, len(prompt))).logits[0, :-1]
+        values, tokens = torch.log_softmax(logits, -1).topk(3, -1)
+        assert [[t for t, _ in alternatives] for alternatives in top[1:]] == tokens.tolist()
+        for alternatives, want, token, logprob in zip(top[1:], values.tolist(), prompt[1:], chosen[1:]):
+            assert [lp for _, lp in alternatives] == pytest.approx(want, abs=1e-6)  # (scores are float32)
+            assert token not in [t for t, _ in alternatives] or dict(alternatives)[token] == pytest.approx(logprob)
+    single = pipe.generate([[7], [9]], max_new_tokens=2, prompt_logprobs=True, prompt_top_logprobs=2)
+    assert single.prompt_logprobs == [[None], [None]] and single.prompt_top_logprobs == [[None], [None]]
+
+
 def test_top_logprobs_are_checked():
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
     with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
@@ -102,6 +134,10 @@ def test_top_logprobs_are_checked():
     assert pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True).top_logprobs is None
     with pytest.raises(TypeError, match="prompt_logprobs must be True or False"):
         pipe.generate([[3, 4]], max_new_tokens=2, prompt_logprobs=1)
+    with pytest.raises(ValueError, match="prompt_top_logprobs needs prompt_logprobs=True"):
+        pipe.generate([[3, 4]], max_new_tokens=2, prompt_top_logprobs=2)
+    with pytest.raises(ValueError, match=r"prompt_top_logprobs must be an integer in \[0, 20\]"):
+        pipe.generate([[3, 4]], max_new_tokens=2, prompt_logprobs=True, prompt_top_logprobs=21)
 
 
 def test_logprobs_must_be_a_flag():

@@ -202,6 +202,50 @@ def test_log_probabilities_per_request():
         session.submit(prompts[0], max_new_tokens=4, top_logprobs=2)
 
 
+def test_prompt_log_probabilities_per_request(monkeypatch):
+    """Each request gets its prompt's scores as it asks — none, each token's, or the k likeliest
+    too — whatever the session's default, equal to ``generate``'s; two requests of one prompt
+    (one prefill, shared) asking differently each get theirs; a step where no admitted request
+    asks scores nothing."""
+    from dspark.engine import Engine
+
+    pipe = dspark.build_pipeline("eagle3", overrides=["target.device=cpu", "target.dtype=float64",
+                                                      "engine.max_batch_size=4"])
+    prompts = ["def add(a, b):", "import os\n", "def add(a, b):", "class Stack:"]
+    asks = [{}, dict(prompt_logprobs=True), dict(prompt_logprobs=True, prompt_top_logprobs=3),
+            dict(prompt_logprobs=True, prompt_top_logprobs=1)]
+    alone = [pipe.generate([p], max_new_tokens=4, prompt_logprobs=True, prompt_top_logprobs=3) for p in prompts]
+    scored, prefill = [], Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, *args: scored.append(args[-1]) or prefill(self, *args))
+    session = pipe.session(max_len=40)
+    for prompt, ask in zip(prompts, asks):
+        session.submit(prompt, max_new_tokens=4, **ask)
+    while session.unfinished:
+        session.step()
+    assert scored == [3]  # one admission, scored as widely as its widest ask
+    outputs = [session.result(i) for i in range(4)]
+    assert outputs[0].prompt_logprobs is None and outputs[0].prompt_top_logprobs is None
+    assert outputs[1].prompt_logprobs == pytest.approx(alone[1].prompt_logprobs[0]) and outputs[1].prompt_top_logprobs is None
+    for i, k in ((2, 3), (3, 1)):
+        assert outputs[i].prompt_logprobs == pytest.approx(alone[i].prompt_logprobs[0])
+        assert outputs[i].prompt_top_logprobs[0] is None
+        assert [[t for t, _ in alts] for alts in outputs[i].prompt_top_logprobs[1:]] == [
+            [t for t, _ in alts[:k]] for alts in alone[i].prompt_top_logprobs[0][1:]]
+    defaults = pipe.session(max_len=40, prompt_logprobs=True, prompt_top_logprobs=2)
+    defaults.submit(prompts[1], max_new_tokens=2)
+    defaults.submit(prompts[3], max_new_tokens=2, prompt_logprobs=False)
+    while defaults.unfinished:
+        defaults.step()
+    assert scored[1:] == [2]
+    assert len(defaults.result(0).prompt_top_logprobs[1]) == 2 and defaults.result(1).prompt_logprobs is None
+    quiet = pipe.session(max_len=40)
+    quiet.submit(prompts[0], max_new_tokens=2)
+    quiet.step()
+    assert scored[2:] == [-1]  # nothing asked: nothing scored
+    with pytest.raises(ValueError, match="prompt_top_logprobs needs prompt_logprobs=True"):
+        quiet.submit(prompts[0], max_new_tokens=2, prompt_top_logprobs=2)
+
+
 @pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_generate_says_why_each_request_ended(batching):
     """``finish_reasons``: ``length`` at the budget, ``stop`` at EOS, a stop token or a stop string —
