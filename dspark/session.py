@@ -36,6 +36,8 @@ class RequestUpdate:
         finished: whether it ended in this step (:meth:`Session.result` then has its output).
         logprobs, top_logprobs: for a request that asked for them, those of ``token_ids`` (as
             :class:`RequestOutput` has them for the whole output), else ``None``.
+        prompt_logprobs, prompt_top_logprobs: on a request's first update, its prompt's scores
+            when it asked for them (as :class:`RequestOutput` has them), else ``None``.
     """
 
     request: int
@@ -43,6 +45,8 @@ class RequestUpdate:
     finished: bool
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Session:
         self._checks: list = []
         self._ended: set[int] = set()
         self._released: set[int] = set()
+        self._reported: set[int] = set()  # requests that had an update
         self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
                                               stop_check=self._stop_check, logprobs=logprobs,
                                               top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
@@ -161,8 +166,15 @@ class Session:
         scores = self._step_scores()  # (before the finished requests' slots are freed)
         ended = set(self.engine.collect_finished(self.batch))
         self._ended |= ended
-        return [RequestUpdate(i, self._emitted.get(i, []), i in ended, *scores.get(i, (None, None)))
-                for i in sorted(set(self._emitted) | ended)]
+        updates = [RequestUpdate(i, self._emitted.get(i, []), i in ended, *scores.get(i, (None, None)))
+                   for i in sorted(set(self._emitted) | ended)]
+        prompt = self.batch.scores
+        for update in updates:  # a request's first: its prompt's scores
+            if update.request not in self._reported:
+                self._reported.add(update.request)
+                update.prompt_logprobs = prompt.prompt[update.request]
+                update.prompt_top_logprobs = prompt.prompt_top[update.request]
+        return updates
 
     def _step_scores(self) -> dict[int, tuple[list[float], list | None]]:
         """The log-probabilities of this step's tokens, for the requests that emitted and asked
@@ -206,6 +218,7 @@ class Session:
             raise ValueError(f"request {request!r} has not finished: abort() it first, or wait")
         batch = self.batch
         self._released.add(request)
+        self._reported.discard(request)
         batch.requests[request] = batch.requests[request].released()
         batch.outputs[request] = self._checks[request] = None
         for scores in (batch.scores.tokens, batch.scores.top, batch.scores.prompt, batch.scores.prompt_top):

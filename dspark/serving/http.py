@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over a pipeline: ``/v1/completions``, ``/v1/chat/completions``
 (both with ``stream``), ``/v1/models``, ``/health``, ``/metrics`` (Prometheus' format:
-:mod:`dspark.serving.metrics`), ``/tokenize`` and ``/detokenize`` — what vLLM's and SGLang's
-servers answer, so that OpenAI clients and dashboards talk to dspark unchanged.
+:mod:`dspark.serving.metrics`), ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` — what
+vLLM's and SGLang's servers answer, so that OpenAI clients, dashboards and lm-eval-harness talk to
+dspark unchanged.
 
     server = OpenAIServer(dspark.build_pipeline("eagle3"), max_len=512, port=8000).start()
     # POST http://127.0.0.1:8000/v1/completions {"prompt": "def add(a, b):", "max_tokens": 32}
@@ -33,8 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dspark.pipeline import MAX_TOP_LOGPROBS
 from dspark.serving.loop import EngineLoop, EngineStopped
 from dspark.serving.metrics import render
-from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, logprobs_body, parse_detokenize,
-                                     parse_request, parse_tokenize)
+from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, joined, logprobs_body,
+                                     parse_detokenize, parse_request, parse_tokenize)
 
 log = logging.getLogger("dspark.serving")
 
@@ -130,14 +131,29 @@ class OpenAIServer:
 
     def tokenize(self, body) -> dict:
         """``/tokenize``: a prompt's (or a rendered conversation's) token ids, as a completion would
-        read them, and how many positions a request may use (prompt + completion)."""
-        prompt, chat, template_kwargs = parse_tokenize(body, model=self.model_name)
+        read them (or without the tokenizer's special tokens: ``add_special_tokens: false``), and
+        how many positions a request may use (prompt + completion)."""
+        prompt, chat, template_kwargs, special = parse_tokenize(body, model=self.model_name)
         try:
-            tokens = self._render([prompt], template_kwargs)[0] if chat else self.pipeline.encode([prompt])[0]
+            if chat:
+                tokens = self._render([prompt], template_kwargs)[0]
+            elif special:
+                tokens = self.pipeline.encode([prompt])[0]
+            else:
+                tokens = self.pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         except (ValueError, TypeError) as err:
             raise ProtocolError(str(err)) from None
         batch = self.loop.session.batch
         return {"count": len(tokens), "max_model_len": batch.max_len - batch.lookahead, "tokens": tokens}
+
+    def tokenizer_info(self) -> dict:
+        """``/tokenizer_info`` (vLLM's): the tokenizer's special tokens and chat template, what a
+        client that tokenizes through this server (lm-eval-harness's remote tokenizer) needs."""
+        tokenizer, batch = self.pipeline.tokenizer, self.loop.session.batch
+        template = self.chat_template if self.chat_template is not None else getattr(tokenizer, "chat_template", None)
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
+                "chat_template": template, "model_max_length": batch.max_len - batch.lookahead}
 
     def detokenize(self, body) -> dict:
         """``/detokenize``: the text of token ids (special tokens kept)."""
@@ -158,28 +174,55 @@ class OpenAIServer:
             raise ProtocolError(str(err), "messages") from None
 
     def submit(self, job: Job, events: queue.Queue) -> list[int]:
-        """Submit every choice of ``job`` (choice ``k``'s events tagged ``k``); returns their ids."""
-        prompts = self._render(job.prompts, job.chat_template_kwargs) if job.chat else job.prompts
+        """Submit every choice of ``job`` (choice ``k``'s events tagged ``k``); returns their ids.
+        An echoing job with log-probabilities has its prompts scored too; one that generates
+        nothing (``max_tokens`` 0) draws one token, which is not returned (as vLLM does)."""
+        try:
+            job.prompt_ids = (self._render(job.prompts, job.chat_template_kwargs) if job.chat
+                              else self.pipeline.encode(job.prompts))
+        except (ValueError, TypeError) as err:
+            raise ProtocolError(str(err), "prompt") from None
         scores = {} if not self.max_logprobs else dict(logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0)
-        requests = [dict(prompt=prompt, max_new_tokens=job.max_tokens,
+        if job.echo and job.logprobs is not None:
+            scores.update(prompt_logprobs=True, prompt_top_logprobs=job.logprobs)
+        requests = [dict(prompt=prompt, max_new_tokens=max(job.max_tokens, 1),
                          seed=None if job.seed is None else job.seed + i * job.n + j, **job.settings, **scores)
-                    for i, prompt in enumerate(prompts) for j in range(job.n)]
+                    for i, prompt in enumerate(job.prompt_ids) for j in range(job.n)]
         try:
             return self.loop.submit(requests, list(range(job.choices)), events)
         except (ValueError, TypeError) as err:  # the session's checks (prompt length, vocabulary, ...)
             raise ProtocolError(str(err)) from None
 
     def choice(self, job: Job, index: int, output) -> dict:
-        """Choice ``index``'s body, its text cut at a stop string."""
-        text, _ = cut_at_stop(output.text, job.stops, job.include_stop)
+        """Choice ``index``'s body: its text cut at a stop string (after its prompt, with ``echo``),
+        its log-probabilities, why it ended."""
+        n = len(output.token_ids) if job.max_tokens else 0  # (max_tokens 0: the one token drawn is dropped)
+        generated = [None if v is None else v[:n] for v in (output.token_ids, output.logprobs, output.top_logprobs)]
+        text = cut_at_stop(output.text, job.stops, job.include_stop)[0] if n else ""
+        scores = self.logprobs(job, *generated)
+        if job.echo:
+            prompt, prompt_scores = self.echoed(job, index, output.prompt_logprobs, output.prompt_top_logprobs)
+            if prompt_scores is not None:
+                scores = joined(prompt_scores, self.logprobs(job, *generated, len(prompt)))
+            text = prompt + text
         body = {"index": index}
         if job.chat:
             body["message"] = {"role": "assistant", "content": text}
         else:
             body["text"] = text
-        body["logprobs"] = self.logprobs(job, output.token_ids, output.logprobs, output.top_logprobs)
+        body["logprobs"] = scores
         body["finish_reason"] = output.finish_reason
         return body
+
+    def echoed(self, job: Job, index: int, prompt_logprobs: list | None, prompt_top_logprobs: list | None
+               ) -> tuple[str, dict | None]:
+        """What choice ``index`` of an echoing job starts with: its prompt's text (as sent, or its
+        ids decoded) and, when asked, the prompt tokens' log-probabilities (``None`` at the first)."""
+        prompt, ids = job.prompts[index // job.n], job.prompt_ids[index // job.n]
+        text = prompt if isinstance(prompt, str) else self.pipeline.tokenizer.decode(ids, skip_special_tokens=False)
+        if prompt_logprobs is None:  # (none asked, or never admitted: aborted while waiting)
+            return text, None
+        return text, self.logprobs(job, ids, prompt_logprobs, prompt_top_logprobs)
 
     def logprobs(self, job: Job, token_ids: list[int], logprobs: list[float] | None, top_logprobs: list | None,
                  offset: int = 0) -> dict | None:
@@ -191,14 +234,15 @@ class OpenAIServer:
         name = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
         top = None
         if top_logprobs is not None and (job.logprobs or job.chat):
-            top = [[(name(t), lp) for t, lp in alternatives[:job.logprobs]] for alternatives in top_logprobs]
+            top = [None if alternatives is None else [(name(t), lp) for t, lp in alternatives[:job.logprobs]]
+                   for alternatives in top_logprobs]
         return logprobs_body(job.chat, [name(t) for t in token_ids], logprobs or [], top, offset)
 
     @staticmethod
     def usage(job: Job, outputs: list) -> dict:
         """Token counts (each prompt once, whatever ``n``), and dspark's: target forwards and drafts."""
         prompt = sum(len(outputs[i * job.n].prompt_token_ids) for i in range(len(job.prompts)))
-        completion = sum(len(o.token_ids) for o in outputs)
+        completion = sum(len(o.token_ids) for o in outputs) if job.max_tokens else 0
         forwards = sum(o.stats["target_forwards"] for o in outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "speculative": {"target_forwards": forwards, "drafted_tokens": sum(o.stats["drafted"] for o in outputs),
@@ -241,11 +285,14 @@ class _Handler(BaseHTTPRequestHandler):
             text = render(self.api.loop.metrics, model=self.api.model_name, running=snapshot["running"],
                           waiting=snapshot["waiting"], reached=snapshot["reached"], accepted_at=snapshot["accepted"])
             self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+        elif self.path == "/tokenizer_info":
+            self._json(200, self.api.tokenizer_info())
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.api.model_name, "object": "model",
                                                          "created": self.api.created, "owned_by": "dspark"}]})
         else:
-            self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health, /metrics)", status=404))
+            self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health, /metrics, "
+                                      "/tokenizer_info)", status=404))
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path in ("/tokenize", "/detokenize"):
@@ -313,6 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
         texts = [ChoiceText(job.stops, job.include_stop) for _ in range(job.choices)]
         outputs = [None] * job.choices
         pending: list[list] = [[[], [], []] for _ in range(job.choices)]  # tokens, log-probabilities, top ones
+        echoed: list[int | None] = [None] * job.choices  # with echo: each choice's prompt text's length, once sent
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -327,6 +375,17 @@ class _Handler(BaseHTTPRequestHandler):
             while any(o is None for o in outputs):
                 event = self._next(events)
                 k = event.tag
+                if job.echo and echoed[k] is None:  # a choice's first chunk: its prompt
+                    text, scores = api.echoed(job, k, event.prompt_logprobs, event.prompt_top_logprobs)
+                    echoed[k] = len(text)
+                    self._event({**head, "choices": [{"index": k, "text": text, "logprobs": scores,
+                                                      "finish_reason": None}]})
+                if not job.max_tokens:  # the prompt alone: the token drawn is not sent
+                    if event.output is not None:
+                        outputs[k] = event.output
+                        self._event({**head, "choices": [{"index": k, "text": "", "logprobs": None,
+                                                          "finish_reason": event.output.finish_reason}]})
+                    continue
                 decode(k, event.token_ids)
                 if event.output is not None:
                     decode.finish(k)
@@ -340,7 +399,7 @@ class _Handler(BaseHTTPRequestHandler):
                     pending[k][2] += event.top_logprobs or []
                 if not delta and event.output is None:
                     continue
-                offset = texts[k].sent - len(delta)
+                offset = (echoed[k] or 0) + texts[k].sent - len(delta)
                 choice = {"index": k, **({"delta": {"content": delta}} if job.chat else {"text": delta}),
                           "logprobs": api.logprobs(job, *pending[k][:2], pending[k][2] or None, offset),
                           "finish_reason": None if event.output is None else event.output.finish_reason}

@@ -18,20 +18,23 @@ from dataclasses import dataclass
 import torch
 
 from dspark.serving.metrics import ServerMetrics
-from dspark.session import RequestOutput
+from dspark.session import RequestOutput, RequestUpdate
 
 
 @dataclass
 class Emitted:
     """What a request emitted in one step (its tag as the handler gave it: a choice index, say),
-    with their log-probabilities when it asked for them (:class:`~dspark.session.RequestUpdate`'s).
-    ``output`` is set on its last (the request ended: by a stop, its budget or an abort)."""
+    with their log-probabilities when it asked for them, and on its first its prompt's
+    (:class:`~dspark.session.RequestUpdate`'s). ``output`` is set on its last (the request ended:
+    by a stop, its budget or an abort)."""
 
     tag: object
     token_ids: list[int]
     output: RequestOutput | None = None
     logprobs: list[float] | None = None
     top_logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    prompt_top_logprobs: list | None = None
 
 
 class EngineStopped(RuntimeError):
@@ -126,7 +129,7 @@ class EngineLoop:
                 except queue.Empty:
                     pass
                 for update in session.step():
-                    self._emit(update.request, update.token_ids, update.finished, update.logprobs, update.top_logprobs)
+                    self._emit(update.request, update)
         except BaseException as err:  # tell every waiting handler, and refuse what comes next
             self.error = err
             for events, tag in self._listeners.values():
@@ -159,7 +162,7 @@ class EngineLoop:
             for request in payload:
                 if request in self._listeners and session.abort(request):
                     self.aborted += 1
-                    self._emit(request, [], True)
+                    self._emit(request)
         elif kind == "snapshot":
             batch = session.batch
             gamma = batch.counters.gamma
@@ -169,21 +172,24 @@ class EngineLoop:
         elif kind == "close":
             for request in list(self._listeners):
                 self.aborted += session.abort(request)
-                self._emit(request, [], True)
+                self._emit(request)
             return True
         return False
 
-    def _emit(self, request: int, token_ids: list[int], finished: bool, logprobs: list[float] | None = None,
-              top_logprobs: list | None = None) -> None:
+    def _emit(self, request: int, update: RequestUpdate | None = None) -> None:
+        """Pass ``update`` on to the request's listener (``None``: it was aborted, nothing more comes)."""
         events, tag = self._listeners[request]
         output = None
-        if finished:
+        if update is None or update.finished:
             output = self.session.result(request)
             self.session.release(request)
             self.metrics.finished(output, self._submitted.pop(request))
             del self._listeners[request]
             self.completed += 1
-        events.put(Emitted(tag, token_ids, output, logprobs, top_logprobs))
+        if update is None:
+            update = RequestUpdate(request, [], True)
+        events.put(Emitted(tag, update.token_ids, output, update.logprobs, update.top_logprobs, update.prompt_logprobs,
+                           update.prompt_top_logprobs))
 
     def _drain(self) -> None:
         """The thread is ending: answer what is still in the inbox."""

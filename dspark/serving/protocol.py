@@ -42,12 +42,15 @@ class Job:
         chat: a chat completion (``prompts`` are conversations) or a completion (text or ids).
         prompts: ``list[str | list[int]]``, or ``list[list[dict]]`` messages for chat.
         n: choices per prompt; choice ``i · n + j`` is prompt ``i``'s ``j``-th.
-        max_tokens: each choice's budget. seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
+        max_tokens: each choice's budget (0: with ``echo``, the prompt alone — scored, nothing
+            generated). seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
         settings: :meth:`Session.submit`'s sampling and stop keywords (all but the prompt,
             ``max_new_tokens`` and ``seed``).
         stops: the stop strings (cut from the text unless ``include_stop``).
         logprobs: ``None``, or how many likeliest tokens to list at each position (0: the chosen
             token's log-probability alone).
+        echo: a completion's choices start with its prompt (with ``logprobs``, the prompt's tokens
+            scored too: what lm-eval-harness's loglikelihood tasks read).
         stream: send server-sent events; include_usage: a last event with the usage.
         chat_template_kwargs: more variables for the chat template.
     """
@@ -64,7 +67,9 @@ class Job:
     stream: bool
     include_usage: bool
     chat_template_kwargs: dict | None = None
+    echo: bool = False
     choices: int = field(init=False)
+    prompt_ids: list[list[int]] | None = None  # the prompts as the target reads them (set once submitted)
 
     def __post_init__(self):
         self.choices = len(self.prompts) * self.n
@@ -95,11 +100,9 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
                             unknown[0])
     _check_model(body, model)
     prompts = _messages(body) if chat else _prompts(body)
-    if not chat:
-        if body.get("echo"):
-            raise ProtocolError("echo is not supported: the prompt is not repeated in the choices", "echo")
-        if body.get("suffix") is not None:
-            raise ProtocolError("suffix is not supported (no insertion mode)", "suffix")
+    echo = not chat and _boolean(body, "echo", False)
+    if not chat and body.get("suffix") is not None:
+        raise ProtocolError("suffix is not supported (no insertion mode)", "suffix")
     n = _integer(body, "n", 1, low=1)
     if not chat and body.get("best_of") is not None and _integer(body, "best_of", n, low=1) != n:
         raise ProtocolError("best_of must equal n here (every sampled choice is returned)", "best_of")
@@ -107,7 +110,14 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
         raise ProtocolError(f"{len(prompts)} prompts × n={n} is {len(prompts) * n} choices, more than {MAX_CHOICES}",
                             "n")
     budget_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, budget_field, default_max_tokens, low=1)
+    if echo and type(body.get(budget_field)) is int and body[budget_field] == 0:  # the prompt alone, scored (vLLM's "echo without generation")
+        max_tokens = 0
+    else:
+        try:
+            max_tokens = _integer(body, budget_field, default_max_tokens, low=1)
+        except ProtocolError as err:
+            raise ProtocolError(f"{err} (0 only with echo=true: the prompt alone)" if not chat else str(err),
+                                budget_field) from None
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options")
     if options is not None:
@@ -146,25 +156,31 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     template_kwargs = _template_kwargs(body) if chat else None
     return Job(chat=chat, prompts=prompts, n=n, max_tokens=max_tokens, seed=seed, settings=settings, stops=stops,
                include_stop=_boolean(body, "include_stop_str_in_output", False), logprobs=logprobs, stream=stream,
-               include_usage=include_usage, chat_template_kwargs=template_kwargs)
+               include_usage=include_usage, chat_template_kwargs=template_kwargs, echo=echo)
 
 
-def parse_tokenize(body, *, model: str) -> tuple[str | list, bool, dict | None]:
-    """``POST /tokenize``'s body (vLLM's): ``{"prompt": text}`` or ``{"messages": [...]}`` →
-    ``(text or conversation, chat, chat_template_kwargs)``."""
+def parse_tokenize(body, *, model: str) -> tuple[str | list, bool, dict | None, bool]:
+    """``POST /tokenize``'s body (vLLM's): ``{"prompt": text}`` (with ``add_special_tokens``,
+    default true) or ``{"messages": [...]}`` → ``(text or conversation, chat, chat_template_kwargs,
+    add_special_tokens)``."""
     if not isinstance(body, dict):
         raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - {"model", "prompt", "messages", "chat_template_kwargs"})
+    unknown = sorted(set(body) - {"model", "prompt", "messages", "chat_template_kwargs", "add_special_tokens"})
     if unknown:
-        raise ProtocolError(f"unsupported fields {unknown}; /tokenize reads model and prompt or messages", unknown[0])
+        raise ProtocolError(f"unsupported fields {unknown}; /tokenize reads model, prompt (and add_special_tokens) "
+                            "or messages", unknown[0])
     _check_model(body, model)
     if ("prompt" in body) == ("messages" in body):
         raise ProtocolError('give either "prompt" (text) or "messages" (a conversation)', "prompt")
+    special = _boolean(body, "add_special_tokens", True)
     if "messages" in body:
-        return _messages(body)[0], True, _template_kwargs(body)
+        if "add_special_tokens" in body:
+            raise ProtocolError("add_special_tokens applies to a prompt; a conversation is tokenized as its chat "
+                                "template renders it", "add_special_tokens")
+        return _messages(body)[0], True, _template_kwargs(body), True
     if not isinstance(body["prompt"], str) or not body["prompt"]:
         raise ProtocolError(f"prompt must be a non-empty string, got {_show(body['prompt'])}", "prompt")
-    return body["prompt"], False, None
+    return body["prompt"], False, None, special
 
 
 def parse_detokenize(body, *, model: str, vocab_size: int) -> list[int]:
@@ -351,11 +367,13 @@ class ChoiceText:
         return delta
 
 
-def logprobs_body(chat: bool, tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None,
-                  offset: int = 0) -> dict:
+def logprobs_body(chat: bool, tokens: list[str], logprobs: list[float | None],
+                  top: list[list[tuple[str, float]] | None] | None, offset: int = 0) -> dict:
     """A choice's ``logprobs`` object: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``
     or completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``offset``: where
-    these tokens' text starts in the choice's)."""
+    these tokens' text starts in the choice's). Completions list the chosen token among the
+    likeliest too, as OpenAI's do (up to ``k + 1`` entries); an echoed prompt's first token has
+    ``None`` for both."""
     if chat:
         entry = lambda token, lp: {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}  # noqa: E731
         return {"content": [{**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in (top[i] if top else [])]}
@@ -364,6 +382,16 @@ def logprobs_body(chat: bool, tokens: list[str], logprobs: list[float], top: lis
     for token in tokens:
         offsets.append(at)
         at += len(token)
-    return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": None if top is None else [dict(alternatives) for alternatives in top],
-            "text_offset": offsets}
+    if top is not None:
+        top = [None if alternatives is None else {**dict(alternatives), token: lp}
+               for token, lp, alternatives in zip(tokens, logprobs, top)]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def joined(first: dict, second: dict) -> dict:
+    """Two completions ``logprobs`` objects one after the other (an echoed prompt's, then the
+    generated tokens')."""
+    top = None if first["top_logprobs"] is None else first["top_logprobs"] + second["top_logprobs"]
+    return {"tokens": first["tokens"] + second["tokens"],
+            "token_logprobs": first["token_logprobs"] + second["token_logprobs"], "top_logprobs": top,
+            "text_offset": first["text_offset"] + second["text_offset"]}

@@ -162,6 +162,94 @@ def test_logprobs(server, reference):
     assert len(content) == 3 and all(len(entry["top_logprobs"]) == 1 for entry in content)
 
 
+def test_echo_scores_the_prompt_as_lm_eval_reads_it(server, reference):
+    """lm-eval-harness's loglikelihood request (token-id prompts, ``echo``, ``logprobs: 1``,
+    ``max_tokens: 1``): each choice's text starts with its prompt, its log-probabilities cover the
+    prompt (``None`` first) then the generated token; what lm-eval reads from them — the
+    continuation's summed log-probability and whether it is greedy — equals the target's own
+    (``generate(prompt_logprobs=True, prompt_top_logprobs=1)``) for a greedy continuation and
+    another. Streamed, the chunks add up to the same."""
+    context = reference.encode([PROMPTS[0]])[0]
+    greedy = reference.generate([context], max_new_tokens=3, ignore_eos=True).token_ids[0]
+    prompts = [context + greedy, context + [7, 7, 7]]  # (lm-eval: context + continuation, then slices)
+    expected = reference.generate(prompts, max_new_tokens=1, prompt_logprobs=True, prompt_top_logprobs=1)
+    payload = {"model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}
+    status, body = request(server, "POST", "/v1/completions", payload)
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    decode = lambda ids: reference.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    for choice, prompt, scores, top, generated, greedy_wanted in zip(
+            body["choices"], prompts, expected.prompt_logprobs, expected.prompt_top_logprobs, expected.token_ids,
+            (True, False)):
+        lp = choice["logprobs"]
+        assert choice["text"] == decode(prompt) + reference.tokenizer.decode(generated, skip_special_tokens=True)
+        assert lp["tokens"] == [decode([t]) for t in prompt + generated]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:len(prompt)] == pytest.approx(scores[1:], abs=1e-9)
+        assert lp["text_offset"][len(prompt)] == len(decode(prompt))
+        for alternatives, token, logprob, likeliest in zip(lp["top_logprobs"][1:], prompt[1:], scores[1:], top[1:]):
+            assert alternatives[decode([token])] == pytest.approx(logprob)  # the chosen one is always listed
+            assert max(alternatives.values()) == pytest.approx(likeliest[0][1]) and len(alternatives) <= 2
+        ctxlen = len(context)  # lm-eval's parse_logprobs
+        continuation = lp["token_logprobs"][ctxlen:-1]
+        is_greedy = all(t == max(d.values()) for t, d in zip(continuation, lp["top_logprobs"][ctxlen:-1]))
+        assert sum(continuation) == pytest.approx(sum(scores[ctxlen:]), abs=1e-9) and is_greedy == greedy_wanted
+        assert is_greedy == all(t == alts[0][0] for t, alts in zip(prompt[ctxlen:], top[ctxlen:]))
+    _, events = request(server, "POST", "/v1/completions", {**payload, "stream": True})
+    for k, choice in enumerate(body["choices"]):
+        chunks = [c for e in events[:-1] for c in e["choices"] if c["index"] == k]
+        assert "".join(c["text"] for c in chunks) == choice["text"]
+        assert chunks[0]["text"] == decode(prompts[k]) and chunks[-1]["finish_reason"] == choice["finish_reason"]
+        parts = [c["logprobs"] for c in chunks if c["logprobs"] is not None]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert sum((p[key] for p in parts), []) == choice["logprobs"][key], key
+
+
+def test_echo_alone_and_without_scores(server, reference):
+    """``max_tokens: 0`` with ``echo``: the prompt alone (scored when asked), no token returned or
+    counted; ``echo`` without ``logprobs``: the prompt, then the completion ``generate`` gives;
+    streamed likewise."""
+    ids = reference.encode([PROMPTS[1]])[0]
+    expected = reference.generate([ids], max_new_tokens=1, prompt_logprobs=True)
+    for stream in (False, True):
+        status, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[1], "echo": True, "max_tokens": 0,
+                                                                   "logprobs": 0, "stream": stream})
+        if stream:
+            chunks = [c for e in body[:-1] for c in e["choices"]]
+            assert [c["text"] for c in chunks] == [PROMPTS[1], ""] and chunks[-1]["finish_reason"] == "length"
+            lp = chunks[0]["logprobs"]
+        else:
+            choice = body["choices"][0]
+            assert choice["text"] == PROMPTS[1] and choice["finish_reason"] == "length"
+            assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == 0
+            lp = choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == pytest.approx(expected.prompt_logprobs[0][1:])
+        assert len(lp["tokens"]) == len(ids) and lp["top_logprobs"] is None
+    settings = dict(max_tokens=5, temperature=0.8, seed=2)
+    text = alone(reference, PROMPTS[2], max_new_tokens=5, temperature=0.8, seed=2)
+    _, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[2], "echo": True, **settings})
+    assert body["choices"][0]["text"] == PROMPTS[2] + text and body["choices"][0]["logprobs"] is None
+    _, events = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[2], "echo": True, "stream": True,
+                                                            **settings})
+    assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == PROMPTS[2] + text
+
+
+def test_sampled_tokens_are_listed_among_the_likeliest(server, reference):
+    """Completions' ``top_logprobs`` hold the k likeliest and the chosen token (OpenAI's k + 1)."""
+    expected = reference.generate([PROMPTS[0]], max_new_tokens=12, temperature=1.0, seed=9, logprobs=True,
+                                  top_logprobs=1)
+    _, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 1.0,
+                                                          "seed": 9, "logprobs": 1})
+    lp = body["choices"][0]["logprobs"]
+    decode = lambda t: reference.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    sizes = []
+    for token, logprob, alternatives, likeliest in zip(expected.token_ids[0], expected.logprobs[0], lp["top_logprobs"],
+                                                       expected.top_logprobs[0]):
+        assert alternatives[decode(token)] == pytest.approx(logprob) and decode(likeliest[0][0]) in alternatives
+        sizes.append(len(alternatives))
+    assert set(sizes) == {1, 2}  # some sampled tokens were the likeliest, some not
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_goes_away_is_aborted(server, reference, stream):
     """Close the connection after the first chunk of a long stream, or while waiting for a whole
@@ -268,7 +356,15 @@ def test_tokenize_and_detokenize(server, reference):
     assert chat["tokens"] == reference.encode(["<user> write a function\n<assistant> "])[0]
     status, body = request(server, "POST", "/detokenize", {"tokens": tokens})
     assert status == 200 and body == {"prompt": reference.tokenizer.decode(tokens, skip_special_tokens=False)}
+    _, plain = request(server, "POST", "/tokenize", {"prompt": PROMPTS[0], "add_special_tokens": False})
+    assert plain["tokens"] == reference.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    status, info = request(server, "GET", "/tokenizer_info")  # (lm-eval-harness's remote tokenizer reads these)
+    assert status == 200 and info["eos_token"] == reference.tokenizer.eos_token and info["chat_template"] == TEMPLATE
+    assert info["model_max_length"] == 96 - 8
     for path, bad, message in (("/tokenize", {"prompt": "x", "messages": []}, "either"),
+                               ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_special_tokens": True},
+                                "applies to a prompt"),
+                               ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, "must be true or false"),
                                ("/tokenize", {"prompt": ""}, "non-empty string"),
                                ("/detokenize", {"tokens": [1, 10**6]}, "outside the vocabulary"),
                                ("/detokenize", {"text": "x"}, "unsupported fields")):

@@ -41,6 +41,19 @@ def test_chat_messages_and_logprobs():
     assert parse({"prompt": "x", "logprobs": 0}).logprobs == 0
 
 
+def test_echo():
+    """A completion may echo its prompt, and then ask for nothing more (``max_tokens`` 0); a chat
+    completion does neither."""
+    job = parse({"prompt": "x", "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert (job.echo, job.max_tokens, job.logprobs) == (True, 0, 1)
+    assert parse({"prompt": "x", "echo": True}).max_tokens == 16 and not parse({"prompt": "x"}).echo
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(ProtocolError, match=r"max_tokens must be an integer >= 1, got 0$"):
+        parse({**chat, "max_tokens": 0}, chat=True)
+    with pytest.raises(ProtocolError, match=r"unsupported fields \['echo'\]"):
+        parse({**chat, "echo": True}, chat=True)
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"prompt": ""}, "prompt", None),  # (an empty string is a prompt; refused later by the session, not here)
     ({"prompt": []}, "prompt", "prompt must be a string"),
@@ -49,7 +62,7 @@ def test_chat_messages_and_logprobs():
     ({"prompt": "x", "temperature": 2.5}, "temperature", r"temperature must be a number in \[0, 2\], got 2.5"),
     ({"prompt": "x", "temperature": "hot"}, "temperature", "temperature must be a number"),
     ({"prompt": "x", "top_p": 0}, "top_p", r"top_p must be a number in \(0, 1\]"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1, got 0"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", r"max_tokens must be an integer >= 1, got 0 \(0 only with echo"),
     ({"prompt": "x", "n": True}, "n", "n must be an integer >= 1"),
     ({"prompt": "x", "n": 200}, "n", "more than 128"),
     ({"prompt": "x", "top_k": -2}, "top_k", "top_k must be an integer >= -1"),
@@ -60,7 +73,8 @@ def test_chat_messages_and_logprobs():
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "applies with stream=true"),
     ({"prompt": "x", "stream": True, "stream_options": {"x": 1}}, "stream_options", "include_usage"),
     ({"prompt": "x", "min_tokens": 20}, "min_tokens", r"min_tokens \(20\) must not exceed max_tokens \(16\)"),
-    ({"prompt": "x", "echo": True}, "echo", "echo is not supported"),
+    ({"prompt": "x", "echo": 1}, "echo", "echo must be true or false"),
+    ({"prompt": "x", "echo": True, "max_tokens": False}, "max_tokens", "max_tokens must be an integer >= 1"),
     ({"prompt": "x", "best_of": 3}, "best_of", "best_of must equal n"),
     ({"prompt": "x", "logprobs": 6}, "logprobs", r"at most 5 \(--max-logprobs\)"),
     ({"prompt": "x", "tools": []}, "tools", r"unsupported fields \['tools'\]"),
