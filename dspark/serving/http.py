@@ -177,11 +177,13 @@ class OpenAIServer:
         """Submit every choice of ``job`` (choice ``k``'s events tagged ``k``); returns their ids.
         An echoing job with log-probabilities has its prompts scored too; one that generates
         nothing (``max_tokens`` 0) draws one token, which is not returned (as vLLM does)."""
-        try:
-            job.prompt_ids = (self._render(job.prompts, job.chat_template_kwargs) if job.chat
-                              else self.pipeline.encode(job.prompts))
-        except (ValueError, TypeError) as err:
-            raise ProtocolError(str(err), "prompt") from None
+        if job.chat:
+            job.prompt_ids = self._render(job.prompts, job.chat_template_kwargs)  # (refusals name "messages")
+        else:
+            try:
+                job.prompt_ids = self.pipeline.encode(job.prompts)
+            except (ValueError, TypeError) as err:
+                raise ProtocolError(str(err), "prompt") from None
         scores = {} if not self.max_logprobs else dict(logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0)
         if job.echo and job.logprobs is not None:
             scores.update(prompt_logprobs=True, prompt_top_logprobs=job.logprobs)

@@ -294,6 +294,20 @@ def test_errors_and_the_other_routes(server):
     assert again["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_a_chat_without_a_template_is_refused_naming_messages(reference):
+    import queue
+
+    from dspark.serving import ProtocolError
+
+    bare = OpenAIServer(reference, max_len=96, port=0)  # (never started: the refusal comes first)
+    try:
+        with pytest.raises(ProtocolError, match="no chat template") as caught:
+            bare.submit(bare.job({"messages": [{"role": "user", "content": "x"}]}, chat=True), queue.Queue())
+        assert caught.value.param == "messages"
+    finally:
+        bare.close()
+
+
 def test_servers_are_refused_before_they_start():
     pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
     with pytest.raises(ValueError, match=r"max_logprobs must be an integer in \[0, 20\]"):
