@@ -33,6 +33,7 @@ from dspark.cache import CacheConfig, KVCache, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
+from dspark.prefix_cache import SlotPrefixes, with_prefixes
 from dspark.records import DecodingState, DraftProposal, SamplingParams, batch_params
 from dspark.samplers import Sampler
 from dspark.samplers.penalties import PenaltyHistory
@@ -75,6 +76,11 @@ class EngineConfig:
             cache only), and the drafter's own forwards where it supports it (``dspark``,
             ``eagle3``, ``draft_model``: :meth:`~dspark.drafters.base.Drafter.use_graphs`). Composes
             with ``compile``.
+        prefix_caching: continuous batching: a request takes the free slot whose last prompt shares
+            the most first tokens with its own, and prefills only the rest (:mod:`dspark.prefix_cache`;
+            vLLM's automatic prefix caching, one prompt per slot). Each slot keeps the target's
+            hidden states over its last prompt for the drafter (prompt × the drafter's target
+            layers × hidden size).
     """
 
     max_batch_size: int = 64
@@ -84,6 +90,7 @@ class EngineConfig:
     compile: bool = False
     time_phases: bool = False
     cuda_graphs: bool = False
+    prefix_caching: bool = True
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -149,6 +156,9 @@ class Engine:
         #: and has row views to prefill the others through)
         self.shares_prefill = (self.cache_class.copy_rows is not KVCache.copy_rows
                                and self.cache_class.rows is not KVCache.rows)
+        #: whether admissions reuse what a slot's rows hold of its last prompt (continuous batching,
+        #: a cache with row views, :attr:`EngineConfig.prefix_caching`)
+        self.caches_prefixes = self.continuous and self.config.prefix_caching
         # compiled or graphed rounds read the whole cache: static shapes
         self._static_shapes = self.config.compile or self.config.cuda_graphs
 
@@ -316,9 +326,12 @@ class Engine:
         state, slots, status = batch.state, batch.state.batch_size, batch.status
         free = [b for b in range(slots) if status[b]]
         if free and batch.waiting:
-            # admit: waiting requests take the free slots (all of them at first); prefill
-            # their prompts, draw their first tokens, give the drafter their context
+            # admit: waiting requests take the free slots (all of them at first; with prefix caching,
+            # those whose last prompts share the most with theirs); prefill their prompts, draw
+            # their first tokens, give the drafter their context
             admitted, admitting = time.perf_counter(), free[:len(batch.waiting)]
+            if self.caches_prefixes:
+                admitting = batch.prefixes.assign([batch.requests[i].prompt for i in list(batch.waiting)[:len(free)]], free)
             self._admit(batch, admitting)
             batch.status = self._status(state, batch.cache, None, batch.stream)  # their first tokens may end them
             batch.round_started = time.perf_counter()
@@ -394,13 +407,14 @@ class Engine:
         return batch.outputs, stats, batch.scores
 
     def _admit(self, batch: "Batch", free: list[int]) -> None:
-        """The first waiting requests (``batch.waiting``) take the slots ``free``: their prompts go into the
-        target cache's rows (a forward over them alone), their first tokens are drawn from its
-        last logits, and the drafter starts them (:meth:`Drafter.start` for a whole batch, or the
-        batch's first requests with the other slots empty; :meth:`Drafter.admit` for some of its
-        slots later). The requests that held those slots are collected first."""
+        """The first waiting requests (``batch.waiting``), in order, take the slots ``free``: their
+        prompts go into the target cache's rows (a forward over them alone, from the positions a
+        slot's last prompt already holds: :mod:`dspark.prefix_cache`), their first tokens are drawn
+        from its last logits, and the drafter starts them (:meth:`Drafter.start` for a whole batch,
+        or the batch's first requests with the other slots empty; :meth:`Drafter.admit` for some of
+        its slots later). The requests that held those slots are collected first."""
         state, device, slots = batch.state, self.device, batch.state.batch_size
-        taken = [batch.waiting.popleft() for _ in free]
+        free, taken = (list(x) for x in zip(*sorted(zip(free, (batch.waiting.popleft() for _ in free)))))
         self._collect(batch, [b for b in free if batch.holder[b] >= 0])
         requests = [batch.requests[i] for i in taken]
         longest = max(len(r.prompt) for r in requests)
@@ -422,22 +436,40 @@ class Engine:
 
         # prefill: the prompts go into their cache rows; their last logits give the first tokens.
         # Requests of one prompt (n choices of one request, say) share one prefill: the first one's
-        # cache rows are copied, its logits and hidden states serve the others.
+        # cache rows are copied, its logits and hidden states serve the others. A prompt that starts
+        # as its slot's last one is prefilled from where they part.
         whole = len(free) == slots
         first: dict[tuple, int] = {}
         source = [first.setdefault(tuple(r.prompt), k) for k, r in enumerate(requests)]
         share = self.shares_prefill and len(first) < len(requests)
         prefilled = list(first.values()) if share else list(range(len(free)))  # (indices into free, ascending)
-        if whole and not share:
+        starts = [0] * len(prefilled)
+        if self.caches_prefixes:
+            starts = [batch.prefixes.reusable(free[k], requests[k].prompt, requests[k].prompt_logprobs) for k in prefilled]
+        counts = [len(requests[k].prompt) - start for k, start in zip(prefilled, starts)]
+        kv_len = max(start + max(counts) for start in starts)
+        if kv_len > batch.cache.max_len:  # (the padded suffixes would not fit: prefill whole prompts)
+            starts, counts, kv_len = [0] * len(prefilled), [len(requests[k].prompt) for k in prefilled], longest
+        if whole and not share and not any(starts):
             cache, prefill_state = batch.cache, state
         else:
             index = rows[prefilled]
             cache, lengths = batch.cache.rows(index), prompt_lengths[prefilled]
             prefill_state = replace(state, tokens=state.tokens[index], prompt_lengths=lengths, lengths=lengths.clone(),
                                     done=state.done[index])
-        cache.set_lengths(torch.zeros_like(prefill_state.prompt_lengths))
         asked = max(r.prompt_logprobs for r in requests)  # (−1: none asks for its prompt's scores)
-        out, prompt_scores = self._prefill(prefill_state, cache, longest, asked)
+        out, prompt_scores = self._prefill(prefill_state, cache, starts, max(counts), kv_len, asked)
+        resident = [batch.prefixes.resident[free[k]] if start else None for k, start in zip(prefilled, starts)]
+        if any(starts):  # put the suffixes' outputs back at their prompts' positions
+            out = replace(out, hidden_states=[
+                with_prefixes(h, [r and r.hidden[layer] for r in resident], starts, counts, longest)
+                for layer, h in enumerate(out.hidden_states)])
+            if prompt_scores is not None:
+                prompt_scores = [with_prefixes(x, [r and r.scores and (r.scores[i] if i < len(r.scores) else None)
+                                                   for r in resident], starts, [c - 1 for c in counts], longest - 1)
+                                 for i, x in enumerate(prompt_scores)]
+        batch.prefixes.queries += sum(len(r.prompt) for r in requests)
+        batch.prefixes.hits += sum(starts) + sum(len(requests[k].prompt) for k, s in enumerate(source) if s != k)
         if share:
             copies = [k for k, s in enumerate(source) if s != k]
             batch.cache.copy_rows(rows[[source[k] for k in copies]], rows[copies], longest)
@@ -447,6 +479,16 @@ class Engine:
             prompt_scores = None if prompt_scores is None else [x[spread] for x in prompt_scores]
         if prompt_scores is not None:
             self._keep_prompt_scores(batch, taken, requests, prompt_scores)
+        if self.caches_prefixes:  # what each slot now holds, for the next request to take it
+            computed = -1 if prompt_scores is None else (prompt_scores[1].shape[-1] if len(prompt_scores) > 1 else 0)
+            tops = [computed if not start else -1 if r.scores is None else min(r.top, computed)  # (valid scores)
+                    for start, r in zip(starts, resident)]
+            at = {k: j for j, k in enumerate(prefilled)}
+            for k, (b, request) in enumerate(zip(free, requests)):
+                n, top = len(request.prompt), tops[at[source[k] if share else k]]
+                kept = None if top < 0 else [x[k, :n - 1, :top].clone() if x.dim() > 2 else x[k, :n - 1].clone()
+                                             for x in prompt_scores[:3 if top > 0 else 1]]
+                batch.prefixes.keep(b, request.prompt, [h[k, :n].clone() for h in out.hidden_states], kept, top)
         logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
         admitted = [False] * slots
         for b in free:
@@ -520,25 +562,33 @@ class Engine:
                 batch.scores.prompt_top[i] = [None] + [list(zip(ids[:k], lps[:k]))
                                                        for lps, ids in zip(top_values[at][:n], top_ids[at][:n])]
 
-    def _prefill(self, state: DecodingState, cache, max_prompt: int, prompt_top: int = -1):
-        """The prompt's forward into the cache: its output (the logits after each prompt's last
-        token ``[B, 1, V]``, the drafter's hidden states) and, when ``prompt_top ≥ 0``, the prompt's
-        scores: log p(prompt[i] | prompt[:i]) ``[B, P−1]`` (past ``P_b − 1``: padding), then with
-        ``prompt_top = k > 0`` the ``k`` likeliest tokens' log-probabilities and ids at each of those
-        positions (``[B, P−1, k]`` each, likeliest first). A model that maps its last layer's output to
-        logits (``logits_of``, the native models) scores the prompt in chunks of
+    def _prefill(self, state: DecodingState, cache, starts: list[int], width: int, kv_len: int, prompt_top: int = -1):
+        """The prompts' forward into the cache from positions ``starts`` on (what a row already holds;
+        usually 0): row ``b`` feeds ``prompt[starts[b]:]``, ``width`` its longest such suffix, into a
+        cache read up to ``kv_len`` (≥ every ``starts[b] + width``). Returns its output (the logits
+        after each prompt's last token ``[B, 1, V]``, the drafter's hidden states over the suffixes
+        ``[B, width, H]``) and, when ``prompt_top ≥ 0``, the suffixes' scores: at suffix position
+        ``t``, log p(next prompt token) ``[B, width]`` (a row's last ``width − len + 1`` columns are
+        padding), then with ``prompt_top = k > 0`` the ``k`` likeliest tokens' log-probabilities and
+        ids there (``[B, width, k]`` each, likeliest first). A model that maps its last layer's output
+        to logits (``logits_of``, the native models) scores the prompt in chunks of
         :data:`PROMPT_SCORE_CHUNK` positions; others return the logits at every position at once."""
-        target, batch, last = self.target, state.batch_size, state.prompt_lengths - 1
+        target, batch = self.target, state.batch_size
         layers, scored = tuple(self.drafter.hidden_layers), prompt_top >= 0
+        begin = torch.tensor(starts, dtype=torch.long, device=state.tokens.device)
+        columns = begin.unsqueeze(1) + torch.arange(width, device=begin.device)  # [B, width]: the positions fed
+        edge = state.tokens.shape[1] - 1
+        num_new = state.prompt_lengths - begin
+        cache.set_lengths(begin)
         chunked = scored and hasattr(target, "logits_of")
-        positions = last.unsqueeze(1)
+        positions = (num_new - 1).unsqueeze(1)
         if scored and not chunked:
-            positions = torch.arange(max_prompt, device=last.device).expand(batch, -1)
-        out = target(state.tokens[:, :max_prompt], cache, state.prompt_lengths, logits_positions=positions,
-                     hidden_layers=layers + ((target.num_layers - 1,) if chunked else ()), kv_len=max_prompt)
+            positions = torch.arange(width, device=begin.device).expand(batch, -1)
+        out = target(state.tokens.gather(1, columns.clamp(max=edge)), cache, num_new, logits_positions=positions,
+                     hidden_layers=layers + ((target.num_layers - 1,) if chunked else ()), kv_len=kv_len)
         if not scored:
             return out, None
-        following = state.tokens[:, 1:max_prompt]  # [B, P−1]: the token each position predicts
+        following = state.tokens.gather(1, (columns + 1).clamp(max=edge))  # [B, width]: the token each position predicts
 
         def score(logits: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
             distributions = torch.log_softmax(logits.float(), -1)
@@ -546,15 +596,13 @@ class Engine:
             return [chosen, *distributions.topk(prompt_top, -1)] if prompt_top > 0 else [chosen]
 
         if chunked:
-            hidden = out.hidden_states[-1][:, :max_prompt - 1]  # [B, P−1, H]: the positions that predict a token
-            out = replace(out, hidden_states=out.hidden_states[:len(layers)])
+            hidden, out = out.hidden_states[-1], replace(out, hidden_states=out.hidden_states[:len(layers)])
             parts = [score(target.logits_of(hidden[:, i:i + PROMPT_SCORE_CHUNK]), following[:, i:i + PROMPT_SCORE_CHUNK])
-                     for i in range(0, max_prompt - 1, PROMPT_SCORE_CHUNK)]
-            if not parts:  # every prompt is one token long: nothing to score
-                parts = [score(out.logits[:, :0], following)]
+                     for i in range(0, width, PROMPT_SCORE_CHUNK)]
             return out, [torch.cat(columns, 1) for columns in zip(*parts)]
-        scores = score(out.logits[:, :-1], following)
-        return replace(out, logits=out.logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1]))), scores
+        scores = score(out.logits, following)
+        last = (num_new - 1).view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1])
+        return replace(out, logits=out.logits.gather(1, last)), scores
 
     @staticmethod
     def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
@@ -726,6 +774,7 @@ class Batch:
         self.status = [1] * slots  # the last status read (every slot free)
         self.opened = time.perf_counter()  # the batch's wall time counts from here
         self.started = self.opened if self.started is None else self.started
+        self.prefixes = SlotPrefixes(slots)  # what each slot's rows hold of its last prompt
         self.scores = Scores(tokens=[] if self.logprobs else None, top=[] if self.logprobs and self.top_logprobs else None,
                              prompt=[], prompt_top=[])  # (prompt scores: per request, None where not asked)
 

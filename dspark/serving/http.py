@@ -285,7 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(ProtocolError(str(err), status=503))
                 return
             text = render(self.api.loop.metrics, model=self.api.model_name, running=snapshot["running"],
-                          waiting=snapshot["waiting"], reached=snapshot["reached"], accepted_at=snapshot["accepted"])
+                          waiting=snapshot["waiting"], reached=snapshot["reached"], accepted_at=snapshot["accepted"],
+                          prefix_queries=snapshot["prefix_queries"], prefix_hits=snapshot["prefix_hits"])
             self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
         elif self.path == "/tokenizer_info":
             self._json(200, self.api.tokenizer_info())

@@ -168,7 +168,8 @@ class EngineLoop:
             gamma = batch.counters.gamma
             counts = torch.cat([batch.counters.reached, batch.counters.accepted_at]).tolist() if gamma else []
             reply.put(dict(running=batch.running, waiting=len(batch.waiting), reached=counts[:gamma],
-                           accepted=counts[gamma:]))
+                           accepted=counts[gamma:], prefix_queries=batch.prefixes.queries,
+                           prefix_hits=batch.prefixes.hits))
         elif kind == "close":
             for request in list(self._listeners):
                 self.aborted += session.abort(request)

@@ -2,7 +2,8 @@
 (``vllm:…`` → ``dspark:…``): requests running and waiting, requests finished by reason, prompt
 and generated tokens, the speculative counts (target forwards, drafted / verified / accepted
 tokens, and per draft position the request-rounds that reached it and that accepted it — their
-ratio is the conditional acceptance by position), and histograms of time to first token and of
+ratio is the conditional acceptance by position), the prompt tokens admitted and those whose
+prefill was skipped (prefix-cache queries and hits), and histograms of time to first token and of
 request latency.
 
 The engine's thread keeps them (:class:`ServerMetrics`); a scrape asks that thread for a snapshot
@@ -58,9 +59,10 @@ class ServerMetrics:
 
 
 def render(metrics: ServerMetrics, *, model: str, running: int, waiting: int, reached: list[int],
-           accepted_at: list[int]) -> str:
+           accepted_at: list[int], prefix_queries: int = 0, prefix_hits: int = 0) -> str:
     """The text a scrape returns (``reached`` / ``accepted_at``: per draft position, since the
-    server started)."""
+    server started; ``prefix_queries`` / ``prefix_hits``: prompt tokens admitted, and of those not
+    prefilled — :class:`~dspark.prefix_cache.SlotPrefixes`)."""
     label = f'model_name="{model}"'
     lines: list[str] = []
 
@@ -92,6 +94,10 @@ def render(metrics: ServerMetrics, *, model: str, running: int, waiting: int, re
            [(f'{{{label},position="{k}"}}', n) for k, n in enumerate(reached)])
     metric("spec_decode_num_accepted_tokens_per_pos", "counter", "Request-rounds that accepted each draft position.",
            [(f'{{{label},position="{k}"}}', n) for k, n in enumerate(accepted_at)])
+    metric("prefix_cache_queries_total", "counter", "Prompt tokens admitted.", plain(prefix_queries))
+    metric("prefix_cache_hits_total", "counter",
+           "Prompt tokens admitted whose prefill was skipped (a slot held them, or a request of the same prompt).",
+           plain(prefix_hits))
     for name, text, histogram in (
             ("time_to_first_token_seconds", "From submission to the first token on the host.",
              metrics.time_to_first_token),

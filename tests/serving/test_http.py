@@ -322,7 +322,8 @@ def test_servers_are_refused_before_they_start():
 def test_metrics_add_up_to_the_answers():
     """``/metrics`` after a few requests: finished requests by reason, tokens and the speculative
     counts equal the sums of the answers' usage; accepted drafts per position add up to the
-    accepted total and never exceed the rounds that reached the position; one latency per request."""
+    accepted total and never exceed the rounds that reached the position; one latency per request;
+    a prompt sent twice in a row has its prefill skipped the second time (prefix-cache hits)."""
     pipe = dspark.build_pipeline("eagle3", overrides=OVERRIDES)
     with OpenAIServer(pipe, max_len=96, port=0, model_name="tiny") as server:
         bodies = [request(server, "POST", "/v1/completions", {"prompt": PROMPTS[i], "max_tokens": 6 + 3 * i,
@@ -330,6 +331,7 @@ def test_metrics_add_up_to_the_answers():
                   for i in range(3)]
         bodies.append(request(server, "POST", "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 20,
                                                                   "temperature": 0, "stop": bodies[0]["choices"][0]["text"][-2:]})[1])
+        bodies.append(request(server, "POST", "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 2})[1])
         host, port = server.httpd.server_address[:2]
         connection = http.client.HTTPConnection(host, port, timeout=60)
         connection.request("GET", "/metrics")
@@ -356,8 +358,11 @@ def test_metrics_add_up_to_the_answers():
     reached = [samples[f'dspark:spec_decode_num_reached_per_pos{{{label},position="{k}"}}'] for k in range(7)]
     assert sum(accepted) == spec("accepted_tokens") and all(a <= r for a, r in zip(accepted, reached))
     assert samples[f"dspark:num_requests_running{{{label}}}"] == samples[f"dspark:num_requests_waiting{{{label}}}"] == 0
-    assert samples[f'dspark:e2e_request_latency_seconds_bucket{{{label},le="+Inf"}}'] == 4
-    assert samples[f"dspark:time_to_first_token_seconds_count{{{label}}}"] == 4
+    assert samples[f'dspark:e2e_request_latency_seconds_bucket{{{label},le="+Inf"}}'] == 5
+    assert samples[f"dspark:time_to_first_token_seconds_count{{{label}}}"] == 5
+    assert samples[f"dspark:prefix_cache_queries_total{{{label}}}"] == usage("prompt_tokens")
+    # the last prompt is the one before: its slot held all of it but the last token (fed again)
+    assert samples[f"dspark:prefix_cache_hits_total{{{label}}}"] == bodies[-1]["usage"]["prompt_tokens"] - 1
 
 
 def test_tokenize_and_detokenize(server, reference):

@@ -1,0 +1,119 @@
+"""Prefix caching: what skipping the prefill of the prompt a slot already holds saves, per pipeline.
+
+    python benchmarks/prefix_cache.py [--configs ar eagle3] [--questions 6] [--choices 4]
+        [--context 256] [--conversations 3] [--turns 4] [--repeats 3]
+
+Two workloads through a session (:class:`dspark.Session`, 4 slots), each request submitted once
+the one before has finished — as a client that waits for its answers sends them:
+
+* **scoring** (lm-eval-harness's loglikelihood over the API): ``--questions`` contexts of
+  ``--context`` tokens (the shipped code prompts, joined), each followed by ``--choices``
+  continuations; a request scores context + continuation (the prompt's log-probabilities and
+  likeliest token, one generated token);
+* **conversation**: ``--conversations`` chats of ``--turns`` turns; each turn's prompt is the last
+  turn's prompt, its reply (24 greedy tokens) and a new user message.
+
+Each workload runs with ``engine.prefix_caching`` on and off, alternating, ``--repeats`` times
+after a warm-up; prints the median wall time of each, their ratio, and the share of prompt tokens
+whose prefill was skipped. The outputs of both runs are compared token for token (and the
+scores to 1e-4); a difference is printed loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import dspark
+from dspark.bench.runner import load_prompts
+
+
+def workloads(tokenizer, questions: int, choices: int, context: int, conversations: int) -> dict:
+    prompts = load_prompts("code", tokenizer, 64)
+    stream = [t for p in prompts for t in p]
+    contexts = [stream[i * context:(i + 1) * context] for i in range(questions)]
+    endings = [p[:6] for p in prompts[-choices:]]
+    scoring = [[c + e for e in endings] for c in contexts]
+    openings = [p for p in prompts[questions:questions + conversations]]
+    return {"scoring": scoring, "conversation": openings}
+
+
+def run_scoring(pipe, questions: list[list[list[int]]]) -> tuple[float, list, tuple[int, int]]:
+    session = pipe.session(max_len=max(len(p) for q in questions for p in q) + 1 + pipe.drafter.gamma + 1)
+    started, outputs = time.perf_counter(), []
+    for question in questions:
+        for prompt in question:
+            request = session.submit(prompt, max_new_tokens=1, prompt_logprobs=True, prompt_top_logprobs=1)
+            while session.unfinished:
+                session.step()
+            result = session.result(request)
+            outputs.append((result.token_ids, result.prompt_logprobs[1:]))
+    prefixes = session.batch.prefixes
+    return time.perf_counter() - started, outputs, (prefixes.hits, prefixes.queries)
+
+
+def run_conversations(pipe, openings: list[list[int]], turns: int, user: list[int]) -> tuple[float, list, tuple[int, int]]:
+    reply = 24
+    longest = max(len(o) for o in openings) + turns * (reply + len(user))
+    session = pipe.session(max_len=longest + reply + pipe.drafter.gamma + 1)
+    started, outputs = time.perf_counter(), []
+    for opening in openings:
+        prompt = list(opening)
+        for _ in range(turns):
+            request = session.submit(prompt, max_new_tokens=reply, ignore_eos=True)
+            while session.unfinished:
+                session.step()
+            ids = session.result(request).token_ids
+            outputs.append(ids)
+            prompt = prompt + ids + user
+    prefixes = session.batch.prefixes
+    return time.perf_counter() - started, outputs, (prefixes.hits, prefixes.queries)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["ar", "eagle3"])
+    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--choices", type=int, default=4)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--conversations", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for config in args.configs:
+        pipes = {on: dspark.build_pipeline(config, overrides=["target.device=cpu", "engine.max_batch_size=4",
+                                                              f"engine.prefix_caching={str(on).lower()}"])
+                 for on in (True, False)}
+        data = workloads(pipes[True].tokenizer, args.questions, args.choices, args.context, args.conversations)
+        user = pipes[True].encode(["\n# next: "])[0]
+        jobs = {"scoring": lambda pipe: run_scoring(pipe, data["scoring"]),
+                "conversation": lambda pipe: run_conversations(pipe, data["conversation"], args.turns, user)}
+        for name, job in jobs.items():
+            for on in (True, False):  # warm-up
+                job(pipes[on])
+            times, outputs, reuse = {True: [], False: []}, {}, {}
+            for _ in range(args.repeats):
+                for on in (True, False):
+                    seconds, outputs[on], reuse[on] = job(pipes[on])
+                    times[on].append(seconds)
+            median = {on: statistics.median(t) for on, t in times.items()}
+            hits, queries = reuse[True]
+            print(f"{config:8s} {name:12s} prefix caching on {median[True]:6.2f} s [{min(times[True]):.2f}..{max(times[True]):.2f}]"
+                  f"  off {median[False]:6.2f} s [{min(times[False]):.2f}..{max(times[False]):.2f}]"
+                  f"  off/on {median[False] / median[True]:.2f}x  prefill skipped {hits}/{queries} prompt tokens"
+                  f" ({hits / queries:.0%})", flush=True)
+            if not same(outputs[True], outputs[False]):
+                print(f"!!! {config} {name}: outputs with prefix caching differ from those without", flush=True)
+
+
+if __name__ == "__main__":
+    main()

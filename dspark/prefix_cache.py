@@ -1,0 +1,109 @@
+"""Prefix reuse per slot: a new request whose prompt starts as the last prompt prefilled into a
+free slot prefills only the rest (vLLM's automatic prefix caching, with one prompt per slot).
+
+A slot's rows of the target cache keep the keys and values of the last prompt prefilled into them
+until another request takes the slot: the request decoding there writes past its prompt only, and
+a finished request's row rides along writing past its length. So when request ``R`` takes a slot
+whose last prompt shares its first ``c`` tokens, positions ``[0, c − 1)`` are already there and
+``R``'s prefill feeds ``prompt[c − 1:]`` from that offset (the last shared token is fed again:
+its output — the logits and hidden states there — belongs to ``R``'s next token, not the old
+one's). The drafter still gets the target's hidden states over the whole prompt, as after a full
+prefill: those of the reused positions were kept with the slot (:class:`ResidentPrompt`), and so
+were the prompt's scores when they were computed. Keys, values and hidden states depend only on
+the tokens up to their position, so reuse changes nothing but the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ResidentPrompt:
+    """The last prompt prefilled into a slot, and what reusing it needs.
+
+    Attributes:
+        tokens: the prompt.
+        hidden: the target's hidden states over it, one ``[P, H]`` per drafter layer.
+        scores: its scores when computed: log p(prompt[i + 1] | prompt[:i + 1]) ``[P − 1]``, then
+            (``top ≥ 1``) the ``top`` likeliest tokens' log-probabilities and ids ``[P − 1, top]``.
+        top: how many likeliest tokens ``scores`` holds (−1: no scores).
+    """
+
+    tokens: list[int]
+    hidden: list[torch.Tensor]
+    scores: list[torch.Tensor] | None
+    top: int
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens ``a`` and ``b`` share (binary search over slice comparisons)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+class SlotPrefixes:
+    """What each slot of a batch holds of its last prompt (:class:`ResidentPrompt`, or ``None``),
+    and the prompt tokens admitted and reused so far (vLLM's prefix-cache queries and hits)."""
+
+    def __init__(self, slots: int):
+        self.resident: list[ResidentPrompt | None] = [None] * slots
+        self.kept_at = [-1] * slots  # when each slot's prompt was kept (admissions so far; −1: never)
+        self.queries = 0  # prompt tokens admitted
+        self.hits = 0  # of those, tokens not prefilled (reused from a slot, or from a request of the same prompt)
+
+    def assign(self, prompts: list[list[int]], free: list[int]) -> list[int]:
+        """A free slot for each prompt, in order: the one whose last prompt shares the most first
+        tokens with it; among equals, the one whose prompt is oldest (an empty slot first, then the
+        least recently filled; the lowest of those), so that recent prompts stay for longer."""
+        left, chosen = list(free), []
+        for prompt in prompts:
+            best = max(left, key=lambda b: (self.shared(b, prompt), -self.kept_at[b], -b))
+            chosen.append(best)
+            left.remove(best)
+        return chosen
+
+    def shared(self, slot: int, prompt: list[int]) -> int:
+        resident = self.resident[slot]
+        return 0 if resident is None else common_prefix(resident.tokens, prompt)
+
+    def reusable(self, slot: int, prompt: list[int], top: int) -> int:
+        """How many first positions of ``prompt`` a prefill into ``slot`` may skip: all the shared
+        tokens but the last (fed again for its output), none when the request asks for its
+        prompt's ``top`` likeliest tokens (``top ≥ 0``) and the slot kept fewer."""
+        resident = self.resident[slot]
+        if resident is None or (top >= 0 and resident.top < top):
+            return 0
+        return max(self.shared(slot, prompt) - 1, 0)
+
+    def keep(self, slot: int, prompt: list[int], hidden: list[torch.Tensor], scores: list[torch.Tensor] | None,
+             top: int) -> None:
+        self.resident[slot] = ResidentPrompt(list(prompt), hidden, scores, top)
+        self.kept_at[slot] = max(self.kept_at) + 1
+
+
+def with_prefixes(relative: torch.Tensor, prefixes: list[torch.Tensor | None], starts: list[int], counts: list[int],
+                  total: int) -> torch.Tensor:
+    """Rows of a prefill over prompt suffixes put back at their prompts' positions: row ``j`` is
+    ``prefixes[j][:starts[j]]`` then ``relative[j, :counts[j]]`` (``relative`` ``[k, W, ...]``), in a
+    ``[k, total, ...]`` tensor (zeros past each row's end). A prefix's trailing dimension may be
+    narrower than ``relative``'s (fewer likeliest tokens kept): it fills what it has."""
+    out = relative.new_zeros(relative.shape[0], total, *relative.shape[2:])
+    for j, (prefix, start, count) in enumerate(zip(prefixes, starts, counts)):
+        if start and prefix is not None:  # (no prefix: a row whose scores nobody reads)
+            part = prefix[:start]
+            if relative.dim() > 2:  # (the likeliest tokens: a slot may have kept more, or fewer, than computed now)
+                width = min(part.shape[-1], relative.shape[-1])
+                out[j, :start, :width] = part[:, :width]
+            else:
+                out[j, :start] = part
+        out[j, start:start + count] = relative[j, :count]
+    return out
