@@ -33,7 +33,7 @@ from dspark.cache import CacheConfig, KVCache, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
-from dspark.prefix_cache import SlotPrefixes, with_prefixes
+from dspark.prefix_cache import SlotPrefixes, valid_scores, with_prefixes
 from dspark.records import DecodingState, DraftProposal, SamplingParams, batch_params
 from dspark.samplers import Sampler
 from dspark.samplers.penalties import PenaltyHistory
@@ -480,15 +480,9 @@ class Engine:
         if prompt_scores is not None:
             self._keep_prompt_scores(batch, taken, requests, prompt_scores)
         if self.caches_prefixes:  # what each slot now holds, for the next request to take it
-            computed = -1 if prompt_scores is None else (prompt_scores[1].shape[-1] if len(prompt_scores) > 1 else 0)
-            tops = [computed if not start else -1 if r.scores is None else min(r.top, computed)  # (valid scores)
-                    for start, r in zip(starts, resident)]
-            at = {k: j for j, k in enumerate(prefilled)}
-            for k, (b, request) in enumerate(zip(free, requests)):
-                n, top = len(request.prompt), tops[at[source[k] if share else k]]
-                kept = None if top < 0 else [x[k, :n - 1, :top].clone() if x.dim() > 2 else x[k, :n - 1].clone()
-                                             for x in prompt_scores[:3 if top > 0 else 1]]
-                batch.prefixes.keep(b, request.prompt, [h[k, :n].clone() for h in out.hidden_states], kept, top)
+            valid = dict(zip(prefilled, (valid_scores(start, r, prompt_scores) for start, r in zip(starts, resident))))
+            batch.prefixes.keep_admitted(free, [r.prompt for r in requests], out.hidden_states, prompt_scores,
+                                         [valid[source[k] if share else k] for k in range(len(free))])
         logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
         admitted = [False] * slots
         for b in free:
@@ -599,7 +593,7 @@ class Engine:
             hidden, out = out.hidden_states[-1], replace(out, hidden_states=out.hidden_states[:len(layers)])
             parts = [score(target.logits_of(hidden[:, i:i + PROMPT_SCORE_CHUNK]), following[:, i:i + PROMPT_SCORE_CHUNK])
                      for i in range(0, width, PROMPT_SCORE_CHUNK)]
-            return out, [torch.cat(columns, 1) for columns in zip(*parts)]
+            return out, [torch.cat(pieces, 1) for pieces in zip(*parts)]
         scores = score(out.logits, following)
         last = (num_new - 1).view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1])
         return replace(out, logits=out.logits.gather(1, last)), scores
@@ -744,7 +738,8 @@ class Batch:
     each slot (row) holds (``holder``, −1: none) with that request's generator and settings, the
     requests added so far (in order; ``waiting``: those not admitted yet, in order) and what is
     known of them (``outputs``, ``scores``, ``first_token`` / ``finished``: seconds since
-    ``started``; ``None`` until known)."""
+    ``started``; ``None`` until known), and what each slot's rows still hold of the last prompt
+    prefilled into them (``prefixes``: :class:`~dspark.prefix_cache.SlotPrefixes`)."""
 
     state: DecodingState
     cache: object

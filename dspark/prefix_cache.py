@@ -86,8 +86,32 @@ class SlotPrefixes:
 
     def keep(self, slot: int, prompt: list[int], hidden: list[torch.Tensor], scores: list[torch.Tensor] | None,
              top: int) -> None:
+        """``slot`` now holds ``prompt`` (:class:`ResidentPrompt`'s fields)."""
         self.resident[slot] = ResidentPrompt(list(prompt), hidden, scores, top)
         self.kept_at[slot] = max(self.kept_at) + 1
+
+    def keep_admitted(self, slots: list[int], prompts: list[list[int]], hidden_states: list[torch.Tensor],
+                      scores: list[torch.Tensor] | None, tops: list[int]) -> None:
+        """After an admission: each of ``slots`` holds its prompt, with the prefill's hidden states
+        over it (``[k, P, H]`` per layer) and its scores (the prefill's, put back at
+        the prompts' positions: ``[k, P − 1]``, ``[k, P − 1, K]`` ×2) as far as they are valid
+        (``tops``: :func:`valid_scores` per slot)."""
+        for k, (slot, prompt, top) in enumerate(zip(slots, prompts, tops)):
+            n = len(prompt)
+            kept = None if top < 0 else [x[k, :n - 1, :top].clone() if x.dim() > 2 else x[k, :n - 1].clone()
+                                         for x in scores[:3 if top > 0 else 1]]
+            self.keep(slot, prompt, [h[k, :n].clone() for h in hidden_states], kept, top)
+
+
+def valid_scores(start: int, resident: ResidentPrompt | None, scores: list[torch.Tensor] | None) -> int:
+    """How many likeliest tokens of a row's prompt scores are valid after a prefill from ``start``
+    (−1: none): all that were computed (``scores``: the prefill's) for a row prefilled whole; for a
+    reused prefix no more than its slot had kept — none if it had kept no scores (a request that
+    asked for none, beside one that asked, reuses a prefix whatever its slot kept)."""
+    computed = -1 if scores is None else (scores[1].shape[-1] if len(scores) > 1 else 0)
+    if not start:
+        return computed
+    return -1 if resident.scores is None else min(resident.top, computed)
 
 
 def with_prefixes(relative: torch.Tensor, prefixes: list[torch.Tensor | None], starts: list[int], counts: list[int],
