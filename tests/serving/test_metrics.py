@@ -13,11 +13,14 @@ def test_histogram_buckets_are_cumulative():
 
 
 def test_render_writes_every_series():
-    text = render(ServerMetrics(), model="m", running=2, waiting=5, reached=[4, 3], accepted_at=[3, 1])
+    text = render(ServerMetrics(), model="m", running=2, waiting=5, reached=[4, 3], accepted_at=[3, 1],
+                  prefix_queries=9, prefix_hits=4)
     lines = [line for line in text.splitlines() if not line.startswith("#")]
     assert 'dspark:num_requests_running{model_name="m"} 2' in lines
     assert 'dspark:num_requests_waiting{model_name="m"} 5' in lines
     assert 'dspark:spec_decode_num_accepted_tokens_per_pos{model_name="m",position="1"} 1' in lines
     assert 'dspark:time_to_first_token_seconds_bucket{model_name="m",le="+Inf"} 0' in lines
+    assert 'dspark:prefix_cache_queries_total{model_name="m"} 9' in lines
+    assert 'dspark:prefix_cache_hits_total{model_name="m"} 4' in lines
     assert all(len(line.rsplit(" ", 1)) == 2 for line in lines)
-    assert text.count("# TYPE") == 13
+    assert text.count("# TYPE") == 15
