@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -80,7 +81,8 @@ class EngineConfig:
             the most first tokens with its own, and prefills only the rest (:mod:`dspark.prefix_cache`;
             vLLM's automatic prefix caching, one prompt per slot). Each slot keeps the target's
             hidden states over its last prompt for the drafter (prompt × the drafter's target
-            layers × hidden size).
+            layers × hidden size); with a drafter that reads none (``none``, ``ngram``,
+            ``draft_model``) its last request's output counts too (a conversation's next turn).
     """
 
     max_batch_size: int = 64
@@ -305,7 +307,7 @@ class Engine:
                 torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.float32, device=device),
                 torch.zeros(slots, max_len + gamma + 1, top_logprobs, dtype=torch.long, device=device))))
         self.scheduler.reset()
-        self._live = Batch(state=state, cache=self._get_cache(slots, max_len), max_len=max_len, lookahead=gamma + 1,
+        self._live = batch = Batch(state=state, cache=self._get_cache(slots, max_len), max_len=max_len, lookahead=gamma + 1,
                      stopper=_Stopper(slots, self.target.vocab_size, device, buffers and buffers[0],
                                       buffers[1:] if buffers and len(buffers) > 1 else None),
                      counters=RoundCounters(slots, gamma, device, requests=0),
@@ -313,7 +315,10 @@ class Engine:
                                                                                                 stop_check),
                      logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                      started=started)
-        return self._live
+        # a drafter that reads no target hidden states is admitted from tokens alone: a slot may keep
+        # its request's output for the next prompt too (the hidden states are kept over prompts only)
+        batch.prefixes.with_outputs = self.caches_prefixes and not self.drafter.hidden_layers
+        return batch
 
     @torch.inference_mode()
     def step(self, batch: "Batch") -> bool:
@@ -331,7 +336,7 @@ class Engine:
             # their first tokens, give the drafter their context
             admitted, admitting = time.perf_counter(), free[:len(batch.waiting)]
             if self.caches_prefixes:
-                admitting = batch.prefixes.assign([batch.requests[i].prompt for i in list(batch.waiting)[:len(free)]], free)
+                admitting = batch.prefixes.assign([batch.requests[i].prompt for i in islice(batch.waiting, len(free))], free)
             self._admit(batch, admitting)
             batch.status = self._status(state, batch.cache, None, batch.stream)  # their first tokens may end them
             batch.round_started = time.perf_counter()
@@ -513,9 +518,11 @@ class Engine:
             return
         state, rows = batch.state, torch.tensor(slots, device=batch.state.tokens.device)
         requests = [batch.holder[b] for b in slots]
-        data = torch.cat([state.lengths[rows].unsqueeze(1), state.tokens[rows]], 1).tolist()
-        for i, row in zip(requests, data):
-            batch.outputs[i] = row[1 + len(batch.requests[i].prompt): 1 + row[0]]
+        data = torch.cat([state.lengths[rows].unsqueeze(1), batch.cache.lengths[rows].unsqueeze(1), state.tokens[rows]],
+                         1).tolist()
+        for b, i, row in zip(slots, requests, data):
+            batch.outputs[i] = row[2 + len(batch.requests[i].prompt): 2 + row[0]]
+            batch.prefixes.extend(b, row[2: 2 + row[1]])  # (the tokens its cache rows hold)
         spans = [(len(batch.requests[i].prompt), len(batch.outputs[i])) for i in requests]
         wanted = [batch.requests[i].logprobs for i in requests]  # (−1: none; k: k likeliest)
         if batch.stopper.logprobs is not None:

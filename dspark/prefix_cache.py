@@ -15,6 +15,7 @@ the tokens up to their position, so reuse changes nothing but the work.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ class ResidentPrompt:
     """The last prompt prefilled into a slot, and what reusing it needs.
 
     Attributes:
-        tokens: the prompt.
+        tokens: the prompt (and what its request generated, when the slot keeps outputs:
+            :meth:`SlotPrefixes.extend`).
         hidden: the target's hidden states over it, one ``[P, H]`` per drafter layer.
         scores: its scores when computed: log p(prompt[i + 1] | prompt[:i + 1]) ``[P − 1]``, then
             (``top ≥ 1``) the ``top`` likeliest tokens' log-probabilities and ids ``[P − 1, top]``.
@@ -54,21 +56,45 @@ class SlotPrefixes:
     """What each slot of a batch holds of its last prompt (:class:`ResidentPrompt`, or ``None``),
     and the prompt tokens admitted and reused so far (vLLM's prefix-cache queries and hits)."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, with_outputs: bool = False):
+        self.with_outputs = with_outputs  # a finished request's slot keeps its output too (:meth:`extend`)
         self.resident: list[ResidentPrompt | None] = [None] * slots
-        self.kept_at = [-1] * slots  # when each slot's prompt was kept (admissions so far; −1: never)
+        self.kept_at = [-1] * slots  # when each slot's prompt was kept (a count of keeps; −1: never)
+        self._keeps = 0
         self.queries = 0  # prompt tokens admitted
         self.hits = 0  # of those, tokens not prefilled (reused from a slot, or from a request of the same prompt)
 
     def assign(self, prompts: list[list[int]], free: list[int]) -> list[int]:
         """A free slot for each prompt, in order: the one whose last prompt shares the most first
         tokens with it; among equals, the one whose prompt is oldest (an empty slot first, then the
-        least recently filled; the lowest of those), so that recent prompts stay for longer."""
-        left, chosen = list(free), []
+        least recently filled; the lowest of those), so that recent prompts stay for longer.
+        Slots holding the same tokens are compared once (a batch of thousands of copies of one
+        prompt costs one comparison per request)."""
+        order = sorted(free, key=lambda b: (self.kept_at[b], b))  # oldest first, empty slots before all
+        if self.resident[order[-1]] is None:  # (no free slot holds anything: the first admission)
+            return order[:len(prompts)]
+        groups: dict[tuple, deque] = {}  # the free slots holding each token sequence, oldest first
+        for b in order:
+            if self.resident[b] is not None:
+                groups.setdefault(tuple(self.resident[b].tokens), deque()).append(b)
+        by_first: dict[int, list[deque]] = {}  # (a slot shares something with a prompt of its first token)
+        for key, slots in groups.items():
+            by_first.setdefault(key[0], []).append(slots)
+        taken, chosen, oldest = set(), [], iter(order)
         for prompt in prompts:
-            best = max(left, key=lambda b: (self.shared(b, prompt), -self.kept_at[b], -b))
+            best, best_rank = None, None
+            for slots in by_first.get(prompt[0], ()):
+                while slots and slots[0] in taken:
+                    slots.popleft()
+                if slots:
+                    head = slots[0]
+                    rank = (common_prefix(self.resident[head].tokens, prompt), -self.kept_at[head], -head)
+                    if best_rank is None or rank > best_rank:
+                        best, best_rank = head, rank
+            if best is None:  # nothing shared: the oldest free slot
+                best = next(b for b in oldest if b not in taken)
+            taken.add(best)
             chosen.append(best)
-            left.remove(best)
         return chosen
 
     def shared(self, slot: int, prompt: list[int]) -> int:
@@ -82,13 +108,27 @@ class SlotPrefixes:
         resident = self.resident[slot]
         if resident is None or (top >= 0 and resident.top < top):
             return 0
-        return max(self.shared(slot, prompt) - 1, 0)
+        shared = self.shared(slot, prompt)
+        if resident.hidden:  # (kept over the prompt alone: its reused positions' hidden states)
+            shared = min(shared, resident.hidden[0].shape[0] + 1)
+        if top >= 0:  # (its scores: the prompt's alone)
+            shared = min(shared, resident.scores[0].shape[0] + 1)
+        return max(shared - 1, 0)
+
+    def extend(self, slot: int, tokens: list[int]) -> None:
+        """The request in ``slot`` ended with ``tokens`` (its prompt, then what it generated) in its
+        cache rows: with :attr:`with_outputs`, a next prompt that goes on from them (a
+        conversation's next turn) reuses them too. Only for drafters that read no target hidden
+        states (the slot keeps those over the prompt alone)."""
+        resident = self.resident[slot]
+        if self.with_outputs and resident is not None and tokens[:len(resident.tokens)] == resident.tokens:
+            resident.tokens = list(tokens)
 
     def keep(self, slot: int, prompt: list[int], hidden: list[torch.Tensor], scores: list[torch.Tensor] | None,
              top: int) -> None:
         """``slot`` now holds ``prompt`` (:class:`ResidentPrompt`'s fields)."""
         self.resident[slot] = ResidentPrompt(list(prompt), hidden, scores, top)
-        self.kept_at[slot] = max(self.kept_at) + 1
+        self.kept_at[slot], self._keeps = self._keeps, self._keeps + 1
 
     def keep_admitted(self, slots: list[int], prompts: list[list[int]], hidden_states: list[torch.Tensor],
                       scores: list[torch.Tensor] | None, tops: list[int]) -> None:

@@ -112,6 +112,24 @@ def test_reused_prefixes_keep_the_prompt_scores():
             assert result.prompt_logprobs is None
 
 
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "eagle3"])
+def test_a_conversation_s_next_turn_reuses_the_last_output_where_the_drafter_allows(drafter):
+    """A next turn — the last prompt, its output, a new message — decodes as alone; with a drafter
+    that reads no target hidden states it reuses the last output too (all but the last token,
+    which its cache rows never held, and the last shared one, fed again), with EAGLE-3 the prompt."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=2")
+    session = pipe.session(max_len=48)
+    first = decode_one_pair_at_a_time(session, [[dict(prompt=PREFIX, max_new_tokens=5, ignore_eos=True, seed=1,
+                                                      temperature=1.0)]])[0]
+    follow_up = dict(prompt=PREFIX + first.token_ids + [3, 4], max_new_tokens=6, seed=2, temperature=1.0)
+    second = decode_one_pair_at_a_time(session, [[follow_up]])[0]
+    alone = pipe.generate([follow_up["prompt"]], **{k: v for k, v in follow_up.items() if k != "prompt"})
+    assert second.token_ids == alone.token_ids[0]
+    reused = len(PREFIX) - 1 if drafter == "eagle3" else len(PREFIX) + 5 - 2
+    assert session.batch.prefixes.hits == reused
+
+
 def test_prefix_caching_can_be_switched_off():
     target = tiny_hf_model("qwen3")
     pipe = spec_pipeline(target, "none", 3, "engine.max_batch_size=1", "engine.prefix_caching=false")
