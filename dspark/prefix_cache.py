@@ -6,8 +6,8 @@ until another request takes the slot: the request decoding there writes past its
 a finished request's row rides along writing past its length. So when request ``R`` takes a slot
 whose last prompt shares its first ``c`` tokens, positions ``[0, c − 1)`` are already there and
 ``R``'s prefill feeds ``prompt[c − 1:]`` from that offset (the last shared token is fed again:
-its output — the logits and hidden states there — belongs to ``R``'s next token, not the old
-one's). The drafter still gets the target's hidden states over the whole prompt, as after a full
+the distribution after it is needed — to score ``R``'s next prompt token, or to draw its first
+token when the slot holds its whole prompt — and a slot keeps no logits). The drafter still gets the target's hidden states over the whole prompt, as after a full
 prefill: those of the reused positions were kept with the slot (:class:`ResidentPrompt`), and so
 were the prompt's scores when they were computed. Keys, values and hidden states depend only on
 the tokens up to their position, so reuse changes nothing but the work.
