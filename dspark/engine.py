@@ -252,7 +252,7 @@ class Engine:
         requests = [Request(list(p), b, q, int(s), stop, m, scores, prompt_scores)
                     for p, b, q, s, stop, m in zip(prompts, budgets, params, seeds, stops, min_new)]  # (stops: EOS in)
         options = dict(on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs, top_logprobs=top_logprobs,
-                       prompt_logprobs=prompt_logprobs)
+                       prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top_logprobs)
         started = time.perf_counter()
         chunks = [requests] if self.continuous or count <= size else [requests[i:i + size] for i in range(0, count, size)]
         outputs, parts, scores = [], [], Scores()  # static batches: one after the other
@@ -290,7 +290,8 @@ class Engine:
                        prompt_logprobs)
 
     def open_batch(self, slots: int, max_len: int, *, on_tokens=None, stop_check=None, logprobs: bool = False,
-                   top_logprobs: int = 0, prompt_logprobs: bool = False, started: float | None = None) -> "Batch":
+                   top_logprobs: int = 0, prompt_logprobs: bool = False, prompt_top_logprobs: int = 0,
+                   started: float | None = None) -> "Batch":
         """A batch of ``slots`` rows, each holding up to ``max_len`` positions (prompt + budget + one
         round of lookahead: :meth:`cache_len_needed`), for requests to join (:meth:`Batch.add`)
         and be decoded by :meth:`step` — the loop under :meth:`generate`, and under
@@ -314,7 +315,7 @@ class Engine:
                      stream=None if on_tokens is None and stop_check is None else _TokenStream(slots, gamma + 1, on_tokens,
                                                                                                 stop_check),
                      logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-                     started=started)
+                     prompt_top_logprobs=prompt_top_logprobs, started=started)
         # a drafter that reads no target hidden states is admitted from tokens alone: a slot may keep
         # its request's output for the next prompt too (the hidden states are kept over prompts only)
         batch.prefixes.with_outputs = self.caches_prefixes and not self.drafter.hidden_layers
@@ -759,6 +760,7 @@ class Batch:
     top_logprobs: int
     prompt_logprobs: bool
     started: float | None  # request timings count from here (default: when the batch opened)
+    prompt_top_logprobs: int = 0
     requests: list = field(default_factory=list)
     waiting: deque = field(default_factory=deque)
     outputs: list = field(default_factory=list)
@@ -788,7 +790,7 @@ class Batch:
                              f"lookahead ({self.lookahead}) needs {len(request.prompt) + request.budget + self.lookahead} "
                              f"positions, more than the batch's {self.max_len} per request")
         if request.prompt_logprobs is None:
-            request = replace(request, prompt_logprobs=0 if self.prompt_logprobs else -1)
+            request = replace(request, prompt_logprobs=self.prompt_top_logprobs if self.prompt_logprobs else -1)
         if request.logprobs is None:
             request = replace(request, logprobs=self.top_logprobs if self.logprobs else -1)
         elif request.logprobs >= 0 and not self.logprobs:

@@ -116,8 +116,8 @@ class Session:
         self._reported: set[int] = set()  # requests that had an update
         self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
                                               stop_check=self._stop_check, logprobs=logprobs,
-                                              top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
-        self._prompt_default = prompt_top_logprobs if prompt_logprobs else -1
+                                              top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                                              prompt_top_logprobs=prompt_top_logprobs)
 
     def submit(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
@@ -137,7 +137,7 @@ class Session:
         0, 1, … in submission order."""
         from dspark.pipeline import check_score_options
 
-        scores, prompt_scores = None, self._prompt_default  # (None: the session's setting)
+        scores = prompt_scores = None  # (None: the session's setting)
         if logprobs is not None or top_logprobs is not None:
             check_score_options(False if logprobs is None else logprobs, top_logprobs or 0, False)
             scores = (top_logprobs or 0) if logprobs else -1
