@@ -600,6 +600,10 @@ def test_compiled_rounds_match_eager(drafter):
     for pipe in (compiled, eager):
         pipe.engine.config.max_batch_size = 3
     assert compiled.generate(more, **refilled).token_ids == eager.generate(more, **refilled).token_ids
+    # prefix caching: the refilled slots held prompts that share the new ones' first nine tokens
+    shared = [more[2] + prompt for prompt in more]
+    assert compiled.generate(shared, **refilled).token_ids == eager.generate(shared, **refilled).token_ids
+    assert compiled.engine._live.prefixes.hits >= 3 * 8
 
 
 @pytest.mark.slow
