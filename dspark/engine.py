@@ -34,7 +34,7 @@ from dspark.cache import CacheConfig, KVCache, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
-from dspark.prefix_cache import SlotPrefixes, valid_scores, with_prefixes
+from dspark.prefix_cache import ResidentPrompt, SlotPrefixes, common_prefix, valid_scores, with_prefixes
 from dspark.records import DecodingState, DraftProposal, SamplingParams, batch_params
 from dspark.samplers import Sampler
 from dspark.samplers.penalties import PenaltyHistory
@@ -443,37 +443,53 @@ class Engine:
         # prefill: the prompts go into their cache rows; their last logits give the first tokens.
         # Requests of one prompt (n choices of one request, say) share one prefill: the first one's
         # cache rows are copied, its logits and hidden states serve the others. A prompt that starts
-        # as its slot's last one is prefilled from where they part.
+        # as its slot's last one, or as another one admitted now, is prefilled from where they part.
         whole = len(free) == slots
         first: dict[tuple, int] = {}
         source = [first.setdefault(tuple(r.prompt), k) for k, r in enumerate(requests)]
         share = self.shares_prefill and len(first) < len(requests)
         prefilled = list(first.values()) if share else list(range(len(free)))  # (indices into free, ascending)
-        starts = [0] * len(prefilled)
+        asked = max(r.prompt_logprobs for r in requests)  # (−1: none asks for its prompt's scores)
+        starts, resident = [0] * len(prefilled), [None] * len(prefilled)
         if self.caches_prefixes:
             starts = [batch.prefixes.reusable(free[k], requests[k].prompt, requests[k].prompt_logprobs) for k in prefilled]
-        counts = [len(requests[k].prompt) - start for k, start in zip(prefilled, starts)]
-        kv_len = max(start + max(counts) for start in starts)
-        if kv_len > batch.cache.max_len:  # (the padded suffixes would not fit: prefill whole prompts)
-            starts, counts, kv_len = [0] * len(prefilled), [len(requests[k].prompt) for k in prefilled], longest
+            resident = [batch.prefixes.resident[free[k]] if start else None for k, start in zip(prefilled, starts)]
+        # a prompt that shares more with another one admitted now (its leader, prefilled first) than
+        # with its slot's last prompt follows it: the leader's rows are copied up to where they part.
+        # In sorted order the nearest leader before a prompt shares the most with it.
+        leader = [None] * len(prefilled)
+        if self.caches_prefixes and self.shares_prefill:
+            last = None
+            for j in sorted(range(len(prefilled)), key=lambda j: requests[prefilled[j]].prompt):
+                prompt, ask = requests[prefilled[j]].prompt, requests[prefilled[j]].prompt_logprobs
+                if last is not None:
+                    shared = common_prefix(requests[prefilled[last]].prompt, prompt) - 1
+                    if shared > starts[j] and (ask < 0 or valid_scores(starts[last], resident[last], asked) >= ask):
+                        starts[j], leader[j] = shared, last
+                        continue
+                last = j
         if whole and not share and not any(starts):
-            cache, prefill_state = batch.cache, state
+            out, prompt_scores = self._prefill(state, batch.cache, starts, longest, longest, asked)
         else:
-            index = rows[prefilled]
-            cache, lengths = batch.cache.rows(index), prompt_lengths[prefilled]
-            prefill_state = replace(state, tokens=state.tokens[index], prompt_lengths=lengths, lengths=lengths.clone(),
-                                    done=state.done[index])
-        asked = max(r.prompt_logprobs for r in requests)  # (−1: none asks for its prompt's scores)
-        out, prompt_scores = self._prefill(prefill_state, cache, starts, max(counts), kv_len, asked)
-        resident = [batch.prefixes.resident[free[k]] if start else None for k, start in zip(prefilled, starts)]
-        if any(starts):  # put the suffixes' outputs back at their prompts' positions
-            out = replace(out, hidden_states=[
-                with_prefixes(h, [r and r.hidden[layer] for r in resident], starts, counts, longest)
-                for layer, h in enumerate(out.hidden_states)])
-            if prompt_scores is not None:
-                prompt_scores = [with_prefixes(x, [r and r.scores and (r.scores[i] if i < len(r.scores) else None)
-                                                   for r in resident], starts, [c - 1 for c in counts], longest - 1)
-                                 for i, x in enumerate(prompt_scores)]
+            leaders = [j for j in range(len(prefilled)) if leader[j] is None]
+            followers = [j for j in range(len(prefilled)) if leader[j] is not None]
+            out, prompt_scores = self._prefill_rows(batch, state, rows, prefilled, leaders, starts, resident, asked,
+                                                    longest)
+            if followers:
+                for j in followers:
+                    i = leader[j]
+                    batch.cache.copy_rows(rows[[prefilled[i]]], rows[[prefilled[j]]], starts[j])
+                    at, n = leaders.index(i), len(requests[prefilled[i]].prompt)
+                    resident[j] = ResidentPrompt(requests[prefilled[i]].prompt, [h[at, :n] for h in out.hidden_states],
+                                                 None if prompt_scores is None else [x[at, :n - 1] for x in prompt_scores],
+                                                 valid_scores(starts[i], resident[i], asked))
+                more, more_scores = self._prefill_rows(batch, state, rows, prefilled, followers, starts, resident, asked,
+                                                       longest)
+                order = torch.tensor([(leaders + followers).index(j) for j in range(len(prefilled))], device=device)
+                out = replace(out, logits=torch.cat([out.logits, more.logits])[order],
+                              hidden_states=[torch.cat(pair)[order] for pair in zip(out.hidden_states, more.hidden_states)])
+                if prompt_scores is not None:
+                    prompt_scores = [torch.cat(pair)[order] for pair in zip(prompt_scores, more_scores)]
         batch.prefixes.queries += sum(len(r.prompt) for r in requests)
         batch.prefixes.hits += sum(starts) + sum(len(requests[k].prompt) for k, s in enumerate(source) if s != k)
         if share:
@@ -486,7 +502,7 @@ class Engine:
         if prompt_scores is not None:
             self._keep_prompt_scores(batch, taken, requests, prompt_scores)
         if self.caches_prefixes:  # what each slot now holds, for the next request to take it
-            valid = dict(zip(prefilled, (valid_scores(start, r, prompt_scores) for start, r in zip(starts, resident))))
+            valid = dict(zip(prefilled, (valid_scores(start, r, asked) for start, r in zip(starts, resident))))
             batch.prefixes.keep_admitted(free, [r.prompt for r in requests], out.hidden_states, prompt_scores,
                                          [valid[source[k] if share else k] for k in range(len(free))])
         logits = out.logits if whole else out.logits.new_zeros(slots, *out.logits.shape[1:]).index_copy(0, rows, out.logits)
@@ -548,6 +564,35 @@ class Engine:
         batch.stopper.release(slots)
         for b in slots:
             batch.holder[b] = -1
+
+    def _prefill_rows(self, batch: "Batch", state: DecodingState, rows: torch.Tensor, prefilled: list[int],
+                      which: list[int], starts: list[int], resident: list, asked: int, longest: int):
+        """Prefill the admitted requests ``prefilled[j]`` for ``j`` in ``which`` (their ``rows``), each
+        from ``starts[j]``, and put the suffixes' outputs back at their prompts' positions with what
+        their ``resident`` prompts kept: the hidden states ``[k, longest, H]`` and scores
+        ``[k, longest − 1]`` (+ likeliest) as after a prefill of the whole prompts. Where the
+        padded suffixes would not fit the cache, the whole prompts (their ``starts`` set to 0)."""
+        index = rows[[prefilled[j] for j in which]]
+        lengths = state.prompt_lengths[index]
+        part = replace(state, tokens=state.tokens[index], prompt_lengths=lengths, lengths=lengths.clone(),
+                       done=state.done[index])
+        begins = [starts[j] for j in which]
+        counts = [int(n) - b for n, b in zip(lengths.tolist(), begins)]
+        kv_len = max(b + max(counts) for b in begins)
+        if kv_len > batch.cache.max_len:  # (the padded suffixes would not fit: prefill whole prompts)
+            for j in which:
+                starts[j] = 0
+            begins, counts, kv_len = [0] * len(which), [int(n) for n in lengths.tolist()], longest
+        out, scores = self._prefill(part, batch.cache.rows(index), begins, max(counts), kv_len, asked)
+        if not any(begins) and max(counts) == longest:
+            return out, scores
+        kept = [resident[j] for j in which]
+        out = replace(out, hidden_states=[with_prefixes(h, [r and r.hidden[layer] for r in kept], begins, counts, longest)
+                                          for layer, h in enumerate(out.hidden_states)])
+        if scores is not None:
+            scores = [with_prefixes(x, [r and r.scores and (r.scores[i] if i < len(r.scores) else None) for r in kept],
+                                    begins, [c - 1 for c in counts], longest - 1) for i, x in enumerate(scores)]
+        return out, scores
 
     @staticmethod
     def _keep_prompt_scores(batch: "Batch", taken: list[int], requests: list["Request"],

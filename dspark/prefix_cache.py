@@ -7,10 +7,13 @@ a finished request's row rides along writing past its length. So when request ``
 whose last prompt shares its first ``c`` tokens, positions ``[0, c − 1)`` are already there and
 ``R``'s prefill feeds ``prompt[c − 1:]`` from that offset (the last shared token is fed again:
 the distribution after it is needed — to score ``R``'s next prompt token, or to draw its first
-token when the slot holds its whole prompt — and a slot keeps no logits). The drafter still gets the target's hidden states over the whole prompt, as after a full
-prefill: those of the reused positions were kept with the slot (:class:`ResidentPrompt`), and so
-were the prompt's scores when they were computed. Keys, values and hidden states depend only on
-the tokens up to their position, so reuse changes nothing but the work.
+token when the slot holds its whole prompt — and a slot keeps no logits). The drafter still gets
+the target's hidden states over the whole prompt, as after a full prefill: those of the reused
+positions were kept with the slot (:class:`ResidentPrompt`), and so were the prompt's scores when
+they were computed. Requests admitted together share their common prefixes the same way, one
+request's freshly prefilled rows copied to another's (the engine's admission). Keys, values and
+hidden states depend only on the tokens up to their position, so reuse changes nothing but the
+work.
 """
 
 from __future__ import annotations
@@ -143,12 +146,11 @@ class SlotPrefixes:
             self.keep(slot, prompt, [h[k, :n].clone() for h in hidden_states], kept, top)
 
 
-def valid_scores(start: int, resident: ResidentPrompt | None, scores: list[torch.Tensor] | None) -> int:
+def valid_scores(start: int, resident: ResidentPrompt | None, computed: int) -> int:
     """How many likeliest tokens of a row's prompt scores are valid after a prefill from ``start``
-    (−1: none): all that were computed (``scores``: the prefill's) for a row prefilled whole; for a
-    reused prefix no more than its slot had kept — none if it had kept no scores (a request that
-    asked for none, beside one that asked, reuses a prefix whatever its slot kept)."""
-    computed = -1 if scores is None else (scores[1].shape[-1] if len(scores) > 1 else 0)
+    that scored ``computed`` of them (−1: no scores; 0: the chosen token's alone): all for a row
+    prefilled whole; for a reused prefix no more than it had kept — none if it had kept no scores
+    (a request that asked for none, beside one that asked, reuses a prefix whatever it kept)."""
     if not start:
         return computed
     return -1 if resident.scores is None else min(resident.top, computed)

@@ -81,6 +81,30 @@ def test_reused_prefixes_decode_as_alone(drafter):
         assert result.token_ids == alone.token_ids[0], request["prompt"]
 
 
+@pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
+def test_requests_admitted_together_share_their_common_prefix(drafter):
+    """Four requests admitted at once into empty slots, three of one 12-token prefix with other
+    endings: the first is prefilled whole, the others copy its rows up to where they part and
+    prefill the rest — 12 and 11 positions skipped — and each decodes as alone (float64, sampled),
+    with its prompt's scores where it asks."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=4")
+    requests = [dict(prompt=PREFIX + [1]), dict(prompt=PREFIX + [2, 3], prompt_logprobs=True, prompt_top_logprobs=2),
+                dict(prompt=[7] + PREFIX), dict(prompt=PREFIX + [1, 4], prompt_logprobs=True)]
+    requests = [dict(r, max_new_tokens=5, temperature=1.0, seed=i) for i, r in enumerate(requests)]
+    session = pipe.session(max_len=40)
+    results = decode_one_pair_at_a_time(session, [requests])
+    assert session.batch.prefixes.hits == 12 + 11
+    for result, request in zip(results, requests):
+        alone = pipe.generate([request["prompt"]], **{k: v for k, v in request.items() if k != "prompt"})
+        assert result.token_ids == alone.token_ids[0]
+        if request.get("prompt_logprobs"):
+            assert result.prompt_logprobs[1:] == pytest.approx(alone.prompt_logprobs[0][1:], abs=1e-6)
+        if request.get("prompt_top_logprobs"):
+            assert [[t for t, _ in top] for top in result.prompt_top_logprobs[1:]] == [
+                [t for t, _ in top] for top in alone.prompt_top_logprobs[0][1:]]
+
+
 def test_reused_prefixes_keep_the_prompt_scores():
     """The prompt's scores of a request that reuses a slot's prefix equal its own alone. A slot that
     kept fewer likeliest tokens than a request asks for is not reused for it; nor one whose reused
