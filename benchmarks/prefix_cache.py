@@ -9,7 +9,8 @@ the one before has finished — as a client that waits for its answers sends the
 * **scoring** (lm-eval-harness's loglikelihood over the API): ``--questions`` contexts of
   ``--context`` tokens (the shipped code prompts, joined), each followed by ``--choices``
   continuations; a request scores context + continuation (the prompt's log-probabilities and
-  likeliest token, one generated token);
+  likeliest token, one generated token); **scoring, together**: a question's continuations
+  submitted at once (lm-eval's ``batch_size``);
 * **conversation**: ``--conversations`` chats of ``--turns`` turns; each turn's prompt is the last
   turn's prompt, its reply (24 greedy tokens) and a new user message.
 
@@ -39,16 +40,17 @@ def workloads(tokenizer, questions: int, choices: int, context: int, conversatio
     return {"scoring": scoring, "conversation": openings}
 
 
-def run_scoring(pipe, questions: list[list[list[int]]]) -> tuple[float, list, tuple[int, int]]:
+def run_scoring(pipe, questions: list[list[list[int]]], together: bool) -> tuple[float, list, tuple[int, int]]:
     session = pipe.session(max_len=max(len(p) for q in questions for p in q) + 1 + pipe.drafter.gamma + 1)
     started, outputs = time.perf_counter(), []
     for question in questions:
-        for prompt in question:
-            request = session.submit(prompt, max_new_tokens=1, prompt_logprobs=True, prompt_top_logprobs=1)
+        for group in ([question] if together else [[p] for p in question]):
+            ids = [session.submit(p, max_new_tokens=1, prompt_logprobs=True, prompt_top_logprobs=1) for p in group]
             while session.unfinished:
                 session.step()
-            result = session.result(request)
-            outputs.append((result.token_ids, result.prompt_logprobs[1:]))
+            for request in ids:
+                result = session.result(request)
+                outputs.append((result.token_ids, result.prompt_logprobs[1:]))
     prefixes = session.batch.prefixes
     return time.perf_counter() - started, outputs, (prefixes.hits, prefixes.queries)
 
@@ -95,7 +97,8 @@ def main() -> None:
                  for on in (True, False)}
         data = workloads(pipes[True].tokenizer, args.questions, args.choices, args.context, args.conversations)
         user = pipes[True].encode(["\n# next: "])[0]
-        jobs = {"scoring": lambda pipe: run_scoring(pipe, data["scoring"]),
+        jobs = {"scoring": lambda pipe: run_scoring(pipe, data["scoring"], together=False),
+                "scoring, together": lambda pipe: run_scoring(pipe, data["scoring"], together=True),
                 "conversation": lambda pipe: run_conversations(pipe, data["conversation"], args.turns, user)}
         for name, job in jobs.items():
             for on in (True, False):  # warm-up
@@ -107,7 +110,7 @@ def main() -> None:
                     times[on].append(seconds)
             median = {on: statistics.median(t) for on, t in times.items()}
             hits, queries = reuse[True]
-            print(f"{config:8s} {name:12s} prefix caching on {median[True]:6.2f} s [{min(times[True]):.2f}..{max(times[True]):.2f}]"
+            print(f"{config:8s} {name:17s} prefix caching on {median[True]:6.2f} s [{min(times[True]):.2f}..{max(times[True]):.2f}]"
                   f"  off {median[False]:6.2f} s [{min(times[False]):.2f}..{max(times[False]):.2f}]"
                   f"  off/on {median[False] / median[True]:.2f}x  prefill skipped {hits}/{queries} prompt tokens"
                   f" ({hits / queries:.0%})", flush=True)

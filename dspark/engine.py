@@ -584,8 +584,8 @@ class Engine:
                 starts[j] = 0
             begins, counts, kv_len = [0] * len(which), [int(n) for n in lengths.tolist()], longest
         out, scores = self._prefill(part, batch.cache.rows(index), begins, max(counts), kv_len, asked)
-        if not any(begins) and max(counts) == longest:
-            return out, scores
+        if not any(begins) and max(counts) == longest:  # (the scores' last column scores no prompt token)
+            return out, None if scores is None else [x[:, :longest - 1] for x in scores]
         kept = [resident[j] for j in which]
         out = replace(out, hidden_states=[with_prefixes(h, [r and r.hidden[layer] for r in kept], begins, counts, longest)
                                           for layer, h in enumerate(out.hidden_states)])

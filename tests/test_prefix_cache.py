@@ -83,14 +83,14 @@ def test_reused_prefixes_decode_as_alone(drafter):
 
 @pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
 def test_requests_admitted_together_share_their_common_prefix(drafter):
-    """Four requests admitted at once into empty slots, three of one 12-token prefix with other
-    endings: the first is prefilled whole, the others copy its rows up to where they part and
-    prefill the rest — 12 and 11 positions skipped — and each decodes as alone (float64, sampled),
-    with its prompt's scores where it asks."""
+    """Four requests of one length admitted at once into empty slots, three of one 12-token prefix
+    with other endings: the first in sorted order is prefilled whole, the others copy its rows up
+    to where they part and prefill the rest — 12 and 11 positions skipped — and each decodes as
+    alone (float64, sampled), with its prompt's scores where it asks."""
     target = tiny_hf_model("qwen3", scale=2.0)
     pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=4")
-    requests = [dict(prompt=PREFIX + [1]), dict(prompt=PREFIX + [2, 3], prompt_logprobs=True, prompt_top_logprobs=2),
-                dict(prompt=[7] + PREFIX), dict(prompt=PREFIX + [1, 4], prompt_logprobs=True)]
+    requests = [dict(prompt=PREFIX + [1, 5]), dict(prompt=PREFIX + [2, 3], prompt_logprobs=True, prompt_top_logprobs=2),
+                dict(prompt=[7] + PREFIX + [0]), dict(prompt=PREFIX + [1, 4], prompt_logprobs=True)]
     requests = [dict(r, max_new_tokens=5, temperature=1.0, seed=i) for i, r in enumerate(requests)]
     session = pipe.session(max_len=40)
     results = decode_one_pair_at_a_time(session, [requests])
