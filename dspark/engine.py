@@ -476,16 +476,17 @@ class Engine:
             out, prompt_scores = self._prefill_rows(batch, state, rows, prefilled, leaders, starts, resident, asked,
                                                     longest)
             if followers:
+                position = {j: p for p, j in enumerate(leaders + followers)}  # (in the phases' outputs)
                 for j in followers:
                     i = leader[j]
                     batch.cache.copy_rows(rows[[prefilled[i]]], rows[[prefilled[j]]], starts[j])
-                    at, n = leaders.index(i), len(requests[prefilled[i]].prompt)
+                    at, n = position[i], len(requests[prefilled[i]].prompt)
                     resident[j] = ResidentPrompt(requests[prefilled[i]].prompt, [h[at, :n] for h in out.hidden_states],
                                                  None if prompt_scores is None else [x[at, :n - 1] for x in prompt_scores],
                                                  valid_scores(starts[i], resident[i], asked))
                 more, more_scores = self._prefill_rows(batch, state, rows, prefilled, followers, starts, resident, asked,
                                                        longest)
-                order = torch.tensor([(leaders + followers).index(j) for j in range(len(prefilled))], device=device)
+                order = torch.tensor([position[j] for j in range(len(prefilled))], device=device)
                 out = replace(out, logits=torch.cat([out.logits, more.logits])[order],
                               hidden_states=[torch.cat(pair)[order] for pair in zip(out.hidden_states, more.hidden_states)])
                 if prompt_scores is not None:
