@@ -155,8 +155,9 @@ def test_stop_checks_per_request_through_refilled_slots():
 @pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
 def test_chi_square_with_continuous_batching(drafter):
     """10,000 requests through 1,000 slots, budgets of 3 to 6 tokens so that slots free up at
-    different rounds and take new requests all the time: the joint of each request's first three
-    tokens is the target's (significance 0.001, fixed seeds)."""
+    different rounds and take new requests all the time (each prefilling only the last token of the
+    prompt its slot held: prefix caching): the joint of each request's first three tokens is the
+    target's (significance 0.001, fixed seeds)."""
     target, draft = tiny_pair()
     pipe = spec_pipeline(target, drafter, 3, "engine.max_batch_size=1000", draft=draft)
     samples = 10000
@@ -165,6 +166,7 @@ def test_chi_square_with_continuous_batching(drafter):
     ids = pipe.generate([PROMPT] * samples, max_new_tokens=budgets, temperature=1.0, seed=2024,
                         ignore_eos=True).token_ids
     assert len(admissions) > 10  # slots were refilled many times, a few at a time
+    assert pipe.engine._live.prefixes.hits >= (samples - 1000) * (len(PROMPT) - 1)  # each refill reused its slot's prompt
     first = torch.tensor([row[:3] for row in ids])
     counts = torch.bincount(first[:, 0] * VOCAB * VOCAB + first[:, 1] * VOCAB + first[:, 2],
                             minlength=VOCAB ** 3).view(VOCAB, VOCAB, VOCAB)
