@@ -50,6 +50,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and len(prompts) != 1:
         raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
                          "prompts (drop --stream to generate a batch)")
+    if args.prompt_top_logprobs < 0:
+        raise SystemExit(f"dspark generate: --prompt-top-logprobs must be >= 0, got {args.prompt_top_logprobs}")
+    args.prompt_logprobs = args.prompt_logprobs or args.prompt_top_logprobs > 0
     if args.chat and args.prompt_logprobs:
         raise SystemExit("dspark generate: --prompt-logprobs scores the prompts as given; with --chat they are "
                          "rendered by the template first (use the Python API's prompt_logprobs on the rendered text)")
@@ -70,7 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
     settings = dict(max_new_tokens=budgets if any(b != args.max_new_tokens for b in budgets) else args.max_new_tokens,
                     **_settings_per_line(flags, lines), progress=args.progress, on_tokens=streamer,
                     logprobs=args.logprobs or args.top_logprobs > 0, top_logprobs=args.top_logprobs,
-                    prompt_logprobs=args.prompt_logprobs)
+                    prompt_logprobs=args.prompt_logprobs, prompt_top_logprobs=args.prompt_top_logprobs)
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -90,7 +93,8 @@ def _generate(args: argparse.Namespace) -> int:
         if result.prompt_logprobs is not None:  # the prompt's tokens first, each given the ones before it
             prompt_ids = pipe.encode([prompts[i]])[0]
             print("prompt:")
-            _print_logprobs(prompt_ids, result.prompt_logprobs[i], None if args.print_ids else pipe.tokenizer)
+            _print_logprobs(prompt_ids, result.prompt_logprobs[i], None if args.print_ids else pipe.tokenizer,
+                            None if result.prompt_top_logprobs is None else result.prompt_top_logprobs[i])
             print("generated:")
         if streamer is None:
             print(result.texts[i] if result.texts is not None and not args.print_ids else " ".join(map(str, ids)))
@@ -328,6 +332,8 @@ def _write_outputs(path: str, prompts: list, result) -> None:
                 record["top_logprobs"] = result.top_logprobs[i]
             if result.prompt_logprobs is not None:
                 record["prompt_logprobs"] = result.prompt_logprobs[i]
+            if result.prompt_top_logprobs is not None:
+                record["prompt_top_logprobs"] = result.prompt_top_logprobs[i]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -342,8 +348,8 @@ def _print_logprobs(ids: list[int], logprobs: list[float], tokenizer, top: list 
         columns = [str(token)] + ([text(token)] if tokenizer is not None else [])
         columns.append("-" if logprob is None else f"{logprob:.4f}")  # (a prompt's first token has none)
         if top is not None:
-            columns.append(" ".join(f"{alt}({text(alt)})={lp:.4f}" if tokenizer is not None else f"{alt}={lp:.4f}"
-                                    for alt, lp in top[t]))
+            columns.append("-" if top[t] is None else " ".join(  # (nor likeliest tokens)
+                f"{alt}({text(alt)})={lp:.4f}" if tokenizer is not None else f"{alt}={lp:.4f}" for alt, lp in top[t]))
         print("\t".join(columns))
 
 
@@ -496,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with each token, the K likeliest tokens there and their log-probabilities (implies --logprobs)")
     gen.add_argument("--prompt-logprobs", action="store_true",
                      help="also each prompt token's log-probability under the target given the ones before it")
+    gen.add_argument("--prompt-top-logprobs", type=int, default=0,
+                     help="with each prompt token, the K likeliest tokens there (implies --prompt-logprobs)")
     gen.add_argument("--logprobs", action="store_true",
                      help="after each request, print every generated token with its log-probability under the target")
     gen.add_argument("--progress", action="store_true", help="show a progress bar")

@@ -150,6 +150,15 @@ def test_prompt_logprobs_print_the_prompts_scores(capsys):
     assert [row[1] for row in rows] == ["-"] + [f"{x:.4f}" for x in expected.prompt_logprobs[0][1:]]
     with pytest.raises(SystemExit, match="--prompt-logprobs scores the prompts as given"):
         main([*args, "--prompt-logprobs", "--chat"])
+    ranked = dspark.build_pipeline("ar", overrides=["target.device=cpu"]).generate(
+        ["def add(a, b):"], max_new_tokens=3, prompt_logprobs=True, prompt_top_logprobs=2)
+    assert main([*args, "--prompt-top-logprobs", "2"]) == 0  # (implies --prompt-logprobs)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("\t") for line in lines[1:-2]]
+    assert rows[0][2] == "-" and [[pair.split("=")[0] for pair in row[2].split()] for row in rows[1:]] == [
+        [str(token) for token, _ in alternatives] for alternatives in ranked.prompt_top_logprobs[0][1:]]
+    with pytest.raises(SystemExit, match="--prompt-top-logprobs must be >= 0"):
+        main([*args, "--prompt-top-logprobs", "-1"])
 
 
 def test_prompts_file_and_output_jsonl(capsys, tmp_path):
