@@ -1,7 +1,7 @@
 """Prefix caching: what skipping the prefill of the prompt a slot already holds saves, per pipeline.
 
     python benchmarks/prefix_cache.py [--configs ar eagle3] [--questions 6] [--choices 4]
-        [--context 256] [--conversations 3] [--turns 4] [--repeats 3]
+        [--context 256] [--conversations 3] [--turns 4] [--repeats 3] [--plot PNG]
 
 Two workloads through a session (:class:`dspark.Session`, 4 slots), each request submitted once
 the one before has finished — as a client that waits for its answers sends them:
@@ -16,8 +16,8 @@ the one before has finished — as a client that waits for its answers sends the
 
 Each workload runs with ``engine.prefix_caching`` on and off, alternating, ``--repeats`` times
 after a warm-up; prints the median wall time of each, their ratio, and the share of prompt tokens
-whose prefill was skipped. The outputs of both runs are compared token for token (and the
-scores to 1e-4); a difference is printed loudly.
+whose prefill was skipped (``--plot``: the medians as bars). The outputs of both runs are
+compared token for token (and the scores to 1e-4); a difference is printed loudly.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plot", help="draw the medians, on against off, to this PNG")
     args = parser.parse_args()
+    rows = []
     for config in args.configs:
         pipes = {on: dspark.build_pipeline(config, overrides=["target.device=cpu", "engine.max_batch_size=4",
                                                               f"engine.prefix_caching={str(on).lower()}"])
@@ -114,8 +116,33 @@ def main() -> None:
                   f"  off {median[False]:6.2f} s [{min(times[False]):.2f}..{max(times[False]):.2f}]"
                   f"  off/on {median[False] / median[True]:.2f}x  prefill skipped {hits}/{queries} prompt tokens"
                   f" ({hits / queries:.0%})", flush=True)
+            rows.append((f"{config}\n{name}", median[True], median[False]))
             if not same(outputs[True], outputs[False]):
                 print(f"!!! {config} {name}: outputs with prefix caching differ from those without", flush=True)
+
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[tuple[str, float, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 1, 3.6))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [on for _, on, _ in rows], 0.4, label="prefix caching on")
+    ax.bar([i + 0.2 for i in x], [off for _, _, off in rows], 0.4, label="off")
+    for i, (_, on, off) in enumerate(rows):
+        ax.annotate(f"{off / on:.2f}x", (i, max(on, off)), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [label for label, _, _ in rows], fontsize=7)
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("prefix caching: time of each workload, on against off")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
