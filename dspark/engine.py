@@ -585,8 +585,8 @@ class Engine:
                 starts[j] = 0
             begins, counts, kv_len = [0] * len(which), [int(n) for n in lengths.tolist()], longest
         out, scores = self._prefill(part, batch.cache.rows(index), begins, max(counts), kv_len, asked)
-        if not any(begins) and max(counts) == longest:  # (the scores' last column scores no prompt token)
-            return out, None if scores is None else [x[:, :longest - 1] for x in scores]
+        if not any(begins) and max(counts) == longest:
+            return out, scores
         kept = [resident[j] for j in which]
         out = replace(out, hidden_states=[with_prefixes(h, [r and r.hidden[layer] for r in kept], begins, counts, longest)
                                           for layer, h in enumerate(out.hidden_states)])
@@ -616,9 +616,10 @@ class Engine:
         cache read up to ``kv_len`` (≥ every ``starts[b] + width``). Returns its output (the logits
         after each prompt's last token ``[B, 1, V]``, the drafter's hidden states over the suffixes
         ``[B, width, H]``) and, when ``prompt_top ≥ 0``, the suffixes' scores: at suffix position
-        ``t``, log p(next prompt token) ``[B, width]`` (a row's last ``width − len + 1`` columns are
-        padding), then with ``prompt_top = k > 0`` the ``k`` likeliest tokens' log-probabilities and
-        ids there (``[B, width, k]`` each, likeliest first). A model that maps its last layer's output
+        ``t``, log p(next prompt token) ``[B, width − 1]`` (a row's last ``width − len`` columns are
+        padding; no prompt token follows the last position), then with ``prompt_top = k > 0`` the
+        ``k`` likeliest tokens' log-probabilities and ids there (``[B, width − 1, k]`` each, likeliest
+        first). A model that maps its last layer's output
         to logits (``logits_of``, the native models) scores the prompt in chunks of
         :data:`PROMPT_SCORE_CHUNK` positions; others return the logits at every position at once."""
         target, batch = self.target, state.batch_size
@@ -636,7 +637,8 @@ class Engine:
                      hidden_layers=layers + ((target.num_layers - 1,) if chunked else ()), kv_len=kv_len)
         if not scored:
             return out, None
-        following = state.tokens.gather(1, (columns + 1).clamp(max=edge))  # [B, width]: the token each position predicts
+        scored_columns = columns[:, :width - 1]  # [B, width − 1]: the positions a prompt token follows
+        following = state.tokens.gather(1, (scored_columns + 1).clamp(max=edge))  # the token each one predicts
 
         def score(logits: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
             distributions = torch.log_softmax(logits.float(), -1)
@@ -644,11 +646,12 @@ class Engine:
             return [chosen, *distributions.topk(prompt_top, -1)] if prompt_top > 0 else [chosen]
 
         if chunked:
-            hidden, out = out.hidden_states[-1], replace(out, hidden_states=out.hidden_states[:len(layers)])
+            hidden = out.hidden_states[-1][:, :width - 1]
+            out = replace(out, hidden_states=out.hidden_states[:len(layers)])
             parts = [score(target.logits_of(hidden[:, i:i + PROMPT_SCORE_CHUNK]), following[:, i:i + PROMPT_SCORE_CHUNK])
-                     for i in range(0, width, PROMPT_SCORE_CHUNK)]
+                     for i in range(0, max(width - 1, 1), PROMPT_SCORE_CHUNK)]  # (one empty chunk when nothing is scored)
             return out, [torch.cat(pieces, 1) for pieces in zip(*parts)]
-        scores = score(out.logits, following)
+        scores = score(out.logits[:, :width - 1], following)
         last = (num_new - 1).view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1])
         return replace(out, logits=out.logits.gather(1, last)), scores
 
