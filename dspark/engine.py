@@ -83,6 +83,13 @@ class EngineConfig:
             hidden states over its last prompt for the drafter (prompt × the drafter's target
             layers × hidden size); with a drafter that reads none (``none``, ``ngram``,
             ``draft_model``) its last request's output counts too (a conversation's next turn).
+        trim_idle_slots: a round runs over the batch's first slots up to its last unfinished
+            request (their number rounded up to a power of two), not over all ``max_batch_size``
+            of them: a server whose slots are mostly free decodes as fast as a smaller batch
+            (vLLM's scheduler batches the running requests alone). Requests take the lowest free
+            slots that serve them as well (:meth:`~dspark.prefix_cache.SlotPrefixes.assign`).
+            Needs a drafter with :meth:`~dspark.drafters.Drafter.use_rows` (every built-in one)
+            and a cache with :meth:`~dspark.cache.KVCache.head`; not with ``cuda_graphs``.
     """
 
     max_batch_size: int = 64
@@ -93,6 +100,7 @@ class EngineConfig:
     time_phases: bool = False
     cuda_graphs: bool = False
     prefix_caching: bool = True
+    trim_idle_slots: bool = True
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -163,6 +171,10 @@ class Engine:
         self.caches_prefixes = self.continuous and self.config.prefix_caching
         # compiled or graphed rounds read the whole cache: static shapes
         self._static_shapes = self.config.compile or self.config.cuda_graphs
+        #: whether rounds run over the slots up to the last unfinished request alone
+        #: (:attr:`EngineConfig.trim_idle_slots`)
+        self.trims_idle_slots = (self.config.trim_idle_slots and not self.config.cuda_graphs and drafter.can_use_rows
+                                 and self.cache_class.head is not KVCache.head)
 
     # ------------------------------------------------------------------ sizing
     def cache_len_needed(self, max_prompt_len: int, max_new_tokens: int) -> int:
@@ -337,9 +349,12 @@ class Engine:
             # their first tokens, give the drafter their context
             admitted, admitting = time.perf_counter(), free[:len(batch.waiting)]
             if self.caches_prefixes:
-                admitting = batch.prefixes.assign([batch.requests[i].prompt for i in islice(batch.waiting, len(free))], free)
+                admitting = batch.prefixes.assign([batch.requests[i].prompt for i in islice(batch.waiting, len(free))], free,
+                                                  lowest=self.trims_idle_slots)
             self._admit(batch, admitting)
-            batch.status = self._status(state, batch.cache, None, batch.stream)  # their first tokens may end them
+            occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
+            batch.status = self._status(state, batch.cache.lengths[:self._round_rows(occupied)], None,
+                                        batch.stream)  # their first tokens may end them
             batch.round_started = time.perf_counter()
             batch.prefill_time += batch.round_started - admitted
             for b in admitting:
@@ -349,13 +364,18 @@ class Engine:
         if all(status[:slots]):
             return False
         active, state.max_cache_len, emitted_before = [not d for d in status[:slots]], status[slots], status[slots + 1]
-        drafted = self._round(state, batch.cache, batch.generators, active, batch.stopper, batch.counters)
+        rows = self._round_rows(active)
+        if rows != batch.drafter_rows:
+            self.drafter.use_rows(rows, state)
+            batch.drafter_rows = rows
+        round_state, cache = batch.head(rows, self.config.compile)
+        drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters)
         summary = self.scheduler.round_summary()
-        batch.status = status = self._status(state, batch.cache, summary, batch.stream)
+        batch.status = status = self._status(state, cache.lengths, summary, batch.stream)
         now = time.perf_counter()  # the status read waited for the device: the round is over
         if summary is not None:
             self.scheduler.summary_read(status[slots + 2:])
-        self.scheduler.timed(slots, drafted, now - batch.round_started, (status[slots + 1] - emitted_before) / sum(active))
+        self.scheduler.timed(rows, drafted, now - batch.round_started, (status[slots + 1] - emitted_before) / sum(active))
         batch.round_started = now
         batch.mark_finished(now)
         return True
@@ -370,7 +390,8 @@ class Engine:
         """End ``request`` of ``batch`` now, between two steps (vLLM's ``abort_request``): a waiting
         one never starts (no tokens); a decoding one keeps the tokens it has emitted so far and its
         slot is freed at once (one host read). The other requests decode as they would have: the
-        row rides along done until a request takes it. Returns whether it was unfinished."""
+        row rides along done (while a busier slot follows it) until a request takes it. Returns
+        whether it was unfinished."""
         self._check_owner(batch)
         if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
             raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
@@ -434,8 +455,9 @@ class Engine:
         for b, i, request in zip(free, taken, requests):
             batch.holder[b], batch.slot_params[b] = i, request.params
             batch.generators[b] = torch.Generator(device=device).manual_seed(request.seed)
-        state.params = params = batch_params([p or requests[0].params for p in batch.slot_params], slots, device,
-                                             columns=self.config.compile)
+        batch.param_rows = [p or requests[0].params for p in batch.slot_params]
+        state.params = params = batch_params(batch.param_rows, slots, device, columns=self.config.compile)
+        batch.heads = {}  # (the rounds' views of the state carry the settings of their rows)
         batch.stopper.admit(rows, free, requests)
         if batch.stream is not None:
             batch.stream.admit(free, taken, [len(r.prompt) for r in requests])
@@ -524,7 +546,7 @@ class Engine:
         if whole or not batch.drafter_started:  # a batch's first requests (the others' slots empty: no context)
             self.drafter.start(state, out if whole else replace(out, logits=logits, hidden_states=[
                 h.new_zeros(slots, *h.shape[1:]).index_copy(0, rows, h) for h in out.hidden_states]), batch.cache.max_len)
-            batch.drafter_started = True
+            batch.drafter_started, batch.drafter_rows = True, slots
         else:
             self.drafter.admit(rows, state, out)
 
@@ -655,12 +677,23 @@ class Engine:
         last = (num_new - 1).view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1])
         return replace(out, logits=out.logits.gather(1, last)), scores
 
+    def _round_rows(self, active: list[bool]) -> int:
+        """The slots a round runs over: all of them, or (:attr:`trims_idle_slots`) the first ones up
+        to the last ``active`` one, rounded up to a power of two (fewer distinct batch sizes for
+        compiled forwards and the scheduler's cost table)."""
+        if not self.trims_idle_slots:
+            return len(active)
+        last = max((b for b, on in enumerate(active) if on), default=0)
+        return min(len(active), 1 << last.bit_length())
+
     @staticmethod
-    def _status(state: DecodingState, cache, summary: torch.Tensor | None, stream: "_TokenStream | None" = None) -> list[int]:
-        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``.
-        A stream's window is read with it and handed over; a request its stop check ends is marked
-        done, and its length cut, here (between rounds, no extra read)."""
-        parts = [state.done.long(), cache.lengths.max().view(1), state.lengths.sum().view(1)]
+    def _status(state: DecodingState, cache_lengths: torch.Tensor, summary: torch.Tensor | None,
+                stream: "_TokenStream | None" = None) -> list[int]:
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``
+        (the longest of ``cache_lengths``: the rows the next round runs over, or more). A stream's
+        window is read with it and handed over; a request its stop check ends is marked done, and
+        its length cut, here (between rounds, no extra read)."""
+        parts = [state.done.long(), cache_lengths.max().view(1), state.lengths.sum().view(1)]
         if summary is not None:
             parts.append(summary)
         if stream is None:
@@ -674,7 +707,8 @@ class Engine:
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
                counters: RoundCounters) -> bool:
-        """One speculative round over the batch (finished requests ride along with nothing to verify);
+        """One speculative round over the rows of ``state`` (the batch's, or its first slots':
+        :meth:`Batch.head`; finished requests among them ride along with nothing to verify);
         returns whether it drafted."""
         params, gamma = state.params, self.drafter.gamma
         clock = _PhaseClock(self.config.time_phases, self.device)
@@ -687,7 +721,8 @@ class Engine:
         # 1. draft: x_1..x_γ after each anchor, unless the scheduler expects none to be verified
         clock.start()
         drafting = not self.drafter.skippable or self.scheduler.wants_drafts(active)
-        proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else self._no_drafts
+        proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else DraftProposal(
+            tokens=self._no_drafts.tokens[:len(active)], num_tokens=self._no_drafts.num_tokens[:len(active)])
         clock.lap(counters, 0)
         # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]
         finished, num_drafted = state.done.clone(), proposal.num_tokens
@@ -820,10 +855,13 @@ class Batch:
     prefill_time: float = 0.0
     round_started: float = 0.0
     drafter_started: bool = False
+    drafter_rows: int = 0  # the slots the drafter serves rounds over (Drafter.use_rows)
 
     def __post_init__(self):
         slots = self.state.batch_size
         self.holder, self.generators, self.slot_params = [-1] * slots, [None] * slots, [None] * slots
+        self.param_rows: list = []  # every slot's settings as the state's params hold them
+        self.heads: dict[int, tuple[DecodingState, object]] = {}  # (head, since the last admission)
         self.status = [1] * slots  # the last status read (every slot free)
         self.opened = time.perf_counter()  # the batch's wall time counts from here
         self.started = self.opened if self.started is None else self.started
@@ -856,6 +894,26 @@ class Batch:
             results.append(None)
         self.counters.grow(len(self.requests))
         return len(self.requests) - 1
+
+    def head(self, rows: int, columns: bool) -> tuple[DecodingState, object]:
+        """The state and the target cache of the first ``rows`` slots, for a round over them alone:
+        views (the round's writes land in the batch's own tensors) with those rows' sampling
+        settings (``columns``: :func:`~dspark.records.batch_params`'s). The state's per-round fields
+        (``max_cache_len``, ``penalties``' prompt flags) are the batch's at the time of the call."""
+        state = self.state
+        if rows == state.batch_size:
+            return state, self.cache
+        if rows not in self.heads:
+            params = batch_params(self.param_rows[:rows], rows, state.tokens.device, columns=columns)
+            self.heads[rows] = (DecodingState(tokens=state.tokens[:rows], prompt_lengths=state.prompt_lengths[:rows],
+                                              lengths=state.lengths[:rows], done=state.done[:rows],
+                                              max_new_tokens=0, params=params), self.cache.head(rows))
+        head, cache = self.heads[rows]
+        head.max_new_tokens, head.max_cache_len = state.max_new_tokens, state.max_cache_len
+        penalties = state.penalties
+        head.penalties = None if penalties is None else PenaltyHistory(
+            penalties.counts[:rows], penalties.in_prompt[:rows], penalties.tokens[:rows], penalties.lengths[:rows])
+        return head, cache
 
     @property
     def running(self) -> int:
@@ -1070,13 +1128,15 @@ class _Stopper:
         tokens. Verification then samples from (and accepts drafts by) this distribution, so
         suppressing stays exact. A request has ≥ n − 1 tokens before the n-th call since it was
         admitted (one per call at least): once ``calls ≥`` the largest ``min_new_tokens`` of the
-        batch nothing is left to suppress, and the logits pass."""
+        batch nothing is left to suppress, and the logits pass. (``state``: the first ``B`` slots.)"""
         if self.calls >= self.longest_hold:
             return logits
         self.calls += 1
+        rows = state.batch_size
         generated = state.lengths - state.prompt_lengths  # [B]: tokens before position 0's
-        early = generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device) < self.min_new_tokens.unsqueeze(1)
-        return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab.unsqueeze(1), float("-inf"))
+        early = (generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device)
+                 < self.min_new_tokens[:rows].unsqueeze(1))
+        return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab[:rows].unsqueeze(1), float("-inf"))
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor,
                logits: torch.Tensor) -> torch.Tensor:
@@ -1087,19 +1147,21 @@ class _Stopper:
         with :attr:`top` (``[B, S, k]`` values and token ids) the ``k`` likeliest there; as with the
         tokens, what lands past a request's new length is never read (and is overwritten). Only
         while a request that asks for them holds a slot (:attr:`wants`), and as many likeliest
-        tokens as the most any of them asks for: the others pay nothing."""
+        tokens as the most any of them asks for: the others pay nothing. (``state``: the first
+        ``B`` slots.)"""
+        rows = state.batch_size
         kept = kernels.commit_tokens(state.tokens, state.lengths, state.prompt_lengths, state.done, emitted,
-                                     num_emitted, self.eos, self.max_new_tokens)
-        want = max(self.wants)
+                                     num_emitted, self.eos[:rows], self.max_new_tokens[:rows])
+        want = max(self.wants[:rows])
         if self.logprobs is not None and want >= 0:
             width = emitted.shape[1]
             distributions = torch.log_softmax(logits[:, :width].float(), -1)  # [B, K, V]
             start = state.lengths - kept  # where this call's tokens went
             positions = start.unsqueeze(1) + torch.arange(width, device=kept.device)  # [B, K]; γ + 1 spare columns
-            self.logprobs.scatter_(1, positions, distributions.gather(-1, emitted.unsqueeze(-1)).squeeze(-1))
+            self.logprobs[:rows].scatter_(1, positions, distributions.gather(-1, emitted.unsqueeze(-1)).squeeze(-1))
             if self.top is not None and want > 0:
                 values, ids = distributions.topk(want, -1)  # [B, K, k], likeliest first
                 index = positions.unsqueeze(-1).expand_as(ids)
-                self.top[0][..., :want].scatter_(1, index, values)
-                self.top[1][..., :want].scatter_(1, index, ids)
+                self.top[0][:rows, :, :want].scatter_(1, index, values)
+                self.top[1][:rows, :, :want].scatter_(1, index, ids)
         return kept

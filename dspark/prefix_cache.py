@@ -67,14 +67,18 @@ class SlotPrefixes:
         self.queries = 0  # prompt tokens admitted
         self.hits = 0  # of those, tokens not prefilled (reused from a slot, or from a request of the same prompt)
 
-    def assign(self, prompts: list[list[int]], free: list[int]) -> list[int]:
+    def assign(self, prompts: list[list[int]], free: list[int], lowest: bool = False) -> list[int]:
         """A free slot for each prompt, in order: the one whose last prompt shares the most first
         tokens with it; among equals, the one whose prompt is oldest (an empty slot first, then the
-        least recently filled; the lowest of those), so that recent prompts stay for longer.
-        Slots holding the same tokens are compared once (a batch of thousands of copies of one
-        prompt costs one comparison per request)."""
-        order = sorted(free, key=lambda b: (self.kept_at[b], b))  # oldest first, empty slots before all
-        if self.resident[order[-1]] is None:  # (no free slot holds anything: the first admission)
+        least recently filled; the lowest of those), so that recent prompts stay for longer — or,
+        with ``lowest``, the lowest one, and the lowest free slot where no slot holds anything to
+        reuse (rounds that run over the slots up to the last busy one stay narrow:
+        :attr:`~dspark.engine.EngineConfig.trim_idle_slots`). Slots holding the same
+        tokens are compared once (a batch of thousands of copies of one prompt costs one
+        comparison per request)."""
+        # oldest first, empty slots before all (or lowest first)
+        order = sorted(free) if lowest else sorted(free, key=lambda b: (self.kept_at[b], b))
+        if all(self.resident[b] is None for b in free):  # (no free slot holds anything: the first admission)
             return order[:len(prompts)]
         groups: dict[tuple, deque] = {}  # the free slots holding each token sequence, oldest first
         for b in order:
@@ -91,10 +95,12 @@ class SlotPrefixes:
                     slots.popleft()
                 if slots:
                     head = slots[0]
-                    rank = (common_prefix(self.resident[head].tokens, prompt), -self.kept_at[head], -head)
+                    rank = (common_prefix(self.resident[head].tokens, prompt), 0 if lowest else -self.kept_at[head], -head)
+                    if lowest and rank[0] < 2:  # (nothing to reuse: the lowest free slot serves as well)
+                        continue
                     if best_rank is None or rank > best_rank:
                         best, best_rank = head, rank
-            if best is None:  # nothing shared: the oldest free slot
+            if best is None:  # nothing shared: the oldest (or lowest) free slot
                 best = next(b for b in oldest if b not in taken)
             taken.add(best)
             chosen.append(best)

@@ -180,7 +180,8 @@ class RoundCounters:
         elif predicted is not None:
             total = predicted.double().sum()
             self.predicted = total if self.predicted is None else self.predicted + total
-        self.per_slot += torch.stack([~finished, torch.where(finished, 0, num_drafted), num_verified, num_accepted])
+        self.per_slot[:, :finished.shape[0]] += torch.stack([~finished, torch.where(finished, 0, num_drafted),
+                                                             num_verified, num_accepted])  # (a round over the first slots)
         if self.gamma and drafted:  # a round without drafts reaches no position
             reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
             self.reached += reached

@@ -161,3 +161,21 @@ def test_prefix_caching_can_be_switched_off():
     decode_one_pair_at_a_time(session, [[dict(prompt=PREFIX + [1], max_new_tokens=2)],
                                         [dict(prompt=PREFIX + [2], max_new_tokens=2)]])
     assert session.batch.prefixes.hits == 0 and session.batch.prefixes.queries == 26
+
+
+def test_with_lowest_first_requests_take_the_lowest_free_slot_that_serves_as_well():
+    """``assign(lowest=True)`` (rounds over the occupied slots): a prompt sharing something to
+    reuse (two tokens or more) takes that slot; otherwise, and among equals, the lowest free slot —
+    not the least recently filled one."""
+    prefixes = SlotPrefixes(4)
+    hidden = [torch.zeros(4, 2)]
+    prefixes.keep(3, [1, 2, 3, 4], hidden, None, -1)
+    prefixes.keep(0, [7, 8], hidden, None, -1)
+    prefixes.keep(2, [1, 5], hidden, None, -1)
+    assert prefixes.assign([[5]], [0, 1, 2, 3], lowest=True) == [0]
+    assert prefixes.assign([[5]], [0, 1, 2, 3]) == [1]  # (the LRU rule: an empty slot)
+    assert prefixes.assign([[1, 9]], [0, 1, 2, 3], lowest=True) == [0]  # (one token shared: nothing to reuse)
+    assert prefixes.assign([[1, 2, 3, 9], [4]], [1, 2, 3], lowest=True) == [3, 1]
+    prefixes.keep(1, [1, 2, 3, 4], hidden, None, -1)
+    assert prefixes.assign([[1, 2, 3, 4, 5]], [1, 2, 3], lowest=True) == [1]  # (equal shares: the lowest)
+    assert prefixes.assign([[1, 2, 3, 4, 5]], [1, 2, 3]) == [3]  # (the LRU rule: the older one)

@@ -81,6 +81,13 @@ class KVCache(ABC):
         row views decodes in static batches (:attr:`~dspark.engine.EngineConfig.batching`)."""
         raise NotImplementedError(f"{type(self).__name__} has no row views")
 
+    def head(self, rows: int) -> "KVCache":
+        """The first ``rows`` requests as a cache of their own, sharing this one's memory: what a
+        forward writes and rolls back lands here. Rounds run over a batch's occupied slots alone
+        through it (:attr:`~dspark.engine.EngineConfig.trim_idle_slots`); a cache class without it
+        runs every round over all its rows."""
+        raise NotImplementedError(f"{type(self).__name__} has no head views")
+
     def check_capacity(self, needed: int) -> None:
         """Raise :class:`CacheCapacityError` unless ``needed`` positions per request fit."""
         if needed > self.max_len:

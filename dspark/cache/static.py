@@ -31,6 +31,7 @@ class StaticKVCache(KVCache):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._rows = torch.arange(batch_size, device=device)
         self._layer_ids = torch.arange(num_layers, device=device)
+        self._heads: dict[int, StaticKVCache] = {}
 
     @property
     def keys(self) -> torch.Tensor:
@@ -88,6 +89,21 @@ class StaticKVCache(KVCache):
         ``positions`` positions, lengths included."""
         self.buffer[:, target, :, :, :positions] = self.buffer[:, source, :, :, :positions]
         self.lengths[target] = self.lengths[source]
+
+    def head(self, rows: int) -> "StaticKVCache":
+        """The first ``rows`` rows as a :class:`StaticKVCache` whose buffer and lengths are views of
+        this one's (writes, advances and rollbacks land here; no copy). One object per size, made
+        once: compiled forwards see the same cache object for a size every round."""
+        if not 1 <= rows <= self.batch_size:
+            raise ValueError(f"a head of {rows} rows of a cache of {self.batch_size} rows (1..{self.batch_size})")
+        if rows == self.batch_size:
+            return self
+        view = self._heads.get(rows)
+        if view is None:
+            view = self._heads[rows] = object.__new__(StaticKVCache)
+            view.buffer, view.lengths = self.buffer[:, :rows], self.lengths[:rows]
+            view._rows, view._layer_ids, view._heads = self._rows[:rows], self._layer_ids, {}
+        return view
 
     def rows(self, index: torch.Tensor) -> "StaticCacheRows":
         """A cache over the requests ``index`` ``[k]`` (int64, distinct) alone, written through into

@@ -130,6 +130,24 @@ class Drafter(ABC):
         """Whether :meth:`admit` is implemented (continuous batching)."""
         return type(self).admit is not Drafter.admit
 
+    def use_rows(self, rows: int, state: DecodingState) -> None:
+        """From the next round on, rounds run over the batch's first ``rows`` slots alone (the others
+        hold no unfinished request: :attr:`~dspark.engine.EngineConfig.trim_idle_slots`):
+        :meth:`propose` and :meth:`commit` receive states of ``rows`` requests, until the next call.
+        Called between rounds, after :meth:`start` (which serves every slot) whenever the rows
+        change; :meth:`admit` may then start requests in rows past them (they join the rounds'
+        rows by a later call). Work deferred from earlier rounds is over the old rows: finish it
+        first. ``state`` is the whole batch.
+
+        The default raises ``NotImplementedError``, and the engine then runs every round over all
+        slots: a drafter without per-request state implements it as a no-op."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement use_rows()")
+
+    @property
+    def can_use_rows(self) -> bool:
+        """Whether :meth:`use_rows` is implemented (rounds over the occupied slots alone)."""
+        return type(self).use_rows is not Drafter.use_rows
+
     @abstractmethod
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         """Draft up to γ tokens after each request's anchor.

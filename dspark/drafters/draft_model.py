@@ -96,7 +96,7 @@ class DraftModelDrafter(Drafter):
         self.min_survival = check_min_survival(config.min_survival)
         checkpoint = source if isinstance(source, (str, Path)) else None  # a model object has no directory
         self.calibration = find_calibration(config.calibration, checkpoint, self.gamma, target.device)
-        self.cache = None
+        self.cache = self.whole_cache = None  # the rows the rounds run over (a view of whole_cache); every slot's
         self._forward, self._draft_steps, self._static_kv = self.model, self.draft_steps, False
         self._catch_up = self.catch_up
 
@@ -128,12 +128,13 @@ class DraftModelDrafter(Drafter):
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, max_prompt = state.batch_size, int(state.max_cache_len)
         max_len += MAX_LAG + 1  # room for the padding of a catch-up step
-        cache = self.cache
+        cache = self.whole_cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len:
             for graphed in (self._catch_up, self._draft_steps):
                 if isinstance(graphed, GraphedFunction):  # its graphs read the old cache
                     graphed.clear()
-            cache = self.cache = self.model.new_cache(batch, max_len)
+            cache = self.whole_cache = self.model.new_cache(batch, max_len)
+        self.cache = cache  # (every row until the engine says otherwise: use_rows)
         cache.reset()
         self.model(state.tokens[:, :max_prompt], cache, state.prompt_lengths, kv_len=max_prompt,
                    logits_positions=torch.zeros(batch, 1, dtype=torch.long, device=state.tokens.device))
@@ -150,10 +151,19 @@ class DraftModelDrafter(Drafter):
         their anchors are fed by the next :meth:`propose`, like every request's)."""
         prompt_lengths = state.prompt_lengths[rows]
         longest = int(prompt_lengths.max())
-        cache = self.cache.rows(rows)
+        cache = self.whole_cache.rows(rows)
         cache.set_lengths(torch.zeros_like(prompt_lengths))
         self.model(state.tokens[rows, :longest], cache, prompt_lengths, kv_len=longest,
                    logits_positions=torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device))
+
+    @property
+    def can_use_rows(self) -> bool:
+        return self.can_admit
+
+    def use_rows(self, rows: int, state: DecodingState) -> None:
+        """Rounds run over the first ``rows`` slots: the draft cache's first rows serve them. (Rows
+        join or leave between rounds as empty slots or new requests: nothing of theirs to feed.)"""
+        self.cache = self.whole_cache.head(rows)
 
     def _feed(self, state: DecodingState, with_anchor: bool):
         """Feed each unfinished request's committed tokens the cache lacks (and its anchor): one ragged step."""

@@ -175,7 +175,8 @@ class DSparkDrafter(Drafter):
             self.bias_table = self.net.bias_table().contiguous()  # [V, V]
         elif hasattr(self.net, "bias_projection"):
             self.projection_t = self.net.bias_projection.weight.t().contiguous()  # [r, V]
-        self.cache: StaticKVCache | None = None
+        self.cache: StaticKVCache | None = None  # the rows the rounds run over (a view of whole_cache)
+        self.whole_cache: StaticKVCache | None = None  # every slot's
         self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
                                             self.gamma, target.device)
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
@@ -224,14 +225,15 @@ class DSparkDrafter(Drafter):
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, block = state.batch_size, self.net.args.block_width
-        cache = self.cache
+        cache = self.whole_cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len + block:
             for graphed in (self._draft_block, self._append_and_draft):
                 if isinstance(graphed, GraphedFunction):  # its graphs read the old cache
                     graphed.clear()
             a = self.net.args
-            cache = self.cache = StaticKVCache(a.num_layers, batch, a.num_kv_heads, max_len + block, a.head_dim,
-                                               dtype=self.target.dtype, device=self.target.device)
+            cache = self.whole_cache = StaticKVCache(a.num_layers, batch, a.num_kv_heads, max_len + block, a.head_dim,
+                                                     dtype=self.target.dtype, device=self.target.device)
+        self.cache = cache  # (every row until the engine says otherwise: use_rows)
         cache.reset()
         self._append_context(target_output.hidden_states, state.prompt_lengths)
         # rounds without drafts append their context lazily, when drafting resumes (see commit)
@@ -246,12 +248,21 @@ class DSparkDrafter(Drafter):
         self.flush()
         if self._pending:
             lengths = state.lengths.clone()
-            lengths[rows] = self.cache.lengths[rows] + 1  # nothing of it is committed in the new rows
-            self._flush_pending(lengths)
-        cache = self.cache.rows(rows)
+            lengths[rows] = self.whole_cache.lengths[rows] + 1  # nothing of it is committed in the new rows
+            self._flush_pending(lengths[:self.cache.batch_size])
+        cache = self.whole_cache.rows(rows)
         prompt_lengths = state.prompt_lengths[rows]
         cache.set_lengths(torch.zeros_like(prompt_lengths))
         self._append_context(target_output.hidden_states, prompt_lengths, cache)
+
+    def use_rows(self, rows: int, state: DecodingState) -> None:
+        """Rounds run over the first ``rows`` slots: the context cache's first rows serve them (a
+        view). What the rounds so far left to append (a compiled round's, skipped rounds') is
+        appended first, over the rows they ran on."""
+        self.flush()
+        if self._pending:
+            self._flush_pending(state.lengths[:self.cache.batch_size])
+        self.cache = self.whole_cache.head(rows)
 
     def _flush_pending(self, lengths: torch.Tensor) -> None:
         """Append the context of the rounds that did not draft, in one forward. Each such round

@@ -157,7 +157,8 @@ class Eagle3Drafter(Drafter):
         self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
                                             self.gamma, target.device)
         self.hidden_layers = tuple(head.args.target_layers)
-        self.cache: StaticKVCache | None = None
+        self.cache: StaticKVCache | None = None  # the rows the rounds run over (a view of whole_cache)
+        self.whole_cache: StaticKVCache | None = None  # every slot's
         self.last_output: torch.Tensor | None = None  # [B, H] the last committed pair's output d
         self._append_round, self._draft_steps, self._static_kv = self.append_pairs, self.draft_steps, False
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
@@ -228,31 +229,49 @@ class Eagle3Drafter(Drafter):
 
     def start(self, state: DecodingState, target_output: ModelOutput, max_len: int) -> None:
         batch, a = state.batch_size, self.head.args
-        cache = self.cache
+        cache = self.whole_cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len + self.gamma:
             for graphed in (self._draft_steps, self._append_and_draft):
                 if isinstance(graphed, GraphedFunction):  # its graphs read the old cache
                     graphed.clear()
-            cache = self.cache = StaticKVCache(1, batch, a.num_kv_heads, max_len + self.gamma, a.head_dim,
-                                               dtype=self.target.dtype, device=self.target.device)
+            cache = self.whole_cache = StaticKVCache(1, batch, a.num_kv_heads, max_len + self.gamma, a.head_dim,
+                                                     dtype=self.target.dtype, device=self.target.device)
+        self.cache = cache  # (every row until the engine says otherwise: use_rows)
         cache.reset()
         self._deferred = None
         prompt_width = target_output.hidden_states[0].shape[1]
         self.last_output = self.append_pairs(self._following_tokens(state, prompt_width), target_output.hidden_states,
                                              state.prompt_lengths, min(prompt_width, cache.max_len))
+        self._last_outputs = self.last_output  # [slots, H] (rounds over fewer rows write their own: use_rows)
 
     def admit(self, rows: torch.Tensor, state: DecodingState, target_output: ModelOutput) -> None:
         """The new requests' prompt pairs into their rows of the pair cache, and their last outputs
         (as :meth:`start` does for a whole batch)."""
         self.flush()
-        cache = self.cache.rows(rows)
+        cache = self.whole_cache.rows(rows)
         prompt_lengths = state.prompt_lengths[rows]
         cache.set_lengths(torch.zeros_like(prompt_lengths))
         width = target_output.hidden_states[0].shape[1]
         positions = (1 + torch.arange(width, device=rows.device)).clamp(max=state.tokens.shape[1] - 1)
         following = state.tokens[rows][:, positions]  # [k, P]: the token after each prompt position
         d = self.append_pairs(following, target_output.hidden_states, prompt_lengths, width, cache)
-        self.last_output = self.last_output.index_copy(0, rows, d)
+        self._whole_last_output().index_copy_(0, rows, d)
+        self.last_output = self._last_outputs[:self.cache.batch_size]
+
+    def _whole_last_output(self) -> torch.Tensor:
+        """Every slot's last output ``[slots, H]``, the rounds' rows' up to date (they are written as
+        a new tensor each round)."""
+        whole, rows = self._last_outputs, self.last_output.shape[0]
+        if self.last_output.data_ptr() != whole.data_ptr():
+            whole[:rows] = self.last_output
+        return whole
+
+    def use_rows(self, rows: int, state: DecodingState) -> None:
+        """Rounds run over the first ``rows`` slots: the pair cache's first rows and last outputs
+        serve them. The pairs a compiled round left to append are appended first, over its rows."""
+        self.flush()
+        self.last_output = self._whole_last_output()[:rows]
+        self.cache = self.whole_cache.head(rows)
 
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         cache, gamma = self.cache, self.gamma

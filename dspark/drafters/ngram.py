@@ -48,6 +48,9 @@ class NgramDrafter(Drafter):
     def admit(self, rows, state, target_output) -> None:
         """Nothing per request to reset: the token buffer is all it reads."""
 
+    def use_rows(self, rows, state) -> None:
+        """Nothing per request to narrow: each round's state is all it reads."""
+
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         tokens, lengths = state.tokens, state.lengths  # [B, W], [B]
         batch, width = tokens.shape

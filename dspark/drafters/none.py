@@ -27,5 +27,8 @@ class NoDrafter(Drafter):
     def admit(self, rows, state, target_output) -> None:
         """Nothing per request to reset."""
 
+    def use_rows(self, rows, state) -> None:
+        self._empty = DraftProposal(tokens=state.tokens.new_zeros(rows, 0), num_tokens=state.tokens.new_zeros(rows))
+
     def propose(self, state: DecodingState, uniforms: torch.Tensor) -> DraftProposal:
         return self._empty

@@ -113,3 +113,43 @@ def test_a_row_view_prefills_some_requests_and_leaves_the_others():
     step = torch.randint(0, model.vocab_size, (3, 1))
     decoded = model(step, cache).logits
     assert torch.allclose(decoded[[2, 0]], model(step[[2, 0]], alone).logits, atol=1e-12)
+
+
+def test_a_head_view_decodes_its_rows_in_place_and_leaves_the_others():
+    """``cache.head(k)``: a cache of the first ``k`` rows whose buffer and lengths are the parent's
+    own memory. Forwards through it — eager, and compiled (no temporary the size of a layer's
+    cache: the write is a scatter into the parent's buffer) — decode those rows as a cache of their
+    own would, rollbacks move the parent's lengths, and the rows past it do not change."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = load_model(tiny_hf_model("qwen3", scale=3.0), dtype="float64")
+    cache, alone = model.new_cache(4, 32), model.new_cache(2, 32)
+    prompts = torch.randint(0, model.vocab_size, (4, 6))
+    model(prompts, cache)
+    model(prompts[:2], alone)
+    head = cache.head(2)
+    assert cache.head(2) is head and cache.head(4) is cache and head.batch_size == 2 and head.max_len == 32
+    assert head.buffer.data_ptr() == cache.buffer.data_ptr()
+    rest = cache.buffer[:, 2:].clone()
+    step = torch.randint(0, model.vocab_size, (2, 3))
+    assert torch.allclose(model(step, head, kv_len=32).logits, model(step, alone, kv_len=32).logits, atol=1e-12)
+    assert cache.lengths.tolist() == [9, 9, 6, 6]
+    head.rollback(torch.tensor([2, 1]))
+    alone.rollback(torch.tensor([2, 1]))
+    assert cache.lengths.tolist() == [7, 8, 6, 6]
+    forward = torch.compile(model, dynamic=False, options={"cpp_wrapper": False})
+    step = torch.randint(0, model.vocab_size, (2, 2))
+    expected = model(step, alone, kv_len=32).logits
+    got, (code, *_) = run_and_get_code(forward, step, head, kv_len=32)
+    # (compiled kernels evaluate the float32 rotary angles' cos/sin themselves: float32-ulp differences)
+    assert torch.allclose(got.logits, expected, atol=1e-6)
+    for b, length in enumerate(alone.lengths.tolist()):  # (what lies past a row's length is never read)
+        assert torch.allclose(cache.buffer[:, b, :, :, :length], alone.buffer[:, b, :, :, :length], atol=1e-6)
+    assert cache.lengths.tolist() == [9, 10, 6, 6] and torch.equal(cache.buffer[:, 2:], rest)
+    shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", code)
+    sizes = [torch.Size(int(d) for d in s.split(",") if d.strip()).numel() for s in shapes]
+    assert shapes and max(sizes) < head.buffer[0].numel(), "a temporary as large as a layer's cache"
+    with pytest.raises(ValueError, match="a head of 5 rows of a cache of 4 rows"):
+        cache.head(5)

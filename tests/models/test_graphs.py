@@ -26,6 +26,7 @@ def graphed(pipe, capture=eager_capture):
     engine = pipe.engine
     engine._round_forward = GraphedForward(engine.target, engine.drafter.gamma + 1, capture=capture)
     engine._static_shapes = True
+    engine.trims_idle_slots = False  # (graphed rounds run over every slot)
     engine.drafter.use_graphs(capture)
     return engine._round_forward
 
@@ -44,7 +45,8 @@ def test_graphed_rounds_match_eager_rounds(drafter):
     expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
     penalised = dict(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2)  # the drafters' running counts
-    eager_pipe = spec_pipeline(target, drafter, 3)  # the same calls in the same order (schedulers learn)
+    # the same calls in the same order (schedulers learn), rounds over every slot (as graphed ones)
+    eager_pipe = spec_pipeline(target, drafter, 3, "engine.trim_idle_slots=false")
     eager_pipe.generate(prompts, max_new_tokens=12, ignore_eos=True)
     eager = eager_pipe.generate(prompts, **sampled).token_ids
     eager_penalised = eager_pipe.generate(prompts, **sampled, **penalised).token_ids
@@ -93,7 +95,7 @@ def test_graphed_block_drafter_keeps_a_deferred_append_across_a_round_without_dr
     target = tiny_hf_model("qwen3", scale=3.0)
     prompts = ragged_prompts(101, lengths=(5, 1, 9))
     sampled = dict(max_new_tokens=16, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
-    eager = spec_pipeline(target, "dspark", 3)
+    eager = spec_pipeline(target, "dspark", 3, "engine.trim_idle_slots=false")
     eager.engine.scheduler = EveryOtherRound()
     pipe = spec_pipeline(target, "dspark", 3)
     pipe.engine.scheduler = EveryOtherRound()
@@ -217,9 +219,10 @@ def test_cuda_graph_rounds_match_eager_on_gpu(drafter):
         return dspark.build_pipeline({"target": {"device": "cuda"}, "drafter": section}, target_model=target,
                                      draft_model=draft, overrides=list(overrides))
 
-    expected = pipe().generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
+    full = "engine.trim_idle_slots=false"  # (eager rounds over every slot, as graphed ones)
+    expected = pipe(full).generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
     graphs = pipe("engine.cuda_graphs=true")
     assert graphs.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids == expected
     sampled = dict(max_new_tokens=16, temperature=1.0, seed=[1, 2, 3], ignore_eos=True)
-    assert graphs.generate(prompts, **sampled).token_ids == pipe().generate(prompts, **sampled).token_ids
+    assert graphs.generate(prompts, **sampled).token_ids == pipe(full).generate(prompts, **sampled).token_ids
     assert graphs.engine._round_forward.num_graphs >= 1
