@@ -154,21 +154,23 @@ def test_rounds_over_the_occupied_slots_decode_as_rounds_over_all(drafter):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
+@pytest.mark.parametrize("drafter", ["eagle3"])
 def test_compiled_trimmed_rounds_decode_as_eager_ones(drafter):
     """engine.compile with trimmed rounds: each row count is a shape of its own, and a round's
-    context (pairs) appended in the next round's compiled draft call is appended over the old rows
-    when the rows change. The same arrivals as above, sampled: compiled and eager rounds decode the
-    same tokens, with the same drafting counts."""
+    pairs appended in the next round's compiled draft call are appended over the old rows when the
+    rows change (DSpark defers its context the same way; its compiled rounds over every slot are
+    in test_speculative, and compiling costs a minute or more per drafter on a cold cache). Five
+    requests arriving over time into four slots (rounds over 4, 1, 2 and 1 rows), sampled:
+    compiled and eager rounds decode the same tokens, with the same drafting counts."""
     target = tiny_hf_model("qwen3", scale=3.0)
-    prompts = ragged_prompts(101, lengths=(5, 9, 3, 7, 6, 4, 8, 2), seed=3)
+    prompts = ragged_prompts(101, lengths=(5, 9, 3, 7, 6), seed=3)
     requests = [(at, dict(prompt=prompt, max_new_tokens=budget, seed=i, temperature=1.0, ignore_eos=True))
-                for i, (at, prompt, budget) in enumerate(zip(ARRIVALS, prompts, BUDGETS))]
-    compiled, eager = (spec_pipeline(target, drafter, 3, "engine.max_batch_size=8", *extra)
+                for i, (at, prompt, budget) in enumerate(zip([0, 0, 0, 2, 6], prompts, [24, 3, 6, 3, 4]))]
+    compiled, eager = (spec_pipeline(target, drafter, 3, "engine.max_batch_size=4", *extra)
                        for extra in (["engine.compile=true"], []))
     widths = round_widths(compiled)
     (got, got_counts, _), (expected, expected_counts, _) = staggered(compiled, requests), staggered(eager, requests)
-    assert {1, 4} <= set(widths)
+    assert set(widths) == {1, 2, 4} and widths[-1] == 1
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert got_counts == expected_counts
 
