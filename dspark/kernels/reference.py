@@ -7,6 +7,7 @@ rule and its vocabulary (accepted / recovered / bonus token) are those of :mod:`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dspark.samplers.base import sample_from
 
@@ -45,9 +46,9 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor | None, draft: torch.
 
 
 def leading_true(accepted: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, γ]`` bool, ``[B]`` → ``[B]`` length of the all-true prefix within the first ``num_tokens``."""
-    in_range = torch.arange(accepted.shape[1], device=accepted.device) < num_tokens.unsqueeze(1)
-    return (accepted & in_range).long().cumprod(1).sum(1)
+    """``[B, γ]`` bool, ``[B]`` → ``[B]`` length of the all-true prefix within the first ``num_tokens``
+    (the whole row's all-true prefix, capped at ``num_tokens``)."""
+    return torch.minimum(accepted.cumprod(1, dtype=torch.long).sum(1), num_tokens)
 
 
 def verify_chain(target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
@@ -66,29 +67,31 @@ def verify_chain(target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_p
         ``num_accepted`` ``[B]`` int64 and ``tokens`` ``[B, γ+1]`` int64: the drafts with the
         recovered or bonus token written at column ``num_accepted[b]`` (and 0 in column γ otherwise).
     """
+    # At batch 1 each torch call costs more than its arithmetic (a few µs, more in a round, whose
+    # forward has just evicted the caches): the twin keeps to few calls, e.g. no ``.to`` that would
+    # not convert and no slice where gather can take the index's rows.
     gamma = draft_tokens.shape[1]
     p = target_probs
-    q = None if draft_probs is None else draft_probs.to(p.dtype)
-    u = uniforms.to(p.dtype)
-    p_draft = p[:, :gamma].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, γ]
-    q_draft = None if q is None else q.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    u = uniforms if uniforms.dtype == p.dtype else uniforms.to(p.dtype)
+    q = draft_probs if draft_probs is None or draft_probs.dtype == p.dtype else draft_probs.to(p.dtype)
+    index = draft_tokens.unsqueeze(-1)  # [B, γ, 1]
+    p_draft = p.gather(-1, index).squeeze(-1)  # [B, γ]: p_1..p_γ at x_1..x_γ
+    q_draft = None if q is None else q.gather(-1, index).squeeze(-1)
     num_accepted = leading_true(accepts(p_draft, q_draft, u[:, :gamma]), num_drafts)  # [B]
 
     # the token after the accepted prefix: recovered (a draft was rejected) or bonus
     at = num_accepted.view(-1, 1, 1)
     p_next = p.gather(1, at.expand(-1, 1, p.shape[-1])).squeeze(1)  # [B, V]
     if gamma > 0:
-        rejected = num_accepted < num_drafts
         at_draft = at.clamp(max=gamma - 1)
         draft_next = draft_tokens.gather(1, at_draft.view(-1, 1)).squeeze(1)
         q_next = None if q is None else q.gather(1, at_draft.expand(-1, 1, q.shape[-1])).squeeze(1)
         residual = residual_distribution(p_next, q_next, draft_next)
-        p_next = torch.where(rejected.unsqueeze(-1), residual, p_next)
+        p_next = torch.where((num_accepted < num_drafts).unsqueeze(-1), residual, p_next)
     next_token = sample_from(p_next, u[:, gamma])  # [B]
 
-    tokens = torch.cat([draft_tokens, draft_tokens.new_zeros(draft_tokens.shape[0], 1)], 1)
-    tokens.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
-    return num_accepted, tokens
+    tokens = F.pad(draft_tokens, (0, 1))  # [B, γ+1], column γ zero
+    return num_accepted, tokens.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
 
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
@@ -104,8 +107,7 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
     """
     # max(-1).indices is argmax with the same first-index-on-ties rule, about twice as fast on CPU
     target_tokens = target_logits.max(-1).indices
-    gamma = draft_tokens.shape[1]
-    return leading_true(draft_tokens == target_tokens[:, :gamma], num_drafts), target_tokens
+    return leading_true(draft_tokens == target_tokens[:, :draft_tokens.shape[1]], num_drafts), target_tokens
 
 
 def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor, done: torch.Tensor,
@@ -126,20 +128,19 @@ def commit_tokens(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: t
         ``[B]`` int64 tokens kept (fewer than emitted after an EOS or when the budget runs out).
         Only kept tokens are written; the buffer past ``lengths`` is left as it was.
     """
-    width = emitted.shape[1]
-    offsets = torch.arange(width, device=emitted.device)
-    num = torch.minimum(num_emitted, max_new_tokens - (lengths - prompt_lengths))
+    offsets = torch.arange(emitted.shape[1], device=emitted.device)
+    budget = max_new_tokens - lengths + prompt_lengths  # [B] tokens each request may still take
+    num = torch.minimum(num_emitted, budget)
     if eos.numel():
         is_eos = (emitted.unsqueeze(-1) == eos.unsqueeze(1)).any(-1) & (offsets < num.unsqueeze(1))
         hit_eos = is_eos.any(1)
-        num = torch.where(hit_eos, is_eos.long().argmax(1) + 1, num)
-    else:
-        hit_eos = torch.zeros_like(done)
+        num = torch.where(hit_eos, is_eos.int().argmax(1) + 1, num)
+        done |= hit_eos
     where = (lengths.unsqueeze(1) + offsets).clamp(max=tokens.shape[1] - 1)
     kept = offsets < num.unsqueeze(1)
     tokens.scatter_(1, where, torch.where(kept, emitted, tokens.gather(1, where)))
     lengths += num
-    done |= hit_eos | (lengths - prompt_lengths >= max_new_tokens)
+    done |= num >= budget
     return num
 
 

@@ -30,7 +30,9 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.cumsum(-1)
     total = cdf[..., -1:].contiguous()
-    token = torch.searchsorted(cdf, uniforms.unsqueeze(-1).to(cdf.dtype) * total, right=True)
+    if uniforms.dtype != cdf.dtype:
+        uniforms = uniforms.to(cdf.dtype)
+    token = torch.searchsorted(cdf, uniforms.unsqueeze(-1) * total, right=True)
     # u·total may round up to total: clamp to the last token that has weight
     last = torch.searchsorted(cdf, total, right=False)
     return torch.minimum(token, last).squeeze(-1)

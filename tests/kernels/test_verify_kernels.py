@@ -76,6 +76,20 @@ def test_greedy_kernel_equals_twin(seed, batch, gamma, vocab, ties):
     assert torch.equal(kernel[0], twin[0]) and torch.equal(kernel[1], twin[1])
 
 
+@given(rows=st.lists(st.tuples(st.lists(st.booleans(), min_size=5, max_size=5), st.integers(0, 5)), min_size=1,
+                    max_size=4))
+def test_leading_true_counts_the_accepted_prefix_within_the_verified_drafts(rows):
+    accepted = torch.tensor([flags for flags, _ in rows])
+    num = torch.tensor([n for _, n in rows])
+    expected = []
+    for flags, n in rows:  # the definition: walk the first n flags up to the first False
+        count = 0
+        while count < n and flags[count]:
+            count += 1
+        expected.append(count)
+    assert reference.leading_true(accepted, num).tolist() == expected
+
+
 def test_greedy_verification_pins_the_rule(kernel_backend):
     logits = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0], [1.0, 0.0, 1.0]]])  # argmax 1, 0, 2, 0
     for drafts, ell, accepted in (([1, 0, 2], 3, 3), ([1, 2, 2], 3, 1), ([0, 0, 2], 3, 0), ([1, 0, 2], 2, 2)):
