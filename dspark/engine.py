@@ -90,6 +90,13 @@ class EngineConfig:
             slots that serve them as well (:meth:`~dspark.prefix_cache.SlotPrefixes.assign`).
             Needs a drafter with :meth:`~dspark.drafters.Drafter.use_rows` (every built-in one)
             and a cache with :meth:`~dspark.cache.KVCache.head`; not with ``cuda_graphs``.
+        prefill_chunk: chunked prefill (0: off). A prompt with more than this many positions to
+            prefill (beyond what its slot holds already) is prefilled over several steps, this
+            many positions at a time, and the requests decoding meanwhile run a round between two
+            chunks: a long prompt no longer stalls them for its whole prefill (vLLM's chunked
+            prefill; here a step prefills or decodes, and each chunk goes into the slot as a prompt
+            of its own that the next one reuses — :mod:`dspark.prefix_cache` — so it needs
+            ``prefix_caching`` and continuous batching). The tokens are those of a whole prefill.
     """
 
     max_batch_size: int = 64
@@ -101,6 +108,7 @@ class EngineConfig:
     cuda_graphs: bool = False
     prefix_caching: bool = True
     trim_idle_slots: bool = True
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -109,6 +117,9 @@ class EngineConfig:
             raise ValueError(f"engine.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.kv_len_multiple < 1:
             raise ValueError(f"engine.kv_len_multiple must be >= 1, got {self.kv_len_multiple}")
+        if isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 0:
+            raise ValueError(f"engine.prefill_chunk must be 0 (off) or a number of prompt positions >= 1, got "
+                             f"{self.prefill_chunk!r}")
 
 
 class Engine:
@@ -169,6 +180,11 @@ class Engine:
         #: whether admissions reuse what a slot's rows hold of its last prompt (continuous batching,
         #: a cache with row views, :attr:`EngineConfig.prefix_caching`)
         self.caches_prefixes = self.continuous and self.config.prefix_caching
+        if self.config.prefill_chunk and not self.caches_prefixes:
+            raise ValueError("engine.prefill_chunk needs prefix caching with continuous batching (each chunk is "
+                             "reused by the next): set engine.prefix_caching=true" + (
+                                 "" if self.continuous else f" — and continuous batching cannot run here "
+                                 f"({' and '.join(refusal) or 'engine.batching=static'})") + ", or engine.prefill_chunk=0")
         # compiled or graphed rounds read the whole cache: static shapes
         self._static_shapes = self.config.compile or self.config.cuda_graphs
         #: whether rounds run over the slots up to the last unfinished request alone
@@ -342,22 +358,32 @@ class Engine:
         ends this one's use (``RuntimeError``)."""
         self._check_owner(batch)
         state, slots, status = batch.state, batch.state.batch_size, batch.status
-        free = [b for b in range(slots) if status[b]]
-        if free and batch.waiting:
+        free = [b for b in range(slots) if status[b] and b not in batch.prefilling]
+        # (a step that prefilled a chunk is followed by a round of the requests decoding, if any)
+        if (free and batch.waiting or batch.prefilling) and not (batch.chunked and batch.running):
             # admit: waiting requests take the free slots (all of them at first; with prefix caching,
-            # those whose last prompts share the most with theirs); prefill their prompts, draw
-            # their first tokens, give the drafter their context
+            # those whose last prompts share the most with theirs); prefill their prompts (a long one
+            # in chunks over several steps: engine.prefill_chunk), draw their first tokens, give the
+            # drafter their context
             admitted, admitting = time.perf_counter(), free[:len(batch.waiting)]
-            if self.caches_prefixes:
+            if self.caches_prefixes and free and batch.waiting:
                 admitting = batch.prefixes.assign([batch.requests[i].prompt for i in islice(batch.waiting, len(free))], free,
                                                   lowest=self.trims_idle_slots)
-            self._admit(batch, admitting)
-            occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
-            batch.status = self._status(state, batch.cache.lengths[:self._round_rows(occupied)], None,
-                                        batch.stream)  # their first tokens may end them
+            pairs = [(b, batch.waiting.popleft()) for b in admitting]
+            chunks = []
+            if self.config.prefill_chunk:
+                pairs, chunks = self._chunks(batch, pairs)
+                if chunks:
+                    self._prefill_chunks(batch, chunks)
+            batch.chunked = bool(chunks)
+            if pairs:
+                self._admit(batch, pairs)
+                occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
+                batch.status = self._status(state, batch.cache.lengths[:self._round_rows(occupied)], None,
+                                            batch.stream)  # their first tokens may end them
             batch.round_started = time.perf_counter()
             batch.prefill_time += batch.round_started - admitted
-            for b in admitting:
+            for b, _ in pairs:
                 batch.first_token[batch.holder[b]] = batch.round_started - batch.started
             batch.mark_finished(batch.round_started)
             return True
@@ -365,10 +391,13 @@ class Engine:
             return False
         active, state.max_cache_len, emitted_before = [not d for d in status[:slots]], status[slots], status[slots + 1]
         rows = self._round_rows(active)
+        # (a slot being prefilled in chunks among the round's rows rides along: its cache reads too)
+        state.max_cache_len = max([state.max_cache_len, *(end for b, end in batch.prefilled_to.items() if b < rows)])
         if rows != batch.drafter_rows:
             self.drafter.use_rows(rows, state)
             batch.drafter_rows = rows
         round_state, cache = batch.head(rows, self.config.compile)
+        batch.chunked = False
         drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters)
         summary = self.scheduler.round_summary()
         batch.status = status = self._status(state, cache.lengths, summary, batch.stream)
@@ -388,7 +417,7 @@ class Engine:
     @torch.inference_mode()
     def abort(self, batch: "Batch", request: int) -> bool:
         """End ``request`` of ``batch`` now, between two steps (vLLM's ``abort_request``): a waiting
-        one never starts (no tokens); a decoding one keeps the tokens it has emitted so far and its
+        one, or one whose prompt is being prefilled in chunks, never starts (no tokens); a decoding one keeps the tokens it has emitted so far and its
         slot is freed at once (one host read). The other requests decode as they would have: the
         row rides along done (while a busier slot follows it) until a request takes it. Returns
         whether it was unfinished."""
@@ -396,9 +425,13 @@ class Engine:
         if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
             raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
         now = time.perf_counter() - batch.started
-        if request in batch.waiting:
+        prefilling = [b for b, i in batch.prefilling.items() if i == request]
+        if request in batch.waiting or prefilling:  # (its slot, if it has one, keeps the chunks for a next prompt)
             batch.aborted.add(request)
-            batch.waiting.remove(request)
+            if prefilling:
+                del batch.prefilling[prefilling[0]], batch.prefilled_to[prefilling[0]]
+            else:
+                batch.waiting.remove(request)
             batch.outputs[request], batch.finished[request] = [], now
             wanted = batch.requests[request].logprobs
             for scores, least in ((batch.scores.tokens, 0), (batch.scores.top, 1)):
@@ -433,17 +466,20 @@ class Engine:
             row.update(first_token_s=first, finished_s=end, finish_reason=batch.finish_reason(i))
         return batch.outputs, stats, batch.scores
 
-    def _admit(self, batch: "Batch", free: list[int]) -> None:
-        """The first waiting requests (``batch.waiting``), in order, take the slots ``free``: their
-        prompts go into the target cache's rows (a forward over them alone, from the positions a
-        slot's last prompt already holds: :mod:`dspark.prefix_cache`), their first tokens are drawn
-        from its last logits, and the drafter starts them (:meth:`Drafter.start` for a whole batch,
-        or the batch's first requests with the other slots empty; :meth:`Drafter.admit` for some of
-        its slots later). The requests that held those slots are collected first."""
+    def _admit(self, batch: "Batch", pairs: list[tuple[int, int]]) -> None:
+        """Requests take slots (``pairs``: slot, request): their prompts go into the target cache's
+        rows (a forward over them alone, from the positions a slot's last prompt already holds:
+        :mod:`dspark.prefix_cache`), their first tokens are drawn from its last logits, and the
+        drafter starts them (:meth:`Drafter.start` for a whole batch, or the batch's first requests
+        with the other slots empty; :meth:`Drafter.admit` for some of its slots later). The
+        requests that held those slots are collected first. (A request prefilled in chunks had its
+        prompt counted in the prefix-cache figures when it took its slot: :meth:`_chunks`.)"""
         state, device, slots = batch.state, self.device, batch.state.batch_size
-        free, taken = (list(x) for x in zip(*sorted(zip(free, (batch.waiting.popleft() for _ in free)))))
+        free, taken = (list(x) for x in zip(*sorted(pairs)))
         self._collect(batch, [b for b in free if batch.holder[b] >= 0])
         requests = [batch.requests[i] for i in taken]
+        counted = [i in batch.counted for i in taken]  # (chunked: counted already)
+        batch.counted.difference_update(taken)
         longest = max(len(r.prompt) for r in requests)
         rows = torch.tensor(free, device=device)
         width = state.tokens.shape[1]
@@ -513,8 +549,9 @@ class Engine:
                               hidden_states=[torch.cat(pair)[order] for pair in zip(out.hidden_states, more.hidden_states)])
                 if prompt_scores is not None:
                     prompt_scores = [torch.cat(pair)[order] for pair in zip(prompt_scores, more_scores)]
-        batch.prefixes.queries += sum(len(r.prompt) for r in requests)
-        batch.prefixes.hits += sum(starts) + sum(len(requests[k].prompt) for k, s in enumerate(source) if s != k)
+        batch.prefixes.queries += sum(len(r.prompt) for r, done in zip(requests, counted) if not done)
+        batch.prefixes.hits += (sum(start for k, start in zip(prefilled, starts) if not counted[k])
+                                + sum(len(requests[k].prompt) for k, s in enumerate(source) if s != k and not counted[k]))
         if share:
             copies = [k for k, s in enumerate(source) if s != k]
             batch.cache.copy_rows(rows[[source[k] for k in copies]], rows[copies], longest)
@@ -591,31 +628,90 @@ class Engine:
     def _prefill_rows(self, batch: "Batch", state: DecodingState, rows: torch.Tensor, prefilled: list[int],
                       which: list[int], starts: list[int], resident: list, asked: int, longest: int):
         """Prefill the admitted requests ``prefilled[j]`` for ``j`` in ``which`` (their ``rows``), each
-        from ``starts[j]``, and put the suffixes' outputs back at their prompts' positions with what
-        their ``resident`` prompts kept: the hidden states ``[k, longest, H]`` and scores
-        ``[k, longest − 1]`` (+ likeliest) as after a prefill of the whole prompts. Where the
-        padded suffixes would not fit the cache, the whole prompts (their ``starts`` set to 0)."""
+        from ``starts[j]`` (:meth:`_prefill_from`; ``starts[j]`` set to 0 where it prefilled the
+        whole prompt)."""
         index = rows[[prefilled[j] for j in which]]
         lengths = state.prompt_lengths[index]
         part = replace(state, tokens=state.tokens[index], prompt_lengths=lengths, lengths=lengths.clone(),
                        done=state.done[index])
-        begins = [starts[j] for j in which]
-        counts = [int(n) - b for n, b in zip(lengths.tolist(), begins)]
+        out, scores, begins = self._prefill_from(batch, part, index, [starts[j] for j in which],
+                                                 [resident[j] for j in which], asked, longest)
+        for j, begin in zip(which, begins):
+            starts[j] = begin
+        return out, scores
+
+    def _prefill_from(self, batch: "Batch", part: DecodingState, index: torch.Tensor, begins: list[int],
+                      kept: list, asked: int, longest: int):
+        """Prefill the prompts of ``part`` (a state over the cache rows ``index``: their tokens and
+        prompt lengths) each from ``begins[k]``, and put the suffixes' outputs back at their
+        prompts' positions with what their resident prompts ``kept``: the hidden states
+        ``[k, longest, H]`` and scores ``[k, longest − 1]`` (+ likeliest) as after a prefill of the
+        whole prompts. Where the padded suffixes would not fit the cache, the whole prompts.
+        Returns the output, the scores and the positions each prefill began at."""
+        lengths = part.prompt_lengths.tolist()
+        counts = [int(n) - b for n, b in zip(lengths, begins)]
         kv_len = max(b + max(counts) for b in begins)
         if kv_len > batch.cache.max_len:  # (the padded suffixes would not fit: prefill whole prompts)
-            for j in which:
-                starts[j] = 0
-            begins, counts, kv_len = [0] * len(which), [int(n) for n in lengths.tolist()], longest
+            begins, counts, kv_len = [0] * len(begins), [int(n) for n in lengths], longest
         out, scores = self._prefill(part, batch.cache.rows(index), begins, max(counts), kv_len, asked)
         if not any(begins) and max(counts) == longest:
-            return out, scores
-        kept = [resident[j] for j in which]
+            return out, scores, begins
         out = replace(out, hidden_states=[with_prefixes(h, [r and r.hidden[layer] for r in kept], begins, counts, longest)
                                           for layer, h in enumerate(out.hidden_states)])
         if scores is not None:
             scores = [with_prefixes(x, [r and r.scores and (r.scores[i] if i < len(r.scores) else None) for r in kept],
                                     begins, [c - 1 for c in counts], longest - 1) for i, x in enumerate(scores)]
-        return out, scores
+        return out, scores, begins
+
+    def _chunks(self, batch: "Batch", pairs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple]]:
+        """Chunked prefill (:attr:`EngineConfig.prefill_chunk`): of the requests taking slots now
+        (``pairs``: slot, request) and of those being prefilled in chunks already
+        (``batch.prefilling``), those whose prompt's rest fits one chunk are admitted now (returned
+        as pairs); the others prefill their next chunk — ``(slot, request, end)``: the prompt up to
+        ``end`` goes into the slot (:meth:`_prefill_chunks`). A request that starts in chunks holds
+        its slot from now (the slot's last request is collected), its prompt counted in the
+        prefix-cache figures with what the slot held of it before the first chunk."""
+        chunk, admitting, chunks = self.config.prefill_chunk, [], []
+        for b, i in [*batch.prefilling.items(), *pairs]:
+            request = batch.requests[i]
+            start = batch.prefixes.reusable(b, request.prompt, request.prompt_logprobs)
+            held = start + 1 if start else 0  # (positions the slot holds: the last one is fed again)
+            if len(request.prompt) - held <= chunk:
+                admitting.append((b, i))
+                batch.prefilling.pop(b, None)
+                batch.prefilled_to.pop(b, None)
+                continue
+            if b not in batch.prefilling:
+                self._collect(batch, [b] if batch.holder[b] >= 0 else [])
+                batch.prefilling[b] = i
+                batch.counted.add(i)
+                batch.prefixes.queries += len(request.prompt)
+                batch.prefixes.hits += start
+            chunks.append((b, i, held + chunk))
+        return admitting, chunks
+
+    def _prefill_chunks(self, batch: "Batch", chunks: list[tuple[int, int, int]]) -> None:
+        """One chunk of each prompt prefilled in parts (``chunks``: slot, request, end): the prompt up
+        to ``end`` goes into the slot's rows from what they hold, as a prompt of its own — its
+        hidden states and scores kept with the slot (:class:`~dspark.prefix_cache.ResidentPrompt`)
+        for the next chunk to reuse, the last one in the request's admission. No token is drawn,
+        and the batch's state is left as it was (the slot rides along in rounds as a free one)."""
+        state, device = batch.state, self.device
+        slots = [b for b, _, _ in chunks]
+        parts = [batch.requests[i].prompt[:end] for _, i, end in chunks]
+        tops = [batch.requests[i].prompt_logprobs for _, i, _ in chunks]
+        asked, longest, width = max(tops), max(len(p) for p in parts), state.tokens.shape[1]
+        starts = [batch.prefixes.reusable(b, p, top) for b, p, top in zip(slots, parts, tops)]
+        resident = [batch.prefixes.resident[b] if start else None for b, start in zip(slots, starts)]
+        ends = torch.tensor([len(p) for p in parts], dtype=torch.long, device=device)
+        part = replace(state, tokens=torch.tensor([p + [0] * (width - len(p)) for p in parts], dtype=torch.long,
+                                                  device=device),
+                       prompt_lengths=ends, lengths=ends.clone(), done=torch.ones_like(ends, dtype=torch.bool))
+        out, scores, starts = self._prefill_from(batch, part, torch.tensor(slots, device=device), starts, resident,
+                                                 asked, longest)
+        batch.prefixes.keep_admitted(slots, parts, out.hidden_states, scores,
+                                     [valid_scores(start, r, asked) for start, r in zip(starts, resident)])
+        batch.prefilled_to.update((b, len(p)) for b, p in zip(slots, parts))
 
     @staticmethod
     def _keep_prompt_scores(batch: "Batch", taken: list[int], requests: list["Request"],
@@ -856,6 +952,10 @@ class Batch:
     round_started: float = 0.0
     drafter_started: bool = False
     drafter_rows: int = 0  # the slots the drafter serves rounds over (Drafter.use_rows)
+    prefilling: dict = field(default_factory=dict)  # slot → the request whose prompt goes in in chunks
+    prefilled_to: dict = field(default_factory=dict)  # slot → the positions its chunks hold so far
+    chunked: bool = False  # whether the last step prefilled a chunk
+    counted: set = field(default_factory=set)  # requests whose prompts the prefix-cache figures hold already
 
     def __post_init__(self):
         slots = self.state.batch_size
@@ -922,8 +1022,9 @@ class Batch:
 
     @property
     def unfinished(self) -> int:
-        """Requests added and not finished yet (waiting ones included)."""
-        return len(self.waiting) + self.running
+        """Requests added and not finished yet (waiting ones, and those being prefilled in chunks,
+        included)."""
+        return len(self.waiting) + len(self.prefilling) + self.running
 
     def finish_reason(self, request: int) -> str:
         """Why a finished request ended: ``"abort"`` (:meth:`Engine.abort`), ``"stop"`` (EOS, one of
