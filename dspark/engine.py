@@ -87,7 +87,8 @@ class EngineConfig:
             request (their number rounded up to a power of two), not over all ``max_batch_size``
             of them: a server whose slots are mostly free decodes as fast as a smaller batch
             (vLLM's scheduler batches the running requests alone). Requests take the lowest free
-            slots that serve them as well (:meth:`~dspark.prefix_cache.SlotPrefixes.assign`).
+            slots that serve them as well (:meth:`~dspark.prefix_cache.SlotPrefixes.assign`); a
+            prompt found in a higher slot is copied down to a lower free one.
             Needs a drafter with :meth:`~dspark.drafters.Drafter.use_rows` (every built-in one)
             and a cache with :meth:`~dspark.cache.KVCache.head`; not with ``cuda_graphs``.
         prefill_chunk: chunked prefill (0: off). A prompt with more than this many positions to
@@ -369,6 +370,8 @@ class Engine:
             if self.caches_prefixes and free and batch.waiting:
                 admitting = batch.prefixes.assign([batch.requests[i].prompt for i in islice(batch.waiting, len(free))], free,
                                                   lowest=self.trims_idle_slots)
+                if self.trims_idle_slots and self.shares_prefill:
+                    admitting = self._copy_down(batch, admitting, free)
             pairs = [(b, batch.waiting.popleft()) for b in admitting]
             chunks = []
             if self.config.prefill_chunk:
@@ -465,6 +468,30 @@ class Engine:
         for i, (row, first, end) in enumerate(zip(stats.per_request, batch.first_token, batch.finished)):
             row.update(first_token_s=first, finished_s=end, finish_reason=batch.finish_reason(i))
         return batch.outputs, stats, batch.scores
+
+    def _copy_down(self, batch: "Batch", admitting: list[int], free: list[int]) -> list[int]:
+        """Rounds run over the slots up to the last busy one (:attr:`trims_idle_slots`): a request
+        that would take a free slot for what it holds of its prompt, above a free slot left empty
+        by this admission, takes the lowest such slot instead, the reusable positions' cache rows
+        copied down to it (:meth:`~dspark.cache.KVCache.copy_rows`) with what the slot kept of its
+        prompt — the same prefill saved, rounds no wider for it. (``admitting``: the slots the
+        first waiting requests take, in order.)"""
+        spare = sorted(set(free) - set(admitting))
+        moved = []
+        for b, i in zip(admitting, batch.waiting):
+            request = batch.requests[i]
+            reusable = batch.prefixes.reusable(b, request.prompt, request.prompt_logprobs)
+            if not spare or spare[0] > b or not reusable:
+                moved.append(b)
+                continue
+            lower = spare.pop(0)
+            self._collect(batch, [lower] if batch.holder[lower] >= 0 else [])  # (before its rows change)
+            batch.cache.copy_rows(torch.tensor([b], device=self.device), torch.tensor([lower], device=self.device),
+                                  reusable)
+            batch.prefixes.copy(b, lower)
+            spare = sorted([*spare, b])
+            moved.append(lower)
+        return moved
 
     def _admit(self, batch: "Batch", pairs: list[tuple[int, int]]) -> None:
         """Requests take slots (``pairs``: slot, request): their prompts go into the target cache's

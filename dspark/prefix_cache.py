@@ -19,7 +19,7 @@ work.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -132,6 +132,12 @@ class SlotPrefixes:
         resident = self.resident[slot]
         if self.with_outputs and resident is not None and tokens[:len(resident.tokens)] == resident.tokens:
             resident.tokens = list(tokens)
+
+    def copy(self, source: int, target: int) -> None:
+        """``target`` now holds what ``source`` does (its cache rows were copied)."""
+        resident = self.resident[source]
+        self.resident[target] = None if resident is None else replace(resident, tokens=list(resident.tokens))
+        self.kept_at[target] = self.kept_at[source]
 
     def keep(self, slot: int, prompt: list[int], hidden: list[torch.Tensor], scores: list[torch.Tensor] | None,
              top: int) -> None:

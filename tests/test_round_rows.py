@@ -195,3 +195,34 @@ def test_a_drafter_without_use_rows_runs_every_round_over_all_slots():
         session.step()
     assert widths and set(widths) == {4}
     assert session.result(0).token_ids == alone
+
+
+@pytest.mark.parametrize("drafter", ["none", "eagle3"])
+def test_a_prompt_found_in_a_high_slot_is_copied_down_to_the_lowest_free_one(drafter):
+    """Six requests fill slots 0–5 and end; a request that starts as slot 5's prompt did takes slot
+    0 (the lowest free one) with slot 5's reusable rows copied down to it: the same 11 positions
+    skipped, rounds over one row instead of eight, and the tokens of a request alone (float64,
+    sampled). Slot 5 still holds its prompt for the next request that shares it."""
+    pipe = spec_pipeline(tiny_hf_model("qwen3", scale=2.0), drafter, 3, "target.dtype=float64",
+                         "engine.max_batch_size=8")
+    prefix = ragged_prompts(101, lengths=(12,), seed=9)[0]
+    first = ragged_prompts(101, lengths=(5, 6, 7, 8, 9), seed=10) + [prefix + [1, 2]]
+    session = pipe.session(max_len=40)
+    for prompt in first:
+        session.submit(prompt, max_new_tokens=3)
+    while session.unfinished:
+        session.step()
+    hits = session.batch.prefixes.hits
+    widths = round_widths(pipe)
+    request = dict(max_new_tokens=6, temperature=1.0, seed=4)
+    reuser = session.submit(prefix + [7, 7], **request)
+    session.step()
+    assert session.batch.holder.index(reuser) == 0
+    while session.unfinished:
+        session.step()
+    assert session.batch.prefixes.hits - hits == 11 and set(widths) == {1}
+    assert session.batch.prefixes.resident[5].tokens[:12] == prefix
+    again = session.submit(prefix + [3], **request)  # (slot 0 holds the prefix now too: no copy needed)
+    session.step()
+    assert session.batch.holder.index(again) == 0
+    assert session.result(reuser).token_ids == pipe.generate([prefix + [7, 7]], **request).token_ids[0]
