@@ -141,6 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
         session = pipe.session(max_len=args.max_len, logprobs=args.logprobs)
     except ValueError as err:
         raise SystemExit(f"dspark serve: {err}") from None
+    if args.warm_up:
+        _warm_up(session)
     lines: queue.Queue = queue.Queue()
 
     def read() -> None:  # lines arrive on their own schedule; the decoding loop takes what has come
@@ -197,19 +199,31 @@ def _serve_http(args: argparse.Namespace) -> int:
                              "logprobs itself")
     template, template_kwargs = _chat_template_options(args, "serve")
     pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=args.overrides)
+    if args.warm_up:
+        print(f"[dspark] warming up over 1 to {pipe.engine.config.max_batch_size} rows ...", file=sys.stderr, flush=True)
     try:
         server = OpenAIServer(pipe, max_len=args.max_len, host=args.host or "127.0.0.1", port=args.port,
                               model_name=args.served_model_name or "dspark",
                               default_max_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
                               max_logprobs=20 if args.max_logprobs is None else args.max_logprobs,
                               chat_template=template,
-                              chat_template_kwargs=template_kwargs)
+                              chat_template_kwargs=template_kwargs, warm_up=args.warm_up)
     except (ValueError, OSError) as err:
         raise SystemExit(f"dspark serve: {err}") from None
     print(f"[dspark] serving the OpenAI API at {server.url}/v1 (model {server.model_name!r}, "
           f"{pipe.engine.config.max_batch_size} slots; Ctrl-C stops)", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
+
+
+def _warm_up(session) -> None:
+    """``--warm-up``: :meth:`~dspark.session.Session.warm_up`, timed on stderr."""
+    import time
+
+    started = time.perf_counter()
+    print(f"[dspark] warming up over 1 to {session.batch.state.batch_size} rows ...", file=sys.stderr, flush=True)
+    session.warm_up()
+    print(f"[dspark] warmed up in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def _chat_template_options(args: argparse.Namespace, command: str) -> tuple[str | None, dict | None]:
@@ -526,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=None,
                        help="a request's budget unless it sets one (default: 64 for lines, 16 over HTTP as OpenAI's)")
     serve.add_argument("--logprobs", action="store_true", help="each output line carries its tokens' log-probabilities")
+    serve.add_argument("--warm-up", action="store_true",
+                       help="before serving, run dummy requests through rounds over every number of rows a round may "
+                            "take (with engine.compile: compile them now, not on the first requests)")
     serve.add_argument("--stream", action="store_true",
                        help="also a line per step for each request that emitted: its new token_ids and the text they "
                             "complete (before its result line, which has \"stats\")")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.engine import Batch
+from dspark.records import SamplingParams
 
 
 @dataclass
@@ -114,10 +115,53 @@ class Session:
         self._ended: set[int] = set()
         self._released: set[int] = set()
         self._reported: set[int] = set()  # requests that had an update
+        self._options = dict(logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                             prompt_top_logprobs=prompt_top_logprobs)
         self.batch: Batch = engine.open_batch(engine.config.max_batch_size, max_len, on_tokens=self._on_tokens,
-                                              stop_check=self._stop_check, logprobs=logprobs,
-                                              top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-                                              prompt_top_logprobs=prompt_top_logprobs)
+                                              stop_check=self._stop_check, **self._options)
+
+    def warm_up(self, rows: int | None = None) -> None:
+        """Meet the shapes this session's rounds will run at before any request does. On a batch of
+        this session's shape, dummy requests (one-token prompts) arrive one at a time until ``rows``
+        of them decode together (default: every slot), each admitted into the running batch, then
+        leave the same way, the last first (aborted), with two rounds between two changes — so
+        rounds run over every number of rows they
+        can (with ``engine.trim_idle_slots``, the powers of two up to ``rows``), growing and
+        shrinking as with real traffic; greedy, then sampled. Then the session starts afresh, and
+        its scheduler forgets what those rounds taught it
+        (:meth:`~dspark.scheduling.Scheduler.forget`). With ``engine.compile`` this is where the
+        target's and the drafter's rounds compile (seconds to a minute each on a CPU) rather than
+        on the first requests of each load. Still compiled on first use: a setting first turned
+        on later (a penalty, say), requests with different settings in one round, and a verify
+        width the dummy rounds did not meet (a scheduler or a drafter that stops early narrows
+        it). Only before the first :meth:`submit`."""
+        engine, batch = self.engine, self.batch
+        if batch.requests:
+            raise ValueError("warm_up() comes before the first submit(): it decodes dummy requests on a batch of its "
+                             f"own, and this session holds {len(batch.requests)} request(s)")
+        slots, max_len, gamma = batch.state.batch_size, batch.max_len, engine.drafter.gamma
+        top = slots if rows is None else rows
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= slots:
+            raise ValueError(f"warm_up(rows=...) takes a number of rows from 1 to the session's {slots} slots, "
+                             f"got {rows!r}")
+        budget = max_len - 1 - (gamma + 1)  # (a one-token prompt, one round of lookahead)
+        if budget < 1:
+            raise ValueError(f"max_len {max_len} leaves no token to decode after a one-token prompt and a round of "
+                             f"lookahead ({gamma + 1}): warm_up() needs max_len >= {gamma + 3}")
+        for params in (SamplingParams(), SamplingParams(temperature=1.0)):
+            dummy = engine.open_batch(slots, max_len, **self._options)
+            for seed in range(top):  # one more at a time: an admission, then two rounds over the rows so far
+                dummy.add(engine.request([0], max_new_tokens=budget, params=params, seed=seed, ignore_eos=True))
+                for _ in range(3):
+                    engine.step(dummy)
+                engine.collect_finished(dummy)
+            for request in reversed(range(top)):  # then the last one leaves, two rounds at a time
+                engine.abort(dummy, request)
+                engine.step(dummy)
+                engine.step(dummy)
+        engine.scheduler.forget()
+        self.batch = engine.open_batch(slots, max_len, on_tokens=self._on_tokens, stop_check=self._stop_check,
+                                       **self._options)
 
     def submit(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,

@@ -53,6 +53,11 @@ class Scheduler(ABC):
     def reset(self) -> None:
         """A new batch starts decoding (forget per-batch state)."""
 
+    def forget(self) -> None:
+        """Forget what earlier rounds taught (measured round times, estimated acceptance), as after
+        :meth:`~dspark.session.Session.warm_up`, whose rounds of dummy requests — compiling as
+        they go — must not count."""
+
     def compile(self, device) -> None:
         """Compile what :meth:`schedule` computes on ``device`` every round (called once when
         ``engine.compile`` is set); schedulers with little to compute keep it eager."""
@@ -231,6 +236,11 @@ class DSparkScheduler(Scheduler):
     def reset(self) -> None:
         self.backoff.reset()
 
+    def forget(self) -> None:
+        self.backoff.reset()
+        if self.fallback is not None:
+            self.fallback.arms.clear()
+
     def wants_drafts(self, active: list[bool]) -> bool:
         if self.profile is not None and not self.any_draft_can_pay(len(active), sum(active)):
             return False
@@ -366,6 +376,10 @@ class AdaptiveScheduler(DSparkScheduler):
         super().__init__(config, target=target, model_name=model_name)
         self.reached: torch.Tensor | None = None  # [γ] decayed counts, float64
         self.accepted: torch.Tensor | None = None
+
+    def forget(self) -> None:
+        super().forget()
+        self.reached = self.accepted = None
 
     def acceptance(self, gamma: int, device) -> torch.Tensor:
         """``[γ]`` the estimated conditional acceptance per position, ``(accepted + prior) / (reached + 1)``."""

@@ -60,11 +60,13 @@ class OpenAIServer:
             go through one log-softmax).
         chat_template: a Jinja chat template for ``/v1/chat/completions`` (default: the tokenizer's).
         chat_template_kwargs: template variables for every chat request (a request may add its own).
+        warm_up: before listening, :meth:`~dspark.session.Session.warm_up` the session (with
+            ``engine.compile``, the rounds compile now rather than on the first requests).
     """
 
     def __init__(self, pipeline, *, max_len: int | None = None, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str = "dspark", default_max_tokens: int = 16, max_logprobs: int = 20,
-                 chat_template: str | None = None, chat_template_kwargs: dict | None = None):
+                 chat_template: str | None = None, chat_template_kwargs: dict | None = None, warm_up: bool = False):
         if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be an integer >= 1, got {default_max_tokens!r}")
         if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or not 0 <= max_logprobs <= MAX_TOP_LOGPROBS:
@@ -78,6 +80,8 @@ class OpenAIServer:
         self.default_max_tokens, self.max_logprobs = default_max_tokens, max_logprobs
         self.chat_template, self.chat_template_kwargs = chat_template, dict(chat_template_kwargs or {})
         session = pipeline.session(max_len=max_len, logprobs=max_logprobs > 0, top_logprobs=max_logprobs)
+        if warm_up:
+            session.warm_up()
         self.loop = EngineLoop(session)
         self.created = int(time.time())
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
