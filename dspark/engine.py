@@ -420,10 +420,10 @@ class Engine:
     @torch.inference_mode()
     def abort(self, batch: "Batch", request: int) -> bool:
         """End ``request`` of ``batch`` now, between two steps (vLLM's ``abort_request``): a waiting
-        one, or one whose prompt is being prefilled in chunks, never starts (no tokens); a decoding one keeps the tokens it has emitted so far and its
-        slot is freed at once (one host read). The other requests decode as they would have: the
-        row rides along done (while a busier slot follows it) until a request takes it. Returns
-        whether it was unfinished."""
+        one, or one whose prompt is being prefilled in chunks, never starts (no tokens); a decoding
+        one keeps the tokens it has emitted so far and its slot is freed at once (one host read).
+        The other requests decode as they would have: the row rides along done (while a busier
+        slot follows it) until a request takes it. Returns whether it was unfinished."""
         self._check_owner(batch)
         if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
             raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
