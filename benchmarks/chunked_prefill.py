@@ -5,8 +5,8 @@ decode stall while a long prompt goes in, and what it costs the long one.
         [--chunks 0 256 128] [--tokens 48] [--repeats 3] [--plot PNG]
 
 A session of ``--decoders`` + 1 slots decodes ``--decoders`` code prompts (``--tokens`` greedy
-tokens each, EOS ignored); after their fourth step a long prompt (code prompts joined, cut to
-``--long`` tokens) arrives, asking for 8 tokens. For each chunk size (0: the whole prompt in one
+tokens each, EOS ignored); once each has emitted 4 times, a long prompt (code prompts joined, cut
+to ``--long`` tokens) arrives, asking for 8 tokens. For each chunk size (0: the whole prompt in one
 prefill), in alternation, ``--repeats`` times after a warm-up: the longest gap between two
 emissions of a decoding request (its stall), the median gap, the long request's time to its first
 token, and the time to finish everything — medians over the repeats. The outputs of every chunk
@@ -25,7 +25,7 @@ import dspark
 from dspark.bench.runner import load_prompts
 
 LONG_TOKENS = 8  # what the long request asks for
-ARRIVAL_STEP = 4  # the decoders' steps before the long prompt arrives
+ARRIVAL_EMISSIONS = 4  # steps in which each decoding request has emitted when the long prompt arrives
 
 
 def run(pipe, decoders: list[list[int]], long_prompt: list[int], tokens: int) -> dict:
@@ -35,14 +35,12 @@ def run(pipe, decoders: list[list[int]], long_prompt: list[int], tokens: int) ->
     ids = [session.submit(p, max_new_tokens=tokens, ignore_eos=True) for p in decoders]
     emissions = {i: [] for i in ids}  # request → the times it emitted
     long_id = arrived = None
-    steps = 0
     while session.unfinished or long_id is None:
-        if steps == ARRIVAL_STEP:
+        if long_id is None and all(len(emissions[i]) >= ARRIVAL_EMISSIONS for i in ids):
             long_id, arrived = session.submit(long_prompt, max_new_tokens=LONG_TOKENS, ignore_eos=True), time.perf_counter()
             emissions[long_id] = []
         updates = session.step()
         now = time.perf_counter()
-        steps += 1
         for update in updates:
             if update.token_ids:
                 emissions[update.request].append(now)

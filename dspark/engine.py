@@ -91,13 +91,16 @@ class EngineConfig:
             prompt found in a higher slot is copied down to a lower free one.
             Needs a drafter with :meth:`~dspark.drafters.Drafter.use_rows` (every built-in one)
             and a cache with :meth:`~dspark.cache.KVCache.head`; not with ``cuda_graphs``.
-        prefill_chunk: chunked prefill (0: off). A prompt with more than this many positions to
-            prefill (beyond what its slot holds already) is prefilled over several steps, this
-            many positions at a time, and the requests decoding meanwhile run a round between two
-            chunks: a long prompt no longer stalls them for its whole prefill (vLLM's chunked
-            prefill; here a step prefills or decodes, and each chunk goes into the slot as a prompt
-            of its own that the next one reuses — :mod:`dspark.prefix_cache` — so it needs
-            ``prefix_caching`` and continuous batching). The tokens are those of a whole prefill.
+        prefill_chunk: chunked prefill (0: off): a step prefills at most this many new prompt
+            positions, over all the prompts it admits (beyond what their slots hold already). A
+            prompt whose rest does not fit goes in over several steps, requests that find the
+            step's positions spent wait for the next (first come, first served), and the requests
+            decoding meanwhile run a round between two such steps: a long prompt, or a burst of
+            them, no longer stalls them for its whole prefill (vLLM's chunked prefill with its
+            ``max_num_batched_tokens``; here a step prefills or decodes, and each chunk goes into
+            the slot as a prompt of its own that the next one reuses — :mod:`dspark.prefix_cache`
+            — so it needs ``prefix_caching`` and continuous batching). The tokens are those of a
+            whole prefill.
     """
 
     max_batch_size: int = 64
@@ -360,7 +363,7 @@ class Engine:
         self._check_owner(batch)
         state, slots, status = batch.state, batch.state.batch_size, batch.status
         free = [b for b in range(slots) if status[b] and b not in batch.prefilling]
-        # (a step that prefilled a chunk is followed by a round of the requests decoding, if any)
+        # (a step that left prefill work for later is followed by a round of the requests decoding, if any)
         if (free and batch.waiting or batch.prefilling) and not (batch.chunked and batch.running):
             # admit: waiting requests take the free slots (all of them at first; with prefix caching,
             # those whose last prompts share the most with theirs); prefill their prompts (a long one
@@ -373,12 +376,11 @@ class Engine:
                 if self.trims_idle_slots and self.shares_prefill:
                     admitting = self._copy_down(batch, admitting, free)
             pairs = [(b, batch.waiting.popleft()) for b in admitting]
-            chunks = []
+            batch.chunked = False
             if self.config.prefill_chunk:
                 pairs, chunks = self._chunks(batch, pairs)
                 if chunks:
                     self._prefill_chunks(batch, chunks)
-            batch.chunked = bool(chunks)
             if pairs:
                 self._admit(batch, pairs)
                 occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
@@ -691,30 +693,44 @@ class Engine:
         return out, scores, begins
 
     def _chunks(self, batch: "Batch", pairs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple]]:
-        """Chunked prefill (:attr:`EngineConfig.prefill_chunk`): of the requests taking slots now
-        (``pairs``: slot, request) and of those being prefilled in chunks already
-        (``batch.prefilling``), those whose prompt's rest fits one chunk are admitted now (returned
-        as pairs); the others prefill their next chunk — ``(slot, request, end)``: the prompt up to
-        ``end`` goes into the slot (:meth:`_prefill_chunks`). A request that starts in chunks holds
-        its slot from now (the slot's last request is collected), its prompt counted in the
-        prefix-cache figures with what the slot held of it before the first chunk."""
-        chunk, admitting, chunks = self.config.prefill_chunk, [], []
+        """Chunked prefill (:attr:`EngineConfig.prefill_chunk`): the step prefills at most that many
+        new prompt positions, first for the prompts being prefilled in chunks already
+        (``batch.prefilling``, oldest first), then for the requests taking slots now (``pairs``:
+        slot, request; first come, first served). A prompt whose rest fits what is left is admitted
+        now (returned as a pair); one that does not prefills what is left — ``(slot, request, end)``:
+        the prompt up to ``end`` goes into the slot (:meth:`_prefill_chunks`) — and holds the slot
+        from then on (its last request collected), its prompt counted in the prefix-cache figures
+        with what the slot held of it before the first chunk. Requests that find nothing left go
+        back to the front of the queue, in order. Notes in ``batch.chunked`` whether prefill work is
+        left for later steps (then a round of the requests decoding comes first)."""
+        budget, admitting, chunks, later = self.config.prefill_chunk, [], [], []
         for b, i in [*batch.prefilling.items(), *pairs]:
+            new = b not in batch.prefilling
+            if new and (budget <= 0 or later):
+                later.append(i)
+                continue
             request = batch.requests[i]
             start = batch.prefixes.reusable(b, request.prompt, request.prompt_logprobs)
             held = start + 1 if start else 0  # (positions the slot holds: the last one is fed again)
-            if len(request.prompt) - held <= chunk:
+            rest = len(request.prompt) - held
+            if rest <= budget:
                 admitting.append((b, i))
                 batch.prefilling.pop(b, None)
                 batch.prefilled_to.pop(b, None)
+                budget -= rest
                 continue
-            if b not in batch.prefilling:
+            if budget <= 0:  # (in chunks already: its next one in a later step)
+                continue
+            if new:
                 self._collect(batch, [b] if batch.holder[b] >= 0 else [])
                 batch.prefilling[b] = i
                 batch.counted.add(i)
                 batch.prefixes.queries += len(request.prompt)
                 batch.prefixes.hits += start
-            chunks.append((b, i, held + chunk))
+            chunks.append((b, i, held + budget))
+            budget = 0
+        batch.waiting.extendleft(reversed(later))
+        batch.chunked = bool(batch.prefilling or later)
         return admitting, chunks
 
     def _prefill_chunks(self, batch: "Batch", chunks: list[tuple[int, int, int]]) -> None:

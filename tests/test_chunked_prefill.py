@@ -87,22 +87,58 @@ def test_trained_drafters_accept_as_after_a_whole_prefill(config):
 
 
 def test_rounds_run_between_the_chunks_of_a_long_prompt():
-    """While ``long`` (20 tokens) goes in, 4 positions a step, ``short`` — admitted beside its first
-    chunk — decodes a round between two chunks: chunk steps and rounds alternate, and ``long``'s
-    last chunk comes with its admission (its first token)."""
+    """While ``long`` (20 tokens) goes in, 4 positions a step, ``short`` — decoding already — runs a
+    round between two chunks: chunk steps and rounds alternate, and ``long``'s last chunk comes
+    with its admission (its first token)."""
     target = tiny_hf_model("qwen3", scale=2.0)
     pipe = spec_pipeline(target, "ngram", 3, "engine.max_batch_size=2", f"engine.prefill_chunk={CHUNK}")
     session = pipe.session(max_len=48)
-    long = session.submit(PREFIX + list(range(1, 9)), max_new_tokens=4)
     short = session.submit([7, 3, 9], max_new_tokens=30)
-    steps = []  # (whether the step prefilled a chunk, the requests that emitted)
+    steps = [(session.step(), session.batch.chunked)]  # (short's admission)
+    long = session.submit(PREFIX + list(range(1, 9)), max_new_tokens=4)
     while session.unfinished:
         updates = session.step()
-        steps.append((session.batch.chunked, {u.request for u in updates if u.token_ids}))
-    # positions 0–3, then 3–7, 7–11, 11–15 (each fed again from the last one held), 15–19 at admission
-    assert steps[:9] == [(True, {short}), (False, {short}), (True, set()), (False, {short}), (True, set()),
-                         (False, {short}), (True, set()), (False, {short}), (False, {long})]
-    assert not any(chunked for chunked, _ in steps[9:])
+        steps.append(({u.request for u in updates if u.token_ids}, session.batch.chunked))
+    steps[0] = ({u.request for u in steps[0][0] if u.token_ids}, steps[0][1])
+    # positions 0–3, then 4–7, 8–11, 12–15 (each chunk feeding the last one held again), 16–19 at admission
+    chunk, round_ = (set(), True), ({short}, False)
+    assert steps[:10] == [({short}, False), chunk, round_, chunk, round_, chunk, round_, chunk, round_, ({long}, False)]
+    assert not any(chunked for _, chunked in steps[10:])
+
+
+def test_a_step_prefills_at_most_the_chunk_whatever_arrives():
+    """Two 20-token prompts and a 3-token one arrive together while a request decodes: no step
+    prefills more than 4 new prompt positions in all; they go in first come, first served (the
+    second long prompt starts once the first is admitted, the short one after it), and the request
+    decoding runs a round between two such steps."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, "ngram", 3, "engine.max_batch_size=4", f"engine.prefill_chunk={CHUNK}")
+    engine, fed = pipe.engine, []
+    prefill = engine._prefill
+
+    def counted(state, cache, starts, *args, **kwargs):  # new positions: fed, less the last held one fed again
+        fed.append(sum(int(n) - b - (b > 0) for n, b in zip(state.prompt_lengths.tolist(), starts)))
+        return prefill(state, cache, starts, *args, **kwargs)
+
+    engine._prefill = counted
+    session = pipe.session(max_len=48)
+    decoding = session.submit([7, 3, 9], max_new_tokens=40)
+    session.step()
+    first, second = (session.submit(PREFIX + [k] * 8, max_new_tokens=3) for k in (1, 2))
+    short = session.submit([5, 6, 7], max_new_tokens=3)
+    steps, started = [], {}
+    while session.unfinished:
+        fed.clear()
+        updates = session.step()
+        steps.append((sum(fed), {u.request for u in updates if u.token_ids}))
+        for request in (first, second, short):
+            if request not in started and any(u.request == request and u.token_ids for u in updates):
+                started[request] = len(steps)
+    assert max(n for n, _ in steps) <= CHUNK
+    assert started[first] < started[second] < started[short]
+    prefills = [k for k, (n, _) in enumerate(steps) if n]
+    assert all(decoding in steps[k + 1][1] for k in prefills[:-1])  # (a round after each, while it decodes)
+    assert sum(n for n, _ in steps) == 20 + 20 + 3
 
 
 def test_a_request_aborted_while_its_prompt_goes_in_never_starts():
