@@ -125,10 +125,9 @@ class Session:
         this session's shape, dummy requests (one-token prompts) arrive one at a time until ``rows``
         of them decode together (default: every slot), each admitted into the running batch, then
         leave the same way, the last first (aborted), with two rounds between two changes — so
-        rounds run over every number of rows they
-        can (with ``engine.trim_idle_slots``, the powers of two up to ``rows``), growing and
-        shrinking as with real traffic; greedy, then sampled. Then the session starts afresh, and
-        its scheduler forgets what those rounds taught it
+        rounds run over every number of rows they can (with ``engine.trim_idle_slots``, the powers
+        of two up to ``rows``), growing and shrinking as with real traffic; greedy, then sampled.
+        Then the session starts afresh, and its scheduler forgets what those rounds taught it
         (:meth:`~dspark.scheduling.Scheduler.forget`). With ``engine.compile`` this is where the
         target's and the drafter's rounds compile (seconds to a minute each on a CPU) rather than
         on the first requests of each load. Still compiled on first use: a setting first turned

@@ -237,7 +237,7 @@ class DSparkScheduler(Scheduler):
         self.backoff.reset()
 
     def forget(self) -> None:
-        self.backoff.reset()
+        self.reset()
         if self.fallback is not None:
             self.fallback.arms.clear()
 

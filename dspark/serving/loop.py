@@ -167,8 +167,8 @@ class EngineLoop:
             batch = session.batch
             gamma = batch.counters.gamma
             counts = torch.cat([batch.counters.reached, batch.counters.accepted_at]).tolist() if gamma else []
-            reply.put(dict(running=batch.running + len(batch.prefilling), waiting=len(batch.waiting), reached=counts[:gamma],
-                           accepted=counts[gamma:], prefix_queries=batch.prefixes.queries,
+            reply.put(dict(running=batch.running + len(batch.prefilling), waiting=len(batch.waiting),
+                           reached=counts[:gamma], accepted=counts[gamma:], prefix_queries=batch.prefixes.queries,
                            prefix_hits=batch.prefixes.hits))
         elif kind == "close":
             for request in list(self._listeners):
