@@ -34,7 +34,7 @@ from dspark.cache import CacheConfig, KVCache, StaticKVCache
 from dspark.drafters import Drafter
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedForward
-from dspark.prefix_cache import ResidentPrompt, SlotPrefixes, common_prefix, valid_scores, with_prefixes
+from dspark.prefix_cache import HiddenHistory, ResidentPrompt, SlotPrefixes, common_prefix, valid_scores, with_prefixes
 from dspark.records import DecodingState, DraftProposal, SamplingParams, batch_params
 from dspark.samplers import Sampler
 from dspark.samplers.penalties import PenaltyHistory
@@ -81,8 +81,14 @@ class EngineConfig:
             the most first tokens with its own, and prefills only the rest (:mod:`dspark.prefix_cache`;
             vLLM's automatic prefix caching, one prompt per slot). Each slot keeps the target's
             hidden states over its last prompt for the drafter (prompt × the drafter's target
-            layers × hidden size); with a drafter that reads none (``none``, ``ngram``,
-            ``draft_model``) its last request's output counts too (a conversation's next turn).
+            layers × hidden size). With ``reuse_outputs``, its last request's output counts too.
+        reuse_outputs: with prefix caching, a slot holds its last request's prompt and output, so
+            that a conversation's next turn (the last prompt, the reply, a new message) prefills the
+            new message alone (SGLang's radix cache keeps outputs likewise). For a drafter that reads
+            the target's hidden states (``dspark``, ``eagle3``) the rounds keep those over the
+            positions they feed: a buffer of slots × max_len × the drafter's target layers × hidden
+            size (:class:`~dspark.prefix_cache.HiddenHistory`), written once a round; ``false``: a
+            slot holds its last prompt alone, and no such buffer.
         trim_idle_slots: a round runs over the batch's first slots up to its last unfinished
             request (their number rounded up to a power of two), not over all ``max_batch_size``
             of them: a server whose slots are mostly free decodes as fast as a smaller batch
@@ -111,6 +117,7 @@ class EngineConfig:
     time_phases: bool = False
     cuda_graphs: bool = False
     prefix_caching: bool = True
+    reuse_outputs: bool = True
     trim_idle_slots: bool = True
     prefill_chunk: int = 0
 
@@ -294,6 +301,8 @@ class Engine:
             batch = self.open_batch(min(len(chunk), size), max(self.cache_len_needed(len(r.prompt), r.budget) for r in chunk),
                                     started=started if len(chunks) > 1 else None, **{**options, "on_tokens": shift(on_tokens),
                                                         "stop_check": shift(stop_check)})
+            if len(chunk) <= batch.state.batch_size:  # (all admitted at once: no later prompt goes on from an output)
+                batch.history = None
             for request in chunk:
                 batch.add(request)
             rounds = 0
@@ -348,9 +357,11 @@ class Engine:
                                                                                                 stop_check),
                      logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                      prompt_top_logprobs=prompt_top_logprobs, started=started)
-        # a drafter that reads no target hidden states is admitted from tokens alone: a slot may keep
-        # its request's output for the next prompt too (the hidden states are kept over prompts only)
-        batch.prefixes.with_outputs = self.caches_prefixes and not self.drafter.hidden_layers
+        # a slot may keep its request's output for the next prompt too; a drafter that reads target
+        # hidden states needs them over the output as well: the rounds keep them
+        batch.prefixes.with_outputs = self.caches_prefixes and self.config.reuse_outputs
+        if batch.prefixes.with_outputs and self.drafter.hidden_layers:
+            batch.history = HiddenHistory(slots, batch.cache.max_len + gamma + 1)
         return batch
 
     @torch.inference_mode()
@@ -403,7 +414,8 @@ class Engine:
             batch.drafter_rows = rows
         round_state, cache = batch.head(rows, self.config.compile)
         batch.chunked = False
-        drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters)
+        drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters,
+                              batch.history)
         summary = self.scheduler.round_summary()
         batch.status = status = self._status(state, cache.lengths, summary, batch.stream)
         now = time.perf_counter()  # the status read waited for the device: the round is over
@@ -628,7 +640,8 @@ class Engine:
                          1).tolist()
         for b, i, row in zip(slots, requests, data):
             batch.outputs[i] = row[2 + len(batch.requests[i].prompt): 2 + row[0]]
-            batch.prefixes.extend(b, row[2: 2 + row[1]])  # (the tokens its cache rows hold)
+            batch.prefixes.extend(b, row[2: 2 + row[1]],  # (the tokens its cache rows hold)
+                                  batch.history and batch.history.rows(b))
         spans = [(len(batch.requests[i].prompt), len(batch.outputs[i])) for i in requests]
         wanted = [batch.requests[i].logprobs for i in requests]  # (−1: none; k: k likeliest)
         if batch.stopper.logprobs is not None:
@@ -845,10 +858,11 @@ class Engine:
         return status[:-size]
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
-               counters: RoundCounters) -> bool:
+               counters: RoundCounters, history: HiddenHistory | None = None) -> bool:
         """One speculative round over the rows of ``state`` (the batch's, or its first slots':
         :meth:`Batch.head`; finished requests among them ride along with nothing to verify);
-        returns whether it drafted."""
+        returns whether it drafted. ``history`` keeps the target's hidden states at the positions
+        fed (:attr:`EngineConfig.reuse_outputs`)."""
         params, gamma = state.params, self.drafter.gamma
         clock = _PhaseClock(self.config.time_phases, self.device)
         if state.penalties is not None:  # the history the penalties read: committed tokens so far
@@ -903,6 +917,8 @@ class Engine:
         emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1), out.logits)
         # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
         cache.rollback(num_new - emitted)
+        if history is not None:  # (from where each row's cache stood: the kept positions among them)
+            history.write(cache.lengths - emitted, [h[:, :self.drafter.gamma + 1] for h in out.hidden_states])
         kept = replace(result, num_accepted=(emitted - 1).clamp(min=0))
         self.drafter.commit(state, proposal, kept, out)
         predicted = None
@@ -999,6 +1015,7 @@ class Batch:
     prefilled_to: dict = field(default_factory=dict)  # slot → the positions its chunks hold so far
     chunked: bool = False  # whether the last step prefilled a chunk
     counted: set = field(default_factory=set)  # requests whose prompts the prefix-cache figures hold already
+    history: HiddenHistory | None = None  # the target's hidden states over outputs (EngineConfig.reuse_outputs)
 
     def __post_init__(self):
         slots = self.state.batch_size

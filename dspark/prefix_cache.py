@@ -11,9 +11,11 @@ token when the slot holds its whole prompt — and a slot keeps no logits). The 
 the target's hidden states over the whole prompt, as after a full prefill: those of the reused
 positions were kept with the slot (:class:`ResidentPrompt`), and so were the prompt's scores when
 they were computed. Requests admitted together share their common prefixes the same way, one
-request's freshly prefilled rows copied to another's (the engine's admission). Keys, values and
-hidden states depend only on the tokens up to their position, so reuse changes nothing but the
-work.
+request's freshly prefilled rows copied to another's (the engine's admission). A finished
+request's output counts too (a conversation's next turn: :meth:`SlotPrefixes.extend`); for a
+drafter that reads the target's hidden states, the rounds keep those over the positions they feed
+(:class:`HiddenHistory`). Keys, values and hidden states depend only on the tokens up to their
+position, so reuse changes nothing but the work.
 """
 
 from __future__ import annotations
@@ -124,14 +126,22 @@ class SlotPrefixes:
             shared = min(shared, resident.scores[0].shape[0] + 1)
         return max(shared - 1, 0)
 
-    def extend(self, slot: int, tokens: list[int]) -> None:
+    def extend(self, slot: int, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> None:
         """The request in ``slot`` ended with ``tokens`` (its prompt, then what it generated) in its
         cache rows: with :attr:`with_outputs`, a next prompt that goes on from them (a
-        conversation's next turn) reuses them too. Only for drafters that read no target hidden
-        states (the slot keeps those over the prompt alone)."""
+        conversation's next turn) reuses them too. A slot that keeps hidden states for the drafter
+        needs them over the generated positions as well: ``hidden``, the slot's rows of the
+        rounds' :class:`HiddenHistory` (``[≥ len(tokens), H]`` per layer; without them the slot
+        keeps its prompt alone)."""
         resident = self.resident[slot]
-        if self.with_outputs and resident is not None and tokens[:len(resident.tokens)] == resident.tokens:
-            resident.tokens = list(tokens)
+        if not (self.with_outputs and resident is not None and tokens[:len(resident.tokens)] == resident.tokens):
+            return
+        if resident.hidden:
+            if hidden is None:
+                return
+            kept = resident.hidden[0].shape[0]  # (the prompt's, from its prefill)
+            resident.hidden = [torch.cat([mine[:kept], rows[kept:len(tokens)]]) for mine, rows in zip(resident.hidden, hidden)]
+        resident.tokens = list(tokens)
 
     def copy(self, source: int, target: int) -> None:
         """``target`` now holds what ``source`` does (its cache rows were copied)."""
@@ -156,6 +166,37 @@ class SlotPrefixes:
             kept = None if top < 0 else [x[k, :n - 1, :top].clone() if x.dim() > 2 else x[k, :n - 1].clone()
                                          for x in scores[:3 if top > 0 else 1]]
             self.keep(slot, prompt, [h[k, :n].clone() for h in hidden_states], kept, top)
+
+
+class HiddenHistory:
+    """The target's hidden states at the positions the rounds feed, per slot (the drafter's layers):
+    what a slot keeps over its request's output, for a next prompt that goes on from it
+    (:meth:`SlotPrefixes.extend`). Written like the cache — every column a round feeds, from where
+    the row's cache stood; those past what it kept are overwritten by later rounds or never read.
+
+    Args:
+        slots: the batch's slots (rows). width: positions per row (the cache's, plus a round's
+            width: a round writes all its columns).
+    """
+
+    def __init__(self, slots: int, width: int):
+        self.slots, self.width = slots, width
+        self.layers: list[torch.Tensor] = []  # [slots, width, H] per layer (made on the first write)
+
+    def write(self, begin: torch.Tensor, hidden_states: list[torch.Tensor]) -> None:
+        """A round over the first ``B`` slots fed positions ``begin[b] + j`` ``[B]``; their hidden
+        states ``[B, W, H]`` per layer (``W`` ≤ ``width``)."""
+        if not self.layers:
+            self.layers = [h.new_zeros(self.slots, self.width, h.shape[-1]) for h in hidden_states]
+        rows, width = begin.shape[0], hidden_states[0].shape[1]
+        index = begin.unsqueeze(1) + torch.arange(width, device=begin.device)  # [B, W]
+        row = torch.arange(rows, device=begin.device).unsqueeze(1).expand(rows, width)
+        for layer, h in zip(self.layers, hidden_states):
+            layer.index_put_((row, index), h)
+
+    def rows(self, slot: int) -> list[torch.Tensor] | None:
+        """``slot``'s positions ``[width, H]`` per layer (views; ``None`` before any round)."""
+        return [layer[slot] for layer in self.layers] or None
 
 
 def valid_scores(start: int, resident: ResidentPrompt | None, computed: int) -> int:

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspark.prefix_cache import SlotPrefixes, common_prefix, with_prefixes
+from dspark.cache import StaticKVCache
+from dspark.prefix_cache import HiddenHistory, SlotPrefixes, common_prefix, with_prefixes
 
 from helpers import ragged_prompts, tiny_hf_model
 from test_speculative import PER_REQUEST, spec_pipeline
@@ -48,6 +49,19 @@ def test_with_prefixes_puts_suffix_outputs_back_at_their_positions():
     narrower = with_prefixes(relative, [torch.full((5, 1), -1.0), None], starts=[1, 0], counts=[1, 1], total=2)
     assert narrower[0].tolist() == [[-1, 0], [1, 2]]  # a slot that kept fewer likeliest tokens fills what it has
 
+
+
+def test_hidden_history_writes_each_round_s_columns_where_its_rows_stood():
+    history = HiddenHistory(slots=3, width=8)
+    assert history.rows(0) is None  # (no round yet)
+    first = torch.arange(2 * 3 * 2, dtype=torch.float64).view(2, 3, 2)  # a round over the first two slots, width 3
+    history.write(torch.tensor([1, 4]), [first, -first])
+    history.write(torch.tensor([2]), [torch.full((1, 2, 2), 7.0, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64)])  # one slot, width 2
+    (row0, neg0), (row1, _), (row2, _) = history.rows(0), history.rows(1), history.rows(2)
+    assert row0[:, 0].tolist() == [0, 0, 7, 7, 0, 0, 0, 0]  # position 1 from the first round, 2–3 overwritten
+    assert neg0[1].tolist() == [-0.0, -1.0] and neg0[2].tolist() == [0, 0]
+    assert row1[4:7].tolist() == first[1].tolist() and row1[:4].abs().sum() == 0
+    assert row2.abs().sum() == 0
 
 def decode_one_pair_at_a_time(session, pairs: list[list[dict]]) -> list:
     """Submit each pair of requests once the previous pair has finished; return the results."""
@@ -136,11 +150,12 @@ def test_reused_prefixes_keep_the_prompt_scores():
             assert result.prompt_logprobs is None
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "eagle3"])
-def test_a_conversation_s_next_turn_reuses_the_last_output_where_the_drafter_allows(drafter):
-    """A next turn — the last prompt, its output, a new message — decodes as alone; with a drafter
-    that reads no target hidden states it reuses the last output too (all but the last token,
-    which its cache rows never held, and the last shared one, fed again), with EAGLE-3 the prompt."""
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "eagle3"])
+def test_a_conversation_s_next_turn_reuses_the_last_output(drafter):
+    """A next turn — the last prompt, its output, a new message — decodes as alone and reuses the
+    last output too: all but its last token, which the cache rows never held, and the last shared
+    one, fed again; with DSpark and EAGLE-3 the hidden states over the output were kept by the
+    rounds (:class:`~dspark.prefix_cache.HiddenHistory`)."""
     target = tiny_hf_model("qwen3", scale=2.0)
     pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=2")
     session = pipe.session(max_len=48)
@@ -150,8 +165,45 @@ def test_a_conversation_s_next_turn_reuses_the_last_output_where_the_drafter_all
     second = decode_one_pair_at_a_time(session, [[follow_up]])[0]
     alone = pipe.generate([follow_up["prompt"]], **{k: v for k, v in follow_up.items() if k != "prompt"})
     assert second.token_ids == alone.token_ids[0]
-    reused = len(PREFIX) - 1 if drafter == "eagle3" else len(PREFIX) + 5 - 2
-    assert session.batch.prefixes.hits == reused
+    assert session.batch.prefixes.hits == len(PREFIX) + 5 - 2
+
+
+@pytest.mark.parametrize("drafter", ["none", "eagle3"])
+def test_reusing_outputs_can_be_switched_off(drafter):
+    """``engine.reuse_outputs=false``: a slot holds its last prompt alone (and the rounds keep no
+    hidden states)."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=2",
+                         "engine.reuse_outputs=false")
+    session = pipe.session(max_len=48)
+    first = decode_one_pair_at_a_time(session, [[dict(prompt=PREFIX, max_new_tokens=5, ignore_eos=True)]])[0]
+    follow_up = dict(prompt=PREFIX + first.token_ids + [3, 4], max_new_tokens=4)
+    second = decode_one_pair_at_a_time(session, [[follow_up]])[0]
+    assert second.token_ids == pipe.generate([follow_up["prompt"]], max_new_tokens=4).token_ids[0]
+    assert session.batch.prefixes.hits == len(PREFIX) - 1 and session.batch.history is None
+
+
+@pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
+def test_a_slot_keeps_the_target_s_hidden_states_over_its_output(drafter):
+    """After requests decoded over several rounds with rejections (sampled, float64, two of them
+    side by side, the second ending before the first), each slot's kept hidden states over its
+    prompt and output equal the target's own over those tokens, position for position: the rounds
+    wrote each fed position where its row's cache stood."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, drafter, 3, "target.dtype=float64", "engine.max_batch_size=4")
+    session = pipe.session(max_len=64)
+    decode_one_pair_at_a_time(session, [[dict(prompt=PREFIX, max_new_tokens=17, ignore_eos=True, seed=5, temperature=1.0),
+                                         dict(prompt=[9, 9, 9] + PREFIX[:5], max_new_tokens=9, ignore_eos=True, seed=6,
+                                              temperature=0.7)]])
+    model, layers = pipe.engine.target, pipe.drafter.hidden_layers
+    kept = [r for r in session.batch.prefixes.resident if r is not None]
+    assert len(kept) == 2 and sorted(len(r.tokens) for r in kept) == [8 + 9 - 1, 12 + 17 - 1]
+    for resident in kept:
+        cache = StaticKVCache.for_model(model, 1, 64)
+        out = model(torch.tensor([resident.tokens]), cache, hidden_layers=layers, kv_len=len(resident.tokens))
+        assert [h.shape[0] for h in resident.hidden] == [len(resident.tokens)] * len(layers)
+        for mine, theirs in zip(resident.hidden, out.hidden_states):
+            torch.testing.assert_close(mine, theirs[0], rtol=0, atol=1e-9)
 
 
 def test_prefix_caching_can_be_switched_off():
