@@ -58,6 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
                          "rendered by the template first (use the Python API's prompt_logprobs on the rendered text)")
     if args.stream and args.progress:
         raise SystemExit("dspark generate: --stream and --progress both draw on the terminal; choose one")
+    grammar = _grammar(args)
     pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
     streamer = None
     if args.stream:
@@ -74,6 +75,8 @@ def _generate(args: argparse.Namespace) -> int:
                     **_settings_per_line(flags, lines), progress=args.progress, on_tokens=streamer,
                     logprobs=args.logprobs or args.top_logprobs > 0, top_logprobs=args.top_logprobs,
                     prompt_logprobs=args.prompt_logprobs, prompt_top_logprobs=args.prompt_top_logprobs)
+    if grammar is not None:
+        settings["grammar"] = grammar
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -81,7 +84,12 @@ def _generate(args: argparse.Namespace) -> int:
         except ValueError as err:  # e.g. a tokenizer without a chat template
             raise SystemExit(f"dspark generate: {err}") from None
     else:
-        result = pipe.generate(prompts, **settings)
+        try:
+            result = pipe.generate(prompts, **settings)
+        except ValueError as err:
+            if grammar is None:
+                raise
+            raise SystemExit(f"dspark generate: {err}") from None
     if streamer is not None:
         streamer.finish()
         print(flush=True)
@@ -108,6 +116,33 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(asdict(result.stats), f, indent=2)
     return 0
+
+
+def _grammar(args: argparse.Namespace):
+    """The structured output ``--json-schema`` / ``--json`` / ``--regex`` / ``--choice`` / ``--grammar``
+    asks for (a :class:`~dspark.structured.Grammar`), or ``None``."""
+    from dspark.structured import Grammar
+
+    try:
+        if args.json_schema is not None or args.grammar is not None:
+            path = Path(args.json_schema or args.grammar)
+            if not path.is_file():
+                raise SystemExit(f"dspark generate: {'--json-schema' if args.json_schema else '--grammar'} {path} "
+                                 "is not a file")
+            if args.json_schema:
+                return Grammar.json_schema(path.read_text(), any_whitespace=not args.compact_json)
+            return Grammar.ebnf(path.read_text())
+        if args.compact_json:
+            raise SystemExit("dspark generate: --compact-json applies with --json-schema")
+        if args.json:
+            return Grammar.json()
+        if args.regex is not None:
+            return Grammar.regex(args.regex)
+        if args.choice:
+            return Grammar.choice(args.choice)
+    except ValueError as err:
+        raise SystemExit(f"dspark generate: {err}") from None
+    return None
 
 
 #: what a line of ``--prompts-file`` may set for its own request (besides ``max_new_tokens``)
@@ -511,6 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-new-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
     gen.add_argument("--stop", action="append",
                      help="a string that ends a request once generated (repeatable; kept in the output)")
+    structured = gen.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this schema (a JSON file)")
+    structured.add_argument("--json", action="store_true", help="the output is a JSON value")
+    structured.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+    structured.add_argument("--choice", action="append", metavar="TEXT",
+                            help="the output is one of these (repeatable)")
+    structured.add_argument("--grammar", metavar="FILE", help="the output follows this EBNF grammar (rule root)")
+    gen.add_argument("--compact-json", action="store_true",
+                     help="with --json-schema: no whitespace in the JSON but one space after : and , (a small model "
+                          "may otherwise spend its budget on newlines)")
     gen.add_argument("--print-ids", action="store_true", help="print token ids instead of text")
     gen.add_argument("--top-logprobs", type=int, default=0,
                      help="with each token, the K likeliest tokens there and their log-probabilities (implies --logprobs)")

@@ -41,6 +41,7 @@ from dspark.samplers.penalties import PenaltyHistory
 from dspark.scheduling.prefix import survival
 from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
+from dspark.structured import GrammarRows, constrain
 from dspark.verifiers import Verifier
 
 
@@ -251,7 +252,8 @@ class Engine:
                  min_new_tokens: int | Sequence[int] = 0,
                  stop_check: Callable[[int, list[int]], int | None] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0,
-                 prompt_logprobs: bool = False, prompt_top_logprobs: int = 0
+                 prompt_logprobs: bool = False, prompt_top_logprobs: int = 0,
+                 grammars: Sequence | None = None,
                  ) -> tuple[list[list[int]], GenerationStats, "Scores"]:
         """Decode token-id prompts (already validated); return generated ids, stats and the
         log-probabilities asked for (:class:`Scores`): with ``logprobs`` each generated token's
@@ -277,6 +279,9 @@ class Engine:
         ``on_tokens`` does (before it) and may end the request after the first ``k`` of them by
         returning ``k`` (:class:`~dspark.stop_strings.StopStrings`).
 
+        ``grammars``: a compiled grammar per request (``None``: unconstrained) that its output
+        follows, verified against the constrained target (:mod:`dspark.structured`).
+
         ``on_tokens(i, ids)``: called after prefill and after every round, for each request ``i``
         (its index in ``prompts``) that emitted tokens, with the ids it emitted (final: the
         concatenation of a request's calls is its output). The ids ride on the round's one host read."""
@@ -288,8 +293,11 @@ class Engine:
             if len(values) != count:
                 raise ValueError(f"{name} has {len(values)} entries for {count} prompts: give one per prompt")
         scores, prompt_scores = (top_logprobs if logprobs else -1), (prompt_top_logprobs if prompt_logprobs else -1)
-        requests = [Request(list(p), b, q, int(s), stop, m, scores, prompt_scores)
-                    for p, b, q, s, stop, m in zip(prompts, budgets, params, seeds, stops, min_new)]  # (stops: EOS in)
+        grammars = [None] * count if grammars is None else list(grammars)
+        if len(grammars) != count:
+            raise ValueError(f"grammars has {len(grammars)} entries for {count} prompts: give one per prompt")
+        requests = [Request(list(p), b, q, int(s), stop, m, scores, prompt_scores, g)
+                    for p, b, q, s, stop, m, g in zip(prompts, budgets, params, seeds, stops, min_new, grammars)]
         options = dict(on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs, top_logprobs=top_logprobs,
                        prompt_logprobs=prompt_logprobs, prompt_top_logprobs=prompt_top_logprobs)
         started = time.perf_counter()
@@ -322,13 +330,13 @@ class Engine:
 
     def request(self, prompt: list[int], *, max_new_tokens: int, params: SamplingParams, seed: int,
                 ignore_eos: bool = False, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
-                logprobs: int | None = None, prompt_logprobs: int | None = None) -> "Request":
+                logprobs: int | None = None, prompt_logprobs: int | None = None, grammar=None) -> "Request":
         """One request as :meth:`Batch.add` takes it (already validated; its stop ids are the
         engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``; ``logprobs``,
-        ``prompt_logprobs``: see :class:`Request`)."""
+        ``prompt_logprobs``, ``grammar``: see :class:`Request`)."""
         stops = _stop_ids(self.eos_token_ids, [ignore_eos], [list(stop_token_ids)], 1)[0]
         return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens), logprobs,
-                       prompt_logprobs)
+                       prompt_logprobs, grammar)
 
     def open_batch(self, slots: int, max_len: int, *, on_tokens=None, stop_check=None, logprobs: bool = False,
                    top_logprobs: int = 0, prompt_logprobs: bool = False, prompt_top_logprobs: int = 0,
@@ -415,7 +423,7 @@ class Engine:
         round_state, cache = batch.head(rows, self.config.compile)
         batch.chunked = False
         drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters,
-                              batch.history)
+                              batch.history, batch.grammars)
         summary = self.scheduler.round_summary()
         batch.status = status = self._status(state, cache.lengths, summary, batch.stream)
         now = time.perf_counter()  # the status read waited for the device: the round is over
@@ -618,6 +626,15 @@ class Engine:
         if params.penalized:  # the history is the prompt (for the new requests)
             state.penalties = PenaltyHistory.of(state.tokens, state.prompt_lengths, state.lengths, logits.shape[-1])
             first_logits = state.penalties.penalize_verify(first_logits, no_drafts.tokens, no_drafts.num_tokens, params)
+        if any(r.grammar is not None for r in requests) or batch.grammars is not None:
+            if batch.grammars is None:
+                batch.grammars = GrammarRows(slots, logits.shape[-1], batch.lookahead)
+            for b, r in zip(free, requests):
+                batch.grammars.admit(b, r.grammar, len(r.prompt))
+            constrained = batch.grammars.constrained(free)
+            if constrained:
+                masks = batch.grammars.first_masks(constrained)  # [k, V]
+                first_logits = constrain(first_logits, constrained, masks.view(-1, *[1] * (first_logits.dim() - 2), masks.shape[-1]))
         first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         batch.stopper.append(state, first.tokens, torch.tensor(admitted, device=device).long(), logits)
         state.max_cache_len = max(state.max_cache_len, longest)
@@ -666,6 +683,8 @@ class Engine:
         batch.stopper.release(slots)
         for b in slots:
             batch.holder[b] = -1
+            if batch.grammars is not None:
+                batch.grammars.release(b)
 
     def _prefill_rows(self, batch: "Batch", state: DecodingState, rows: torch.Tensor, prefilled: list[int],
                       which: list[int], starts: list[int], resident: list, asked: int, longest: int):
@@ -858,11 +877,13 @@ class Engine:
         return status[:-size]
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "_Stopper",
-               counters: RoundCounters, history: HiddenHistory | None = None) -> bool:
+               counters: RoundCounters, history: HiddenHistory | None = None,
+               grammars: GrammarRows | None = None) -> bool:
         """One speculative round over the rows of ``state`` (the batch's, or its first slots':
         :meth:`Batch.head`; finished requests among them ride along with nothing to verify);
         returns whether it drafted. ``history`` keeps the target's hidden states at the positions
-        fed (:attr:`EngineConfig.reuse_outputs`)."""
+        fed (:attr:`EngineConfig.reuse_outputs`); ``grammars`` constrain some requests' outputs
+        (:mod:`dspark.structured`)."""
         params, gamma = state.params, self.drafter.gamma
         clock = _PhaseClock(self.config.time_phases, self.device)
         if state.penalties is not None:  # the history the penalties read: committed tokens so far
@@ -904,10 +925,13 @@ class Engine:
             _round_up(state.max_cache_len + gamma + 1, self.config.kv_len_multiple), cache.max_len)
         out = self._round_forward(inputs, cache, num_new, hidden_layers=self.drafter.hidden_layers, kv_len=kv_len)
         # 4. verify: n_b accepted drafts, then the recovered or bonus token       tokens [B, γ+1]
-        #    (penalties: position j's history is the committed tokens and x_1..x_j)
+        #    (penalties, grammars: position j's history is the committed tokens and x_1..x_j)
         logits = stopper.suppress(out.logits, state)
         if state.penalties is not None:
             logits = state.penalties.penalize_verify(logits, proposal.tokens, num_verify, params)
+        constrained = [] if grammars is None else grammars.constrained([b for b, a in enumerate(active) if a])
+        if constrained:
+            logits = constrain(logits, constrained, grammars.round_masks(state, proposal.tokens, num_verify, constrained))
         result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:
@@ -963,7 +987,8 @@ class Request:
     """One request of a batch (:meth:`Engine.request`): its prompt and what it asks for
     (``stop_ids``: EOS unless it ignores it, then its stop tokens; ``logprobs``: −1 none, ``k ≥ 0``
     its tokens' log-probabilities and the ``k`` likeliest tokens at each position, ``None`` the
-    batch's setting; ``prompt_logprobs`` likewise for its prompt's tokens)."""
+    batch's setting; ``prompt_logprobs`` likewise for its prompt's tokens; ``grammar``: a compiled
+    grammar its output follows, :mod:`dspark.structured`)."""
 
     prompt: list[int]
     budget: int
@@ -973,6 +998,7 @@ class Request:
     min_new: int
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: object | None = None
 
     def released(self) -> "Request":
         """The same request without its prompt (a finished one whose output was read)."""
@@ -1016,6 +1042,7 @@ class Batch:
     chunked: bool = False  # whether the last step prefilled a chunk
     counted: set = field(default_factory=set)  # requests whose prompts the prefix-cache figures hold already
     history: HiddenHistory | None = None  # the target's hidden states over outputs (EngineConfig.reuse_outputs)
+    grammars: GrammarRows | None = None  # the constrained requests' matchers (made at the first such admission)
 
     def __post_init__(self):
         slots = self.state.batch_size

@@ -74,6 +74,46 @@ class Pipeline:
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
+        self._grammar_compiler = None
+
+    @property
+    def grammar_compiler(self):
+        """The :class:`~dspark.structured.GrammarCompiler` of this pipeline's vocabulary (made from
+        its tokenizer on first use; set one built from a list of token strings for a model without
+        a tokenizer)."""
+        if self._grammar_compiler is None:
+            from dspark.structured import GrammarCompiler
+
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the vocabulary's token strings: this pipeline has no "
+                                 "tokenizer; give one (target.tokenizer), or set pipe.grammar_compiler = "
+                                 "dspark.structured.GrammarCompiler(vocabulary=[...], vocab_size=..., stop_token_ids=...)")
+            self._grammar_compiler = GrammarCompiler(tokenizer=self.tokenizer, vocab_size=self.target.vocab_size,
+                                                     stop_token_ids=list(self.engine.eos_token_ids))
+        return self._grammar_compiler
+
+    @grammar_compiler.setter
+    def grammar_compiler(self, compiler) -> None:
+        self._grammar_compiler = compiler
+
+    def _grammars(self, grammar, count: int, ignore_eos: list[bool], min_new: list[int]) -> list | None:
+        """``generate``'s ``grammar`` checked and compiled, one per request (``None``: none asks)."""
+        if grammar is None:
+            return None
+        grammars = list(grammar) if isinstance(grammar, (list, tuple)) else [grammar] * count
+        if len(grammars) != count:
+            raise ValueError(f"grammar has {len(grammars)} entries for {count} prompts: give one per prompt, or one "
+                             "grammar for all")
+        for i, g in enumerate(grammars):
+            if g is None:
+                continue
+            if ignore_eos[i]:
+                raise ValueError(f"request {i}: a grammar ends its request at EOS once the output is complete; "
+                                 "ignore_eos cannot be set with it")
+            if min_new[i]:
+                raise ValueError(f"request {i}: min_new_tokens holds EOS back, which a complete output needs; "
+                                 "give a grammar or min_new_tokens, not both")
+        return [None if g is None else self.grammar_compiler.compile(g) for g in grammars]
 
     @property
     def target(self):
@@ -134,7 +174,8 @@ class Pipeline:
                  prompt_top_logprobs: int = 0,
                  repetition_penalty: float | list[float] = 1.0, presence_penalty: float | list[float] = 0.0,
                  frequency_penalty: float | list[float] = 0.0, no_repeat_ngram_size: int | list[int] = 0,
-                 logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None) -> GenerationResult:
+                 logit_bias: dict[int, float] | list[dict[int, float] | None] | None = None,
+                 grammar=None) -> GenerationResult:
         """Generate continuations of ``prompts``.
 
         Args:
@@ -168,6 +209,14 @@ class Pipeline:
                 ``ignore_eos``, ``stop_token_ids``, ``stop`` and ``min_new_tokens`` may be given per
                 request too: a list of bools, of id lists, of string lists (``None``: none for that
                 request), of ints.
+            grammar: structured output (:mod:`dspark.structured`): a
+                :class:`~dspark.structured.Grammar` — ``Grammar.json_schema(schema)``,
+                ``Grammar.json()``, ``Grammar.regex(pattern)``, ``Grammar.choice([...])``,
+                ``Grammar.ebnf(text)`` — for every request, or a list with one per request
+                (``None``: unconstrained). The output is a string of the grammar, ended by EOS
+                (so not with ``ignore_eos`` or ``min_new_tokens``) unless ``max_new_tokens``
+                comes first; drafts are verified against the constrained target, so it is exactly
+                constrained decoding's.
             progress: show a progress bar (default: ``engine.progress``).
             logprobs: also return each generated token's log-probability under the target
                 (:attr:`GenerationResult.logprobs`).
@@ -197,6 +246,7 @@ class Pipeline:
             frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias,
             ignore_eos=ignore_eos, stop_token_ids=stop_token_ids, stop=stop, min_new_tokens=min_new_tokens)
         self.engine.check_fits([len(p) for p in encoded], budgets)
+        grammars = self._grammars(grammar, len(encoded), ignore, min_new)
 
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show)
@@ -205,7 +255,7 @@ class Pipeline:
             encoded, max_new_tokens=budgets, params=params, seeds=seeds, ignore_eos=ignore, progress=bar,
             on_tokens=on_tokens, stop_token_ids=stop_ids, min_new_tokens=min_new, stop_check=stop_check,
             logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-            prompt_top_logprobs=prompt_top_logprobs)
+            prompt_top_logprobs=prompt_top_logprobs, grammars=grammars)
         if bar is not None:
             bar.close()
         texts = None

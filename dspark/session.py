@@ -168,7 +168,7 @@ class Session:
                seed: int | None = None, ignore_eos: bool = False, stop_token_ids: list[int] | None = None,
                stop: list[str] | None = None, min_new_tokens: int = 0, logprobs: bool | None = None,
                top_logprobs: int | None = None, prompt_logprobs: bool | None = None,
-               prompt_top_logprobs: int | None = None) -> int:
+               prompt_top_logprobs: int | None = None, grammar=None) -> int:
         """Queue one request (a string, with a tokenizer, or token ids) with ``generate``'s settings
         for one request; it joins the batch at the next :meth:`step` that finds a slot free.
         Everything is checked first (a bad value raises, and nothing is queued). ``seed=None``:
@@ -176,7 +176,8 @@ class Session:
         a session opened with ``logprobs=True, top_logprobs=K`` records them only for the requests
         that ask, up to ``K`` likeliest tokens, and costs the others nothing while none of those
         decodes). ``prompt_logprobs`` / ``prompt_top_logprobs``: likewise for the prompt's tokens
-        (lm-eval-harness's loglikelihood reads them), any request may ask. Returns the request's id:
+        (lm-eval-harness's loglikelihood reads them), any request may ask. ``grammar``: a
+        :class:`~dspark.structured.Grammar` its output follows. Returns the request's id:
         0, 1, … in submission order."""
         from dspark.pipeline import check_score_options
 
@@ -193,10 +194,12 @@ class Session:
             frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias,
             ignore_eos=ignore_eos, stop_token_ids=stop_token_ids, stop=stop, min_new_tokens=min_new_tokens)
         self.engine.check_fits([len(encoded[0])], budgets)
+        grammars = self.pipeline._grammars(grammar, 1, ignore, min_new)
         request = self.engine.request(encoded[0], max_new_tokens=budgets[0],
                                       params=params if not isinstance(params, list) else params[0], seed=seeds[0],
                                       ignore_eos=ignore[0], stop_token_ids=stop_ids[0], min_new_tokens=min_new[0],
-                                      logprobs=scores, prompt_logprobs=prompt_scores)
+                                      logprobs=scores, prompt_logprobs=prompt_scores,
+                                      grammar=None if grammars is None else grammars[0])
         index = self.batch.add(request)  # (refuses a request that does not fit max_len)
         self._checks.append(checks[0])
         return index

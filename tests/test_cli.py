@@ -351,3 +351,21 @@ def test_serve_flags_that_do_not_go_together():
         main(["serve", "--port", "0", "--stream", "--config", "ar"])
     with pytest.raises(SystemExit, match="--max-logprobs applies with --port"):
         main(["serve", "--max-logprobs", "2", "--config", "ar"])
+
+
+def test_generate_structured_outputs(capsys, tmp_path):
+    """``--choice``, ``--regex``, ``--json-schema``: the printed output follows each; a grammar that
+    does not compile, or a missing schema file, is a clear error before any decoding."""
+    base = ["generate", "def parse(config):", "--config", "eagle3", "--max-new-tokens", "24", "target.device=cpu"]
+    assert main([*base, "--choice", "yes", "--choice", "not sure", "--temperature", "1"]) == 0
+    assert capsys.readouterr().out.strip() in {"yes", "not sure"}
+    assert main([*base, "--regex", "[0-9]{2,4}"]) == 0
+    assert re.fullmatch(r"[0-9]{2,4}", capsys.readouterr().out.strip())
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}')
+    assert main([*base, "--json-schema", str(schema), "--compact-json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["n"], int)
+    with pytest.raises(SystemExit, match="regex grammar does not compile: Regex parsing error"):
+        main([*base, "--regex", "("])
+    with pytest.raises(SystemExit, match="is not a file"):
+        main([*base, "--json-schema", str(tmp_path / "missing.json")])

@@ -188,6 +188,12 @@ class OpenAIServer:
                 job.prompt_ids = self.pipeline.encode(job.prompts)
             except (ValueError, TypeError) as err:
                 raise ProtocolError(str(err), "prompt") from None
+        grammar = job.settings.get("grammar")
+        if grammar is not None:  # (compiled here, not on the engine's thread: a schema may take a while)
+            try:
+                self.pipeline.grammar_compiler.compile(grammar)
+            except (ValueError, TypeError, ImportError) as err:
+                raise ProtocolError(str(err), "response_format") from None
         scores = {} if not self.max_logprobs else dict(logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0)
         if job.echo and job.logprobs is not None:
             scores.update(prompt_logprobs=True, prompt_top_logprobs=job.logprobs)

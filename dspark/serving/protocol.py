@@ -75,10 +75,13 @@ class Job:
         self.choices = len(self.prompts) * self.n
 
 
+# vLLM's older structured-output fields (one of them at most, or structured_outputs, or response_format)
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # fields each endpoint reads (others are refused, naming them); "user" is accepted and ignored
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p", "repetition_penalty",
-           "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "no_repeat_ngram_size"}
+           "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "no_repeat_ngram_size",
+           "response_format", "structured_outputs", *GUIDED}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "chat_template_kwargs"}
 
@@ -148,7 +151,13 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
         ignore_eos=_boolean(body, "ignore_eos", False),
         stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
         stop=stops or None,
+        grammar=_grammar(body),
     )
+    if settings["grammar"] is not None:  # (a grammar ends its request at EOS, once the output is complete)
+        for name, off in (("ignore_eos", not settings["ignore_eos"]), ("min_tokens", not settings["min_new_tokens"])):
+            if not off:
+                raise ProtocolError(f"{name} cannot be set with a structured output (response_format, "
+                                    "structured_outputs, guided_*): it ends at EOS once complete", name)
     if settings["min_new_tokens"] > max_tokens:
         raise ProtocolError(f"min_tokens ({settings['min_new_tokens']}) must not exceed {budget_field} ({max_tokens})",
                             "min_tokens")
@@ -198,6 +207,57 @@ def parse_detokenize(body, *, model: str, vocab_size: int) -> list[int]:
     if outside:
         raise ProtocolError(f"tokens {outside[:5]} are outside the vocabulary (0..{vocab_size - 1})", "tokens")
     return tokens
+
+
+def _grammar(body: dict):
+    """The structured output a request asks for (a :class:`~dspark.structured.Grammar`, or ``None``):
+    OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``), vLLM's
+    ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its
+    older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` — one of them."""
+    from dspark.structured import Grammar
+
+    given = [name for name in ("response_format", "structured_outputs", *GUIDED) if body.get(name) is not None]
+    if len(given) > 1:
+        raise ProtocolError(f"give one structured output at most, got {given}", given[1])
+    if not given:
+        return None
+    name, value = given[0], body[given[0]]
+    try:
+        if name == "response_format":
+            if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+                raise ProtocolError('response_format must be {"type": "text" | "json_object" | "json_schema", ...}',
+                                    name)
+            if value["type"] == "text":
+                return None
+            if value["type"] == "json_object":
+                return Grammar.json()
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ProtocolError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                                    name)
+            return Grammar.json_schema(spec["schema"])
+        if name == "structured_outputs":
+            kinds = {"json", "regex", "choice", "grammar", "json_object"}
+            chosen = [k for k in kinds if isinstance(value, dict) and value.get(k) not in (None, False)]
+            if not isinstance(value, dict) or set(value) - kinds - {"disable_any_whitespace"} or len(chosen) != 1:
+                raise ProtocolError(f"structured_outputs must hold one of {sorted(kinds)} (and disable_any_whitespace)",
+                                    name)
+            name, value = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+                           "grammar": "guided_grammar", "json_object": "json_object"}[chosen[0]], value[chosen[0]]
+            if name == "json_object":
+                return Grammar.json()
+            if name == "guided_json":
+                return Grammar.json_schema(value, any_whitespace=not body["structured_outputs"].get(
+                    "disable_any_whitespace", False))
+        if name == "guided_json":
+            return Grammar.json_schema(value)
+        if name == "guided_regex":
+            return Grammar.regex(value)
+        if name == "guided_choice":
+            return Grammar.choice(value)
+        return Grammar.ebnf(value)
+    except (ValueError, TypeError) as err:
+        raise ProtocolError(str(err), given[0]) from None
 
 
 def _template_kwargs(body: dict) -> dict | None:

@@ -273,6 +273,32 @@ def test_a_client_that_goes_away_is_aborted(server, reference, stream):
     assert body["choices"][0]["text"] == alone(reference, PROMPTS[1], max_new_tokens=8)
 
 
+def test_structured_outputs(server, reference):
+    """``guided_choice`` and ``response_format`` with a JSON schema: each choice is ``generate``
+    alone under the same grammar (sampled, seeded); the choices are among the options and the
+    schema's outputs parse; a grammar that does not compile gets a 400 naming the field."""
+    options = ["yes", "no", "maybe later"]
+    status, body = request(server, "POST", "/v1/completions", {
+        "prompt": PROMPTS[0], "n": 2, "max_tokens": 8, "temperature": 1.0, "seed": 3, "guided_choice": options})
+    assert status == 200
+    expected = [alone(reference, PROMPTS[0], max_new_tokens=8, temperature=1.0, seed=3 + k,
+                      grammar=dspark.Grammar.choice(options)) for k in range(2)]
+    assert [c["text"] for c in body["choices"]] == expected and set(expected) <= set(options)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    messages = [{"role": "user", "content": "ok?"}]
+    status, body = request(server, "POST", "/v1/chat/completions", {
+        "messages": messages, "max_tokens": 24, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}})
+    assert status == 200
+    text = body["choices"][0]["message"]["content"]
+    prompt = reference.tokenizer.apply_chat_template(messages, chat_template=TEMPLATE, add_generation_prompt=True,
+                                                     tokenize=False)
+    assert text == alone(reference, reference.encode([prompt])[0], max_new_tokens=24,
+                         grammar=dspark.Grammar.json_schema(schema))
+    assert body["choices"][0]["finish_reason"] == "stop" and isinstance(json.loads(text)["ok"], bool)
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "guided_regex": "(a"})
+    assert status == 400 and body["error"]["param"] == "response_format" and "does not compile" in body["error"]["message"]
+
 def test_errors_and_the_other_routes(server):
     status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "temperature": -1})
     assert status == 400 and body["error"]["param"] == "temperature" and body["error"]["type"] == "invalid_request_error"

@@ -79,6 +79,14 @@ def test_echo():
     ({"prompt": "x", "logprobs": 6}, "logprobs", r"at most 5 \(--max-logprobs\)"),
     ({"prompt": "x", "tools": []}, "tools", r"unsupported fields \['tools'\]"),
     ({"prompt": "x", "ignore_eos": 1}, "ignore_eos", "ignore_eos must be true or false"),
+    ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format", "text\" \\| \"json_object"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format", "needs .*schema"),
+    ({"prompt": "x", "guided_choice": []}, "guided_choice", "non-empty list"),
+    ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one structured output at most"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "one of"),
+    ({"prompt": "x", "guided_json": "{"}, "guided_json", "not valid JSON"),
+    ({"prompt": "x", "guided_regex": "a", "ignore_eos": True}, "ignore_eos", "cannot be set with a structured output"),
+    ({"prompt": "x", "guided_regex": "a", "min_tokens": 2}, "min_tokens", "cannot be set with a structured output"),
 ])
 def test_bad_fields_are_named(body, param, message):
     if message is None:
@@ -135,3 +143,24 @@ def test_logprobs_bodies():
     text = logprobs_body(False, ["ab", "c"], [-0.5, -1.0], [[("ab", -0.5)], [("c", -1.0)]])
     assert text == {"tokens": ["ab", "c"], "token_logprobs": [-0.5, -1.0], "top_logprobs": [{"ab": -0.5}, {"c": -1.0}],
                     "text_offset": [0, 2]}
+
+
+def test_structured_outputs_are_read_from_the_openai_and_vllm_fields():
+    from dspark.structured import Grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    read = lambda extra, chat=False: parse(  # noqa: E731
+        {("messages" if chat else "prompt"): [{"role": "user", "content": "x"}] if chat else "x", **extra},
+        chat=chat).settings["grammar"]
+    assert read({}) is None and read({"response_format": {"type": "text"}}) is None
+    assert read({"response_format": {"type": "json_object"}}, chat=True) == Grammar.json()
+    assert read({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}},
+                chat=True) == Grammar.json_schema(schema)
+    assert read({"guided_json": schema}) == Grammar.json_schema(schema)
+    assert read({"guided_regex": "[ab]+"}) == Grammar.regex("[ab]+")
+    assert read({"guided_choice": ["yes", "no"]}) == Grammar.choice(["yes", "no"])
+    assert read({"guided_grammar": 'root ::= "a"'}) == Grammar.ebnf('root ::= "a"')
+    assert read({"structured_outputs": {"json": schema, "disable_any_whitespace": True}}) == Grammar.json_schema(
+        schema, any_whitespace=False)
+    assert read({"structured_outputs": {"choice": ["yes", "no"]}}) == Grammar.choice(["yes", "no"])
+    assert read({"structured_outputs": {"json_object": True}}) == Grammar.json()

@@ -1,0 +1,260 @@
+"""Structured outputs: a request's output constrained by a grammar — a JSON schema, any JSON, a
+regular expression, a list of choices or an EBNF grammar (vLLM's and SGLang's structured outputs,
+through the same library, `xgrammar <https://github.com/mlc-ai/xgrammar>`_).
+
+A grammar turns the target's distribution at each position into the *constrained* one: tokens
+that cannot continue a string of the grammar get probability 0 (their logits −∞, after the
+penalties and before the sampler's processing), and EOS is allowed exactly where the output is a
+complete string. Speculative decoding stays lossless with respect to that distribution: the mask
+at verify position ``j`` is the grammar's after the committed tokens *and the drafts* ``x_1..x_j``
+(the drafts are walked through the grammar, then rolled back), so the target scores each draft as
+constrained decoding would after the same prefix. A draft the grammar forbids has probability 0
+and is rejected; the positions after it are never used. The drafters themselves are not
+constrained (their drafts only lose acceptance where they stray).
+
+Objects:
+
+* :class:`Grammar` — what a request asks for (a frozen spec: kind and text), from
+  :meth:`Grammar.json_schema`, :meth:`Grammar.json`, :meth:`Grammar.regex`, :meth:`Grammar.choice`,
+  :meth:`Grammar.ebnf`;
+* :class:`GrammarCompiler` — compiles specs for one vocabulary (a tokenizer's, or a list of token
+  strings), cached;
+* :class:`GrammarRows` — a batch's matchers, one per slot, and the masks of a round.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("json_schema", "json", "regex", "choice", "ebnf")
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as err:  # (an optional dependency: pip install "dspark[structured]")
+        raise ImportError("structured outputs need the xgrammar package: pip install xgrammar "
+                          "(or the project's structured extra)") from err
+    return xgrammar
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on a request's output (compile it with :class:`GrammarCompiler`).
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        text: the JSON schema (JSON text), the regular expression, the choices (a JSON list of
+            strings) or the EBNF grammar; empty for ``json`` (any JSON value: xgrammar's built-in
+            JSON grammar, what vLLM gives OpenAI's ``json_object``).
+        any_whitespace: ``json_schema``: any whitespace between tokens of the JSON (``False``: one
+            space after ``:`` and ``,``, none elsewhere — vLLM's ``disable_any_whitespace``; a
+            small model may otherwise fill its budget with newlines).
+    """
+
+    kind: str
+    text: str = ""
+    any_whitespace: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown grammar kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        if not isinstance(self.text, str):
+            raise TypeError(f"a grammar's text is a str, got {type(self.text).__name__}")
+
+    @classmethod
+    def json_schema(cls, schema: dict | str, *, any_whitespace: bool = True) -> "Grammar":
+        """Output that is JSON valid under ``schema`` (a dict, or its JSON text)."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"the JSON schema is not valid JSON: {err}") from err
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"a JSON schema is an object (or true/false), got {type(schema).__name__}")
+        return cls("json_schema", json.dumps(schema, sort_keys=True), bool(any_whitespace))
+
+    @classmethod
+    def json(cls) -> "Grammar":
+        """Any JSON value (OpenAI's ``response_format: {"type": "json_object"}``, as vLLM serves it)."""
+        return cls("json")
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Grammar":
+        """Output that matches ``pattern`` whole."""
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"a regex grammar needs a non-empty pattern, got {pattern!r}")
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, options: list[str]) -> "Grammar":
+        """Output that is exactly one of ``options`` (vLLM's ``guided_choice``)."""
+        if (not isinstance(options, (list, tuple)) or not options
+                or not all(isinstance(o, str) and o for o in options)):
+            raise ValueError(f"choices are a non-empty list of non-empty strings, got {options!r}")
+        return cls("choice", json.dumps(list(options)))
+
+    @classmethod
+    def ebnf(cls, grammar: str) -> "Grammar":
+        """Output derived from the rule ``root`` of an EBNF (GBNF) grammar."""
+        if not isinstance(grammar, str) or "root" not in grammar:
+            raise ValueError("an EBNF grammar is a str that defines the rule root ::= ...")
+        return cls("ebnf", grammar)
+
+
+class GrammarCompiler:
+    """Compiles :class:`Grammar` specs for one vocabulary; each spec once (cached).
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (its vocabulary, decoded as the model emits it), or
+        vocabulary: the token strings themselves, ``vocabulary[i]`` token ``i``'s text (models
+            without a tokenizer; tests).
+        vocab_size: the model's vocabulary (its logits' width; may exceed the tokenizer's).
+        stop_token_ids: the tokens that end a request (EOS): allowed where the output is complete.
+    """
+
+    def __init__(self, *, tokenizer=None, vocabulary: list[str] | None = None, vocab_size: int,
+                 stop_token_ids: list[int]):
+        if (tokenizer is None) == (vocabulary is None):
+            raise ValueError("give a tokenizer or a vocabulary (a list of token strings), one of them")
+        if not stop_token_ids:
+            raise ValueError("structured outputs need an EOS token (a grammar ends its request at EOS once the output "
+                             "is complete); the model and tokenizer define none")
+        xgr = _xgrammar()
+        self.vocab_size, self.stop_token_ids = vocab_size, list(stop_token_ids)
+        if tokenizer is not None:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
+        else:
+            if len(vocabulary) > vocab_size:
+                raise ValueError(f"the vocabulary has {len(vocabulary)} tokens, more than the model's {vocab_size}")
+            info = xgr.TokenizerInfo(list(vocabulary), xgr.VocabType.RAW, vocab_size=vocab_size,
+                                     stop_token_ids=self.stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiled: dict[Grammar, object] = {}
+
+    def compile(self, grammar: Grammar):
+        """``grammar`` compiled (an ``xgrammar.CompiledGrammar``); ``ValueError`` naming the problem
+        when the spec is not a valid one of its kind."""
+        if not isinstance(grammar, Grammar):
+            raise TypeError(f"a grammar is a dspark.structured.Grammar (Grammar.json_schema(...), .regex(...), "
+                            f".choice([...]), .json(), .ebnf(...)), got {type(grammar).__name__}")
+        compiled = self._compiled.get(grammar)
+        if compiled is None:
+            compiler = self._compiler
+            try:
+                if grammar.kind == "json_schema":
+                    compiled = compiler.compile_json_schema(grammar.text, any_whitespace=grammar.any_whitespace)
+                elif grammar.kind == "json":
+                    compiled = compiler.compile_builtin_json_grammar()
+                elif grammar.kind == "regex":
+                    compiled = compiler.compile_regex(grammar.text)
+                elif grammar.kind == "choice":
+                    compiled = compiler.compile_regex("|".join(_regex_literal(o) for o in json.loads(grammar.text)))
+                else:
+                    compiled = compiler.compile_grammar(grammar.text)
+            except (RuntimeError, ValueError) as err:  # (xgrammar's parse errors)
+                first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                first = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first)  # (xgrammar's time and source line)
+                raise ValueError(f"the {grammar.kind} grammar does not compile: {first}") from err
+            self._compiled[grammar] = compiled
+        return compiled
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` as a regex matching itself alone (every character outside [A-Za-z0-9 ] escaped)."""
+    return "(" + "".join(c if c.isalnum() or c == " " else "\\" + c if c.isascii() else c for c in text) + ")"
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """xgrammar's token bitmask ``[..., ⌈V/32⌉]`` int32 (bit ``v % 32`` of word ``v // 32``: token
+    ``v`` allowed) → ``[..., V]`` bool."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # (an arithmetic shift of a negative word keeps bit v)
+    return allowed.flatten(-2)[..., :vocab_size].bool()
+
+
+class GrammarRows:
+    """The matchers of a batch's constrained requests, one per slot (``None``: unconstrained), and
+    how many of its generated tokens each has taken (``taken``): a matcher follows its request a
+    round behind, taking the tokens the last round committed when the next one asks for masks.
+
+    Args:
+        slots: the batch's slots. vocab_size: the logits' width. lookahead: a round's widest
+            verify (γ + 1 positions).
+    """
+
+    def __init__(self, slots: int, vocab_size: int, lookahead: int):
+        self.vocab_size, self.lookahead = vocab_size, lookahead
+        self.matchers: list = [None] * slots
+        self.taken = [0] * slots
+        self.prompt_lengths = [0] * slots
+
+    def admit(self, slot: int, compiled, prompt_length: int) -> None:
+        """``slot`` now holds a request constrained by ``compiled`` (or none: ``None``)."""
+        if compiled is None:
+            self.matchers[slot] = None
+            return
+        xgr = _xgrammar()
+        self.matchers[slot] = xgr.GrammarMatcher(compiled)  # (rollbacks: unlimited)
+        self.taken[slot], self.prompt_lengths[slot] = 0, prompt_length
+
+    def release(self, slot: int) -> None:
+        """``slot``'s request ended: its matcher goes."""
+        self.matchers[slot] = None
+
+    def constrained(self, slots: list[int]) -> list[int]:
+        """Those of ``slots`` whose requests are constrained."""
+        return [b for b in slots if self.matchers[b] is not None]
+
+    def first_masks(self, slots: list[int]) -> torch.Tensor:
+        """The allowed first tokens of the constrained requests just admitted in ``slots`` ``[k, V]`` bool."""
+        xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(len(slots), self.vocab_size)
+        for k, b in enumerate(slots):
+            self.matchers[b].fill_next_token_bitmask(bitmask, k)
+        return unpack_bitmask(bitmask, self.vocab_size)
+
+    def round_masks(self, state, drafts: torch.Tensor, num_verify: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """The allowed tokens at each verify position of the constrained requests in ``slots``
+        (rows of the round's ``state``): position ``j`` after their committed tokens and the drafts
+        ``x_1..x_j`` ``[k, W, V]`` bool, ``W = drafts.shape[1] + 1``. One host read: the tokens
+        committed since the matchers last took some, the lengths, the drafts and how many of them
+        are verified. Positions past a draft the grammar forbids (it is rejected there, whatever
+        the sampler draws), or past the end of a complete output, allow every token: never read."""
+        xgr = _xgrammar()
+        device, width = drafts.device, drafts.shape[1] + 1
+        rows = torch.tensor(slots, device=device)
+        starts = torch.tensor([self.prompt_lengths[b] + self.taken[b] for b in slots], device=device)
+        window = state.tokens[rows].gather(1, (starts.unsqueeze(1) + torch.arange(self.lookahead + 1, device=device))
+                                           .clamp(max=state.tokens.shape[1] - 1))
+        read = torch.cat([state.lengths[rows].unsqueeze(1), num_verify[rows].unsqueeze(1), window, drafts[rows]], 1).tolist()
+        bitmask = xgr.allocate_token_bitmask(len(slots) * width, self.vocab_size)  # (all allowed)
+        for k, (b, row) in enumerate(zip(slots, read)):
+            matcher, length, verified = self.matchers[b], row[0], row[1]
+            new = row[2: 2 + length - self.prompt_lengths[b] - self.taken[b]]  # (a round's at most: γ + 1)
+            for token in new:
+                if not matcher.accept_token(token):
+                    raise RuntimeError(f"slot {b}: a committed token {token} breaks its grammar (a mask was not applied)")
+            self.taken[b] += len(new)
+            walked = 0
+            for j in range(verified + 1):
+                if matcher.is_terminated():
+                    break
+                matcher.fill_next_token_bitmask(bitmask, k * width + j)
+                if j == verified or not matcher.accept_token(row[3 + self.lookahead + j]):
+                    break
+                walked += 1
+            if walked:
+                matcher.rollback(walked)
+        return unpack_bitmask(bitmask.to(device), self.vocab_size).view(len(slots), width, self.vocab_size)
+
+
+def constrain(logits: torch.Tensor, slots: list[int], allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[B, W, V]`` (or ``[B, V]``) with the rows ``slots`` masked: −∞ where ``allowed``
+    ``[k, W, V]`` (``[k, V]``) is false. A new tensor: the raw logits stay for log-probabilities."""
+    rows = torch.tensor(slots, device=logits.device)
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))

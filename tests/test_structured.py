@@ -1,0 +1,221 @@
+"""Structured outputs: a grammar's mask at each verify position follows the committed tokens and
+the drafts before it, and speculative decoding under a grammar gives exactly constrained
+decoding's outputs — greedy token for token, sampled by a chi-square test against the
+constrained target's joint, enumerated in float64 with the masks worked out by hand."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dspark
+from dspark.records import DecodingState, SamplingParams
+from dspark.structured import Grammar, GrammarCompiler, GrammarRows, unpack_bitmask
+
+from helpers import chi_square_p_value, tiny_hf_model
+from test_speculative import spec_pipeline
+
+VOCAB = 12
+EOS = 11
+# each token's text; the choices need two tokens at least, so EOS comes third at the earliest
+TEXT = ["a", "b", "c", "ab", "ba", "ca", "bc", "aa", "cc", "x", "bb", "</s>"]
+CHOICES = ["abca", "baab", "ccab", "aabc", "bcbcbc", "abab", "cabb"]
+PROMPT = [3, 7, 1]
+
+
+def tiny_pair():
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=16, scale=12.0, eos_token_id=EOS)
+    return tiny_hf_model("llama", **shape), tiny_hf_model("llama", seed=3, num_hidden_layers=1, **shape)
+
+
+def compiler() -> GrammarCompiler:
+    return GrammarCompiler(vocabulary=TEXT, vocab_size=VOCAB, stop_token_ids=[EOS])
+
+
+def pipeline(drafter: str, *overrides):
+    target, draft = tiny_pair()
+    pipe = spec_pipeline(target, drafter, 3, *overrides, draft=draft)
+    pipe.grammar_compiler = compiler()
+    return pipe
+
+
+def allowed_by_hand(tokens: list[int]) -> set[int]:
+    """The tokens that may follow ``tokens`` under ``Grammar.choice(CHOICES)``: those that keep the
+    text a prefix of a choice, and EOS where it is one."""
+    text = "".join(TEXT[t] for t in tokens)
+    allowed = {t for t in range(VOCAB) if t != EOS and any(c.startswith(text + TEXT[t]) for c in CHOICES)}
+    return allowed | ({EOS} if text in CHOICES else set())
+
+
+@given(st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=2, max_size=2), st.integers(33, 64))
+def test_unpack_bitmask_reads_bit_v_mod_32_of_word_v_div_32(words, vocab):
+    bitmask = torch.tensor(words, dtype=torch.int32)
+    expected = [bool((words[v // 32] >> (v % 32)) & 1) for v in range(vocab)]
+    assert unpack_bitmask(bitmask, vocab).tolist() == expected
+
+
+def test_round_masks_follow_the_committed_tokens_and_the_drafts():
+    """Rows of a round: their masks at position j are the grammar's after the committed output
+    and drafts 1..j, as worked out by hand, up to the first draft the grammar forbids (the rest
+    allow everything: never read); the matchers take the committed tokens once and roll the
+    drafts back."""
+    compiled = compiler().compile(Grammar.choice(CHOICES))
+    rows = GrammarRows(slots=3, vocab_size=VOCAB, lookahead=4)
+    rows.admit(0, compiled, prompt_length=3)
+    rows.admit(2, compiled, prompt_length=2)
+    assert rows.constrained([0, 1, 2]) == [0, 2]
+    first = rows.first_masks([0, 2])
+    assert set(first[0].nonzero().flatten().tolist()) == allowed_by_hand([])
+    tokens = torch.zeros(3, 16, dtype=torch.long)
+    tokens[0, :4] = torch.tensor(PROMPT + [3])  # committed: "ab"
+    tokens[2, :3] = torch.tensor([5, 5, 4])  # committed: "ba"
+    state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([3, 0, 2]), lengths=torch.tensor([4, 0, 3]),
+                          done=torch.tensor([False, True, False]), max_new_tokens=8, params=SamplingParams())
+    drafts = torch.tensor([[5, EOS, 0], [0, 0, 0], [7, 9, 1]])  # "ca", EOS, "a"; —; "aa" (forbidden), "x", "b"
+    masks = rows.round_masks(state, drafts, torch.tensor([3, 0, 3]), [0, 2])
+    assert masks.shape == (2, 4, VOCAB)
+    allowed = [set(m.nonzero().flatten().tolist()) for row in masks for m in row]
+    everything = set(range(VOCAB))
+    assert allowed[:4] == [allowed_by_hand([3]), allowed_by_hand([3, 5]), everything, everything] == [
+        {0, 2, 3, 5}, {EOS}, everything, everything]  # ("ab" → a, ab, c, ca; "abca" → EOS alone; past EOS: never read)
+    assert allowed[4:] == [allowed_by_hand([4]), everything, everything, everything] == [
+        {0, 3}, everything, everything, everything]  # ("ba" → "a", "ab"; "aa" is forbidden: the rest never read)
+    assert rows.taken == [1, 0, 1]  # the committed tokens taken once; the drafts rolled back
+    tokens[0, 4], state.lengths[0] = 5, 5  # the round kept "ca": "abca" — EOS alone may follow
+    masks = rows.round_masks(state, drafts[:, :0], torch.tensor([0, 0, 0]), [0])
+    assert masks[0, 0].nonzero().flatten().tolist() == [EOS]
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "draft_model", "dspark", "eagle3"])
+def test_greedy_constrained_speculative_equals_constrained_autoregressive(drafter):
+    """Greedy, several prompts in a batch, each with its own grammar (choices, a regex, none):
+    token for token as the ``none`` pipeline decodes them; each output is a string of its grammar
+    followed by EOS, or cut by max_new_tokens; the unconstrained request decodes as without
+    grammars."""
+    grammars = [Grammar.choice(CHOICES), Grammar.regex("(ab|c)+x"), None, Grammar.regex("(ba|a)+b?")]
+    prompts = [PROMPT, [2, 2, 9], [1, 4], [6]]
+    plain, fast = pipeline("none", "engine.max_batch_size=4"), pipeline(drafter, "engine.max_batch_size=4")
+    expected = plain.generate(prompts, max_new_tokens=10, grammar=grammars).token_ids
+    assert fast.generate(prompts, max_new_tokens=10, grammar=grammars).token_ids == expected
+    assert expected[2] == plain.generate([prompts[2]], max_new_tokens=10).token_ids[0]
+    assert "".join(TEXT[t] for t in expected[0][:-1]) in CHOICES and expected[0][-1] == EOS
+
+
+def constrained_joint(target, params) -> torch.Tensor:
+    """P(y1, y2, y3 | PROMPT) of the target constrained by ``Grammar.choice(CHOICES)`` with the
+    sampler's processing, enumerated in float64 ``[V, V, V]`` (masks from :func:`allowed_by_hand`)."""
+    from dspark.models import load_model
+    from dspark.samplers import DefaultSampler
+
+    model, sampler = load_model(target, dtype="float64"), DefaultSampler()
+    seqs = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(VOCAB), repeat=2)])
+    with torch.inference_mode():
+        logits = model(seqs, model.new_cache(len(seqs), 8)).logits.clone()  # [V*V, 5, V]
+        for n, seq in enumerate(seqs.tolist()):
+            for t in range(len(PROMPT) - 1, len(seq)):
+                allowed = allowed_by_hand(seq[len(PROMPT): t + 1])
+                if allowed:  # (an impossible prefix has probability 0: its row is never read)
+                    logits[n, t, [v for v in range(VOCAB) if v not in allowed]] = -float("inf")
+        p = sampler.probs(logits, params)
+    p1, p2, p3 = p[0, 2], p[:, 3].view(VOCAB, VOCAB, VOCAB)[:, 0], p[:, 4].view(VOCAB, VOCAB, VOCAB)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def sampled_joint(pipe, params, samples: int = 20000) -> torch.Tensor:
+    counts, batch = torch.zeros(VOCAB ** 3, dtype=torch.long), 5000
+    for start in range(0, samples, batch):
+        ids = torch.tensor(pipe.generate([PROMPT] * batch, max_new_tokens=3, temperature=params.temperature,
+                                         top_k=params.top_k, seed=1000 + start, grammar=Grammar.choice(CHOICES)).token_ids)
+        counts += torch.bincount(ids[:, 0] * VOCAB * VOCAB + ids[:, 1] * VOCAB + ids[:, 2], minlength=VOCAB ** 3)
+    return counts.view(VOCAB, VOCAB, VOCAB)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "dspark", "eagle3"])
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)], ids=["t1", "top_k_3"])
+def test_chi_square_constrained_joint_of_first_three_tokens(drafter, params):
+    """Sampling under a grammar gives the constrained target's joint of the first three tokens
+    (they reach EOS at the earliest): 20,000 samples, chi-square at significance 0.001, fixed seeds."""
+    target, _ = tiny_pair()
+    exact = constrained_joint(target, params)
+    assert chi_square_p_value(sampled_joint(pipeline(drafter, "engine.max_batch_size=5000"), params), exact) > 1e-3
+
+
+def test_chi_square_detects_masks_that_ignore_the_drafts():
+    """The check has power: masking every verify position with the grammar's state after the
+    committed tokens alone (forgetting the drafts before it) is caught."""
+    pipe = pipeline("draft_model", "engine.max_batch_size=5000")
+    real = GrammarRows.round_masks
+
+    def committed_only(self, state, drafts, num_verify, slots):
+        masks = real(self, state, drafts, torch.zeros_like(num_verify), slots)
+        return masks[:, :1].expand(-1, drafts.shape[1] + 1, -1)
+
+    GrammarRows.round_masks = committed_only
+    try:
+        counts = sampled_joint(pipe, SamplingParams(1.0))
+    finally:
+        GrammarRows.round_masks = real
+    target, _ = tiny_pair()
+    assert chi_square_p_value(counts, constrained_joint(target, SamplingParams(1.0))) < 1e-3
+
+
+def test_a_session_admits_constrained_requests_into_freed_slots():
+    """Continuous batching: constrained and unconstrained requests through two slots, each taking
+    a slot another one freed; each decodes as alone (sampled, its own seed)."""
+    pipe = pipeline("eagle3", "engine.max_batch_size=2")
+    session = pipe.session(max_len=32)
+    requests = [dict(prompt=PROMPT, grammar=Grammar.choice(CHOICES)), dict(prompt=[2, 9], max_new_tokens=3),
+                dict(prompt=[4, 4], grammar=Grammar.regex("(ab|c)+x")), dict(prompt=[1], grammar=Grammar.choice(CHOICES))]
+    requests = [dict(dict(max_new_tokens=8, temperature=1.0, seed=i), **r) for i, r in enumerate(requests)]
+    ids = [session.submit(**r) for r in requests]
+    while session.unfinished:
+        session.step()
+    for i, request in zip(ids, requests):
+        alone = pipe.generate([request["prompt"]], **{k: v for k, v in request.items() if k != "prompt"})
+        assert session.result(i).token_ids == alone.token_ids[0]
+
+
+def test_json_schema_with_the_embedded_tokenizer():
+    """The Hugging Face path: the embedded target and its tokenizer, greedy EAGLE-3 under a JSON
+    schema — the output parses and follows the schema, and equals plain constrained decoding's."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "size": {"type": "integer"}}, "required": ["name", "size"]}
+    outputs = []
+    for config in ("ar", "eagle3"):
+        pipe = dspark.build_pipeline(config, overrides=["target.device=cpu"])
+        result = pipe.generate(["def parse(config):\n    return "], max_new_tokens=48,
+                               grammar=dspark.Grammar.json_schema(schema, any_whitespace=False))
+        outputs.append(result.token_ids[0])
+        value = json.loads(result.texts[0])
+        assert set(value) == {"name", "size"} and isinstance(value["size"], int) and result.finish_reasons == ["stop"]
+    assert outputs[0] == outputs[1]
+
+
+def test_bad_grammar_requests_are_refused_before_any_work():
+    pipe = pipeline("none")
+    with pytest.raises(ValueError, match="ignore_eos"):
+        pipe.generate([PROMPT], max_new_tokens=4, grammar=Grammar.choice(CHOICES), ignore_eos=True)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        pipe.generate([PROMPT], max_new_tokens=4, grammar=Grammar.choice(CHOICES), min_new_tokens=2)
+    with pytest.raises(ValueError, match="regex grammar does not compile"):
+        pipe.generate([PROMPT], max_new_tokens=4, grammar=Grammar.regex("(ab"))
+    with pytest.raises(ValueError, match="2 entries for 1 prompts"):
+        pipe.generate([PROMPT], max_new_tokens=4, grammar=[None, None])
+    with pytest.raises(TypeError, match="dspark.structured.Grammar"):
+        pipe.generate([PROMPT], max_new_tokens=4, grammar="abca")
+    with pytest.raises(ValueError, match="non-empty list"):
+        Grammar.choice([])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Grammar.json_schema("{")
+    with pytest.raises(ValueError, match="unknown grammar kind"):
+        Grammar("yaml")
+    with pytest.raises(ValueError, match="need an EOS token"):
+        GrammarCompiler(vocabulary=TEXT, vocab_size=VOCAB, stop_token_ids=[])
+    bare = spec_pipeline(tiny_pair()[0], "none", 3)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        bare.generate([PROMPT], max_new_tokens=4, grammar=Grammar.json())
