@@ -1,0 +1,79 @@
+"""Structured outputs: what the grammar's per-round host work costs, and what a grammar does to τ.
+
+    python benchmarks/structured.py [--configs ar ngram draft_model dspark eagle3] [--prompts 8]
+        [--max-new-tokens 64] [--repeats 5]
+
+Two measurements on the shipped code prompts, greedy, batch 1 (one request per ``generate`` call,
+as a chat client sends them), the embedded models, eager:
+
+* **cost**: each pipeline with a grammar that allows every token (the regex ``[\\s\\S]*``: its
+  matcher walks and masks every round, the tokens are those without a grammar — checked) against
+  no grammar, alternating, ``--repeats`` passes; the median tokens/s of each and their ratio;
+* **τ under a JSON schema**: each pipeline's τ and tokens/s with a small JSON schema (compact
+  whitespace), against plain decoding under the same schema (same tokens: checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import dspark
+from dspark.bench.runner import load_prompts
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                           "args": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+                                           "returns": {"type": "string", "maxLength": 24}},
+          "required": ["name", "args", "returns"]}
+
+
+def decode(pipe, prompts, max_new_tokens: int, grammar) -> tuple[float, list, float]:
+    """(seconds, token ids, τ) of one request at a time."""
+    started, outputs, rounds, tokens = time.perf_counter(), [], 0, 0
+    for prompt in prompts:
+        result = pipe.generate([prompt], max_new_tokens=max_new_tokens, grammar=grammar)
+        outputs.append(result.token_ids[0])
+        rounds += result.stats.target_forwards
+        tokens += len(result.token_ids[0])
+    return time.perf_counter() - started, outputs, tokens / max(rounds, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["ar", "ngram", "draft_model", "dspark", "eagle3"])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    pipes = {c: dspark.build_pipeline(c, overrides=["target.device=cpu"]) for c in args.configs}
+    prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.prompts)
+    everything, schema = dspark.Grammar.regex(r"[\s\S]*"), dspark.Grammar.json_schema(SCHEMA, any_whitespace=False)
+    print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes")
+    print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | τ under the JSON schema "
+          "| tokens/s under it | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    reference = None
+    for config, pipe in pipes.items():
+        for grammar in (None, everything, schema):  # warm-up
+            decode(pipe, prompts[:2], 8, grammar)
+        times = {"none": [], "all": []}
+        for _ in range(args.repeats):
+            for name, grammar in (("none", None), ("all", everything)):
+                seconds, outputs, _ = decode(pipe, prompts, args.max_new_tokens, grammar)
+                times[name].append(sum(len(o) for o in outputs) / seconds)
+                if name == "none":
+                    unconstrained = outputs
+                elif outputs != unconstrained:
+                    print(f"!!! {config}: the grammar that allows every token changed the output", flush=True)
+        seconds, constrained, tau = decode(pipe, prompts, args.max_new_tokens, schema)
+        if reference is None:
+            reference = constrained
+        same = "yes" if constrained == reference else "NO"
+        none, allowed = (statistics.median(times[k]) for k in ("none", "all"))
+        print(f"| {config} | {none:.1f} | {allowed:.1f} | {allowed / none:.2f} | {tau:.2f} | "
+              f"{sum(len(o) for o in constrained) / seconds:.1f} | {same} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
