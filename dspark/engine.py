@@ -41,7 +41,7 @@ from dspark.samplers.penalties import PenaltyHistory
 from dspark.scheduling.prefix import survival
 from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
-from dspark.structured import GrammarRows, constrain
+from dspark.structured import GrammarRows, constrain, with_forced
 from dspark.verifiers import Verifier
 
 
@@ -917,6 +917,15 @@ class Engine:
                     gamma, offered = torch.stack([num_verify.max(), num_drafted.max()]).tolist()
                     self.scheduler.observe(gamma, offered)
                 proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
+        # grammars: the constrained requests' masks along their drafts (a token the grammar allows
+        # alone is drafted where the drafter proposed another)
+        constrained = [] if grammars is None else grammars.constrained([b for b, a in enumerate(active) if a])
+        if constrained:
+            masks, forced, verify = grammars.round_masks(state, proposal.tokens, num_verify, constrained,
+                                                         force=drafting and self.drafter.replaceable_drafts)
+            if forced is not None:
+                num_verify = num_verify.index_copy(0, torch.tensor(constrained, device=self.device), verify)
+                proposal = replace(with_forced(proposal, constrained, forced), num_tokens=num_verify)
         clock.lap(counters, 1)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
@@ -929,9 +938,8 @@ class Engine:
         logits = stopper.suppress(out.logits, state)
         if state.penalties is not None:
             logits = state.penalties.penalize_verify(logits, proposal.tokens, num_verify, params)
-        constrained = [] if grammars is None else grammars.constrained([b for b, a in enumerate(active) if a])
         if constrained:
-            logits = constrain(logits, constrained, grammars.round_masks(state, proposal.tokens, num_verify, constrained))
+            logits = constrain(logits, constrained, masks)
         result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:

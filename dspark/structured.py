@@ -28,6 +28,7 @@ import json
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KINDS = ("json_schema", "json", "regex", "choice", "ebnf")
@@ -218,13 +219,21 @@ class GrammarRows:
             self.matchers[b].fill_next_token_bitmask(bitmask, k)
         return unpack_bitmask(bitmask, self.vocab_size)
 
-    def round_masks(self, state, drafts: torch.Tensor, num_verify: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def round_masks(self, state, drafts: torch.Tensor, num_verify: torch.Tensor, slots: list[int],
+                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The allowed tokens at each verify position of the constrained requests in ``slots``
         (rows of the round's ``state``): position ``j`` after their committed tokens and the drafts
         ``x_1..x_j`` ``[k, W, V]`` bool, ``W = drafts.shape[1] + 1``. One host read: the tokens
         committed since the matchers last took some, the lengths, the drafts and how many of them
         are verified. Positions past a draft the grammar forbids (it is rejected there, whatever
-        the sampler draws), or past the end of a complete output, allow every token: never read."""
+        the sampler draws), or past the end of a complete output, allow every token: never read.
+
+        With ``force``, where the grammar allows one token alone, that token is the draft (it has
+        probability 1 under the constrained target: accepted whatever the drafter proposed) — in
+        place of a verified draft, and past them while the grammar keeps allowing one token alone
+        (up to the round's width: those are verified too). Returned as ``forced`` ``[k, W − 1]``
+        (−1: the drafter's draft stays) and the rows' drafts to verify ``[k]``; both ``None``
+        when nothing was forced."""
         xgr = _xgrammar()
         device, width = drafts.device, drafts.shape[1] + 1
         rows = torch.tensor(slots, device=device)
@@ -233,6 +242,7 @@ class GrammarRows:
                                            .clamp(max=state.tokens.shape[1] - 1))
         read = torch.cat([state.lengths[rows].unsqueeze(1), num_verify[rows].unsqueeze(1), window, drafts[rows]], 1).tolist()
         bitmask = xgr.allocate_token_bitmask(len(slots) * width, self.vocab_size)  # (all allowed)
+        forced, verify = [[-1] * (width - 1) for _ in slots], [0] * len(slots)
         for k, (b, row) in enumerate(zip(slots, read)):
             matcher, length, verified = self.matchers[b], row[0], row[1]
             new = row[2: 2 + length - self.prompt_lengths[b] - self.taken[b]]  # (a round's at most: γ + 1)
@@ -240,21 +250,59 @@ class GrammarRows:
                 if not matcher.accept_token(token):
                     raise RuntimeError(f"slot {b}: a committed token {token} breaks its grammar (a mask was not applied)")
             self.taken[b] += len(new)
-            walked = 0
-            for j in range(verified + 1):
+            walked, limit, verify[k] = 0, width - 1 if force else verified, verified
+            for j in range(limit + 1):
                 if matcher.is_terminated():
                     break
                 matcher.fill_next_token_bitmask(bitmask, k * width + j)
-                if j == verified or not matcher.accept_token(row[3 + self.lookahead + j]):
+                if j == limit:
+                    break
+                only = self._only_token(bitmask[k * width + j]) if force else None
+                if j < verified:
+                    token = row[3 + self.lookahead + j]
+                    if only is not None and only != token:
+                        forced[k][j] = token = only
+                elif only is None:  # (past the drafter's drafts: only a forced token goes on)
+                    break
+                else:
+                    forced[k][j], token, verify[k] = only, only, j + 1
+                if not matcher.accept_token(token):
                     break
                 walked += 1
             if walked:
                 matcher.rollback(walked)
-        return unpack_bitmask(bitmask.to(device), self.vocab_size).view(len(slots), width, self.vocab_size)
+        masks = unpack_bitmask(bitmask.to(device), self.vocab_size).view(len(slots), width, self.vocab_size)
+        if not any(t >= 0 for row in forced for t in row):
+            return masks, None, None
+        return masks, torch.tensor(forced, device=device), torch.tensor(verify, device=device)
 
+    def _only_token(self, words: torch.Tensor) -> int | None:
+        """The one token a mask row allows (``⌈V/32⌉`` int32 words), or ``None`` when it allows more."""
+        bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
+        if bits.sum() != 1:
+            return None
+        return int(bits.argmax())
 
 def constrain(logits: torch.Tensor, slots: list[int], allowed: torch.Tensor) -> torch.Tensor:
     """``logits`` ``[B, W, V]`` (or ``[B, V]``) with the rows ``slots`` masked: −∞ where ``allowed``
     ``[k, W, V]`` (``[k, V]``) is false. A new tensor: the raw logits stay for log-probabilities."""
     rows = torch.tensor(slots, device=logits.device)
     return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+
+def with_forced(proposal, slots: list[int], forced: torch.Tensor):
+    """``proposal`` with the drafts of rows ``slots`` replaced where ``forced`` ``[k, γ]`` is a token
+    (≥ 0): that token, drawn from a one-hot ``q`` (the drafts after it stay the drafter's — any
+    draft drawn from the ``q`` it reports is a valid proposal)."""
+    from dataclasses import replace
+
+    rows = torch.tensor(slots, device=forced.device)
+    replaced = forced >= 0
+    tokens = proposal.tokens.clone()
+    tokens[rows] = torch.where(replaced, forced, tokens[rows])
+    probs = proposal.probs
+    if probs is not None:
+        probs = probs.clone()
+        one_hot = torch.nn.functional.one_hot(forced.clamp(min=0), probs.shape[-1]).to(probs.dtype)
+        probs[rows] = torch.where(replaced.unsqueeze(-1), one_hot, probs[rows])
+    return replace(proposal, tokens=tokens, probs=probs)

@@ -76,8 +76,8 @@ def test_round_masks_follow_the_committed_tokens_and_the_drafts():
     state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([3, 0, 2]), lengths=torch.tensor([4, 0, 3]),
                           done=torch.tensor([False, True, False]), max_new_tokens=8, params=SamplingParams())
     drafts = torch.tensor([[5, EOS, 0], [0, 0, 0], [7, 9, 1]])  # "ca", EOS, "a"; —; "aa" (forbidden), "x", "b"
-    masks = rows.round_masks(state, drafts, torch.tensor([3, 0, 3]), [0, 2])
-    assert masks.shape == (2, 4, VOCAB)
+    masks, forced, _ = rows.round_masks(state, drafts, torch.tensor([3, 0, 3]), [0, 2])
+    assert masks.shape == (2, 4, VOCAB) and forced is None
     allowed = [set(m.nonzero().flatten().tolist()) for row in masks for m in row]
     everything = set(range(VOCAB))
     assert allowed[:4] == [allowed_by_hand([3]), allowed_by_hand([3, 5]), everything, everything] == [
@@ -86,8 +86,27 @@ def test_round_masks_follow_the_committed_tokens_and_the_drafts():
         {0, 3}, everything, everything, everything]  # ("ba" → "a", "ab"; "aa" is forbidden: the rest never read)
     assert rows.taken == [1, 0, 1]  # the committed tokens taken once; the drafts rolled back
     tokens[0, 4], state.lengths[0] = 5, 5  # the round kept "ca": "abca" — EOS alone may follow
-    masks = rows.round_masks(state, drafts[:, :0], torch.tensor([0, 0, 0]), [0])
+    masks, _, _ = rows.round_masks(state, drafts[:, :0], torch.tensor([0, 0, 0]), [0])
     assert masks[0, 0].nonzero().flatten().tolist() == [EOS]
+
+
+def test_a_token_the_grammar_allows_alone_is_drafted_there():
+    """With ``force``: after "abc" the grammar allows "a" alone, then EOS alone — those are drafted
+    in place of the drafter's, and the masks follow them; a draft the grammar allows stays."""
+    compiled = compiler().compile(Grammar.choice(CHOICES))
+    rows = GrammarRows(slots=2, vocab_size=VOCAB, lookahead=4)
+    rows.admit(0, compiled, prompt_length=1)
+    rows.admit(1, compiled, prompt_length=1)
+    tokens = torch.tensor([[6, 3, 2] + [0] * 9, [6, 4, 0] + [0] * 9])  # committed: "abc"; "baa"
+    state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([1, 1]), lengths=torch.tensor([3, 3]),
+                          done=torch.tensor([False, False]), max_new_tokens=8, params=SamplingParams())
+    drafts = torch.tensor([[7, 9, 1], [1, 0, 0]])  # "aa", "x", "b"; "b" (allowed alone anyway), then padding
+    masks, forced, verify = rows.round_masks(state, drafts, torch.tensor([3, 1]), [0, 1], force=True)
+    # "abc" → a; "abca" → EOS; past EOS: nothing. "baa" → b (the drafter's); past its one draft, "baab" → EOS
+    assert forced.tolist() == [[0, EOS, -1], [-1, EOS, -1]] and verify.tolist() == [3, 2]
+    allowed = [[set(m.nonzero().flatten().tolist()) for m in row] for row in masks]
+    assert allowed[0][:2] == [{0}, {EOS}] and allowed[1][:2] == [{1}, {EOS}]
+    assert rows.taken == [2, 2]
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "draft_model", "dspark", "eagle3"])
@@ -151,9 +170,9 @@ def test_chi_square_detects_masks_that_ignore_the_drafts():
     pipe = pipeline("draft_model", "engine.max_batch_size=5000")
     real = GrammarRows.round_masks
 
-    def committed_only(self, state, drafts, num_verify, slots):
-        masks = real(self, state, drafts, torch.zeros_like(num_verify), slots)
-        return masks[:, :1].expand(-1, drafts.shape[1] + 1, -1)
+    def committed_only(self, state, drafts, num_verify, slots, force=False):
+        masks, _, _ = real(self, state, drafts, torch.zeros_like(num_verify), slots)
+        return masks[:, :1].expand(-1, drafts.shape[1] + 1, -1), None, None
 
     GrammarRows.round_masks = committed_only
     try:
@@ -162,6 +181,19 @@ def test_chi_square_detects_masks_that_ignore_the_drafts():
         GrammarRows.round_masks = real
     target, _ = tiny_pair()
     assert chi_square_p_value(counts, constrained_joint(target, SamplingParams(1.0))) < 1e-3
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "eagle3"])
+def test_forced_drafts_raise_acceptance_and_change_no_token(drafter, monkeypatch):
+    """Where the grammar allows one token alone, drafting it (instead of the drafter's draft)
+    is accepted every time: more tokens per target forward, the same greedy tokens."""
+    pipe = pipeline(drafter, "engine.max_batch_size=8")
+    prompts = [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]
+    forced = pipe.generate(prompts, max_new_tokens=10, grammar=Grammar.choice(CHOICES))
+    monkeypatch.setattr(type(pipe.drafter), "replaceable_drafts", False)
+    unforced = pipe.generate(prompts, max_new_tokens=10, grammar=Grammar.choice(CHOICES))
+    assert forced.token_ids == unforced.token_ids
+    assert forced.stats.mean_accepted_length > unforced.stats.mean_accepted_length + 0.3
 
 
 def test_a_session_admits_constrained_requests_into_freed_slots():

@@ -71,6 +71,11 @@ class Drafter(ABC):
     #: drafter catches up on the skipped tokens itself. A scheduler can then fall back to plain
     #: decoding steps under load
     skippable = False
+    #: True when the engine may replace drafts before verification (its :meth:`commit` reads the
+    #: committed tokens and the target's hidden states, never its own drafts): under a grammar
+    #: that allows one token alone at a position, that token is drafted there, with ``q`` one-hot
+    #: (:mod:`dspark.structured`). A drafter that keeps state over its own drafts leaves it False
+    replaceable_drafts = False
 
     @classmethod
     def check_checkpoint(cls, config: DrafterConfig, target) -> None:

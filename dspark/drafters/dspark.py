@@ -138,6 +138,7 @@ class DSparkDrafter(Drafter):
     config_class = DSparkConfig
     provides_confidence = True
     skippable = True  # the block's keys/values land past the context; commit reads the target's hidden states
+    replaceable_drafts = True  # (the block is drafted afresh each round)
     #: with ``engine.compile``, append a round's context in the next round's draft call (one compiled call)
     fuse_append = True
 

@@ -128,6 +128,7 @@ class Eagle3Drafter(Drafter):
     config_class = Eagle3Config
     provides_confidence = True
     calibration_method = "platt"  # top probabilities sit mostly below ½ where greedy drafts are accepted
+    replaceable_drafts = True  # (commit appends the committed tokens with the target's hidden states)
     #: with ``min_survival``, draft steps per compiled call between survival checks (a call costs
     #: 0.1–0.3 ms of overhead on this project's CPU; drafting past a request's stop costs a step)
     check_every = 2

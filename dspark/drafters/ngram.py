@@ -39,6 +39,7 @@ class NgramDrafter(Drafter):
 
     config_class = NgramConfig
     skippable = True  # stateless: it reads the token buffer each round
+    replaceable_drafts = True
 
     def __init__(self, config: NgramConfig, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
