@@ -8,9 +8,12 @@ as a chat client sends them), the embedded models, eager:
 
 * **cost**: each pipeline with a grammar that allows every token (the regex ``[\\s\\S]*``: its
   matcher walks and masks every round, the tokens are those without a grammar — checked) against
-  no grammar, alternating, ``--repeats`` passes; the median tokens/s of each and their ratio;
+  no grammar, alternating, ``--repeats`` passes; the median tokens/s of each and their ratio, and
+  the time the grammar's walk takes inside the rounds (``GrammarRows.round_masks``, timed at each
+  call): per round, and as a share of the constrained passes' wall time;
 * **τ under a JSON schema**: each pipeline's τ and tokens/s with a small JSON schema (compact
-  whitespace), against plain decoding under the same schema (same tokens: checked).
+  whitespace), against plain decoding under the same schema (same tokens: checked); τ also with
+  the drafts the grammar dictates turned off (``Drafter.replaceable_drafts``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,24 @@ def decode(pipe, prompts, max_new_tokens: int, grammar) -> tuple[float, list, fl
     return time.perf_counter() - started, outputs, mean_accepted_length(accepted, forwards)
 
 
+WALK = [0.0, 0]  # seconds in GrammarRows.round_masks, calls
+
+
+def _timed_walk():
+    from dspark.structured import GrammarRows
+
+    real = GrammarRows.round_masks
+
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        out = real(self, *args, **kwargs)
+        WALK[0] += time.perf_counter() - started
+        WALK[1] += 1
+        return out
+
+    GrammarRows.round_masks = timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=["ar", "ngram", "draft_model", "dspark", "eagle3"])
@@ -47,33 +68,46 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    _timed_walk()
     pipes = {c: dspark.build_pipeline(c, overrides=["target.device=cpu"]) for c in args.configs}
     prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.prompts)
     everything, schema = dspark.Grammar.regex(r"[\s\S]*"), dspark.Grammar.json_schema(SCHEMA, any_whitespace=False)
     print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes")
-    print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | τ, no grammar "
-          "| τ under the JSON schema | tokens/s under it | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | grammar walk ms/round (share) "
+          "| τ, no grammar | τ under the JSON schema, forced drafts off → on | tokens/s under it | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
     reference = None
     for config, pipe in pipes.items():
         for grammar in (None, everything, schema):  # warm-up
             decode(pipe, prompts[:2], 8, grammar)
-        times = {"none": [], "all": []}
+        times, walked = {"none": [], "all": []}, [0.0, 0, 0.0]
         tau_free = decode(pipe, prompts, args.max_new_tokens, None)[2]
         for _ in range(args.repeats):
             for name, grammar in (("none", None), ("all", everything)):
+                WALK[:] = [0.0, 0]
                 seconds, outputs, _ = decode(pipe, prompts, args.max_new_tokens, grammar)
                 times[name].append(sum(len(o) for o in outputs) / seconds)
+                if grammar is not None:
+                    walked = [walked[0] + WALK[0], walked[1] + WALK[1], walked[2] + seconds]
                 if name == "none":
                     unconstrained = outputs
                 elif outputs != unconstrained:
                     print(f"!!! {config}: the grammar that allows every token changed the output", flush=True)
+        drafter_class = type(pipe.drafter)
+        replaceable = drafter_class.replaceable_drafts
+        drafter_class.replaceable_drafts = False
+        try:
+            tau_unforced = decode(pipe, prompts, args.max_new_tokens, schema)[2]
+        finally:
+            drafter_class.replaceable_drafts = replaceable
         seconds, constrained, tau = decode(pipe, prompts, args.max_new_tokens, schema)
         if reference is None:
             reference = constrained
         same = "yes" if constrained == reference else "NO"
         none, allowed = (statistics.median(times[k]) for k in ("none", "all"))
-        print(f"| {config} | {none:.1f} | {allowed:.1f} | {allowed / none:.2f} | {tau_free:.2f} | {tau:.2f} | "
+        walk = f"{walked[0] / max(walked[1], 1) * 1e3:.2f} ({walked[0] / walked[2]:.1%})"
+        print(f"| {config} | {none:.1f} | {allowed:.1f} | {allowed / none:.2f} | {walk} | {tau_free:.2f} | "
+              f"{tau_unforced:.2f} → {tau:.2f} | "
               f"{sum(len(o) for o in constrained) / seconds:.1f} | {same} |", flush=True)
 
 
