@@ -224,6 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_http(args: argparse.Namespace) -> int:
     """``dspark serve --port P``: the OpenAI API over HTTP (:class:`~dspark.serving.OpenAIServer`)."""
+    import time
+
     from dspark.config import find_config
     from dspark.pipeline import build_pipeline
     from dspark.serving import OpenAIServer
@@ -234,6 +236,7 @@ def _serve_http(args: argparse.Namespace) -> int:
                              "logprobs itself")
     template, template_kwargs = _chat_template_options(args, "serve")
     pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=args.overrides)
+    started = time.perf_counter()
     if args.warm_up:
         print(f"[dspark] warming up over 1 to {pipe.engine.config.max_batch_size} rows ...", file=sys.stderr, flush=True)
     try:
@@ -245,6 +248,8 @@ def _serve_http(args: argparse.Namespace) -> int:
                               chat_template_kwargs=template_kwargs, warm_up=args.warm_up)
     except (ValueError, OSError) as err:
         raise SystemExit(f"dspark serve: {err}") from None
+    if args.warm_up:
+        print(f"[dspark] warmed up in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"[dspark] serving the OpenAI API at {server.url}/v1 (model {server.model_name!r}, "
           f"{pipe.engine.config.max_batch_size} slots; Ctrl-C stops)", file=sys.stderr, flush=True)
     server.serve_forever()

@@ -314,8 +314,8 @@ def test_serve_streams_each_requests_tokens_and_text(capsys, monkeypatch):
 
 
 def test_serve_http_answers_the_openai_api_until_interrupted():
-    """``dspark serve --port 0``: says where it listens, answers a completion with what
-    ``generate`` gives alone, and stops cleanly on Ctrl-C (SIGINT)."""
+    """``dspark serve --port 0 --warm-up``: says how long the warm-up took and where it listens,
+    answers a completion with what ``generate`` gives alone, and stops cleanly on Ctrl-C (SIGINT)."""
     import os
     import signal
     import subprocess
@@ -325,10 +325,12 @@ def test_serve_http_answers_the_openai_api_until_interrupted():
 
     process = subprocess.Popen(
         [sys.executable, "-m", "dspark.cli", "serve", "--port", "0", "--config", "ar", "--max-len", "64",
-         "--served-model-name", "tiny", "target.device=cpu", "engine.max_batch_size=2"],
+         "--served-model-name", "tiny", "--warm-up", "target.device=cpu", "engine.max_batch_size=2"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        line = process.stderr.readline()
+        lines = [process.stderr.readline() for _ in range(3)]
+        assert "warming up over 1 to 2 rows" in lines[0] and re.search(r"warmed up in \d+\.\d s", lines[1]), lines
+        line = lines[2]
         match = re.search(r"serving the OpenAI API at (http://\S+)/v1 \(model 'tiny'", line)
         assert match, line
         request = urllib.request.Request(match.group(1) + "/v1/completions", data=json.dumps(
