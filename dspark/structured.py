@@ -28,7 +28,6 @@ import json
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 KINDS = ("json_schema", "json", "regex", "choice", "ebnf")
@@ -192,6 +191,7 @@ class GrammarRows:
         self.vocab_size, self.lookahead = vocab_size, lookahead
         self.matchers: list = [None] * slots
         self.taken = [0] * slots
+        self._batch = _xgrammar().BatchGrammarMatcher(max_threads="auto")
         self.prompt_lengths = [0] * slots
 
     def admit(self, slot: int, compiled, prompt_length: int) -> None:
@@ -242,46 +242,66 @@ class GrammarRows:
                                            .clamp(max=state.tokens.shape[1] - 1))
         read = torch.cat([state.lengths[rows].unsqueeze(1), num_verify[rows].unsqueeze(1), window, drafts[rows]], 1).tolist()
         bitmask = xgr.allocate_token_bitmask(len(slots) * width, self.vocab_size)  # (all allowed)
-        forced, verify = [[-1] * (width - 1) for _ in slots], [0] * len(slots)
-        for k, (b, row) in enumerate(zip(slots, read)):
-            matcher, length, verified = self.matchers[b], row[0], row[1]
-            new = row[2: 2 + length - self.prompt_lengths[b] - self.taken[b]]  # (a round's at most: γ + 1)
+        forced, verify = [[-1] * (width - 1) for _ in slots], [row[1] for row in read]
+        matchers = [self.matchers[b] for b in slots]
+        for b, matcher, row in zip(slots, matchers, read):  # the tokens the last round committed, for good
+            new = row[2: 2 + row[0] - self.prompt_lengths[b] - self.taken[b]]  # (a round's at most: γ + 1)
             for token in new:
                 if not matcher.accept_token(token):
                     raise RuntimeError(f"slot {b}: a committed token {token} breaks its grammar (a mask was not applied)")
             self.taken[b] += len(new)
-            walked, limit, verify[k] = 0, width - 1 if force else verified, verified
-            for j in range(limit + 1):
-                if matcher.is_terminated():
-                    break
-                matcher.fill_next_token_bitmask(bitmask, k * width + j)
-                if j == limit:
-                    break
-                only = self._only_token(bitmask[k * width + j]) if force else None
-                if j < verified:
-                    token = row[3 + self.lookahead + j]
-                    if only is not None and only != token:
-                        forced[k][j] = token = only
-                elif only is None:  # (past the drafter's drafts: only a forced token goes on)
-                    break
+        # position by position, every row at once (the masks filled in xgrammar's threads): the mask
+        # at j, then the draft x_{j+1} (or the token the grammar allows alone) taken, until a row's
+        # last verified draft, a draft its grammar forbids, or its output's end
+        walked, limits = [0] * len(slots), [width - 1 if force else row[1] for row in read]
+        live = list(range(len(slots)))
+        for j in range(width):
+            live = [k for k in live if not matchers[k].is_terminated()]
+            if not live:
+                break
+            self._batch.batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask,
+                                                      [k * width + j for k in live])
+            live = [k for k in live if j < limits[k]]
+            if not live:
+                break
+            only = self._only_tokens(bitmask[[k * width + j for k in live]]) if force else [None] * len(live)
+            going, tokens = [], []
+            for k, single in zip(live, only):
+                if j < read[k][1]:
+                    token = read[k][3 + self.lookahead + j]
+                    if single is not None and single != token:
+                        forced[k][j] = token = single
+                elif single is None:  # (past the drafter's drafts: only a forced token goes on)
+                    continue
                 else:
-                    forced[k][j], token, verify[k] = only, only, j + 1
-                if not matcher.accept_token(token):
-                    break
-                walked += 1
-            if walked:
-                matcher.rollback(walked)
+                    forced[k][j], token, verify[k] = single, single, j + 1
+                going.append(k)
+                tokens.append(token)
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token([matchers[k] for k in going], tokens)
+            live = [k for k, ok in zip(going, accepted) if ok]
+            for k in live:
+                walked[k] += 1
+        back = [k for k in range(len(slots)) if walked[k]]
+        if back:
+            xgr.BatchGrammarMatcher.batch_rollback([matchers[k] for k in back], [walked[k] for k in back])
         masks = unpack_bitmask(bitmask.to(device), self.vocab_size).view(len(slots), width, self.vocab_size)
         if not any(t >= 0 for row in forced for t in row):
             return masks, None, None
         return masks, torch.tensor(forced, device=device), torch.tensor(verify, device=device)
 
-    def _only_token(self, words: torch.Tensor) -> int | None:
-        """The one token a mask row allows (``⌈V/32⌉`` int32 words), or ``None`` when it allows more."""
-        bits = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
-        if bits.sum() != 1:
-            return None
-        return int(bits.argmax())
+    def _only_tokens(self, words: torch.Tensor) -> list[int | None]:
+        """For each mask row (``[n, ⌈V/32⌉]`` int32 words), the one token it allows, or ``None``
+        where it allows more: one word set, to a power of two (read on the host for those rows)."""
+        nonzero = words != 0
+        one_word = nonzero.sum(-1) == 1
+        index = nonzero.int().argmax(-1)
+        word = words.gather(1, index.unsqueeze(1)).squeeze(1)
+        single = one_word & ((word & (word - 1)) == 0)  # (int32 arithmetic wraps: bit 31 passes too)
+        out = []
+        for alone, at, w in zip(single.tolist(), index.tolist(), word.tolist()):
+            token = at * 32 + (w & 0xFFFFFFFF).bit_length() - 1 if alone else None
+            out.append(token if token is not None and token < self.vocab_size else None)
+        return out
 
 def constrain(logits: torch.Tensor, slots: list[int], allowed: torch.Tensor) -> torch.Tensor:
     """``logits`` ``[B, W, V]`` (or ``[B, V]``) with the rows ``slots`` masked: −∞ where ``allowed``

@@ -58,6 +58,20 @@ def test_unpack_bitmask_reads_bit_v_mod_32_of_word_v_div_32(words, vocab):
     assert unpack_bitmask(bitmask, vocab).tolist() == expected
 
 
+
+@given(st.lists(st.lists(st.integers(0, 63), max_size=3), min_size=1, max_size=4), st.integers(40, 64))
+def test_only_tokens_finds_the_one_token_a_mask_allows(allowed_sets, vocab):
+    """Rows allowing one token give it (bit 31 of a word too); rows allowing none or several give None."""
+    rows = GrammarRows(slots=1, vocab_size=vocab, lookahead=1)
+    words = torch.zeros(len(allowed_sets), 2, dtype=torch.int64)
+    for r, allowed in enumerate(allowed_sets):
+        for t in allowed:
+            words[r, t // 32] |= 1 << (t % 32)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # (as int32 words hold them)
+    expected = [next(iter({t for t in a if t < vocab})) if len({t for t in a if t < vocab}) == 1 and
+                len(set(a)) == 1 else None for a in allowed_sets]
+    assert rows._only_tokens(words) == expected
+
 def test_round_masks_follow_the_committed_tokens_and_the_drafts():
     """Rows of a round: their masks at position j are the grammar's after the committed output
     and drafts 1..j, as worked out by hand, up to the first draft the grammar forbids (the rest
