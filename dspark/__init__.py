@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DecodingState", "DraftProposal", "Drafter", "DrafterConfig", "Engine", "EngineConfig", "GenerationResult",
-    "GenerationStats", "Grammar", "KVCache", "ModelOutput", "Pipeline", "RequestOutput", "RequestUpdate", "Sampler", "SamplingParams",
-    "Session", "StaticKVCache",
+    "GenerationStats", "Grammar", "KVCache", "ModelOutput", "Pipeline", "RequestOutput", "RequestUpdate", "Sampler",
+    "SamplingParams", "Session", "StaticKVCache",
     "VerificationResult", "Verifier", "build_pipeline", "load_config", "register_cache", "register_drafter",
     "register_sampler", "register_verifier",
 ]

@@ -633,8 +633,9 @@ class Engine:
                 batch.grammars.admit(b, r.grammar, len(r.prompt))
             constrained = batch.grammars.constrained(free)
             if constrained:
-                masks = batch.grammars.first_masks(constrained)  # [k, V]
-                first_logits = constrain(first_logits, constrained, masks.view(-1, *[1] * (first_logits.dim() - 2), masks.shape[-1]))
+                masks = batch.grammars.first_masks(constrained)  # [k, V] (the logits: [B, 1, V])
+                masks = masks.view(-1, *[1] * (first_logits.dim() - 2), masks.shape[-1])
+                first_logits = constrain(first_logits, constrained, masks)
         first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         batch.stopper.append(state, first.tokens, torch.tensor(admitted, device=device).long(), logits)
         state.max_cache_len = max(state.max_cache_len, longest)

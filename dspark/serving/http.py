@@ -193,7 +193,7 @@ class OpenAIServer:
             try:
                 self.pipeline.grammar_compiler.compile(grammar)
             except (ValueError, TypeError, ImportError) as err:
-                raise ProtocolError(str(err), "response_format") from None
+                raise ProtocolError(str(err), job.grammar_field) from None
         scores = {} if not self.max_logprobs else dict(logprobs=job.logprobs is not None, top_logprobs=job.logprobs or 0)
         if job.echo and job.logprobs is not None:
             scores.update(prompt_logprobs=True, prompt_top_logprobs=job.logprobs)

@@ -53,6 +53,7 @@ class Job:
             scored too: what lm-eval-harness's loglikelihood tasks read).
         stream: send server-sent events; include_usage: a last event with the usage.
         chat_template_kwargs: more variables for the chat template.
+        grammar_field: the field that asked for a structured output (``settings["grammar"]``), if one did.
     """
 
     chat: bool
@@ -68,6 +69,7 @@ class Job:
     include_usage: bool
     chat_template_kwargs: dict | None = None
     echo: bool = False
+    grammar_field: str | None = None
     choices: int = field(init=False)
     prompt_ids: list[list[int]] | None = None  # the prompts as the target reads them (set once submitted)
 
@@ -165,7 +167,9 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     template_kwargs = _template_kwargs(body) if chat else None
     return Job(chat=chat, prompts=prompts, n=n, max_tokens=max_tokens, seed=seed, settings=settings, stops=stops,
                include_stop=_boolean(body, "include_stop_str_in_output", False), logprobs=logprobs, stream=stream,
-               include_usage=include_usage, chat_template_kwargs=template_kwargs, echo=echo)
+               include_usage=include_usage, chat_template_kwargs=template_kwargs, echo=echo,
+               grammar_field=next((name for name in ("response_format", "structured_outputs", *GUIDED)
+                                   if settings["grammar"] is not None and body.get(name) is not None), None))
 
 
 def parse_tokenize(body, *, model: str) -> tuple[str | list, bool, dict | None, bool]:

@@ -297,7 +297,7 @@ def test_structured_outputs(server, reference):
                          grammar=dspark.Grammar.json_schema(schema))
     assert body["choices"][0]["finish_reason"] == "stop" and isinstance(json.loads(text)["ok"], bool)
     status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "guided_regex": "(a"})
-    assert status == 400 and body["error"]["param"] == "response_format" and "does not compile" in body["error"]["message"]
+    assert status == 400 and body["error"]["param"] == "guided_regex" and "does not compile" in body["error"]["message"]
 
 def test_errors_and_the_other_routes(server):
     status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "temperature": -1})
