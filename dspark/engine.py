@@ -921,11 +921,16 @@ class Engine:
         # grammars: the constrained requests' masks along their drafts (a token the grammar allows
         # alone is drafted where the drafter proposed another)
         constrained = [] if grammars is None else grammars.constrained([b for b, a in enumerate(active) if a])
+        drafters_verified = num_verify  # (the scheduler learns from the drafter's own drafts alone)
         if constrained:
             masks, forced, verify = grammars.round_masks(state, proposal.tokens, num_verify, constrained,
                                                          force=drafting and self.drafter.replaceable_drafts)
             if forced is not None:
-                num_verify = num_verify.index_copy(0, torch.tensor(constrained, device=self.device), verify)
+                rows = torch.tensor(constrained, device=self.device)
+                positions = torch.arange(forced.shape[1], device=self.device).expand_as(forced)
+                first_forced = torch.where(forced >= 0, positions, forced.shape[1]).min(-1).values
+                drafters_verified = num_verify.index_copy(0, rows, torch.minimum(num_verify[rows], first_forced))
+                num_verify = num_verify.index_copy(0, rows, verify)
                 proposal = replace(with_forced(proposal, constrained, forced), num_tokens=num_verify)
         clock.lap(counters, 1)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
@@ -944,7 +949,8 @@ class Engine:
         result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:
-            self.scheduler.record(num_verify, num_accepted)
+            self.scheduler.record(drafters_verified, num_accepted if drafters_verified is num_verify
+                                  else torch.minimum(num_accepted, drafters_verified))
         clock.lap(counters, 2)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
         emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1), out.logits)

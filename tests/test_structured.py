@@ -210,6 +210,23 @@ def test_forced_drafts_raise_acceptance_and_change_no_token(drafter, monkeypatch
     assert forced.stats.mean_accepted_length > unforced.stats.mean_accepted_length + 0.3
 
 
+
+def test_schedulers_learn_from_the_drafter_s_own_drafts_alone(monkeypatch):
+    """A scheduler's ``record`` sees each row's drafts up to the first one the grammar dictated
+    (and the accepted ones among them), never the forced ones: their acceptance says nothing of
+    the drafter. The statistics count every verified draft."""
+    pipe = pipeline("eagle3", "engine.max_batch_size=8")
+    seen = []
+    real = type(pipe.engine.scheduler).record
+    monkeypatch.setattr(type(pipe.engine.scheduler), "record",
+                        lambda self, verified, accepted: seen.append((verified.clone(), accepted.clone()))
+                        or real(self, verified, accepted))
+    prompts = [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]
+    result = pipe.generate(prompts, max_new_tokens=10, grammar=Grammar.choice(CHOICES))
+    recorded = sum(int(v.sum()) for v, _ in seen)
+    assert all(bool((a <= v).all()) for v, a in seen)
+    assert recorded < result.stats.verified_tokens  # (the forced drafts are verified, not recorded)
+
 def test_a_session_admits_constrained_requests_into_freed_slots():
     """Continuous batching: constrained and unconstrained requests through two slots, each taking
     a slot another one freed; each decodes as alone (sampled, its own seed)."""
