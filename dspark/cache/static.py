@@ -26,11 +26,16 @@ class StaticKVCache(KVCache):
                 f"StaticKVCache dimensions must be >= 1, got layers={num_layers} batch={batch_size} "
                 f"kv_heads={num_kv_heads} max_len={max_len} head_dim={head_dim}"
             )
-        # zeros, not empty: masked-out garbage must still be finite so softmax never sees NaN * 0
-        self.buffer = torch.zeros(num_layers, batch_size, 2, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._rows = torch.arange(batch_size, device=device)
-        self._layer_ids = torch.arange(num_layers, device=device)
+        # normal tensors whichever mode makes the cache: a compiled forward guards on its inputs'
+        # dispatch keys, and the target's and the draft model's caches (one forward's code) are made
+        # in and out of inference mode — each graph would otherwise be compiled twice
+        with torch.inference_mode(False):
+            # zeros, not empty: masked-out garbage must still be finite so softmax never sees NaN * 0
+            self.buffer = torch.zeros(num_layers, batch_size, 2, num_kv_heads, max_len, head_dim, dtype=dtype,
+                                      device=device)
+            self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self._rows = torch.arange(batch_size, device=device)
+            self._layer_ids = torch.arange(num_layers, device=device)
         self._heads: dict[int, StaticKVCache] = {}
 
     @property

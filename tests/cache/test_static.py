@@ -60,6 +60,25 @@ def test_shape_layout_and_bad_dimensions():
         StaticKVCache(num_layers=2, batch_size=0, num_kv_heads=4, max_len=10, head_dim=8)
 
 
+
+def test_caches_made_in_and_out_of_inference_mode_share_compiled_graphs():
+    """A compiled forward guards on its inputs' dispatch keys: caches of one shape made inside
+    ``torch.inference_mode`` (a ``generate`` call, a drafter's start) and outside it (a session's
+    first batch) are alike, so the second meets no new graph."""
+    from torch._dynamo.utils import counters
+
+    model = load_model(tiny_hf_model("qwen3"), dtype="float32")
+    tokens = torch.randint(0, model.vocab_size, (2, 3))
+    with torch.inference_mode():
+        inside = model.new_cache(2, 16)
+    outside = model.new_cache(2, 16)
+    forward = torch.compile(model, dynamic=False, options={"cpp_wrapper": False})
+    with torch.inference_mode():
+        forward(tokens, inside, kv_len=16)
+        before = counters["stats"]["unique_graphs"]
+        forward(tokens, outside, kv_len=16)
+    assert counters["stats"]["unique_graphs"] == before
+
 def test_compiled_forward_writes_the_cache_in_place():
     """Under torch.compile the cache write is a scatter into the buffer itself: no temporary the
     size of a layer's cache (a write through a view made inductor copy it twice per forward), and
