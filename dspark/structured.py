@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -191,8 +191,8 @@ class GrammarRows:
         self.vocab_size, self.lookahead = vocab_size, lookahead
         self.matchers: list = [None] * slots
         self.taken = [0] * slots
-        self._batch = _xgrammar().BatchGrammarMatcher(max_threads="auto")
         self.prompt_lengths = [0] * slots
+        self._batch = _xgrammar().BatchGrammarMatcher(max_threads="auto")  # (fills masks in threads)
 
     def admit(self, slot: int, compiled, prompt_length: int) -> None:
         """``slot`` now holds a request constrained by ``compiled`` (or none: ``None``)."""
@@ -213,10 +213,8 @@ class GrammarRows:
 
     def first_masks(self, slots: list[int]) -> torch.Tensor:
         """The allowed first tokens of the constrained requests just admitted in ``slots`` ``[k, V]`` bool."""
-        xgr = _xgrammar()
-        bitmask = xgr.allocate_token_bitmask(len(slots), self.vocab_size)
-        for k, b in enumerate(slots):
-            self.matchers[b].fill_next_token_bitmask(bitmask, k)
+        bitmask = _xgrammar().allocate_token_bitmask(len(slots), self.vocab_size)
+        self._batch.batch_fill_next_token_bitmask([self.matchers[b] for b in slots], bitmask)
         return unpack_bitmask(bitmask, self.vocab_size)
 
     def round_masks(self, state, drafts: torch.Tensor, num_verify: torch.Tensor, slots: list[int],
@@ -303,6 +301,7 @@ class GrammarRows:
             out.append(token if token is not None and token < self.vocab_size else None)
         return out
 
+
 def constrain(logits: torch.Tensor, slots: list[int], allowed: torch.Tensor) -> torch.Tensor:
     """``logits`` ``[B, W, V]`` (or ``[B, V]``) with the rows ``slots`` masked: −∞ where ``allowed``
     ``[k, W, V]`` (``[k, V]``) is false. A new tensor: the raw logits stay for log-probabilities."""
@@ -314,8 +313,6 @@ def with_forced(proposal, slots: list[int], forced: torch.Tensor):
     """``proposal`` with the drafts of rows ``slots`` replaced where ``forced`` ``[k, γ]`` is a token
     (≥ 0): that token, drawn from a one-hot ``q`` (the drafts after it stay the drafter's — any
     draft drawn from the ``q`` it reports is a valid proposal)."""
-    from dataclasses import replace
-
     rows = torch.tensor(slots, device=forced.device)
     replaced = forced >= 0
     tokens = proposal.tokens.clone()

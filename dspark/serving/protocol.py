@@ -139,6 +139,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ProtocolError(f"seed must be an integer, got {seed!r}", "seed")
     top_k = _integer(body, "top_k", 0, low=-1)
+    grammar, grammar_field = _grammar(body)
     settings = dict(
         temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
         top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
@@ -153,7 +154,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
         ignore_eos=_boolean(body, "ignore_eos", False),
         stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
         stop=stops or None,
-        grammar=_grammar(body),
+        grammar=grammar,
     )
     if settings["grammar"] is not None:  # (a grammar ends its request at EOS, once the output is complete)
         for name, off in (("ignore_eos", not settings["ignore_eos"]), ("min_tokens", not settings["min_new_tokens"])):
@@ -168,8 +169,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     return Job(chat=chat, prompts=prompts, n=n, max_tokens=max_tokens, seed=seed, settings=settings, stops=stops,
                include_stop=_boolean(body, "include_stop_str_in_output", False), logprobs=logprobs, stream=stream,
                include_usage=include_usage, chat_template_kwargs=template_kwargs, echo=echo,
-               grammar_field=next((name for name in ("response_format", "structured_outputs", *GUIDED)
-                                   if settings["grammar"] is not None and body.get(name) is not None), None))
+               grammar_field=grammar_field)
 
 
 def parse_tokenize(body, *, model: str) -> tuple[str | list, bool, dict | None, bool]:
@@ -214,18 +214,25 @@ def parse_detokenize(body, *, model: str, vocab_size: int) -> list[int]:
 
 
 def _grammar(body: dict):
-    """The structured output a request asks for (a :class:`~dspark.structured.Grammar`, or ``None``):
-    OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``), vLLM's
+    """The structured output a request asks for and the field that asks (a
+    :class:`~dspark.structured.Grammar` and its name; ``(None, None)``): OpenAI's
+    ``response_format`` (``text``, ``json_object``, ``json_schema``), vLLM's
     ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its
     older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` — one of them."""
-    from dspark.structured import Grammar
-
     given = [name for name in ("response_format", "structured_outputs", *GUIDED) if body.get(name) is not None]
     if len(given) > 1:
         raise ProtocolError(f"give one structured output at most, got {given}", given[1])
     if not given:
-        return None
-    name, value = given[0], body[given[0]]
+        return None, None
+    grammar = _read_grammar(given[0], body[given[0]])
+    return grammar, None if grammar is None else given[0]
+
+
+def _read_grammar(name: str, value):
+    """The :class:`~dspark.structured.Grammar` field ``name`` holds (``None``: plain text)."""
+    from dspark.structured import Grammar
+
+    asked = name  # (the field an error names)
     try:
         if name == "response_format":
             if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
@@ -246,13 +253,12 @@ def _grammar(body: dict):
             if not isinstance(value, dict) or set(value) - kinds - {"disable_any_whitespace"} or len(chosen) != 1:
                 raise ProtocolError(f"structured_outputs must hold one of {sorted(kinds)} (and disable_any_whitespace)",
                                     name)
-            name, value = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
-                           "grammar": "guided_grammar", "json_object": "json_object"}[chosen[0]], value[chosen[0]]
-            if name == "json_object":
+            kind, spec = chosen[0], value[chosen[0]]
+            if kind == "json_object":
                 return Grammar.json()
-            if name == "guided_json":
-                return Grammar.json_schema(value, any_whitespace=not body["structured_outputs"].get(
-                    "disable_any_whitespace", False))
+            if kind == "json":
+                return Grammar.json_schema(spec, any_whitespace=not value.get("disable_any_whitespace", False))
+            name, value = "guided_" + kind, spec
         if name == "guided_json":
             return Grammar.json_schema(value)
         if name == "guided_regex":
@@ -260,8 +266,10 @@ def _grammar(body: dict):
         if name == "guided_choice":
             return Grammar.choice(value)
         return Grammar.ebnf(value)
+    except ProtocolError:
+        raise
     except (ValueError, TypeError) as err:
-        raise ProtocolError(str(err), given[0]) from None
+        raise ProtocolError(str(err), asked) from None
 
 
 def _template_kwargs(body: dict) -> dict | None:
