@@ -36,6 +36,13 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [record["prompt"] for record in records]
         budgets += [record.get("max_new_tokens", args.max_new_tokens) for record in records]  # a line's own budget
         lines += [{name: record[name] for name in LINE_SETTINGS if name in record} for record in records]
+        for number, (line, record) in enumerate(zip(lines[-len(records):], records), 1):
+            try:
+                grammar = _line_grammar(record)
+            except ValueError as err:
+                raise SystemExit(f"dspark generate: {args.prompts_file}, request {number}: {err}") from None
+            if grammar is not None:
+                line["grammar"] = grammar
     if not prompts:
         raise SystemExit("dspark generate: give a prompt: dspark generate \"TEXT\", --prompt TEXT, --prompt-ids 'ID ID ...' "
                          "or --prompts-file FILE.jsonl")
@@ -75,8 +82,8 @@ def _generate(args: argparse.Namespace) -> int:
                     **_settings_per_line(flags, lines), progress=args.progress, on_tokens=streamer,
                     logprobs=args.logprobs or args.top_logprobs > 0, top_logprobs=args.top_logprobs,
                     prompt_logprobs=args.prompt_logprobs, prompt_top_logprobs=args.prompt_top_logprobs)
-    if grammar is not None:
-        settings["grammar"] = grammar
+    if grammar is not None or any("grammar" in line for line in lines):  # (a line's own, else the flags')
+        settings["grammar"] = [line.get("grammar", grammar) for line in lines]
     if args.chat:
         try:
             result = pipe.chat([[{"role": "user", "content": p}] for p in prompts], chat_template=chat_template,
@@ -87,7 +94,7 @@ def _generate(args: argparse.Namespace) -> int:
         try:
             result = pipe.generate(prompts, **settings)
         except ValueError as err:
-            if grammar is None:
+            if "grammar" not in settings:
                 raise
             raise SystemExit(f"dspark generate: {err}") from None
     if streamer is not None:
@@ -143,6 +150,14 @@ def _grammar(args: argparse.Namespace):
     except ValueError as err:
         raise SystemExit(f"dspark generate: {err}") from None
     return None
+
+
+def _line_grammar(record: dict):
+    """A JSON line's structured output (its ``response_format``, ``structured_outputs`` or
+    ``guided_*`` field, read as the OpenAI server reads it), or ``None``."""
+    from dspark.serving.protocol import structured_output
+
+    return structured_output(record)[0]
 
 
 #: what a line of ``--prompts-file`` may set for its own request (besides ``max_new_tokens``)
@@ -287,15 +302,19 @@ def _chat_template_options(args: argparse.Namespace, command: str) -> tuple[str 
 
 def _serve_submit(session, number: int, line: str, args: argparse.Namespace, origin: dict) -> None:
     """Submit one request line, or write why it was refused (``{"line": n, "error": ...}``)."""
+    from dspark.serving.protocol import STRUCTURED_FIELDS
+
     try:
         record = json.loads(line)
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError('a request is a JSON object with a "prompt"')
-        unknown = set(record) - {"prompt", "id", "max_new_tokens", *LINE_SETTINGS}
+        unknown = set(record) - {"prompt", "id", "max_new_tokens", *LINE_SETTINGS, *STRUCTURED_FIELDS}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}; a request may set max_new_tokens, "
-                             f"{', '.join(LINE_SETTINGS)} and id")
+                             f"{', '.join(LINE_SETTINGS)}, a structured output ({', '.join(STRUCTURED_FIELDS)}) "
+                             "and id")
         settings = {name: _listed_stops(name, record[name]) for name in LINE_SETTINGS if name in record}
+        settings["grammar"] = _line_grammar(record)
         if settings.get("logit_bias") is not None:
             settings["logit_bias"] = _keys_as_token_ids(settings["logit_bias"])
         request = session.submit(record["prompt"], max_new_tokens=record.get("max_new_tokens", args.max_new_tokens),

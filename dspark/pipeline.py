@@ -113,7 +113,13 @@ class Pipeline:
             if min_new[i]:
                 raise ValueError(f"request {i}: min_new_tokens holds EOS back, which a complete output needs; "
                                  "give a grammar or min_new_tokens, not both")
-        return [None if g is None else self.grammar_compiler.compile(g) for g in grammars]
+        compiled = []
+        for i, g in enumerate(grammars):
+            try:
+                compiled.append(None if g is None else self.grammar_compiler.compile(g))
+            except ValueError as err:
+                raise ValueError(f"request {i}: {err}" if len(grammars) > 1 else str(err)) from err
+        return compiled
 
     @property
     def target(self):

@@ -371,3 +371,32 @@ def test_generate_structured_outputs(capsys, tmp_path):
         main([*base, "--regex", "("])
     with pytest.raises(SystemExit, match="is not a file"):
         main([*base, "--json-schema", str(tmp_path / "missing.json")])
+
+
+def test_json_lines_carry_their_own_structured_outputs(capsys, monkeypatch, tmp_path):
+    """A prompts-file line or a served request line may ask for a structured output with the
+    OpenAI server's fields (``guided_choice``, ``response_format``, ...): each output follows its
+    own, a line without one follows the flags' (or none); a bad one is named."""
+    import io
+
+    options = ["yes", "no"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    lines = [{"prompt": "# ok?\n", "guided_choice": options},
+             {"prompt": "x = ", "structured_outputs": {"json": schema, "disable_any_whitespace": True}},
+             {"prompt": "count = "}]
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", "--config", "eagle3", "--prompts-file", str(source), "--output", str(out),
+                 "--regex", "[1-9][0-9]?", "--max-new-tokens", "24", "target.device=cpu"]) == 0
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert texts[0] in options and isinstance(json.loads(texts[1])["n"], int) and re.fullmatch(r"[1-9][0-9]?", texts[2])
+    source.write_text(json.dumps({"prompt": "x", "guided_regex": "("}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
+    with pytest.raises(SystemExit, match=r"request 0: the regex grammar does not compile"):
+        main(["generate", "--config", "ar", "--prompts-file", str(source), "target.device=cpu"])
+    requests = [{"prompt": "# ok?\n", "guided_choice": options}, {"prompt": "x", "guided_choice": []},
+                {"prompt": "y = ", "response_format": {"type": "json_object"}, "max_new_tokens": 4}]
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in requests)))
+    assert main(["serve", "--config", "ar", "--max-len", "64", "--max-new-tokens", "8", "target.device=cpu"]) == 0
+    records = {r["line"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert records[1]["text"] in options and "non-empty list" in records[2]["error"] and "text" in records[3]

@@ -79,11 +79,13 @@ class Job:
 
 # vLLM's older structured-output fields (one of them at most, or structured_outputs, or response_format)
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+#: the fields a request may ask for a structured output with (:func:`structured_output`)
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", *GUIDED)
 # fields each endpoint reads (others are refused, naming them); "user" is accepted and ignored
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p", "repetition_penalty",
            "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "no_repeat_ngram_size",
-           "response_format", "structured_outputs", *GUIDED}
+           *STRUCTURED_FIELDS}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "chat_template_kwargs"}
 
@@ -139,7 +141,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ProtocolError(f"seed must be an integer, got {seed!r}", "seed")
     top_k = _integer(body, "top_k", 0, low=-1)
-    grammar, grammar_field = _grammar(body)
+    grammar, grammar_field = structured_output(body)
     settings = dict(
         temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
         top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
@@ -213,13 +215,13 @@ def parse_detokenize(body, *, model: str, vocab_size: int) -> list[int]:
     return tokens
 
 
-def _grammar(body: dict):
+def structured_output(body: dict):
     """The structured output a request asks for and the field that asks (a
     :class:`~dspark.structured.Grammar` and its name; ``(None, None)``): OpenAI's
     ``response_format`` (``text``, ``json_object``, ``json_schema``), vLLM's
     ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``) or its
     older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` — one of them."""
-    given = [name for name in ("response_format", "structured_outputs", *GUIDED) if body.get(name) is not None]
+    given = [name for name in STRUCTURED_FIELDS if body.get(name) is not None]
     if len(given) > 1:
         raise ProtocolError(f"give one structured output at most, got {given}", given[1])
     if not given:
