@@ -28,6 +28,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 KINDS = ("json_schema", "json", "regex", "choice", "ebnf")
@@ -240,6 +241,7 @@ class GrammarRows:
                                            .clamp(max=state.tokens.shape[1] - 1))
         read = torch.cat([state.lengths[rows].unsqueeze(1), num_verify[rows].unsqueeze(1), window, drafts[rows]], 1).tolist()
         bitmask = xgr.allocate_token_bitmask(len(slots) * width, self.vocab_size)  # (all allowed)
+        words = bitmask.numpy()  # (the same memory, read on the host)
         forced, verify = [[-1] * (width - 1) for _ in slots], [row[1] for row in read]
         matchers = [self.matchers[b] for b in slots]
         for b, matcher, row in zip(slots, matchers, read):  # the tokens the last round committed, for good
@@ -257,12 +259,15 @@ class GrammarRows:
             live = [k for k in live if not matchers[k].is_terminated()]
             if not live:
                 break
-            self._batch.batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask,
-                                                      [k * width + j for k in live])
+            if len(live) == 1:  # (one row: no threads to wake)
+                matchers[live[0]].fill_next_token_bitmask(bitmask, live[0] * width + j)
+            else:
+                self._batch.batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask,
+                                                          [k * width + j for k in live])
             live = [k for k in live if j < limits[k]]
             if not live:
                 break
-            only = self._only_tokens(bitmask[[k * width + j for k in live]]) if force else [None] * len(live)
+            only = self._only_tokens(words[[k * width + j for k in live]]) if force else [None] * len(live)
             going, tokens = [], []
             for k, single in zip(live, only):
                 if j < read[k][1]:
@@ -287,17 +292,17 @@ class GrammarRows:
             return masks, None, None
         return masks, torch.tensor(forced, device=device), torch.tensor(verify, device=device)
 
-    def _only_tokens(self, words: torch.Tensor) -> list[int | None]:
-        """For each mask row (``[n, ⌈V/32⌉]`` int32 words), the one token it allows, or ``None``
-        where it allows more: one word set, to a power of two (read on the host for those rows)."""
+    def _only_tokens(self, words) -> list[int | None]:
+        """For each mask row (``[n, ⌈V/32⌉]`` int32 words, a NumPy array or a tensor), the one token
+        it allows, or ``None`` where it allows more: one word set, to a power of two."""
+        words = np.asarray(words, dtype=np.int32).astype(np.int64) & 0xFFFFFFFF  # (as unsigned)
         nonzero = words != 0
-        one_word = nonzero.sum(-1) == 1
-        index = nonzero.int().argmax(-1)
-        word = words.gather(1, index.unsqueeze(1)).squeeze(1)
-        single = one_word & ((word & (word - 1)) == 0)  # (int32 arithmetic wraps: bit 31 passes too)
+        index = nonzero.argmax(-1)
+        word = words[np.arange(len(words)), index]
+        single = (nonzero.sum(-1) == 1) & ((word & (word - 1)) == 0)
         out = []
         for alone, at, w in zip(single.tolist(), index.tolist(), word.tolist()):
-            token = at * 32 + (w & 0xFFFFFFFF).bit_length() - 1 if alone else None
+            token = at * 32 + w.bit_length() - 1 if alone else None
             out.append(token if token is not None and token < self.vocab_size else None)
         return out
 
