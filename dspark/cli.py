@@ -36,11 +36,12 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [record["prompt"] for record in records]
         budgets += [record.get("max_new_tokens", args.max_new_tokens) for record in records]  # a line's own budget
         lines += [{name: record[name] for name in LINE_SETTINGS if name in record} for record in records]
-        for number, (line, record) in enumerate(zip(lines[-len(records):], records), 1):
+        first = len(prompts) - len(records)  # (requests are numbered as generate numbers them: from 0, flags' first)
+        for index, (line, record) in enumerate(zip(lines[first:], records), first):
             try:
                 grammar = _line_grammar(record)
             except ValueError as err:
-                raise SystemExit(f"dspark generate: {args.prompts_file}, request {number}: {err}") from None
+                raise SystemExit(f"dspark generate: {args.prompts_file}: request {index}: {err}") from None
             if grammar is not None:
                 line["grammar"] = grammar
     if not prompts:

@@ -393,6 +393,9 @@ def test_json_lines_carry_their_own_structured_outputs(capsys, monkeypatch, tmp_
     source.write_text(json.dumps({"prompt": "x", "guided_regex": "("}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
     with pytest.raises(SystemExit, match=r"request 0: the regex grammar does not compile"):
         main(["generate", "--config", "ar", "--prompts-file", str(source), "target.device=cpu"])
+    source.write_text(json.dumps({"prompt": "y"}) + "\n" + json.dumps({"prompt": "x", "guided_choice": []}) + "\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl: request 2: choices are a non-empty list"):
+        main(["generate", "--config", "ar", "--prompt", "z", "--prompts-file", str(source), "target.device=cpu"])
     requests = [{"prompt": "# ok?\n", "guided_choice": options}, {"prompt": "x", "guided_choice": []},
                 {"prompt": "y = ", "response_format": {"type": "json_object"}, "max_new_tokens": 4}]
     capsys.readouterr()
