@@ -12,8 +12,14 @@ as a chat client sends them), the embedded models, eager:
   the time the grammar's walk takes inside the rounds (``GrammarRows.round_masks``, timed at each
   call): per round, and as a share of the constrained passes' wall time;
 * **τ under a JSON schema**: each pipeline's τ and tokens/s with a small JSON schema (compact
-  whitespace), against plain decoding under the same schema (same tokens: checked); τ also with
-  the drafts the grammar dictates turned off (``Drafter.replaceable_drafts``).
+  whitespace), its drafter guided by the grammar (``engine.guide_drafts``) and not, alternating,
+  ``--repeats`` passes (median tokens/s), against plain decoding under the same schema (same
+  tokens: checked); τ also without guidance and without the drafts the grammar dictates
+  (``Drafter.replaceable_drafts``).
+
+The grammar's host work is timed at each call: the verify masks' walk
+(``GrammarRows.round_masks``) and, for guided drafters, the masks between draft steps
+(``GrammarRows.guide``, ``DraftGuide.mask`` / ``take`` / ``rollback``).
 """
 
 from __future__ import annotations
@@ -43,22 +49,27 @@ def decode(pipe, prompts, max_new_tokens: int, grammar) -> tuple[float, list, fl
     return time.perf_counter() - started, outputs, mean_accepted_length(accepted, forwards)
 
 
-WALK = [0.0, 0]  # seconds in GrammarRows.round_masks, calls
+WALK = [0.0, 0]  # seconds in the grammar's host work (the verify masks' walk, the guide), rounds
 
 
 def _timed_walk():
-    from dspark.structured import GrammarRows
+    from dspark.structured import DraftGuide, GrammarRows
 
-    real = GrammarRows.round_masks
+    def timed(owner, name, counts_round):
+        real = getattr(owner, name)
 
-    def timed(self, *args, **kwargs):
-        started = time.perf_counter()
-        out = real(self, *args, **kwargs)
-        WALK[0] += time.perf_counter() - started
-        WALK[1] += 1
-        return out
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            out = real(*args, **kwargs)
+            WALK[0] += time.perf_counter() - started
+            WALK[1] += counts_round
+            return out
 
-    GrammarRows.round_masks = timed
+        setattr(owner, name, wrapper)
+
+    timed(GrammarRows, "round_masks", 1)
+    for owner, name in ((GrammarRows, "guide"), (DraftGuide, "mask"), (DraftGuide, "take"), (DraftGuide, "rollback")):
+        timed(owner, name, 0)
 
 
 def main() -> None:
@@ -73,26 +84,32 @@ def main() -> None:
     prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.prompts)
     everything, schema = dspark.Grammar.regex(r"[\s\S]*"), dspark.Grammar.json_schema(SCHEMA, any_whitespace=False)
     print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes")
-    print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | grammar walk ms/round (share) "
-          "| τ, no grammar | τ under the JSON schema, forced drafts off → on | tokens/s under it | same tokens |")
+    print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | grammar's host work ms/round "
+          "(share) | τ, no grammar | τ under the JSON schema: unguided, forced drafts off → on → guided | tokens/s "
+          "under it: unguided → guided | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
     reference = None
     for config, pipe in pipes.items():
         for grammar in (None, everything, schema):  # warm-up
             decode(pipe, prompts[:2], 8, grammar)
-        times, walked = {"none": [], "all": []}, [0.0, 0, 0.0]
+        times, walked = {"none": [], "all": [], "unguided": [], "guided": []}, [0.0, 0, 0.0]
         tau_free = decode(pipe, prompts, args.max_new_tokens, None)[2]
+        taus, outputs_under = {}, {}
         for _ in range(args.repeats):
-            for name, grammar in (("none", None), ("all", everything)):
+            for name, grammar in (("none", None), ("all", everything), ("unguided", schema), ("guided", schema)):
                 WALK[:] = [0.0, 0]
-                seconds, outputs, _ = decode(pipe, prompts, args.max_new_tokens, grammar)
+                pipe.engine.config.guide_drafts = name != "unguided"
+                seconds, outputs, taus[name] = decode(pipe, prompts, args.max_new_tokens, grammar)
                 times[name].append(sum(len(o) for o in outputs) / seconds)
-                if grammar is not None:
+                if name == "all":
                     walked = [walked[0] + WALK[0], walked[1] + WALK[1], walked[2] + seconds]
                 if name == "none":
                     unconstrained = outputs
-                elif outputs != unconstrained:
+                elif name == "all" and outputs != unconstrained:
                     print(f"!!! {config}: the grammar that allows every token changed the output", flush=True)
+                elif name in ("unguided", "guided"):
+                    outputs_under[name] = outputs
+        pipe.engine.config.guide_drafts = False
         drafter_class = type(pipe.drafter)
         replaceable = drafter_class.replaceable_drafts
         drafter_class.replaceable_drafts = False
@@ -100,15 +117,15 @@ def main() -> None:
             tau_unforced = decode(pipe, prompts, args.max_new_tokens, schema)[2]
         finally:
             drafter_class.replaceable_drafts = replaceable
-        seconds, constrained, tau = decode(pipe, prompts, args.max_new_tokens, schema)
+            pipe.engine.config.guide_drafts = True
         if reference is None:
-            reference = constrained
-        same = "yes" if constrained == reference else "NO"
-        none, allowed = (statistics.median(times[k]) for k in ("none", "all"))
+            reference = outputs_under["guided"]
+        same = "yes" if outputs_under["guided"] == outputs_under["unguided"] == reference else "NO"
+        none, allowed, unguided, guided = (statistics.median(times[k]) for k in ("none", "all", "unguided", "guided"))
         walk = f"{walked[0] / max(walked[1], 1) * 1e3:.2f} ({walked[0] / walked[2]:.1%})"
         print(f"| {config} | {none:.1f} | {allowed:.1f} | {allowed / none:.2f} | {walk} | {tau_free:.2f} | "
-              f"{tau_unforced:.2f} → {tau:.2f} | "
-              f"{sum(len(o) for o in constrained) / seconds:.1f} | {same} |", flush=True)
+              f"{tau_unforced:.2f} → {taus['unguided']:.2f} → {taus['guided']:.2f} | "
+              f"{unguided:.1f} → {guided:.1f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,13 @@ class EngineConfig:
             positions they feed: a buffer of slots × max_len × the drafter's target layers × hidden
             size (:class:`~dspark.prefix_cache.HiddenHistory`), written once a round; ``false``: a
             slot holds its last prompt alone, and no such buffer.
+        guide_drafts: structured outputs: a drafter that drafts left to right through
+            :meth:`~dspark.drafters.Drafter.draw` (``dspark``, ``eagle3``, ``draft_model``) masks
+            a constrained request's logits with its grammar before each draft step, as the target's
+            are masked when it verifies (:class:`~dspark.structured.DraftGuide`): its drafts are
+            what the constrained target can accept, at a host read per draft step and with its
+            draft steps run eagerly (not compiled) in such rounds. ``false``: the drafters draft
+            as without grammars (the verification masks them alike: exact either way).
         trim_idle_slots: a round runs over the batch's first slots up to its last unfinished
             request (their number rounded up to a power of two), not over all ``max_batch_size``
             of them: a server whose slots are mostly free decodes as fast as a smaller batch
@@ -119,6 +126,7 @@ class EngineConfig:
     cuda_graphs: bool = False
     prefix_caching: bool = True
     reuse_outputs: bool = True
+    guide_drafts: bool = True
     trim_idle_slots: bool = True
     prefill_chunk: int = 0
 
@@ -894,10 +902,20 @@ class Engine:
         uniforms = _draw_uniforms(generators, active, n_draft + self.verifier.num_uniforms(gamma, params), self.device)
 
         # 1. draft: x_1..x_γ after each anchor, unless the scheduler expects none to be verified
+        #    (constrained requests' drafts guided by their grammars, where the drafter allows)
         clock.start()
         drafting = not self.drafter.skippable or self.scheduler.wants_drafts(active)
-        proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else DraftProposal(
-            tokens=self._no_drafts.tokens[:len(active)], num_tokens=self._no_drafts.num_tokens[:len(active)])
+        constrained = [] if grammars is None else grammars.constrained([b for b, a in enumerate(active) if a])
+        guide = None
+        if drafting and constrained and self.drafter.guidable and self.config.guide_drafts:
+            guide = self.drafter.guide = grammars.guide(state, constrained)
+        try:
+            proposal = self.drafter.propose(state, uniforms[:, :n_draft]) if drafting else DraftProposal(
+                tokens=self._no_drafts.tokens[:len(active)], num_tokens=self._no_drafts.num_tokens[:len(active)])
+        finally:
+            if guide is not None:
+                self.drafter.guide = None
+                guide.rollback()
         clock.lap(counters, 0)
         # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]
         finished, num_drafted = state.done.clone(), proposal.num_tokens
@@ -920,18 +938,16 @@ class Engine:
                 proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
         # grammars: the constrained requests' masks along their drafts (a token the grammar allows
         # alone is drafted where the drafter proposed another)
-        constrained = [] if grammars is None else grammars.constrained([b for b, a in enumerate(active) if a])
-        drafters_verified = num_verify  # (the scheduler learns from the drafter's own drafts alone)
+        drafters_verified = num_verify  # (the scheduler learns from the drafter's own choices alone)
         if constrained:
-            masks, forced, verify = grammars.round_masks(state, proposal.tokens, num_verify, constrained,
-                                                         force=drafting and self.drafter.replaceable_drafts)
-            if forced is not None:
-                rows = torch.tensor(constrained, device=self.device)
-                positions = torch.arange(forced.shape[1], device=self.device).expand_as(forced)
-                first_forced = torch.where(forced >= 0, positions, forced.shape[1]).min(-1).values
-                drafters_verified = num_verify.index_copy(0, rows, torch.minimum(num_verify[rows], first_forced))
-                num_verify = num_verify.index_copy(0, rows, verify)
-                proposal = replace(with_forced(proposal, constrained, forced), num_tokens=num_verify)
+            grammar = grammars.round_masks(state, proposal.tokens, num_verify, constrained,
+                                           force=drafting and self.drafter.replaceable_drafts, guide=guide)
+            rows = torch.tensor(constrained, device=self.device)
+            if grammar.dictated is not None:  # (up to the first draft the grammar dictated)
+                drafters_verified = num_verify.index_copy(0, rows, torch.minimum(num_verify[rows], grammar.dictated))
+            if grammar.forced is not None:
+                num_verify = num_verify.index_copy(0, rows, grammar.verify)
+                proposal = replace(with_forced(proposal, constrained, grammar.forced), num_tokens=num_verify)
         clock.lap(counters, 1)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
@@ -945,7 +961,7 @@ class Engine:
         if state.penalties is not None:
             logits = state.penalties.penalize_verify(logits, proposal.tokens, num_verify, params)
         if constrained:
-            logits = constrain(logits, constrained, masks)
+            logits = constrain(logits, constrained, grammar.allowed)
         result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:

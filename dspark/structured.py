@@ -9,8 +9,13 @@ complete string. Speculative decoding stays lossless with respect to that distri
 at verify position ``j`` is the grammar's after the committed tokens *and the drafts* ``x_1..x_j``
 (the drafts are walked through the grammar, then rolled back), so the target scores each draft as
 constrained decoding would after the same prefix. A draft the grammar forbids has probability 0
-and is rejected; the positions after it are never used. The drafters themselves are not
-constrained (their drafts only lose acceptance where they stray).
+and is rejected; the positions after it are never used.
+
+Drafters that draft left to right through :meth:`~dspark.drafters.Drafter.draw` are *guided*
+too (:class:`DraftGuide`, ``engine.guide_drafts``): before each draft step their logits are masked
+with the same grammar state after the drafts so far, so they propose what the constrained target
+can accept, and their ``q`` is the masked distribution they drew from (any proposal distribution
+keeps verification exact). The masks they fill are the verify positions' masks, reused.
 
 Objects:
 
@@ -19,7 +24,8 @@ Objects:
   :meth:`Grammar.ebnf`;
 * :class:`GrammarCompiler` — compiles specs for one vocabulary (a tokenizer's, or a list of token
   strings), cached;
-* :class:`GrammarRows` — a batch's matchers, one per slot, and the masks of a round.
+* :class:`GrammarRows` — a batch's matchers, one per slot, and the masks of a round (:class:`RoundMasks`);
+* :class:`DraftGuide` — a round's grammars over a drafter's own draft steps.
 """
 
 from __future__ import annotations
@@ -172,10 +178,45 @@ def _regex_literal(text: str) -> str:
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """xgrammar's token bitmask ``[..., ⌈V/32⌉]`` int32 (bit ``v % 32`` of word ``v // 32``: token
-    ``v`` allowed) → ``[..., V]`` bool."""
+    ``v`` allowed) → ``[..., V]`` bool, on the bitmask's device."""
+    if bitmask.device.type == "cpu":  # (NumPy's unpackbits: a few µs where torch's ops take tens)
+        return unpack_words(bitmask.numpy(), vocab_size)
+    return _unpack_with_torch(bitmask, vocab_size)
+
+
+def _unpack_with_torch(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """:func:`unpack_bitmask` by tensor ops, on any device."""
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # (an arithmetic shift of a negative word keeps bit v)
     return allowed.flatten(-2)[..., :vocab_size].bool()
+
+
+def unpack_words(words: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """:func:`unpack_bitmask` of a bitmask's words as a NumPy array (on the host) → a CPU tensor."""
+    words = np.ascontiguousarray(words, dtype=np.int32)  # (little-endian words: byte i holds bits 8i..8i+7)
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[..., :vocab_size]
+    return torch.from_numpy(bits.view(np.bool_))
+
+
+@dataclass
+class RoundMasks:
+    """A round's grammars over the constrained rows (``k`` of them, in the order asked), verify width ``W``.
+
+    Attributes:
+        allowed: ``[k, W, V]`` bool, the tokens allowed at each verify position.
+        forced: ``[k, W − 1]`` the tokens drafted where the grammar allows one alone (−1: the
+            drafter's draft stays); ``None`` when none was.
+        verify: ``[k]`` the rows' drafts to verify (forced drafts may verify past the scheduler's
+            choice); ``None`` when nothing was forced.
+        dictated: ``[k]`` the position of each row's first verified draft the grammar dictated
+            (allowed alone there, drafted by the drafter or forced; ``W − 1`` where none was):
+            the drafts before it are the drafter's own choices. ``None`` when no row has one.
+    """
+
+    allowed: torch.Tensor
+    forced: torch.Tensor | None
+    verify: torch.Tensor | None
+    dictated: torch.Tensor | None
 
 
 class GrammarRows:
@@ -218,8 +259,33 @@ class GrammarRows:
         self._batch.batch_fill_next_token_bitmask([self.matchers[b] for b in slots], bitmask)
         return unpack_bitmask(bitmask, self.vocab_size)
 
+    def _take(self, slot: int, length: int, window: list[int]) -> None:
+        """``slot``'s matcher takes its request's committed tokens it has not taken yet: those of
+        ``window`` (its tokens from the first one not taken) up to the request's ``length``."""
+        new = window[: length - self.prompt_lengths[slot] - self.taken[slot]]  # (a round's at most: γ + 1)
+        for token in new:
+            if not self.matchers[slot].accept_token(token):
+                raise RuntimeError(f"slot {slot}: a committed token {token} breaks its grammar (a mask was not applied)")
+        self.taken[slot] += len(new)
+
+    def _window(self, state, slots: list[int]) -> torch.Tensor:
+        """``[k, lookahead + 1]`` each of ``slots``' tokens from the first its matcher has not taken."""
+        device = state.tokens.device
+        starts = torch.tensor([self.prompt_lengths[b] + self.taken[b] for b in slots], device=device)
+        return state.tokens[torch.tensor(slots, device=device)].gather(
+            1, (starts.unsqueeze(1) + torch.arange(self.lookahead + 1, device=device)).clamp(max=state.tokens.shape[1] - 1))
+
+    def guide(self, state, slots: list[int]) -> "DraftGuide":
+        """A :class:`DraftGuide` for a round's drafting over the constrained rows ``slots`` of
+        ``state``, their matchers first taking the tokens the last round committed (one host read)."""
+        rows = torch.tensor(slots, device=state.tokens.device)
+        read = torch.cat([state.lengths[rows].unsqueeze(1), self._window(state, slots)], 1).tolist()
+        for b, row in zip(slots, read):
+            self._take(b, row[0], row[1:])
+        return DraftGuide(self, slots, state.batch_size, state.tokens.device)
+
     def round_masks(self, state, drafts: torch.Tensor, num_verify: torch.Tensor, slots: list[int],
-                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    force: bool = False, guide: "DraftGuide | None" = None) -> "RoundMasks":
         """The allowed tokens at each verify position of the constrained requests in ``slots``
         (rows of the round's ``state``): position ``j`` after their committed tokens and the drafts
         ``x_1..x_j`` ``[k, W, V]`` bool, ``W = drafts.shape[1] + 1``. One host read: the tokens
@@ -230,54 +296,55 @@ class GrammarRows:
         With ``force``, where the grammar allows one token alone, that token is the draft (it has
         probability 1 under the constrained target: accepted whatever the drafter proposed) — in
         place of a verified draft, and past them while the grammar keeps allowing one token alone
-        (up to the round's width: those are verified too). Returned as ``forced`` ``[k, W − 1]``
-        (−1: the drafter's draft stays) and the rows' drafts to verify ``[k]``; both ``None``
-        when nothing was forced."""
+        (up to the round's width: those are verified too).
+
+        ``guide``: the :class:`DraftGuide` the drafts were drawn under (same ``slots``, rolled
+        back): its masks are taken where they lie along the walked drafts, not filled again."""
+        if guide is not None and guide.slots != slots:
+            raise ValueError(f"the guide was made for rows {guide.slots}, the round's constrained rows are {slots}")
         xgr = _xgrammar()
         device, width = drafts.device, drafts.shape[1] + 1
         rows = torch.tensor(slots, device=device)
-        starts = torch.tensor([self.prompt_lengths[b] + self.taken[b] for b in slots], device=device)
-        window = state.tokens[rows].gather(1, (starts.unsqueeze(1) + torch.arange(self.lookahead + 1, device=device))
-                                           .clamp(max=state.tokens.shape[1] - 1))
-        read = torch.cat([state.lengths[rows].unsqueeze(1), num_verify[rows].unsqueeze(1), window, drafts[rows]], 1).tolist()
+        read = torch.cat([state.lengths[rows].unsqueeze(1), num_verify[rows].unsqueeze(1), self._window(state, slots),
+                          drafts[rows]], 1).tolist()
         bitmask = xgr.allocate_token_bitmask(len(slots) * width, self.vocab_size)  # (all allowed)
         words = bitmask.numpy()  # (the same memory, read on the host)
         forced, verify = [[-1] * (width - 1) for _ in slots], [row[1] for row in read]
+        dictated = [width - 1] * len(slots)
         matchers = [self.matchers[b] for b in slots]
-        for b, matcher, row in zip(slots, matchers, read):  # the tokens the last round committed, for good
-            new = row[2: 2 + row[0] - self.prompt_lengths[b] - self.taken[b]]  # (a round's at most: γ + 1)
-            for token in new:
-                if not matcher.accept_token(token):
-                    raise RuntimeError(f"slot {b}: a committed token {token} breaks its grammar (a mask was not applied)")
-            self.taken[b] += len(new)
+        for b, row in zip(slots, read):  # the tokens the last round committed, for good
+            self._take(b, row[0], row[2:])
         # position by position, every row at once (the masks filled in xgrammar's threads): the mask
         # at j, then the draft x_{j+1} (or the token the grammar allows alone) taken, until a row's
         # last verified draft, a draft its grammar forbids, or its output's end
         walked, limits = [0] * len(slots), [width - 1 if force else row[1] for row in read]
         live = list(range(len(slots)))
+        along = [guide is not None] * len(slots)  # (the walk still follows the drafts the guide took)
         for j in range(width):
             live = [k for k in live if not matchers[k].is_terminated()]
             if not live:
                 break
-            if len(live) == 1:  # (one row: no threads to wake)
-                matchers[live[0]].fill_next_token_bitmask(bitmask, live[0] * width + j)
-            else:
-                self._batch.batch_fill_next_token_bitmask([matchers[k] for k in live], bitmask,
-                                                          [k * width + j for k in live])
+            known = [k for k in live if along[k] and j < guide.filled[k]]
+            if known:
+                words[[k * width + j for k in known]] = guide.words[[k * guide.width + j for k in known]]
+            self._fill([matchers[k] for k in live if k not in known], bitmask,
+                       [k * width + j for k in live if k not in known])
             live = [k for k in live if j < limits[k]]
             if not live:
                 break
-            only = self._only_tokens(words[[k * width + j for k in live]]) if force else [None] * len(live)
             going, tokens = [], []
-            for k, single in zip(live, only):
+            for k, single in zip(live, self._only_tokens(words[[k * width + j for k in live]])):
                 if j < read[k][1]:
                     token = read[k][3 + self.lookahead + j]
-                    if single is not None and single != token:
-                        forced[k][j] = token = single
+                    if single is not None:
+                        dictated[k] = min(dictated[k], j)
+                        if force and single != token:
+                            forced[k][j] = token = single
                 elif single is None:  # (past the drafter's drafts: only a forced token goes on)
                     continue
                 else:
                     forced[k][j], token, verify[k] = single, single, j + 1
+                along[k] = along[k] and j < len(guide.taken[k]) and guide.taken[k][j] == token
                 going.append(k)
                 tokens.append(token)
             accepted = xgr.BatchGrammarMatcher.batch_accept_token([matchers[k] for k in going], tokens)
@@ -288,9 +355,19 @@ class GrammarRows:
         if back:
             xgr.BatchGrammarMatcher.batch_rollback([matchers[k] for k in back], [walked[k] for k in back])
         masks = unpack_bitmask(bitmask.to(device), self.vocab_size).view(len(slots), width, self.vocab_size)
-        if not any(t >= 0 for row in forced for t in row):
-            return masks, None, None
-        return masks, torch.tensor(forced, device=device), torch.tensor(verify, device=device)
+        was_forced = any(t >= 0 for row in forced for t in row)
+        return RoundMasks(
+            allowed=masks,
+            forced=torch.tensor(forced, device=device) if was_forced else None,
+            verify=torch.tensor(verify, device=device) if was_forced else None,
+            dictated=torch.tensor(dictated, device=device) if min(dictated) < width - 1 else None)
+
+    def _fill(self, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
+        """Fill the rows ``indices`` of ``bitmask`` with the masks of ``matchers``."""
+        if len(matchers) == 1:  # (one row: no threads to wake)
+            matchers[0].fill_next_token_bitmask(bitmask, indices[0])
+        elif matchers:
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices)
 
     def _only_tokens(self, words) -> list[int | None]:
         """For each mask row (``[n, ⌈V/32⌉]`` int32 words, a NumPy array or a tensor), the one token
@@ -305,6 +382,87 @@ class GrammarRows:
             token = at * 32 + w.bit_length() - 1 if alone else None
             out.append(token if token is not None and token < self.vocab_size else None)
         return out
+
+
+class DraftGuide:
+    """A round's grammars over a drafter's own draft steps (:meth:`~dspark.drafters.Drafter.draw`):
+    before step ``j + 1`` the constrained rows' logits are masked with their grammars' states after
+    the drafts ``x_1..x_j`` (:meth:`mask`, the mask verify position ``j`` takes too), then the
+    drawn tokens are taken (:meth:`take`). Made by :meth:`GrammarRows.guide`; the engine rolls
+    its walk back (:meth:`rollback`) once the drafter has proposed, and
+    :meth:`GrammarRows.round_masks` reuses the masks it filled.
+
+    A row stops being guided at the end of its output (EOS taken), or where its masked logits
+    would have no finite entry left (a drafter's vocabulary holds none of the tokens the grammar
+    allows: its own distribution stays, and its draft is rejected — ``q`` is always the
+    distribution the draft came from, which is what keeps verification exact).
+
+    Attributes:
+        slots: the constrained rows. width: the most masks a row may take (the lookahead, γ + 1).
+        filled: per row, the masks filled (positions ``0..filled − 1``). taken: per row, the
+            drafts its grammar took. words: the masks, ``[k · width, ⌈V/32⌉]`` int32 (row ``k``'s
+            position ``j`` at ``k · width + j``).
+    """
+
+    def __init__(self, rows: GrammarRows, slots: list[int], batch_size: int, device):
+        self.grammars, self.slots, self.width, self.device = rows, list(slots), rows.lookahead, device
+        self._batch_size = batch_size
+        self.matchers = [rows.matchers[b] for b in slots]
+        self.bitmask = _xgrammar().allocate_token_bitmask(len(slots) * self.width, rows.vocab_size)
+        self.words = self.bitmask.numpy()  # (the same memory)
+        self.filled, self.taken = [0] * len(slots), [[] for _ in slots]
+        self.live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
+        self.step = 0  # (the draft step the next mask is for: 0, x_1's)
+        self._masked: list[int] = []  # (the rows the last mask applied to)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[B, V]`` of the next draft step with the guided rows' forbidden tokens at
+        −∞ (a new tensor; the other rows as they are)."""
+        j = self.step
+        self.live = [k for k in self.live if not self.matchers[k].is_terminated() and j < self.width]
+        self._masked = self.live
+        if not self.live:
+            return logits
+        at = [k * self.width + j for k in self.live]
+        self.grammars._fill([self.matchers[k] for k in self.live], self.bitmask, at)
+        for k in self.live:
+            self.filled[k] = j + 1
+        allowed = unpack_words(self.words[at], self.grammars.vocab_size).to(self.device)  # [n, V]
+        rows = self._rows()
+        original = logits if rows is None else logits[rows]
+        masked = torch.where(allowed, original, float("-inf"))
+        masked = torch.where(masked.amax(-1, keepdim=True) > float("-inf"), masked, original)  # (else its own)
+        return masked if rows is None else logits.index_put((rows,), masked)
+
+    def _rows(self) -> torch.Tensor | None:
+        """The masked rows' indices in the batch, ``None`` when they are the batch's first rows in
+        order (every row of a batch of one)."""
+        slots = [self.slots[k] for k in self._masked]
+        if slots == list(range(len(slots))) and self._batch_size == len(slots):
+            return None
+        return torch.tensor(slots, device=self.device)
+
+    def take(self, tokens: torch.Tensor) -> None:
+        """The tokens ``[B]`` drawn from the last :meth:`mask`'s logits: each guided row's grammar
+        takes its own (one host read); a row whose token its grammar forbids is guided no more."""
+        self.step += 1
+        if not self._masked:
+            return
+        rows = self._rows()
+        drawn = (tokens if rows is None else tokens[rows]).tolist()
+        going = []
+        for k, token in zip(self._masked, drawn):
+            if self.matchers[k].accept_token(token):
+                self.taken[k].append(token)
+                going.append(k)
+        self.live, self._masked = going, []
+
+    def rollback(self) -> None:
+        """Undo the drafts the grammars took (the matchers are back after the committed tokens)."""
+        back = [k for k, t in enumerate(self.taken) if t]
+        if back:
+            _xgrammar().BatchGrammarMatcher.batch_rollback([self.matchers[k] for k in back],
+                                                           [len(self.taken[k]) for k in back])
 
 
 def constrain(logits: torch.Tensor, slots: list[int], allowed: torch.Tensor) -> torch.Tensor:

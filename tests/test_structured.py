@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import dspark
 from dspark.records import DecodingState, SamplingParams
-from dspark.structured import Grammar, GrammarCompiler, GrammarRows, unpack_bitmask
+from dspark.structured import Grammar, GrammarCompiler, GrammarRows, RoundMasks, _unpack_with_torch, unpack_bitmask
 
 from helpers import chi_square_p_value, tiny_hf_model
 from test_speculative import spec_pipeline
@@ -51,11 +51,15 @@ def allowed_by_hand(tokens: list[int]) -> set[int]:
     return allowed | ({EOS} if text in CHOICES else set())
 
 
-@given(st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=2, max_size=2), st.integers(33, 64))
-def test_unpack_bitmask_reads_bit_v_mod_32_of_word_v_div_32(words, vocab):
-    bitmask = torch.tensor(words, dtype=torch.int32)
-    expected = [bool((words[v // 32] >> (v % 32)) & 1) for v in range(vocab)]
+@given(st.lists(st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=2, max_size=2), min_size=1, max_size=3),
+       st.integers(33, 64))
+def test_unpack_bitmask_reads_bit_v_mod_32_of_word_v_div_32(rows, vocab):
+    """The host's NumPy unpacking and the tensor ops that other devices use, against the bits by hand."""
+    bitmask = torch.tensor(rows, dtype=torch.int32)
+    expected = [[bool((words[v // 32] >> (v % 32)) & 1) for v in range(vocab)] for words in rows]
     assert unpack_bitmask(bitmask, vocab).tolist() == expected
+    assert _unpack_with_torch(bitmask, vocab).tolist() == expected
+    assert unpack_bitmask(bitmask[0], vocab).tolist() == expected[0]
 
 
 
@@ -90,8 +94,10 @@ def test_round_masks_follow_the_committed_tokens_and_the_drafts():
     state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([3, 0, 2]), lengths=torch.tensor([4, 0, 3]),
                           done=torch.tensor([False, True, False]), max_new_tokens=8, params=SamplingParams())
     drafts = torch.tensor([[5, EOS, 0], [0, 0, 0], [7, 9, 1]])  # "ca", EOS, "a"; —; "aa" (forbidden), "x", "b"
-    masks, forced, _ = rows.round_masks(state, drafts, torch.tensor([3, 0, 3]), [0, 2])
-    assert masks.shape == (2, 4, VOCAB) and forced is None
+    result = rows.round_masks(state, drafts, torch.tensor([3, 0, 3]), [0, 2])
+    masks = result.allowed
+    assert masks.shape == (2, 4, VOCAB) and result.forced is None and result.verify is None
+    assert result.dictated.tolist() == [1, 3]  # (after "abca" EOS alone; "ba" never meets one alone)
     allowed = [set(m.nonzero().flatten().tolist()) for row in masks for m in row]
     everything = set(range(VOCAB))
     assert allowed[:4] == [allowed_by_hand([3]), allowed_by_hand([3, 5]), everything, everything] == [
@@ -100,7 +106,7 @@ def test_round_masks_follow_the_committed_tokens_and_the_drafts():
         {0, 3}, everything, everything, everything]  # ("ba" → "a", "ab"; "aa" is forbidden: the rest never read)
     assert rows.taken == [1, 0, 1]  # the committed tokens taken once; the drafts rolled back
     tokens[0, 4], state.lengths[0] = 5, 5  # the round kept "ca": "abca" — EOS alone may follow
-    masks, _, _ = rows.round_masks(state, drafts[:, :0], torch.tensor([0, 0, 0]), [0])
+    masks = rows.round_masks(state, drafts[:, :0], torch.tensor([0, 0, 0]), [0]).allowed
     assert masks[0, 0].nonzero().flatten().tolist() == [EOS]
 
 
@@ -115,10 +121,11 @@ def test_a_token_the_grammar_allows_alone_is_drafted_there():
     state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([1, 1]), lengths=torch.tensor([3, 3]),
                           done=torch.tensor([False, False]), max_new_tokens=8, params=SamplingParams())
     drafts = torch.tensor([[7, 9, 1], [1, 0, 0]])  # "aa", "x", "b"; "b" (allowed alone anyway), then padding
-    masks, forced, verify = rows.round_masks(state, drafts, torch.tensor([3, 1]), [0, 1], force=True)
+    result = rows.round_masks(state, drafts, torch.tensor([3, 1]), [0, 1], force=True)
     # "abc" → a; "abca" → EOS; past EOS: nothing. "baa" → b (the drafter's); past its one draft, "baab" → EOS
-    assert forced.tolist() == [[0, EOS, -1], [-1, EOS, -1]] and verify.tolist() == [3, 2]
-    allowed = [[set(m.nonzero().flatten().tolist()) for m in row] for row in masks]
+    assert result.forced.tolist() == [[0, EOS, -1], [-1, EOS, -1]] and result.verify.tolist() == [3, 2]
+    assert result.dictated.tolist() == [0, 0]  # (the drafter's "b" was the one token allowed too)
+    allowed = [[set(m.nonzero().flatten().tolist()) for m in row] for row in result.allowed]
     assert allowed[0][:2] == [{0}, {EOS}] and allowed[1][:2] == [{1}, {EOS}]
     assert rows.taken == [2, 2]
 
@@ -184,9 +191,9 @@ def test_chi_square_detects_masks_that_ignore_the_drafts():
     pipe = pipeline("draft_model", "engine.max_batch_size=5000")
     real = GrammarRows.round_masks
 
-    def committed_only(self, state, drafts, num_verify, slots, force=False):
-        masks, _, _ = real(self, state, drafts, torch.zeros_like(num_verify), slots)
-        return masks[:, :1].expand(-1, drafts.shape[1] + 1, -1), None, None
+    def committed_only(self, state, drafts, num_verify, slots, force=False, guide=None):
+        masks = real(self, state, drafts, torch.zeros_like(num_verify), slots).allowed
+        return RoundMasks(masks[:, :1].expand(-1, drafts.shape[1] + 1, -1), None, None, None)
 
     GrammarRows.round_masks = committed_only
     try:
@@ -200,8 +207,9 @@ def test_chi_square_detects_masks_that_ignore_the_drafts():
 @pytest.mark.parametrize("drafter", ["ngram", "eagle3"])
 def test_forced_drafts_raise_acceptance_and_change_no_token(drafter, monkeypatch):
     """Where the grammar allows one token alone, drafting it (instead of the drafter's draft)
-    is accepted every time: more tokens per target forward, the same greedy tokens."""
-    pipe = pipeline(drafter, "engine.max_batch_size=8")
+    is accepted every time: more tokens per target forward, the same greedy tokens (the drafter
+    unguided: a guided one drafts those tokens itself)."""
+    pipe = pipeline(drafter, "engine.max_batch_size=8", "engine.guide_drafts=false")
     prompts = [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]
     forced = pipe.generate(prompts, max_new_tokens=10, grammar=Grammar.choice(CHOICES))
     monkeypatch.setattr(type(pipe.drafter), "replaceable_drafts", False)
@@ -210,6 +218,125 @@ def test_forced_drafts_raise_acceptance_and_change_no_token(drafter, monkeypatch
     assert forced.stats.mean_accepted_length > unforced.stats.mean_accepted_length + 0.3
 
 
+
+GUIDED = ["draft_model", "dspark", "dflash", "dspark_rnn", "dspark_scheduled", "eagle3", "eagle3_stop", "eagle3_draft_vocab"]
+
+
+def verified_drafts_follow_the_masks(pipe, monkeypatch, **kwargs) -> int:
+    """Generate under ``Grammar.choice(CHOICES)`` and count the verified drafts (of constrained
+    rows, before their output's end) that the verifier's masks forbid, or whose ``q`` puts mass on
+    a forbidden token."""
+    verifier, strays = pipe.engine.verifier, [0]
+    real = type(verifier).verify
+
+    def checked(self, logits, proposal, **kw):
+        forbidden = logits.isinf()[:, :-1]  # [B, γ, V] (rows and positions without a mask: none)
+        verified = torch.arange(proposal.tokens.shape[1]) < proposal.num_tokens.unsqueeze(1)  # [B, γ]
+        stray = forbidden.gather(2, proposal.tokens.unsqueeze(2)).squeeze(2)
+        if proposal.probs is not None:
+            stray |= (proposal.probs * forbidden).sum(-1) > 0
+        strays[0] += int((stray & verified).cumsum(1).clamp(max=1).sum())  # (rejected there: the rest unread)
+        return real(self, logits, proposal, **kw)
+
+    monkeypatch.setattr(type(verifier), "verify", checked)
+    prompts = [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]
+    pipe.generate(prompts, max_new_tokens=10, grammar=Grammar.choice(CHOICES), **kwargs)
+    monkeypatch.setattr(type(verifier), "verify", real)
+    return strays[0]
+
+
+@pytest.mark.parametrize("drafter", GUIDED)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_guided_drafts_are_ones_the_grammar_allows_drawn_from_the_masked_q(drafter, temperature, monkeypatch):
+    """Under ``engine.guide_drafts`` every verified draft of a constrained request is one its
+    grammar allows after the drafts before it, and ``q`` (sampled) is zero on every token the
+    grammar forbids — the distribution the draft was drawn from, masked as the target's is; the
+    unguided drafters (the check's power) stray. EAGLE-3 with a draft vocabulary of half the
+    target's may hold none of the allowed tokens: that row keeps its own distribution, and its
+    draft is rejected."""
+    guided = verified_drafts_follow_the_masks(pipeline(drafter, "engine.max_batch_size=8"), monkeypatch,
+                                              temperature=temperature, seed=5)
+    unguided = verified_drafts_follow_the_masks(pipeline(drafter, "engine.max_batch_size=8", "engine.guide_drafts=false"),
+                                                monkeypatch, temperature=temperature, seed=5)
+    if drafter == "eagle3_draft_vocab":
+        assert guided < unguided
+    else:
+        assert guided == 0 < unguided
+
+
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])
+def test_guided_drafting_raises_acceptance_and_changes_no_token(drafter):
+    """Greedy: guided drafts are accepted more often (more tokens per target forward) than the
+    same drafter's unguided ones (with forced drafts where the drafter takes them), token for
+    token the same output."""
+    prompts = [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]
+    results = [pipeline(drafter, "engine.max_batch_size=8", f"engine.guide_drafts={on}").generate(
+        prompts, max_new_tokens=10, grammar=[Grammar.choice(CHOICES), Grammar.regex("(ab|c)+x")] * 3)
+        for on in ("true", "false")]
+    assert results[0].token_ids == results[1].token_ids
+    assert results[0].stats.mean_accepted_length > results[1].stats.mean_accepted_length + 0.1
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])
+def test_compiled_drafters_draft_guided_rounds_eagerly(drafter):
+    """engine.compile: the rounds with constrained requests run the draft steps eagerly (a grammar
+    between them), the others compiled — a batch whose constrained requests end first switches
+    from one to the other, and a compiled round's deferred append is made before a guided one.
+    Greedy, token for token as constrained plain decoding."""
+    grammars = [Grammar.choice(CHOICES), None, Grammar.regex("(ab|c)+x"), None]
+    prompts = [PROMPT, [2, 2, 9], [1, 4], [6]]
+    plain = pipeline("none", "engine.max_batch_size=4")
+    compiled = pipeline(drafter, "engine.max_batch_size=4", "engine.compile=true", "engine.trim_idle_slots=false")
+    for budget in (12, 6):
+        expected = plain.generate(prompts, max_new_tokens=budget, grammar=grammars).token_ids
+        assert compiled.generate(prompts, max_new_tokens=budget, grammar=grammars).token_ids == expected
+
+
+def test_round_masks_reuse_the_guide_s_masks_along_its_drafts():
+    """The masks a guide filled while drafting are the verify positions' masks: ``round_masks``
+    takes them (fewer fills) and returns what it fills without a guide — also where a forced token
+    leaves the guide's drafts, and for a row whose logits hold no allowed token (not masked:
+    its drafter's distribution stays)."""
+    compiled = compiler().compile(Grammar.choice(CHOICES))
+    tokens = torch.tensor([[6, 3] + [0] * 10, [6, 4] + [0] * 10, [6, 2] + [0] * 10])  # "ab"; "ba"; "c"
+    state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([1, 1, 1]), lengths=torch.tensor([2, 2, 2]),
+                          done=torch.tensor([False] * 3), max_new_tokens=8, params=SamplingParams())
+    # the drafter's logits at each step: prefers "c", then "a" (row 2's rule out every token its
+    # grammar allows after "c": "a", "c", "ab", "ca")
+    logits = torch.full((3, VOCAB), -3.0)
+    logits[:, 2], logits[:, 0] = 2.0, 1.0
+    logits[2, [0, 2, 3, 5]] = float("-inf")
+    def grammar_rows():
+        rows = GrammarRows(slots=3, vocab_size=VOCAB, lookahead=4)
+        for b in range(3):
+            rows.admit(b, compiled, prompt_length=1)
+        real_fill = rows._fill
+        rows._fill = lambda matchers, *a: fills.append(len(matchers)) or real_fill(matchers, *a)
+        return rows
+
+    fills = []
+    rows = grammar_rows()
+    guide, drafts = rows.guide(state, [0, 1, 2]), []
+    for _ in range(3):
+        drafts.append(guide.mask(logits).argmax(-1))
+        guide.take(drafts[-1])
+    guide.rollback()
+    drafts = torch.stack(drafts, 1)
+    assert drafts[:2].tolist() == [[2, 0, EOS], [0, 1, EOS]]  # "ab"+"c"+"a" EOS; "ba"+"a"+"b" EOS
+    assert drafts[2, 0] == 1 and guide.filled == [3, 3, 1] and guide.taken[2] == [] and sum(fills) == 7
+    drafts[1, 1] = 9  # (a draft the guide did not take: the masks after it are filled afresh)
+    results = []
+    for rows, with_guide in ((rows, guide), (grammar_rows(), None)):
+        fills.clear()
+        results.append((rows.round_masks(state, drafts, torch.tensor([3, 3, 3]), [0, 1, 2], force=True,
+                                         guide=with_guide), sum(fills), rows.taken))
+    (guided, fills_with, taken_with), (plain, fills_without, taken_without) = results
+    assert torch.equal(guided.allowed, plain.allowed) and torch.equal(guided.forced, plain.forced)
+    assert torch.equal(guided.verify, plain.verify) and torch.equal(guided.dictated, plain.dictated)
+    assert taken_with == taken_without == [1, 1, 1]
+    assert fills_with < fills_without
 
 def test_schedulers_learn_from_the_drafter_s_own_drafts_alone(monkeypatch):
     """A scheduler's ``record`` sees each row's drafts up to the first one the grammar dictated

@@ -76,6 +76,27 @@ class Drafter(ABC):
     #: that allows one token alone at a position, that token is drafted there, with ``q`` one-hot
     #: (:mod:`dspark.structured`). A drafter that keeps state over its own drafts leaves it False
     replaceable_drafts = False
+    #: True when :meth:`propose` draws each draft through :meth:`draw`, left to right, and runs
+    #: eagerly while :attr:`guide` is set: constrained requests' drafts then follow their grammars
+    #: (``engine.guide_drafts``; :class:`~dspark.structured.DraftGuide`)
+    guidable = False
+    #: the round's grammars over the drafts, while :meth:`propose` runs under one (set by the engine)
+    guide = None
+
+    def draw(self, logits: torch.Tensor, params: SamplingParams | MixedSamplingParams,
+             uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One draft step: tokens ``[B]`` from ``logits`` ``[B, V]`` as the sampler draws them
+        (:meth:`~dspark.samplers.Sampler.draw`: ``q`` ``[B, V]``, ``None`` when greedy). Under a
+        :attr:`guide`, the constrained rows' logits are first masked by their grammars after the
+        drafts so far, and the drawn tokens go back to it. Returns ``(tokens, q, logits)``, the
+        logits drawn from (masked ones under a guide: confidences read them too)."""
+        guide = self.guide
+        if guide is not None:
+            logits = guide.mask(logits)
+        tokens, q = self.sampler.draw(logits, params, uniforms)
+        if guide is not None:
+            guide.take(tokens)
+        return tokens, q, logits
 
     @classmethod
     def check_checkpoint(cls, config: DrafterConfig, target) -> None:

@@ -71,6 +71,7 @@ class DraftModelDrafter(Drafter):
     config_class = DraftModelConfig
     skippable = True
     provides_confidence = True
+    guidable = True
     calibration_method = "platt"  # a top probability, like EAGLE-3's
     #: with ``min_survival``, draft steps per compiled call between survival checks
     check_every = 2
@@ -186,7 +187,8 @@ class DraftModelDrafter(Drafter):
         num_new, first_logits = active.long(), logits[:, -1]
 
         def steps_from(carry, start, stop):  # x_{start+1}..x_stop from the logits of step start + 1 (and its penalty)
-            return self._draft_steps(*carry, num_new, uniforms, params, kv_len, start, stop)
+            steps = self._draft_steps if self.guide is None else self.draft_steps  # (grammars between steps: eager)
+            return steps(*carry, num_new, uniforms, params, kv_len, start, stop)
 
         first = (first_logits, draft_penalty(state.penalties))
         if self.min_survival > 0:
@@ -214,7 +216,7 @@ class DraftModelDrafter(Drafter):
         drafts, probs, confidence = [], [], []
         for k in range(start, stop):
             logits = penalize_draft(logits, params, penalty)
-            token, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
+            token, q, logits = self.draw(logits, params, None if params.greedy else uniforms[:, k])
             drafts.append(token), probs.append(q), confidence.append(top_probability(logits))
             logits, penalty = None, after_draft(penalty, token)
             if k < self.gamma - 1:

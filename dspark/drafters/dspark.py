@@ -139,6 +139,7 @@ class DSparkDrafter(Drafter):
     provides_confidence = True
     skippable = True  # the block's keys/values land past the context; commit reads the target's hidden states
     replaceable_drafts = True  # (the block is drafted afresh each round)
+    guidable = True
     #: with ``engine.compile``, append a round's context in the next round's draft call (one compiled call)
     fuse_append = True
 
@@ -288,7 +289,11 @@ class DSparkDrafter(Drafter):
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.block_width,
                                                             cache.max_len)
         penalty = draft_penalty(state.penalties)
-        if self._deferred is not None:  # the last round's context, appended in the same compiled call
+        if self.guide is not None:  # (grammars between the draft steps: eager)
+            self.flush()
+            self._flush_pending(state.lengths)
+            tokens, q, confidence = self.draft_block(state.anchor, cache.lengths, penalty, uniforms, state.params, kv_len)
+        elif self._deferred is not None:  # the last round's context, appended in the same compiled call
             hidden, num_new = self._deferred
             self._deferred = None
             tokens, q, confidence = self._append_and_draft(hidden, num_new, state.anchor, penalty, uniforms,
@@ -332,15 +337,21 @@ class DSparkDrafter(Drafter):
         #    positions are independent given the block and are drafted in one call
         if net.args.head == "none":
             base_logits = penalize_draft(base_logits, params, penalty)  # every position: the committed history's
-            tokens, q = self.sampler.draw(base_logits[:, :gamma], params, uniforms[:, :gamma])
+            if self.guide is None:
+                tokens, q = self.sampler.draw(base_logits[:, :gamma], params, uniforms[:, :gamma])
+            else:  # one position at a time: a grammar's mask follows the drafts before it
+                steps = [self.draw(base_logits[:, k], params, None if params.greedy else uniforms[:, k])
+                         for k in range(gamma)]
+                tokens, q = torch.stack([t for t, *_ in steps], 1), (None if params.greedy else
+                                                                     torch.stack([q for _, q, _ in steps], 1))
         else:
             previous, head_state, drafted, probs = anchor, None, [], []
             for k in range(gamma):
                 table_row = None if self.bias_table is None else self.bias_table[previous]  # [B, V]
                 bias, head_state = net.head_bias(net.token_embedding(previous), hidden[:, k], head_state,
                                                  self.projection_t, table_row)
-                previous, q = self.sampler.draw(penalize_draft(base_logits[:, k] + bias, params, penalty), params,
-                                                None if params.greedy else uniforms[:, k])
+                previous, q, _ = self.draw(penalize_draft(base_logits[:, k] + bias, params, penalty), params,
+                                           None if params.greedy else uniforms[:, k])
                 drafted.append(previous), probs.append(q)
                 penalty = after_draft(penalty, previous)
             tokens, q = torch.stack(drafted, 1), (None if params.greedy else torch.stack(probs, 1))

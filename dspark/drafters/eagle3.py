@@ -129,6 +129,7 @@ class Eagle3Drafter(Drafter):
     provides_confidence = True
     calibration_method = "platt"  # top probabilities sit mostly below ½ where greedy drafts are accepted
     replaceable_drafts = True  # (commit appends the committed tokens with the target's hidden states)
+    guidable = True
     #: with ``min_survival``, draft steps per compiled call between survival checks (a call costs
     #: 0.1–0.3 ms of overhead on this project's CPU; drafting past a request's stop costs a step)
     check_every = 2
@@ -286,6 +287,9 @@ class Eagle3Drafter(Drafter):
         """Draft ``x_1..x_stop`` from the last committed pair (appending last round's pairs first, in
         the same compiled call, when a compiled round left them): :meth:`draft_steps`'s outputs."""
         params, penalty = state.params, draft_penalty(state.penalties)
+        if self.guide is not None:  # (grammars between the draft steps: eager)
+            self.flush()
+            return self.draft_steps(self.last_output, None, penalty, self.cache.lengths, uniforms, params, kv_len, 0, stop)
         if self._deferred is not None:
             *drafts, self.last_output = self._append_and_draft(*self._deferred, penalty, uniforms, params, kv_len, stop)
             self._deferred = None
@@ -302,7 +306,8 @@ class Eagle3Drafter(Drafter):
             return tokens, q, p, (d, tokens[:, -1], penalty)
 
         def more(carry, start, stop):
-            tokens, q, p, d, penalty = self._draft_steps(*carry, self.cache.lengths, uniforms, params, kv_len, start, stop)
+            steps = self._draft_steps if self.guide is None else self.draft_steps
+            tokens, q, p, d, penalty = steps(*carry, self.cache.lengths, uniforms, params, kv_len, start, stop)
             return tokens, q, p, (d, tokens[:, -1], penalty)
 
         proposal, _ = draft_while_likely(first, more, gamma=self.gamma, check_every=self.check_every,
@@ -324,7 +329,7 @@ class Eagle3Drafter(Drafter):
             if k:  # the pair (d, x_k): the head's own output is the next feature
                 d = self._pair_step(d.unsqueeze(1), previous.unsqueeze(1), lengths + k - 1, kv_len).squeeze(1)
             logits = penalize_draft(self.head.logits(d, self.target), params, penalty)  # [B, V]
-            previous, q = self.sampler.draw(logits, params, None if params.greedy else uniforms[:, k])
+            previous, q, logits = self.draw(logits, params, None if params.greedy else uniforms[:, k])
             drafted.append(previous), probs.append(q), confidence.append(self.confidence_at(logits, previous))
             penalty = after_draft(penalty, previous)
         q, confidence = (None if params.greedy else torch.stack(probs, 1)), torch.stack(confidence, 1)
