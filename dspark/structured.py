@@ -388,9 +388,10 @@ class DraftGuide:
     """A round's grammars over a drafter's own draft steps (:meth:`~dspark.drafters.Drafter.draw`):
     before step ``j + 1`` the constrained rows' logits are masked with their grammars' states after
     the drafts ``x_1..x_j`` (:meth:`mask`, the mask verify position ``j`` takes too), then the
-    drawn tokens are taken (:meth:`take`). Made by :meth:`GrammarRows.guide`; the engine rolls
-    its walk back (:meth:`rollback`) once the drafter has proposed, and
-    :meth:`GrammarRows.round_masks` reuses the masks it filled.
+    drawn tokens are taken (:meth:`take`); or a compiled step takes the masks as an input
+    (:meth:`steps` runs the steps one at a time with :meth:`allowed`). Made by
+    :meth:`GrammarRows.guide`; the engine rolls its walk back (:meth:`rollback`) once the drafter
+    has proposed, and :meth:`GrammarRows.round_masks` reuses the masks it filled.
 
     A row stops being guided at the end of its output (EOS taken), or where its masked logits
     would have no finite entry left (a drafter's vocabulary holds none of the tokens the grammar
@@ -415,24 +416,56 @@ class DraftGuide:
         self.step = 0  # (the draft step the next mask is for: 0, x_1's)
         self._masked: list[int] = []  # (the rows the last mask applied to)
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` ``[B, V]`` of the next draft step with the guided rows' forbidden tokens at
-        −∞ (a new tensor; the other rows as they are)."""
+    def _next_masks(self) -> torch.Tensor | None:
+        """The guided rows' masks for the next draft step ``[n, V]`` bool on the device (filled on
+        the host; ``None`` when no row is guided any more)."""
         j = self.step
         self.live = [k for k in self.live if not self.matchers[k].is_terminated() and j < self.width]
         self._masked = self.live
         if not self.live:
-            return logits
+            return None
         at = [k * self.width + j for k in self.live]
         self.grammars._fill([self.matchers[k] for k in self.live], self.bitmask, at)
         for k in self.live:
             self.filled[k] = j + 1
-        allowed = unpack_words(self.words[at], self.grammars.vocab_size).to(self.device)  # [n, V]
+        return unpack_words(self.words[at], self.grammars.vocab_size).to(self.device)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[B, V]`` of the next draft step with the guided rows' forbidden tokens at
+        −∞ (:func:`mask_logits`; a new tensor, the other rows as they are)."""
+        allowed = self._next_masks()
+        if allowed is None:
+            return logits
         rows = self._rows()
-        original = logits if rows is None else logits[rows]
-        masked = torch.where(allowed, original, float("-inf"))
-        masked = torch.where(masked.amax(-1, keepdim=True) > float("-inf"), masked, original)  # (else its own)
-        return masked if rows is None else logits.index_put((rows,), masked)
+        if rows is None:
+            return mask_logits(logits, allowed)
+        return logits.index_put((rows,), mask_logits(logits[rows], allowed))
+
+    def allowed(self) -> torch.Tensor:
+        """The next draft step's masks for the whole batch ``[B, V]`` bool: the guided rows'
+        grammars' after the drafts so far, every token for the other rows — an input of a compiled
+        draft step that applies it with :func:`mask_logits` (see :meth:`steps`)."""
+        masks = self._next_masks()
+        rows = self._rows()
+        if masks is not None and rows is None:
+            return masks
+        allowed = torch.ones(self._batch_size, self.grammars.vocab_size, dtype=torch.bool, device=self.device)
+        return allowed if masks is None else allowed.index_put((rows,), masks)
+
+    def steps(self, step, carry, start: int, stop: int):
+        """Draft steps ``start..stop − 1`` one at a time, each under this round's masks:
+        ``step(carry, k, allowed)`` drafts ``x_{k+1}`` with the mask ``allowed`` ``[B, V]``
+        (:meth:`allowed`, applied by :meth:`~dspark.drafters.Drafter.draw`; a compiled function
+        takes it as an input) and returns ``(tokens [B, 1], q [B, 1, V] or None, confidences
+        [B, 1], carry)``; its tokens are taken before the next step. Returns the steps' tokens,
+        ``q`` and confidences, concatenated, and the last carry."""
+        drafted = []
+        for k in range(start, stop):
+            tokens, q, confidence, carry = step(carry, k, self.allowed())
+            self.take(tokens[:, 0])
+            drafted.append((tokens, q, confidence))
+        joined = [None if drafted[0][i] is None else torch.cat([d[i] for d in drafted], 1) for i in range(3)]
+        return (*joined, carry)
 
     def _rows(self) -> torch.Tensor | None:
         """The masked rows' indices in the batch, ``None`` when they are the batch's first rows in
@@ -463,6 +496,14 @@ class DraftGuide:
         if back:
             _xgrammar().BatchGrammarMatcher.batch_rollback([self.matchers[k] for k in back],
                                                            [len(self.taken[k]) for k in back])
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[..., V]`` at −∞ where ``allowed`` ``[..., V]`` is false — except in rows that
+    would keep no finite logit (a drafter whose vocabulary holds none of the allowed tokens):
+    those stay as they are. Tensor ops alone (compiled draft steps run it)."""
+    masked = torch.where(allowed, logits, float("-inf"))
+    return torch.where(masked.amax(-1, keepdim=True) > float("-inf"), masked, logits)
 
 
 def constrain(logits: torch.Tensor, slots: list[int], allowed: torch.Tensor) -> torch.Tensor:

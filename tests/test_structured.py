@@ -280,18 +280,28 @@ def test_guided_drafting_raises_acceptance_and_changes_no_token(drafter):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])
-def test_compiled_drafters_draft_guided_rounds_eagerly(drafter):
-    """engine.compile: the rounds with constrained requests run the draft steps eagerly (a grammar
-    between them), the others compiled — a batch whose constrained requests end first switches
-    from one to the other, and a compiled round's deferred append is made before a guided one.
-    Greedy, token for token as constrained plain decoding."""
-    grammars = [Grammar.choice(CHOICES), None, Grammar.regex("(ab|c)+x"), None]
-    prompts = [PROMPT, [2, 2, 9], [1, 4], [6]]
+def test_compiled_drafters_under_grammars(drafter):
+    """engine.compile: rounds with constrained requests draft one compiled step at a time, the
+    grammar's masks an input of each (DSpark: its backbone compiled, its head's steps eager); the
+    other rounds as without grammars — a batch whose constrained requests end first switches from
+    one to the other, and a compiled round's deferred append is made before a guided one. Greedy,
+    token for token as constrained plain decoding; new prompts and grammars reuse the graphs."""
+    from torch._dynamo.utils import counters
+
+    prompts = [[5, 1, 2], [7, 7, 3], [0, 4], [10]]
+    grammars = [Grammar.regex("(ba|a)+b?"), Grammar.choice(CHOICES), None, Grammar.choice(CHOICES)]
     plain = pipeline("none", "engine.max_batch_size=4")
     compiled = pipeline(drafter, "engine.max_batch_size=4", "engine.compile=true", "engine.trim_idle_slots=false")
-    for budget in (12, 6):
-        expected = plain.generate(prompts, max_new_tokens=budget, grammar=grammars).token_ids
-        assert compiled.generate(prompts, max_new_tokens=budget, grammar=grammars).token_ids == expected
+    for budget, grammar in ((6, grammars), (12, None), (12, grammars)):
+        expected = plain.generate(prompts, max_new_tokens=budget, grammar=grammar).token_ids
+        assert compiled.generate(prompts, max_new_tokens=budget, grammar=grammar).token_ids == expected
+    assert max(len(expected[b]) for b in (0, 1, 3)) < len(expected[2])  # (unguided rounds after guided ones)
+    before = counters["stats"]["unique_graphs"]
+    prompts, grammars = [PROMPT, [2, 2, 9], [1, 4], [6]], [Grammar.choice(CHOICES), None, Grammar.regex("(ab|c)+x"), None]
+    for grammar in (grammars, None):
+        expected = plain.generate(prompts, max_new_tokens=12, grammar=grammar).token_ids
+        assert compiled.generate(prompts, max_new_tokens=12, grammar=grammar).token_ids == expected
+    assert counters["stats"]["unique_graphs"] == before
 
 
 def test_round_masks_reuse_the_guide_s_masks_along_its_drafts():

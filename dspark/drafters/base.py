@@ -9,6 +9,7 @@ import torch
 
 from dspark.records import DecodingState, DraftProposal, MixedSamplingParams, ModelOutput, SamplingParams, VerificationResult
 from dspark.registry import Registry
+from dspark.structured import mask_logits
 
 
 @dataclass
@@ -76,22 +77,28 @@ class Drafter(ABC):
     #: that allows one token alone at a position, that token is drafted there, with ``q`` one-hot
     #: (:mod:`dspark.structured`). A drafter that keeps state over its own drafts leaves it False
     replaceable_drafts = False
-    #: True when :meth:`propose` draws each draft through :meth:`draw`, left to right, and runs
-    #: eagerly while :attr:`guide` is set: constrained requests' drafts then follow their grammars
-    #: (``engine.guide_drafts``; :class:`~dspark.structured.DraftGuide`)
+    #: True when :meth:`propose` draws each draft through :meth:`draw`, left to right, one step
+    #: per call while :attr:`guide` is set (eagerly, or compiled steps through
+    #: :meth:`~dspark.structured.DraftGuide.steps`): constrained requests' drafts then follow
+    #: their grammars (``engine.guide_drafts``)
     guidable = False
     #: the round's grammars over the drafts, while :meth:`propose` runs under one (set by the engine)
     guide = None
 
     def draw(self, logits: torch.Tensor, params: SamplingParams | MixedSamplingParams,
-             uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+             uniforms: torch.Tensor | None, allowed: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One draft step: tokens ``[B]`` from ``logits`` ``[B, V]`` as the sampler draws them
         (:meth:`~dspark.samplers.Sampler.draw`: ``q`` ``[B, V]``, ``None`` when greedy). Under a
         :attr:`guide`, the constrained rows' logits are first masked by their grammars after the
-        drafts so far, and the drawn tokens go back to it. Returns ``(tokens, q, logits)``, the
-        logits drawn from (masked ones under a guide: confidences read them too)."""
-        guide = self.guide
-        if guide is not None:
+        drafts so far, and the drawn tokens go back to it; or, in a step that
+        :meth:`~dspark.structured.DraftGuide.steps` runs (a compiled one, say), by the masks
+        ``allowed`` ``[B, V]`` it was given (the guide takes the tokens). Returns ``(tokens, q,
+        logits)``, the logits drawn from (masked ones under a guide: confidences read them too)."""
+        guide = self.guide if allowed is None else None
+        if allowed is not None:
+            logits = mask_logits(logits, allowed)
+        elif guide is not None:
             logits = guide.mask(logits)
         tokens, q = self.sampler.draw(logits, params, uniforms)
         if guide is not None:

@@ -187,8 +187,11 @@ class DraftModelDrafter(Drafter):
         num_new, first_logits = active.long(), logits[:, -1]
 
         def steps_from(carry, start, stop):  # x_{start+1}..x_stop from the logits of step start + 1 (and its penalty)
-            steps = self._draft_steps if self.guide is None else self.draft_steps  # (grammars between steps: eager)
-            return steps(*carry, num_new, uniforms, params, kv_len, start, stop)
+            if self.guide is None:
+                return self._draft_steps(*carry, num_new, uniforms, params, kv_len, start, stop)
+            # a grammar's masks between the steps: one step (one compiled call) at a time
+            return self.guide.steps(lambda carry, k, allowed: self._draft_steps(
+                *carry, num_new, uniforms, params, kv_len, k, k + 1, allowed), carry, start, stop)
 
         first = (first_logits, draft_penalty(state.penalties))
         if self.min_survival > 0:
@@ -206,17 +209,18 @@ class DraftModelDrafter(Drafter):
         return proposal
 
     def draft_steps(self, logits: torch.Tensor, penalty: DraftPenalty, num_new: torch.Tensor, uniforms: torch.Tensor,
-                    params, kv_len: int, start: int, stop: int):
+                    params, kv_len: int, start: int, stop: int, allowed: torch.Tensor | None = None):
         """Draft ``x_{start+1}..x_stop`` left to right from ``logits`` ``[B, V]`` (those of step
         ``start + 1``) and the penalty there (:mod:`dspark.samplers.penalties`; ``None`` without),
         feeding each draft but ``x_γ`` (``num_new`` ``[B]``: 1, or 0 for finished requests): tokens
         ``[B, n]``, ``q`` ``[B, n, V]`` (``None`` when greedy), confidences ``[B, n]`` and the
         logits and penalty of step ``stop + 1`` (logits ``None`` after step γ). One function, so
-        that ``engine.compile`` makes each range one graph (the loop unrolled)."""
+        that ``engine.compile`` makes each range one graph (the loop unrolled). ``allowed``
+        ``[B, V]``: a grammar's masks for a single step (a guided round)."""
         drafts, probs, confidence = [], [], []
         for k in range(start, stop):
             logits = penalize_draft(logits, params, penalty)
-            token, q, logits = self.draw(logits, params, None if params.greedy else uniforms[:, k])
+            token, q, logits = self.draw(logits, params, None if params.greedy else uniforms[:, k], allowed)
             drafts.append(token), probs.append(q), confidence.append(top_probability(logits))
             logits, penalty = None, after_draft(penalty, token)
             if k < self.gamma - 1:

@@ -182,6 +182,7 @@ class DSparkDrafter(Drafter):
         self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
                                             self.gamma, target.device)
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
+        self._block_logits = self.block_logits  # (the backbone alone: rounds with a grammar's masks)
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call
         self._deferred: tuple | None = None  # (hidden states, num_new) of the last drafted round, not yet appended
         self._copy_hidden = False
@@ -195,6 +196,7 @@ class DSparkDrafter(Drafter):
         # static shapes: the block reads the whole context cache and every round appends γ + 1
         # positions (one graph per batch size and sampling settings); the prompt's append stays eager
         self._draft_block = compile_forward(self.draft_block, self.target.device)
+        self._block_logits = compile_forward(self.block_logits, self.target.device)
         self._append_round = compile_forward(self._append_context, self.target.device)
         self._append_and_draft = compile_forward(self.append_and_draft, self.target.device)
         self._static_kv = True
@@ -289,10 +291,11 @@ class DSparkDrafter(Drafter):
         kv_len = cache.max_len if self._static_kv else min(state.max_cache_len + self.net.args.block_width,
                                                             cache.max_len)
         penalty = draft_penalty(state.penalties)
-        if self.guide is not None:  # (grammars between the draft steps: eager)
+        if self.guide is not None:  # the backbone (compiled), then the head's steps eagerly with a grammar's masks
             self.flush()
             self._flush_pending(state.lengths)
-            tokens, q, confidence = self.draft_block(state.anchor, cache.lengths, penalty, uniforms, state.params, kv_len)
+            hidden, base_logits = self._block_logits(state.anchor, cache.lengths, kv_len)
+            tokens, q, confidence = self.draft_from(state.anchor, hidden, base_logits, penalty, uniforms, state.params)
         elif self._deferred is not None:  # the last round's context, appended in the same compiled call
             hidden, num_new = self._deferred
             self._deferred = None
@@ -319,8 +322,16 @@ class DSparkDrafter(Drafter):
         ``penalty`` (:mod:`dspark.samplers.penalties`; ``None`` without): the penalty after the
         anchor; the sequential heads carry it along their drafts, DFlash's independent positions
         all take it as it is (their draws may not depend on each other)."""
+        hidden, base_logits = self.block_logits(anchor, context_lengths, kv_len)
+        return self.draft_from(anchor, hidden, base_logits, penalty, uniforms, params)
+
+    def block_logits(self, anchor: torch.Tensor, context_lengths: torch.Tensor, kv_len: int):
+        """The parallel backbone's one forward over ``[anchor, mask × (block − 1)]`` after
+        ``context_lengths`` ``[B]`` committed context positions: the drafting positions' hidden
+        states ``h_1..h_γ`` ``[B, γ_block, H]`` and base logits ``U`` ``[B, γ_block, V]``."""
         net, target, cache = self.net, self.target, self.cache
-        block, gamma, batch = net.args.block_width, self.gamma, anchor.shape[0]
+        batch = anchor.shape[0]
+        block = net.args.block_width
         # 1. parallel backbone: one forward over [anchor, mask × (block−1)], bidirectional in the block
         x = torch.cat([target.embed_tokens(anchor).unsqueeze(1),
                        net.mask_embedding.expand(batch, block - 1, -1)], 1)  # [B, block, H]
@@ -332,7 +343,13 @@ class DSparkDrafter(Drafter):
             x = layer(x, rope, cache, positions, mask, kv_len)
         # h_1..h_γ [B, γ_block, H]: from the anchor's position on, or after it (z-lab's DFlash)
         hidden = net.output(x)[:, block - net.args.gamma:]
-        base_logits = target.lm_head(hidden)  # U [B, γ_block, V]
+        return hidden, target.lm_head(hidden)  # U [B, γ_block, V]
+
+    def draft_from(self, anchor: torch.Tensor, hidden: torch.Tensor, base_logits: torch.Tensor, penalty: DraftPenalty,
+                   uniforms: torch.Tensor, params):
+        """The drafts from the backbone's outputs (:meth:`block_logits`): tokens ``[B, γ]``, ``q``
+        ``[B, γ, V]`` (``None`` when greedy), confidences ``[B, γ]``."""
+        net, gamma = self.net, self.gamma
         # 2. sequential head: left to right from softmax(U_k + B_k); without a head (DFlash) the
         #    positions are independent given the block and are drafted in one call
         if net.args.head == "none":

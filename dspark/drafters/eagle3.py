@@ -287,9 +287,9 @@ class Eagle3Drafter(Drafter):
         """Draft ``x_1..x_stop`` from the last committed pair (appending last round's pairs first, in
         the same compiled call, when a compiled round left them): :meth:`draft_steps`'s outputs."""
         params, penalty = state.params, draft_penalty(state.penalties)
-        if self.guide is not None:  # (grammars between the draft steps: eager)
+        if self.guide is not None:  # (a grammar's masks between the draft steps: one call per step)
             self.flush()
-            return self.draft_steps(self.last_output, None, penalty, self.cache.lengths, uniforms, params, kv_len, 0, stop)
+            return self._guided_steps(self.last_output, None, penalty, uniforms, params, kv_len, 0, stop)
         if self._deferred is not None:
             *drafts, self.last_output = self._append_and_draft(*self._deferred, penalty, uniforms, params, kv_len, stop)
             self._deferred = None
@@ -306,16 +306,33 @@ class Eagle3Drafter(Drafter):
             return tokens, q, p, (d, tokens[:, -1], penalty)
 
         def more(carry, start, stop):
-            steps = self._draft_steps if self.guide is None else self.draft_steps
-            tokens, q, p, d, penalty = steps(*carry, self.cache.lengths, uniforms, params, kv_len, start, stop)
+            if self.guide is not None:
+                tokens, q, p, d, penalty = self._guided_steps(*carry, uniforms, params, kv_len, start, stop)
+            else:
+                tokens, q, p, d, penalty = self._draft_steps(*carry, self.cache.lengths, uniforms, params, kv_len,
+                                                             start, stop)
             return tokens, q, p, (d, tokens[:, -1], penalty)
 
         proposal, _ = draft_while_likely(first, more, gamma=self.gamma, check_every=self.check_every,
                                          min_survival=self.min_survival, done=state.done)
         return proposal
 
+    def _guided_steps(self, d: torch.Tensor, previous: torch.Tensor | None, penalty: DraftPenalty,
+                      uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int):
+        """:meth:`draft_steps` of ``x_{start+1}..x_stop`` one step (one compiled call) at a time, each
+        under the round's grammar masks (:meth:`~dspark.structured.DraftGuide.steps`)."""
+        def step(carry, k, allowed):
+            d, previous, penalty = carry
+            tokens, q, p, d, penalty = self._draft_steps(d, previous, penalty, self.cache.lengths, uniforms, params,
+                                                         kv_len, k, k + 1, allowed)
+            return tokens, q, p, (d, tokens[:, 0], penalty)
+
+        tokens, q, p, (d, _, penalty) = self.guide.steps(step, (d, previous, penalty), start, stop)
+        return tokens, q, p, d, penalty
+
     def draft_steps(self, d: torch.Tensor, previous: torch.Tensor | None, penalty: DraftPenalty, lengths: torch.Tensor,
-                    uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int):
+                    uniforms: torch.Tensor, params, kv_len: int, start: int, stop: int,
+                    allowed: torch.Tensor | None = None):
         """Draft ``x_{start+1}..x_stop`` left to right over a pair cache of ``lengths`` ``[B]``: from the
         last committed pair's output ``d`` ``[B, H]`` when ``start`` is 0, else from the output ``d``
         that drafted ``previous`` ``[B]`` (= ``x_start``); ``penalty``: the penalty at ``x_{start+1}``
@@ -323,13 +340,13 @@ class Eagle3Drafter(Drafter):
         ``[B, n, V]`` (``None`` when greedy), each position's confidence ``[B, n]`` (calibrated
         when a calibration was found), the output that drafted the last one ``[B, H]`` and the
         penalty after it. One function, so that ``engine.compile`` makes each range one graph (the
-        loop unrolled)."""
+        loop unrolled). ``allowed`` ``[B, V]``: a grammar's masks for a single step (a guided round)."""
         drafted, probs, confidence = [], [], []
         for k in range(start, stop):
             if k:  # the pair (d, x_k): the head's own output is the next feature
                 d = self._pair_step(d.unsqueeze(1), previous.unsqueeze(1), lengths + k - 1, kv_len).squeeze(1)
             logits = penalize_draft(self.head.logits(d, self.target), params, penalty)  # [B, V]
-            previous, q, logits = self.draw(logits, params, None if params.greedy else uniforms[:, k])
+            previous, q, logits = self.draw(logits, params, None if params.greedy else uniforms[:, k], allowed)
             drafted.append(previous), probs.append(q), confidence.append(self.confidence_at(logits, previous))
             penalty = after_draft(penalty, previous)
         q, confidence = (None if params.greedy else torch.stack(probs, 1)), torch.stack(confidence, 1)
