@@ -1,10 +1,11 @@
 """Structured outputs: what the grammar's per-round host work costs, and what a grammar does to τ.
 
     python benchmarks/structured.py [--configs ar ngram draft_model dspark eagle3] [--prompts 8]
-        [--max-new-tokens 64] [--repeats 5]
+        [--max-new-tokens 64] [--repeats 5] [--compile]
 
 Two measurements on the shipped code prompts, greedy, batch 1 (one request per ``generate`` call,
-as a chat client sends them), the embedded models, eager:
+as a chat client sends them), the embedded models, eager (``--compile``: ``engine.compile``, the
+graphs made in a warm-up):
 
 * **cost**: each pipeline with a grammar that allows every token (the regex ``[\\s\\S]*``: its
   matcher walks and masks every round, the tokens are those without a grammar — checked) against
@@ -78,20 +79,24 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="engine.compile=true (graphs made in the warm-up)")
     args = parser.parse_args()
     _timed_walk()
-    pipes = {c: dspark.build_pipeline(c, overrides=["target.device=cpu"]) for c in args.configs}
+    overrides = ["target.device=cpu"] + (["engine.compile=true"] if args.compile else [])
+    pipes = {c: dspark.build_pipeline(c, overrides=overrides) for c in args.configs}
     prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.prompts)
     everything, schema = dspark.Grammar.regex(r"[\s\S]*"), dspark.Grammar.json_schema(SCHEMA, any_whitespace=False)
-    print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes")
+    print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes"
+          f"{', compiled' if args.compile else ', eager'}")
     print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | grammar's host work ms/round "
           "(share) | τ, no grammar | τ under the JSON schema: unguided, forced drafts off → on → guided | tokens/s "
           "under it: unguided → guided | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
     reference = None
     for config, pipe in pipes.items():
-        for grammar in (None, everything, schema):  # warm-up
-            decode(pipe, prompts[:2], 8, grammar)
+        for grammar, guided in ((None, True), (everything, True), (schema, True), (schema, False)):  # warm-up
+            pipe.engine.config.guide_drafts = guided
+            decode(pipe, prompts[:2], 8 if not args.compile else 32, grammar)
         times, walked = {"none": [], "all": [], "unguided": [], "guided": []}, [0.0, 0, 0.0]
         tau_free = decode(pipe, prompts, args.max_new_tokens, None)[2]
         taus, outputs_under = {}, {}
