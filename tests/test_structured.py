@@ -304,6 +304,24 @@ def test_compiled_drafters_under_grammars(drafter):
     assert counters["stats"]["unique_graphs"] == before
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])
+def test_guided_drafting_on_gpu_with_cuda_graphs(drafter):
+    """On CUDA, compiled and replayed from CUDA graphs (a graph per guided draft step, the masks
+    copied into its input): greedy under grammars as constrained plain decoding, and the sampled
+    joint of the first three tokens as the constrained target's (chi-square, significance 0.001)."""
+    on_cuda = ("target.device=cuda", "engine.compile=true", "engine.cuda_graphs=true")
+    prompts = [[5, 1, 2], [7, 7, 3], [0, 4], [10]]
+    grammars = [Grammar.regex("(ba|a)+b?"), Grammar.choice(CHOICES), None, Grammar.choice(CHOICES)]
+    expected = pipeline("none", "engine.max_batch_size=4").generate(prompts, max_new_tokens=12, grammar=grammars)
+    graphed = pipeline(drafter, "engine.max_batch_size=4", *on_cuda)
+    assert graphed.generate(prompts, max_new_tokens=12, grammar=grammars).token_ids == expected.token_ids
+    target, _ = tiny_pair()
+    counts = sampled_joint(pipeline(drafter, "engine.max_batch_size=5000", *on_cuda), SamplingParams(1.0))
+    assert chi_square_p_value(counts, constrained_joint(target, SamplingParams(1.0))) > 1e-3
+
 def test_round_masks_reuse_the_guide_s_masks_along_its_drafts():
     """The masks a guide filled while drafting are the verify positions' masks: ``round_masks``
     takes them (fewer fills) and returns what it fills without a guide — also where a forced token
