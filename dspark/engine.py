@@ -95,8 +95,9 @@ class EngineConfig:
             a constrained request's logits with its grammar before each draft step, as the target's
             are masked when it verifies (:class:`~dspark.structured.DraftGuide`): its drafts are
             what the constrained target can accept, at a host read per draft step and, with
-            ``compile``, one call per draft step in such rounds (not one for all of them). ``false``: the drafters draft
-            as without grammars (the verification masks them alike: exact either way).
+            ``compile``, one call per draft step in such rounds (not one for all of them).
+            ``false``: the drafters draft as without grammars (the verification masks them alike:
+            exact either way).
         trim_idle_slots: a round runs over the batch's first slots up to its last unfinished
             request (their number rounded up to a power of two), not over all ``max_batch_size``
             of them: a server whose slots are mostly free decodes as fast as a smaller batch
