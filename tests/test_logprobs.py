@@ -76,9 +76,9 @@ def test_prompt_logprobs_equal_a_teacher_forced_forward(drafter, backend, monkey
     """Each prompt token's log-probability given the ones before it (ragged prompts, two per
     batch; native targets score them 4 positions per LM-head call here, transformers-backed ones
     all at once), as one float64 forward over the prompt gives it; asking changes no output."""
-    import dspark.engine
+    import dspark.engine.prefill
 
-    monkeypatch.setattr(dspark.engine, "PROMPT_SCORE_CHUNK", 4)
+    monkeypatch.setattr(dspark.engine.prefill, "PROMPT_SCORE_CHUNK", 4)
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64", "backend": backend},
                                   "drafter": DRAFTERS[drafter]}, target_model=target, overrides=["engine.max_batch_size=2"])
@@ -98,9 +98,9 @@ def test_prompt_top_logprobs_equal_a_teacher_forced_forward(drafter, backend, mo
     as one float64 forward over the prompt gives them — in chunks of 4 positions for native
     targets, at once for transformers-backed ones; a batch of one-token prompts has nothing to
     score; asking changes no output."""
-    import dspark.engine
+    import dspark.engine.prefill
 
-    monkeypatch.setattr(dspark.engine, "PROMPT_SCORE_CHUNK", 4)
+    monkeypatch.setattr(dspark.engine.prefill, "PROMPT_SCORE_CHUNK", 4)
     target = tiny_hf_model("qwen3", scale=3.0)
     pipe = dspark.build_pipeline({"target": {"device": "cpu", "dtype": "float64", "backend": backend},
                                   "drafter": DRAFTERS[drafter]}, target_model=target, overrides=["engine.max_batch_size=2"])
