@@ -181,16 +181,28 @@ def _default(field: dataclasses.Field) -> str:
 
 
 def render_schema(cls: type, heading: str | None) -> list[str]:
-    """An optional heading, the class summary and one bullet per key."""
+    """An optional heading, the class summary and one bullet per key — or per run of keys that
+    one entry of the docstring describes together (``a, b: ...``): their description once."""
     out = [heading, ""] if heading else []
     out += [f"Schema: `{cls.__module__}.{cls.__qualname__}`.", ""]
     text = summary(cls)
     if text:
         out += [text, ""]
+    runs: list[tuple[str, list[dataclasses.Field]]] = []
     for field in dataclasses.fields(cls):
         description = key_doc(cls, field.name)
         description = markdown(description) if description else UNDOCUMENTED
-        out.append(f"- **`{field.name}`** (`{_type(field)}`, default {_default(field)}): {description}")
+        if runs and runs[-1][0] == description and description != UNDOCUMENTED:
+            runs[-1][1].append(field)
+        else:
+            runs.append((description, [field]))
+    for description, fields in runs:
+        if len(fields) == 1:
+            field = fields[0]
+            out.append(f"- **`{field.name}`** (`{_type(field)}`, default {_default(field)}): {description}")
+        else:
+            out.append(f"- {', '.join(f'**`{f.name}`**' for f in fields)}: {description}")
+            out += [f"    - **`{f.name}`** (`{_type(f)}`, default {_default(f)})" for f in fields]
     out.append("")
     return out
 
