@@ -19,7 +19,7 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab", "dflash_zlab", "eagle3", "eagle3_published_forms",
+DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "early_exit", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab", "dflash_zlab", "eagle3", "eagle3_published_forms",
             "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold",
             "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
@@ -87,6 +87,8 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
         return spec_pipeline(target, drafter.removesuffix("_adaptive"), gamma, *ADAPTIVE, *overrides, draft=draft)
     elif drafter == "ngram":
         section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
+    elif drafter == "early_exit":  # the target's first layer (of 2 or 3) drafts
+        section = {"name": "early_exit", "num_speculative_tokens": gamma, "exit_layer": 1}
     elif drafter in BLOCK_HEADS or drafter in BLOCK_VARIANTS:  # a randomly initialised block drafter
         section = {"name": "dspark", "num_speculative_tokens": gamma, "path": None,
                    "head": BLOCK_HEADS.get(drafter, "markov"), "rank": 16}
@@ -347,8 +349,8 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "ngram", "dspark",
-                                     "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab",
+@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "early_exit", "ngram",
+                                     "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab",
                                      "eagle3", "eagle3_published_forms", "eagle3_draft_vocab", "eagle3_stop",
                                      "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold", "dspark_scheduled",
                                      "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive",
@@ -371,8 +373,8 @@ NGRAM_BANS = dspark.SamplingParams(1.0, no_repeat_ngram_size=2, top_k=6)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", ["penalties", "ngram_bans"])
-@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_self", "dspark", "dflash",
-                                     "dspark_rnn", "eagle3", "eagle3_draft_vocab", "dspark_scheduled",
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft_model", "draft_model_self", "early_exit", "dspark",
+                                     "dflash", "dspark_rnn", "eagle3", "eagle3_draft_vocab", "dspark_scheduled",
                                      "draft_model_stop", "ngram_adaptive"])
 def test_chi_square_with_penalties(drafter, setting):
     """With penalties or n-gram bans, the target's distribution at each verify position depends on

@@ -94,9 +94,13 @@ class DraftModelDrafter(Drafter):
         if self.model.vocab_size != target.vocab_size:
             raise ValueError(f"draft model vocabulary ({self.model.vocab_size} tokens) differs from the target's "
                              f"({target.vocab_size} tokens); a draft model must share the target's tokenizer")
-        self.min_survival = check_min_survival(config.min_survival)
-        checkpoint = source if isinstance(source, (str, Path)) else None  # a model object has no directory
-        self.calibration = find_calibration(config.calibration, checkpoint, self.gamma, target.device)
+        self._set_up(source if isinstance(source, (str, Path)) else None)  # (a model object has no directory)
+
+    def _set_up(self, checkpoint: str | Path | None) -> None:
+        """What drafting needs besides :attr:`model`: the early stop, the calibration (found beside
+        ``checkpoint``, when there is one), the caches (made by :meth:`start`) and the forwards."""
+        self.min_survival = check_min_survival(self.config.min_survival)
+        self.calibration = find_calibration(self.config.calibration, checkpoint, self.gamma, self.target.device)
         self.cache = self.whole_cache = None  # the rows the rounds run over (a view of whole_cache); every slot's
         self._forward, self._draft_steps, self._static_kv = self.model, self.draft_steps, False
         self._catch_up = self.catch_up

@@ -8,7 +8,7 @@ only in biases (Qwen2: q/k/v), per-head q/k RMSNorm (Qwen3) and tied embeddings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -325,6 +325,23 @@ class NativeCausalLM(nn.Module):
         if logits_positions is not None:
             x = x.gather(1, logits_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return ModelOutput(logits=self.logits_of(x), hidden_states=[hidden[i] for i in hidden_layers])
+
+    def early_exit(self, num_layers: int) -> "NativeCausalLM":
+        """This model cut after its first ``num_layers`` decoder layers, then its final norm and LM
+        head (LayerSkip's early exit, for self-speculative drafting): the same parameter tensors,
+        not copies — it costs no memory but its own KV cache (``num_layers`` layers). Never move
+        it to another dtype or device (that would convert this model's weights with it)."""
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers < self.num_layers:
+            raise ValueError(f"an early exit keeps 1 to {self.num_layers - 1} of this model's {self.num_layers} "
+                             f"decoder layers, got {num_layers!r}")
+        view = NativeCausalLM.__new__(NativeCausalLM)
+        nn.Module.__init__(view)
+        view.args = replace(self.args, num_layers=num_layers)
+        view.embed_tokens, view.norm, view.lm_head = self.embed_tokens, self.norm, self.lm_head
+        view.layers = nn.ModuleList(self.layers[:num_layers])
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        view.attention_scaling = self.attention_scaling
+        return view
 
     def logits_of(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., V]`` from the last decoder layer's output ``x`` ``[..., H]`` (final norm, LM
