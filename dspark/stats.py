@@ -39,7 +39,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
      "the net effect of speculation, draft cost included"),
     ("vs transformers peer",
      "tokens/s ÷ the matching `transformers` `generate`: plain (for `none`), assisted generation with the same "
-     "draft model (for `draft_model`), prompt lookup (for `ngram`)",
+     "draft model (for `draft_model`), prompt lookup (for `ngram`), `assistant_early_exit` at the same layer "
+     "(for `early_exit`)",
      "whether dspark's engine is faster than the reference implementation"),
     ("draft / schedule / verify / other ms per round",
      "wall time of the rounds split into the drafter's `propose`, the scheduler's choice, the target's verify "

@@ -74,13 +74,37 @@ def test_bench_with_a_repetition_penalty_matches_transformers(tmp_path):
     assert outputs[1.0] != outputs[1.6]
 
 
+def test_the_early_exit_peer_is_transformers_assistant_early_exit(tmp_path):
+    """``early_exit`` pipelines meet ``generate(assistant_early_exit=...)`` at the first one's exit
+    layer: the same greedy tokens (checked against transformers' plain generate), and the ratio
+    over it in the row of the pipeline labelled ``early_exit``."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "The quick brown fox"}\n')
+    two_layers = TINY.replace("num_hidden_layers: 1", "num_hidden_layers: 2")
+    common = [f"target.random={two_layers}", "target.tokenizer=bytes", "target.device=cpu"]
+    cfg = load_bench_config(None, [
+        "pipelines=[{label: none, overrides: [drafter=none], speculative: false},"
+        " {label: early_exit, overrides: [drafter.name=early_exit, drafter.exit_layer=1]}]",
+        f"domains=[{prompts}]", "num_prompts=2", "temperatures=[0.0]", "batch_sizes=[1]", "gammas=[2, 3]",
+        "max_new_tokens=8", "repeats=1", "warmup=0", f"output_dir={tmp_path / 'out'}", "peers.assisted=false",
+        "peers.prompt_lookup=false", "common_overrides=[" + ", ".join(f"'{c}'" for c in common) + "]"])
+    report = run_bench(cfg, progress=False)
+    assert report["greedy_mismatches"] == []
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]}
+    assert {"hf plain", "hf early exit g=2", "hf early exit g=3"} <= set(rows)
+    assert [rows[f"early_exit g={g}"]["peer"] for g in (2, 3)] == ["hf early exit g=2", "hf early exit g=3"]
+
+
 def test_bad_bench_configs():
     with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
         load_bench_config(None, ["repetition_penalty=0"])
     with pytest.raises(ValueError, match="no presence_penalty or frequency_penalty: turn the peers off"):
         load_bench_config(None, ["presence_penalty=0.5"])
+    with pytest.raises(ValueError, match="no presence_penalty or frequency_penalty: turn the peers off"):
+        load_bench_config(None, ["presence_penalty=0.5", "peers.plain=false", "peers.assisted=false",
+                                 "peers.prompt_lookup=false"])  # (the early-exit peer is on)
     assert load_bench_config(None, ["presence_penalty=0.5", "peers.plain=false", "peers.assisted=false",
-                                    "peers.prompt_lookup=false"]).presence_penalty == 0.5
+                                    "peers.prompt_lookup=false", "peers.early_exit=false"]).presence_penalty == 0.5
     with pytest.raises(ValueError, match="batch_sizes must be a non-empty list of integers >= 1"):
         load_bench_config(None, ["batch_sizes=[0]"])
     with pytest.raises(ValueError, match="pipeline labels must be unique"):

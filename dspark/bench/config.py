@@ -29,13 +29,21 @@ class PipelineSpec:
 class PeerConfig:
     """Hugging Face ``generate`` peers, run on the same models, prompts and settings.
 
-    ``assisted`` uses the draft model of the first ``draft_model`` pipeline and ``prompt_lookup``
-    the first ``ngram`` pipeline's γ; both only at batch size 1 (``transformers`` supports no more).
+    ``assisted`` uses the draft model of the first ``draft_model`` pipeline, ``prompt_lookup``
+    the first ``ngram`` pipeline's n-gram size and ``early_exit`` the first ``early_exit``
+    pipeline's exit layer (``generate(assistant_early_exit=...)``), each at every γ; all three
+    only at batch size 1 (``transformers`` supports no more).
     """
 
     plain: bool = True
     assisted: bool = True
     prompt_lookup: bool = True
+    early_exit: bool = True
+
+    @property
+    def any(self) -> bool:
+        """Whether any peer runs."""
+        return self.plain or self.assisted or self.prompt_lookup or self.early_exit
 
 
 @dataclass
@@ -104,10 +112,10 @@ class BenchConfig:
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         SamplingParams(1.0, **self.penalties).validate()
-        peers_on = self.peers.plain or self.peers.assisted or self.peers.prompt_lookup
-        if peers_on and (self.presence_penalty or self.frequency_penalty):
+        if self.peers.any and (self.presence_penalty or self.frequency_penalty):
             raise ValueError("transformers' generate has no presence_penalty or frequency_penalty: turn the peers off "
-                             "(peers.plain=false peers.assisted=false peers.prompt_lookup=false) to bench with them")
+                             "(peers.plain=false peers.assisted=false peers.prompt_lookup=false peers.early_exit=false) "
+                             "to bench with them")
         return self
 
 

@@ -16,7 +16,7 @@ from dspark.records import SamplingParams
 from dspark.stats import METRICS, GenerationStats, metrics_markdown
 
 # which transformers peer a dspark pipeline family is compared with
-PEER_OF = {"none": "hf_plain", "draft_model": "hf_assisted", "ngram": "hf_prompt_lookup"}
+PEER_OF = {"none": "hf_plain", "draft_model": "hf_assisted", "ngram": "hf_prompt_lookup", "early_exit": "hf_early_exit"}
 
 
 def environment() -> dict:

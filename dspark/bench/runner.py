@@ -115,7 +115,7 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
     from dspark.pipeline import build_pipeline
 
     variants, tokenizer = [], None
-    first_pipe, first_draft_model, first_ngram = None, None, None
+    first_pipe, first_draft_model, first_ngram, first_early_exit = None, None, None, None
     for spec in cfg.pipelines:
         gammas = cfg.gammas if spec.speculative else [None]
         for gamma in gammas:
@@ -132,7 +132,9 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
                 first_draft_model = pipe
             if drafter == "ngram" and first_ngram is None:
                 first_ngram = pipe
-    if cfg.peers.plain or cfg.peers.assisted or cfg.peers.prompt_lookup:
+            if drafter == "early_exit" and first_early_exit is None:
+                first_early_exit = pipe
+    if cfg.peers.any:
         # the penalties transformers has, where on (validation refused the others with peers on)
         off = SamplingParams()
         penalty = {name: getattr(cfg, name) for name in ("repetition_penalty", "no_repeat_ngram_size")
@@ -153,6 +155,13 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
             for gamma in cfg.gammas:
                 variants.append(hf_variant(f"hf prompt lookup g={gamma}", "hf_prompt_lookup", gamma, target_hf, pad,
                                            cfg.seed, (1,), prompt_lookup_num_tokens=gamma, max_matching_ngram_size=max_n,
+                                           **penalty))
+        if cfg.peers.early_exit and first_early_exit is not None:
+            exit_layer = first_early_exit.drafter.model.num_layers
+            for gamma in cfg.gammas:
+                variants.append(hf_variant(f"hf early exit g={gamma}", "hf_early_exit", gamma, target_hf, pad, cfg.seed,
+                                           (1,), assistant_early_exit=exit_layer, num_assistant_tokens=gamma,
+                                           num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
                                            **penalty))
     return variants, tokenizer
 
