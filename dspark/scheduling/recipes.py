@@ -75,8 +75,9 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if output is None and (cfg.drafter.get("path") is None or cfg.drafter.get("random") is not None):
-        raise ValueError("a drafter built in memory (drafter.path: null, or drafter.random) has no checkpoint "
-                         "directory to write calibration.json beside: name the file with output= (--output)")
+        raise ValueError("this drafter has no checkpoint directory to write calibration.json beside (one built in "
+                         "memory — drafter.path: null, or drafter.random — or early_exit, which drafts with the "
+                         "target's layers): name the file with output= (--output)")
     if output is None:
         output = str(Path(resolve_checkpoint(cfg.drafter.path)) / CALIBRATION_FILE)
     existing, greedy = {}, temperature == 0

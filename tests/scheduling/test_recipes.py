@@ -22,7 +22,9 @@ SETUPS = {"dspark": COMMON,
           "eagle3": [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.path=null",
                      "drafter.num_speculative_tokens=3"],
           "draft_model": [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.path=null",
-                          f"drafter.random={TINY.replace('seed: 0', 'seed: 1')}", "drafter.num_speculative_tokens=3"]}
+                          f"drafter.random={TINY.replace('seed: 0', 'seed: 1')}", "drafter.num_speculative_tokens=3"],
+          "early_exit": [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu", "drafter.exit_layer=1",
+                         "drafter.num_speculative_tokens=3"]}
 
 
 @pytest.mark.parametrize("config", sorted(SETUPS))
@@ -35,7 +37,7 @@ def test_calibrate_records_fits_and_the_drafter_applies_the_temperatures(tmp_pat
                        output=str(output), plot=str(plot))
     assert report["request_rounds"] >= 12 and len(report["temperatures"]) == 3 and report["drafter"] == config
     # each drafter's own method: STS for DSpark's trained confidence head, Platt for a top probability
-    assert report["method"] == {"dspark": "sts", "eagle3": "platt", "draft_model": "platt"}[config]
+    assert report["method"] == {"dspark": "sts", "eagle3": "platt", "draft_model": "platt", "early_exit": "platt"}[config]
     assert report["map"] == "sampled"
     assert (report["method"] == "platt") or report["biases"] == [0.0, 0.0, 0.0]
     assert [row["position"] for row in report["after"]] == [1, 2, 3]
@@ -152,8 +154,10 @@ def test_bad_calibration_inputs(tmp_path):
     with pytest.raises(ValueError, match="drafter.path: null.*output="):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1)
     random_draft = [s for s in SETUPS["draft_model"] if s != "drafter.path=null"]  # path left at the shipped model's
-    with pytest.raises(ValueError, match=r"drafter.random\) has no checkpoint directory"):
+    with pytest.raises(ValueError, match=r"no checkpoint directory .* or drafter.random"):
         calibrate("draft_model", random_draft, num_prompts=1)
+    with pytest.raises(ValueError, match=r"or early_exit, which drafts with the target's layers\): name the file"):
+        calibrate("early_exit", SETUPS["early_exit"], num_prompts=1)
     with pytest.raises(ValueError, match="method must be one of sts, platt, got 'isotonic'"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), method="isotonic")
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
