@@ -219,7 +219,7 @@ def test_forced_drafts_raise_acceptance_and_change_no_token(drafter, monkeypatch
 
 
 
-GUIDED = ["draft_model", "dspark", "dflash", "dspark_rnn", "dspark_scheduled", "eagle3", "eagle3_stop", "eagle3_draft_vocab"]
+GUIDED = ["draft_model", "early_exit", "dspark", "dflash", "dspark_rnn", "dspark_scheduled", "eagle3", "eagle3_stop", "eagle3_draft_vocab"]
 
 
 def verified_drafts_follow_the_masks(pipe, monkeypatch, **kwargs) -> int:

@@ -51,9 +51,9 @@ class EngineConfig:
             size (:class:`~dspark.prefix_cache.HiddenHistory`), written once a round; ``false``: a
             slot holds its last prompt alone, and no such buffer.
         guide_drafts: structured outputs: a drafter that drafts left to right through
-            :meth:`~dspark.drafters.Drafter.draw` (``dspark``, ``eagle3``, ``draft_model``) masks
-            a constrained request's logits with its grammar before each draft step, as the target's
-            are masked when it verifies (:class:`~dspark.structured.DraftGuide`): its drafts are
+            :meth:`~dspark.drafters.Drafter.draw` (``dspark``, ``eagle3``, ``draft_model``,
+            ``early_exit``) masks a constrained request's logits with its grammar before each draft
+            step, as the target's are masked when it verifies (:class:`~dspark.structured.DraftGuide`): its drafts are
             what the constrained target can accept, at a host read per draft step and, with
             ``compile``, one call per draft step in such rounds (not one for all of them).
             ``false``: the drafters draft as without grammars (the verification masks them alike:
