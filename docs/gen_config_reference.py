@@ -46,7 +46,10 @@ The schemas of `target` and `engine` are fixed. The schema of each component sec
 config dataclass of the component it names, so the keys allowed under `drafter:` depend on
 `drafter.name`. A component section may be written as a bare name (`drafter: none` is
 `drafter: {name: none}`). A key that the selected schema does not declare is an error that lists
-the allowed keys, and a value of the wrong type is an error too.
+the allowed keys, and a value of the wrong type is an error too. An override that names another
+component for a section (`drafter.name=ngram` over a config whose drafter is `draft_model`)
+starts that section from the new component's defaults, with the section's other overrides on top:
+the keys the file set for the old component are dropped, not carried over.
 
 ```yaml
 target:

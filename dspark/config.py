@@ -119,7 +119,10 @@ def load_config(config=None, overrides=()) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
     try:
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(overrides))
+        given = OmegaConf.from_dotlist(overrides)
+        for section in _switched_components(raw, given):  # another component: its own defaults, not the
+            raw[section] = {}                             # last one's keys (drafter.path of a draft model…)
+        raw = OmegaConf.merge(raw, given)
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot apply overrides {overrides}: {err}") from err
 
@@ -150,6 +153,30 @@ def load_config(config=None, overrides=()) -> DictConfig:
     result = OmegaConf.create(composed)
     OmegaConf.set_readonly(result, True)
     return result
+
+
+def _component(value) -> tuple:
+    """``(name, _target_)`` of a component section as written (a bare name, a mapping, or absent)."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, DictConfig):
+        return value.get("name"), value.get("_target_")
+    return None, None
+
+
+def _switched_components(raw: DictConfig, given: DictConfig) -> list[str]:
+    """The component sections of ``raw`` whose component the overrides ``given`` replace by another
+    (``drafter.name=ngram`` over a ``draft_model`` section): the overrides then apply to the new
+    component's defaults alone — the old one's keys may mean nothing to it, or something else."""
+    switched = []
+    for section in SECTIONS:
+        if section in FIXED_SCHEMAS or section not in raw or section not in given:
+            continue
+        old, new = _component(raw[section]), given[section]
+        if isinstance(new, DictConfig) and ("name" in new or "_target_" in new):
+            if (new.get("name", old[0]), new.get("_target_", old[1])) != old:
+                switched.append(section)
+    return switched
 
 
 def _merge_section(section: str, schema: type, value: DictConfig) -> DictConfig:

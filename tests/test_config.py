@@ -93,3 +93,22 @@ def test_registering_a_name_twice_is_an_error():
         register_drafter("none")(EchoDrafter)
     with pytest.raises(TypeError, match="needs a subclass of Drafter"):
         register_drafter("not_a_drafter")(EchoConfig)
+
+
+def test_an_override_that_switches_a_component_starts_from_its_defaults():
+    """``drafter.name=ngram`` over a draft-model config: the file's draft-model keys (``path``, its
+    γ) are dropped, the other overrides of the section apply; the same name keeps them; a key the
+    new component lacks, given with the switch, is still an error."""
+    cfg = load_config("draft_model", ["drafter.name=ngram", "drafter.max_n=2"])
+    assert cfg.drafter.name == "ngram" and cfg.drafter.max_n == 2 and "path" not in cfg.drafter
+    assert cfg.drafter.num_speculative_tokens == load_config({"drafter": "ngram"}).drafter.num_speculative_tokens
+    assert load_config("draft_model", ["drafter.name=early_exit"]).drafter.exit_layer is None
+    for kept in (["drafter.num_speculative_tokens=5"], ["drafter.name=draft_model", "drafter.num_speculative_tokens=5"]):
+        cfg = load_config("draft_model", kept)
+        assert cfg.drafter.path == "dspark-tiny-draft" and cfg.drafter.num_speculative_tokens == 5
+    with pytest.raises(ConfigError, match=r"unknown key drafter.path for NgramConfig"):
+        load_config("draft_model", ["drafter.name=ngram", "drafter.path=elsewhere"])
+    cfg = load_config({"drafter": {"name": "echo_test", "repeat_token": 3}}, ["drafter._target_=test_config.EchoDrafter"])
+    assert cfg.drafter.repeat_token == 7  # a _target_ is another component too
+    assert load_config({"drafter": "none"}, ["drafter.name=ngram"]).drafter.name == "ngram"  # a bare name
+    assert load_config({"verifier": "chain"}, ["engine.max_batch_size=2"]).verifier.name == "chain"  # untouched
