@@ -120,6 +120,9 @@ def load_config(config=None, overrides=()) -> DictConfig:
             raise ConfigError(f"override {item!r} must look like section.key=value")
     try:
         given = OmegaConf.from_dotlist(overrides)
+        for section in SECTIONS:  # `drafter: ngram` is {name: ngram}: an override of one key keeps the name
+            if isinstance(raw.get(section), str) and isinstance(given.get(section), DictConfig):
+                raw[section] = {"name": raw[section]}
         for section in _switched_components(raw, given):  # another component: its own defaults, not the
             raw[section] = {}                             # last one's keys (drafter.path of a draft model…)
         raw = OmegaConf.merge(raw, given)

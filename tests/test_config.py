@@ -112,3 +112,12 @@ def test_an_override_that_switches_a_component_starts_from_its_defaults():
     assert cfg.drafter.repeat_token == 7  # a _target_ is another component too
     assert load_config({"drafter": "none"}, ["drafter.name=ngram"]).drafter.name == "ngram"  # a bare name
     assert load_config({"verifier": "chain"}, ["engine.max_batch_size=2"]).verifier.name == "chain"  # untouched
+
+
+def test_an_override_of_a_key_keeps_a_section_written_as_a_bare_name():
+    """``drafter: ngram`` then ``drafter.num_speculative_tokens=6``: still the n-gram drafter (the
+    override used to replace the bare name, leaving the default ``none`` drafter with γ = 6)."""
+    cfg = load_config({"drafter": "ngram", "verifier": "chain"}, ["drafter.num_speculative_tokens=6", "drafter.max_n=2"])
+    assert (cfg.drafter.name, cfg.drafter.num_speculative_tokens, cfg.drafter.max_n) == ("ngram", 6, 2)
+    assert load_config("ar", ["drafter.num_speculative_tokens=0"]).drafter.name == "none"  # configs/ar.yaml: drafter: none
+    assert load_config({"drafter": "ngram"}, ["drafter=none"]).drafter.name == "none"  # a bare name over a bare name
