@@ -199,13 +199,31 @@ def load_structured(schema: type, path=None, overrides=()):
     ``schema``: unknown keys and badly typed values raise :class:`ConfigError` naming them.
 
     Used by the configs that are not pipelines (``dspark train``, ``dspark bench``, ``dspark data``).
+    ``path`` is a file, or one found under :func:`config_dirs` from anywhere
+    (``configs/bench/default.yaml``, ``bench/default.yaml`` or ``bench/default``).
     """
-    user = OmegaConf.load(path) if path else OmegaConf.create({})
+    user = OmegaConf.load(_structured_file(path)) if path else OmegaConf.create({})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), user, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid {schema.__name__}: {err}") from err
+
+
+def _structured_file(path) -> Path:
+    """``path`` if it is a file, else the first match under :func:`config_dirs` — as a path from
+    the repository (``configs/bench/default.yaml``), or within the directory with or without
+    ``.yaml`` — so that a command finds the shipped configs from any working directory."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        for directory in config_dirs():
+            for candidate in (directory.parent / given, directory / given, directory / f"{given}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    raise FileNotFoundError(f"config file {str(path)!r} not found (searched also: "
+                            f"{', '.join(str(d) for d in config_dirs())})")
 
 
 def section_object(cfg: DictConfig, section: str):

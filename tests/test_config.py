@@ -121,3 +121,15 @@ def test_an_override_of_a_key_keeps_a_section_written_as_a_bare_name():
     assert (cfg.drafter.name, cfg.drafter.num_speculative_tokens, cfg.drafter.max_n) == ("ngram", 6, 2)
     assert load_config("ar", ["drafter.num_speculative_tokens=0"]).drafter.name == "none"  # configs/ar.yaml: drafter: none
     assert load_config({"drafter": "ngram"}, ["drafter=none"]).drafter.name == "none"  # a bare name over a bare name
+
+
+def test_a_non_pipeline_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    """``dspark bench --config configs/bench/default.yaml`` (or ``bench/default``) from outside the
+    repository reads the shipped file; a missing one is named, with where it was looked for."""
+    from dspark.bench import load_bench_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/bench/default.yaml", "bench/default.yaml", "bench/default"):
+        assert [p.label for p in load_bench_config(name).pipelines] == ["none", "ngram", "draft_model"]
+    with pytest.raises(FileNotFoundError, match=r"config file 'bench/nope' not found \(searched also: .*configs"):
+        load_bench_config("bench/nope")
