@@ -88,6 +88,17 @@ def test_bad_dtype_and_backend():
         dspark.build_pipeline({"target": {"backend": "onnx", "device": "cpu"}}, target_model=tiny_hf_model("llama"))
 
 
+def test_bad_devices_are_named():
+    """An unknown device, or a CUDA one this machine lacks, is a ValueError naming it (the CLI
+    prints it as an error; torch raised a RuntimeError, or an AssertionError for a CPU build)."""
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use auto, cpu, cuda or cuda:N"):
+        dspark.build_pipeline({"target": {"device": "tpu"}}, target_model=tiny_hf_model("llama"))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = "cuda" if not count else f"cuda:{count}"
+    with pytest.raises(ValueError, match=f"device '{missing}' asked for, but"):
+        dspark.build_pipeline({"target": {"device": missing}}, target_model=tiny_hf_model("llama"))
+
+
 def test_greedy_verifier_refuses_sampling():
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "verifier": "greedy"}, target_model=tiny_hf_model("llama"))
     with pytest.raises(ValueError, match="greedy verifier only supports temperature 0"):

@@ -40,10 +40,23 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else as given."""
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else as given — refused
+    (``ValueError``, before any model is built) when torch does not know it, or it is a CUDA
+    device this machine does not have."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(name)!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r} asked for, but CUDA is not available here (torch "
+                             f"{torch.__version__}); use device auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return device
 
 
 def resolve_checkpoint(source):
