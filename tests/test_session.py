@@ -155,6 +155,14 @@ def test_finish_reasons_and_release():
         session.release(waiting)
     with pytest.raises(ValueError, match="no request 7"):
         session.abort(7)
+    for unknown in (session.result, session.release):  # an id never given out is named as such
+        with pytest.raises(ValueError, match=r"no request 99 in this session \(ids 0\.\."):
+            unknown(99)
+    empty = pipe.session(max_len=32)
+    with pytest.raises(ValueError, match=r"no request 0 in this session \(none submitted yet\)"):
+        empty.result(0)
+    with pytest.raises(ValueError, match=r"no request 0 in this batch \(none added yet\)"):
+        empty.abort(0)
 
 
 def test_log_probabilities_per_request():

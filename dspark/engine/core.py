@@ -361,7 +361,8 @@ class Engine(Admission):
         slot follows it) until a request takes it. Returns whether it was unfinished."""
         self._check_owner(batch)
         if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
-            raise ValueError(f"no request {request!r} in this batch (ids 0..{len(batch.requests) - 1})")
+            raise ValueError(f"no request {request!r} in this batch (" + (
+                f"ids 0..{len(batch.requests) - 1})" if batch.requests else "none added yet)"))
         now = time.perf_counter() - batch.started
         prefilling = [b for b, i in batch.prefilling.items() if i == request]
         if request in batch.waiting or prefilling:  # (its slot, if it has one, keeps the chunks for a next prompt)
