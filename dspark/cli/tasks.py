@@ -91,7 +91,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
 def profile_command(args: argparse.Namespace) -> int:
     from dspark.scheduling.recipes import profile
 
-    counts = [int(t) for t in args.tokens.split(",")]
+    try:
+        counts = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        raise SystemExit(f"dspark profile: --tokens takes increasing integers >= 1 separated by commas, e.g. "
+                         f"1,2,4,8; got {args.tokens!r}") from None
     table = profile(args.config, args.overrides, token_counts=counts, context_length=args.context_length,
                     output=args.output)
     print("| tokens in the forward | steps/s | tokens/s |")

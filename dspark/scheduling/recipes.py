@@ -179,9 +179,19 @@ def reliability_diagram(confidence, accepted, verified, temperatures, path, bins
 
 def profile(config, overrides=(), *, token_counts=(1, 2, 4, 8, 16, 32, 64, 128), context_length: int = 256,
             repeats: int = 7, output: str = "sps.json"):
-    """Measure the configured target's SPS(B) and save the cost table; returns it."""
+    """Measure the configured target's SPS(B) and save the cost table; returns it. The arguments
+    are checked before the target is loaded: ``token_counts`` increasing integers ≥ 1 (a
+    forward's tokens), ``context_length`` ≥ 0 and ``repeats`` ≥ 1."""
     from dspark.pipeline import build_pipeline
     from dspark.scheduling.profile import profile_target
+
+    counts = list(token_counts)
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts) or counts != sorted(
+            set(counts)):
+        raise ValueError(f"token_counts must be increasing integers >= 1 (tokens in one forward), got {counts}")
+    for name, value, least in (("context_length", context_length, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
     pipe = build_pipeline(config, overrides=[*overrides, "drafter=none", "scheduler=fixed"])
     table = profile_target(pipe.target, tuple(token_counts), context_length=context_length, repeats=repeats,

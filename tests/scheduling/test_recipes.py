@@ -179,6 +179,23 @@ def test_bad_calibration_inputs(tmp_path):
         assert bad.read_text() == content
 
 
+def test_bad_profile_inputs_are_refused_before_the_target_loads(tmp_path, capsys, monkeypatch):
+    import dspark.pipeline as pipeline
+    from dspark.scheduling.recipes import profile
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the target loaded before the check"))
+    for counts in ([0, 4], [4, 2], [], [1, 1], [1.5]):
+        with pytest.raises(ValueError, match=r"token_counts must be increasing integers >= 1 \(tokens in one forward\)"):
+            profile("ar", token_counts=counts, output=str(tmp_path / "p.json"))
+    for name, value in (("context_length", -1), ("repeats", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= "):
+            profile("ar", **{name: value}, output=str(tmp_path / "p.json"))
+    with pytest.raises(SystemExit, match=r"--tokens takes increasing integers >= 1 separated by commas.*'1,a'"):
+        main(["profile", "--config", "ar", "--tokens", "1,a", "--output", str(tmp_path / "p.json")])
+    assert main(["profile", "--config", "ar", "--tokens", "0,4", "--output", str(tmp_path / "p.json")]) == 2
+    assert "token_counts must be increasing integers >= 1" in capsys.readouterr().err
+
+
 def test_profile_command_writes_a_cost_table_the_scheduler_loads(tmp_path, capsys):
     output = tmp_path / "sps.json"
     assert main(["profile", "--config", "ar", "--tokens", "1,2,4", "--context-length", "32", "--output", str(output),
