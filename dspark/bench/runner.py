@@ -64,7 +64,7 @@ def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
 
     path = prompt_set_path(domain) if domain in PROMPT_SETS else Path(domain)
     if not path.is_file():
-        raise FileNotFoundError(f"bench domain {domain!r} is neither a shipped prompt set ({', '.join(PROMPT_SETS)}) nor a file")
+        raise FileNotFoundError(f"prompt set {domain!r} is neither a shipped one ({', '.join(PROMPT_SETS)}) nor a file")
     records = read_jsonl(path)[:count]
     if tokenizer is None:
         raise ValueError("bench prompts are text: the pipelines need a tokenizer")

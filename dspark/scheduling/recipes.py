@@ -66,14 +66,15 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     keys = {f.name for f in fields(drafter_class.config_class)}
     if not drafter_class.provides_confidence or "calibration" not in keys:
         raise ValueError("dspark calibrate needs a drafter whose proposals carry confidences and that applies a "
-                         f"calibration (dspark, eagle3, draft_model), got {cfg.drafter.name!r}")
+                         f"calibration (dspark, eagle3, draft_model, early_exit), got {cfg.drafter.name!r}")
     method = drafter_class.calibration_method if method is None else method
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for name, value in (("batch_size", batch_size), ("num_prompts", num_prompts), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if output is None and (cfg.drafter.get("path") is None or cfg.drafter.get("random") is not None):
         raise ValueError("this drafter has no checkpoint directory to write calibration.json beside (one built in "
                          "memory — drafter.path: null, or drafter.random — or early_exit, which drafts with the "

@@ -162,6 +162,11 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), method="isotonic")
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), batch_size=0)
+    for name in ("num_prompts", "max_new_tokens"):  # (num_prompts=0 failed in torch.cat after decoding nothing)
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 0"):
+            calibrate("eagle3", SETUPS["eagle3"], output=str(tmp_path / "c.json"), **{"num_prompts": 1, name: 0})
+    with pytest.raises(FileNotFoundError, match=r"prompt set '\S*nowhere.jsonl' is neither a shipped one \(code, prose"):
+        calibrate("eagle3", SETUPS["eagle3"], prompts=str(tmp_path / "nowhere.jsonl"), output=str(tmp_path / "c.json"))
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), temperature=-1.0)
     short_greedy = "its greedy map covers 1 draft positions, fewer than the 3 fitted now"
