@@ -101,6 +101,18 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
     cfg = load_structured(TrainConfig, path, overrides)
     if cfg.kind not in ("target", "draft", "drafter"):
         raise ValueError(f"train kind must be 'target', 'draft' or 'drafter', got {cfg.kind!r}")
+    for name, value, least in (("seq_len", cfg.seq_len, 2), ("batch_size", cfg.batch_size, 1),
+                               ("max_steps", cfg.max_steps, 1), ("val_every", cfg.val_every, 1),
+                               ("log_every", cfg.log_every, 1), ("anchors_per_sequence", cfg.anchors_per_sequence, 1),
+                               ("devices", cfg.devices, 1), ("optim.warmup_steps", cfg.optim.warmup_steps, 0)):
+        if value < least:  # (an untrained export at max_steps=0, say, would replace the output directory)
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    optim = cfg.optim
+    if not (optim.lr > 0 and 0 <= optim.min_lr_ratio <= 1 and optim.weight_decay >= 0
+            and all(0 <= b < 1 for b in optim.betas)):
+        raise ValueError(f"optim needs lr > 0, min_lr_ratio in [0, 1], weight_decay >= 0 and betas in [0, 1), got "
+                         f"lr={optim.lr}, min_lr_ratio={optim.min_lr_ratio}, weight_decay={optim.weight_decay}, "
+                         f"betas={tuple(optim.betas)}")
     if cfg.kind in ("draft", "drafter") and not cfg.teacher:
         raise ValueError(f"training a {cfg.kind} needs `teacher` (a target checkpoint directory or embedded name)")
     if cfg.teacher_cache.dir is not None and cfg.kind != "drafter":

@@ -83,3 +83,9 @@ def test_bad_training_configs():
         load_train_config(None, [])
     with pytest.raises(Exception, match="max_step"):
         load_train_config(None, ["max_step=3", "model={model_type: qwen3}"])
+    # numbers out of range, before any work (max_steps=0 exported an untrained model over output_dir)
+    for override, message in (("max_steps=0", "max_steps must be >= 1, got 0"), ("seq_len=1", "seq_len must be >= 2"),
+                              ("batch_size=0", "batch_size must be >= 1"), ("val_every=0", "val_every must be >= 1"),
+                              ("optim.lr=-1", "optim needs lr > 0"), ("optim.betas=[0.9,1.5]", "betas in \\[0, 1\\)")):
+        with pytest.raises(ValueError, match=message):
+            load_train_config(None, [override, "model={model_type: qwen3}"])
