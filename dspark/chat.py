@@ -51,7 +51,8 @@ def render_conversations(tokenizer, conversations, chat_template: str | None = N
         raise ValueError("chat needs a tokenizer: this pipeline has none (target.tokenizer)")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template (tokenizer.chat_template): pass chat_template=... "
-                         "(a Jinja template), or call generate() with plain prompts")
+                         "(a Jinja template; dspark generate --chat-template FILE), or call generate() with plain "
+                         "prompts")
     prompts = []
     for conversation in check_conversations(conversations):
         rendered = tokenizer.apply_chat_template(conversation, chat_template=chat_template, add_generation_prompt=True,
