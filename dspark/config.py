@@ -114,7 +114,7 @@ def load_config(config=None, overrides=()) -> DictConfig:
         ConfigError: unknown section or key (the message lists the allowed ones) or a badly typed value.
     """
     raw = _read(config) if config is not None else OmegaConf.create({})
-    overrides = list(overrides)
+    overrides = _override_list(overrides)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -156,6 +156,14 @@ def load_config(config=None, overrides=()) -> DictConfig:
     result = OmegaConf.create(composed)
     OmegaConf.set_readonly(result, True)
     return result
+
+
+def _override_list(overrides) -> list[str]:
+    """``overrides`` as a list, refusing one string (it would be read character by character)."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of section.key=value strings, got one string {overrides!r}: "
+                          f"write [{overrides!r}]")
+    return list(overrides)
 
 
 def _component(value) -> tuple:
@@ -204,7 +212,7 @@ def load_structured(schema: type, path=None, overrides=()):
     """
     user = OmegaConf.load(_structured_file(path)) if path else OmegaConf.create({})
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), user, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), user, OmegaConf.from_dotlist(_override_list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid {schema.__name__}: {err}") from err

@@ -31,6 +31,16 @@ def test_misspelled_key_is_an_error():
         load_config(None, ["engine.max_batchsize=3"])
 
 
+def test_overrides_given_as_one_string_are_refused():
+    from dspark.bench import load_bench_config
+
+    with pytest.raises(ConfigError, match=r"overrides must be a list of section.key=value strings, got one string "
+                                          r"'engine.max_batch_size=2': write \['engine.max_batch_size=2'\]"):
+        load_config("ar", "engine.max_batch_size=2")
+    with pytest.raises(ConfigError, match="overrides must be a list"):
+        load_bench_config(None, "repeats=2")
+
+
 def test_unknown_section_lists_allowed():
     with pytest.raises(ConfigError, match=r"unknown config section\(s\) \['drafer'\]; allowed sections: target, drafter"):
         load_config({"drafer": "none"})
