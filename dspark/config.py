@@ -81,17 +81,31 @@ def find_config(name: str) -> Path | None:
     return None
 
 
+def config_file(config) -> Path:
+    """The YAML file ``config`` names: a file, or one under :func:`config_dirs` — by bare name
+    (``ar``, ``bench/default``), within a directory (``bench/default.yaml``) or as a path from
+    the repository (``configs/bench/default.yaml``) — so that commands find the shipped configs
+    from any working directory. ``FileNotFoundError`` names it and where it was looked for."""
+    given = Path(config)
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        for directory in config_dirs():
+            inside = Path(*given.parts[1:]) if given.parts and given.parts[0] == directory.name else given
+            for candidate in (directory / inside, directory / f"{inside}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    raise FileNotFoundError(f"config file {str(config)!r} not found (searched also: "
+                            f"{', '.join(str(d) for d in config_dirs())})")
+
+
 def _read(config) -> DictConfig:
     if isinstance(config, DictConfig):
         return config.copy()
     if isinstance(config, dict):
         return OmegaConf.create(config)
     if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        if not path.is_file() and path.suffix == "":
-            path = find_config(str(config)) or path
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(config)!r} not found (searched also: {', '.join(map(str, config_dirs()))})")
+        path = config_file(config)
         loaded = OmegaConf.load(path)
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
@@ -207,31 +221,14 @@ def load_structured(schema: type, path=None, overrides=()):
     ``schema``: unknown keys and badly typed values raise :class:`ConfigError` naming them.
 
     Used by the configs that are not pipelines (``dspark train``, ``dspark bench``, ``dspark data``).
-    ``path`` is a file, or one found under :func:`config_dirs` from anywhere
-    (``configs/bench/default.yaml``, ``bench/default.yaml`` or ``bench/default``).
+    ``path``: as :func:`config_file` finds it.
     """
-    user = OmegaConf.load(_structured_file(path)) if path else OmegaConf.create({})
+    user = OmegaConf.load(config_file(path)) if path else OmegaConf.create({})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), user, OmegaConf.from_dotlist(_override_list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid {schema.__name__}: {err}") from err
-
-
-def _structured_file(path) -> Path:
-    """``path`` if it is a file, else the first match under :func:`config_dirs` — as a path from
-    the repository (``configs/bench/default.yaml``), or within the directory with or without
-    ``.yaml`` — so that a command finds the shipped configs from any working directory."""
-    given = Path(path)
-    if given.is_file():
-        return given
-    if not given.is_absolute():
-        for directory in config_dirs():
-            for candidate in (directory.parent / given, directory / given, directory / f"{given}.yaml"):
-                if candidate.is_file():
-                    return candidate
-    raise FileNotFoundError(f"config file {str(path)!r} not found (searched also: "
-                            f"{', '.join(str(d) for d in config_dirs())})")
 
 
 def section_object(cfg: DictConfig, section: str):

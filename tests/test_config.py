@@ -143,3 +143,5 @@ def test_a_non_pipeline_config_is_found_from_any_directory(tmp_path, monkeypatch
         assert [p.label for p in load_bench_config(name).pipelines] == ["none", "ngram", "draft_model"]
     with pytest.raises(FileNotFoundError, match=r"config file 'bench/nope' not found \(searched also: .*configs"):
         load_bench_config("bench/nope")
+    for name in ("configs/ar.yaml", "ar.yaml", "ar"):  # pipeline configs alike
+        assert load_config(name).drafter.name == "none"
