@@ -38,8 +38,9 @@ INTRO = """\
 
 A dspark config has seven sections: `target`, `drafter`, `scheduler`, `verifier`, `sampler`,
 `cache` and `engine`. `build_pipeline(config, overrides=[...])` and `dspark generate --config ... key=value`
-accept a YAML file (or a bare name such as `ar`, looked up in `configs/`), a dict, or nothing at
-all (every default below), followed by dotlist overrides such as
+accept a YAML file (or a bare name such as `ar`, looked up in `configs/` and the directories of
+`DSPARK_CONFIG_PATH`; a path such as `configs/ar.yaml` is found there too, from any working
+directory), a dict, or nothing at all (every default below), followed by dotlist overrides such as
 `drafter.num_speculative_tokens=5`.
 
 The schemas of `target` and `engine` are fixed. The schema of each component section is the
