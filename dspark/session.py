@@ -261,9 +261,7 @@ class Session:
         """Forget a finished request's prompt, output and scores (a long-running server calls this
         once it has sent a result); :meth:`result` then refuses it."""
         if request not in self._ended:
-            submitted = len(self.batch.requests)
-            if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < submitted:
-                raise ValueError(f"no request {request!r} in this session ({_ids(submitted)})")
+            self._check_known(request)
             raise ValueError(f"request {request!r} has not finished: abort() it first, or wait")
         batch = self.batch
         self._released.add(request)
@@ -274,6 +272,13 @@ class Session:
             if scores is not None:
                 scores[request] = None
 
+    def _check_known(self, request) -> None:
+        """``ValueError`` naming ``request`` unless it is an id this session gave out."""
+        submitted = len(self.batch.requests)
+        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < submitted:
+            known = f"ids 0..{submitted - 1}" if submitted else "none submitted yet"
+            raise ValueError(f"no request {request!r} in this session ({known})")
+
     @property
     def unfinished(self) -> int:
         """Requests submitted and not finished (waiting ones included)."""
@@ -282,10 +287,8 @@ class Session:
     def result(self, request: int) -> RequestOutput:
         """The output of a finished request (``ValueError`` while it is not, or once released)."""
         if request not in self._ended:
-            submitted = len(self.batch.requests)
-            if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < submitted:
-                raise ValueError(f"no request {request!r} in this session ({_ids(submitted)})")
-            raise ValueError(f"request {request} has not finished (submitted: {submitted})")
+            self._check_known(request)
+            raise ValueError(f"request {request} has not finished (submitted: {len(self.batch.requests)})")
         if request in self._released:
             raise ValueError(f"request {request} was released: its output is gone")
         batch, tokenizer = self.batch, self.pipeline.tokenizer
@@ -306,8 +309,3 @@ class Session:
     def _stop_check(self, request: int, ids: list[int]) -> int | None:
         check = self._checks[request]
         return None if check is None else check(request, ids)
-
-
-def _ids(submitted: int) -> str:
-    """The request ids a session holds, for a refusal: ``ids 0..n−1``, or none submitted yet."""
-    return f"ids 0..{submitted - 1}" if submitted else "none submitted yet"
