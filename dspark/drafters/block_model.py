@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.drafters.checkpoint import TargetShape
+from dspark.models.linear import Linear
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
 HEADS = ("none", "markov", "gated_markov", "rnn")
@@ -122,20 +123,20 @@ class BlockDrafter(nn.Module):
         super().__init__()
         self.args = args
         hidden, rank, vocab = args.hidden_size, args.rank, args.vocab_size
-        self.context_proj = nn.Linear(len(args.target_layers) * hidden, hidden, bias=False)  # W_c
+        self.context_proj = Linear(len(args.target_layers) * hidden, hidden, bias=False)  # W_c
         self.context_norm = nn.Parameter(torch.ones(hidden))
         self.mask_embedding = nn.Parameter(torch.zeros(hidden))
         self.layers = nn.ModuleList(Block(args.layer_args(), i) for i in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(hidden))
         self.token_embedding = nn.Embedding(vocab, rank) if rank else None  # W1: sequential and confidence heads
-        self.confidence = None if args.confidence == "none" else nn.Linear(
+        self.confidence = None if args.confidence == "none" else Linear(
             hidden + (rank if args.confidence == "token" else 0), 1)
         if args.head in ("markov", "gated_markov", "rnn"):
-            self.bias_projection = nn.Linear(rank, vocab, bias=False)  # W2
+            self.bias_projection = Linear(rank, vocab, bias=False)  # W2
         if args.head == "gated_markov":
-            self.gate = nn.Linear(hidden + rank, 1)
+            self.gate = Linear(hidden + rank, 1)
         if args.head == "rnn":
-            self.recurrent = nn.Linear(2 * rank + hidden, 3 * rank)  # gate, candidate, output
+            self.recurrent = Linear(2 * rank + hidden, 3 * rank)  # gate, candidate, output
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

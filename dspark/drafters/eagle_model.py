@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.drafters.checkpoint import TargetShape
+from dspark.models.linear import Linear
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
 
@@ -88,7 +89,7 @@ class PairLayer(Block):
     def __init__(self, args: ModelArgs, norm_before_residual: bool = False):
         super().__init__(args, 0)
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.wqkv = nn.Linear(2 * args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
+        self.wqkv = Linear(2 * args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
         self.embedding_norm = nn.Parameter(torch.ones(args.hidden_size))  # attention_norm normalises the feature
         self.norm_before_residual = norm_before_residual
 
@@ -119,11 +120,11 @@ class Eagle3Head(nn.Module):
         super().__init__()
         self.args = args
         hidden = args.hidden_size
-        self.fc = nn.Linear(len(args.target_layers) * hidden, hidden, bias=False)
+        self.fc = Linear(len(args.target_layers) * hidden, hidden, bias=False)
         self.layer = PairLayer(args.layer_args(), args.norm_before_residual)
         self.norm = nn.Parameter(torch.ones(hidden))
         if args.draft_vocab_size:
-            self.lm_head = nn.Linear(hidden, args.draft_vocab_size, bias=False)
+            self.lm_head = Linear(hidden, args.draft_vocab_size, bias=False)
             self.register_buffer("d2t", torch.arange(args.draft_vocab_size))  # draft id → target id
         for module in self.modules():
             if isinstance(module, nn.Linear):

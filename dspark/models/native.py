@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.cache import StaticKVCache
+from dspark.models.linear import Linear, linear
 from dspark.records import ModelOutput
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -128,13 +129,13 @@ class Block(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.attention_norm = nn.Parameter(torch.ones(args.hidden_size))
-        self.wqkv = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
+        self.wqkv = Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.qkv_bias)
         # Qwen3 RMS-normalises every q and k head: one scale row per head (q heads, then k heads)
         self.qk_norm = nn.Parameter(torch.ones(args.num_heads + args.num_kv_heads, args.head_dim)) if args.qk_norm else None
-        self.wo = nn.Linear(q_dim, args.hidden_size, bias=args.o_bias)
+        self.wo = Linear(q_dim, args.hidden_size, bias=args.o_bias)
         self.ffn_norm = nn.Parameter(torch.ones(args.hidden_size))
-        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.w13 = Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate, up
+        self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
                 positions: torch.Tensor, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -152,7 +153,7 @@ class Block(nn.Module):
         """:meth:`project` of an already normalised input ``h`` ``[B, T, wqkv.in_features]``."""
         batch, num_new, _ = h.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = F.linear(h, self.wqkv.weight, self.wqkv.bias).view(batch, num_new, heads + 2 * kv_heads, self.head_dim)
+        qkv = linear(h, self.wqkv.weight, self.wqkv.bias).view(batch, num_new, heads + 2 * kv_heads, self.head_dim)
         qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads:]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps) * self.qk_norm
@@ -167,7 +168,7 @@ class Block(nn.Module):
         q_dim, kv_heads = self.num_heads * self.head_dim, self.num_kv_heads
         h = F.rms_norm(x, (x.shape[-1],), self.attention_norm, self.eps) if normalise else x
         bias = None if self.wqkv.bias is None else self.wqkv.bias[q_dim:]
-        kv = F.linear(h, self.wqkv.weight[q_dim:], bias).view(batch, num_new, 2 * kv_heads, self.head_dim)
+        kv = linear(h, self.wqkv.weight[q_dim:], bias).view(batch, num_new, 2 * kv_heads, self.head_dim)
         k, v = kv[:, :, :kv_heads], kv[:, :, kv_heads:]
         if self.qk_norm is not None:
             k = F.rms_norm(k, (self.head_dim,), eps=self.eps) * self.qk_norm[self.num_heads:]
@@ -180,9 +181,9 @@ class Block(nn.Module):
         batch, num_new, hidden = x.shape
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, heads, T, D]
-        x = x + F.linear(y.transpose(1, 2).reshape(batch, num_new, -1), self.wo.weight, self.wo.bias)
-        gate, up = F.linear(F.rms_norm(x, (hidden,), self.ffn_norm, self.eps), self.w13.weight, self.w13.bias).chunk(2, -1)
-        return x + F.linear(F.silu(gate) * up, self.w2.weight, self.w2.bias)
+        x = x + linear(y.transpose(1, 2).reshape(batch, num_new, -1), self.wo.weight, self.wo.bias)
+        gate, up = linear(F.rms_norm(x, (hidden,), self.ffn_norm, self.eps), self.w13.weight, self.w13.bias).chunk(2, -1)
+        return x + linear(F.silu(gate) * up, self.w2.weight, self.w2.bias)
 
 
 def build_attention_mask(lengths: torch.Tensor, num_tokens: int, kv_len: int,
@@ -222,7 +223,7 @@ class NativeCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(args.hidden_size))
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
