@@ -1,7 +1,7 @@
 """Structured outputs: what the grammar's per-round host work costs, and what a grammar does to τ.
 
     python benchmarks/structured.py [--configs ar ngram draft_model dspark eagle3] [--prompts 8]
-        [--max-new-tokens 64] [--repeats 5] [--compile]
+        [--max-new-tokens 64] [--repeats 5] [--compile] [--cut]
 
 Two measurements on the shipped code prompts, greedy, batch 1 (one request per ``generate`` call,
 as a chat client sends them), the embedded models, eager (``--compile``: ``engine.compile``, the
@@ -17,6 +17,11 @@ graphs made in a warm-up):
   ``--repeats`` passes (median tokens/s), against plain decoding under the same schema (same
   tokens: checked); τ also without guidance and without the drafts the grammar dictates
   (``Drafter.replaceable_drafts``).
+
+* **stray drafts cut** (``--cut``): each pipeline unguided under the JSON schema with
+  ``engine.cut_stray_drafts`` on and off, alternating, ``--repeats`` passes: tokens/s, τ and the
+  drafts verified per round (greedy drafts are deterministic: the cut applies to every drafter;
+  same tokens: checked).
 
 The grammar's host work is timed at each call: the verify masks' walk
 (``GrammarRows.round_masks``) and, for guided drafters, the masks between draft steps
@@ -39,15 +44,44 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "args", "returns"]}
 
 
-def decode(pipe, prompts, max_new_tokens: int, grammar) -> tuple[float, list, float]:
-    """(seconds, token ids, τ) of one request at a time."""
-    started, outputs, forwards, accepted = time.perf_counter(), [], 0, 0
+def decode(pipe, prompts, max_new_tokens: int, grammar, verified: list | None = None) -> tuple[float, list, float]:
+    """(seconds, token ids, τ) of one request at a time (``verified``: appends the drafts verified
+    per target forward)."""
+    started, outputs, forwards, accepted, verified_tokens = time.perf_counter(), [], 0, 0, 0
     for prompt in prompts:
         result = pipe.generate([prompt], max_new_tokens=max_new_tokens, grammar=grammar)
         outputs.append(result.token_ids[0])
         forwards += result.stats.target_forwards
         accepted += result.stats.accepted_tokens
+        verified_tokens += result.stats.verified_tokens
+    if verified is not None:
+        verified.append(verified_tokens / max(forwards, 1))
     return time.perf_counter() - started, outputs, mean_accepted_length(accepted, forwards)
+
+
+def cut_strays(pipes: dict, prompts, max_new_tokens: int, repeats: int, schema) -> None:
+    """Unguided drafting under ``schema``, ``engine.cut_stray_drafts`` on against off (alternating)."""
+    print("\n| pipeline (unguided) | tokens/s: cut off → on | ratio | τ off → on | drafts verified per "
+          "round off → on | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for config, pipe in pipes.items():
+        if config == "ar":
+            continue
+        pipe.engine.config.guide_drafts = False
+        speeds, taus, verified, outputs = {True: [], False: []}, {}, {True: [], False: []}, {}
+        for cut in (True, False):  # warm-up
+            pipe.engine.config.cut_stray_drafts = cut
+            decode(pipe, prompts[:2], 16, schema)
+        for _ in range(repeats):
+            for cut in (False, True):
+                pipe.engine.config.cut_stray_drafts = cut
+                seconds, outputs[cut], taus[cut] = decode(pipe, prompts, max_new_tokens, schema, verified[cut])
+                speeds[cut].append(sum(map(len, outputs[cut])) / seconds)
+        pipe.engine.config.guide_drafts, pipe.engine.config.cut_stray_drafts = True, True
+        off, on = statistics.median(speeds[False]), statistics.median(speeds[True])
+        print(f"| {config} | {off:.1f} → {on:.1f} | {on / off:.2f} | {taus[False]:.2f} → {taus[True]:.2f} | "
+              f"{verified[False][-1]:.2f} → {verified[True][-1]:.2f} | "
+              f"{'yes' if outputs[True] == outputs[False] else 'NO'} |", flush=True)
 
 
 WALK = [0.0, 0]  # seconds in the grammar's host work (the verify masks' walk, the guide), rounds
@@ -80,12 +114,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="engine.compile=true (graphs made in the warm-up)")
+    parser.add_argument("--cut", action="store_true", help="only: unguided drafts under the schema, strays cut or not")
     args = parser.parse_args()
     _timed_walk()
     overrides = ["target.device=cpu"] + (["engine.compile=true"] if args.compile else [])
     pipes = {c: dspark.build_pipeline(c, overrides=overrides) for c in args.configs}
     prompts = load_prompts("code", next(iter(pipes.values())).tokenizer, args.prompts)
     everything, schema = dspark.Grammar.regex(r"[\s\S]*"), dspark.Grammar.json_schema(SCHEMA, any_whitespace=False)
+    if args.cut:
+        print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes"
+              f"{', compiled' if args.compile else ', eager'}, JSON schema")
+        return cut_strays(pipes, prompts, args.max_new_tokens, args.repeats, schema)
     print(f"code prompts: {len(prompts)}, {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} passes"
           f"{', compiled' if args.compile else ', eager'}")
     print("| pipeline | tokens/s, no grammar | tokens/s, grammar allowing all | ratio | grammar's host work ms/round "

@@ -207,7 +207,8 @@ class RoundMasks:
         forced: ``[k, W − 1]`` the tokens drafted where the grammar allows one alone (−1: the
             drafter's draft stays); ``None`` when none was.
         verify: ``[k]`` the rows' drafts to verify (forced drafts may verify past the scheduler's
-            choice); ``None`` when nothing was forced.
+            choice; ``cut`` stops a row before a draft its grammar forbids); ``None`` when nothing
+            was forced or cut.
         dictated: ``[k]`` the position of each row's first verified draft the grammar dictated
             (allowed alone there, drafted by the drafter or forced; ``W − 1`` where none was):
             the drafts before it are the drafter's own choices. ``None`` when no row has one.
@@ -217,6 +218,8 @@ class RoundMasks:
     forced: torch.Tensor | None
     verify: torch.Tensor | None
     dictated: torch.Tensor | None
+    #: the largest entry of ``verify`` (read on the host), ``None`` with it
+    widest: int | None = None
 
 
 class GrammarRows:
@@ -285,7 +288,7 @@ class GrammarRows:
         return DraftGuide(self, slots, state.batch_size, state.tokens.device)
 
     def round_masks(self, state, drafts: torch.Tensor, num_verify: torch.Tensor, slots: list[int],
-                    force: bool = False, guide: "DraftGuide | None" = None) -> "RoundMasks":
+                    force: bool = False, guide: "DraftGuide | None" = None, cut: bool = False) -> "RoundMasks":
         """The allowed tokens at each verify position of the constrained requests in ``slots``
         (rows of the round's ``state``): position ``j`` after their committed tokens and the drafts
         ``x_1..x_j`` ``[k, W, V]`` bool, ``W = drafts.shape[1] + 1``. One host read: the tokens
@@ -299,7 +302,13 @@ class GrammarRows:
         (up to the round's width: those are verified too).
 
         ``guide``: the :class:`DraftGuide` the drafts were drawn under (same ``slots``, rolled
-        back): its masks are taken where they lie along the walked drafts, not filled again."""
+        back): its masks are taken where they lie along the walked drafts, not filled again.
+
+        With ``cut``, a row verifies its drafts only up to the first one its grammar forbids
+        (``verify``). That draft would be rejected whatever the sampler draws; for *deterministic*
+        drafts (``q`` one-hot) its recovered token is drawn from the constrained target's own
+        distribution, as the bonus token that takes its place is, so cutting is exact there. For
+        sampled drafts it is not (whether the cut happens depends on the draw): never cut them."""
         if guide is not None and guide.slots != slots:
             raise ValueError(f"the guide was made for rows {guide.slots}, the round's constrained rows are {slots}")
         xgr = _xgrammar()
@@ -318,6 +327,7 @@ class GrammarRows:
         # at j, then the draft x_{j+1} (or the token the grammar allows alone) taken, until a row's
         # last verified draft, a draft its grammar forbids, or its output's end
         walked, limits = [0] * len(slots), [width - 1 if force else row[1] for row in read]
+        was_cut = False
         live = list(range(len(slots)))
         along = [guide is not None] * len(slots)  # (the walk still follows the drafts the guide took)
         for j in range(width):
@@ -349,6 +359,10 @@ class GrammarRows:
                 tokens.append(token)
             accepted = xgr.BatchGrammarMatcher.batch_accept_token([matchers[k] for k in going], tokens)
             live = [k for k, ok in zip(going, accepted) if ok]
+            if cut:  # (a refused token is a verified draft of the drafter's: forced ones are allowed)
+                for k, ok in zip(going, accepted):
+                    if not ok:
+                        verify[k], was_cut = j, True
             for k in live:
                 walked[k] += 1
         back = [k for k in range(len(slots)) if walked[k]]
@@ -359,8 +373,9 @@ class GrammarRows:
         return RoundMasks(
             allowed=masks,
             forced=torch.tensor(forced, device=device) if was_forced else None,
-            verify=torch.tensor(verify, device=device) if was_forced else None,
-            dictated=torch.tensor(dictated, device=device) if min(dictated) < width - 1 else None)
+            verify=torch.tensor(verify, device=device) if was_forced or was_cut else None,
+            dictated=torch.tensor(dictated, device=device) if min(dictated) < width - 1 else None,
+            widest=max(verify) if was_forced or was_cut else None)
 
     def _fill(self, matchers: list, bitmask: torch.Tensor, indices: list[int]) -> None:
         """Fill the rows ``indices`` of ``bitmask`` with the masks of ``matchers``."""

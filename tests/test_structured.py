@@ -110,6 +110,39 @@ def test_round_masks_follow_the_committed_tokens_and_the_drafts():
     assert masks[0, 0].nonzero().flatten().tolist() == [EOS]
 
 
+def test_cut_verifies_each_row_up_to_the_first_draft_its_grammar_forbids():
+    """With ``cut`` (deterministic drafts): the row whose first draft ("aa" after "ba") the grammar
+    forbids verifies none; the row whose drafts reach the end of its output keeps all three; the
+    masks are the same as without."""
+    compiled = compiler().compile(Grammar.choice(CHOICES))
+    masks = {}
+    for cut in (False, True):
+        rows = GrammarRows(slots=2, vocab_size=VOCAB, lookahead=4)
+        rows.admit(0, compiled, prompt_length=3)
+        rows.admit(1, compiled, prompt_length=2)
+        tokens = torch.zeros(2, 16, dtype=torch.long)
+        tokens[0, :4] = torch.tensor(PROMPT + [3])  # committed: "ab"
+        tokens[1, :3] = torch.tensor([5, 5, 4])  # committed: "ba"
+        state = DecodingState(tokens=tokens, prompt_lengths=torch.tensor([3, 2]), lengths=torch.tensor([4, 3]),
+                              done=torch.tensor([False, False]), max_new_tokens=8, params=SamplingParams())
+        drafts = torch.tensor([[5, EOS, 0], [0, 7, 1], [7, 9, 1]])[[0, 2]]  # "ca", EOS, …; "aa" (forbidden), …
+        result = rows.round_masks(state, drafts, torch.tensor([3, 2]), [0, 1], cut=cut)
+        masks[cut] = result.allowed
+        if cut:
+            assert result.verify.tolist() == [3, 0] and result.widest == 3 and result.forced is None
+        else:
+            assert result.verify is None and result.widest is None
+        assert rows.taken == [1, 1]  # (the drafts rolled back either way)
+    assert torch.equal(masks[False], masks[True])
+    # a forbidden draft after an allowed one: "ab" + "a" ("abab" is a choice) + "x" (no choice goes on so)
+    rows = GrammarRows(slots=1, vocab_size=VOCAB, lookahead=4)
+    rows.admit(0, compiled, prompt_length=3)
+    state = DecodingState(tokens=torch.tensor([PROMPT + [3] + [0] * 4]), prompt_lengths=torch.tensor([3]),
+                          lengths=torch.tensor([4]), done=torch.tensor([False]), max_new_tokens=8, params=SamplingParams())
+    result = rows.round_masks(state, torch.tensor([[0, 9, 1]]), torch.tensor([3]), [0], cut=True)  # "a", "x", "b"
+    assert result.verify.tolist() == [1] and result.widest == 1
+
+
 def test_a_token_the_grammar_allows_alone_is_drafted_there():
     """With ``force``: after "abc" the grammar allows "a" alone, then EOS alone — those are drafted
     in place of the drafter's, and the masks follow them; a draft the grammar allows stays."""
@@ -191,7 +224,7 @@ def test_chi_square_detects_masks_that_ignore_the_drafts():
     pipe = pipeline("draft_model", "engine.max_batch_size=5000")
     real = GrammarRows.round_masks
 
-    def committed_only(self, state, drafts, num_verify, slots, force=False, guide=None):
+    def committed_only(self, state, drafts, num_verify, slots, force=False, guide=None, cut=False):
         masks = real(self, state, drafts, torch.zeros_like(num_verify), slots).allowed
         return RoundMasks(masks[:, :1].expand(-1, drafts.shape[1] + 1, -1), None, None, None)
 
@@ -256,12 +289,53 @@ def test_guided_drafts_are_ones_the_grammar_allows_drawn_from_the_masked_q(draft
     draft is rejected."""
     guided = verified_drafts_follow_the_masks(pipeline(drafter, "engine.max_batch_size=8"), monkeypatch,
                                               temperature=temperature, seed=5)
-    unguided = verified_drafts_follow_the_masks(pipeline(drafter, "engine.max_batch_size=8", "engine.guide_drafts=false"),
+    unguided = verified_drafts_follow_the_masks(pipeline(drafter, "engine.max_batch_size=8", "engine.guide_drafts=false",
+                                                         "engine.cut_stray_drafts=false"),
                                                 monkeypatch, temperature=temperature, seed=5)
     if drafter == "eagle3_draft_vocab":
         assert guided < unguided
     else:
         assert guided == 0 < unguided
+
+
+@pytest.mark.parametrize("drafter, temperature", [("ngram", 0.0), ("ngram", 1.0), ("draft_model", 0.0),
+                                                  ("eagle3", 0.0), ("draft_model", 1.0)])
+def test_deterministic_drafts_are_verified_up_to_the_first_the_grammar_forbids(drafter, temperature, monkeypatch):
+    """``engine.cut_stray_drafts``: no verified deterministic draft (n-gram; any drafter's, greedy)
+    is one the grammar forbids — cut off, they stray (the check's power) — and greedy tokens are
+    the same either way, with fewer drafts verified. Sampled drafts (the unguided draft model at
+    T = 1) are never cut: they stray either way."""
+    cut, kept = (pipeline(drafter, "engine.max_batch_size=8", "engine.guide_drafts=false",
+                          f"engine.cut_stray_drafts={on}") for on in ("true", "false"))
+    strays = [verified_drafts_follow_the_masks(pipe, monkeypatch, temperature=temperature, seed=5) for pipe in (cut, kept)]
+    if temperature > 0 and drafter != "ngram":
+        assert strays[0] > 0 and strays[1] > 0
+        return
+    assert strays[0] == 0 < strays[1]
+    if temperature == 0:
+        prompts = [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]
+        runs = [pipe.generate(prompts, max_new_tokens=10, grammar=Grammar.choice(CHOICES)) for pipe in (cut, kept)]
+        assert runs[0].token_ids == runs[1].token_ids
+        assert runs[0].stats.verified_tokens < runs[1].stats.verified_tokens
+
+
+def test_rounds_whose_requests_are_all_constrained_verify_the_kept_drafts_alone(monkeypatch):
+    """One request at a time (every request of a round constrained): the verify forward narrows to
+    the drafts kept, and greedy tokens are plain decoding's under the grammar."""
+    import dspark.engine.core as core
+
+    widths, real = [], core._narrow
+
+    def counted(proposal, uniforms, width):
+        widths.append((proposal.tokens.shape[1], width))
+        return real(proposal, uniforms, width)
+
+    monkeypatch.setattr(core, "_narrow", counted)
+    plain, fast = pipeline("none"), pipeline("ngram", "engine.max_batch_size=1")
+    for prompt in [PROMPT, [2, 2, 9], [1, 4], [6], [5, 5], [8]]:
+        expected = plain.generate([prompt], max_new_tokens=10, grammar=Grammar.choice(CHOICES)).token_ids
+        assert fast.generate([prompt], max_new_tokens=10, grammar=Grammar.choice(CHOICES)).token_ids == expected
+    assert any(narrower < wide for wide, narrower in widths)
 
 
 @pytest.mark.parametrize("drafter", ["draft_model", "dspark", "eagle3"])

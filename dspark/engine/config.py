@@ -58,6 +58,14 @@ class EngineConfig:
             ``compile``, one call per draft step in such rounds (not one for all of them).
             ``false``: the drafters draft as without grammars (the verification masks them alike:
             exact either way).
+        cut_stray_drafts: structured outputs: a constrained request's deterministic drafts (the
+            n-gram drafter's; any drafter's when greedy) are verified only up to the first one its
+            grammar forbids — it would be rejected there, and the bonus token that takes its place
+            comes from the same constrained distribution as the recovered one would (vLLM
+            validates speculative tokens against the grammar alike); when every request of the
+            round is constrained, the verify forward narrows to the longest kept run. Sampled
+            drafts are never cut (whether a cut happens would depend on the draw). ``false``:
+            every scheduled draft is verified.
         trim_idle_slots: a round runs over the batch's first slots up to its last unfinished
             request (their number rounded up to a power of two), not over all ``max_batch_size``
             of them: a server whose slots are mostly free decodes as fast as a smaller batch
@@ -88,6 +96,7 @@ class EngineConfig:
     prefix_caching: bool = True
     reuse_outputs: bool = True
     guide_drafts: bool = True
+    cut_stray_drafts: bool = True
     trim_idle_slots: bool = True
     prefill_chunk: int = 0
 

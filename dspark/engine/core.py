@@ -485,17 +485,24 @@ class Engine(Admission):
                     self.scheduler.observe(gamma, offered)
                 proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, gamma)
         # grammars: the constrained requests' masks along their drafts (a token the grammar allows
-        # alone is drafted where the drafter proposed another)
+        # alone is drafted where the drafter proposed another; deterministic drafts are verified up
+        # to the first one the grammar forbids, and the verify forward narrows when it can)
         drafters_verified = num_verify  # (the scheduler learns from the drafter's own choices alone)
         if constrained:
+            cut = drafting and self.config.cut_stray_drafts and proposal.probs is None
             grammar = grammars.round_masks(state, proposal.tokens, num_verify, constrained,
-                                           force=drafting and self.drafter.replaceable_drafts, guide=guide)
+                                           force=drafting and self.drafter.replaceable_drafts, guide=guide, cut=cut)
             rows = torch.tensor(constrained, device=self.device)
             if grammar.dictated is not None:  # (up to the first draft the grammar dictated)
                 drafters_verified = num_verify.index_copy(0, rows, torch.minimum(num_verify[rows], grammar.dictated))
-            if grammar.forced is not None:
+            if grammar.verify is not None:
                 num_verify = num_verify.index_copy(0, rows, grammar.verify)
-                proposal = replace(with_forced(proposal, constrained, grammar.forced), num_tokens=num_verify)
+                if grammar.forced is not None:
+                    proposal = with_forced(proposal, constrained, grammar.forced)
+                proposal = replace(proposal, num_tokens=num_verify)
+                if grammar.widest < gamma and len(constrained) == sum(active):  # (every row's count known here)
+                    proposal, verifier_uniforms = _narrow(proposal, verifier_uniforms, grammar.widest)
+                    gamma = grammar.widest
         clock.lap(counters, 1)
         # 3. verify forward over [anchor, x_1..x_ℓ]                               logits [B, γ+1, V]
         inputs = torch.cat([state.anchor.unsqueeze(1), proposal.tokens], 1)
@@ -509,7 +516,7 @@ class Engine(Admission):
         if state.penalties is not None:
             logits = state.penalties.penalize_verify(logits, proposal.tokens, num_verify, params)
         if constrained:
-            logits = constrain(logits, constrained, grammar.allowed)
+            logits = constrain(logits, constrained, grammar.allowed[:, :logits.shape[1]])
         result = self.verifier.verify(logits, proposal, sampler=self.sampler, params=params, uniforms=verifier_uniforms)
         num_accepted = torch.where(finished, 0, result.num_accepted)
         if drafting:
