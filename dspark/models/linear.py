@@ -4,8 +4,9 @@ On a CPU, ``F.linear`` in float32 runs on torch's BLAS (MKL in the official whee
 inner product — the library torch already ships for its CPU convolutions — computes the same
 product from the same ``[out, in]`` weight, without copying or repacking it, and on this
 project's AMD EPYC machine ran the embedded target's 25 projections 1.4× (one token) to 2.3× (a
-prefill chunk) faster than MKL: a decode step of the compiled target fell from ~1.9 to ~1.2 ms
-and a verify forward of 8 tokens from ~2.9 to ~1.9 ms (``python benchmarks/cpu_linear.py``;
+prefill chunk) faster than MKL: a decode step of the compiled target fell from ~2.0 to ~1.4 ms
+and a verify forward of 8 tokens from ~2.7 to ~2.0 ms (medians, each library in its own process),
+and decoding ran 1.35–1.41× faster with every drafter (``python benchmarks/cpu_linear.py``;
 docs/benchmarks.md). MKL is known to take slow paths on AMD processors.
 
 The oneDNN path is taken only where it computes what ``F.linear`` computes, up to float32
