@@ -32,7 +32,7 @@ from dspark.bench.runner import load_prompts
 from dspark.cache import StaticKVCache
 from dspark.models import load_model
 from dspark.models.compiled import compile_forward
-from dspark.stats import mean_accepted_length
+from structured import decode  # (benchmarks/structured.py: one request at a time)
 
 VARIANTS = {"onednn": True, "blas": False}
 
@@ -62,17 +62,6 @@ def forward_times(repeats: int) -> None:
                 print(f"| {batch} | {width} | {fast:.2f} | {blas:.2f} | {blas / fast:.2f} |")
 
 
-def decode(pipe, prompts, max_new_tokens: int) -> tuple[float, list, float]:
-    """(seconds, token ids, τ) of one request at a time."""
-    started, outputs, forwards, accepted = time.perf_counter(), [], 0, 0
-    for prompt in prompts:
-        result = pipe.generate([prompt], max_new_tokens=max_new_tokens)
-        outputs.append(result.token_ids[0])
-        forwards += result.stats.target_forwards
-        accepted += result.stats.accepted_tokens
-    return time.perf_counter() - started, outputs, mean_accepted_length(accepted, forwards)
-
-
 def decoding_speeds(configs: list[str], num_prompts: int, max_new_tokens: int, repeats: int) -> None:
     print("\n| pipeline | τ | oneDNN tok/s | BLAS tok/s | oneDNN ÷ BLAS | same outputs |")
     print("|---|---|---|---|---|---|")
@@ -84,7 +73,7 @@ def decoding_speeds(configs: list[str], num_prompts: int, max_new_tokens: int, r
         for repeat in range(repeats + 1):  # the first pass of each variant compiles
             for name, enabled in VARIANTS.items():
                 linear_module.ONEDNN = enabled
-                seconds, outputs[name], taus[name] = decode(pipe, prompts, max_new_tokens)
+                seconds, outputs[name], taus[name] = decode(pipe, prompts, max_new_tokens, grammar=None)
                 if repeat:
                     speeds[name].append(sum(map(len, outputs[name])) / seconds)
         same = sum(a == b for a, b in zip(*outputs.values()))

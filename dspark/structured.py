@@ -358,11 +358,12 @@ class GrammarRows:
                 going.append(k)
                 tokens.append(token)
             accepted = xgr.BatchGrammarMatcher.batch_accept_token([matchers[k] for k in going], tokens)
-            live = [k for k, ok in zip(going, accepted) if ok]
-            if cut:  # (a refused token is a verified draft of the drafter's: forced ones are allowed)
-                for k, ok in zip(going, accepted):
-                    if not ok:
-                        verify[k], was_cut = j, True
+            live = []
+            for k, ok in zip(going, accepted):
+                if ok:
+                    live.append(k)
+                elif cut:  # (a refused token is a verified draft of the drafter's: forced ones are allowed)
+                    verify[k], was_cut = j, True
             for k in live:
                 walked[k] += 1
         back = [k for k in range(len(slots)) if walked[k]]
