@@ -6,7 +6,7 @@ import logging
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -20,6 +20,9 @@ from dspark.records import SamplingParams
 from dspark.stats import GenerationStats
 from dspark.stop_strings import StopStrings, check_stop_strings
 from dspark.tokenization import has_tokenizer_files, load_tokenizer
+
+if TYPE_CHECKING:
+    from dspark.session import Session
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import dspark
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.dspark import load_block_drafter, save_block_drafter
 from dspark.models import load_model
-from dspark.samplers import DefaultSampler
 from dspark.training import load_train_config
 from dspark.training.block_drafter import block_losses, check_loss_weights, position_weights
 

@@ -5,7 +5,6 @@ import inspect
 from pathlib import Path
 
 import pytest
-import torch
 
 import dspark
 from dspark.kernels import dispatch, implementation, reference, use_backend

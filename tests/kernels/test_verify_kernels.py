@@ -1,7 +1,6 @@
 """Verification kernels: the Triton kernel (interpreted on CPU) and its torch twin return the same
 tokens from the same random numbers, and each implements chain rejection sampling exactly."""
 
-import itertools
 
 import pytest
 import torch
