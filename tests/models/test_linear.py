@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import dspark.models.linear as linear_module
 from dspark.models import load_model
@@ -20,6 +21,22 @@ def reference(x, weight, bias=None):
 @pytest.fixture
 def onednn(monkeypatch):
     monkeypatch.setattr(linear_module, "ONEDNN", True)
+    monkeypatch.setattr(linear_module, "PACK_WEIGHTS", True)
+    linear_module.forget_packed_weights()
+    yield
+    linear_module.forget_packed_weights()
+
+
+def packs_made(monkeypatch) -> list:
+    """Record the weight of every packed copy made."""
+    made, real = [], linear_module.pack
+
+    def recording(weight):
+        made.append(weight.shape)
+        return real(weight)
+
+    monkeypatch.setattr(linear_module, "pack", recording)
+    return made
 
 
 def onednn_calls(monkeypatch) -> list:
@@ -117,23 +134,111 @@ def test_compiled_functions_call_the_opaque_op():
     torch.testing.assert_close(out, F.linear(x, weight, bias).relu(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_embedded_target_gives_the_same_logits_either_way(monkeypatch):
+def test_the_embedded_target_gives_the_same_logits_every_way(onednn, monkeypatch):
     model = load_model("dspark-tiny")
     tokens = torch.randint(2, model.vocab_size, (2, 12))
     logits = {}
-    for enabled in (False, True):
+    for name, enabled, packed in (("blas", False, False), ("plain", True, False), ("packed", True, True)):
         monkeypatch.setattr(linear_module, "ONEDNN", enabled)
+        monkeypatch.setattr(linear_module, "PACK_WEIGHTS", packed)
         with torch.inference_mode():
-            logits[enabled] = model(tokens, model.new_cache(2, 16)).logits
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
-    assert not torch.equal(logits[True], logits[False])  # a different library did compute them
+            logits[name] = model(tokens, model.new_cache(2, 16)).logits
+    for name in ("plain", "packed"):
+        torch.testing.assert_close(logits[name], logits["blas"], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(logits["plain"], logits["blas"])  # a different library did compute them
+    # every projection's weight was packed (q/k/v, output, gate/up, down per layer, and the LM head)
+    assert len(linear_module._packed) == 4 * model.args.num_layers + 1
 
 
-def test_an_unknown_environment_setting_is_refused_naming_the_choices(monkeypatch):
+def test_a_weight_is_packed_once_and_its_copy_reused(onednn, monkeypatch):
+    made = packs_made(monkeypatch)
+    layer, x = Linear(32, 24).requires_grad_(False), torch.randn(5, 32)
+    for _ in range(3):
+        torch.testing.assert_close(layer(x).double(), reference(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    fused = torch.randn(96, 32)  # a row slice is a new view at each call: the same copy serves it
+    for _ in range(3):
+        torch.testing.assert_close(linear(x, fused[64:]).double(), reference(x, fused[64:]), rtol=1e-5, atol=1e-5)
+    assert made == [(24, 32), (32, 32)]
+
+
+def test_compiled_calls_reuse_the_packed_copy(onednn, monkeypatch):
+    made = packs_made(monkeypatch)
+    layer = Linear(32, 24).requires_grad_(False)
+    compiled = torch.compile(lambda x: layer(x).relu(), dynamic=False)
+    with torch.inference_mode():
+        for rows in (1, 1, 8, 8):
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias).relu(), rtol=1e-5, atol=1e-5)
+    assert made == [(24, 32)]
+
+
+@pytest.mark.parametrize("change", ["copy_ without grad", "load_state_dict", "optimizer step"])
+def test_a_weight_changed_in_place_is_packed_again(onednn, monkeypatch, change):
+    made = packs_made(monkeypatch)
+    layer, x = Linear(16, 8), torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(x)
+    if change == "copy_ without grad":
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(8, 16))
+    elif change == "load_state_dict":
+        layer.load_state_dict({"weight": torch.randn(8, 16), "bias": layer.bias.detach().clone()})
+    else:
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+        layer(x).square().sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = layer(x)
+    torch.testing.assert_close(after.double(), reference(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before)
+    assert made == [(8, 16), (8, 16)]
+
+
+def test_a_new_weight_at_a_freed_weights_address_is_not_given_the_old_copy(onednn):
+    """A freed weight's entry stays until swept; a new weight allocated at its address, of its
+    shape and version, must not be multiplied by the dead weight's copy."""
+    x, new_weight = torch.randn(3, 256), torch.randn(512, 256)
+    dead_weight = torch.randn(512, 256)
+    dead_storage = StorageWeakRef(dead_weight.untyped_storage())
+    key = (new_weight.data_ptr(), new_weight.shape, new_weight.stride())
+    linear_module._packed[key] = (dead_storage, new_weight._version, linear_module.pack(dead_weight))
+    del dead_weight
+    assert dead_storage.expired()
+    torch.testing.assert_close(linear(x, new_weight).double(), reference(x, new_weight), rtol=1e-5, atol=1e-5)
+    assert not linear_module._packed[key][0].expired()
+
+
+def test_writes_through_data_need_forget_packed_weights(onednn):
+    """``weight.data`` has its own version counter: the documented hole, and its remedy."""
+    x, weight = torch.randn(3, 16), torch.randn(8, 16)
+    linear(x, weight)
+    weight.data.copy_(torch.randn(8, 16))
+    assert not torch.allclose(linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    linear_module.forget_packed_weights()
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["inference tensor", "packing off"])
+def test_untracked_or_unpacked_weights_are_multiplied_as_they_are(onednn, monkeypatch, case):
+    made, calls = packs_made(monkeypatch), []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(linear_module.torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *args: calls.append(args[1]) or real(*args))
+    x = torch.randn(3, 16)
+    if case == "inference tensor":
+        with torch.inference_mode():
+            weight = torch.randn(8, 16)
+    else:
+        weight = torch.randn(8, 16)
+        monkeypatch.setattr(linear_module, "PACK_WEIGHTS", False)
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert made == [] and calls[0] is weight
+
+
+def test_the_environment_chooses_and_an_unknown_setting_is_refused_naming_the_choices(monkeypatch):
     monkeypatch.setenv("DSPARK_CPU_LINEAR", "mkl")
-    with pytest.raises(ValueError, match=r"DSPARK_CPU_LINEAR='mkl' is not a choice: onednn or blas"):
+    with pytest.raises(ValueError, match=r"DSPARK_CPU_LINEAR='mkl' is not a choice: onednn, onednn-unpacked, blas"):
         linear_module._setting_from_environment()
-    monkeypatch.setenv("DSPARK_CPU_LINEAR", "blas")
-    assert linear_module._setting_from_environment() is False
-    monkeypatch.setenv("DSPARK_CPU_LINEAR", "onednn")
-    assert linear_module._setting_from_environment() is True
+    for choice, expected in (("blas", (False, False)), ("onednn-unpacked", (True, False)), ("onednn", (True, True))):
+        monkeypatch.setenv("DSPARK_CPU_LINEAR", choice)
+        assert linear_module._setting_from_environment() == expected
