@@ -1,13 +1,19 @@
-"""The projection every native model and drafter layer uses: ``F.linear``, through oneDNN on a CPU.
+"""The projection every native model and drafter layer uses: ``F.linear``, through oneDNN on AMD CPUs.
 
 On a CPU, ``F.linear`` in float32 runs on torch's BLAS (MKL in the official wheels). oneDNN's
 inner product — the library torch already ships for its CPU convolutions — computes the same
-product, and on this project's AMD EPYC machine ran the embedded target's 25 projections 1.4×
-(one token) to 2.3× (a prefill chunk) faster than MKL from the same ``[out, in]`` weight: a
-decode step of the compiled target fell from ~2.0 to ~1.4 ms and a verify forward of 8 tokens
-from ~2.7 to ~2.0 ms (medians, each library in its own process), and decoding ran 1.35–1.41×
-faster with every drafter (``python benchmarks/cpu_linear.py``; docs/benchmarks.md). MKL is
-known to take slow paths on AMD processors.
+product. Which is faster depends on the processor, so the default (``auto``) chooses by vendor:
+
+* on this project's AMD EPYC machine oneDNN ran the embedded target's 25 projections 1.4× (one
+  token) to 2.3× (a prefill chunk) faster than MKL, which is known to take slow paths on AMD
+  processors, and decoding 1.1–1.7× faster with every drafter;
+* on its Intel Xeon (AMX) machine MKL ran a decode step of the compiled target in 1.5 ms against
+  oneDNN's 3.0–3.2 ms: each oneDNN call there cost ~20 µs more than the product itself (a 256 × 256
+  product of one row: 7 µs on MKL, 28–31 µs on oneDNN, one thread or two), and plain decoding ran
+  at 0.54× MKL's tokens/s.
+
+So ``auto`` takes oneDNN where ``/proc/cpuinfo`` names an AMD processor and ``F.linear`` everywhere
+else (``python benchmarks/cpu_linear.py`` measures all three variants on a machine; docs/benchmarks.md).
 
 From a plain ``[out, in]`` weight oneDNN itself takes a slow path for 2 to ~64 rows — a verify
 forward, a block drafter's block: a 4096 × 256 product of 2 rows cost twice one row's. It
@@ -19,10 +25,11 @@ The oneDNN path is taken only where it computes what ``F.linear`` computes, up t
 rounding: a CPU tensor, float32 input and weight, a 2-D contiguous weight, an input of at least
 2 dimensions, and no autograd (training a drafter's own layers takes ``F.linear``, as does every
 other device and dtype — float64 tests compare against exact references). The environment
-(read at import) chooses: ``DSPARK_CPU_LINEAR=onednn`` (the default: oneDNN, packed weights),
-``onednn-unpacked`` (oneDNN, no copies) or ``blas`` (``F.linear`` everywhere). :data:`ONEDNN`
-and :data:`PACK_WEIGHTS` are the same switches in code; a compiled function keeps the
-:data:`ONEDNN` it was traced with (dynamo guards on it) and reads :data:`PACK_WEIGHTS` at each call.
+(read at import) chooses: ``DSPARK_CPU_LINEAR=auto`` (the default: ``onednn`` on AMD processors,
+``blas`` elsewhere), ``onednn`` (oneDNN, packed weights), ``onednn-unpacked`` (oneDNN, no copies)
+or ``blas`` (``F.linear`` everywhere). :data:`ONEDNN` and :data:`PACK_WEIGHTS` are the same
+switches in code; a compiled function keeps the :data:`ONEDNN` it was traced with (dynamo guards
+on it) and reads :data:`PACK_WEIGHTS` at each call.
 
 Inside ``torch.compile`` the product is the opaque op ``dspark::onednn_linear``: inductor lowers
 oneDNN's op itself only for frozen (constant) weights, which would copy every weight into every
@@ -38,14 +45,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-CPU_LINEAR_CHOICES = ("onednn", "onednn-unpacked", "blas")
+CPU_LINEAR_CHOICES = ("auto", "onednn", "onednn-unpacked", "blas")
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor id as ``/proc/cpuinfo`` names it (``AuthenticAMD``, ``GenuineIntel``, …), or
+    None where there is no such file (macOS, Windows) or it names none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip() or None
+    except OSError:
+        return None
+    return None
 
 
 def _setting_from_environment() -> tuple[bool, bool]:
     """(:data:`ONEDNN`, :data:`PACK_WEIGHTS`) from ``DSPARK_CPU_LINEAR``."""
-    choice = os.environ.get("DSPARK_CPU_LINEAR", "onednn")
+    choice = os.environ.get("DSPARK_CPU_LINEAR", "auto")
     if choice not in CPU_LINEAR_CHOICES:
         raise ValueError(f"DSPARK_CPU_LINEAR={choice!r} is not a choice: {', '.join(CPU_LINEAR_CHOICES)}")
+    if choice == "auto":
+        choice = "onednn" if cpu_vendor() == "AuthenticAMD" else "blas"
     onednn = choice != "blas" and torch.backends.mkldnn.is_available()
     return onednn, onednn and choice == "onednn"
 

@@ -117,7 +117,7 @@ def test_linear_keeps_nn_linear_parameters_and_state_dict_keys():
     assert list(layer.state_dict()) == list(nn.Linear(6, 3).state_dict()) == ["weight", "bias"]
 
 
-def test_compiled_functions_call_the_opaque_op():
+def test_compiled_functions_call_the_opaque_op(onednn):
     """Inductor lowers oneDNN's own op only for frozen weights; the compiled graph holds dspark's op."""
     targets = []
 
@@ -237,8 +237,32 @@ def test_untracked_or_unpacked_weights_are_multiplied_as_they_are(onednn, monkey
 
 def test_the_environment_chooses_and_an_unknown_setting_is_refused_naming_the_choices(monkeypatch):
     monkeypatch.setenv("DSPARK_CPU_LINEAR", "mkl")
-    with pytest.raises(ValueError, match=r"DSPARK_CPU_LINEAR='mkl' is not a choice: onednn, onednn-unpacked, blas"):
+    with pytest.raises(ValueError, match=r"DSPARK_CPU_LINEAR='mkl' is not a choice: auto, onednn, onednn-unpacked, blas"):
         linear_module._setting_from_environment()
     for choice, expected in (("blas", (False, False)), ("onednn-unpacked", (True, False)), ("onednn", (True, True))):
         monkeypatch.setenv("DSPARK_CPU_LINEAR", choice)
         assert linear_module._setting_from_environment() == expected
+
+
+@pytest.mark.parametrize("vendor, expected", [("AuthenticAMD", (True, True)), ("GenuineIntel", (False, False)),
+                                              (None, (False, False))])
+def test_auto_takes_onednn_on_amd_processors_only(monkeypatch, vendor, expected):
+    monkeypatch.setattr(linear_module, "cpu_vendor", lambda: vendor)
+    monkeypatch.delenv("DSPARK_CPU_LINEAR", raising=False)
+    assert linear_module._setting_from_environment() == expected
+    monkeypatch.setenv("DSPARK_CPU_LINEAR", "auto")
+    assert linear_module._setting_from_environment() == expected
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    assert linear_module.cpu_vendor() == "AuthenticAMD"
+    cpuinfo.write_text("processor\t: 0\n")
+    assert linear_module.cpu_vendor() is None
+    cpuinfo.unlink()
+    assert linear_module.cpu_vendor() is None
