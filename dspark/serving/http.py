@@ -25,6 +25,7 @@ import json
 import logging
 import queue
 import select
+import signal
 import socket
 import threading
 import time
@@ -43,6 +44,11 @@ log = logging.getLogger("dspark.serving")
 MAX_BODY = 32 * 2**20
 #: how often a connection waiting for tokens checks that its client is still there (seconds)
 CLIENT_CHECK_S = 0.1
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM while :meth:`OpenAIServer.serve_forever` runs: stop serving."""
+    raise KeyboardInterrupt
 
 
 class OpenAIServer:
@@ -103,13 +109,23 @@ class OpenAIServer:
         return self
 
     def serve_forever(self) -> None:
-        """Serve on this thread until interrupted (Ctrl-C), then close."""
+        """Serve on this thread until interrupted (Ctrl-C, SIGINT) or terminated (SIGTERM), then close.
+
+        On the main thread both signals are taken over while serving, whatever they were before: a
+        process started in the background of a shell inherits SIGINT *ignored*, and SIGTERM (what
+        ``kill``, ``docker stop`` and Kubernetes send) would otherwise end it without closing."""
         self.loop.start()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, _interrupt)
         try:
             self.httpd.serve_forever()
         except KeyboardInterrupt:
             pass
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.close()
 
     def close(self) -> None:
