@@ -125,7 +125,8 @@ class OpenAIServer:
             pass
         finally:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                if handler is not None:  # (None: a handler set outside Python, which cannot be put back)
+                    signal.signal(signum, handler)
             self.close()
 
     def close(self) -> None:
