@@ -7,8 +7,8 @@ product. Which is faster depends on the processor, so the default (``auto``) cho
 * on this project's AMD EPYC machine oneDNN ran the embedded target's 25 projections 1.4× (one
   token) to 2.3× (a prefill chunk) faster than MKL, which is known to take slow paths on AMD
   processors, and decoding 1.1–1.7× faster with every drafter;
-* on its Intel Xeon (AMX) machine MKL ran a decode step of the compiled target in 1.5 ms against
-  oneDNN's 3.0–3.2 ms: each oneDNN call there cost ~20 µs more than the product itself (a 256 × 256
+* on its Intel Xeon (AMX) machine MKL ran a decode step of the compiled target in 1.35–1.5 ms against
+  oneDNN's 2.9–3.2 ms: each oneDNN call there cost ~20 µs more than the product itself (a 256 × 256
   product of one row: 7 µs on MKL, 28–31 µs on oneDNN, one thread or two), and plain decoding ran
   at 0.54× MKL's tokens/s.
 
@@ -115,10 +115,15 @@ def forget_packed_weights() -> None:
     _packed.clear()
 
 
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The one call to oneDNN, eager or inside :func:`onednn_linear`: by the packed copy of ``weight``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+
+
 @torch.library.custom_op("dspark::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN's inner product: x ``[..., in]``, weight ``[out, in]`` → ``[..., out]``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    return _onednn_product(x, weight, bias)
 
 
 @onednn_linear.register_fake
@@ -144,7 +149,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    return _onednn_product(x, weight, bias)
 
 
 class Linear(nn.Linear):
