@@ -114,17 +114,20 @@ def _chain_finish_kernel(p_ptr, q_ptr, draft_ptr, num_ptr, u_ptr, sums_ptr, last
     which = use_residual.to(tl.int64)
     weight = tl.where(use_residual, sum_r, sum_p)
     threshold = u_last * tl.sum(weight, 0)
-    tile = tl.min(tl.where((tl.cumsum(weight, 0) > threshold) & in_tiles, tiles, num_tiles), 0)
+    scan = tl.cumsum(weight, 0)
+    tile = tl.min(tl.where((scan > threshold) & in_tiles, tiles, num_tiles), 0)
     last = tl.load(last_ptr + at + which, mask=in_tiles, other=-1)
     # u·total rounded up to the total: the last token with weight (as the twin's clamp)
     token = tl.max(last, 0).to(tl.int64)
     if tile < num_tiles:
-        running = tl.sum(tl.where(tiles < tile, weight, 0.0), 0)
+        # the mass before the tile from the same scan that chose it: a second reduction (a tree
+        # sum) may round above the threshold and let the tile's first token pass without weight
+        running = tl.sum(tl.where(tiles == tile - 1, scan, 0.0), 0)
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         m = offs < vocab
         pv, r = _target_and_residual(p_row, q_row, offs, m, x_next, HAS_Q, GAMMA)
         w = tl.where(use_residual, r, pv)
-        first = tl.min(tl.where((running + tl.cumsum(w, 0) > threshold) & m, offs, vocab), 0).to(tl.int64)
+        first = tl.min(tl.where((running + tl.cumsum(w, 0) > threshold) & (w > 0) & m, offs, vocab), 0).to(tl.int64)
         # rounding put the threshold past this tile's own running sum: its last token with weight
         tile_last = tl.sum(tl.where(tiles == tile, last, 0), 0).to(tl.int64)
         token = tl.where(first < vocab, first, tile_last)

@@ -227,6 +227,22 @@ def test_rounding_between_tile_sum_and_scan_picks_a_token_with_weight(small_tile
     assert num.item() == 0 and 0 <= token < vocab and weights[0, 0, token] > 0
 
 
+def test_rounding_between_tile_scan_and_tree_sum_never_picks_a_token_without_weight(small_tiles):
+    """The opposite gap: the mass before the chosen tile, summed as a tree, can round above the
+    scan that chose the tile (2²⁴ + 1 + 1 + 2: the scan loses both ones, the tree keeps them).
+    Weights per tile of 8: 2²⁴ | 1 | 1 | 2 | token 32 without weight, token 33 with 8. For every
+    ``u`` in the last few ulps the kernel must return a token with weight (it once returned 32)."""
+    vocab = 40
+    weights = torch.zeros(1, 1, vocab)
+    weights[0, 0, [0, 8, 16, 24, 33]] = torch.tensor([2.0 ** 24, 1.0, 1.0, 2.0, 8.0])
+    for k in range(16):
+        uniforms = torch.tensor([[1 - k * 2.0 ** -24]])
+        num, tokens = triton_verify.verify_chain(weights, torch.zeros(1, 0, dtype=torch.long), None,
+                                                 torch.zeros(1, dtype=torch.long), uniforms)
+        token = tokens[0, 0].item()
+        assert num.item() == 0 and weights[0, 0, token] > 0, (k, token)
+
+
 def test_backend_switch_reaches_both_implementations():
     args = random_round(3, 4, 3, 16, torch.float32, False)
     with use_backend("torch"):
