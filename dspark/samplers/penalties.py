@@ -118,6 +118,8 @@ def banned_ngrams(tokens: torch.Tensor, lengths: torch.Tensor, drafts: torch.Ten
     sequence = torch.cat([tokens, tokens.new_zeros(batch, width)], 1)
     sequence = sequence.scatter(1, lengths.unsqueeze(1) + columns[:width], drafts)  # [B, W + K]
     ends = lengths.unsqueeze(1) + columns  # [B, K+1]: sequence length at position j
+    if n > sequence.shape[1]:  # no n-gram fits in the buffer yet: nothing is banned
+        return torch.zeros(batch, width + 1, vocab_size, dtype=torch.bool, device=tokens.device)
     windows = sequence.unfold(1, n, 1)  # [B, N, n], N = W + K − n + 1
     suffix = sequence.gather(1, (ends.unsqueeze(-1) - (n - 1) + torch.arange(n - 1, device=tokens.device)).clamp(min=0)
                              .flatten(1)).view(batch, width + 1, n - 1)  # [B, K+1, n−1]
