@@ -25,6 +25,10 @@ import torch
 if TYPE_CHECKING:
     from dspark.samplers.penalties import PenaltyHistory
 
+MIN_TEMPERATURE = 1e-6
+"""The smallest temperature above 0 accepted: logits of a few tens divided by much less overflow
+float32. Greedy decoding is ``temperature = 0``."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -77,8 +81,11 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         """Raise ``ValueError`` naming the bad parameter and the allowed range; return self."""
-        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        t = self.temperature
+        if (isinstance(t, bool) or not isinstance(t, (int, float)) or not (t == 0 or MIN_TEMPERATURE <= t < float("inf"))):
+            # below MIN_TEMPERATURE, logits ÷ T overflows float32 (NaN probabilities); ask for greedy instead
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy; otherwise finite and at least "
+                             f"{MIN_TEMPERATURE:g}), got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
