@@ -423,12 +423,23 @@ def _request_seeds(seed, count: int) -> list[int]:
     if isinstance(seed, bool):
         raise TypeError("seed must be an int, a list of ints, or None")
     if isinstance(seed, int):
-        return [seed + i for i in range(count)]
+        return _in_seed_range([seed + i for i in range(count)])
     seeds = list(seed)
     if len(seeds) != count or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in seeds):
         raise ValueError(f"seed must be an int or one int per request ({count}; None for a fresh one), got {seed!r}")
     fresh = iter(torch.randint(0, 2**62, (count,)).tolist())
-    return [next(fresh) if s is None else s for s in seeds]
+    return _in_seed_range([next(fresh) if s is None else s for s in seeds])
+
+
+SEED_RANGE = (-2**63, 2**64 - 1)
+"""The seeds ``torch.Generator.manual_seed`` takes (signed or unsigned 64-bit)."""
+
+
+def _in_seed_range(seeds: list[int]) -> list[int]:
+    bad = [s for s in seeds if not SEED_RANGE[0] <= s <= SEED_RANGE[1]]
+    if bad:
+        raise ValueError(f"seed must lie in [-2**63, 2**64 - 1] (request i of one seed uses seed + i), got {bad[0]}")
+    return seeds
 
 
 def _progress_bar(show: bool):
