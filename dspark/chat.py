@@ -53,9 +53,15 @@ def render_conversations(tokenizer, conversations, chat_template: str | None = N
         raise ValueError("this tokenizer has no chat template (tokenizer.chat_template): pass chat_template=... "
                          "(a Jinja template; dspark generate --chat-template FILE), or call generate() with plain "
                          "prompts")
+    from jinja2 import TemplateError
+
     prompts = []
-    for conversation in check_conversations(conversations):
-        rendered = tokenizer.apply_chat_template(conversation, chat_template=chat_template, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True, **kwargs)
+    for i, conversation in enumerate(check_conversations(conversations)):
+        try:
+            rendered = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                     add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                     **kwargs)
+        except TemplateError as err:  # a template's raise_exception ("System role not supported", ...)
+            raise ValueError(f"the chat template refused conversation {i}: {err}") from None
         prompts.append(list(rendered["input_ids"]))
     return prompts

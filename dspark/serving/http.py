@@ -302,6 +302,29 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:  # noqa: N802 — http.server's name
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guarded(self._post)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
+    def _guarded(self, handle) -> None:
+        """``handle()``, with a last resort for what its own checks did not foresee: the error is
+        logged and, when no response has begun, the client gets a 500 with the API's error body
+        (not a dropped connection); the connection then closes."""
+        self._responded = False
+        try:
+            handle()
+        except Exception:  # noqa: BLE001 — anything: a handler thread must answer
+            log.exception("%s %s failed", self.command, self.path)
+            self.close_connection = True
+            if not self._responded:
+                self._error(ProtocolError("the server failed on this request (its log has the traceback)", status=500))
+
+    def _get(self) -> None:
         if self.path == "/health":
             ok = self.api.loop.running
             self._json(200 if ok else 503, {"status": "ok" if ok else "the engine is not running"})
@@ -324,7 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health, /metrics, "
                                       "/tokenizer_info)", status=404))
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> None:
         if self.path in ("/tokenize", "/detokenize"):
             try:
                 self._json(200, (self.api.tokenize if self.path == "/tokenize" else self.api.detokenize)(self._body()))
@@ -483,6 +506,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         try:
             self.wfile.write(data)
@@ -490,4 +515,6 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _error(self, err: ProtocolError) -> None:
+        if err.status in (411, 413):  # the body was not read: it must not be parsed as the next request
+            self.close_connection = True
         self._json(err.status, err.body())

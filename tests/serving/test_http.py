@@ -320,6 +320,44 @@ def test_errors_and_the_other_routes(server):
     assert again["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_requests_that_once_stopped_the_engine_or_dropped_the_connection(server, monkeypatch):
+    """Each of these once took the engine thread down (every later request: 503) or closed the
+    connection without an answer; now each gets an error body and the server keeps serving."""
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "seed": 2**70, "max_tokens": 3})
+    assert status == 400 and "seed must lie in" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "seed": 2**64 - 1, "n": 2, "max_tokens": 3})
+    assert status == 400 and "seed must lie in" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "temperature": 5e-324, "max_tokens": 3})
+    assert status == 400 and "temperature" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions",
+                           {"prompt": "x", "no_repeat_ngram_size": 97, "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")  # (an n no window fits)
+    # a template that raises (as Llama 2's and Gemma's do for a system message): 400 naming messages
+    monkeypatch.setattr(server, "chat_template", "{{ raise_exception('System role not supported') }}")
+    status, body = request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert "System role not supported" in body["error"]["message"]
+    monkeypatch.undo()
+    # anything else a handler did not foresee: a 500 with the API's error body, logged
+    def broken(*args, **kwargs):
+        raise RuntimeError("unforeseen")
+    monkeypatch.setattr(server, "job", broken)
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x"})
+    assert status == 500 and body["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    # a body the server will not read (no Content-Length): the answer closes the connection, so
+    # the unread bytes are never parsed as a next request
+    host, port = server.httpd.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"11\r\n{\"prompt\": \"xyz\"}\r\n0\r\n\r\n")
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 411") and b"Connection: close" in reply and reply.count(b"HTTP/1.1") == 1
+    assert request(server, "GET", "/health") == (200, {"status": "ok"})
+
+
 def test_a_chat_without_a_template_is_refused_naming_messages(reference):
     import queue
 
