@@ -160,12 +160,38 @@ def test_a_request_aborted_while_its_prompt_goes_in_never_starts():
     assert session.result(after).token_ids == alone.token_ids[0]
 
 
-def test_chunked_prefill_needs_prefix_caching_and_a_chunk_of_a_position_or_more():
+def test_chunked_prefill_needs_prefix_caching_and_a_chunk_of_two_positions_or_more():
     target = tiny_hf_model("qwen3", scale=2.0)
-    with pytest.raises(ValueError, match="prefill_chunk must be 0"):
-        spec_pipeline(target, "none", 0, "engine.prefill_chunk=-1")
+    for bad in (-1, 1):  # (a chunk of one position never advanced: generate hung)
+        with pytest.raises(ValueError, match=r"prefill_chunk must be 0 \(off\) or a number of prompt positions >= 2"):
+            spec_pipeline(target, "none", 0, f"engine.prefill_chunk={bad}")
     with pytest.raises(ValueError, match=r"prefill_chunk needs prefix caching.*engine.prefix_caching=true"):
         spec_pipeline(target, "none", 0, "engine.prefill_chunk=8", "engine.prefix_caching=false")
     with pytest.raises(ValueError, match=r"prefill_chunk needs prefix caching.*batching=static"):
         spec_pipeline(target, "none", 0, "engine.prefill_chunk=8", "engine.batching=static")
     assert isinstance(spec_pipeline(target, "none", 0, "engine.prefill_chunk=8"), dspark.Pipeline)
+
+
+def test_a_prompt_copied_down_then_aborted_leaves_a_slot_whose_record_matches_its_rows():
+    """A request copied down to a lower free slot (trimmed rounds) goes back to wait when the step's
+    chunk is spent, and is aborted. The lower slot is recorded as holding the upper slot's whole
+    prompt X, so a later request of X reuses it: the rows it reuses must be X's (only the aborted
+    request's three shared positions were copied once, and X decoded other tokens)."""
+    target = tiny_hf_model("qwen3", scale=2.0)
+    x = [50, 51, 52, 53, 54, 55]
+    alone = spec_pipeline(target, "none", 0, "target.dtype=float64").generate([x], max_new_tokens=8).token_ids[0]
+    pipe = spec_pipeline(target, "none", 0, "target.dtype=float64", "engine.max_batch_size=4", "engine.prefill_chunk=10")
+    session = pipe.session(max_len=64)
+    session.submit([2, 3], max_new_tokens=40)  # slot 0, decoding throughout
+    session.submit([10], max_new_tokens=1)  # slots 1 and 2: done at once
+    session.submit([20], max_new_tokens=1)
+    session.submit(x, max_new_tokens=1)  # slot 3 holds X
+    session.step()
+    session.submit(list(range(60, 72)), max_new_tokens=3)  # 12 positions: spends the step's chunk of 10
+    shares = session.submit(x[:4] + [90, 91], max_new_tokens=3)  # copied down from slot 3 to slot 2, then waits
+    session.step()
+    session.abort(shares)
+    again = session.submit(x, max_new_tokens=8)  # takes slot 2
+    while session.unfinished:
+        session.step()
+    assert session.result(again).token_ids == alone

@@ -107,8 +107,9 @@ class EngineConfig:
             raise ValueError(f"engine.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.kv_len_multiple < 1:
             raise ValueError(f"engine.kv_len_multiple must be >= 1, got {self.kv_len_multiple}")
-        if isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 0:
-            raise ValueError(f"engine.prefill_chunk must be 0 (off) or a number of prompt positions >= 1, got "
+        if isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 0 or self.prefill_chunk == 1:
+            # (the next chunk feeds a chunk's last position again: a chunk of one never advances)
+            raise ValueError(f"engine.prefill_chunk must be 0 (off) or a number of prompt positions >= 2, got "
                              f"{self.prefill_chunk!r}")
 
 

@@ -28,7 +28,7 @@ class Admission:
     def _copy_down(self, batch: "Batch", admitting: list[int], free: list[int]) -> list[int]:
         """Rounds run over the slots up to the last busy one (:attr:`trims_idle_slots`): a request
         that would take a free slot for what it holds of its prompt, above a free slot left empty
-        by this admission, takes the lowest such slot instead, the reusable positions' cache rows
+        by this admission, takes the lowest such slot instead, the positions the slot holds
         copied down to it (:meth:`~dspark.cache.KVCache.copy_rows`) with what the slot kept of its
         prompt — the same prefill saved, rounds no wider for it. (``admitting``: the slots the
         first waiting requests take, in order.)"""
@@ -42,8 +42,12 @@ class Admission:
                 continue
             lower = spare.pop(0)
             self._collect(batch, [lower] if batch.holder[lower] >= 0 else [])  # (before its rows change)
+            # every position the slot holds, not only those this request reuses: ``lower`` is
+            # recorded as holding all of it, and a later request may reuse more (once it read rows
+            # this copy had skipped when this request went back to wait and was aborted)
+            held = len(batch.prefixes.resident[b].tokens)
             batch.cache.copy_rows(torch.tensor([b], device=self.device), torch.tensor([lower], device=self.device),
-                                  reusable)
+                                  held)
             batch.prefixes.copy(b, lower)
             spare = sorted([*spare, b])
             moved.append(lower)
@@ -287,6 +291,9 @@ class Admission:
                 budget -= rest
                 continue
             if budget <= 0:  # (in chunks already: its next one in a later step)
+                continue
+            if held + budget < 2:  # a first chunk of one position: the next would feed it again
+                later.append(i)
                 continue
             if new:
                 self._collect(batch, [b] if batch.holder[b] >= 0 else [])
