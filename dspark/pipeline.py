@@ -151,6 +151,12 @@ class Pipeline:
                     raise ValueError(f"prompt {i} is an empty string")
                 ids = self.tokenizer(prompt)["input_ids"]
             elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+                if isinstance(prompt, torch.Tensor) and (prompt.dtype.is_floating_point or prompt.dtype.is_complex
+                                                         or prompt.dtype == torch.bool):
+                    raise TypeError(f"prompt {i} is a {prompt.dtype} tensor: token ids are integers (torch.long)")
+                wrong = [t for t in prompt if not _is_token_id(t)]
+                if wrong:  # (int() would truncate 5.7 and read "5" and True: nothing is silently converted)
+                    raise TypeError(f"prompt {i} has values that are not integer token ids: {wrong[:5]!r}")
                 ids = [int(t) for t in prompt]
                 bad = [t for t in ids if not 0 <= t < vocab]
                 if bad:
@@ -413,6 +419,14 @@ def _as_float(value):
     """An int (not a bool) as a float, so that ``1`` and ``1.0`` make the same parameters; anything
     else unchanged (validation names it)."""
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _is_token_id(value) -> bool:
+    """An int (numpy's too) or a 0-d integer tensor; not a bool, float or string."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.dtype.is_floating_point or value.dtype.is_complex
+                                         or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _request_seeds(seed, count: int) -> list[int]:
