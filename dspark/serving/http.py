@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dspark.pipeline import MAX_TOP_LOGPROBS
 from dspark.serving.loop import EngineLoop, EngineStopped
 from dspark.serving.metrics import render
+from dspark.streaming import REPLACEMENT
 from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, joined, logprobs_body,
                                      parse_detokenize, parse_request, parse_tokenize)
 
@@ -227,7 +228,7 @@ class OpenAIServer:
         its log-probabilities, why it ended."""
         n = len(output.token_ids) if job.max_tokens else 0  # (max_tokens 0: the one token drawn is dropped)
         generated = [None if v is None else v[:n] for v in (output.token_ids, output.logprobs, output.top_logprobs)]
-        text = cut_at_stop(output.text, job.stops, job.include_stop)[0] if n else ""
+        text = cut_at_stop(output.text, job.stops, job.include_stop, self.stops_from(job, output.token_ids))[0] if n else ""
         scores = self.logprobs(job, *generated)
         if job.echo:
             prompt, prompt_scores = self.echoed(job, index, output.prompt_logprobs, output.prompt_top_logprobs)
@@ -242,6 +243,15 @@ class OpenAIServer:
         body["logprobs"] = scores
         body["finish_reason"] = output.finish_reason
         return body
+
+    def stops_from(self, job: Job, token_ids: list[int]) -> int:
+        """Where in a choice's text a stop string may end: past the text of its first
+        ``min_tokens − 1`` tokens, which the engine does not let complete one (0 without)."""
+        min_new = job.settings.get("min_new_tokens") or 0
+        if not job.stops or min_new <= 1:
+            return 0
+        head = self.pipeline.tokenizer.decode(token_ids[:min_new - 1], skip_special_tokens=True)
+        return len(head.rstrip(REPLACEMENT))
 
     def echoed(self, job: Job, index: int, prompt_logprobs: list | None, prompt_top_logprobs: list | None
                ) -> tuple[str, dict | None]:
@@ -414,6 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
         outputs = [None] * job.choices
         pending: list[list] = [[[], [], []] for _ in range(job.choices)]  # tokens, log-probabilities, top ones
         echoed: list[int | None] = [None] * job.choices  # with echo: each choice's prompt text's length, once sent
+        scored = [0] * job.choices  # the text length of the tokens whose log-probabilities were sent
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -443,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if event.output is not None:
                     decode.finish(k)
                     outputs[k] = event.output
-                    delta = texts[k].finish(pieces.pop(k, ""))
+                    delta = texts[k].finish(pieces.pop(k, ""), api.stops_from(job, event.output.token_ids))
                 else:
                     delta = texts[k].feed(pieces.pop(k, ""))
                 if event.logprobs is not None:
@@ -452,9 +463,13 @@ class _Handler(BaseHTTPRequestHandler):
                     pending[k][2] += event.top_logprobs or []
                 if not delta and event.output is None:
                     continue
-                offset = (echoed[k] or 0) + texts[k].sent - len(delta)
+                # (where these tokens' text starts: not where the delta does, which a stop string's
+                # hold-back may leave behind them)
+                scores = api.logprobs(job, *pending[k][:2], pending[k][2] or None, (echoed[k] or 0) + scored[k])
+                if scores is not None and not job.chat:
+                    scored[k] += sum(len(token) for token in scores["tokens"])
                 choice = {"index": k, **({"delta": {"content": delta}} if job.chat else {"text": delta}),
-                          "logprobs": api.logprobs(job, *pending[k][:2], pending[k][2] or None, offset),
+                          "logprobs": scores,
                           "finish_reason": None if event.output is None else event.output.finish_reason}
                 pending[k] = [[], [], []]
                 self._event({**head, "choices": [choice]})

@@ -407,11 +407,12 @@ def _show(value) -> str:
 # responses ------------------------------------------------------------------------------------
 
 
-def cut_at_stop(text: str, stops: list[str], include_stop: bool) -> tuple[str, bool]:
-    """``text`` up to its first stop string (with it when ``include_stop``), and whether one was
-    found. A request ends on the token that completes a stop string; that token's text may go on
-    past it, and the API returns the text before the stop."""
-    found = [(at, stop) for stop in stops if (at := text.find(stop)) >= 0]
+def cut_at_stop(text: str, stops: list[str], include_stop: bool, after: int = 0) -> tuple[str, bool]:
+    """``text`` up to its first stop string that ends past character ``after`` (with it when
+    ``include_stop``), and whether one was found. A request ends on the token that completes a
+    stop string; that token's text may go on past it, and the API returns the text before the
+    stop. (``after``: with ``min_tokens``, the text of the tokens that could not complete one.)"""
+    found = [(at, stop) for stop in stops if (at := text.find(stop, max(0, after - len(stop) + 1))) >= 0]
     if not found:
         return text, False
     at, stop = min(found)
@@ -434,9 +435,11 @@ class ChoiceText:
         delta, self.sent = self.text[self.sent:ready], ready
         return delta
 
-    def finish(self, piece: str) -> str:
+    def finish(self, piece: str, after: int = 0) -> str:
+        """The rest of the text, cut at the stop string that ended the choice (one ending past
+        character ``after``: :func:`cut_at_stop`)."""
         self.text += piece
-        final, _ = cut_at_stop(self.text, self.stops, self.include_stop)
+        final, _ = cut_at_stop(self.text, self.stops, self.include_stop, after)
         delta, self.sent = final[self.sent:], max(self.sent, len(final))
         return delta
 

@@ -102,6 +102,37 @@ def test_stop_strings_are_cut(server, reference):
     assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == cut["choices"][0]["text"]
 
 
+def test_min_tokens_cuts_at_the_stop_string_that_ended_the_choice(server, reference):
+    """A stop string completed before ``min_tokens`` does not end the request, so it is not where
+    the text is cut either: the answer and the stream both run to the occurrence that did."""
+    free = reference.generate([PROMPTS[0]], max_new_tokens=30, ignore_eos=True)
+    text, ids = free.texts[0], free.token_ids[0]
+    upto = [len(reference.tokenizer.decode(ids[:k])) for k in range(len(ids) + 1)]  # text of the first k tokens
+
+    def cut(stop):  # min_tokens just past the token completing its first occurrence; the text to expect
+        first = text.find(stop)
+        min_tokens = next(k for k in range(2, len(ids)) if upto[k - 1] >= first + len(stop))  # (that token + 1)
+        later = text.find(stop, upto[min_tokens - 1] - len(stop) + 1)
+        return first, min_tokens, (text[:later] if later >= 0 else None)
+
+    stop, (first, min_tokens, expected) = next((text[i:i + 2], cut(text[i:i + 2])) for i in range(upto[1], len(text) - 2)
+                                               if cut(text[i:i + 2])[2] is not None)
+    body = {"prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True, "stop": stop,
+            "min_tokens": min_tokens}
+    _, whole = request(server, "POST", "/v1/completions", body)
+    assert whole["choices"][0]["text"] == expected and len(expected) > first
+    _, events = request(server, "POST", "/v1/completions", {**body, "stream": True})
+    assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == expected
+
+
+def test_streamed_text_offsets_are_the_answers_whatever_waits_for_a_stop_string(server):
+    body = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "logprobs": 1, "stop": ["zzzzzzzzzz"]}
+    _, whole = request(server, "POST", "/v1/completions", body)
+    _, events = request(server, "POST", "/v1/completions", {**body, "stream": True})
+    chunks = [c["logprobs"] for e in events[:-1] for c in e["choices"] if c["logprobs"] is not None]
+    assert len(chunks) > 1 and sum((c["text_offset"] for c in chunks), []) == whole["choices"][0]["logprobs"]["text_offset"]
+
+
 def test_concurrent_clients_each_get_their_own(server, reference):
     """Four clients at once into two slots (requests wait for slots and join mid-flight)."""
     results = {}

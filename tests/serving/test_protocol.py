@@ -118,6 +118,13 @@ def test_cut_at_stop():
     assert cut_at_stop("abc\n\ndef", ["\n\n", "c"], False) == ("ab", True)
     assert cut_at_stop("abc\n\ndef", ["\n\n"], True) == ("abc\n\n", True)
     assert cut_at_stop("abc", ["x"], False) == ("abc", False)
+    # with min_tokens: only an occurrence that ends past the text of the tokens that could not
+    # complete one (here "ab|c ab|c": the first "b|c" ends inside it, the one straddling "after" counts)
+    assert cut_at_stop("abcabc", ["bc"], False, after=3) == ("abca", True)
+    assert cut_at_stop("abcabc", ["ca"], False, after=3) == ("ab", True)  # (ends at 4 > 3)
+    assert cut_at_stop("abcabc", ["bc"], False, after=6) == ("abcabc", False)
+    stream = ChoiceText(["bc"], False)
+    assert stream.feed("abca") + stream.finish("bc", after=3) == "abca"
 
 
 @given(st.text("ab\n", max_size=30), st.lists(st.text("ab\n", min_size=1, max_size=4), min_size=1, max_size=3),
