@@ -10,6 +10,7 @@ section may be written as a bare name: ``drafter: none`` means ``drafter: {name:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def load_config(config=None, overrides=()) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
     try:
-        given = OmegaConf.from_dotlist(overrides)
+        given = OmegaConf.from_dotlist([_named(item) for item in overrides])
         for section in SECTIONS:  # `drafter: ngram` is {name: ngram}: an override of one key keeps the name
             if isinstance(raw.get(section), str) and isinstance(given.get(section), DictConfig):
                 raw[section] = {"name": raw[section]}
@@ -170,6 +171,18 @@ def load_config(config=None, overrides=()) -> DictConfig:
     result = OmegaConf.create(composed)
     OmegaConf.set_readonly(result, True)
     return result
+
+
+BARE_COMPONENT = re.compile(rf"^({'|'.join(s for s in SECTIONS if s not in FIXED_SCHEMAS)})=([A-Za-z_][\w.\-]*)$")
+"""``drafter=ngram``: a component section switched by name alone."""
+
+
+def _named(override: str) -> str:
+    """``drafter=ngram`` as ``drafter.name=ngram``, so that key overrides of the same section
+    (``drafter.num_speculative_tokens=3``) apply to it, before or after it — as one dotlist the two
+    forms replaced each other, and whichever came last was silently all that remained."""
+    match = BARE_COMPONENT.match(override)
+    return f"{match[1]}.name={match[2]}" if match else override
 
 
 def _override_list(overrides) -> list[str]:

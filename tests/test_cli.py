@@ -33,6 +33,14 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "max_new_tokens must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_a_component_switched_by_name_is_an_override_not_a_prompt(capsys):
+    assert main(["generate", "--config", "ar", "--prompt-ids", "1 2 3", "--print-ids", "--max-new-tokens", "3",
+                 "drafter=ngram", "drafter.num_speculative_tokens=2", "target.device=cpu"]) == 0
+    out = capsys.readouterr()
+    assert "--- request" not in out.out and len(out.out.split()) == 3  # one prompt: drafter=ngram is not a second
+    assert "acceptance by position [-, -]" in out.err  # drafting two tokens (the ar config drafts none)
+
+
 def test_generate_with_no_flags_uses_the_embedded_models(capsys):
     """`dspark generate "def fibonacci(n):"` — the README's first command — runs offline as is."""
     assert main(["generate", "def fibonacci(n):", "--max-new-tokens", "16", "target.device=cpu"]) == 0

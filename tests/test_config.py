@@ -133,6 +133,15 @@ def test_an_override_of_a_key_keeps_a_section_written_as_a_bare_name():
     assert load_config({"drafter": "ngram"}, ["drafter=none"]).drafter.name == "none"  # a bare name over a bare name
 
 
+@pytest.mark.parametrize("overrides", [["drafter=ngram", "drafter.max_n=5"], ["drafter.max_n=5", "drafter=ngram"]])
+def test_a_component_switched_by_name_and_a_key_override_of_it_both_apply(overrides):
+    """``drafter=ngram`` with ``drafter.max_n=5``, in either order, over a draft-model config: the
+    n-gram drafter with max_n 5 (one of the two used to be silently dropped — the bench's own
+    γ override once turned an ``ngram`` pipeline back into the config's draft model)."""
+    cfg = load_config("draft_model", [*overrides, "drafter.num_speculative_tokens=3"])
+    assert (cfg.drafter.name, cfg.drafter.max_n, cfg.drafter.num_speculative_tokens) == ("ngram", 5, 3)
+
+
 def test_a_non_pipeline_config_is_found_from_any_directory(tmp_path, monkeypatch):
     """``dspark bench --config configs/bench/default.yaml`` (or ``bench/default``) from outside the
     repository reads the shipped file; a missing one is named, with where it was looked for."""

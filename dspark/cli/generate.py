@@ -11,7 +11,8 @@ from pathlib import Path
 
 from dspark.cli.requests import LINE_SETTINGS, chat_template_options, line_grammar, listed_stops, token_keyed
 
-OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key[.key]=value
+# section.key[.key]=value, or a component section switched by name (drafter=ngram)
+OVERRIDE = re.compile(r"^([A-Za-z_][\w]*(\.[\w]+)+|drafter|scheduler|verifier|sampler|cache)=")
 
 
 def generate_command(args: argparse.Namespace) -> int:
