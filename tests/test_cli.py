@@ -31,6 +31,8 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "unknown key drafter.num_speculatve_tokens" in capsys.readouterr().err
     assert main(["generate", "--config", "ar", "--prompt", "x", "--max-new-tokens", "0", "target.device=cpu"]) == 2
     assert "max_new_tokens must be an integer >= 1" in capsys.readouterr().err
+    assert main(["generate", "--config", "ar", "--prompt", "x", "drafter._target_=nope.mod.Cls"]) == 2
+    assert "cannot import module 'nope.mod'" in capsys.readouterr().err
 
 
 def test_a_component_switched_by_name_is_an_override_not_a_prompt(capsys):

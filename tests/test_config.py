@@ -5,8 +5,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import dspark
+from dspark.cache.static import StaticKVCache
 from dspark.config import ConfigError, load_config
 from dspark.drafters import Drafter, DrafterConfig, register_drafter
+from dspark.samplers.default import DefaultSampler
+from dspark.scheduling.schedulers import FixedScheduler
+from dspark.verifiers.chain import ChainVerifier
 from dspark.records import DraftProposal
 from dspark.registry import UnknownComponentError
 
@@ -80,6 +85,42 @@ class EchoDrafter(Drafter):
     def propose(self, state, uniforms):
         tokens = torch.full((state.batch_size, self.gamma), self.config.repeat_token, device=state.tokens.device)
         return DraftProposal(tokens=tokens, num_tokens=torch.full((state.batch_size,), self.gamma))
+
+
+class CountingScheduler(FixedScheduler):
+    """Test scheduler: the fixed one, counting its calls (a user's subclass picked by ``_target_``)."""
+
+    def schedule(self, *args, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().schedule(*args, **kwargs)
+
+
+class PlainVerifier(ChainVerifier):
+    pass
+
+
+class PlainSampler(DefaultSampler):
+    pass
+
+
+class PlainCache(StaticKVCache):
+    pass
+
+
+def test_every_component_section_takes_a_user_subclass_by_target():
+    """The errors for an unknown name point to ``_target_`` for every kind: each section takes it."""
+    from helpers import tiny_hf_model
+
+    targets = {"scheduler": "test_config.CountingScheduler", "verifier": "test_config.PlainVerifier",
+               "sampler": "test_config.PlainSampler", "cache": "test_config.PlainCache"}
+    cfg = load_config({"drafter": {"name": "ngram", "num_speculative_tokens": 2}, "target": {"device": "cpu"},
+                       **{section: {"_target_": path} for section, path in targets.items()}})
+    assert {section: cfg[section]._target_ for section in targets} == targets
+    pipe = dspark.build_pipeline(cfg, target_model=tiny_hf_model("llama", scale=2.0))
+    assert type(pipe.engine.scheduler) is CountingScheduler and type(pipe.engine.verifier) is PlainVerifier
+    assert type(pipe.engine.sampler) is PlainSampler and pipe.engine.cache_class is PlainCache
+    pipe.generate([[1, 2, 3, 1, 2]], max_new_tokens=6)
+    assert pipe.engine.scheduler.calls > 0
 
 
 def test_component_schema_comes_from_the_named_class():

@@ -20,12 +20,14 @@ class CacheConfig:
 
     Attributes:
         name: registered cache class (``static``).
+        _target_: dotted path of a user's :class:`KVCache` subclass (wins over ``name``).
         max_len: capacity in tokens per request; ``None`` sizes the cache for each ``generate`` call
             (longest prompt + ``max_new_tokens`` + one round of lookahead), capped by the target's
             ``max_position_embeddings``.
     """
 
     name: str = "static"
+    _target_: str | None = None
     max_len: int | None = None
 
 

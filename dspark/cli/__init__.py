@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as err:  # (ImportError: a _target_)
         print(f"dspark {args.command}: error: {err}", file=sys.stderr)
         return 2
 

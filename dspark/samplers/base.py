@@ -13,9 +13,11 @@ from dspark.registry import Registry
 
 @dataclass
 class SamplerConfig:
-    """Config section ``sampler``: ``name`` of a registered sampler (``default``)."""
+    """Config section ``sampler``: ``name`` of a registered sampler (``default``), or ``_target_``,
+    the dotted path of a user's :class:`Sampler` subclass (wins over ``name``)."""
 
     name: str = "default"
+    _target_: str | None = None
 
 
 def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

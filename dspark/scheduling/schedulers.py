@@ -26,9 +26,11 @@ from dspark.stats import position_counts
 
 @dataclass
 class SchedulerConfig:
-    """Config section ``scheduler``: ``name`` of a registered scheduler (``fixed`` by default)."""
+    """Config section ``scheduler``: ``name`` of a registered scheduler (``fixed`` by default), or
+    ``_target_``, the dotted path of a user's :class:`Scheduler` subclass (wins over ``name``)."""
 
     name: str = "fixed"
+    _target_: str | None = None
 
 
 class Scheduler(ABC):

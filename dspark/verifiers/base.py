@@ -14,9 +14,11 @@ from dspark.samplers import Sampler
 
 @dataclass
 class VerifierConfig:
-    """Config section ``verifier``: ``name`` of a registered verifier (``chain`` or ``greedy``)."""
+    """Config section ``verifier``: ``name`` of a registered verifier (``chain`` or ``greedy``), or
+    ``_target_``, the dotted path of a user's :class:`Verifier` subclass (wins over ``name``)."""
 
     name: str = "chain"
+    _target_: str | None = None
 
 
 class Verifier(ABC):
