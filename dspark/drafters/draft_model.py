@@ -90,6 +90,8 @@ class DraftModelDrafter(Drafter):
         if source is None:
             raise ValueError("drafter 'draft_model' needs a draft model: set drafter.path (a checkpoint directory) "
                              "or pass build_pipeline(draft_model=...)")
+        if config.backend not in ("auto", "native", "hf"):
+            raise ValueError(f"drafter.backend must be one of auto, native, hf; got {config.backend!r}")
         self.model = load_model(source, dtype=config.dtype or target.dtype, device=target.device, backend=config.backend)
         if self.model.vocab_size != target.vocab_size:
             raise ValueError(f"draft model vocabulary ({self.model.vocab_size} tokens) differs from the target's "

@@ -57,6 +57,10 @@ class EarlyExitDrafter(DraftModelDrafter):
         if draft_model is not None:
             raise ValueError("drafter 'early_exit' drafts with the target's own first layers: it takes no draft "
                              "model (use drafter.name=draft_model for a separate one)")
+        if config.calibration == "auto":  # (it would find nothing and keep the raw confidences, silently)
+            raise ValueError("drafter 'early_exit' has no checkpoint for drafter.calibration=auto to read "
+                             "calibration.json beside: give the file `dspark calibrate --config early_exit --output "
+                             "FILE` wrote, or null")
         if not hasattr(target, "early_exit"):
             raise ValueError(f"drafter 'early_exit' needs a target with a native implementation "
                              f"(target.backend=native; this target runs as {type(target).__name__}): it drafts "

@@ -295,6 +295,29 @@ def random_hf_model(spec: dict, *, seed: int = 0):
     model_type = spec.pop("model_type", None)
     if model_type is None:
         raise ValueError("target.random needs model_type (e.g. qwen3, llama, qwen2)")
+    unknown = _unknown_config_keys(model_type, spec)
+    if unknown:  # (transformers' configs keep any keyword: a typo would silently leave a default)
+        raise ValueError(f"random model spec: {unknown} are not {model_type} config keys (e.g. hidden_size, "
+                         "num_hidden_layers, num_attention_heads, vocab_size)")
     config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _unknown_config_keys(model_type: str, spec: dict) -> list[str]:
+    """The keys of ``spec`` that a ``model_type`` config does not know: not among its attributes,
+    not read into a nested one, and changing nothing but themselves when given (legacy keys such
+    as ``rope_theta`` are read into ``rope_parameters``)."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    base = default.to_dict()
+    unknown = []
+    for key, value in spec.items():
+        if hasattr(default, key):
+            continue
+        given = AutoConfig.for_model(model_type, **{key: value}).to_dict()
+        read_into = any(isinstance(v, dict) and key in v for v in given.values())  # (rope_parameters)
+        if not read_into and not {k for k in {*given, *base} if k != key and given.get(k) != base.get(k)}:
+            unknown.append(key)
+    return sorted(unknown)

@@ -139,3 +139,20 @@ def test_proposal_q_is_the_processed_draft_distribution():
     # its confidence: the draft model's top probability before the sampler's processing (not x_1's q)
     assert drafter.provides_confidence
     assert proposal.confidence[0, 0].item() == pytest.approx(torch.softmax(logits, -1).max().item(), abs=1e-6)
+
+
+def test_a_misspelt_backend_or_random_spec_key_is_refused_naming_it():
+    """``drafter.backend`` is named as such (not ``target.backend``); a random draft model's spec key
+    that its config does not know is refused (transformers' configs keep any keyword: a typo left
+    the default, 32 layers)."""
+    spec = {"model_type": "llama", "vocab_size": 101, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 64}
+    with pytest.raises(ValueError, match="drafter.backend must be one of auto, native, hf; got 'natve'"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "draft_model", "num_speculative_tokens": 2,
+                                                                      "random": spec, "backend": "natve"}},
+                              target_model=tiny_hf_model("llama"))
+    with pytest.raises(ValueError, match=r"\['num_hidden_layer'\] are not llama config keys"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {
+            "name": "draft_model", "num_speculative_tokens": 2,
+            "random": {**{k: v for k, v in spec.items() if k != "num_hidden_layers"}, "num_hidden_layer": 1}}},
+            target_model=tiny_hf_model("llama"))

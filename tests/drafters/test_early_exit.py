@@ -85,3 +85,11 @@ def test_a_one_layer_target_and_a_draft_model_are_refused():
     with pytest.raises(ValueError, match="takes no draft model"):
         dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "early_exit"}},
                               target_model=tiny_hf_model("llama"), draft_model=tiny_hf_model("llama", seed=2))
+
+
+def test_calibration_auto_is_refused_for_it_has_no_checkpoint():
+    """``auto`` reads ``calibration.json`` beside a checkpoint: an early exit has none, so ``auto``
+    would keep the raw confidences without a word."""
+    with pytest.raises(ValueError, match=r"no checkpoint for drafter.calibration=auto.*--output FILE"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "early_exit", "calibration": "auto"}},
+                              target_model=tiny_hf_model("llama", num_hidden_layers=2))
