@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-len", type=int, default=None,
                        help="positions per request, prompt + max_new_tokens + γ + 1 at most (default: cache.max_len)")
     serve.add_argument("--max-new-tokens", type=int, default=None,
-                       help="a request's budget unless it sets one (default: 64 for lines, 16 over HTTP as OpenAI's)")
+                       help="a request's budget unless it sets one (default: 64 for lines; over HTTP, as OpenAI's: "
+                            "16 for a completion, the rest of the context for a chat)")
     serve.add_argument("--logprobs", action="store_true", help="each output line carries its tokens' log-probabilities")
     serve.add_argument("--warm-up", action="store_true",
                        help="before serving, run dummy requests through rounds over every number of rows a round may "

@@ -103,7 +103,7 @@ def serve_http(args: argparse.Namespace) -> int:
     try:
         server = OpenAIServer(pipe, max_len=args.max_len, host=args.host or "127.0.0.1", port=args.port,
                               model_name=args.served_model_name or "dspark",
-                              default_max_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
+                              default_max_tokens=args.max_new_tokens,
                               max_logprobs=20 if args.max_logprobs is None else args.max_logprobs,
                               chat_template=template,
                               chat_template_kwargs=template_kwargs, warm_up=args.warm_up)

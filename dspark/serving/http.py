@@ -60,7 +60,8 @@ class OpenAIServer:
         max_len: positions per request (prompt + ``max_tokens`` + γ + 1 at most); default ``cache.max_len``.
         host, port: where to listen (port 0: any free port; :attr:`url` says which).
         model_name: the ``model`` this server answers to (a request may leave it out).
-        default_max_tokens: the budget of a request that sets no ``max_tokens``.
+        default_max_tokens: the budget of a request that sets no ``max_tokens``; ``None`` (default):
+            16 for a completion, the rest of the context for a chat (as OpenAI's and vLLM's).
         max_logprobs: the most likeliest tokens a request may ask for with its log-probabilities
             (vLLM's default, 20; 0 refuses log-probabilities). Only the requests that ask pay for
             them — and the others while one of those decodes beside them (the batch's distributions
@@ -72,10 +73,11 @@ class OpenAIServer:
     """
 
     def __init__(self, pipeline, *, max_len: int | None = None, host: str = "127.0.0.1", port: int = 8000,
-                 model_name: str = "dspark", default_max_tokens: int = 16, max_logprobs: int = 20,
+                 model_name: str = "dspark", default_max_tokens: int | None = None, max_logprobs: int = 20,
                  chat_template: str | None = None, chat_template_kwargs: dict | None = None, warm_up: bool = False):
-        if isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int) or default_max_tokens < 1:
-            raise ValueError(f"default_max_tokens must be an integer >= 1, got {default_max_tokens!r}")
+        if default_max_tokens is not None and (isinstance(default_max_tokens, bool) or not isinstance(default_max_tokens, int)
+                                               or default_max_tokens < 1):
+            raise ValueError(f"default_max_tokens must be an integer >= 1 or None, got {default_max_tokens!r}")
         if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or not 0 <= max_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"max_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {max_logprobs!r}")
         if not isinstance(model_name, str) or not model_name:
@@ -201,6 +203,16 @@ class OpenAIServer:
         nothing (``max_tokens`` 0) draws one token, which is not returned (as vLLM does)."""
         if job.chat:
             job.prompt_ids = self._render(job.prompts, job.chat_template_kwargs)  # (refusals name "messages")
+            if job.max_tokens is None:  # none set: the rest of the context (OpenAI's and vLLM's chat default)
+                batch = self.loop.session.batch
+                longest, context = max(len(ids) for ids in job.prompt_ids), batch.max_len - batch.lookahead
+                if longest >= context:
+                    raise ProtocolError(f"the conversation takes {longest} tokens, all of the {context} a request may "
+                                        "have: none is left to generate", "messages")
+                job.max_tokens = context - longest
+                if job.settings["min_new_tokens"] > job.max_tokens:
+                    raise ProtocolError(f"min_tokens ({job.settings['min_new_tokens']}) must not exceed the "
+                                        f"{job.max_tokens} tokens left in the context", "min_tokens")
         else:
             try:
                 job.prompt_ids = self.pipeline.encode(job.prompts)

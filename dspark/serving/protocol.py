@@ -43,7 +43,7 @@ class Job:
         prompts: ``list[str | list[int]]``, or ``list[list[dict]]`` messages for chat.
         n: choices per prompt; choice ``i · n + j`` is prompt ``i``'s ``j``-th.
         max_tokens: each choice's budget (0: with ``echo``, the prompt alone — scored, nothing
-            generated). seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
+            generated; ``None``: a chat's that set none, the rest of the context — set on submit). seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
         settings: :meth:`Session.submit`'s sampling and stop keywords (all but the prompt,
             ``max_new_tokens`` and ``seed``).
         stops: the stop strings (cut from the text unless ``include_stop``).
@@ -59,7 +59,7 @@ class Job:
     chat: bool
     prompts: list
     n: int
-    max_tokens: int
+    max_tokens: int | None
     seed: int | None
     settings: dict
     stops: list[str]
@@ -90,13 +90,19 @@ COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "chat_template_kwargs"}
 
 
-def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_logprobs: int) -> Job:
+#: a completion's budget when neither the request nor the server sets one (OpenAI's and vLLM's)
+COMPLETIONS_MAX_TOKENS = 16
+
+
+def parse_request(body, *, chat: bool, model: str, default_max_tokens: int | None, max_logprobs: int) -> Job:
     """Check a request body (the parsed JSON) and read it into a :class:`Job`.
 
     Args:
         chat: ``/v1/chat/completions`` (else ``/v1/completions``).
         model: the served model's name (a body naming another is refused, 404).
-        default_max_tokens: the budget of a request that sets none.
+        default_max_tokens: the budget of a request that sets none; ``None``: a completion's is
+            :data:`COMPLETIONS_MAX_TOKENS`, a chat's the rest of the context (``max_tokens`` is then
+            ``None`` here, set once the conversation is rendered), as OpenAI's and vLLM's are.
         max_logprobs: the most likeliest tokens a request may ask for (0: log-probabilities are off).
     """
     if not isinstance(body, dict):
@@ -119,9 +125,12 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
     budget_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     if echo and type(body.get(budget_field)) is int and body[budget_field] == 0:  # the prompt alone, scored (vLLM's "echo without generation")
         max_tokens = 0
+    elif chat and body.get(budget_field) is None and default_max_tokens is None:
+        max_tokens = None  # the rest of the context: known once the conversation is rendered
     else:
         try:
-            max_tokens = _integer(body, budget_field, default_max_tokens, low=1)
+            default = COMPLETIONS_MAX_TOKENS if default_max_tokens is None else default_max_tokens
+            max_tokens = _integer(body, budget_field, default, low=1)
         except ProtocolError as err:
             raise ProtocolError(f"{err} (0 only with echo=true: the prompt alone)" if not chat else str(err),
                                 budget_field) from None
@@ -163,7 +172,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int, max_
             if not off:
                 raise ProtocolError(f"{name} cannot be set with a structured output (response_format, "
                                     "structured_outputs, guided_*): it ends at EOS once complete", name)
-    if settings["min_new_tokens"] > max_tokens:
+    if max_tokens is not None and settings["min_new_tokens"] > max_tokens:
         raise ProtocolError(f"min_tokens ({settings['min_new_tokens']}) must not exceed {budget_field} ({max_tokens})",
                             "min_tokens")
     logprobs = _logprobs(body, chat, max_logprobs)

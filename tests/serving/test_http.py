@@ -171,6 +171,22 @@ def test_chat_completions(server, reference):
         body["choices"][0]["message"]["content"]
 
 
+def test_a_chat_without_max_tokens_may_fill_the_context_a_completion_takes_16(server):
+    """OpenAI's and vLLM's defaults: a chat's budget is the rest of the context (it was 16, cutting
+    answers short), a completion's 16; a conversation that fills the context is refused."""
+    body = {"messages": [{"role": "user", "content": "def add(a, b):"}], "temperature": 0, "ignore_eos": True}
+    _, chat = request(server, "POST", "/v1/chat/completions", body)
+    _, info = request(server, "POST", "/tokenize", {"prompt": "x"})
+    usage = chat["usage"]
+    assert usage["completion_tokens"] == info["max_model_len"] - usage["prompt_tokens"] > 16
+    assert chat["choices"][0]["finish_reason"] == "length"
+    _, completion = request(server, "POST", "/v1/completions", {"prompt": "x", "temperature": 0, "ignore_eos": True})
+    assert completion["usage"]["completion_tokens"] == 16
+    status, long = request(server, "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": " ".join(["x"] * 200)}]})
+    assert status == 400 and long["error"]["param"] == "messages" and "none is left to generate" in long["error"]["message"]
+
+
 def test_logprobs(server, reference):
     expected = reference.generate([PROMPTS[3]], max_new_tokens=6, logprobs=True, top_logprobs=2)
     _, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0,
@@ -407,7 +423,7 @@ def test_servers_are_refused_before_they_start():
     pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
     with pytest.raises(ValueError, match=r"max_logprobs must be an integer in \[0, 20\]"):
         OpenAIServer(pipe, max_len=64, port=0, max_logprobs=21)
-    with pytest.raises(ValueError, match="default_max_tokens must be an integer >= 1"):
+    with pytest.raises(ValueError, match="default_max_tokens must be an integer >= 1 or None"):
         OpenAIServer(pipe, max_len=64, port=0, default_max_tokens=0)
     static = dspark.build_pipeline("ar", overrides=["target.device=cpu", "engine.batching=static"])
     with pytest.raises(ValueError, match="a Session needs continuous batching"):
