@@ -287,6 +287,8 @@ class OpenAIServer:
         if top_logprobs is not None and (job.logprobs or job.chat):
             top = [None if alternatives is None else [(name(t), lp) for t, lp in alternatives[:job.logprobs]]
                    for alternatives in top_logprobs]
+        elif not job.chat and job.logprobs == 0:  # the chosen token alone, as OpenAI's and vLLM's list it
+            top = [None if lp is None else [] for lp in logprobs or []]
         return logprobs_body(job.chat, [name(t) for t in token_ids], logprobs or [], top, offset)
 
     @staticmethod

@@ -271,7 +271,8 @@ def test_echo_alone_and_without_scores(server, reference):
             assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == 0
             lp = choice["logprobs"]
         assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == pytest.approx(expected.prompt_logprobs[0][1:])
-        assert len(lp["tokens"]) == len(ids) and lp["top_logprobs"] is None
+        assert len(lp["tokens"]) == len(ids)  # logprobs 0: the top ones are the chosen token alone (OpenAI's k + 1)
+        assert lp["top_logprobs"] == [None] + [{t: v} for t, v in zip(lp["tokens"][1:], lp["token_logprobs"][1:])]
     settings = dict(max_tokens=5, temperature=0.8, seed=2)
     text = alone(reference, PROMPTS[2], max_new_tokens=5, temperature=0.8, seed=2)
     _, body = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[2], "echo": True, **settings})
