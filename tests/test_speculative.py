@@ -19,7 +19,7 @@ from dspark.records import VerificationResult
 
 from helpers import chi_square_p_value, fake_clock_scheduler, ragged_prompts, tiny_hf_model
 
-DRAFTERS = ["none", "ngram", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "early_exit", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab", "dflash_zlab", "eagle3", "eagle3_published_forms",
+DRAFTERS = ["none", "ngram", "ngram_periodic", "draft_model", "draft_model_self", "draft_model_stop", "draft_model_calibrated", "early_exit", "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab", "dflash_zlab", "eagle3", "eagle3_published_forms",
             "eagle3_draft_vocab", "eagle3_stop", "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold",
             "dspark_scheduled", "dspark_idle", "dspark_measured", "dspark_async", "ngram_adaptive", "draft_model_adaptive"]
 # the DSpark drafter with a confidence scheduler: verify a prefix chosen by a threshold, or by the
@@ -85,8 +85,9 @@ def spec_pipeline(target, drafter: str, gamma: int, *overrides, draft=None):
         section = {"name": "none"}
     elif drafter.endswith("_adaptive"):
         return spec_pipeline(target, drafter.removesuffix("_adaptive"), gamma, *ADAPTIVE, *overrides, draft=draft)
-    elif drafter == "ngram":
-        section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3}
+    elif drafter in ("ngram", "ngram_periodic"):
+        section = {"name": "ngram", "num_speculative_tokens": gamma, "min_n": 1, "max_n": 3,
+                   "periodic": drafter == "ngram_periodic"}
     elif drafter == "early_exit":  # the target's first layer (of 2 or 3) drafts
         section = {"name": "early_exit", "num_speculative_tokens": gamma, "exit_layer": 1}
     elif drafter in BLOCK_HEADS or drafter in BLOCK_VARIANTS:  # a randomly initialised block drafter
@@ -349,7 +350,7 @@ SETTINGS = {"temperature_1": dspark.SamplingParams(1.0), "top_k_4": dspark.Sampl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "early_exit", "ngram",
+@pytest.mark.parametrize("drafter", ["draft_model", "draft_model_stop", "draft_model_calibrated", "early_exit", "ngram", "ngram_periodic",
                                      "dspark", "dspark_matvec", "dflash", "dspark_rnn", "dspark_deepspec", "dflash_deepspec", "dflash_zlab",
                                      "eagle3", "eagle3_published_forms", "eagle3_draft_vocab", "eagle3_stop",
                                      "eagle3_scheduled", "eagle3_calibrated", "dspark_threshold", "dspark_scheduled",

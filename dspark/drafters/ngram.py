@@ -18,12 +18,16 @@ class NgramConfig(DrafterConfig):
     Attributes:
         num_speculative_tokens: γ, tokens proposed after a match.
         min_n, max_n: n-gram sizes tried, longest first.
+        periodic: when fewer than γ tokens follow the match (it ends within the last γ tokens), go on
+            as if the text repeats with that period (``a b c a b`` → ``c a b c``…), proposing γ
+            tokens; otherwise only the tokens that follow it.
     """
 
     name: str = "ngram"
     num_speculative_tokens: int = 4
     min_n: int = 1
     max_n: int = 3
+    periodic: bool = False
 
 
 @register_drafter("ngram")
@@ -76,7 +80,12 @@ class NgramDrafter(Drafter):
         found = best_end >= 0
         start = best_end + 1  # first proposed token
         offsets = torch.arange(self.gamma, device=device)
-        positions = (start.unsqueeze(1) + offsets).clamp(max=width - 1)
+        if self.config.periodic:  # the text from the match on repeats with period lengths − start
+            period = (lengths - start).clamp(min=1).unsqueeze(1)
+            positions = (start.unsqueeze(1) + offsets % period).clamp(max=width - 1)
+            num_tokens = torch.where(found, self.gamma, 0)
+        else:
+            positions = (start.unsqueeze(1) + offsets).clamp(max=width - 1)
+            num_tokens = torch.where(found, torch.clamp(lengths - start, max=self.gamma), 0)
         drafts = tokens.gather(1, positions)
-        num_tokens = torch.where(found, torch.clamp(lengths - start, max=self.gamma), 0)
         return DraftProposal(tokens=drafts, num_tokens=num_tokens)

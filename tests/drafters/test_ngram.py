@@ -9,15 +9,21 @@ from dspark.drafters.ngram import NgramConfig, NgramDrafter
 from dspark.records import DecodingState, SamplingParams
 
 
-def reference(context: list[int], gamma: int, min_n: int, max_n: int) -> list[int]:
-    """Longest n first; the most recent earlier occurrence of the last n tokens; what followed it."""
+def reference(context: list[int], gamma: int, min_n: int, max_n: int, periodic: bool = False) -> list[int]:
+    """Longest n first; the most recent earlier occurrence of the last n tokens; what followed it
+    (``periodic``: then what followed that, as if the text repeats, until there are γ)."""
     for n in range(max_n, min_n - 1, -1):
         if len(context) < n + 1:
             continue
         suffix = context[-n:]
         for end in range(len(context) - 2, n - 2, -1):  # window ends before the suffix's last token
             if context[end - n + 1: end + 1] == suffix:
-                return context[end + 1: end + 1 + gamma]
+                if not periodic:
+                    return context[end + 1: end + 1 + gamma]
+                extended = list(context)
+                for i in range(gamma):  # each draft is the token one period back, drafts included
+                    extended.append(extended[end + 1 + i])
+                return extended[len(context):]
     return []
 
 
@@ -31,16 +37,23 @@ def state_of(contexts: list[list[int]], width: int) -> DecodingState:
 
 
 @given(contexts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=24), min_size=1, max_size=5),
-       gamma=st.integers(1, 5), min_n=st.integers(1, 3), extra=st.integers(0, 2))
-def test_matches_reference(contexts, gamma, min_n, extra):
+       gamma=st.integers(1, 5), min_n=st.integers(1, 3), extra=st.integers(0, 2), periodic=st.booleans())
+def test_matches_reference(contexts, gamma, min_n, extra, periodic):
     max_n = min_n + extra
-    drafter = NgramDrafter(NgramConfig(num_speculative_tokens=gamma, min_n=min_n, max_n=max_n), target=None, sampler=None)
+    drafter = NgramDrafter(NgramConfig(num_speculative_tokens=gamma, min_n=min_n, max_n=max_n, periodic=periodic),
+                           target=None, sampler=None)
     proposal = drafter.propose(state_of(contexts, width=32), torch.zeros(len(contexts), 0))
     for b, context in enumerate(contexts):
-        expected = reference(context, gamma, min_n, max_n)
+        expected = reference(context, gamma, min_n, max_n, periodic)
         n = proposal.num_tokens[b].item()
         assert proposal.tokens[b, :n].tolist() == expected
     assert proposal.probs is None and proposal.tokens.shape == (len(contexts), gamma)
+
+
+def test_periodic_drafts_continue_a_repeating_text():
+    drafter = NgramDrafter(NgramConfig(num_speculative_tokens=5, min_n=1, max_n=2, periodic=True), target=None, sampler=None)
+    proposal = drafter.propose(state_of([[7, 1, 2, 3, 1, 2], [4, 4]], width=16), torch.zeros(2, 0))
+    assert proposal.tokens.tolist() == [[3, 1, 2, 3, 1], [4, 4, 4, 4, 4]] and proposal.num_tokens.tolist() == [5, 5]
 
 
 def test_bad_n_range_is_an_error():
