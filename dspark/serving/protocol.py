@@ -43,7 +43,8 @@ class Job:
         prompts: ``list[str | list[int]]``, or ``list[list[dict]]`` messages for chat.
         n: choices per prompt; choice ``i · n + j`` is prompt ``i``'s ``j``-th.
         max_tokens: each choice's budget (0: with ``echo``, the prompt alone — scored, nothing
-            generated; ``None``: a chat's that set none, the rest of the context — set on submit). seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
+            generated; ``None``: a chat's that set none, the rest of the context — set on submit).
+        seed: choice ``k`` uses ``seed + k`` (``None``: fresh).
         settings: :meth:`Session.submit`'s sampling and stop keywords (all but the prompt,
             ``max_new_tokens`` and ``seed``).
         stops: the stop strings (cut from the text unless ``include_stop``).
