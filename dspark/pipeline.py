@@ -151,11 +151,11 @@ class Pipeline:
                     raise ValueError(f"prompt {i} is an empty string")
                 ids = self.tokenizer(prompt)["input_ids"]
             elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-                if isinstance(prompt, torch.Tensor) and (prompt.dtype.is_floating_point or prompt.dtype.is_complex
-                                                         or prompt.dtype == torch.bool):
-                    raise TypeError(f"prompt {i} is a {prompt.dtype} tensor: token ids are integers (torch.long)")
-                wrong = [t for t in prompt if not _is_token_id(t)]
-                if wrong:  # (int() would truncate 5.7 and read "5" and True: nothing is silently converted)
+                # (int() would truncate 5.7 and read "5" and True: nothing is silently converted)
+                if isinstance(prompt, torch.Tensor):
+                    if not _integer_dtype(prompt.dtype):
+                        raise TypeError(f"prompt {i} is a {prompt.dtype} tensor: token ids are integers (torch.long)")
+                elif wrong := [t for t in prompt if not _is_token_id(t)]:
                     raise TypeError(f"prompt {i} has values that are not integer token ids: {wrong[:5]!r}")
                 ids = [int(t) for t in prompt]
                 bad = [t for t in ids if not 0 <= t < vocab]
@@ -421,11 +421,14 @@ def _as_float(value):
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _is_token_id(value) -> bool:
     """An int (numpy's too) or a 0-d integer tensor; not a bool, float or string."""
     if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and not (value.dtype.is_floating_point or value.dtype.is_complex
-                                         or value.dtype == torch.bool)
+        return value.dim() == 0 and _integer_dtype(value.dtype)
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -11,17 +11,18 @@ from pathlib import Path
 
 from dspark.cli.requests import LINE_SETTINGS, chat_template_options, line_grammar, listed_stops, token_keyed
 
-# section.key[.key]=value, or a component section switched by name (drafter=ngram)
-OVERRIDE = re.compile(r"^([A-Za-z_][\w]*(\.[\w]+)+|drafter|scheduler|verifier|sampler|cache)=")
+OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key[.key]=value
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from dspark.config import find_config
+    from dspark.config import BARE_COMPONENT, find_config
     from dspark.pipeline import build_pipeline
 
     # positional words that are not `section.key=value` overrides are prompts: `dspark generate "def f():"`
-    positional = [o for o in args.overrides if not OVERRIDE.match(o)]
-    overrides = [o for o in args.overrides if OVERRIDE.match(o)]
+    # (or a component section switched by name: `drafter=ngram`)
+    is_override = lambda word: bool(OVERRIDE.match(word) or BARE_COMPONENT.match(word))  # noqa: E731
+    positional = [o for o in args.overrides if not is_override(o)]
+    overrides = [o for o in args.overrides if is_override(o)]
     prompts: list = positional + list(args.prompt or [])
     for ids in args.prompt_ids or []:
         prompts.append([int(t) for t in ids.replace(",", " ").split()])

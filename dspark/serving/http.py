@@ -35,9 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dspark.pipeline import MAX_TOP_LOGPROBS
 from dspark.serving.loop import EngineLoop, EngineStopped
 from dspark.serving.metrics import render
-from dspark.streaming import REPLACEMENT
 from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, joined, logprobs_body,
                                      parse_detokenize, parse_request, parse_tokenize)
+from dspark.streaming import REPLACEMENT
 
 log = logging.getLogger("dspark.serving")
 
@@ -167,17 +167,23 @@ class OpenAIServer:
                 tokens = self.pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         except (ValueError, TypeError) as err:
             raise ProtocolError(str(err)) from None
+        return {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens}
+
+    @property
+    def max_model_len(self) -> int:
+        """Positions a request may fill, prompt and output (vLLM's ``max_model_len``): the batch's
+        ``max_len`` less one round's lookahead."""
         batch = self.loop.session.batch
-        return {"count": len(tokens), "max_model_len": batch.max_len - batch.lookahead, "tokens": tokens}
+        return batch.max_len - batch.lookahead
 
     def tokenizer_info(self) -> dict:
         """``/tokenizer_info`` (vLLM's): the tokenizer's special tokens and chat template, what a
         client that tokenizes through this server (lm-eval-harness's remote tokenizer) needs."""
-        tokenizer, batch = self.pipeline.tokenizer, self.loop.session.batch
+        tokenizer = self.pipeline.tokenizer
         template = self.chat_template if self.chat_template is not None else getattr(tokenizer, "chat_template", None)
         return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
                 "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
-                "chat_template": template, "model_max_length": batch.max_len - batch.lookahead}
+                "chat_template": template, "model_max_length": self.max_model_len}
 
     def detokenize(self, body) -> dict:
         """``/detokenize``: the text of token ids (special tokens kept)."""
@@ -204,8 +210,7 @@ class OpenAIServer:
         if job.chat:
             job.prompt_ids = self._render(job.prompts, job.chat_template_kwargs)  # (refusals name "messages")
             if job.max_tokens is None:  # none set: the rest of the context (OpenAI's and vLLM's chat default)
-                batch = self.loop.session.batch
-                longest, context = max(len(ids) for ids in job.prompt_ids), batch.max_len - batch.lookahead
+                longest, context = max(len(ids) for ids in job.prompt_ids), self.max_model_len
                 if longest >= context:
                     raise ProtocolError(f"the conversation takes {longest} tokens, all of the {context} a request may "
                                         "have: none is left to generate", "messages")
