@@ -466,7 +466,8 @@ class Engine(Admission):
                 guide.rollback()
         clock.lap(counters, 0)
         # 2. schedule: ℓ_b ≤ γ drafts to verify per unfinished request            [B]
-        finished, num_drafted = state.done.clone(), proposal.num_tokens
+        finished = state.done.clone()
+        num_drafted = torch.where(finished, 0, proposal.num_tokens)  # (a finished request may be proposed for)
         verifier_uniforms = uniforms[:, n_draft:]
         if not drafting:  # a plain decoding step: the final token keeps its usual uniform
             num_verify = proposal.num_tokens

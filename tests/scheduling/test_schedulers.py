@@ -241,3 +241,41 @@ def test_adaptive_scheduler_estimates_acceptance_from_earlier_rounds(tmp_path):
     assert cautious.schedule(offered, active).tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"scheduler.decay must be in \[0, 1\)"):
         AdaptiveSchedulerConfig(decay=1.0)
+
+
+@register_scheduler("observing_test")
+class _ObservingScheduler(dspark.scheduling.Scheduler):
+    """Verifies nothing and records what the engine reports of each drafted round."""
+
+    seen: list = []
+
+    def schedule(self, proposal, active):
+        return torch.zeros_like(proposal.num_tokens)
+
+    def observe(self, widest: int, offered: int) -> None:
+        self.seen.append((widest, offered))
+
+
+def test_drafts_of_finished_requests_are_not_reported_as_offered():
+    """A finished request rides along in its slot, and a drafter may still propose for it; what the
+    engine tells the scheduler (``observe``) counts the unfinished requests' drafts alone — else a
+    round where nothing that could be verified was offered would look like one where verifying did
+    not pay, and the idle back-off would skip drafting for no reason."""
+    from dataclasses import replace
+    from dspark.drafters import register_drafter
+    from dspark.drafters.ngram import NgramDrafter
+
+    @register_drafter("drafts_for_finished_test")
+    class DraftsForFinished(NgramDrafter):  # proposes for finished rows only
+        def propose(self, state, uniforms):
+            proposal = super().propose(state, uniforms)
+            return replace(proposal, num_tokens=torch.where(state.done, proposal.tokens.shape[1], 0))
+
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "scheduler": {"name": "observing_test"},
+                                  "drafter": {"name": "drafts_for_finished_test", "num_speculative_tokens": 3}},
+                                 target_model=target, overrides=["engine.batching=static"])
+    _ObservingScheduler.seen.clear()
+    pipe.generate(ragged_prompts(101, lengths=(4, 6)), max_new_tokens=[2, 8], ignore_eos=True)
+    assert len(_ObservingScheduler.seen) >= 5  # rounds after the first request finished
+    assert set(_ObservingScheduler.seen) == {(0, 0)}
