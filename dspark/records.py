@@ -29,6 +29,10 @@ MIN_TEMPERATURE = 1e-6
 """The smallest temperature above 0 accepted: logits of a few tens divided by much less overflow
 float32. Greedy decoding is ``temperature = 0``."""
 
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+"""The ``repetition_penalty`` values accepted: a logit divided (or multiplied) by one outside
+overflows float32, leaving a distribution without mass (NaN, or every token at −∞)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -92,9 +96,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
         if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1] (0 = disabled), got {self.min_p!r}")
+        low, high = REPETITION_PENALTY_RANGE
         if (isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float))
-                or not 0.0 < self.repetition_penalty < float("inf")):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = disabled), got {self.repetition_penalty!r}")
+                or not low <= self.repetition_penalty <= high):
+            raise ValueError(f"repetition_penalty must be a number in [{low:g}, {high:g}] (1 = disabled), "
+                             f"got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:

@@ -63,6 +63,10 @@ def no_compute(pipe, monkeypatch):
     ([[1, 2], [3]], dict(max_new_tokens=4, ignore_eos=[True]), ValueError, "ignore_eos has 1 entries for 2 prompts"),
     ([[1, 2], [3]], dict(max_new_tokens=4, ignore_eos=[True, 1]), TypeError, "ignore_eos must be True or False"),
     ([[1, 2], [3]], dict(max_new_tokens=4, stop=[["x"], None]), ValueError, "stop strings need a tokenizer"),
+    ([[1, 2]], dict(max_new_tokens=4, repetition_penalty=1e-40), ValueError,  # (÷ it overflows float32: NaN)
+     r"repetition_penalty must be a number in \[1e-06, 1e\+06\] \(1 = disabled\), got 1e-40"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, min_new_tokens=[0, 1], stop_token_ids=[[], list(range(101))]), ValueError,
+     r"request 1: its stop tokens \(EOS included\) are the whole vocabulary of 101 tokens, so min_new_tokens=1"),
 ])
 def test_bad_generate_arguments(pipe, no_compute, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -111,3 +115,38 @@ def test_greedy_verifier_refuses_sampling():
     with pytest.raises(ValueError, match="greedy verifier only supports temperature 0"):
         pipe.generate([[1, 2]], max_new_tokens=3, temperature=1.0)
     assert len(pipe.generate([[1, 2]], max_new_tokens=3).token_ids[0]) <= 3
+
+
+@pytest.mark.parametrize("backend, temperature, broken_call, fill", [
+    ("native", 0.0, 0, float("nan")), ("native", 1.0, 2, float("nan")), ("native", 0.0, 2, float("-inf")),
+    ("hf", 1.0, 0, float("-inf")), ("hf", 0.0, 3, float("inf")),
+])
+def test_a_distribution_without_mass_fails_the_batch_naming_the_request(backend, temperature, broken_call, fill,
+                                                                         monkeypatch):
+    """A model whose numbers overflow (NaN or infinite logits) leaves nothing to sample: greedy
+    would take token 0, sampling an index past the vocabulary (an out-of-range embedding next
+    round: a device assert on CUDA). The batch fails at the round's status read, naming the
+    request whose distribution it was — at the first token (call 0: the prefill) or in a later round."""
+    pipe = dspark.build_pipeline({"target": {"device": "cpu", "backend": backend},
+                                  "drafter": {"name": "ngram", "num_speculative_tokens": 3}},
+                                 target_model=tiny_hf_model("llama"))
+    calls = [0]
+
+    def breaking(forward):
+        def broken(*args, **kwargs):
+            result = forward(*args, **kwargs)
+            out = result[0] if isinstance(result, tuple) else result
+            if calls[0] == broken_call:
+                out.logits[1, 0] = fill  # request 1's first position: always emitted
+            calls[0] += 1
+            return result
+        return broken
+
+    engine = pipe.engine
+    monkeypatch.setattr(engine, "_round_forward", breaking(engine._round_forward))
+    monkeypatch.setattr(engine, "_prefill", breaking(engine._prefill))
+    prompts = [[1, 2, 3, 1, 2, 3], [4, 5], [7]]
+    with pytest.raises(RuntimeError, match=r"no probability mass .* request\(s\) \[1\] drew a token"):
+        pipe.generate(prompts, max_new_tokens=8, temperature=temperature, seed=0, ignore_eos=True)
+    calls[0] = -100  # never again: the engine decodes the next batch as before
+    assert len(pipe.generate(prompts, max_new_tokens=8, ignore_eos=True).token_ids[1]) == 8

@@ -210,6 +210,16 @@ def request_stop_ids(eos_token_ids: tuple[int, ...], ignore_eos, stop_token_ids,
             for b, ignore in enumerate(ignore_eos)]
 
 
+def check_some_token_allowed(stops: list[tuple[int, ...]], min_new: list[int], vocab_size: int) -> None:
+    """Refuse a request whose stop ids (EOS included) cover the whole vocabulary while
+    ``min_new_tokens`` holds them back: its first token would have no token to be."""
+    for i, (ids, held) in enumerate(zip(stops, min_new)):
+        if held and len({t for t in ids if 0 <= t < vocab_size}) >= vocab_size:
+            raise ValueError(f"{f'request {i}: ' if len(stops) > 1 else ''}its stop tokens (EOS included) are the whole vocabulary of {vocab_size} "
+                             f"tokens, so min_new_tokens={held} leaves no token to generate; stop on fewer tokens "
+                             "or set min_new_tokens=0")
+
+
 def draw_uniforms(generators: list[torch.Generator], active: list[bool], count: int, device) -> torch.Tensor:
     """``[B, count]`` uniforms in [0, 1); each active request draws from its own generator, finished
     requests draw nothing (their rows are zeros), so a request's stream never depends on the batch."""

@@ -30,7 +30,8 @@ import torch
 
 from dspark.cache import CacheConfig, KVCache, StaticKVCache
 from dspark.drafters import Drafter
-from dspark.engine.batch import Batch, Request, Scores, draw_uniforms, per_request, request_stop_ids
+from dspark.engine.batch import (Batch, Request, Scores, check_some_token_allowed, draw_uniforms, per_request,
+                                 request_stop_ids)
 from dspark.engine.config import EngineConfig
 from dspark.engine.prefill import Admission
 from dspark.engine.stopping import Stopper, TokenStream
@@ -209,6 +210,7 @@ class Engine(Admission):
         grammars = [None] * count if grammars is None else list(grammars)
         if len(grammars) != count:
             raise ValueError(f"grammars has {len(grammars)} entries for {count} prompts: give one per prompt")
+        check_some_token_allowed(stops, min_new, self.target.vocab_size)
         requests = [Request(list(p), b, q, int(s), stop, m, scores, prompt_scores, g)
                     for p, b, q, s, stop, m, g in zip(prompts, budgets, params, seeds, stops, min_new, grammars)]
         options = dict(on_tokens=on_tokens, stop_check=stop_check, logprobs=logprobs, top_logprobs=top_logprobs,
@@ -248,6 +250,7 @@ class Engine(Admission):
         engine's EOS tokens unless ``ignore_eos``, then ``stop_token_ids``; ``logprobs``,
         ``prompt_logprobs``, ``grammar``: see :class:`Request`)."""
         stops = request_stop_ids(self.eos_token_ids, [ignore_eos], [list(stop_token_ids)], 1)[0]
+        check_some_token_allowed([stops], [min_new_tokens], self.target.vocab_size)
         return Request(list(prompt), int(max_new_tokens), params, int(seed), stops, int(min_new_tokens), logprobs,
                        prompt_logprobs, grammar)
 
@@ -317,7 +320,8 @@ class Engine(Admission):
                 self._admit(batch, pairs)
                 occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
                 batch.status = self._status(state, batch.cache.lengths[:self._round_rows(occupied)], None,
-                                            batch.stream)  # their first tokens may end them
+                                            batch.stream, batch.stopper.no_mass)  # their first tokens may end them
+                self._check_mass(batch)
             batch.round_started = time.perf_counter()
             batch.prefill_time += batch.round_started - admitted
             for b, _ in pairs:
@@ -338,10 +342,11 @@ class Engine(Admission):
         drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters,
                               batch.history, batch.grammars)
         summary = self.scheduler.round_summary()
-        batch.status = status = self._status(state, cache.lengths, summary, batch.stream)
+        batch.status = status = self._status(state, cache.lengths, summary, batch.stream, batch.stopper.no_mass)
         now = time.perf_counter()  # the status read waited for the device: the round is over
+        self._check_mass(batch)
         if summary is not None:
-            self.scheduler.summary_read(status[slots + 2:])
+            self.scheduler.summary_read(status[slots + 3:])
         self.scheduler.timed(rows, drafted, now - batch.round_started, (status[slots + 1] - emitted_before) / sum(active))
         batch.round_started = now
         batch.mark_finished(now)
@@ -416,12 +421,14 @@ class Engine(Admission):
 
     @staticmethod
     def _status(state: DecodingState, cache_lengths: torch.Tensor, summary: torch.Tensor | None,
-                stream: "TokenStream | None" = None) -> list[int]:
-        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, *scheduler summary]``
-        (the longest of ``cache_lengths``: the rows the next round runs over, or more). A stream's
-        window is read with it and handed over; a request its stop check ends is marked done, and
-        its length cut, here (between rounds, no extra read)."""
-        parts = [state.done.long(), cache_lengths.max().view(1), state.lengths.sum().view(1)]
+                stream: "TokenStream | None", no_mass: torch.Tensor) -> list[int]:
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, any no-mass slot,
+        *scheduler summary]`` (the longest of ``cache_lengths``: the rows the next round runs over,
+        or more; ``no_mass``: :attr:`Stopper.no_mass`). A stream's window is read with it and
+        handed over; a request its stop check ends is marked done, and its length cut, here
+        (between rounds, no extra read)."""
+        parts = [state.done.long(), cache_lengths.max().view(1), state.lengths.sum().view(1),
+                 no_mass.any().long().view(1)]
         if summary is not None:
             parts.append(summary)
         if stream is None:
@@ -432,6 +439,17 @@ class Engine(Admission):
             state.done[b], state.lengths[b] = True, length
             status[b], status[batch + 1] = 1, status[batch + 1] - dropped
         return status[:-size]
+
+    def _check_mass(self, batch: "Batch") -> None:
+        """Fail the batch when the last status read shows a target distribution without mass."""
+        if not batch.status[batch.state.batch_size + 2]:
+            return
+        rows = batch.stopper.no_mass.nonzero().flatten().tolist()
+        requests = [batch.holder[b] for b in rows if b < len(batch.holder)]
+        raise RuntimeError(f"the target's distribution had no probability mass (NaN or infinite logits, or every "
+                           f"token forbidden) where request(s) {requests} drew a token: nothing can be sampled "
+                           f"there. NaN or infinite logits usually mean the model's numbers overflowed (float16: "
+                           f"try target.dtype=bfloat16 or float32)")
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "Stopper",
                counters: RoundCounters, history: HiddenHistory | None = None,
@@ -525,7 +543,8 @@ class Engine(Admission):
                                   else torch.minimum(num_accepted, drafters_verified))
         clock.lap(counters, 2)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
-        emitted = stopper.append(state, result.tokens, torch.where(finished, 0, num_accepted + 1), out.logits)
+        num_emitted = torch.where(finished, 0, num_accepted + 1)
+        emitted = stopper.append(state, stopper.check_mass(logits, result.tokens, num_emitted), num_emitted, out.logits)
         # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
         cache.rollback(num_new - emitted)
         if history is not None:  # (from where each row's cache stood: the kept positions among them)

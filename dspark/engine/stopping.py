@@ -85,6 +85,7 @@ class Stopper:
         self.calls = 0  # target distributions suppressed since the last admission (host int)
         self.min_new_tokens = self.stop_vocab = None  # [B], [B, V]: once a request holds stop ids back
         self.wants = [-1] * batch  # (host) each slot's request's log-probabilities: −1 none, k ≥ 0: k likeliest
+        self.no_mass = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]: see check_mass
 
     def admit(self, rows: torch.Tensor, slots: list[int], requests: list) -> None:
         """New requests (:class:`Request`) in ``slots`` (``rows`` on the device): their stop ids,
@@ -130,6 +131,20 @@ class Stopper:
         early = (generated.unsqueeze(1) + torch.arange(logits.shape[1], device=logits.device)
                  < self.min_new_tokens[:rows].unsqueeze(1))
         return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab[:rows].unsqueeze(1), float("-inf"))
+
+    def check_mass(self, logits: torch.Tensor, tokens: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
+        """Flag (:attr:`no_mass` ``[B]``, read with the engine's status read, which then fails the
+        batch) every request that draws a token from a distribution without mass: its processed
+        logits ``[B, ≥K, V]`` at one of its first ``num_emitted[b]`` positions hold a NaN or an
+        infinity, or are all −∞ (greedy would take token 0 there, sampling an index past the
+        vocabulary). Returns ``tokens`` ``[B, K]`` with such tokens replaced by 0, so nothing in
+        the rest of the round indexes out of range (on CUDA: a device assert) before the read."""
+        width = tokens.shape[1]
+        top = logits[:, :width].amax(-1)  # NaN if any is; −∞ if all are; +∞ if any is
+        emitted = torch.arange(width, device=tokens.device) < num_emitted.unsqueeze(1)
+        bad = emitted & (~torch.isfinite(top) | (tokens < 0) | (tokens >= logits.shape[-1]))
+        self.no_mass[:tokens.shape[0]] |= bad.any(1)
+        return torch.where(bad, 0, tokens)
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor,
                logits: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dspark.records import REPETITION_PENALTY_RANGE
+
 #: choices one request may ask for (``n`` × prompts)
 MAX_CHOICES = 128
 
@@ -159,7 +161,8 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int | Non
         min_p=_number(body, "min_p", 0.0, low=0.0, high=1.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, low=-2.0, high=2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, open_low=True),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, low=REPETITION_PENALTY_RANGE[0],
+                                   high=REPETITION_PENALTY_RANGE[1]),
         no_repeat_ngram_size=_integer(body, "no_repeat_ngram_size", 0, low=0),
         logit_bias=_logit_bias(body.get("logit_bias")),
         min_new_tokens=_integer(body, "min_tokens", 0, low=0),
@@ -392,13 +395,12 @@ def _logit_bias(value) -> dict[int, float] | None:
     """``{"token id": bias}`` (JSON keys are strings) → ``{int: float}``."""
     if value is None:
         return None
-    try:
-        if not isinstance(value, dict):
-            raise ValueError
-        return {int(token): float(bias) for token, bias in value.items()}
-    except (TypeError, ValueError):
-        raise ProtocolError(f'logit_bias must map token ids to biases, e.g. {{"50256": -100}}, got {_show(value)}',
-                            "logit_bias") from None
+    number = lambda bias: isinstance(bias, (int, float)) and not isinstance(bias, bool)  # noqa: E731
+    if not isinstance(value, dict) or not all(
+            isinstance(token, str) and token.isascii() and token.isdigit() and number(bias) for token, bias in value.items()):
+        raise ProtocolError(f'logit_bias must map token ids to numbers, e.g. {{"50256": -100}}, got {_show(value)}',
+                            "logit_bias")
+    return {int(token): float(bias) for token, bias in value.items()}
 
 
 def _token_ids(value, name: str) -> list[int] | None:
