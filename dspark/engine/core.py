@@ -320,7 +320,7 @@ class Engine(Admission):
                 self._admit(batch, pairs)
                 occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
                 batch.status = self._status(state, batch.cache.lengths[:self._round_rows(occupied)], None,
-                                            batch.stream, batch.stopper.no_mass)  # their first tokens may end them
+                                            batch.stream, batch.stopper.mass)  # their first tokens may end them
                 self._check_mass(batch)
             batch.round_started = time.perf_counter()
             batch.prefill_time += batch.round_started - admitted
@@ -342,7 +342,7 @@ class Engine(Admission):
         drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters,
                               batch.history, batch.grammars)
         summary = self.scheduler.round_summary()
-        batch.status = status = self._status(state, cache.lengths, summary, batch.stream, batch.stopper.no_mass)
+        batch.status = status = self._status(state, cache.lengths, summary, batch.stream, batch.stopper.mass)
         now = time.perf_counter()  # the status read waited for the device: the round is over
         self._check_mass(batch)
         if summary is not None:
@@ -421,14 +421,14 @@ class Engine(Admission):
 
     @staticmethod
     def _status(state: DecodingState, cache_lengths: torch.Tensor, summary: torch.Tensor | None,
-                stream: "TokenStream | None", no_mass: torch.Tensor) -> list[int]:
+                stream: "TokenStream | None", mass: torch.Tensor) -> list[int]:
         """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, any no-mass slot,
         *scheduler summary]`` (the longest of ``cache_lengths``: the rows the next round runs over,
-        or more; ``no_mass``: :attr:`Stopper.no_mass`). A stream's window is read with it and
+        or more; ``mass``: :attr:`Stopper.mass`). A stream's window is read with it and
         handed over; a request its stop check ends is marked done, and its length cut, here
         (between rounds, no extra read)."""
         parts = [state.done.long(), cache_lengths.max().view(1), state.lengths.sum().view(1),
-                 no_mass.any().long().view(1)]
+                 mass.isnan().long()]
         if summary is not None:
             parts.append(summary)
         if stream is None:
@@ -442,10 +442,10 @@ class Engine(Admission):
 
     def _check_mass(self, batch: "Batch") -> None:
         """Fail the batch when the last status read shows a target distribution without mass."""
-        if not batch.status[batch.state.batch_size + 2]:
+        rows = batch.stopper.without_mass(bool(batch.status[batch.state.batch_size + 2]))
+        if not rows:
             return
-        rows = batch.stopper.no_mass.nonzero().flatten().tolist()
-        requests = [batch.holder[b] for b in rows if b < len(batch.holder)]
+        requests = [batch.holder[b] for b in rows]
         raise RuntimeError(f"the target's distribution had no probability mass (NaN or infinite logits, or every "
                            f"token forbidden) where request(s) {requests} drew a token: nothing can be sampled "
                            f"there. NaN or infinite logits usually mean the model's numbers overflowed (float16: "

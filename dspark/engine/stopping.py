@@ -85,7 +85,9 @@ class Stopper:
         self.calls = 0  # target distributions suppressed since the last admission (host int)
         self.min_new_tokens = self.stop_vocab = None  # [B], [B, V]: once a request holds stop ids back
         self.wants = [-1] * batch  # (host) each slot's request's log-probabilities: −1 none, k ≥ 0: k likeliest
-        self.no_mass = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]: see check_mass
+        self.mass = torch.zeros(1, device=device)  # 0, or NaN once a distribution without mass was drawn from
+        self._checked: list[torch.Tensor] = []  # check_mass's [B, K] maxima since the last status read
+        self._columns = torch.arange(4096, device=device)  # (position indices, sliced)
 
     def admit(self, rows: torch.Tensor, slots: list[int], requests: list) -> None:
         """New requests (:class:`Request`) in ``slots`` (``rows`` on the device): their stop ids,
@@ -133,18 +135,28 @@ class Stopper:
         return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab[:rows].unsqueeze(1), float("-inf"))
 
     def check_mass(self, logits: torch.Tensor, tokens: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
-        """Flag (:attr:`no_mass` ``[B]``, read with the engine's status read, which then fails the
-        batch) every request that draws a token from a distribution without mass: its processed
-        logits ``[B, ≥K, V]`` at one of its first ``num_emitted[b]`` positions hold a NaN or an
-        infinity, or are all −∞ (greedy would take token 0 there, sampling an index past the
-        vocabulary). Returns ``tokens`` ``[B, K]`` with such tokens replaced by 0, so nothing in
-        the rest of the round indexes out of range (on CUDA: a device assert) before the read."""
+        """Watch for a request drawing a token from a distribution without mass: its processed logits
+        ``[B, ≥K, V]`` at one of its first ``num_emitted[b]`` positions hold a NaN or an infinity, or
+        are all −∞ (greedy would take token 0 there, sampling index ``V``, past the vocabulary).
+        :attr:`mass` ``[1]`` turns NaN then; the engine reads it with its status read and fails the
+        batch, naming the requests (:meth:`without_mass`). Returns ``tokens`` ``[B, K]`` clamped
+        into the vocabulary (in place), so nothing in the rest of the round indexes out of range
+        (on CUDA: a device assert) before that read. Few torch calls: at batch 1 on a CPU each
+        costs more than its arithmetic."""
         width = tokens.shape[1]
-        top = logits[:, :width].amax(-1)  # NaN if any is; −∞ if all are; +∞ if any is
-        emitted = torch.arange(width, device=tokens.device) < num_emitted.unsqueeze(1)
-        bad = emitted & (~torch.isfinite(top) | (tokens < 0) | (tokens >= logits.shape[-1]))
-        self.no_mass[:tokens.shape[0]] |= bad.any(1)
-        return torch.where(bad, 0, tokens)
+        top = logits[:, :width].amax(-1)  # [B, K]: NaN if any is; −∞ if all are; +∞ if any is
+        top.masked_fill_(self._columns[:width] >= num_emitted.unsqueeze(1), 0.0)  # (positions not drawn from)
+        self.mass += (top - top).sum()  # x − x: 0 if finite, else NaN
+        self._checked.append(top)
+        return tokens.clamp_(max=logits.shape[-1] - 1)
+
+    def without_mass(self, flagged: bool) -> list[int]:
+        """After a status read of :attr:`mass` (``flagged``: it was NaN): the slots that drew from a
+        distribution without mass since the read before."""
+        checked, self._checked = self._checked, []
+        if not flagged:
+            return []
+        return sorted({b for top in checked for b in (top - top).sum(1).isnan().nonzero().flatten().tolist()})
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor,
                logits: torch.Tensor) -> torch.Tensor:
