@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -83,7 +84,7 @@ class Grammar:
                 raise ValueError(f"the JSON schema is not valid JSON: {err}") from err
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema is an object (or true/false), got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True), bool(any_whitespace))
+        return cls("json_schema", json.dumps(schema), bool(any_whitespace))
 
     @classmethod
     def json(cls) -> "Grammar":
@@ -113,8 +114,15 @@ class Grammar:
         return cls("ebnf", grammar)
 
 
+#: compiled grammars a :class:`GrammarCompiler` keeps (least recently used dropped first): a
+#: server with a schema per request must not grow without bound (one compiled grammar over a
+#: 130k-token vocabulary holds about 0.3 MB)
+GRAMMAR_CACHE_SIZE = 256
+
+
 class GrammarCompiler:
-    """Compiles :class:`Grammar` specs for one vocabulary; each spec once (cached).
+    """Compiles :class:`Grammar` specs for one vocabulary; each spec once while it is among the
+    last :data:`GRAMMAR_CACHE_SIZE` used (cached).
 
     Args:
         tokenizer: a ``transformers`` tokenizer (its vocabulary, decoded as the model emits it), or
@@ -140,8 +148,8 @@ class GrammarCompiler:
                 raise ValueError(f"the vocabulary has {len(vocabulary)} tokens, more than the model's {vocab_size}")
             info = xgr.TokenizerInfo(list(vocabulary), xgr.VocabType.RAW, vocab_size=vocab_size,
                                      stop_token_ids=self.stop_token_ids)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._compiled: dict[Grammar, object] = {}
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # (this class caches)
+        self._compiled: OrderedDict[Grammar, object] = OrderedDict()
 
     def compile(self, grammar: Grammar):
         """``grammar`` compiled (an ``xgrammar.CompiledGrammar``); ``ValueError`` naming the problem
@@ -150,7 +158,9 @@ class GrammarCompiler:
             raise TypeError(f"a grammar is a dspark.structured.Grammar (Grammar.json_schema(...), .regex(...), "
                             f".choice([...]), .json(), .ebnf(...)), got {type(grammar).__name__}")
         compiled = self._compiled.get(grammar)
-        if compiled is None:
+        if compiled is not None:
+            self._compiled.move_to_end(grammar)
+        else:
             compiler = self._compiler
             try:
                 if grammar.kind == "json_schema":
@@ -168,6 +178,8 @@ class GrammarCompiler:
                 first = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first)  # (xgrammar's time and source line)
                 raise ValueError(f"the {grammar.kind} grammar does not compile: {first}") from err
             self._compiled[grammar] = compiled
+            if len(self._compiled) > GRAMMAR_CACHE_SIZE:
+                self._compiled.popitem(last=False)
         return compiled
 
 

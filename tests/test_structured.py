@@ -499,6 +499,46 @@ def test_a_session_admits_constrained_requests_into_freed_slots():
         assert session.result(i).token_ids == alone.token_ids[0]
 
 
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+def test_a_grammar_s_dead_end_ends_that_request_alone(drafter, caplog):
+    """``a[^\\s\\S]`` compiles but allows nothing after ``a``: the request ends there with finish
+    reason ``"error"`` (its logged reason names the grammar) and keeps ``a``; the request beside
+    it decodes as alone, and the session goes on to the next one."""
+    pipe = pipeline(drafter, "engine.max_batch_size=2")
+    good, dead = dict(prompt=PROMPT, grammar=Grammar.choice(CHOICES)), dict(prompt=[2, 9], grammar=Grammar.regex("a[^\\s\\S]"))
+    session = pipe.session(max_len=32)
+    ids = [session.submit(**request, max_new_tokens=8) for request in (good, dead, good)]
+    while session.unfinished:
+        session.step()
+    outputs = [session.result(i) for i in ids]
+    assert [o.finish_reason for o in outputs] == ["stop", "error", "stop"]
+    assert outputs[1].token_ids == [TEXT.index("a")]
+    alone = pipe.generate([PROMPT], max_new_tokens=8, grammar=Grammar.choice(CHOICES)).token_ids[0]
+    assert outputs[0].token_ids == outputs[2].token_ids == alone
+    assert "request 1: the target's distribution had no probability mass" in caplog.text and "grammar" in caplog.text
+
+
+def test_a_json_schema_keeps_its_property_order():
+    """Properties come in the schema's order, as xgrammar, vLLM and OpenAI give them ("reasoning"
+    before "answer" is a reason to write a schema so)."""
+    import string
+
+    import xgrammar as xgr
+
+    vocabulary = [*string.printable, "</s>"]
+    eos = len(vocabulary) - 1
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+              "required": ["reasoning", "answer"], "additionalProperties": False}
+    compiled = GrammarCompiler(vocabulary=vocabulary, vocab_size=len(vocabulary), stop_token_ids=[eos]).compile(
+        Grammar.json_schema(schema, any_whitespace=False))
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled)
+        return all(matcher.accept_token(vocabulary.index(c)) for c in text) and matcher.accept_token(eos)
+
+    assert accepts('{"reasoning": "x", "answer": 1}') and not accepts('{"answer": 1, "reasoning": "x"}')
+
+
 def test_json_schema_with_the_embedded_tokenizer():
     """The Hugging Face path: the embedded target and its tokenizer, greedy EAGLE-3 under a JSON
     schema — the output parses and follows the schema, and equals plain constrained decoding's."""
@@ -535,6 +575,25 @@ def test_bad_grammar_requests_are_refused_before_any_work():
         Grammar("yaml")
     with pytest.raises(ValueError, match="need an EOS token"):
         GrammarCompiler(vocabulary=TEXT, vocab_size=VOCAB, stop_token_ids=[])
+    with pytest.raises(ValueError, match="a vocabulary of 9 tokens; this pipeline's target has 12 logits"):
+        pipe.grammar_compiler = GrammarCompiler(vocabulary=TEXT[:9], vocab_size=9, stop_token_ids=[EOS - 3])
     bare = spec_pipeline(tiny_pair()[0], "none", 3)
     with pytest.raises(ValueError, match="no tokenizer"):
         bare.generate([PROMPT], max_new_tokens=4, grammar=Grammar.json())
+
+
+def test_the_compiler_keeps_the_last_grammars_used(monkeypatch):
+    """A bounded cache: a server with a schema per request does not grow without bound; a grammar
+    used again is compiled once while it stays among the last used."""
+    import dspark.structured as structured
+
+    monkeypatch.setattr(structured, "GRAMMAR_CACHE_SIZE", 3)
+    grammars = [Grammar.regex(f"a{{{n}}}") for n in range(1, 6)]
+    c = compiler()
+    first = c.compile(grammars[0])
+    for g in grammars[1:3]:
+        c.compile(g)
+    assert c.compile(grammars[0]) is first  # used again: the most recent now
+    for g in grammars[3:]:
+        c.compile(g)
+    assert list(c._compiled) == [grammars[0], grammars[3], grammars[4]]

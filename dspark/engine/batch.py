@@ -93,6 +93,7 @@ class Batch:
     first_token: list = field(default_factory=list)
     finished: list = field(default_factory=list)
     aborted: set = field(default_factory=set)
+    errors: dict = field(default_factory=dict)  # request → why it ended for lack of a distribution (finish reason "error")
     prefill_time: float = 0.0
     round_started: float = 0.0
     drafter_started: bool = False
@@ -174,11 +175,14 @@ class Batch:
         return len(self.waiting) + len(self.prefilling) + self.running
 
     def finish_reason(self, request: int) -> str:
-        """Why a finished request ended: ``"abort"`` (:meth:`Engine.abort`), ``"stop"`` (EOS, one of
-        its stop tokens, or its stop check: a stop string) or ``"length"`` (its budget)."""
+        """Why a finished request ended: ``"abort"`` (:meth:`Engine.abort`), ``"error"`` (its next
+        token's distribution had no mass: :attr:`errors` says why), ``"stop"`` (EOS, one of its
+        stop tokens, or its stop check: a stop string) or ``"length"`` (its budget)."""
         ids = self.outputs[request]
         if request in self.aborted:
             return "abort"
+        if request in self.errors:
+            return "error"
         if (self.stream is not None and request in self.stream.stopped) or (
                 ids and ids[-1] in self.requests[request].stop_ids):
             return "stop"

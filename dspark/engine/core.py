@@ -21,6 +21,7 @@ may use to decide whether later rounds draft.
 
 from __future__ import annotations
 
+import logging
 import time
 from itertools import islice
 from dataclasses import replace
@@ -46,6 +47,8 @@ from dspark.scheduling.schedulers import FixedScheduler, Scheduler
 from dspark.stats import GenerationStats, RoundCounters
 from dspark.structured import GrammarRows, constrain, with_forced
 from dspark.verifiers import Verifier
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Admission):
@@ -320,8 +323,8 @@ class Engine(Admission):
                 self._admit(batch, pairs)
                 occupied = [holder >= 0 for holder in batch.holder]  # (the next round's rows at most)
                 batch.status = self._status(state, batch.cache.lengths[:self._round_rows(occupied)], None,
-                                            batch.stream, batch.stopper.mass)  # their first tokens may end them
-                self._check_mass(batch)
+                                            batch.stream, batch.stopper)  # their first tokens may end them
+                self._note_without_mass(batch)
             batch.round_started = time.perf_counter()
             batch.prefill_time += batch.round_started - admitted
             for b, _ in pairs:
@@ -342,9 +345,9 @@ class Engine(Admission):
         drafted = self._round(round_state, cache, batch.generators[:rows], active[:rows], batch.stopper, batch.counters,
                               batch.history, batch.grammars)
         summary = self.scheduler.round_summary()
-        batch.status = status = self._status(state, cache.lengths, summary, batch.stream, batch.stopper.mass)
+        batch.status = status = self._status(state, cache.lengths, summary, batch.stream, batch.stopper)
         now = time.perf_counter()  # the status read waited for the device: the round is over
-        self._check_mass(batch)
+        self._note_without_mass(batch)
         if summary is not None:
             self.scheduler.summary_read(status[slots + 3:])
         self.scheduler.timed(rows, drafted, now - batch.round_started, (status[slots + 1] - emitted_before) / sum(active))
@@ -421,35 +424,48 @@ class Engine(Admission):
 
     @staticmethod
     def _status(state: DecodingState, cache_lengths: torch.Tensor, summary: torch.Tensor | None,
-                stream: "TokenStream | None", mass: torch.Tensor) -> list[int]:
-        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, any no-mass slot,
-        *scheduler summary]`` (the longest of ``cache_lengths``: the rows the next round runs over,
-        or more; ``mass``: :attr:`Stopper.mass`). A stream's window is read with it and
-        handed over; a request its stop check ends is marked done, and its length cut, here
-        (between rounds, no extra read)."""
-        parts = [state.done.long(), cache_lengths.max().view(1), state.lengths.sum().view(1),
-                 mass.isnan().long()]
-        if summary is not None:
-            parts.append(summary)
+                stream: "TokenStream | None", stopper: "Stopper") -> list[int]:
+        """One host read: ``[done_0 .. done_{B-1}, longest cache, total length, whether a request
+        drew from a distribution without mass, *scheduler summary]`` (the longest of
+        ``cache_lengths``: the rows the next round runs over, or more). Such a request is ended
+        before that token here (:meth:`Stopper.without_mass`; a second read, only then). A stream's
+        window is read with it and handed over; a request its stop check ends is marked done, and
+        its length cut, here (between rounds, no extra read)."""
+        def read() -> list[int]:
+            parts = [state.done.long(), cache_lengths.max().view(1), state.lengths.sum().view(1),
+                     stopper.mass.isnan().long()]
+            if summary is not None:
+                parts.append(summary)
+            return torch.cat([*parts, *([] if stream is None else [stream.window(state)])]).tolist()
+
+        status, batch = read(), state.batch_size
+        if status[batch + 2]:
+            stopper.ended_without_mass = stopper.without_mass()
+            for b, length in stopper.ended_without_mass:
+                state.done[b], state.lengths[b] = True, length
+            status = read()
+        else:
+            stopper.watched()
         if stream is None:
-            return torch.cat(parts).tolist()
-        status = torch.cat([*parts, stream.window(state)]).tolist()
-        batch, size = state.batch_size, stream.size(state.batch_size)
+            return status
+        size = stream.size(batch)
         for b, length, dropped in stream.emit(status[-size:]):  # a stop string ended request b
             state.done[b], state.lengths[b] = True, length
             status[b], status[batch + 1] = 1, status[batch + 1] - dropped
         return status[:-size]
 
-    def _check_mass(self, batch: "Batch") -> None:
-        """Fail the batch when the last status read shows a target distribution without mass."""
-        rows = batch.stopper.without_mass(bool(batch.status[batch.state.batch_size + 2]))
-        if not rows:
-            return
-        requests = [batch.holder[b] for b in rows]
-        raise RuntimeError(f"the target's distribution had no probability mass (NaN or infinite logits, or every "
-                           f"token forbidden) where request(s) {requests} drew a token: nothing can be sampled "
-                           f"there. NaN or infinite logits usually mean the model's numbers overflowed (float16: "
-                           f"try target.dtype=bfloat16 or float32)")
+    def _note_without_mass(self, batch: "Batch") -> None:
+        """Record (finish reason ``"error"``) and log the requests the last status read ended for
+        drawing from a distribution without mass."""
+        for b, _ in batch.stopper.ended_without_mass:
+            request = batch.holder[b]
+            batch.errors[request] = (
+                "the target's distribution had no probability mass (NaN or infinite logits, or every token "
+                "forbidden) where the request drew its next token: its grammar allows no token there, its "
+                "settings ban every one, or the model's numbers overflowed (float16: try target.dtype=bfloat16 "
+                "or float32); it ended before that token")
+            log.warning("request %d: %s", request, batch.errors[request])
+        batch.stopper.ended_without_mass = []
 
     def _round(self, state: DecodingState, cache, generators, active: list[bool], stopper: "Stopper",
                counters: RoundCounters, history: HiddenHistory | None = None,
@@ -544,7 +560,8 @@ class Engine(Admission):
         clock.lap(counters, 2)
         # 5. accept: append accepted drafts + 1, stop at EOS / max_new_tokens (may emit fewer)
         num_emitted = torch.where(finished, 0, num_accepted + 1)
-        emitted = stopper.append(state, stopper.check_mass(logits, result.tokens, num_emitted), num_emitted, out.logits)
+        tokens = stopper.check_mass(logits, result.tokens, num_emitted, state.lengths)
+        emitted = stopper.append(state, tokens, num_emitted, out.logits)
         # 6. roll back: the target cache keeps the anchor and the drafts that were emitted
         cache.rollback(num_new - emitted)
         if history is not None:  # (from where each row's cache stood: the kept positions among them)

@@ -176,7 +176,8 @@ class Admission:
                 first_logits = constrain(first_logits, constrained, masks)
         first = self.verifier.verify(first_logits, no_drafts, sampler=self.sampler, params=params, uniforms=uniforms)
         num_emitted = torch.tensor(admitted, device=device).long()
-        batch.stopper.append(state, batch.stopper.check_mass(first_logits, first.tokens, num_emitted), num_emitted, logits)
+        tokens = batch.stopper.check_mass(first_logits, first.tokens, num_emitted, state.lengths)
+        batch.stopper.append(state, tokens, num_emitted, logits)
         state.max_cache_len = max(state.max_cache_len, longest)
         if whole or not batch.drafter_started:  # a batch's first requests (the others' slots empty: no context)
             self.drafter.start(state, out if whole else replace(out, logits=logits, hidden_states=[

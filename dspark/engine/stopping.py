@@ -86,7 +86,8 @@ class Stopper:
         self.min_new_tokens = self.stop_vocab = None  # [B], [B, V]: once a request holds stop ids back
         self.wants = [-1] * batch  # (host) each slot's request's log-probabilities: −1 none, k ≥ 0: k likeliest
         self.mass = torch.zeros(1, device=device)  # 0, or NaN once a distribution without mass was drawn from
-        self._checked: list[torch.Tensor] = []  # check_mass's [B, K] maxima since the last status read
+        self.ended_without_mass: list[tuple[int, int]] = []  # (slot, length): the last status read's (host)
+        self._checked: list[tuple] = []  # check_mass's [B, K] maxima and [B] lengths since the last status read
         self._columns = torch.arange(4096, device=device)  # (position indices, sliced)
 
     def admit(self, rows: torch.Tensor, slots: list[int], requests: list) -> None:
@@ -134,29 +135,41 @@ class Stopper:
                  < self.min_new_tokens[:rows].unsqueeze(1))
         return logits.masked_fill(early.unsqueeze(-1) & self.stop_vocab[:rows].unsqueeze(1), float("-inf"))
 
-    def check_mass(self, logits: torch.Tensor, tokens: torch.Tensor, num_emitted: torch.Tensor) -> torch.Tensor:
+    def check_mass(self, logits: torch.Tensor, tokens: torch.Tensor, num_emitted: torch.Tensor,
+                   lengths: torch.Tensor) -> torch.Tensor:
         """Watch for a request drawing a token from a distribution without mass: its processed logits
         ``[B, ≥K, V]`` at one of its first ``num_emitted[b]`` positions hold a NaN or an infinity, or
-        are all −∞ (greedy would take token 0 there, sampling index ``V``, past the vocabulary).
-        :attr:`mass` ``[1]`` turns NaN then; the engine reads it with its status read and fails the
-        batch, naming the requests (:meth:`without_mass`). Returns ``tokens`` ``[B, K]`` clamped
-        into the vocabulary (in place), so nothing in the rest of the round indexes out of range
-        (on CUDA: a device assert) before that read. Few torch calls: at batch 1 on a CPU each
-        costs more than its arithmetic."""
+        are all −∞ (a grammar's dead end, every token banned, a model whose numbers overflowed:
+        greedy would take token 0 there, sampling index ``V``, past the vocabulary). :attr:`mass`
+        ``[1]`` turns NaN then; the engine reads it with its status read and ends those requests
+        before that position (:meth:`without_mass`). ``lengths`` ``[B]``: the requests' lengths
+        before these tokens. Returns ``tokens`` ``[B, K]`` clamped into the vocabulary (in place),
+        so nothing in the rest of the round indexes out of range (on CUDA: a device assert) before
+        that read. Few torch calls: at batch 1 on a CPU each costs more than its arithmetic."""
         width = tokens.shape[1]
         top = logits[:, :width].amax(-1)  # [B, K]: NaN if any is; −∞ if all are; +∞ if any is
         top.masked_fill_(self._columns[:width] >= num_emitted.unsqueeze(1), 0.0)  # (positions not drawn from)
         self.mass += (top - top).sum()  # x − x: 0 if finite, else NaN
-        self._checked.append(top)
+        self._checked.append((top, lengths.clone()))
         return tokens.clamp_(max=logits.shape[-1] - 1)
 
-    def without_mass(self, flagged: bool) -> list[int]:
-        """After a status read of :attr:`mass` (``flagged``: it was NaN): the slots that drew from a
-        distribution without mass since the read before."""
-        checked, self._checked = self._checked, []
-        if not flagged:
-            return []
-        return sorted({b for top in checked for b in (top - top).sum(1).isnan().nonzero().flatten().tolist()})
+    def without_mass(self) -> list[tuple[int, int]]:
+        """After a status read showed :attr:`mass` NaN: ``(slot, length)`` for each request that drew
+        from a distribution without mass since the read before, the length it had before that
+        token (what it keeps). Resets the watch."""
+        cuts: dict[int, int] = {}
+        for top, before in self._checked:
+            bad = (top - top).isnan()  # [B, K]
+            first = bad.long().argmax(1)  # (the first bad position of each row)
+            for b in bad.any(1).nonzero().flatten().tolist():
+                cuts.setdefault(b, int(before[b] + first[b]))
+        self.watched()
+        self.mass.zero_()
+        return sorted(cuts.items())
+
+    def watched(self) -> None:
+        """A status read showed every distribution drawn from had mass: forget what was checked."""
+        self._checked = []
 
     def append(self, state: DecodingState, emitted: torch.Tensor, num_emitted: torch.Tensor,
                logits: torch.Tensor) -> torch.Tensor:

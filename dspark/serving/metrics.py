@@ -16,7 +16,7 @@ import bisect
 
 #: histogram bucket bounds, seconds
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-REASONS = ("stop", "length", "abort")
+REASONS = ("stop", "length", "abort", "error")
 
 
 class Histogram:
