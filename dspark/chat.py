@@ -39,6 +39,11 @@ def render_conversations(tokenizer, conversations, chat_template: str | None = N
         chat_template_kwargs: more variables for the template, e.g. ``{"enable_thinking": False}``
             for Qwen3's (the non-thinking mode DeepSeek's released drafters were trained on).
     """
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise TypeError(f"chat_template_kwargs must be a dict of template variables, e.g. {{'enable_thinking': False}}, "
+                        f"got {type(chat_template_kwargs).__name__}")
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+        raise TypeError(f"chat_template must be a Jinja template (a non-empty string), got {chat_template!r:.60}")
     kwargs = dict(chat_template_kwargs or {})
     if not all(isinstance(k, str) for k in kwargs):
         raise TypeError(f"chat_template_kwargs must map variable names to values, got keys {list(kwargs)}")

@@ -19,6 +19,7 @@ from dspark.models.loading import model_skeleton, resolve_checkpoint
 from dspark.records import SamplingParams
 from dspark.stats import GenerationStats
 from dspark.stop_strings import StopStrings, check_stop_strings
+from dspark.streaming import CONTEXT_TOKENS, TextStreamer, decode_continuation
 from dspark.tokenization import has_tokenizer_files, load_tokenizer
 
 if TYPE_CHECKING:
@@ -90,13 +91,18 @@ class Pipeline:
             if self.tokenizer is None:
                 raise ValueError("structured outputs need the vocabulary's token strings: this pipeline has no "
                                  "tokenizer; give one (target.tokenizer), or set pipe.grammar_compiler = "
-                                 "dspark.structured.GrammarCompiler(vocabulary=[...], vocab_size=..., stop_token_ids=...)")
+                                 "dspark.structured.GrammarCompiler(vocabulary=[...], vocab_size=<the target's logits width>, "
+                                 "stop_token_ids=...)")
             self._grammar_compiler = GrammarCompiler(tokenizer=self.tokenizer, vocab_size=self.target.vocab_size,
                                                      stop_token_ids=list(self.engine.eos_token_ids))
         return self._grammar_compiler
 
     @grammar_compiler.setter
     def grammar_compiler(self, compiler) -> None:
+        size = getattr(compiler, "vocab_size", None)
+        if compiler is not None and size != self.target.vocab_size:
+            raise ValueError(f"the grammar compiler is for a vocabulary of {size} tokens; this pipeline's target "
+                             f"has {self.target.vocab_size} logits: build it with vocab_size={self.target.vocab_size}")
         self._grammar_compiler = compiler
 
     def _grammars(self, grammar, count: int, ignore_eos: list[bool], min_new: list[int]) -> list | None:
@@ -263,6 +269,9 @@ class Pipeline:
         self.engine.check_fits([len(p) for p in encoded], budgets)
         grammars = self._grammars(grammar, len(encoded), ignore, min_new)
 
+        if isinstance(on_tokens, TextStreamer):  # its first tokens decode after their prompts' text
+            for i, prompt in enumerate(encoded):
+                on_tokens.start(i, prompt)
         show = self.engine.config.progress if progress is None else progress
         bar = _progress_bar(show)
         stop_check = None if not any(checks) else (lambda i, ids: None if checks[i] is None else checks[i](i, ids))
@@ -274,8 +283,9 @@ class Pipeline:
         if bar is not None:
             bar.close()
         texts = None
-        if self.tokenizer is not None:
-            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+        if self.tokenizer is not None:  # (each read on from its prompt: a first word keeps its space)
+            texts = [decode_continuation(self.tokenizer, prompt[-CONTEXT_TOKENS:], ids)
+                     for prompt, ids in zip(encoded, token_ids)]
         return GenerationResult(token_ids=token_ids, texts=texts, stats=stats, logprobs=scores.tokens,
                                 top_logprobs=scores.top, prompt_logprobs=scores.prompt,
                                 prompt_top_logprobs=scores.prompt_top)
@@ -306,7 +316,8 @@ class Pipeline:
         budgets = budgets * len(encoded) if len(budgets) == 1 else budgets
         ignore, stop_ids, stop_strings, min_new = self._stop_settings(budgets, ignore_eos, stop_token_ids, stop,
                                                                       min_new_tokens)
-        checks = [StopStrings(self.tokenizer, strings, m) if strings else None for strings, m in zip(stop_strings, min_new)]
+        checks = [StopStrings(self.tokenizer, strings, m, prompt) if strings else None
+                  for strings, m, prompt in zip(stop_strings, min_new, encoded)]
         return encoded, budgets, params, _request_seeds(seed, len(encoded)), (ignore, stop_ids, checks, min_new)
 
     def _stop_settings(self, budgets: list[int], ignore_eos, stop_token_ids, stop, min_new_tokens):

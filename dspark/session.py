@@ -24,6 +24,7 @@ import torch
 
 from dspark.engine import Batch
 from dspark.records import SamplingParams
+from dspark.streaming import CONTEXT_TOKENS, decode_continuation
 
 
 @dataclass
@@ -57,7 +58,9 @@ class RequestOutput:
     Attributes:
         token_ids: the generated ids. text: their text (with a tokenizer, else ``None``).
         finish_reason: why it ended: ``"stop"`` (EOS, a stop token or a stop string), ``"length"``
-            (its ``max_new_tokens``) or ``"abort"`` (:meth:`Session.abort`).
+            (its ``max_new_tokens``), ``"abort"`` (:meth:`Session.abort`) or ``"error"`` (the
+            distribution of its next token had no mass — a grammar's dead end, say: it ended
+            before that token, and the engine's log says why).
         prompt_token_ids: its prompt, as the target read it.
         logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs: as the request asked for them
             (by default: as the session was opened to record them; else ``None``).
@@ -284,6 +287,11 @@ class Session:
         """Requests submitted and not finished (waiting ones included)."""
         return self.batch.unfinished
 
+    def prompt_token_ids(self, request: int) -> list[int]:
+        """Request ``request``'s prompt ids (e.g. for :meth:`TextStreamer.start`)."""
+        self._check_known(request)
+        return list(self.batch.requests[request].prompt)
+
     def result(self, request: int) -> RequestOutput:
         """The output of a finished request (``ValueError`` while it is not, or once released)."""
         if request not in self._ended:
@@ -297,8 +305,9 @@ class Session:
         stats = dict(generated=len(ids), first_token_s=batch.first_token[request], finished_s=batch.finished[request])
         stats.update(zip(("target_forwards", "drafted", "verified", "accepted"),
                          batch.counters.per_request[:, request].tolist()))
-        return RequestOutput(token_ids=ids, text=None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True),
-                             finish_reason=batch.finish_reason(request), prompt_token_ids=list(batch.requests[request].prompt),
+        prompt = list(batch.requests[request].prompt)
+        return RequestOutput(token_ids=ids, finish_reason=batch.finish_reason(request), prompt_token_ids=prompt,
+                             text=None if tokenizer is None else decode_continuation(tokenizer, prompt[-CONTEXT_TOKENS:], ids),
                              logprobs=pick(batch.scores.tokens), top_logprobs=pick(batch.scores.top),
                              prompt_logprobs=pick(batch.scores.prompt), prompt_top_logprobs=pick(batch.scores.prompt_top),
                              stats=stats)

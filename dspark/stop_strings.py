@@ -4,14 +4,18 @@ The check runs on the host, after each round, over the tokens the round emitted 
 round's one status read, as streaming's are): the request ends right after the token that
 completes a stop string, which stays in its output (as an EOS token does); tokens the round
 emitted after it are dropped. Only generated text counts — a stop string that begins in the
-prompt does not — and with ``min_new_tokens`` only tokens from that one on. Stopping early never
+prompt does not — and with ``min_new_tokens`` only tokens from that one on. The generated text is
+read as a continuation of the prompt (:func:`~dspark.streaming.decode_continuation`): the first
+token keeps the space a SentencePiece tokenizer drops at the start of a decoding. Stopping early never
 changes which tokens come before the stop, so the output is a prefix of what decoding without
 stop strings gives: lossless as ever.
 """
 
 from __future__ import annotations
 
-from dspark.streaming import REPLACEMENT
+from typing import Sequence
+
+from dspark.streaming import CONTEXT_TOKENS, REPLACEMENT
 
 
 class StopStrings:
@@ -28,27 +32,34 @@ class StopStrings:
         stops: non-empty strings.
         min_new_tokens: only tokens from the ``min_new_tokens``-th on can complete one (as in vLLM:
             a request with ``min_new_tokens`` never ends on a stop string before it has that many).
+        prompt: the request's prompt ids (its last :data:`~dspark.streaming.CONTEXT_TOKENS` are the
+            left context the first tokens are read with; none: read alone).
     """
 
-    def __init__(self, tokenizer, stops: list[str], min_new_tokens: int = 0):
+    def __init__(self, tokenizer, stops: list[str], min_new_tokens: int = 0, prompt: Sequence[int] = ()):
         self.tokenizer, self.stops, self.min_new_tokens = tokenizer, list(stops), min_new_tokens
+        self.context = list(prompt[-CONTEXT_TOKENS:])
         self.window = 4 * max(len(s) for s in self.stops) + 4
         self.generated: dict[int, list[int]] = {}
 
     def __call__(self, index: int, new_ids: list[int]) -> int | None:
-        ids = self.generated.setdefault(index, [])
+        ids = self.generated.setdefault(index, list(self.context))  # the context, then the generated tokens
         for kept, token in enumerate(new_ids, 1):
             ids.append(token)
-            if len(ids) >= self.min_new_tokens and self._completes(ids[-self.window - 1:]):
+            if len(ids) - len(self.context) >= self.min_new_tokens and self._completes(ids, len(ids) - len(self.context)):
                 return kept
         return None
 
-    def _completes(self, ids: list[int]) -> bool:
-        """Whether ``ids[-1]`` completes a stop string: one occurs in the text of ``ids`` and ends past
-        the text of ``ids[:-1]`` (whose incomplete last character, if any, the new token may finish)."""
-        before = self.tokenizer.decode(ids[:-1], skip_special_tokens=True).rstrip(REPLACEMENT)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return any(text.find(stop, max(0, len(before) - len(stop) + 1)) >= 0 for stop in self.stops)
+    def _completes(self, ids: list[int], generated: int) -> bool:
+        """Whether ``ids[-1]`` completes a stop string: one occurs in the text of the last tokens and
+        ends past the text of those before the new one (whose incomplete last character, if any,
+        the new token may finish), beginning in the generated text (the last ``generated`` ids)."""
+        window = ids[-self.window - 1:]
+        decode = lambda x: self.tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
+        before, text = decode(window[:-1]).rstrip(REPLACEMENT), decode(window)
+        context = len(window) - generated  # context tokens still in the window
+        start = len(decode(window[:context]).rstrip(REPLACEMENT)) if context > 0 else 0
+        return any(text.find(stop, max(start, len(before) - len(stop) + 1)) >= 0 for stop in self.stops)
 
 
 def check_stop_strings(stop, tokenizer) -> list[str]:

@@ -143,3 +143,18 @@ def assert_graphs_change_nothing(eager, graphed, target_model, max_new_tokens: i
         assert runs[0].token_ids == runs[1].token_ids
     greedy = plain.generate(prompts, max_new_tokens=max_new_tokens, ignore_eos=True)
     assert eager.generate(prompts, max_new_tokens=max_new_tokens, ignore_eos=True).token_ids == greedy.token_ids
+
+
+def sentencepiece_style_tokenizer():
+    """A word-level tokenizer that splits and decodes as Llama 2's and Mistral's SentencePiece ones
+    do: a word carries its space as a leading ``▁``, which the decoder drops at the start of a
+    decoding (``▁Paris`` alone reads ``Paris``). Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, then words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "The capital of France is Paris . a river flows , and".split()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"▁{w}": 3 + i for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -63,3 +63,10 @@ def test_chat_template_kwargs_reach_the_template(pipe):
     assert reply.token_ids == pipe.generate(quiet, max_new_tokens=6, temperature=1.0, seed=2).token_ids
     with pytest.raises(ValueError, match=r"chat_template_kwargs may not set \['add_generation_prompt'\]"):
         render_conversations(pipe.tokenizer, CONVERSATIONS, template, {"add_generation_prompt": False})
+    with pytest.raises(TypeError, match="chat_template_kwargs must be a dict of template variables"):
+        render_conversations(pipe.tokenizer, CONVERSATIONS, template, "enable_thinking")
+    with pytest.raises(TypeError, match="chat_template_kwargs must be a dict"):
+        render_conversations(pipe.tokenizer, CONVERSATIONS, template, [("enable_thinking", False)])
+    for bad in (123, "", "  "):
+        with pytest.raises(TypeError, match="chat_template must be a Jinja template"):
+            render_conversations(pipe.tokenizer, CONVERSATIONS, bad)

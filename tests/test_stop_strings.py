@@ -115,3 +115,17 @@ def test_bad_stop_strings_are_refused_before_work():
                                  target_model=tiny_hf_model("qwen3"))
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         bare.generate(ragged_prompts(101, lengths=(3,)), max_new_tokens=2, stop=["a"])
+
+
+def test_a_stop_string_may_start_with_the_first_words_space():
+    """The first generated token's text keeps its word-start space (SentencePiece tokenizers drop
+    it when the token is decoded alone): ``" Paris"`` ends the request at its first token; a stop
+    string that begins in the prompt still does not count."""
+    from test_streaming import sentencepiece_pipeline
+
+    pipe, tokenizer = sentencepiece_pipeline()
+    prompt, paris = "The capital of France is", tokenizer.convert_tokens_to_ids("▁Paris")
+    stopped = pipe.generate([prompt], max_new_tokens=3, logit_bias={paris: 100.0}, stop=[" Paris"])
+    assert stopped.token_ids == [[paris]] and stopped.texts == [" Paris"]
+    spanning = pipe.generate([prompt], max_new_tokens=3, logit_bias={paris: 100.0}, stop=["France is Paris"])
+    assert spanning.token_ids == [[paris] * 3]

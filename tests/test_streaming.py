@@ -161,3 +161,54 @@ def test_text_streamer_decodes_a_window_not_the_whole_output():
     assert all("\ufffd" not in piece for piece in pieces)
     assert len(ids) > 8 * streaming.WINDOW_TOKENS
     assert max(decoded_lengths) <= streaming.WINDOW_TOKENS + 3 + 8  # a window, a round, split characters
+
+
+def sentencepiece_pipeline():
+    """A tiny target under a SentencePiece-style tokenizer (:func:`helpers.sentencepiece_style_tokenizer`)."""
+    from helpers import sentencepiece_style_tokenizer
+
+    tokenizer = sentencepiece_style_tokenizer()
+    target = tiny_hf_model("llama", vocab_size=len(tokenizer), eos_token_id=2)
+    return dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "ngram", "num_speculative_tokens": 3}},
+                                 target_model=target, tokenizer=tokenizer), tokenizer
+
+
+def test_a_first_word_keeps_its_space_in_every_text():
+    """A SentencePiece tokenizer drops the word-start space of the first token it decodes
+    (``▁Paris`` alone reads ``Paris``): the text of an output, streamed or not, alone or in a
+    session, is read on from its prompt — the text ``decode(prompt + output)`` adds to
+    ``decode(prompt)``, as vLLM's is."""
+    pipe, tokenizer = sentencepiece_pipeline()
+    prompt, paris = "The capital of France is", tokenizer.convert_tokens_to_ids("▁Paris")
+    streamer = TextStreamer(tokenizer, on_text=lambda i, text: None)
+    result = pipe.generate([prompt], max_new_tokens=3, logit_bias={paris: 100.0}, on_tokens=streamer)
+    streamer.finish()
+    assert result.token_ids == [[paris] * 3]
+    assert result.texts == [" Paris Paris Paris"] and streamer.texts == {0: " Paris Paris Paris"}
+    session = pipe.session(max_len=32)
+    request = session.submit(prompt, max_new_tokens=3, logit_bias={paris: 100.0})
+    while session.unfinished:
+        session.step()
+    assert session.result(request).text == " Paris Paris Paris"
+    # free generations of several prompts: the same rule, whatever the tokens
+    prompts = ["The capital of", "France is Paris .", "a river", "and"]
+    free = pipe.generate(prompts, max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    for prompt_text, ids, text in zip(prompts, free.token_ids, free.texts):
+        context = tokenizer.encode(prompt_text)
+        whole, head = (tokenizer.decode(x, skip_special_tokens=True) for x in (context + ids, context))
+        assert whole.startswith(head) and text == whole[len(head):]
+
+
+def test_a_streamer_forgets_finished_requests():
+    """``finish(i)`` drops request i's window; with ``keep_texts=False`` no text is kept (a
+    long-running server passes each piece on and would otherwise hold every request's text)."""
+    from helpers import sentencepiece_style_tokenizer
+
+    tokenizer, pieces = sentencepiece_style_tokenizer(), []
+    streamer = TextStreamer(tokenizer, on_text=lambda i, text: pieces.append((i, text)), keep_texts=False)
+    for request in range(50):
+        streamer.start(request, tokenizer.encode("The capital of France is"))
+        streamer(request, tokenizer.encode("Paris ."))
+        streamer.finish(request)
+    assert streamer._streams == {} and streamer.texts == {}
+    assert "".join(text for i, text in pieces if i == 7) == " Paris ."

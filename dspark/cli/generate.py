@@ -77,7 +77,7 @@ def generate_command(args: argparse.Namespace) -> int:
         from dspark.streaming import TextStreamer
 
         text = pipe.tokenizer is not None and not args.print_ids
-        streamer = TextStreamer(pipe.tokenizer if text else _IdsAsText())
+        streamer = TextStreamer(pipe.tokenizer) if text else TextStreamer(_IdsAsText(), prompt_context=False)
     flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                  frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,

@@ -54,7 +54,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.stream and pipe.tokenizer is not None:
         from dspark.streaming import TextStreamer
 
-        text = TextStreamer(pipe.tokenizer, on_text=lambda i, piece: pieces.__setitem__(i, pieces.get(i, "") + piece))
+        text = TextStreamer(pipe.tokenizer, on_text=lambda i, piece: pieces.__setitem__(i, pieces.get(i, "") + piece),
+                            keep_texts=False)
+    started: set[int] = set()  # --stream: the requests whose text streamer knows their prompt
     reading = True
     while reading or session.unfinished:
         while reading:  # wait for a line only when nothing decodes
@@ -71,15 +73,19 @@ def serve_command(args: argparse.Namespace) -> int:
         for update in session.step():
             if args.stream:  # the new tokens (and their text) first, then the request's result when it ends
                 if text is not None:
+                    if update.request not in started:  # its first tokens read on from its prompt
+                        started.add(update.request)
+                        text.start(update.request, session.prompt_token_ids(update.request))
                     text(update.request, update.token_ids)
                     if update.finished:
                         text.finish(update.request)
+                        started.discard(update.request)
                 number, name = origin[update.request]
                 event = {"line": number, **({"id": name} if name is not None else {}), "request": update.request,
                          "token_ids": update.token_ids, **({"text": pieces.pop(update.request, "")} if text else {})}
                 print(json.dumps(event, ensure_ascii=False), flush=True)
             if update.finished:
-                write_result(session, update.request, origin[update.request])
+                write_result(session, update.request, origin.pop(update.request))
     return 0
 
 

@@ -37,7 +37,7 @@ from dspark.serving.loop import EngineLoop, EngineStopped
 from dspark.serving.metrics import render
 from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, joined, logprobs_body,
                                      parse_detokenize, parse_request, parse_tokenize)
-from dspark.streaming import REPLACEMENT
+from dspark.streaming import CONTEXT_TOKENS, REPLACEMENT, decode_continuation
 
 log = logging.getLogger("dspark.serving")
 
@@ -245,12 +245,12 @@ class OpenAIServer:
         its log-probabilities, why it ended."""
         n = len(output.token_ids) if job.max_tokens else 0  # (max_tokens 0: the one token drawn is dropped)
         generated = [None if v is None else v[:n] for v in (output.token_ids, output.logprobs, output.top_logprobs)]
-        text = cut_at_stop(output.text, job.stops, job.include_stop, self.stops_from(job, output.token_ids))[0] if n else ""
-        scores = self.logprobs(job, *generated)
+        text = cut_at_stop(output.text, job.stops, job.include_stop, self.stops_from(job, output))[0] if n else ""
+        scores = self.logprobs(job, *generated, context=output.prompt_token_ids)
         if job.echo:
             prompt, prompt_scores = self.echoed(job, index, output.prompt_logprobs, output.prompt_top_logprobs)
             if prompt_scores is not None:
-                scores = joined(prompt_scores, self.logprobs(job, *generated, len(prompt)))
+                scores = joined(prompt_scores, self.logprobs(job, *generated, len(prompt), context=output.prompt_token_ids))
             text = prompt + text
         body = {"index": index}
         if job.chat:
@@ -261,13 +261,14 @@ class OpenAIServer:
         body["finish_reason"] = output.finish_reason
         return body
 
-    def stops_from(self, job: Job, token_ids: list[int]) -> int:
-        """Where in a choice's text a stop string may end: past the text of its first
+    def stops_from(self, job: Job, output) -> int:
+        """Where in a finished choice's text a stop string may end: past the text of its first
         ``min_tokens − 1`` tokens, which the engine does not let complete one (0 without)."""
         min_new = job.settings.get("min_new_tokens") or 0
         if not job.stops or min_new <= 1:
             return 0
-        head = self.pipeline.tokenizer.decode(token_ids[:min_new - 1], skip_special_tokens=True)
+        head = decode_continuation(self.pipeline.tokenizer, output.prompt_token_ids[-CONTEXT_TOKENS:],
+                                   output.token_ids[:min_new - 1])
         return len(head.rstrip(REPLACEMENT))
 
     def echoed(self, job: Job, index: int, prompt_logprobs: list | None, prompt_top_logprobs: list | None
@@ -281,20 +282,23 @@ class OpenAIServer:
         return text, self.logprobs(job, ids, prompt_logprobs, prompt_top_logprobs)
 
     def logprobs(self, job: Job, token_ids: list[int], logprobs: list[float] | None, top_logprobs: list | None,
-                 offset: int = 0) -> dict | None:
+                 offset: int = 0, *, context: list[int] = ()) -> dict | None:
         """The ``logprobs`` object of a choice's tokens (all of them, or a chunk's; ``offset``: where
-        their text starts), tokens as text; ``None`` when its request asked for none."""
+        their text starts; ``context``: the ids before them), tokens as text — each read on from
+        the tokens before it, as the choice's text is (a word-start token keeps its space); ``None``
+        when its request asked for none."""
         if job.logprobs is None:
             return None
-        tokenizer = self.pipeline.tokenizer
-        name = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        tokenizer, before = self.pipeline.tokenizer, list(context[-CONTEXT_TOKENS:])
+        contexts = [(before + token_ids[:j])[-CONTEXT_TOKENS:] for j in range(len(token_ids))]
+        name = lambda j, t: decode_continuation(tokenizer, contexts[j], [t], skip_special_tokens=False)  # noqa: E731
         top = None
         if top_logprobs is not None and (job.logprobs or job.chat):
-            top = [None if alternatives is None else [(name(t), lp) for t, lp in alternatives[:job.logprobs]]
-                   for alternatives in top_logprobs]
+            top = [None if alternatives is None else [(name(j, t), lp) for t, lp in alternatives[:job.logprobs]]
+                   for j, alternatives in enumerate(top_logprobs)]
         elif not job.chat and job.logprobs == 0:  # the chosen token alone, as OpenAI's and vLLM's list it
             top = [None if lp is None else [] for lp in logprobs or []]
-        return logprobs_body(job.chat, [name(t) for t in token_ids], logprobs or [], top, offset)
+        return logprobs_body(job.chat, [name(j, t) for j, t in enumerate(token_ids)], logprobs or [], top, offset)
 
     @staticmethod
     def usage(job: Job, outputs: list) -> dict:
@@ -438,7 +442,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         api, head = self.api, self.api.head(job)
         pieces: dict[int, str] = {}
-        decode = TextStreamer(api.pipeline.tokenizer, on_text=lambda k, piece: pieces.__setitem__(k, pieces.get(k, "") + piece))
+        decode = TextStreamer(api.pipeline.tokenizer, on_text=lambda k, piece: pieces.__setitem__(k, pieces.get(k, "") + piece),
+                              keep_texts=False)
+        for k in range(job.choices):  # each choice's first tokens read on from its prompt
+            decode.start(k, job.prompt_ids[k // job.n])
+        read = [list(job.prompt_ids[k // job.n]) for k in range(job.choices)]  # ids whose log-probabilities were sent
         texts = [ChoiceText(job.stops, job.include_stop) for _ in range(job.choices)]
         outputs = [None] * job.choices
         pending: list[list] = [[[], [], []] for _ in range(job.choices)]  # tokens, log-probabilities, top ones
@@ -473,7 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if event.output is not None:
                     decode.finish(k)
                     outputs[k] = event.output
-                    delta = texts[k].finish(pieces.pop(k, ""), api.stops_from(job, event.output.token_ids))
+                    delta = texts[k].finish(pieces.pop(k, ""), api.stops_from(job, event.output))
                 else:
                     delta = texts[k].feed(pieces.pop(k, ""))
                 if event.logprobs is not None:
@@ -484,7 +492,9 @@ class _Handler(BaseHTTPRequestHandler):
                     continue
                 # (where these tokens' text starts: not where the delta does, which a stop string's
                 # hold-back may leave behind them)
-                scores = api.logprobs(job, *pending[k][:2], pending[k][2] or None, (echoed[k] or 0) + scored[k])
+                scores = api.logprobs(job, *pending[k][:2], pending[k][2] or None, (echoed[k] or 0) + scored[k],
+                                      context=read[k])
+                read[k] = (read[k] + pending[k][0])[-CONTEXT_TOKENS:]
                 if scores is not None and not job.chat:
                     scored[k] += sum(len(token) for token in scores["tokens"])
                 choice = {"index": k, **({"delta": {"content": delta}} if job.chat else {"text": delta}),

@@ -332,7 +332,7 @@ def _messages(body: dict) -> list:
                        for part in content):
                 raise ProtocolError(f"messages[{j}].content: only text parts ({{'type': 'text', 'text': ...}}) are "
                                     "supported", "messages")
-            content = "".join(part["text"] for part in content)
+            content = "\n".join(part["text"] for part in content)  # (as vLLM joins them)
         if not isinstance(content, str):
             raise ProtocolError(f"messages[{j}].content must be a string or a list of text parts, got {_show(content)}",
                                 "messages")

@@ -70,7 +70,10 @@ def check_loss_weights(weights: dict | None) -> dict[str, float]:
     for name, value in weights.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"loss_weights.{name} must be a finite number >= 0, got {value!r}")
-    return {**LOSS_WEIGHTS, **{name: float(value) for name, value in weights.items()}}
+    weights = {**LOSS_WEIGHTS, **{name: float(value) for name, value in weights.items()}}
+    if not any(weights.values()):
+        raise ValueError(f"loss_weights are all 0 ({weights}): the loss would be 0 and nothing would train")
+    return weights
 
 
 def target_outputs(target, tokens: torch.Tensor, layers: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:

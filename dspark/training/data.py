@@ -30,7 +30,12 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 
 class RandomBlocks(Dataset):
     """Blocks of ``block`` tokens at random offsets: sample ``i`` depends only on (seed, i), so
-    training is reproducible, and a resumed run starts at sample ``first`` (no sample is repeated)."""
+    training is reproducible, and a resumed run starts at sample ``first`` (no sample is repeated).
+
+    Its length stays ``length`` when resumed: Lightning counts the batches a resumed epoch already
+    had and ends it ``length`` samples after its start, i.e. after sample ``length − 1`` here (a
+    length cut by ``first`` ended it ``first`` samples early, and the next epoch repeated them).
+    """
 
     def __init__(self, stream: torch.Tensor, block: int, length: int, seed: int, first: int = 0):
         if len(stream) <= block:
@@ -38,7 +43,7 @@ class RandomBlocks(Dataset):
         self.stream, self.block, self.length, self.seed, self.first = stream, block, length, seed, first
 
     def __len__(self) -> int:
-        return max(0, self.length - self.first)
+        return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first + index)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import platform
 import sys
 import time
@@ -107,6 +109,19 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
                                ("devices", cfg.devices, 1), ("optim.warmup_steps", cfg.optim.warmup_steps, 0)):
         if value < least:  # (an untrained export at max_steps=0, say, would replace the output directory)
             raise ValueError(f"{name} must be >= {least}, got {value}")
+    if cfg.max_eval_blocks is not None and cfg.max_eval_blocks < 1:
+        raise ValueError(f"max_eval_blocks must be >= 1 (null: the whole held-out split), got {cfg.max_eval_blocks}")
+    if not (cfg.distill_temperature > 0 and math.isfinite(cfg.distill_temperature)):
+        raise ValueError(f"distill_temperature must be a finite number > 0, got {cfg.distill_temperature}")
+    if not (cfg.ce_weight >= 0 and math.isfinite(cfg.ce_weight)):
+        raise ValueError(f"ce_weight (of the data's cross-entropy, added to the distillation KL) must be a finite "
+                         f"number >= 0, got {cfg.ce_weight}")
+    from dspark.models.loading import resolve_dtype
+
+    try:  # (checked now: the export comes after the whole training)
+        resolve_dtype(cfg.save_dtype)
+    except ValueError as err:
+        raise ValueError(f"save_dtype: {err}") from None
     optim = cfg.optim
     if not (optim.lr > 0 and 0 <= optim.min_lr_ratio <= 1 and optim.weight_decay >= 0
             and all(0 <= b < 1 for b in optim.betas)):
@@ -163,8 +178,10 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
                         logger=CSVLogger(run_dir, name="logs"), callbacks=[checkpoints],
                         gradient_clip_val=1.0, enable_progress_bar=True, num_sanity_val_steps=0)
     last = run_dir / "checkpoints" / "last.ckpt"
+    resuming = cfg.resume and last.is_file()
+    check_resumable(cfg, run_dir) if resuming else record_run_config(cfg, run_dir)
     # our own Lightning checkpoint from this run directory (not a downloaded file)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume and last.is_file() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
     train_seconds = time.time() - started
 
     test = trainer.test(module, datamodule=data, verbose=False)
@@ -194,6 +211,36 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
     if cfg.plot:
         plot_curves(training_logs(run_dir), cfg.plot, title=f"{cfg.kind} training")
     return report
+
+
+#: the settings a resumed run may change (how long it runs, how it reports, where it exports)
+RESUMABLE_CHANGES = ("max_steps", "val_every", "log_every", "plot", "output_dir", "threads", "resume")
+RUN_CONFIG = "config.json"
+
+
+def record_run_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Write the config a run starts with into its ``run_dir`` (what a resume is checked against)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partial = run_dir / f"{RUN_CONFIG}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+    partial.replace(run_dir / RUN_CONFIG)
+
+
+def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume ``run_dir``'s last checkpoint under a config that differs from the one the
+    run started with in more than :data:`RESUMABLE_CHANGES` (another head, loss, seed, data: the
+    checkpoint would load into another model, or silently train on as the old run)."""
+    recorded = run_dir / RUN_CONFIG
+    if not recorded.is_file():  # (a run from before configs were recorded)
+        return
+    before = json.loads(recorded.read_text())
+    now = json.loads(json.dumps(asdict(cfg), default=str))
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in changed)
+        raise ValueError(f"run_dir {str(run_dir)!r} holds a run started with another config ({detail}); a resumed run "
+                         f"may change only {', '.join(RESUMABLE_CHANGES)}. Use another run_dir, or resume=false to "
+                         "start this one over there")
 
 
 def tokenizer_source(cfg: TrainConfig) -> str:

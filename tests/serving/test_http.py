@@ -501,3 +501,35 @@ def test_tokenize_and_detokenize(server, reference):
                                ("/detokenize", {"text": "x"}, "unsupported fields")):
         status, body = request(server, "POST", path, bad)
         assert status == 400 and message in body["error"]["message"], (path, bad)
+
+
+def test_a_first_word_keeps_its_space_over_http():
+    """Under a SentencePiece-style tokenizer (which drops the word-start space of the first token it
+    decodes) a completion reads on from its prompt, as vLLM's: the text, the echoed text, a stop
+    string starting with the space, the log-probability tokens and their offsets, streamed or not."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from test_streaming import sentencepiece_pipeline
+
+    pipe, tokenizer = sentencepiece_pipeline()
+    paris = tokenizer.convert_tokens_to_ids("▁Paris")
+    base = {"prompt": "The capital of France is", "max_tokens": 3, "logit_bias": {str(paris): 100}}
+    with OpenAIServer(pipe, max_len=32, port=0) as server:
+        _, body = request(server, "POST", "/v1/completions", {**base, "logprobs": 0})
+        choice = choice_of(body)
+        assert choice["text"] == " Paris Paris Paris"
+        assert choice["logprobs"]["tokens"] == [" Paris"] * 3 and choice["logprobs"]["text_offset"] == [0, 6, 12]
+        _, body = request(server, "POST", "/v1/completions", {**base, "echo": True})
+        assert choice_of(body)["text"] == "The capital of France is Paris Paris Paris"
+        _, body = request(server, "POST", "/v1/completions", {**base, "stop": [" Paris"], "include_stop_str_in_output": True})
+        assert choice_of(body)["text"] == " Paris" and body["usage"]["completion_tokens"] == 1
+        _, events = request(server, "POST", "/v1/completions", {**base, "stream": True, "logprobs": 0})
+        chunks = [e["choices"][0] for e in events[:-1] if e["choices"]]
+        assert "".join(c["text"] for c in chunks) == " Paris Paris Paris"
+        assert [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]] == [" Paris"] * 3
+
+
+def choice_of(body: dict) -> dict:
+    return body["choices"][0]

@@ -35,7 +35,7 @@ def test_chat_messages_and_logprobs():
     job = parse({"messages": [{"role": "system", "content": "be brief"},
                               {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
                  "logprobs": True, "top_logprobs": 3, "max_completion_tokens": 5}, chat=True)
-    assert job.prompts == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]]
+    assert job.prompts == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi \nthere"}]]  # (vLLM's "\n")
     assert job.logprobs == 3 and job.max_tokens == 5 and job.chat
     assert parse({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, chat=True).logprobs == 0
     assert parse({"prompt": "x", "logprobs": 0}).logprobs == 0

@@ -86,6 +86,42 @@ def test_bad_training_configs():
     # numbers out of range, before any work (max_steps=0 exported an untrained model over output_dir)
     for override, message in (("max_steps=0", "max_steps must be >= 1, got 0"), ("seq_len=1", "seq_len must be >= 2"),
                               ("batch_size=0", "batch_size must be >= 1"), ("val_every=0", "val_every must be >= 1"),
-                              ("optim.lr=-1", "optim needs lr > 0"), ("optim.betas=[0.9,1.5]", "betas in \\[0, 1\\)")):
+                              ("optim.lr=-1", "optim needs lr > 0"), ("optim.betas=[0.9,1.5]", "betas in \\[0, 1\\)"),
+                              # (these failed deep inside the run, trained on NaN, or only at the export)
+                              ("max_eval_blocks=0", "max_eval_blocks must be >= 1"),
+                              ("max_eval_blocks=-1", "max_eval_blocks must be >= 1"),
+                              ("distill_temperature=0", "distill_temperature must be a finite number > 0"),
+                              ("ce_weight=-5", "ce_weight .* must be a finite number >= 0"),
+                              ("save_dtype=bf16", "save_dtype: unknown dtype 'bf16'; allowed: ")):
         with pytest.raises(ValueError, match=message):
             load_train_config(None, [override, "model={model_type: qwen3}"])
+
+
+def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_one_does(tmp_path, tokenizer_dir, monkeypatch):
+    """A run that stops at step 3 and resumes from its step-2 checkpoint trains on the same batch
+    at every step as a run that never stopped (it used to end its epoch early and repeat the
+    first batches); resuming under another config than the run started with is refused."""
+    from dspark.training.modules import LanguageModelModule
+
+    seen, crash, step = [], [None], LanguageModelModule.training_step
+
+    def watched(self, batch, batch_idx):
+        if self.global_step == crash[0]:
+            raise RuntimeError("stopped")
+        seen.append((self.global_step, batch.clone()))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModelModule, "training_step", watched)
+    train(config(tmp_path / "a", tokenizer_dir, max_steps=12, val_every=2), documents=tiny_corpus())
+    whole = dict(seen)
+    assert sorted(whole) == list(range(12))
+    seen.clear()
+    crash[0] = 3
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(config(tmp_path / "b", tokenizer_dir, max_steps=12, val_every=2), documents=tiny_corpus())
+    crash[0] = None
+    train(config(tmp_path / "b", tokenizer_dir, max_steps=12, val_every=2), documents=tiny_corpus())
+    assert sorted({s for s, _ in seen}) == list(range(12)) and [s for s, _ in seen][3:] == list(range(2, 12))
+    assert all(torch.equal(batch, whole[s]) for s, batch in seen)
+    with pytest.raises(ValueError, match=r"holds a run started with another config \(seed: 0 → 7\)"):
+        train(config(tmp_path / "a", tokenizer_dir, max_steps=12, val_every=2, seed=7), documents=tiny_corpus())
