@@ -24,14 +24,42 @@ def byte_tokenizer():
     return tokenizer
 
 
+def _byte_table() -> dict[str, int]:
+    """GPT-2's byte-level symbols → their bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTES = _byte_table()
+
+
 def _byte_of(symbol: str) -> int:
     """The byte that GPT-2's byte-to-unicode table maps to ``symbol``."""
-    code = ord(symbol)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    if code in printable:
-        return code
-    others = [b for b in range(256) if b not in printable]
-    return others[code - 256]
+    return _BYTES[symbol]
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The raw bytes token ``token_id`` stands for (OpenAI's logprobs ``bytes``: a character split
+    across tokens is rebuilt by joining them), where the tokenizer says them: a byte-level BPE's
+    symbols (GPT-2, Llama 3, Qwen) or a SentencePiece byte-fallback token ``<0xNN>``; else ``None``
+    (the token's text is whole characters: its UTF-8)."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str):
+        return None
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel" and all(c in _BYTES for c in piece):
+        return bytes(_BYTES[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    return None
 
 
 def load_tokenizer(source):

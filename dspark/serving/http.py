@@ -38,6 +38,7 @@ from dspark.serving.metrics import render
 from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, joined, logprobs_body,
                                      parse_detokenize, parse_request, parse_tokenize)
 from dspark.streaming import CONTEXT_TOKENS, REPLACEMENT, decode_continuation
+from dspark.tokenization import token_bytes
 
 log = logging.getLogger("dspark.serving")
 
@@ -285,20 +286,26 @@ class OpenAIServer:
                  offset: int = 0, *, context: list[int] = ()) -> dict | None:
         """The ``logprobs`` object of a choice's tokens (all of them, or a chunk's; ``offset``: where
         their text starts; ``context``: the ids before them), tokens as text — each read on from
-        the tokens before it, as the choice's text is (a word-start token keeps its space); ``None``
-        when its request asked for none."""
+        the tokens before it, as the choice's text is (a word-start token keeps its space; a token
+        that ends inside a character names the characters it completes, so the names join into
+        the text and the offsets point into it); ``None`` when its request asked for none."""
         if job.logprobs is None:
             return None
         tokenizer, before = self.pipeline.tokenizer, list(context[-CONTEXT_TOKENS:])
         contexts = [(before + token_ids[:j])[-CONTEXT_TOKENS:] for j in range(len(token_ids))]
-        name = lambda j, t: decode_continuation(tokenizer, contexts[j], [t], skip_special_tokens=False)  # noqa: E731
+        # (a token that leaves a character incomplete names the text it completes: none yet; its
+        # bytes, with chat, say what it holds)
+        name = lambda j, t: decode_continuation(tokenizer, contexts[j], [t], skip_special_tokens=False  # noqa: E731
+                                                ).rstrip(REPLACEMENT)
         top = None
         if top_logprobs is not None and (job.logprobs or job.chat):
-            top = [None if alternatives is None else [(name(j, t), lp) for t, lp in alternatives[:job.logprobs]]
+            top = [None if alternatives is None else [(name(j, t), lp, token_bytes(tokenizer, t) if job.chat else None)
+                                                      for t, lp in alternatives[:job.logprobs]]
                    for j, alternatives in enumerate(top_logprobs)]
         elif not job.chat and job.logprobs == 0:  # the chosen token alone, as OpenAI's and vLLM's list it
             top = [None if lp is None else [] for lp in logprobs or []]
-        return logprobs_body(job.chat, [name(j, t) for j, t in enumerate(token_ids)], logprobs or [], top, offset)
+        raw = [token_bytes(tokenizer, t) for t in token_ids] if job.chat else None
+        return logprobs_body(job.chat, [name(j, t) for j, t in enumerate(token_ids)], logprobs or [], top, offset, raw)
 
     @staticmethod
     def usage(job: Job, outputs: list) -> dict:

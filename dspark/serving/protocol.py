@@ -457,22 +457,27 @@ class ChoiceText:
 
 
 def logprobs_body(chat: bool, tokens: list[str], logprobs: list[float | None],
-                  top: list[list[tuple[str, float]] | None] | None, offset: int = 0) -> dict:
+                  top: list[list[tuple] | None] | None, offset: int = 0,
+                  raw: list[bytes | None] | None = None) -> dict:
     """A choice's ``logprobs`` object: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``
     or completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``offset``: where
     these tokens' text starts in the choice's). Completions list the chosen token among the
     likeliest too, as OpenAI's do (up to ``k + 1`` entries); an echoed prompt's first token has
-    ``None`` for both."""
+    ``None`` for both. Chat's ``bytes`` are each token's raw bytes where known (``raw``, and a
+    third element of a ``top`` entry), else its text's UTF-8."""
     if chat:
-        entry = lambda token, lp: {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}  # noqa: E731
-        return {"content": [{**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in (top[i] if top else [])]}
-                            for i, (token, lp) in enumerate(zip(tokens, logprobs))]}
+        def entry(token, lp, data=None):
+            return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8") if data is None else data)}
+
+        raw = raw or [None] * len(tokens)
+        return {"content": [{**entry(token, lp, data), "top_logprobs": [entry(*t) for t in (top[i] if top else [])]}
+                            for i, (token, lp, data) in enumerate(zip(tokens, logprobs, raw))]}
     offsets, at = [], offset
     for token in tokens:
         offsets.append(at)
         at += len(token)
     if top is not None:
-        top = [None if alternatives is None else {**dict(alternatives), token: lp}
+        top = [None if alternatives is None else {**{a[0]: a[1] for a in alternatives}, token: lp}
                for token, lp, alternatives in zip(tokens, logprobs, top)]
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 

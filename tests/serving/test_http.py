@@ -533,3 +533,22 @@ def test_a_first_word_keeps_its_space_over_http():
 
 def choice_of(body: dict) -> dict:
     return body["choices"][0]
+
+
+def test_tokens_inside_a_character_give_their_bytes_and_join_into_the_text(server):
+    """Byte-level tokens that split a character: chat's ``bytes`` are each token's own bytes (joined,
+    the character's UTF-8), and the token names join into the text — a token that leaves the
+    character incomplete names nothing yet — so completions' offsets point into the text."""
+    from dspark.serving.protocol import parse_request
+
+    tokenizer = server.pipeline.tokenizer
+    ids = tokenizer("日本語", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 9  # (a byte each)
+    body = {"messages": [{"role": "user", "content": "x"}], "logprobs": True}
+    chat = server.logprobs(parse_request(body, chat=True, model="tiny", default_max_tokens=None, max_logprobs=20),
+                           ids, [-0.1] * len(ids), None)["content"]
+    assert bytes(b for entry in chat for b in entry["bytes"]).decode() == "日本語"
+    assert "".join(entry["token"] for entry in chat) == "日本語"
+    text = server.logprobs(parse_request({"prompt": "x", "logprobs": 0}, chat=False, model="tiny", default_max_tokens=None,
+                                         max_logprobs=20), ids, [-0.1] * len(ids), None)
+    assert "".join(text["tokens"]) == "日本語" and text["text_offset"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
