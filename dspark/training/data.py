@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dspark.data.corpus import Document, build_corpus
 
@@ -107,9 +107,17 @@ class CorpusDataModule(L.LightningDataModule):
                     [d for d in documents if d.split == split and d.domain == domain], self.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
-        done = self.trainer.global_step * self.batch_size if self.trainer is not None else 0  # resumed runs
-        blocks = RandomBlocks(self.streams["train"], self.seq_len + 1, self.num_samples, self.seed, first=done)
-        return DataLoader(blocks, batch_size=self.batch_size, shuffle=False, drop_last=True)
+        """``num_samples`` blocks per process: under ddp the processes take every ``world``-th one
+        (sample ``(step · batch_size + j) · world + rank``: no block is trained on twice), the
+        sampler made here, not by Lightning (``use_distributed_sampler=False``; evaluation then
+        runs over every held-out block in each process, which Lightning's sampler pads with
+        repeats to split them evenly)."""
+        trainer = self.trainer
+        world, rank, step = (1, 0, 0) if trainer is None else (trainer.world_size, trainer.global_rank, trainer.global_step)
+        blocks = RandomBlocks(self.streams["train"], self.seq_len + 1, self.num_samples * world, self.seed,
+                              first=step * self.batch_size * world)  # (resumed runs: the blocks already trained on)
+        sampler = None if world == 1 else DistributedSampler(blocks, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(blocks, batch_size=self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
 
     def _eval(self, split: str) -> list[DataLoader]:
         return [DataLoader(SequentialBlocks(self.streams[f"{split}/{d}"], self.seq_len + 1, self.max_eval_blocks),

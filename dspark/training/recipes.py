@@ -43,7 +43,9 @@ class TrainConfig:
         tokenizer: tokenizer directory (built by ``dspark data build``); ``null`` = the teacher's
             tokenizer when there is a teacher, else the embedded one.
         teacher: for ``draft`` and ``drafter``: the teacher (target) checkpoint directory or embedded name.
-        seq_len, batch_size, max_steps: sequence length, sequences per step, optimiser steps.
+        seq_len, batch_size, max_steps: sequence length, sequences per step (per process under
+            ddp: ``devices`` processes train on ``devices × batch_size`` distinct sequences a
+            step), optimiser steps.
         optim: learning-rate schedule and AdamW settings.
         precision: Lightning precision (``bf16-mixed`` uses the CPU's bfloat16 units when present).
         val_every: steps between validations (and checkpoints); log_every: steps between logged
@@ -176,7 +178,8 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
                         devices=cfg.devices, strategy=cfg.strategy,
                         val_check_interval=cfg.val_every, check_val_every_n_epoch=None, log_every_n_steps=cfg.log_every,
                         logger=CSVLogger(run_dir, name="logs"), callbacks=[checkpoints],
-                        gradient_clip_val=1.0, enable_progress_bar=True, num_sanity_val_steps=0)
+                        gradient_clip_val=1.0, enable_progress_bar=True, num_sanity_val_steps=0,
+                        use_distributed_sampler=False)  # (CorpusDataModule shards training itself)
     last = run_dir / "checkpoints" / "last.ckpt"
     resuming = cfg.resume and last.is_file()
     check_resumable(cfg, run_dir) if resuming else record_run_config(cfg, run_dir)
@@ -188,7 +191,8 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
     metrics = {k.split("/dataloader_idx")[0]: float(v) for result in test for k, v in result.items()}
     trained = module.net if cfg.kind == "drafter" else module.model
     report = {"kind": cfg.kind, "parameters": sum(p.numel() for p in trained.parameters()),
-              "train_seconds": round(train_seconds, 1), "steps": cfg.max_steps, "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
+              "train_seconds": round(train_seconds, 1), "steps": cfg.max_steps,
+              "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len * trainer.world_size,
               "test": metrics, "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine()}
     cache = getattr(module, "teacher_cache", None)
@@ -327,7 +331,7 @@ def _teacher_cache(cfg: TrainConfig, target, layers):
 
     cache = TeacherCache(cfg.teacher_cache.dir, target, layers=layers, dtype=cfg.teacher_cache.dtype,
                          precision=cfg.precision)
-    sequences = cfg.max_steps * cfg.batch_size
+    sequences = cfg.max_steps * cfg.batch_size * cfg.devices
     print(f"[dspark] teacher cache {cache.directory}: target layers {list(cache.layers)}, "
           f"{cache.entry_bytes(cfg.seq_len) / 1e6:.2f} MB per sequence, up to "
           f"{sequences * cache.entry_bytes(cfg.seq_len) / 1e9:.1f} GB for {sequences} training sequences "

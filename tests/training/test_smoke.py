@@ -7,6 +7,7 @@ from dspark.data.corpus import Document
 from dspark.data.tokenizer import train_tokenizer
 from dspark.training import load_train_config, train
 from dspark.training.modules import distillation_kl
+from dspark.training.data import RandomBlocks
 from dspark.training.recipes import read_logged, training_logs
 
 TINY_MODEL = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -125,3 +126,27 @@ def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_one_does(tmp_path,
     assert all(torch.equal(batch, whole[s]) for s, batch in seen)
     with pytest.raises(ValueError, match=r"holds a run started with another config \(seed: 0 → 7\)"):
         train(config(tmp_path / "a", tokenizer_dir, max_steps=12, val_every=2, seed=7), documents=tiny_corpus())
+
+
+def test_ddp_processes_train_on_distinct_blocks_and_resume_where_they_stopped(tokenizer_dir):
+    """Two processes: rank r's j-th block at step s is sample (s · batch + j) · 2 + r — together
+    every sample once, none twice (each process used to be given half of one process's samples,
+    so every block was trained on twice); resumed at step 2, they go on with the same samples."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from dspark.training.data import CorpusDataModule
+
+    data = CorpusDataModule(AutoTokenizer.from_pretrained(tokenizer_dir), seq_len=16, batch_size=2, num_samples=4 * 2,
+                            documents=tiny_corpus())
+    data.setup()
+
+    def blocks(rank: int, step: int = 0) -> list[torch.Tensor]:
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, global_step=step)
+        return [row for batch in data.train_dataloader() for row in batch]
+
+    every = RandomBlocks(data.streams["train"], 17, 16, 0)
+    for rank in (0, 1):
+        assert [b.tolist() for b in blocks(rank)] == [every[i].tolist() for i in range(rank, 16, 2)]
+        assert [b.tolist() for b in blocks(rank, step=2)][:4] == [every[i].tolist() for i in range(8 + rank, 16, 2)]
