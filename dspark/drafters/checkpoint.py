@@ -6,6 +6,7 @@ never stored). Loading checks the checkpoint against the target before building 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 from dspark.models.native import ModelArgs
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # the TargetShape fields checked on load (a checkpoint for another target is refused naming them)
@@ -163,12 +166,39 @@ def check_fits_target(args: TargetShape, target, directory) -> None:
         raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
 
 
+def target_identity(target, samples: int = 1024) -> str:
+    """SHA-256 over the target's parameter names and shapes and up to ``samples`` evenly spaced
+    values of each, rounded to bfloat16: the same for one checkpoint loaded in float32, bfloat16 or
+    float16 (the dtype a model is served in does not change which model it is), different for
+    another training run of the same shape. Recorded in a drafter checkpoint (``target_identity``)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(target.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        values = flat[::max(1, flat.numel() // samples)][:samples]
+        if values.is_floating_point():
+            values = values.to(torch.bfloat16).float()
+        digest.update(values.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def checkpoint_args(source, key: str, args_class: type, target):
     """The architecture ``args_class`` of the dspark drafter checkpoint ``source`` (``config.json[key]``),
-    checked against ``target`` (``ValueError`` naming what differs) and validated."""
+    checked against ``target`` (``ValueError`` naming what differs) and validated. A checkpoint
+    that records the identity of the target it was trained for (:func:`target_identity`) and
+    another target of the same shape gets a warning: decoding stays lossless, but the drafts
+    were learnt from another model's distributions (a base model's drafter on its instruct
+    variant, say) and are accepted less."""
     directory, spec = read_drafter_spec(source, key)
     args = args_class(**{**spec, "target_layers": tuple(spec["target_layers"])})
     check_fits_target(args, target, directory)
+    recorded = json.loads((directory / CONFIG_FILE).read_text()).get("target_identity")
+    if isinstance(recorded, str) and recorded != target_identity(target):
+        log.warning("drafter checkpoint %r was trained for another target of the same shape (its target_identity "
+                    "differs from this target's): decoding stays lossless, but expect fewer drafts accepted",
+                    str(directory))
     return args.validate()
 
 

@@ -208,7 +208,10 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
         from dspark.models.loading import resolve_dtype
 
         save = save_eagle3 if cfg.model.get("architecture") == "eagle3" else save_block_drafter
-        save(trained.to(resolve_dtype(cfg.save_dtype)), cfg.output_dir, {"target": cfg.teacher})
+        from dspark.drafters.checkpoint import target_identity
+
+        save(trained.to(resolve_dtype(cfg.save_dtype)), cfg.output_dir,
+             {"target": cfg.teacher, "target_identity": target_identity(module.target)})
     else:
         export(trained, tokenizer, cfg.output_dir, cfg.save_dtype)
     Path(cfg.output_dir, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -218,6 +218,21 @@ def test_checkpoint_round_trip_and_refusal_for_another_target(tmp_path):
         load_block_drafter(tmp_path / "ok", shallow)
 
 
+def test_a_checkpoint_for_another_target_of_the_same_shape_is_loaded_with_a_warning(tmp_path, caplog):
+    """The recorded target identity (what the training recipe writes) tells another model of the
+    same shape apart — not the same model in another dtype."""
+    from dspark.drafters.checkpoint import target_identity
+
+    target = load_model(tiny_hf_model("qwen3"))
+    net = BlockDrafter(BlockDrafterArgs.for_target(target, gamma=3, num_layers=1, target_layers=(0, 2), head="markov", rank=8))
+    save_block_drafter(net, tmp_path / "ok", {"target_identity": target_identity(target)})
+    load_block_drafter(tmp_path / "ok", target)
+    load_block_drafter(tmp_path / "ok", load_model(tiny_hf_model("qwen3"), dtype=torch.bfloat16))
+    assert "another target" not in caplog.text
+    load_block_drafter(tmp_path / "ok", load_model(tiny_hf_model("qwen3", seed=1)))
+    assert "was trained for another target of the same shape" in caplog.text
+
+
 @pytest.mark.parametrize("key, value, stored", [("head", "rnn", "'markov'"), ("rank", 16, "8"),
                                                 ("num_layers", 2, "1"), ("target_layers", [1, 2], r"\[0, 2\]")])
 def test_config_keys_that_contradict_the_checkpoint_are_refused(tmp_path, key, value, stored):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dspark.drafters.checkpoint import target_identity
 from dspark.drafters.dspark import load_block_drafter
 from dspark.models import load_model
 from dspark.training import load_train_config, train
@@ -18,7 +19,7 @@ from drafter_runs import drafter_config
 from helpers import CODE, PROSE, corpus
 
 
-def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_path):
+def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_path, caplog):
     cfg = load_train_config(None, drafter_config(assets, tmp_path, "max_steps=12"))
     report = train(cfg, documents=corpus())
     losses = read_logged(training_logs(tmp_path / "run"), "train/loss")
@@ -27,7 +28,9 @@ def test_training_lowers_the_loss_and_exports_a_loadable_drafter(assets, tmp_pat
     target = load_model(assets / "target")
     net = load_block_drafter(tmp_path / "out", target)
     assert net.args.head == "markov" and net.args.target_layers == (0, 2)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["target"] == str(assets / "target")
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert recorded["target"] == str(assets / "target")
+    assert recorded["target_identity"] == target_identity(target) and "another target" not in caplog.text
 
 
 def test_a_drafter_in_deepspecs_dflash_form_trains(assets, tmp_path):
