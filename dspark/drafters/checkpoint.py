@@ -166,15 +166,18 @@ def check_fits_target(args: TargetShape, target, directory) -> None:
         raise ValueError(f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(wrong))
 
 
-def target_identity(target, samples: int = 1024) -> str:
+def target_identity(target, samples: int = 1024) -> str | None:
     """SHA-256 over the target's parameter names and shapes and up to ``samples`` evenly spaced
     values of each, rounded to bfloat16: the same for one checkpoint loaded in float32, bfloat16 or
     float16 (the dtype a model is served in does not change which model it is), different for
-    another training run of the same shape. Recorded in a drafter checkpoint (``target_identity``)."""
+    another training run of the same shape. Recorded in a drafter checkpoint (``target_identity``).
+    ``None`` for a target whose weights are not loaded (on the meta device)."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(target.state_dict().items()):
+        if tensor.is_meta:
+            return None
         flat = tensor.detach().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         values = flat[::max(1, flat.numel() // samples)][:samples]
@@ -195,7 +198,7 @@ def checkpoint_args(source, key: str, args_class: type, target):
     args = args_class(**{**spec, "target_layers": tuple(spec["target_layers"])})
     check_fits_target(args, target, directory)
     recorded = json.loads((directory / CONFIG_FILE).read_text()).get("target_identity")
-    if isinstance(recorded, str) and recorded != target_identity(target):
+    if isinstance(recorded, str) and recorded != (target_identity(target) or recorded):
         log.warning("drafter checkpoint %r was trained for another target of the same shape (its target_identity "
                     "differs from this target's): decoding stays lossless, but expect fewer drafts accepted",
                     str(directory))

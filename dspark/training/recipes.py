@@ -132,6 +132,11 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
                          f"betas={tuple(optim.betas)}")
     if cfg.kind in ("draft", "drafter") and not cfg.teacher:
         raise ValueError(f"training a {cfg.kind} needs `teacher` (a target checkpoint directory or embedded name)")
+    if cfg.kind in ("draft", "drafter"):
+        positions = _teacher_positions(cfg.teacher)
+        if positions is not None and cfg.seq_len > positions:
+            raise ValueError(f"seq_len {cfg.seq_len} is longer than the teacher's max_position_embeddings "
+                             f"({positions}): the teacher would read positions it was not trained for")
     if cfg.teacher_cache.dir is not None and cfg.kind != "drafter":
         raise ValueError(f"teacher_cache is for `drafter` runs (the frozen target's pass), not `{cfg.kind}`")
     if cfg.train_data is not None and cfg.kind == "target":
@@ -146,6 +151,19 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
     if cfg.kind != "drafter" and "model_type" not in cfg.model:
         raise ValueError("the training config's `model` needs model_type (e.g. qwen3) and the architecture keys")
     return cfg
+
+
+def _teacher_positions(teacher) -> int | None:
+    """The teacher checkpoint's ``max_position_embeddings`` from its ``config.json`` (read before any
+    model is built), or ``None`` when it does not say."""
+    from dspark.models.loading import resolve_checkpoint
+
+    path = Path(str(resolve_checkpoint(teacher))) / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def train(cfg: TrainConfig, *, documents=None) -> dict:

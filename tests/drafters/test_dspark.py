@@ -192,6 +192,8 @@ def test_loss_weights_are_checked_before_training():
         check_loss_weights({"ce": -0.1})
     with pytest.raises(ValueError, match=r"loss_weights are all 0 .* nothing would train"):
         check_loss_weights({"ce": 0, "tv": 0, "conf": 0})
+    with pytest.raises(ValueError, match=r"seq_len 4096 is longer than the teacher's max_position_embeddings \(2048\)"):
+        load_train_config(None, ["kind=drafter", "teacher=dspark-tiny", "seq_len=4096"])
     with pytest.raises(ValueError, match=r"unknown loss_weights \['tvd'\]"):
         load_train_config(None, ["kind=drafter", "teacher=dspark-tiny", "loss_weights.tvd=1.0"])
     with pytest.raises(ValueError, match="the EAGLE-3 head trains on the soft cross-entropy to the target alone"):
