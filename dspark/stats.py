@@ -22,10 +22,12 @@ import torch
 #: table (docs/benchmarks.md) is :func:`metrics_markdown` (a test keeps the two equal).
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("τ (tokens per target forward)",
-     "tokens emitted per request-round: accepted drafts + the one recovered or bonus token; plain decoding has τ = 1",
+     "tokens emitted per request-round: accepted drafts + the one recovered or bonus token (a request that ends inside "
+     "a round counts the tokens it kept); plain decoding has τ = 1",
      "how much target work one round saves — an upper bound on the speedup when drafting is free"),
     ("conditional acceptance at position k",
-     "P(draft k accepted | drafts 1..k−1 accepted and draft k verified)",
+     "P(draft k accepted | drafts 1..k−1 accepted and draft k verified), leaving out the positions past the end of a "
+     "request that ended inside the round",
      "where in the block the drafter loses the target; a parallel drafter decays along the block, an "
      "autoregressive one need not"),
     ("drafted / verified / accepted per round",
@@ -169,22 +171,29 @@ class RoundCounters:
         self.predicted_on_host: float | None = None  # Σ of rounds counted on the host (skipped rounds)
 
     def update(self, finished: torch.Tensor, num_verified: torch.Tensor, num_accepted: torch.Tensor,
-               num_drafted: torch.Tensor, predicted: torch.Tensor | float | None = None, drafted: bool = True) -> None:
+               num_drafted: torch.Tensor, predicted: torch.Tensor | float | None = None, drafted: bool = True,
+               num_kept: torch.Tensor | None = None) -> None:
         """Count one round: ``finished`` ``[B]`` bool (requests that were already done), and ``ℓ_b``,
         ``n_b``, drafts proposed ``[B]`` (zero for finished requests); ``predicted`` ``[B]`` the tokens
         the confidences predicted (0 for finished requests), when the drafter returns confidences,
         or their sum as a float when the host knows it (a skipped round: one token per unfinished
-        request); ``drafted``: whether the round drafted at all."""
+        request); ``drafted``: whether the round drafted at all; ``num_kept`` ``[B]``: the accepted
+        drafts the request kept (fewer than ``n_b`` when its budget or a stop token ended it inside
+        the round; default ``n_b``) — what τ and the accepted tokens count. Acceptance by position
+        leaves out the positions past such an end (accepted, but not needed: neither the
+        drafter's success nor its failure), so its accepted counts sum to the kept drafts."""
         self.rounds += 1
         if isinstance(predicted, float):
             self.predicted_on_host = (self.predicted_on_host or 0.0) + predicted
         elif predicted is not None:
             total = predicted.double().sum()
             self.predicted = total if self.predicted is None else self.predicted + total
+        kept = num_accepted if num_kept is None else num_kept
         self.per_slot[:, :finished.shape[0]] += torch.stack([~finished, torch.where(finished, 0, num_drafted),
-                                                             num_verified, num_accepted])  # (a round over the first slots)
+                                                             num_verified, kept])  # (a round over the first slots)
         if self.gamma and drafted:  # a round without drafts reaches no position
-            reached, accepted = position_counts(num_verified, num_accepted, self.gamma)
+            counted = num_verified if num_kept is None else torch.where(kept < num_accepted, kept, num_verified)
+            reached, accepted = position_counts(counted, kept, self.gamma)
             self.reached += reached
             self.accepted_at += accepted
 

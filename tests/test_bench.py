@@ -111,6 +111,15 @@ def test_bad_bench_configs():
         load_bench_config(None, ["pipelines=[{label: a}, {label: a}]"])
     with pytest.raises(Exception, match="repeat"):
         load_bench_config(None, ["repeat=3"])
+    # (a repeated value shared one cell's rows: a median over two variants, a speedup over another cell's none)
+    for key, value in (("gammas", "[4,4]"), ("temperatures", "[0.0,0.0]"), ("domains", "[code,code]"),
+                       ("batch_sizes", "[1,1]")):
+        with pytest.raises(ValueError, match=f"{key} lists a value twice"):
+            load_bench_config(None, [f"{key}={value}"])
+    with pytest.raises(ValueError, match="labelled `none` is the baseline .* must be plain decoding"):
+        load_bench_config(None, ["pipelines=[{label: none, config: ngram}]"])
+    with pytest.raises(ValueError, match="batch size 16 needs at least as many prompts: num_prompts is 8"):
+        load_bench_config(None, ["batch_sizes=[1,16]", "num_prompts=8"])
 
 
 def test_greedy_check_uses_transformers_else_the_none_pipeline():
@@ -130,3 +139,43 @@ def test_greedy_check_uses_transformers_else_the_none_pipeline():
     hf = cell("hf plain", "hf", "hf_plain", [[1, 2, 3], [4, 6]])  # transformers is the reference when present
     assert [(m["variant"], m["prompt"], m["first_difference"]) for m in greedy_mismatches([none, good, hf])] == [
         ("none", 1, 1), ("dspark g=7", 1, 1)]
+
+
+def test_a_bench_without_a_greedy_comparison_says_so(tmp_path):
+    """No batch-1, temperature-0 cell: nothing was compared, and the report does not claim a match."""
+    from dspark.bench.report import write_report
+    from dspark.bench.runner import CellResult, greedy_mismatches
+
+    cfg = load_bench_config(None, ["batch_sizes=[8]", "temperatures=[0.0]", f"output_dir={tmp_path}"])
+    results = []
+    for label, kind, family, outputs in (("none", "dspark", "none", [[1, 2, 3]]), ("ngram g=4", "dspark", "ngram", [[1, 9, 9]])):
+        result = CellResult("code", 0.0, 8, label, kind, family, None, tokens_per_s=[100.0])
+        result.outputs = outputs
+        results.append(result)
+    write_report(cfg, results, greedy_mismatches(results))
+    text = (tmp_path / "bench.md").read_text()
+    assert text.split("\n")[4].startswith("greedy outputs not checked (no batch-1, temperature-0 cell")
+
+
+def test_the_transformers_peer_runs_with_the_bench_s_settings_alone():
+    """A checkpoint's generation_config (an instruct model's repetition_penalty, say) reached the
+    transformers peer alone — dspark does not read it — so the two decoded different things and
+    the greedy check blamed dspark. The peer sets it aside while it runs, and gives it back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import ragged_prompts, tiny_hf_model
+
+    from dspark.bench.runner import dspark_variant, hf_model_of, hf_variant
+    from dspark.pipeline import build_pipeline
+
+    model = tiny_hf_model("llama")
+    model.generation_config.repetition_penalty = 1.3
+    pipe = build_pipeline(None, target_model=model, overrides=["target.tokenizer=null", "target.device=cpu", "drafter=none"])
+    prompts = ragged_prompts(101, (5, 4))
+    ours = dspark_variant("none", "none", None, pipe, 0).run(prompts, 0.0, 1, 20)
+    peer = hf_model_of(pipe.target)
+    theirs = hf_variant("hf plain", "hf_plain", None, peer, 0, 0).run(prompts, 0.0, 1, 20)
+    assert ours.outputs == theirs.outputs
+    assert peer.generation_config.repetition_penalty == 1.3

@@ -51,3 +51,24 @@ def test_the_docs_define_the_metrics_as_the_bench_does():
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
     assert metrics_markdown() in docs
+
+
+def test_tau_counts_the_tokens_kept_when_the_budget_ends_a_round():
+    """A drafter that is the target itself has every draft accepted; a budget that ends a request
+    inside a round drops the drafts past it, and τ counts the tokens kept — (generated − 1) per
+    forward here (the first token comes from the prefill); acceptance by position leaves out the
+    positions past the end (accepted, not needed), so its counts sum to the kept drafts and every
+    position it counts was accepted."""
+    import dspark
+
+    tiny = ("{model_type: llama, vocab_size: 258, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+            "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 512, seed: 0}")
+    pipe = dspark.build_pipeline(None, overrides=[f"target.random={tiny}", "target.tokenizer=bytes", "target.device=cpu",
+                                                  "drafter.name=draft_model", f"drafter.random={tiny}",
+                                                  "drafter.num_speculative_tokens=4"])
+    for budget in (3, 7, 12):
+        stats = pipe.generate([[5, 6, 7, 8]], max_new_tokens=budget, ignore_eos=True).stats
+        assert stats.generated_tokens == budget
+        assert stats.mean_accepted_length == (budget - 1) / stats.target_forwards < 5.0
+        assert sum(stats.accepted_by_position_counts) == stats.accepted_tokens
+        assert stats.accepted_by_position_counts == stats.reached_by_position and stats.reached_by_position[0] > 0

@@ -101,6 +101,9 @@ class BenchConfig:
         labels = [p.label for p in self.pipelines]
         if len(set(labels)) != len(labels):
             raise ValueError(f"pipeline labels must be unique, got {labels}")
+        if any(p.label == "none" and p.speculative for p in self.pipelines):
+            raise ValueError("the pipeline labelled `none` is the baseline every speedup divides by: it must be plain "
+                             "decoding (speculative: false, drafter=none)")
         for name, values, low in (("batch_sizes", self.batch_sizes, 1), ("gammas", self.gammas, 1)):
             if not values or any(v < low for v in values):
                 raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {values}")
@@ -109,6 +112,13 @@ class BenchConfig:
         for name in ("num_prompts", "max_new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("domains", "temperatures", "batch_sizes", "gammas"):  # (a repeat would share one cell's rows)
+            values = list(getattr(self, name))
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice: {values}")
+        if max(self.batch_sizes) > self.num_prompts:
+            raise ValueError(f"batch size {max(self.batch_sizes)} needs at least as many prompts: num_prompts is "
+                             f"{self.num_prompts} (a batch of fewer requests would run under that label)")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         SamplingParams(1.0, **self.penalties).validate()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.bench.runner import CellResult, median
+from dspark.bench.runner import CellResult, greedy_pairs, median
 from dspark.records import SamplingParams
 from dspark.stats import METRICS, GenerationStats, metrics_markdown
 
@@ -191,7 +191,10 @@ def write_report(cfg, results: list[CellResult], mismatches: list[dict]) -> dict
     table = markdown_table(rows)
     reference = ("transformers' generate" if any(r["family"] == "hf_plain" for r in rows)
                  else "dspark's plain decoding (none)")
+    compared = len(greedy_pairs(results))
     status = ("greedy outputs not checked (check_greedy: false)" if not cfg.check_greedy else
+              "greedy outputs not checked (no batch-1, temperature-0 cell with a reference to compare with)"
+              if not compared else
               f"all greedy outputs match {reference}" if not mismatches else
               f"**{len(mismatches)} greedy outputs differ from {reference}** (see bench.json)")
     env = report["environment"]

@@ -89,15 +89,26 @@ def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int, 
 
 def hf_variant(label: str, family: str, gamma: int | None, model, pad_id: int, seed: int, batch_sizes=None,
                **generate_kwargs) -> Variant:
-    """A variant that runs ``transformers``' ``model.generate`` (left padding for batches)."""
+    """A variant that runs ``transformers``' ``model.generate`` (left padding for batches) with the
+    bench's settings alone: the checkpoint's own ``generation_config`` (a ``repetition_penalty``
+    an instruct model ships, say) is set aside while it runs, since dspark does not read it."""
+    from transformers import GenerationConfig
+
     def run(prompts, temperature, batch_size, max_new_tokens):
+        shipped, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            return measure(prompts, temperature, batch_size, max_new_tokens)
+        finally:
+            model.generation_config = shipped
+
+    def measure(prompts, temperature, batch_size, max_new_tokens):
         outputs = []
         started = time.perf_counter()
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
             sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
                 dict(do_sample=False)
             torch.manual_seed(seed + start)
@@ -127,12 +138,15 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
             first_pipe = first_pipe or pipe
             label = spec.label if gamma is None else f"{spec.label} g={gamma}"
             variants.append(dspark_variant(label, spec.label, gamma, pipe, cfg.seed, **cfg.penalties))
+            # a peer is built from the pipeline it is compared with (the row labelled as its drafter:
+            # report.PEER_OF), else from the first pipeline with that drafter
             drafter = pipe.config.drafter.name
-            if drafter == "draft_model" and first_draft_model is None:
+            named = spec.label == drafter and gamma == gammas[0]
+            if drafter == "draft_model" and (first_draft_model is None or named):
                 first_draft_model = pipe
-            if drafter == "ngram" and first_ngram is None:
+            if drafter == "ngram" and (first_ngram is None or named):
                 first_ngram = pipe
-            if drafter == "early_exit" and first_early_exit is None:
+            if drafter == "early_exit" and (first_early_exit is None or named):
                 first_early_exit = pipe
     if cfg.peers.any:
         # the penalties transformers has, where on (validation refused the others with peers on)
@@ -173,9 +187,10 @@ def hf_model_of(model):
     source = getattr(model, "hf_source", None)
     if source is None:
         raise ValueError("transformers peers need a model loaded by dspark.models.load_model")
+    device = next(model.parameters()).device  # (the peers run where dspark does)
     if isinstance(source, (str, Path)):
-        return AutoModelForCausalLM.from_pretrained(source, dtype=model.dtype).eval()
-    return source.to(model.dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(source, dtype=model.dtype).to(device).eval()
+    return source.to(device, model.dtype).eval()
 
 
 def run_matrix(cfg: BenchConfig, variants: list[Variant], tokenizer, progress: bool = True) -> list[CellResult]:
@@ -209,19 +224,27 @@ def run_matrix(cfg: BenchConfig, variants: list[Variant], tokenizer, progress: b
     return results
 
 
-def greedy_mismatches(results: list[CellResult]) -> list[dict]:
-    """Prompts where a dspark variant's greedy output differs from the reference
-    (batch 1, temperature 0), with the first differing position. The reference is ``transformers``'
-    plain generate when that peer ran, else dspark's ``none`` pipeline. Reported, never averaged away."""
-    mismatches = []
+def greedy_pairs(results: list[CellResult]) -> list[tuple[CellResult, CellResult]]:
+    """``(dspark variant, reference)`` for every greedy batch-1 dspark cell that has a reference to
+    compare with: ``transformers``' plain generate when that peer ran, else dspark's ``none``."""
+    pairs = []
     for r in results:
         if r.temperature != 0 or r.batch_size != 1 or r.kind != "dspark":
             continue
         candidates = [x for x in results if x.domain == r.domain and x.temperature == 0 and x.batch_size == 1]
         reference = next((x for x in candidates if x.family == "hf_plain"), None) or \
             next((x for x in candidates if x.family == "none"), None)
-        if reference is None or reference is r or reference.outputs is None:
-            continue
+        if reference is not None and reference is not r and reference.outputs is not None:
+            pairs.append((r, reference))
+    return pairs
+
+
+def greedy_mismatches(results: list[CellResult]) -> list[dict]:
+    """Prompts where a dspark variant's greedy output differs from the reference
+    (batch 1, temperature 0: :func:`greedy_pairs`), with the first differing position. Reported,
+    never averaged away."""
+    mismatches = []
+    for r, reference in greedy_pairs(results):
         for i, (ours, theirs) in enumerate(zip(r.outputs, reference.outputs)):
             if ours != theirs:
                 first = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))

@@ -575,7 +575,8 @@ class Engine(Admission):
             predicted = torch.where(finished, 0.0, 1.0 + (a * verified).sum(-1))
         elif not drafting and self.scheduler.needs_confidence:  # a skipped round promises one token a request
             predicted = float(sum(active))
-        counters.update(finished, num_verify, num_accepted, num_drafted, predicted, drafted=drafting)
+        counters.update(finished, num_verify, num_accepted, num_drafted, predicted, drafted=drafting,
+                        num_kept=kept.num_accepted)
         for hook in self.round_hooks:
             hook(proposal, result, ~finished)
         return drafting
