@@ -167,24 +167,13 @@ def check_fits_target(args: TargetShape, target, directory) -> None:
 
 
 def target_identity(target, samples: int = 1024) -> str | None:
-    """SHA-256 over the target's parameter names and shapes and up to ``samples`` evenly spaced
-    values of each, rounded to bfloat16: the same for one checkpoint loaded in float32, bfloat16 or
-    float16 (the dtype a model is served in does not change which model it is), different for
-    another training run of the same shape. Recorded in a drafter checkpoint (``target_identity``).
+    """The target's :func:`~dspark.models.fingerprint.weights_fingerprint` whatever dtype it is
+    loaded in (the dtype a model is served in does not change which model it is), different for
+    another training run of the same shape; recorded in a drafter checkpoint (``target_identity``).
     ``None`` for a target whose weights are not loaded (on the meta device)."""
-    import hashlib
+    from dspark.models.fingerprint import weights_fingerprint
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(target.state_dict().items()):
-        if tensor.is_meta:
-            return None
-        flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        values = flat[::max(1, flat.numel() // samples)][:samples]
-        if values.is_floating_point():
-            values = values.to(torch.bfloat16).float()
-        digest.update(values.cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return weights_fingerprint(target, samples, any_dtype=True)
 
 
 def checkpoint_args(source, key: str, args_class: type, target):

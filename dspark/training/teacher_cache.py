@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from dspark.drafters.checkpoint import TargetShape
+from dspark.models.fingerprint import weights_fingerprint
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -58,16 +59,9 @@ class TeacherCacheConfig:
 
 
 def target_fingerprint(target, samples: int = 4096) -> str:
-    """SHA-256 over the target's parameter names, shapes and dtypes and up to ``samples`` evenly
-    spaced values of each: cheap for any model size, and distinct for distinct checkpoints in
-    practice (a different training run changes every sampled value)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(target.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(flat[::step][:samples].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    """The target's :func:`~dspark.models.fingerprint.weights_fingerprint`, dtypes included (cached
+    outputs computed in one dtype are not another's)."""
+    return weights_fingerprint(target, samples)
 
 
 def sequence_key(tokens: torch.Tensor) -> str:
