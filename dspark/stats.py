@@ -46,7 +46,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
      "whether dspark's engine is faster than the reference implementation"),
     ("draft / schedule / verify / other ms per round",
      "wall time of the rounds split into the drafter's `propose`, the scheduler's choice, the target's verify "
-     "forward + verification, and the rest (accepting tokens, rollback, the drafter's commit, the one host sync)",
+     "forward + verification, and the rest (accepting tokens, rollback, the drafter's commit, the one host sync); "
+     "on CUDA, from one extra pass per cell that synchronises at each phase (the tokens/s passes do not)",
      "where a round's time goes"),
 )
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dspark.bench import load_bench_config, run_bench
 
@@ -135,26 +136,35 @@ def test_greedy_check_uses_transformers_else_the_none_pipeline():
     bad = cell("dflash g=7", "dspark", "dflash", [[1, 2, 9], [4, 5]])
     sampled = cell("dflash g=7", "dspark", "dflash", [[7, 7, 7], [7, 7]], temperature=1.0)
     assert greedy_mismatches([none, good, bad, sampled]) == [
-        dict(domain="code", variant="dflash g=7", reference="none", prompt=0, first_difference=2)]
+        dict(domain="code", batch_size=1, variant="dflash g=7", reference="none", reference_batch_size=1, prompt=0,
+             first_difference=2)]
     hf = cell("hf plain", "hf", "hf_plain", [[1, 2, 3], [4, 6]])  # transformers is the reference when present
     assert [(m["variant"], m["prompt"], m["first_difference"]) for m in greedy_mismatches([none, good, hf])] == [
         ("none", 1, 1), ("dspark g=7", 1, 1)]
+    # in a batch of 4 the reference is none in the same batch, not batch 1's outputs (nor transformers')
+    none_4 = cell("none", "dspark", "none", [[1, 2, 4], [4, 5]], batch=4)
+    good_4 = cell("dspark g=7", "dspark", "dspark", [[1, 2, 4], [4, 5]], batch=4)
+    bad_4 = cell("dflash g=7", "dspark", "dflash", [[1, 2, 4], [4, 7]], batch=4)
+    assert greedy_mismatches([none, good, hf, none_4, good_4, bad_4])[2:] == [
+        dict(domain="code", batch_size=4, variant="dflash g=7", reference="none", reference_batch_size=4, prompt=1,
+             first_difference=1)]
+    assert greedy_mismatches([good_4, bad_4]) == []  # (no reference at that batch size: nothing compared)
 
 
 def test_a_bench_without_a_greedy_comparison_says_so(tmp_path):
-    """No batch-1, temperature-0 cell: nothing was compared, and the report does not claim a match."""
+    """No temperature-0 cell with a reference: nothing was compared, and the report does not claim a match."""
     from dspark.bench.report import write_report
     from dspark.bench.runner import CellResult, greedy_mismatches
 
     cfg = load_bench_config(None, ["batch_sizes=[8]", "temperatures=[0.0]", f"output_dir={tmp_path}"])
     results = []
-    for label, kind, family, outputs in (("none", "dspark", "none", [[1, 2, 3]]), ("ngram g=4", "dspark", "ngram", [[1, 9, 9]])):
+    for label, kind, family, outputs in (("hf plain", "hf", "hf_plain", [[1, 2, 3]]), ("ngram g=4", "dspark", "ngram", [[1, 9, 9]])):
         result = CellResult("code", 0.0, 8, label, kind, family, None, tokens_per_s=[100.0])
         result.outputs = outputs
         results.append(result)
     write_report(cfg, results, greedy_mismatches(results))
     text = (tmp_path / "bench.md").read_text()
-    assert text.split("\n")[4].startswith("greedy outputs not checked (no batch-1, temperature-0 cell")
+    assert text.split("\n")[4].startswith("greedy outputs not checked (no temperature-0 cell")
 
 
 def test_the_transformers_peer_runs_with_the_bench_s_settings_alone():
@@ -179,3 +189,79 @@ def test_the_transformers_peer_runs_with_the_bench_s_settings_alone():
     theirs = hf_variant("hf plain", "hf_plain", None, peer, 0, 0).run(prompts, 0.0, 1, 20)
     assert ours.outputs == theirs.outputs
     assert peer.generation_config.repetition_penalty == 1.3
+
+
+def test_variants_whose_phase_clock_synchronises_time_their_phases_in_a_pass_of_their_own(tmp_path):
+    """On CUDA the per-phase clock synchronises three times a round: the tokens/s passes run
+    without it, and one extra pass per cell splits the rounds (its stats give the ms per round)."""
+    from dspark.bench.report import summarize
+    from dspark.bench.runner import RunResult, Variant, run_matrix
+    from dspark.stats import GenerationStats
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    cfg = load_bench_config(None, [f"domains=[{prompts}]", "num_prompts=2", "batch_sizes=[1]", "temperatures=[0.0]",
+                                   "repeats=3", "warmup=1"])
+    clock = {"on": False}
+    passes = []
+
+    def run(prompts, temperature, batch, max_new_tokens):
+        passes.append(clock["on"])
+        seconds = 0.5 if clock["on"] else 0.1
+        stats = GenerationStats(rounds=10, target_forwards=10, generated_tokens=20, accepted_tokens=10,
+                                draft_time_s=0.2 if clock["on"] else 0.0, verify_time_s=0.3 if clock["on"] else 0.0)
+        return RunResult(seconds, 20, [[1, 2]] * len(prompts), stats)
+
+    variant = Variant("x g=2", "dspark", "x", 2, run, time_phases=lambda on: clock.update(on=on), phase_pass=True)
+    [cell] = run_matrix(cfg, [variant], tokenizer=lambda text: {"input_ids": [ord(text)]}, progress=False)
+    assert passes == [False] * 4 + [True] and clock["on"] is False
+    assert cell.tokens_per_s == [200.0] * 3  # (the phase pass is not a timed pass)
+    [row] = summarize([cell])
+    assert row["draft_ms_per_round"] == 20.0 and row["verify_ms_per_round"] == 30.0 and row["phases_timed_apart"]
+
+
+def test_a_cpu_pipeline_times_its_phases_in_the_measured_passes():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import ragged_prompts
+
+    from dspark.bench.runner import dspark_variant
+    from dspark.pipeline import build_pipeline
+
+    pipe = build_pipeline(None, overrides=[f"target.random={TINY}", "target.tokenizer=null", "target.device=cpu",
+                                           "drafter.name=ngram"])
+    variant = dspark_variant("ngram g=4", "ngram", 4, pipe, 0)
+    assert not variant.phase_pass and pipe.engine.config.time_phases
+    stats = variant.run(ragged_prompts(258, (5, 4)), 0.0, 1, 8).stats
+    assert stats.draft_time_s > 0 and stats.verify_time_s > 0
+
+
+def test_a_prompt_set_smaller_than_num_prompts_is_refused(tmp_path):
+    from dspark.bench.runner import load_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"num_prompts is 3 but prompt set .* has 2 prompts"):
+        load_prompts(str(prompts), lambda text: {"input_ids": [1]}, 3)
+    assert len(load_prompts(str(prompts), lambda text: {"input_ids": [1]}, 2)) == 2
+
+
+def test_an_in_memory_peer_is_converted_on_a_copy():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_hf_model
+
+    from dspark.bench.runner import hf_model_of
+    from dspark.pipeline import build_pipeline
+
+    model = tiny_hf_model("llama").to(torch.float64)
+    pipe = build_pipeline(None, target_model=model, overrides=["target.tokenizer=null", "target.device=cpu",
+                                                                "target.dtype=float32", "drafter=none"])
+    peer = hf_model_of(pipe.target)
+    assert peer.dtype == torch.float32 and model.dtype == torch.float64  # the caller's model is left as it was
+    assert hf_model_of(build_pipeline(None, target_model=peer, overrides=[
+        "target.tokenizer=null", "target.device=cpu", "drafter=none"]).target) is peer  # (no copy when none is needed)

@@ -56,10 +56,12 @@ class BenchConfig:
         num_prompts: prompts per domain (the first ones of each set).
         temperatures, batch_sizes, gammas: the matrix (γ applies to speculative pipelines).
         max_new_tokens: tokens generated per prompt (EOS ignored, so every variant does the same work).
-        repeats, warmup: measured and discarded passes; passes alternate over the variants.
+        repeats, warmup: measured and discarded passes; passes alternate over the variants (with
+            ``warmup: 0`` the first measured pass includes compilation and first-call costs: a warning).
         common_overrides: dotlist overrides applied to every pipeline (e.g. ``target.device=cpu``).
-        peers: the ``transformers`` peers. check_greedy: compare every speculative pipeline's greedy
-            outputs (batch 1) with ``transformers``' plain generate, or with dspark ``none`` when that peer is off.
+        peers: the ``transformers`` peers. check_greedy: compare every pipeline's greedy outputs with
+            ``transformers``' plain generate at batch 1 (dspark ``none`` when that peer is off), and with
+            dspark ``none`` at the same batch size in larger batches.
         output_dir: where ``bench.json``, ``bench.md`` and the PNGs go.
         seed: sampling seed; threads: torch CPU threads (``null`` = default).
         repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size: penalties for

@@ -48,16 +48,18 @@ def summarize(results: list[CellResult]) -> list[dict]:
                    tokens_per_s_min=min(r.tokens_per_s), tokens_per_s_max=max(r.tokens_per_s), repeats=len(r.tokens_per_s))
         if r.stats:
             s = GenerationStats.merge(r.stats)
-            rounds = max(s.rounds, 1)
+            timed = r.phase_stats or s  # the pass whose rounds were split into phases
+            timed_rounds = max(timed.rounds, 1)
             row |= dict(tau=s.mean_accepted_length, predicted_tau=s.predicted_tau,
                         acceptance_by_position=s.acceptance_by_position,
                         drafted_per_round=s.drafted_tokens / max(s.target_forwards, 1),
                         verified_per_round=s.verified_tokens / max(s.target_forwards, 1),
                         accepted_per_round=s.accepted_tokens / max(s.target_forwards, 1),
-                        draft_ms_per_round=1e3 * s.draft_time_s / rounds,
-                        schedule_ms_per_round=1e3 * s.schedule_time_s / rounds,
-                        verify_ms_per_round=1e3 * s.verify_time_s / rounds,
-                        other_ms_per_round=1e3 * s.other_time_s / rounds, prefill_s=s.prefill_time_s / len(r.stats))
+                        draft_ms_per_round=1e3 * timed.draft_time_s / timed_rounds,
+                        schedule_ms_per_round=1e3 * timed.schedule_time_s / timed_rounds,
+                        verify_ms_per_round=1e3 * timed.verify_time_s / timed_rounds,
+                        other_ms_per_round=1e3 * timed.other_time_s / timed_rounds,
+                        phases_timed_apart=r.phase_stats is not None, prefill_s=s.prefill_time_s / len(r.stats))
         rows.append(row)
     for row in rows:
         same_cell = [x for x in rows if (x["domain"], x["temperature"], x["batch_size"]) ==
@@ -189,13 +191,14 @@ def write_report(cfg, results: list[CellResult], mismatches: list[dict]) -> dict
               "metrics": {name: definition for name, definition, _ in METRICS}}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(rows)
-    reference = ("transformers' generate" if any(r["family"] == "hf_plain" for r in rows)
-                 else "dspark's plain decoding (none)")
-    compared = len(greedy_pairs(results))
+    pairs = greedy_pairs(results)
+    references = sorted({"transformers' generate" if ref.family == "hf_plain" else
+                         f"dspark's plain decoding (none) at batch {ref.batch_size}" for _, ref in pairs})
+    reference = " / ".join(references)
     status = ("greedy outputs not checked (check_greedy: false)" if not cfg.check_greedy else
-              "greedy outputs not checked (no batch-1, temperature-0 cell with a reference to compare with)"
-              if not compared else
-              f"all greedy outputs match {reference}" if not mismatches else
+              "greedy outputs not checked (no temperature-0 cell with a reference to compare with)"
+              if not pairs else
+              f"all greedy outputs match {reference} ({len(pairs)} cells compared)" if not mismatches else
               f"**{len(mismatches)} greedy outputs differ from {reference}** (see bench.json)")
     env = report["environment"]
     if SamplingParams(1.0, **cfg.penalties).penalized:

@@ -39,6 +39,11 @@ class Variant:
     gamma: int | None
     run: Callable[[list[list[int]], float, int, int], RunResult]
     batch_sizes: tuple[int, ...] | None = None  # None = every batch size
+    # dspark variants: turn the per-phase clock on or off (engine.time_phases); on CUDA it
+    # synchronises three times a round, so the timed passes run without it and one extra pass
+    # per cell measures the phases (``phase_pass``)
+    time_phases: Callable[[bool], None] | None = None
+    phase_pass: bool = False
 
 
 @dataclass
@@ -55,6 +60,7 @@ class CellResult:
     tokens_per_s: list[float] = field(default_factory=list)
     stats: list[GenerationStats] = field(default_factory=list)
     outputs: list[list[int]] | None = None
+    phase_stats: GenerationStats | None = None  # the untimed pass that split each round (CUDA)
 
 
 def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
@@ -65,10 +71,12 @@ def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
     path = prompt_set_path(domain) if domain in PROMPT_SETS else Path(domain)
     if not path.is_file():
         raise FileNotFoundError(f"prompt set {domain!r} is neither a shipped one ({', '.join(PROMPT_SETS)}) nor a file")
-    records = read_jsonl(path)[:count]
+    records = read_jsonl(path)
+    if len(records) < count:
+        raise ValueError(f"num_prompts is {count} but prompt set {domain!r} has {len(records)} prompts")
     if tokenizer is None:
         raise ValueError("bench prompts are text: the pipelines need a tokenizer")
-    return [tokenizer(r["prompt"])["input_ids"] for r in records]
+    return [tokenizer(r["prompt"])["input_ids"] for r in records[:count]]
 
 
 def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int, **penalties) -> Variant:
@@ -84,7 +92,13 @@ def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int, 
             parts.append(result.stats)
         seconds = time.perf_counter() - started
         return RunResult(seconds, sum(len(o) for o in outputs), outputs, GenerationStats.merge(parts))
-    return Variant(label, "dspark", family, gamma, run)
+
+    def time_phases(on: bool) -> None:
+        pipe.engine.config.time_phases = on
+
+    syncs = torch.device(pipe.engine.device).type == "cuda"
+    time_phases(not syncs)  # (on the CPU the clock only reads the host's time)
+    return Variant(label, "dspark", family, gamma, run, time_phases=time_phases, phase_pass=syncs)
 
 
 def hf_variant(label: str, family: str, gamma: int | None, model, pad_id: int, seed: int, batch_sizes=None,
@@ -130,7 +144,7 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
     for spec in cfg.pipelines:
         gammas = cfg.gammas if spec.speculative else [None]
         for gamma in gammas:
-            overrides = [*cfg.common_overrides, *spec.overrides, "engine.time_phases=true"]
+            overrides = [*cfg.common_overrides, *spec.overrides]
             if gamma is not None:
                 overrides.append(f"drafter.num_speculative_tokens={gamma}")
             pipe = build_pipeline(spec.config, overrides=overrides)
@@ -181,7 +195,11 @@ def build_variants(cfg: BenchConfig) -> tuple[list[Variant], object]:
 
 
 def hf_model_of(model):
-    """A ``transformers`` model with the same weights as a dspark model (for the peers)."""
+    """A ``transformers`` model with the same weights as a dspark model (for the peers), on its
+    device and in its dtype (an in-memory model is copied first if it has to move or convert:
+    it is the caller's)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     source = getattr(model, "hf_source", None)
@@ -190,6 +208,8 @@ def hf_model_of(model):
     device = next(model.parameters()).device  # (the peers run where dspark does)
     if isinstance(source, (str, Path)):
         return AutoModelForCausalLM.from_pretrained(source, dtype=model.dtype).to(device).eval()
+    if source.device != device or source.dtype != model.dtype:
+        source = copy.deepcopy(source)
     return source.to(device, model.dtype).eval()
 
 
@@ -197,10 +217,16 @@ def run_matrix(cfg: BenchConfig, variants: list[Variant], tokenizer, progress: b
     """Measure every cell; passes alternate over the variants (rotating the order each pass)."""
     from tqdm.auto import tqdm
 
+    if cfg.warmup == 0:
+        log.warning("bench warmup is 0: the first measured pass of each variant includes compilation and "
+                    "first-call costs")
     cells = [(d, t, b) for d in cfg.domains for t in cfg.temperatures for b in cfg.batch_sizes]
     prompts = {d: load_prompts(d, tokenizer, cfg.num_prompts) for d in cfg.domains}
     total = sum(len([v for v in variants if v.batch_sizes is None or b in v.batch_sizes]) for _, _, b in cells)
-    bar = tqdm(total=total * (cfg.warmup + cfg.repeats), desc="bench", unit="run", disable=not progress)
+    phase_passes = sum(len([v for v in variants if v.phase_pass and (v.batch_sizes is None or b in v.batch_sizes)])
+                       for _, _, b in cells)
+    bar = tqdm(total=total * (cfg.warmup + cfg.repeats) + phase_passes, desc="bench", unit="run",
+               disable=not progress)
     results: list[CellResult] = []
     for domain, temperature, batch in cells:
         active = [v for v in variants if v.batch_sizes is None or batch in v.batch_sizes]
@@ -219,37 +245,54 @@ def run_matrix(cfg: BenchConfig, variants: list[Variant], tokenizer, progress: b
                     record.stats.append(result.stats)
                 if record.outputs is None:
                     record.outputs = result.outputs
+        for variant in active:
+            if variant.phase_pass:
+                bar.set_postfix_str(f"{domain} T={temperature} B={batch} {variant.label} (phases)")
+                variant.time_phases(True)
+                try:
+                    cell[variant.label].phase_stats = variant.run(prompts[domain], temperature, batch,
+                                                                  cfg.max_new_tokens).stats
+                finally:
+                    variant.time_phases(False)
+                bar.update(1)
         results += cell.values()
     bar.close()
     return results
 
 
 def greedy_pairs(results: list[CellResult]) -> list[tuple[CellResult, CellResult]]:
-    """``(dspark variant, reference)`` for every greedy batch-1 dspark cell that has a reference to
-    compare with: ``transformers``' plain generate when that peer ran, else dspark's ``none``."""
+    """``(dspark variant, reference)`` for every greedy dspark cell that has a reference to
+    compare with. At batch 1: ``transformers``' plain generate when that peer ran, else dspark's
+    ``none``; in larger batches dspark's ``none`` at the same batch size (the same requests decoded
+    together: batch invariance — a request's greedy tokens alone against in a batch — is not
+    what losslessness promises, and rounding may differ between the two shapes)."""
     pairs = []
     for r in results:
-        if r.temperature != 0 or r.batch_size != 1 or r.kind != "dspark":
+        if r.temperature != 0 or r.kind != "dspark":
             continue
-        candidates = [x for x in results if x.domain == r.domain and x.temperature == 0 and x.batch_size == 1]
-        reference = next((x for x in candidates if x.family == "hf_plain"), None) or \
-            next((x for x in candidates if x.family == "none"), None)
-        if reference is not None and reference is not r and reference.outputs is not None:
+        greedy = [x for x in results if x.domain == r.domain and x.temperature == 0 and x.outputs is not None]
+        same_batch = [x for x in greedy if x.batch_size == r.batch_size]
+        if r.batch_size == 1:
+            reference = next((x for x in same_batch if x.family == "hf_plain"), None) or \
+                next((x for x in same_batch if x.family == "none"), None)
+        else:
+            reference = next((x for x in same_batch if x.family == "none"), None)
+        if reference is not None and reference is not r:
             pairs.append((r, reference))
     return pairs
 
 
 def greedy_mismatches(results: list[CellResult]) -> list[dict]:
-    """Prompts where a dspark variant's greedy output differs from the reference
-    (batch 1, temperature 0: :func:`greedy_pairs`), with the first differing position. Reported,
-    never averaged away."""
+    """Prompts where a dspark variant's greedy output differs from its reference
+    (:func:`greedy_pairs`), with the first differing position. Reported, never averaged away."""
     mismatches = []
     for r, reference in greedy_pairs(results):
         for i, (ours, theirs) in enumerate(zip(r.outputs, reference.outputs)):
             if ours != theirs:
                 first = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                mismatches.append(dict(domain=r.domain, variant=r.variant, reference=reference.variant, prompt=i,
-                                       first_difference=first))
+                mismatches.append(dict(domain=r.domain, batch_size=r.batch_size, variant=r.variant,
+                                       reference=reference.variant, reference_batch_size=reference.batch_size,
+                                       prompt=i, first_difference=first))
     for m in mismatches:
         print(f"GREEDY MISMATCH: {m}", file=sys.stderr)
     return mismatches
