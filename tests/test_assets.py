@@ -98,6 +98,28 @@ def test_shipped_eagle3_fits_the_target_and_is_lossless():
     assert_greedy_lossless_and_accepted("eagle3")
 
 
+def test_shipped_drafters_record_the_embedded_target_and_warn_on_another(caplog):
+    """Every shipped target-reading drafter records the embedded target's identity: on it (any
+    dtype) no warning; on a same-shape target with other weights a warning names the checkpoint."""
+    import json
+
+    from dspark.drafters.checkpoint import target_identity
+    from dspark.drafters.dspark import load_block_drafter
+    from dspark.drafters.eagle3 import load_eagle3
+
+    target = load_model("dspark-tiny")
+    for name in assets.TARGET_DRAFTERS:
+        recorded = json.loads((assets.resolve_model(name) / "config.json").read_text())["target_identity"]
+        assert recorded == target_identity(target), name
+    load_block_drafter("dspark-tiny-dspark", load_model("dspark-tiny", dtype="bfloat16"))
+    assert "another target" not in caplog.text
+    other = load_model("dspark-tiny")
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.01)
+    load_eagle3("dspark-tiny-eagle3", other)
+    assert "dspark-tiny/eagle3' was trained for another target of the same shape" in caplog.text
+
+
 def test_the_ablation_was_trained_alike():
     """DSpark (Markov, RNN), DFlash and EAGLE-3: same data, steps and seed (their metrics.json record it)."""
     import json
