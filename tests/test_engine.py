@@ -152,6 +152,19 @@ def test_stop_checks_per_request_through_refilled_slots():
 
 
 @pytest.mark.slow
+def test_a_batch_larger_than_the_cache_is_refused_when_opened():
+    target = tiny_hf_model("qwen3", scale=2.0)
+    pipe = spec_pipeline(target, "ngram", 3, "cache.max_len=64")
+    with pytest.raises(ValueError, match=r"a batch of max_len 65 does not fit the KV cache \(cache.max_len=64\)"):
+        pipe.engine.open_batch(2, 65)
+    with pytest.raises(ValueError, match=r"a batch of max_len 65 does not fit the KV cache"):
+        dspark.Session(pipe, max_len=65)
+    for slots, max_len, wrong in ((0, 8, "slots >= 1"), (2, 0, "max_len >= 1"), (2.0, 8, "slots >= 1")):
+        with pytest.raises(ValueError, match=wrong):
+            pipe.engine.open_batch(slots, max_len)
+    assert pipe.engine.open_batch(2, 64).max_len == 64
+
+
 @pytest.mark.parametrize("drafter", ["none", "draft_model", "dspark", "eagle3"])
 def test_chi_square_with_continuous_batching(drafter):
     """10,000 requests through 1,000 slots, budgets of 3 to 6 tokens so that slots free up at

@@ -265,6 +265,13 @@ class Engine(Admission):
         and be decoded by :meth:`step` — the loop under :meth:`generate`, and under
         :class:`~dspark.session.Session` for requests that arrive while others decode. The options
         are :meth:`generate`'s, for every request of the batch."""
+        capacity = self.cache_config.max_len
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"a batch needs slots >= 1 (an integer), got {slots!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"a batch needs max_len >= 1 (an integer), got {max_len!r}")
+        if capacity is not None and max_len > capacity:
+            raise ValueError(f"a batch of max_len {max_len} does not fit the KV cache (cache.max_len={capacity})")
         device, gamma = self.device, self.drafter.gamma
         zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
         state = DecodingState(tokens=torch.zeros(slots, max_len, dtype=torch.long, device=device),
