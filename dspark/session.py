@@ -106,10 +106,16 @@ class Session:
                              f"(engine.batching={engine.config.batching}; the drafter must implement admit() and the "
                              "cache have row views)")
         check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs)
-        max_len = engine.cache_config.max_len if max_len is None else max_len
+        lookahead = engine.drafter.gamma + 1
+        positions = getattr(engine.target, "max_position_embeddings", None)
+        limit = None if positions is None else positions + lookahead  # (more could never be used)
         if max_len is None:
-            raise ValueError("a Session needs max_len, the positions per request (prompt + max_new_tokens + "
-                             f"{engine.drafter.gamma + 1} at most), or cache.max_len in the config")
+            max_len = engine.cache_config.max_len
+            if max_len is None:
+                raise ValueError("a Session needs max_len, the positions per request (prompt + max_new_tokens + "
+                                 f"{lookahead} at most; dspark serve: --max-len), or cache.max_len in the config")
+            if limit is not None and max_len > limit:
+                max_len = limit  # (cache.max_len may be sized for larger batches of other models)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < engine.drafter.gamma + 2:
             raise ValueError(f"max_len must be an integer >= {engine.drafter.gamma + 2}, got {max_len!r}")
         self.pipeline, self.engine = pipeline, engine

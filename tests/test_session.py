@@ -273,3 +273,25 @@ def test_generate_says_why_each_request_ended(batching):
     assert result.finish_reasons == ["length", "stop", "stop", "stop", "stop"]
     assert result.token_ids[0] == free and result.token_ids[1] == free[:early + 1] and result.token_ids[3] == [eos]
     assert result.token_ids[4] == free[:late + 1]  # its stop token is its budget's last: a stop, as vLLM says
+
+
+def test_a_session_holds_no_more_positions_than_the_target_has():
+    """max_len beyond max_position_embeddings + lookahead could never be used (and made the server
+    advertise a context the model lacks, refusing every chat without max_tokens): refused when
+    asked for, capped when it comes from cache.max_len."""
+    target = tiny_hf_model("qwen3", scale=2.0)  # 256 positions
+    pipe = spec_pipeline(target, "ngram", 3)
+    with pytest.raises(ValueError, match=r"max_len 261 is more positions than a request can use: the target has "
+                                         r"max_position_embeddings 256, \+ 4 of lookahead = 260 at most"):
+        pipe.session(max_len=261)
+    assert pipe.session(max_len=260).batch.max_len == 260
+    roomy = spec_pipeline(target, "ngram", 3, "cache.max_len=1000")
+    assert roomy.session().batch.max_len == 260
+
+
+def test_rounds_wider_than_sixty_four_tokens():
+    target = tiny_hf_model("qwen3", scale=2.0)
+    prompts = ragged_prompts(101, lengths=(30, 5))
+    expected = spec_pipeline(target, "none", 0).generate(prompts, max_new_tokens=80, ignore_eos=True).token_ids
+    wide = spec_pipeline(target, "ngram", 70)
+    assert wide.generate(prompts, max_new_tokens=80, ignore_eos=True).token_ids == expected

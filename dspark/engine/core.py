@@ -272,6 +272,11 @@ class Engine(Admission):
             raise ValueError(f"a batch needs max_len >= 1 (an integer), got {max_len!r}")
         if capacity is not None and max_len > capacity:
             raise ValueError(f"a batch of max_len {max_len} does not fit the KV cache (cache.max_len={capacity})")
+        positions = getattr(self.target, "max_position_embeddings", None)
+        if positions is not None and max_len > positions + self.drafter.gamma + 1:
+            raise ValueError(f"max_len {max_len} is more positions than a request can use: the target has "
+                             f"max_position_embeddings {positions}, + {self.drafter.gamma + 1} of lookahead = "
+                             f"{positions + self.drafter.gamma + 1} at most")
         device, gamma = self.device, self.drafter.gamma
         zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
         state = DecodingState(tokens=torch.zeros(slots, max_len, dtype=torch.long, device=device),

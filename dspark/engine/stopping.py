@@ -88,7 +88,7 @@ class Stopper:
         self.mass = torch.zeros(1, device=device)  # 0, or NaN once a distribution without mass was drawn from
         self.ended_without_mass: list[tuple[int, int]] = []  # (slot, length): the last status read's (host)
         self._checked: list[tuple] = []  # check_mass's [B, K] maxima and [B] lengths since the last status read
-        self._columns = torch.arange(4096, device=device)  # (position indices, sliced)
+        self._columns = torch.arange(64, device=device)  # (position indices, sliced; grown for wider rounds)
 
     def admit(self, rows: torch.Tensor, slots: list[int], requests: list) -> None:
         """New requests (:class:`Request`) in ``slots`` (``rows`` on the device): their stop ids,
@@ -147,6 +147,8 @@ class Stopper:
         so nothing in the rest of the round indexes out of range (on CUDA: a device assert) before
         that read. Few torch calls: at batch 1 on a CPU each costs more than its arithmetic."""
         width = tokens.shape[1]
+        if width > self._columns.numel():  # (a host-side shape: no sync)
+            self._columns = torch.arange(width, device=tokens.device)
         top = logits[:, :width].amax(-1)  # [B, K]: NaN if any is; −∞ if all are; +∞ if any is
         top.masked_fill_(self._columns[:width] >= num_emitted.unsqueeze(1), 0.0)  # (positions not drawn from)
         self.mass += (top - top).sum()  # x − x: 0 if finite, else NaN
