@@ -74,9 +74,9 @@ class PenaltyHistory:
         The logit bias goes first. Every position is then penalised with the committed history
         alone; then the entries of the draft tokens, the only ones the drafts change, are
         recomputed with their counts at each position (``[B, K+1, K]`` values): no
-        ``[B, K+1, V]`` counts are built.
+        ``[B, K+1, V]`` counts are built. Half-precision logits come back float32 (:func:`penalize`).
         """
-        logits = biased(logits, params)
+        logits = biased(in_float32(logits), params)
         out = penalized(logits, self.counts.unsqueeze(1), self.in_prompt.unsqueeze(1), params)
         width, vocab = drafts.shape[1], self.counts.shape[1]
         banned = None
@@ -161,8 +161,18 @@ def biased(logits: torch.Tensor, params: SamplingParams | MixedSamplingParams) -
     return logits.index_add(-1, index, values.expand(*logits.shape[:-1], len(tokens)))
 
 
+def in_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision (bfloat16, float16) logits as float32, others as they are. The penalties and
+    the bias are applied in float32 at least: in bfloat16 a request's ``[B]`` column of settings
+    would be rounded (1.3 → 1.296875) where a batch-wide number is not — a request would decode
+    differently beside one with other settings — and float16 overflows for strong penalties. The
+    sampler works in float32 anyway."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, params: SamplingParams | MixedSamplingParams) -> torch.Tensor:
-    """``logits`` ``[B, ..., V]`` with the logit bias and the penalties of ``params`` applied (a new tensor).
+    """``logits`` ``[B, ..., V]`` with the logit bias and the penalties of ``params`` applied (a new
+    tensor; float32 for half-precision logits: :func:`in_float32`).
 
     Args:
         counts: output occurrences before each position, ``[B, ..., V]`` or broadcastable to it
@@ -171,7 +181,7 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor
         in_prompt: ``[B, V]`` bool, each request's prompt tokens.
     """
     prompt = in_prompt.view(in_prompt.shape[0], *([1] * (logits.dim() - 2)), in_prompt.shape[1])
-    return penalized(biased(logits, params), counts, prompt, params)
+    return penalized(biased(in_float32(logits), params), counts, prompt, params)
 
 
 def counted(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -100,17 +100,19 @@ def test_ngram_bans_match_the_definition(n, seed):
 
 @given(rows=st.lists(st.tuples(penalty_params, st.integers(0, 3)).map(
     lambda pair: dataclasses.replace(pair[0], no_repeat_ngram_size=pair[1])), min_size=3, max_size=3),
-    seed=st.integers(0, 2**16))
-def test_penalties_per_request_are_each_requests_own(rows, seed):
+    seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float64, torch.bfloat16, torch.float16]))
+def test_penalties_per_request_are_each_requests_own(rows, seed, dtype):
     """Requests with different penalties, biases and n-gram sizes in one batch: every verify
-    position of each row equals that row penalised alone, bit for bit — and so does a drafter's step."""
+    position of each row equals that row penalised alone, bit for bit — and so does a drafter's step.
+    In half precision too (a request's column of settings was rounded to bfloat16 there: 1.3 became
+    1.296875 beside another request, 1.3 alone)."""
     g = torch.Generator().manual_seed(seed)
     vocab, width = 6, 4
     tokens = torch.randint(0, vocab, (3, 10), generator=g)
     history = PenaltyHistory.of(tokens, torch.tensor([3, 2, 5]), torch.tensor([7, 3, 10 - width]), vocab)
     drafts = torch.randint(0, vocab, (3, width - 1), generator=g)
     num_drafts = torch.tensor([3, 1, 2])
-    logits = torch.randn(3, width, vocab, generator=g, dtype=torch.float64) * 3
+    logits = (torch.randn(3, width, vocab, generator=g, dtype=torch.float64) * 3).to(dtype)
     mixed = batch_params(rows, 3)
     got = history.penalize_verify(logits, drafts, num_drafts, mixed)
     drafted = penalize_draft(logits[:, 0], mixed, draft_penalty(history))
@@ -118,6 +120,17 @@ def test_penalties_per_request_are_each_requests_own(rows, seed):
         alone = PenaltyHistory.of(tokens[b:b + 1], torch.tensor([3, 2, 5])[b:b + 1], history.lengths[b:b + 1], vocab)
         assert torch.equal(got[b], alone.penalize_verify(logits[b:b + 1], drafts[b:b + 1], num_drafts[b:b + 1], row)[0])
         assert torch.equal(drafted[b], penalize_draft(logits[b:b + 1, 0], row, draft_penalty(alone))[0])
+
+
+def test_half_precision_logits_are_penalised_in_float32():
+    """A float16 model's logits divided by a strong (valid) repetition penalty overflowed to inf."""
+    logits = torch.tensor([[[12.0, 9.0, -8.0, 1.0]]], dtype=torch.float16)
+    history = PenaltyHistory.of(torch.tensor([[1, 2]]), torch.tensor([2]), torch.tensor([2]), 4)
+    params = SamplingParams(1.0, repetition_penalty=1e-4)
+    got = history.penalize_verify(logits, torch.zeros(1, 0, dtype=torch.long), torch.tensor([0]), params)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert got[0, 0].tolist() == pytest.approx([12.0, 9e4, -8e-4, 1.0], rel=1e-6)
+    assert torch.equal(penalize_draft(logits[:, 0], params, draft_penalty(history)), got[:, 0])
 
 
 def test_no_penalty_changes_nothing():
