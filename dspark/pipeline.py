@@ -305,9 +305,10 @@ class Pipeline:
         budgets, sampling settings, seeds, and the stop settings (``ignore_eos``, stop ids, a
         :class:`~dspark.stop_strings.StopStrings` or ``None``, ``min_new_tokens``)."""
         budgets = [max_new_tokens] if not isinstance(max_new_tokens, (list, tuple)) else list(max_new_tokens)
-        if not budgets or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in budgets):
+        if not budgets or not all(_is_integer(m) and m >= 1 for m in budgets):
             raise ValueError(f"max_new_tokens must be an integer >= 1, or a list of them (one per request), "
                              f"got {max_new_tokens!r}")
+        budgets = [int(m) for m in budgets]
         encoded = self.encode(prompts)
         params = self._sampling_params(len(encoded), **sampling)
         if isinstance(max_new_tokens, (list, tuple)) and len(budgets) != len(encoded):
@@ -347,10 +348,10 @@ class Pipeline:
         least = min(budgets)
         for i, (m, budget) in enumerate(zip(min_new, budgets)):
             bound = budget if listed else least
-            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= bound:
+            if not _is_integer(m) or not 0 <= m <= bound:
                 raise ValueError(f"{f'request {i}: ' if listed else ''}min_new_tokens must be an integer in "
                                  f"[0, max_new_tokens={bound}], got {m!r}")
-        return ignore, stop_ids, stop_strings, min_new
+        return ignore, stop_ids, stop_strings, [int(m) for m in min_new]
 
     def _sampling_params(self, count: int, **settings) -> SamplingParams | list[SamplingParams]:
         """``generate``'s sampling settings as :class:`SamplingParams`: one for all ``count``
@@ -436,6 +437,11 @@ def _integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def _is_integer(value) -> bool:
+    """An int, numpy's too; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_token_id(value) -> bool:
     """An int (numpy's too) or a 0-d integer tensor; not a bool, float or string."""
     if isinstance(value, torch.Tensor):
@@ -448,15 +454,15 @@ def _request_seeds(seed, count: int) -> list[int]:
     ``torch``'s global generator), or all fresh without a seed."""
     if seed is None:
         return torch.randint(0, 2**62, (count,)).tolist()
-    if isinstance(seed, bool):
-        raise TypeError("seed must be an int, a list of ints, or None")
-    if isinstance(seed, int):
-        return _in_seed_range([seed + i for i in range(count)])
+    if _is_integer(seed):
+        return _in_seed_range([int(seed) + i for i in range(count)])
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, (list, tuple)):
+        raise TypeError(f"seed must be an int, a list of ints (None for a fresh one), or None, got {seed!r}")
     seeds = list(seed)
-    if len(seeds) != count or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in seeds):
+    if len(seeds) != count or not all(s is None or _is_integer(s) for s in seeds):
         raise ValueError(f"seed must be an int or one int per request ({count}; None for a fresh one), got {seed!r}")
     fresh = iter(torch.randint(0, 2**62, (count,)).tolist())
-    return _in_seed_range([next(fresh) if s is None else s for s in seeds])
+    return _in_seed_range([next(fresh) if s is None else int(s) for s in seeds])
 
 
 SEED_RANGE = (-2**63, 2**64 - 1)

@@ -29,6 +29,8 @@ MIN_TEMPERATURE = 1e-6
 """The smallest temperature above 0 accepted: logits of a few tens divided by much less overflow
 float32. Greedy decoding is ``temperature = 0``."""
 
+#: the largest top_k / no_repeat_ngram_size (int32's; a batch holds them in an integer column)
+MAX_INTEGER_SETTING = 2**31 - 1
 REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 """The ``repetition_penalty`` values accepted: a logit divided (or multiplied) by one outside
 overflows float32, leaving a distribution without mass (NaN, or every token at −∞)."""
@@ -90,12 +92,13 @@ class SamplingParams:
             # below MIN_TEMPERATURE, logits ÷ T overflows float32 (NaN probabilities); ask for greedy instead
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy; otherwise finite and at least "
                              f"{MIN_TEMPERATURE:g}), got {t!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
-        if not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1] (0 = disabled), got {self.min_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_INTEGER_SETTING:
+            raise ValueError(f"top_k must be an integer in [0, {MAX_INTEGER_SETTING}] (0 = disabled; a k at least the "
+                             f"vocabulary size keeps every token), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1] (1 = disabled), got {self.top_p!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be a number in [0, 1] (0 = disabled), got {self.min_p!r}")
         low, high = REPETITION_PENALTY_RANGE
         if (isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float))
                 or not low <= self.repetition_penalty <= high):
@@ -106,14 +109,15 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 = disabled), got {value!r}")
         if (isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int)
-                or self.no_repeat_ngram_size < 0):
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0 = disabled), got {self.no_repeat_ngram_size!r}")
+                or not 0 <= self.no_repeat_ngram_size <= MAX_INTEGER_SETTING):
+            raise ValueError(f"no_repeat_ngram_size must be an integer in [0, {MAX_INTEGER_SETTING}] (0 = disabled), "
+                             f"got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.logit_bias, tuple) or not all(
                 isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)
                 and pair[0] >= 0 and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
                 and -100.0 <= pair[1] <= 100.0 for pair in self.logit_bias):
-            raise ValueError("logit_bias must map token ids (integers >= 0) to biases in [-100, 100], "
-                             f"got {self.logit_bias!r}")
+            raise ValueError("logit_bias must map token ids (integers >= 0) to biases in [-100, 100], as a tuple of "
+                             f"(token id, bias) pairs (generate(logit_bias=...) takes a dict), got {self.logit_bias!r}")
         if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
             raise ValueError(f"logit_bias names a token twice: {self.logit_bias!r}")
         return self

@@ -26,10 +26,15 @@ def no_compute(pipe, monkeypatch):
     ([[1, 2]], dict(max_new_tokens=0), ValueError, "max_new_tokens must be an integer >= 1"),
     ([[1, 2]], dict(max_new_tokens=2.5), ValueError, "max_new_tokens must be an integer >= 1"),
     ([[1, 2]], dict(max_new_tokens=4, temperature=-0.1), ValueError, r"temperature must be a number >= 0"),
-    ([[1, 2]], dict(max_new_tokens=4, top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
-    ([[1, 2]], dict(max_new_tokens=4, top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
-    ([[1, 2]], dict(max_new_tokens=4, top_k=-1), ValueError, "top_k must be an integer >= 0"),
-    ([[1, 2]], dict(max_new_tokens=4, min_p=2.0), ValueError, r"min_p must be in \[0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, top_p=0.0), ValueError, r"top_p must be a number in \(0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, top_p=1.5), ValueError, r"top_p must be a number in \(0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, top_k=-1), ValueError, "top_k must be an integer in \\[0, 2147483647\\]"),
+    ([[1, 2]], dict(max_new_tokens=4, min_p=2.0), ValueError, r"min_p must be a number in \[0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, top_p=True), ValueError, r"top_p must be a number in \(0, 1\]"),
+    ([[1, 2]], dict(max_new_tokens=4, min_p=True), ValueError, r"min_p must be a number in \[0, 1\]"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, top_k=[2**63, 5]), ValueError, r"request 0: top_k must be an integer in"),
+    ([[1, 2]], dict(max_new_tokens=4, seed=1.5), TypeError, r"seed must be an int, a list of ints .* got 1.5"),
+    ([[1, 2]], dict(max_new_tokens=4, seed="7"), TypeError, r"seed must be an int, a list of ints .* got '7'"),
     ([], dict(max_new_tokens=4), ValueError, "prompts is empty"),
     ([[1, 2], []], dict(max_new_tokens=4), ValueError, r"prompt 1 is empty \(0 tokens\)"),
     (["hi"], dict(max_new_tokens=4), ValueError, "prompt 0 is a string but this pipeline has no tokenizer"),
@@ -51,11 +56,11 @@ def no_compute(pipe, monkeypatch):
     ([[1, 2], [3]], dict(max_new_tokens=[4, 2], min_new_tokens=3), ValueError, r"min_new_tokens must be .* \[0, .*2\]"),
     ([[1, 2], list(range(20))], dict(max_new_tokens=[4, 12]), ValueError, r"prompt 1 \(20 tokens\) \+ max_new_tokens \(12\)"),
     ([[1, 2], [3]], dict(max_new_tokens=4, temperature=[0.5]), ValueError, "temperature has 1 values for 2 prompts"),
-    ([[1, 2], [3]], dict(max_new_tokens=4, top_p=[0.9, 0.0]), ValueError, r"request 1: top_p must be in \(0, 1\]"),
+    ([[1, 2], [3]], dict(max_new_tokens=4, top_p=[0.9, 0.0]), ValueError, r"request 1: top_p must be a number in \(0, 1\]"),
     ([[1, 2], [3]], dict(max_new_tokens=4, logit_bias=[{1: 2.0}, {500: 1.0}]), ValueError,
      r"request 1: logit_bias token ids \[500\] are outside"),
     ([[1, 2], [3]], dict(max_new_tokens=4, no_repeat_ngram_size=[2, -1]), ValueError,
-     "request 1: no_repeat_ngram_size must be an integer >= 0"),
+     r"request 1: no_repeat_ngram_size must be an integer in \[0, 2147483647\]"),
     ([[1, 2], [3]], dict(max_new_tokens=[4, 2], min_new_tokens=[3, 3]), ValueError,
      r"request 1: min_new_tokens must be an integer in \[0, max_new_tokens=2\]"),
     ([[1, 2], [3]], dict(max_new_tokens=4, stop_token_ids=[[1], [500]]), ValueError, r"stop_token_ids must be token ids"),
@@ -155,3 +160,13 @@ def test_a_distribution_without_mass_ends_that_request_alone(backend, temperatur
     kept = result.token_ids[1]
     assert kept == normal.token_ids[1][:len(kept)] and (kept == [] if broken_call == 0 else 0 < len(kept) < 8)
     assert "request 1: the target's distribution had no probability mass" in caplog.text
+
+
+def test_numpy_integers_are_integers(pipe):
+    """numpy ints were taken in prompts but refused as max_new_tokens, min_new_tokens and seeds."""
+    np = pytest.importorskip("numpy")
+    want = pipe.generate([[1, 2]], max_new_tokens=3, min_new_tokens=1, seed=3, temperature=1.0).token_ids
+    assert pipe.generate([[1, 2]], max_new_tokens=np.int64(3), min_new_tokens=np.int32(1), seed=np.int64(3),
+                         temperature=1.0).token_ids == want
+    assert pipe.generate([[1, 2]], max_new_tokens=[np.int64(3)], seed=[np.int64(3)], min_new_tokens=1,
+                         temperature=1.0).token_ids == want
