@@ -384,11 +384,16 @@ class AdaptiveScheduler(DSparkScheduler):
         self.reached = self.accepted = None
 
     def acceptance(self, gamma: int, device) -> torch.Tensor:
-        """``[γ]`` the estimated conditional acceptance per position, ``(accepted + prior) / (reached + 1)``."""
-        if self.reached is None or self.reached.shape[0] != gamma:
+        """``[γ]`` the estimated conditional acceptance per position, ``(accepted + prior) / (reached + 1)``.
+        The counts are kept at the widest proposal seen: a drafter that stops early offers narrower
+        proposals in some rounds, and the positions they share keep what was learnt."""
+        if self.reached is None:
             self.reached = torch.zeros(gamma, dtype=torch.float64, device=device)
             self.accepted = torch.zeros_like(self.reached)
-        return (self.accepted + self.config.prior) / (self.reached + 1.0)
+        elif self.reached.shape[0] < gamma:
+            more = self.reached.new_zeros(gamma - self.reached.shape[0])
+            self.reached, self.accepted = torch.cat([self.reached, more]), torch.cat([self.accepted, more])
+        return ((self.accepted + self.config.prior) / (self.reached + 1.0))[:gamma]
 
     def schedule(self, proposal: DraftProposal, active: torch.Tensor) -> torch.Tensor:
         confidence = self.acceptance(proposal.gamma, proposal.tokens.device).expand(proposal.tokens.shape[0], -1)

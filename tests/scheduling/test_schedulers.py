@@ -243,6 +243,25 @@ def test_adaptive_scheduler_estimates_acceptance_from_earlier_rounds(tmp_path):
         AdaptiveSchedulerConfig(decay=1.0)
 
 
+def test_adaptive_scheduler_keeps_what_it_learnt_when_proposals_narrow(tmp_path):
+    """A drafter that stops early proposes narrower blocks in some rounds: the counts of the
+    positions they share are kept (they were reset to the prior at every change of width)."""
+    from dspark.scheduling import AdaptiveScheduler
+    from dspark.scheduling.schedulers import AdaptiveSchedulerConfig
+
+    profile = tmp_path / "sps.json"
+    ThroughputProfile([1, 2, 4, 8], [1.0, 1.0, 0.9, 0.6]).save(profile)
+    scheduler = AdaptiveScheduler(AdaptiveSchedulerConfig(profile=str(profile), decay=0.5))
+    scheduler.acceptance(4, "cpu")
+    scheduler.record(torch.tensor([4]), torch.tensor([4]))  # reached (1, 1, 1, 1), accepted (1, 1, 1, 1)
+    learnt = scheduler.acceptance(4, "cpu").tolist()
+    assert learnt == pytest.approx([0.75] * 4)
+    assert scheduler.acceptance(3, "cpu").tolist() == pytest.approx(learnt[:3])  # a narrower round
+    scheduler.record(torch.tensor([3]), torch.tensor([3]))  # positions 1-3 learn more, position 4 decays
+    assert scheduler.acceptance(4, "cpu").tolist() == pytest.approx([2.0 / 2.5] * 3 + [1.0 / 1.5])
+    assert scheduler.acceptance(6, "cpu").tolist()[4:] == [0.5, 0.5]  # a wider one: the new positions at the prior
+
+
 @register_scheduler("observing_test")
 class _ObservingScheduler(dspark.scheduling.Scheduler):
     """Verifies nothing and records what the engine reports of each drafted round."""
