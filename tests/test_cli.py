@@ -422,3 +422,29 @@ def test_json_lines_carry_their_own_structured_outputs(capsys, monkeypatch, tmp_
     assert main(["serve", "--config", "ar", "--max-len", "64", "--max-new-tokens", "8", "target.device=cpu"]) == 0
     records = {r["line"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert records[1]["text"] in options and "non-empty list" in records[2]["error"] and "text" in records[3]
+
+
+def test_generate_tells_overrides_prompts_and_line_keys_apart(capsys, tmp_path):
+    """`temperature=0.8` was decoded as a second prompt (the setting ignored); a misspelt setting
+    in a --prompts-file line was ignored; --stats-json into a missing directory failed after the
+    decoding; sampling without --seed was the same on every run."""
+    base = ["generate", "--config", "ar", "--max-new-tokens", "4", "target.device=cpu"]
+    with pytest.raises(SystemExit, match=r"unknown config section\(s\) \['temperature'\].*goes in --prompt"):
+        main([*base, "def f():", "temperature=0.8"])
+    assert main([*base, "--prompt", "self.value=0"]) == 0
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(json.dumps({"prompt": "def f():", "temprature": 0.9}) + "\n")
+    with pytest.raises(SystemExit, match=r"request 0: unknown key 'temprature' \(did you mean 'temperature'\?\)"):
+        main([*base, "--prompts-file", str(lines)])
+    lines.write_text(json.dumps({"prompt": "def f():", "id": 7, "reference": "x"}) + "\n")  # an eval set's own data
+    capsys.readouterr()
+    assert main([*base, "--prompts-file", str(lines)]) == 0
+    assert "keys that are no setting, ignored: id, reference" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--stats-json .* its directory does not exist"):
+        main([*base, "--prompt", "x", "--stats-json", str(tmp_path / "no" / "stats.json")])
+    outputs = set()
+    for _ in range(3):
+        main([*base, "--prompt", "def f():", "--temperature", "1.0", "--print-ids", "--max-new-tokens", "12",
+              "--ignore-eos"])
+        outputs.add(capsys.readouterr().out)
+    assert len(outputs) > 1  # fresh seeds: a 12-token sample repeating thrice has probability ~0 here

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logit-bias", help="a JSON object {token id: bias}, biases in [-100, 100], e.g. '{\"0\": -100}'")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0,
                      help="no n-gram of this size occurs twice in prompt + output (0 = off)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None,
+                     help="sampling seed: request i gets SEED + i, the same tokens on every run (default: fresh "
+                          "seeds each run, as the Python API)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-id", type=int, action="append",
                      help="a token id that ends a request, like EOS (repeatable; kept in the output)")

@@ -11,15 +11,16 @@ from pathlib import Path
 
 from dspark.cli.requests import LINE_SETTINGS, chat_template_options, line_grammar, listed_stops, token_keyed
 
-OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key[.key]=value
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # section.key[.key]=value, or a misspelt one (refused)
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from dspark.config import BARE_COMPONENT, find_config
+    from dspark.config import BARE_COMPONENT, ConfigError, find_config
     from dspark.pipeline import build_pipeline
 
-    # positional words that are not `section.key=value` overrides are prompts: `dspark generate "def f():"`
-    # (or a component section switched by name: `drafter=ngram`)
+    # positional words are prompts unless they read `name[.key...]=value`: overrides (a component
+    # section switched by name, `drafter=ngram`, too); a word like `temperature=0.8` is then refused
+    # as an unknown section rather than decoded as a second prompt — text of that shape goes in --prompt
     is_override = lambda word: bool(OVERRIDE.match(word) or BARE_COMPONENT.match(word))  # noqa: E731
     positional = [o for o in args.overrides if not is_override(o)]
     overrides = [o for o in args.overrides if is_override(o)]
@@ -37,6 +38,7 @@ def generate_command(args: argparse.Namespace) -> int:
             records = read_jsonl(args.prompts_file)
         except ValueError as err:
             raise SystemExit(f"dspark generate: {err}") from None
+        _check_line_keys(args.prompts_file, records, first=len(prompts))
         prompts += [record["prompt"] for record in records]
         budgets += [record.get("max_new_tokens", args.max_new_tokens) for record in records]  # a line's own budget
         lines += [{name: record[name] for name in LINE_SETTINGS if name in record} for record in records]
@@ -57,8 +59,9 @@ def generate_command(args: argparse.Namespace) -> int:
         if given is not None and not args.chat:
             raise SystemExit(f"dspark generate: {flag} applies with --chat")
     chat_template, template_kwargs = chat_template_options(args, "generate")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise SystemExit(f"dspark generate: --output {args.output}: its directory does not exist")
+    for flag, path in (("--output", args.output), ("--stats-json", args.stats_json)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise SystemExit(f"dspark generate: {flag} {path}: its directory does not exist")
     if args.stream and len(prompts) != 1:
         raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
                          "prompts (drop --stream to generate a batch)")
@@ -71,7 +74,13 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.stream and args.progress:
         raise SystemExit("dspark generate: --stream and --progress both draw on the terminal; choose one")
     grammar = _grammar(args)
-    pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
+    try:
+        pipe = build_pipeline(args.config if args.config is not None else find_config("default"), overrides=overrides)
+    except ConfigError as err:
+        if "unknown config section" not in str(err):
+            raise
+        raise SystemExit(f"dspark generate: {err} (a prompt that reads NAME=VALUE goes in --prompt \"...\"; sampling "
+                         "settings are flags: --temperature 0.8)") from None
     streamer = None
     if args.stream:
         from dspark.streaming import TextStreamer
@@ -128,6 +137,28 @@ def generate_command(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(asdict(result.stats), f, indent=2)
     return 0
+
+
+def _check_line_keys(path: str, records: list[dict], first: int) -> None:
+    """A ``--prompts-file`` line's keys: a key that is nearly a setting's name is refused (a
+    misspelt ``temprature`` was ignored silently, the request decoded greedily); other keys are
+    taken as the line's own data (an eval set's ``id``, ``reference`` …) and named once on stderr."""
+    import difflib
+
+    from dspark.serving.protocol import STRUCTURED_FIELDS
+
+    known = ("prompt", "max_new_tokens", *LINE_SETTINGS, *STRUCTURED_FIELDS)
+    ignored: set[str] = set()
+    for index, record in enumerate(records, first):
+        for key in sorted(set(record) - set(known)):
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            if close:
+                raise SystemExit(f"dspark generate: {path}: request {index}: unknown key {key!r} (did you mean "
+                                 f"{close[0]!r}?); a line may set max_new_tokens, {', '.join(LINE_SETTINGS)} and a "
+                                 f"structured output ({', '.join(STRUCTURED_FIELDS)})")
+            ignored.add(key)
+    if ignored:
+        print(f"[dspark] {path}: keys that are no setting, ignored: {', '.join(sorted(ignored))}", file=sys.stderr)
 
 
 def _grammar(args: argparse.Namespace):

@@ -91,13 +91,13 @@ def test_sampled_tokens_follow_processed_distribution_chi_square():
 
 
 def test_sampling_params_validation_messages():
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
         SamplingParams(top_p=0).validate()
     for bad in (float("nan"), -0.5, 1e-46, float("inf"), True):  # 1e-46 once gave NaN probabilities
         with pytest.raises(ValueError, match="temperature must be a number >= 0"):
             SamplingParams(temperature=bad).validate()
     assert SamplingParams(temperature=1e-6).validate().temperature == 1e-6
-    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[0, "):
         SamplingParams(top_k=True).validate()
 
 
