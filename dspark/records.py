@@ -34,6 +34,8 @@ MAX_INTEGER_SETTING = 2**31 - 1
 REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 """The ``repetition_penalty`` values accepted: a logit divided (or multiplied) by one outside
 overflows float32, leaving a distribution without mass (NaN, or every token at −∞)."""
+#: the biases ``logit_bias`` may add (OpenAI's range)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class SamplingParams:
         if not isinstance(self.logit_bias, tuple) or not all(
                 isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)
                 and pair[0] >= 0 and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
-                and -100.0 <= pair[1] <= 100.0 for pair in self.logit_bias):
+                and LOGIT_BIAS_RANGE[0] <= pair[1] <= LOGIT_BIAS_RANGE[1] for pair in self.logit_bias):
             raise ValueError("logit_bias must map token ids (integers >= 0) to biases in [-100, 100], as a tuple of "
                              f"(token id, bias) pairs (generate(logit_bias=...) takes a dict), got {self.logit_bias!r}")
         if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import select
 import signal
 import socket
@@ -31,12 +32,13 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from dspark.pipeline import MAX_TOP_LOGPROBS
 from dspark.serving.loop import EngineLoop, EngineStopped
 from dspark.serving.metrics import render
-from dspark.serving.protocol import (ChoiceText, Job, ProtocolError, cut_at_stop, joined, logprobs_body,
-                                     parse_detokenize, parse_request, parse_tokenize)
+from dspark.serving.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, ChoiceText, Job, ProtocolError, cut_at_stop,
+                                     joined, logprobs_body, parse_detokenize, parse_request, parse_tokenize)
 from dspark.streaming import CONTEXT_TOKENS, REPLACEMENT, decode_continuation
 from dspark.tokenization import token_bytes
 
@@ -239,7 +241,7 @@ class OpenAIServer:
         try:
             return self.loop.submit(requests, list(range(job.choices)), events)
         except (ValueError, TypeError) as err:  # the session's checks (prompt length, vocabulary, ...)
-            raise ProtocolError(str(err)) from None
+            raise session_refusal(err, job) from None
 
     def choice(self, job: Job, index: int, output) -> dict:
         """Choice ``index``'s body: its text cut at a stop string (after its prompt, with ``echo``),
@@ -327,6 +329,30 @@ class OpenAIServer:
                 "model": self.model_name}
 
 
+#: the HTTP methods the server answers
+ALLOWED_METHODS = "GET, POST, OPTIONS"
+
+#: the session's names for the request fields the API names otherwise
+_API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def session_refusal(err: Exception, job: Job) -> ProtocolError:
+    """The API's error for a request the session refused: its message in the API's field names,
+    ``param`` the field it starts with (when it is one the endpoint reads), and, for a request
+    of several prompts, which one."""
+    message = re.sub(r"^request \d+: ", "", str(err))
+    message = re.sub(r"\b(" + "|".join(_API_NAMES) + r")\b", lambda m: _API_NAMES[m.group(1)], message)
+    first = re.match(r"\w+", message)
+    fields = CHAT_FIELDS if job.chat else COMPLETION_FIELDS
+    param = first.group(0) if first and first.group(0) in fields | {"prompt"} else None
+    if param == "prompt" and job.chat:
+        param, message = "messages", "the conversation" + message[len("prompt"):]
+    index = getattr(err, "refused_index", None)
+    if len(job.prompts) > 1 and index is not None:
+        message = f"prompt {index // job.n}: {message}"
+    return ProtocolError(message, param)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """One connection's requests (on a thread of its own)."""
 
@@ -347,6 +373,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._guarded(self._post)
 
+    def do_OPTIONS(self) -> None:  # noqa: N802 — what a client may ask (an HTTP client's probe)
+        self._guarded(self._options)
+
+    def do_PUT(self) -> None:  # noqa: N802 — the methods no route takes: 405, with the API's error body
+        self._guarded(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_PUT
+
     def send_response(self, code: int, message: str | None = None) -> None:
         self._responded = True
         super().send_response(code, message)
@@ -356,6 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         logged and, when no response has begun, the client gets a 500 with the API's error body
         (not a dropped connection); the connection then closes."""
         self._responded = False
+        self.route = urlsplit(self.path).path  # (a query string does not change the route)
         try:
             handle()
         except Exception:  # noqa: BLE001 — anything: a handler thread must answer
@@ -364,11 +399,25 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._responded:
                 self._error(ProtocolError("the server failed on this request (its log has the traceback)", status=500))
 
+    def _options(self) -> None:
+        if self.headers.get("Content-Length", "0") != "0":  # a body, not read: not to be parsed as a request
+            self.close_connection = True
+        self.send_response(204)
+        self.send_header("Allow", ALLOWED_METHODS)
+        self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _not_allowed(self) -> None:
+        self._error(ProtocolError(f"method {self.command} is not allowed: this server answers {ALLOWED_METHODS}",
+                                  status=405))
+
     def _get(self) -> None:
-        if self.path == "/health":
+        if self.route == "/health":
             ok = self.api.loop.running
             self._json(200 if ok else 503, {"status": "ok" if ok else "the engine is not running"})
-        elif self.path == "/metrics":
+        elif self.route == "/metrics":
             try:
                 snapshot = self.api.loop.snapshot()
             except EngineStopped as err:
@@ -378,28 +427,28 @@ class _Handler(BaseHTTPRequestHandler):
                           waiting=snapshot["waiting"], reached=snapshot["reached"], accepted_at=snapshot["accepted"],
                           prefix_queries=snapshot["prefix_queries"], prefix_hits=snapshot["prefix_hits"])
             self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-        elif self.path == "/tokenizer_info":
+        elif self.route == "/tokenizer_info":
             self._json(200, self.api.tokenizer_info())
-        elif self.path == "/v1/models":
+        elif self.route == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.api.model_name, "object": "model",
                                                          "created": self.api.created, "owned_by": "dspark"}]})
         else:
-            self._error(ProtocolError(f"no such path: GET {self.path} (GET /v1/models, /health, /metrics, "
+            self._error(ProtocolError(f"no such path: GET {self.route} (GET /v1/models, /health, /metrics, "
                                       "/tokenizer_info)", status=404))
 
     def _post(self) -> None:
-        if self.path in ("/tokenize", "/detokenize"):
+        if self.route in ("/tokenize", "/detokenize"):
             try:
-                self._json(200, (self.api.tokenize if self.path == "/tokenize" else self.api.detokenize)(self._body()))
+                self._json(200, (self.api.tokenize if self.route == "/tokenize" else self.api.detokenize)(self._body()))
             except ProtocolError as err:
                 self._error(err)
             return
-        if self.path not in ("/v1/completions", "/v1/chat/completions"):
-            self._error(ProtocolError(f"no such path: POST {self.path} (POST /v1/completions, /v1/chat/completions, "
+        if self.route not in ("/v1/completions", "/v1/chat/completions"):
+            self._error(ProtocolError(f"no such path: POST {self.route} (POST /v1/completions, /v1/chat/completions, "
                                       "/tokenize, /detokenize)", status=404))
             return
         try:
-            job = self.api.job(self._body(), chat=self.path == "/v1/chat/completions")
+            job = self.api.job(self._body(), chat=self.route == "/v1/chat/completions")
             events: queue.Queue = queue.Queue()
             ids = self.api.submit(job, events)
         except ProtocolError as err:
@@ -448,6 +497,8 @@ class _Handler(BaseHTTPRequestHandler):
         from dspark.streaming import TextStreamer
 
         api, head = self.api, self.api.head(job)
+        if job.include_usage:  # every chunk has a usage field, null until the last (OpenAI's stream_options)
+            head["usage"] = None
         pieces: dict[int, str] = {}
         decode = TextStreamer(api.pipeline.tokenizer, on_text=lambda k, piece: pieces.__setitem__(k, pieces.get(k, "") + piece),
                               keep_texts=False)
@@ -566,6 +617,6 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _error(self, err: ProtocolError) -> None:
-        if err.status in (411, 413):  # the body was not read: it must not be parsed as the next request
+        if err.status in (405, 411, 413):  # the body was not read: it must not be parsed as the next request
             self.close_connection = True
         self._json(err.status, err.body())

@@ -73,7 +73,8 @@ class EngineLoop:
         """Submit ``requests`` (:meth:`Session.submit`'s keyword arguments each) at once; their
         :class:`Emitted` go to ``events`` tagged with ``tags``. Returns their ids. If the session
         refuses one, none of them is decoding (those already submitted are aborted) and its
-        error is raised here."""
+        error is raised here, with the refused request's index in ``requests`` as
+        ``err.refused_index``."""
         return self._ask("submit", (requests, tags, events))
 
     def next(self, events: queue.Queue):
@@ -148,6 +149,7 @@ class EngineLoop:
                 for request in requests:
                     ids.append(session.submit(**request))
             except Exception as err:  # noqa: BLE001 — a refused request is the caller's error
+                err.refused_index = len(ids)  # which of ``requests`` was refused
                 for request in ids:
                     session.abort(request)
                     session.release(request)

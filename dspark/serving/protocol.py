@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from dspark.records import REPETITION_PENALTY_RANGE
+from dspark.records import LOGIT_BIAS_RANGE, MAX_INTEGER_SETTING, REPETITION_PENALTY_RANGE
 
 #: choices one request may ask for (``n`` × prompts)
 MAX_CHOICES = 128
@@ -152,7 +152,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int | Non
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ProtocolError(f"seed must be an integer, got {seed!r}", "seed")
-    top_k = _integer(body, "top_k", 0, low=-1)
+    top_k = _integer(body, "top_k", 0, low=-1, high=MAX_INTEGER_SETTING)
     grammar, grammar_field = structured_output(body)
     settings = dict(
         temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
@@ -163,7 +163,7 @@ def parse_request(body, *, chat: bool, model: str, default_max_tokens: int | Non
         frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, low=REPETITION_PENALTY_RANGE[0],
                                    high=REPETITION_PENALTY_RANGE[1]),
-        no_repeat_ngram_size=_integer(body, "no_repeat_ngram_size", 0, low=0),
+        no_repeat_ngram_size=_integer(body, "no_repeat_ngram_size", 0, low=0, high=MAX_INTEGER_SETTING),
         logit_bias=_logit_bias(body.get("logit_bias")),
         min_new_tokens=_integer(body, "min_tokens", 0, low=0),
         ignore_eos=_boolean(body, "ignore_eos", False),
@@ -361,12 +361,13 @@ def _logprobs(body: dict, chat: bool, max_logprobs: int) -> int | None:
     return count
 
 
-def _integer(body: dict, name: str, default: int, *, low: int) -> int:
+def _integer(body: dict, name: str, default: int, *, low: int, high: int | None = None) -> int:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ProtocolError(f"{name} must be an integer >= {low}, got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ProtocolError(f"{name} must be an integer {bounds}, got {value!r}", name)
     return value
 
 
@@ -392,14 +393,16 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
 
 
 def _logit_bias(value) -> dict[int, float] | None:
-    """``{"token id": bias}`` (JSON keys are strings) → ``{int: float}``."""
+    """``{"token id": bias}`` (JSON keys are strings; biases in [-100, 100], OpenAI's range) →
+    ``{int: float}``."""
     if value is None:
         return None
-    number = lambda bias: isinstance(bias, (int, float)) and not isinstance(bias, bool)  # noqa: E731
+    low, high = LOGIT_BIAS_RANGE
+    number = lambda bias: isinstance(bias, (int, float)) and not isinstance(bias, bool) and low <= bias <= high  # noqa: E731
     if not isinstance(value, dict) or not all(
             isinstance(token, str) and token.isascii() and token.isdigit() and number(bias) for token, bias in value.items()):
-        raise ProtocolError(f'logit_bias must map token ids to numbers, e.g. {{"50256": -100}}, got {_show(value)}',
-                            "logit_bias")
+        raise ProtocolError(f'logit_bias must map token ids to numbers in [{low:g}, {high:g}], e.g. {{"50256": -100}}, '
+                            f"got {_show(value)}", "logit_bias")
     return {int(token): float(bias) for token, bias in value.items()}
 
 

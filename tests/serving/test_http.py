@@ -82,6 +82,7 @@ def test_streams_add_up_to_the_answer(server):
     assert status == 200 and events[-1] == "[DONE]"
     chunks, usage = events[:-2], events[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    assert all(e["usage"] is None for e in chunks)  # (OpenAI's: every chunk has the field, null but the last)
     assert len({e["id"] for e in events[:-1]}) == 1
     for choice in whole["choices"]:
         mine = [c for e in chunks for c in e["choices"] if c["index"] == choice["index"]]
@@ -366,6 +367,40 @@ def test_errors_and_the_other_routes(server):
     # refused requests left nothing behind: the next decodes as the first
     _, again = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0})
     assert again["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_session_refusals_name_the_api_field_and_the_prompt(server):
+    """What the session refuses (lengths, vocabulary) is said in the API's names, with ``param``
+    set and, for a list of prompts, which prompt; a query string does not change the route."""
+    long = " ".join(map(str, range(200)))
+    status, body = request(server, "POST", "/v1/completions?api-version=1", {"prompt": "x", "max_tokens": 95})
+    assert status == 400 and body["error"]["param"] == "prompt"
+    assert "max_tokens (95)" in body["error"]["message"] and "max_new_tokens" not in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": ["x", long], "max_tokens": 4})
+    assert status == 400 and body["error"]["message"].startswith("prompt 1: prompt (")
+    status, body = request(server, "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": long}], "max_tokens": 4})
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert body["error"]["message"].startswith("the conversation (")
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "logit_bias": {"1000000": 3}})
+    assert status == 400 and body["error"]["param"] == "logit_bias" and "vocabulary" in body["error"]["message"]
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "stop_token_ids": [10**7]})
+    assert status == 400 and body["error"]["param"] == "stop_token_ids"
+    assert request(server, "GET", "/health?verbose=1") == (200, {"status": "ok"})
+
+
+def test_options_and_other_methods_get_answers_not_html(server):
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request("OPTIONS", "/v1/completions")
+    response = connection.getresponse()
+    assert response.status == 204 and response.getheader("Allow") == "GET, POST, OPTIONS" and response.read() == b""
+    connection.request("GET", "/health")  # the connection serves on
+    assert connection.getresponse().status == 200
+    connection.close()
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, body = request(server, method, "/v1/completions", {"prompt": "x"})
+        assert status == 405 and f"method {method} is not allowed" in body["error"]["message"]
 
 
 def test_requests_that_once_stopped_the_engine_or_dropped_the_connection(server, monkeypatch):
