@@ -36,8 +36,9 @@ class TargetConfig:
         path: Hugging Face checkpoint directory of the target model.
         random: an architecture spec for a randomly initialised model (``model_type`` plus
             ``transformers`` config keys, and an optional ``seed``) — for tests and benchmarks.
-        tokenizer: tokenizer directory (default: ``path``), or ``bytes`` for a built-in byte-level
-            tokenizer (256 byte tokens + EOS), or ``null`` for token-id prompts only.
+        tokenizer: tokenizer directory, or ``bytes`` for a built-in byte-level tokenizer (256 byte
+            tokens + EOS); ``null``: the target checkpoint's own tokenizer files when it has them,
+            else none (token-id prompts only).
         backend: ``auto`` (native when the architecture allows), ``native`` or ``hf``.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` …

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0, help="sampling seed (request i of the batch at s gets s + i)")
     cal.add_argument("--method", choices=("sts", "platt"), default=None,
                      help="sts: a temperature per position; platt: a temperature and a shift (default: the drafter's)")
-    cal.add_argument("--output", default=None, help="calibration.json path (default: beside the drafter checkpoint)")
+    cal.add_argument("--output", default=None, help="calibration.json path (default: beside the drafter checkpoint; a "
+                     "checkpoint shipped with dspark needs one: its own map is not overwritten)")
     cal.add_argument("--plot", default=None, help="reliability diagrams (PNG)")
     cal.add_argument("overrides", nargs="*")
     cal.set_defaults(func=calibrate_command)

@@ -80,7 +80,13 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
                          "memory — drafter.path: null, or drafter.random — or early_exit, which drafts with the "
                          "target's layers): name the file with output= (--output)")
     if output is None:
-        output = str(Path(resolve_checkpoint(cfg.drafter.path)) / CALIBRATION_FILE)
+        directory = Path(resolve_checkpoint(cfg.drafter.path)).resolve()
+        if directory.is_relative_to(Path(__file__).resolve().parents[1]):
+            raise ValueError(f"{directory} is a checkpoint shipped with dspark: the calibration.json beside it is the "
+                             "shipped map, and a fit would overwrite it inside the installed package. Write yours with "
+                             "output= (--output FILE) and decode with drafter.calibration=FILE; to replace the shipped "
+                             "map on purpose, name its path as the output")
+        output = str(directory / CALIBRATION_FILE)
     existing, greedy = {}, temperature == 0
     if Path(output).is_file():  # its other map is kept; a file the drafters could not read is refused
         load_calibration(output, 1)

@@ -1,6 +1,7 @@
 """``dspark calibrate`` and ``dspark profile`` end to end on tiny random models."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,11 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("draft_model", random_draft, num_prompts=1)
     with pytest.raises(ValueError, match=r"or early_exit, which drafts with the target's layers\): name the file"):
         calibrate("early_exit", SETUPS["early_exit"], num_prompts=1)
+    shipped = Path(dspark.__file__).parent / "assets" / "dspark-tiny" / "eagle3" / "calibration.json"
+    before = shipped.read_bytes()
+    with pytest.raises(ValueError, match=r"is a checkpoint shipped with dspark: .* output= \(--output FILE\)"):
+        calibrate("eagle3", ["target.device=cpu"], num_prompts=1)  # (refused before anything is decoded)
+    assert shipped.read_bytes() == before
     with pytest.raises(ValueError, match="method must be one of sts, platt, got 'isotonic'"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), method="isotonic")
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
