@@ -42,7 +42,8 @@ class TargetConfig:
         backend: ``auto`` (native when the architecture allows), ``native`` or ``hf``.
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` …
-        trust_remote_code: allow ``transformers`` to run code shipped with a checkpoint (off by default).
+        trust_remote_code: allow ``transformers`` to run code shipped with the target's checkpoint and its
+            tokenizer (off by default; a draft model has its own ``drafter.trust_remote_code``).
     """
 
     name: str | None = "dspark-tiny"

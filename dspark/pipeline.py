@@ -541,7 +541,7 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
             tokenizer = target_cfg.tokenizer
         elif isinstance(source, (str, Path)) and has_tokenizer_files(resolve_checkpoint(source)):
             tokenizer = resolve_checkpoint(source)
-    tokenizer = load_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(tokenizer, trust_remote_code=target_cfg.trust_remote_code)
 
     sampler = sampler_cls(section_object(cfg, "sampler"))
     verifier = verifier_cls(section_object(cfg, "verifier"))

@@ -62,8 +62,9 @@ def token_bytes(tokenizer, token_id: int) -> bytes | None:
     return None
 
 
-def load_tokenizer(source):
-    """A tokenizer from a directory path, ``"bytes"``, or an existing tokenizer object (returned as is)."""
+def load_tokenizer(source, *, trust_remote_code: bool = False):
+    """A tokenizer from a directory path, ``"bytes"``, or an existing tokenizer object (returned as is).
+    ``trust_remote_code`` lets ``transformers`` run a tokenizer class shipped with the directory."""
     if source is None or not isinstance(source, (str, Path)):
         return source
     if str(source) == BYTE_TOKENIZER:
@@ -73,7 +74,7 @@ def load_tokenizer(source):
     path = Path(source)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def has_tokenizer_files(path: str | Path | None) -> bool:

@@ -165,3 +165,52 @@ def test_min_new_tokens_holds_eos_back_as_transformers_does():
     for bad in (-1, 17, 2.0, True):
         with pytest.raises(ValueError, match="min_new_tokens must be an integer"):
             pipe.generate(prompts, max_new_tokens=16, min_new_tokens=bad)
+
+
+def test_trust_remote_code_reaches_the_tokenizer_and_the_draft_model(tmp_path):
+    """A tokenizer or a draft model whose checkpoint ships its own classes loads only when asked:
+    ``target.trust_remote_code`` covers the target's tokenizer, ``drafter.trust_remote_code`` the
+    draft model (once neither reached them, and such checkpoints could not be used at all)."""
+    import json
+
+    from helpers import TINY
+    from dspark.tokenization import byte_tokenizer
+
+    tokenizer_dir, draft_dir = tmp_path / "tokenizer", tmp_path / "draft"
+    byte_tokenizer().save_pretrained(tokenizer_dir)
+    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    settings.pop("tokenizer_class", None)
+    settings["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tokenizer_dir / "custom_tokenizer.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    tiny_hf_model("qwen3", seed=3, num_hidden_layers=1).save_pretrained(draft_dir)
+    config = json.loads((draft_dir / "config.json").read_text())
+    config.update(model_type="custom_lm", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "custom_model.CustomConfig",
+                            "AutoModelForCausalLM": "custom_model.CustomForCausalLM"})
+    (draft_dir / "config.json").write_text(json.dumps(config))
+    (draft_dir / "custom_model.py").write_text(
+        "from transformers import Qwen3Config, Qwen3ForCausalLM\n\n\n"
+        "class CustomConfig(Qwen3Config):\n    model_type = 'custom_lm'\n\n\n"
+        "class CustomForCausalLM(Qwen3ForCausalLM):\n    config_class = CustomConfig\n")
+    target = "{" + ", ".join(f"{k}: {v}" for k, v in TINY["qwen3"].items()) + "}"
+    setup = ["target.device=cpu", "target.dtype=float64", f"target.random={target}"]
+
+    with pytest.raises(ValueError, match="custom code"):
+        dspark.build_pipeline("ar", overrides=[*setup, f"target.tokenizer={tokenizer_dir}"])
+    pipe = dspark.build_pipeline("ar", overrides=[*setup, f"target.tokenizer={tokenizer_dir}",
+                                                  "target.trust_remote_code=true"])
+    assert type(pipe.tokenizer).__name__ == "CustomTokenizer"
+
+    drafting = [*setup, f"drafter.path={draft_dir}"]
+    with pytest.raises(ValueError, match="custom code"):
+        dspark.build_pipeline("draft_model", overrides=drafting)
+    with pytest.raises(ValueError, match="custom code"):  # the target's flag is not the draft model's
+        dspark.build_pipeline("draft_model", overrides=[*drafting, "target.trust_remote_code=true"])
+    pipe = dspark.build_pipeline("draft_model", overrides=[*drafting, "drafter.trust_remote_code=true"])
+    assert type(pipe.drafter.model.model).__name__ == "CustomForCausalLM"
+    prompts = [[1, 2, 3], [7, 8]]
+    reference = dspark.build_pipeline("ar", overrides=setup).generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert pipe.generate(prompts, max_new_tokens=12, ignore_eos=True).token_ids == reference.token_ids

@@ -33,6 +33,8 @@ class DraftModelConfig(DrafterConfig):
         random: instead of ``path``, an architecture spec for a random draft model (tests).
         dtype: the draft model's dtype (``null`` = the target's).
         backend: ``auto``, ``native`` or ``hf`` (as for the target).
+        trust_remote_code: let ``transformers`` run model code shipped with the draft model's
+            checkpoint (off unless asked; the target's flag does not cover the draft model).
         min_survival: stop drafting a request once its survival ``a_k = Π_{i≤k} c_i`` falls below
             this (``c_k``: the draft model's top probability at step k, calibrated when a
             calibration is found); ``x_k`` is then not offered. ``0`` (default) drafts γ every
@@ -50,6 +52,7 @@ class DraftModelConfig(DrafterConfig):
     random: dict[str, Any] | None = None
     dtype: str | None = None
     backend: str = "auto"
+    trust_remote_code: bool = False
     min_survival: float = 0.0
     calibration: str | None = "auto"
 
@@ -92,7 +95,8 @@ class DraftModelDrafter(Drafter):
                              "or pass build_pipeline(draft_model=...)")
         if config.backend not in ("auto", "native", "hf"):
             raise ValueError(f"drafter.backend must be one of auto, native, hf; got {config.backend!r}")
-        self.model = load_model(source, dtype=config.dtype or target.dtype, device=target.device, backend=config.backend)
+        self.model = load_model(source, dtype=config.dtype or target.dtype, device=target.device, backend=config.backend,
+                                trust_remote_code=config.trust_remote_code)
         if self.model.vocab_size != target.vocab_size:
             raise ValueError(f"draft model vocabulary ({self.model.vocab_size} tokens) differs from the target's "
                              f"({target.vocab_size} tokens); a draft model must share the target's tokenizer")
