@@ -232,6 +232,7 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
              {"target": cfg.teacher, "target_identity": target_identity(module.target)})
     else:
         export(trained, tokenizer, cfg.output_dir, cfg.save_dtype)
+    set_aside_stale_calibration(cfg.output_dir)
     Path(cfg.output_dir, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     if cfg.plot:
         plot_curves(training_logs(run_dir), cfg.plot, title=f"{cfg.kind} training")
@@ -358,6 +359,21 @@ def _teacher_cache(cfg: TrainConfig, target, layers):
           f"{sequences * cache.entry_bytes(cfg.seq_len) / 1e9:.1f} GB for {sequences} training sequences "
           "(plus the validation and test ones)", file=sys.stderr)
     return cache
+
+
+def set_aside_stale_calibration(output_dir: str) -> None:
+    """A ``calibration.json`` in ``output_dir`` was fitted for the weights just replaced, and
+    ``drafter.calibration: auto`` would apply it to the new ones: rename it to
+    ``calibration.stale.json`` (and say so) so that nothing reads it until ``dspark calibrate``
+    fits the new weights."""
+    from dspark.drafters.calibrated import CALIBRATION_FILE
+
+    old = Path(output_dir, CALIBRATION_FILE)
+    if old.is_file():
+        stale = old.with_name("calibration.stale.json")
+        old.replace(stale)
+        print(f"[dspark] {old} was fitted for the previous weights: moved to {stale.name}; fit the new ones with "
+              f"dspark calibrate", file=sys.stderr)
 
 
 def export(model, tokenizer, output_dir: str, dtype: str) -> None:

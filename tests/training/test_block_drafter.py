@@ -38,7 +38,12 @@ def test_a_drafter_in_deepspecs_dflash_form_trains(assets, tmp_path):
     values without the input norm: the loss still falls and the export loads as that drafter."""
     model = "model={gamma: 3, head: none, rank: 0, confidence: none, context_input_norm: false, target_layers: [0, 2]}"
     args = [a for a in drafter_config(assets, tmp_path, "max_steps=12") if not a.startswith("model=")] + [model]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "calibration.json").write_text('{"temperatures": [2.0, 2.0, 2.0]}')  # the old weights'
     train(load_train_config(None, args), documents=corpus())
+    # (set aside: drafter.calibration auto would have applied it to the new weights)
+    assert not (tmp_path / "out" / "calibration.json").exists()
+    assert (tmp_path / "out" / "calibration.stale.json").read_text() == '{"temperatures": [2.0, 2.0, 2.0]}'
     losses = read_logged(training_logs(tmp_path / "run"), "train/loss")
     assert losses[-1][1] < losses[0][1]
     net = load_block_drafter(tmp_path / "out", load_model(assets / "target"))
