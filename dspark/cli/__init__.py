@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also a line per step for each request that emitted: its new token_ids and the text they "
                             "complete (before its result line, which has \"stats\")")
     http = serve.add_argument_group("HTTP (the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; "
-                                    "/health, /metrics, /tokenize, /detokenize)")
+                                    "/health, /metrics, /tokenize, /detokenize, /tokenizer_info)")
     http.add_argument("--port", type=int, default=None, help="serve the OpenAI API over HTTP on this port (0: any free "
                                                              "one) instead of reading JSON lines")
     http.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1)")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a target, a draft model or a block drafter (Lightning)")
     tr.add_argument("kind", choices=["target", "draft", "drafter"])
-    tr.add_argument("--config", required=True, help="configs/train/{target,draft,dspark,dflash}.yaml")
+    tr.add_argument("--config", required=True, help="configs/train/{target,draft,dspark,dflash,eagle3}.yaml")
     tr.add_argument("overrides", nargs="*", help="config overrides, e.g. max_steps=100")
     tr.set_defaults(func=train_command)
 
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate",
                          help="fit the per-position confidence maps (Sequential Temperature or Platt scaling)")
     cal.add_argument("--config", default="dspark",
-                     help="a pipeline config whose drafter carries confidences (dspark, eagle3, draft_model)")
+                     help="a pipeline config whose drafter carries confidences (dspark, eagle3, draft_model, early_exit)")
     cal.add_argument("--prompts", default="calibration", help="a shipped prompt set or a JSONL file of prompts")
     cal.add_argument("--num-prompts", type=int, default=120)
     cal.add_argument("--max-new-tokens", type=int, default=128)
