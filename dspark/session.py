@@ -269,8 +269,8 @@ class Session:
     def release(self, request: int) -> None:
         """Forget a finished request's prompt, output and scores (a long-running server calls this
         once it has sent a result); :meth:`result` then refuses it."""
+        self._check_known(request)  # (first: True and 1.0 equal 1, and would pass the tests below)
         if request not in self._ended:
-            self._check_known(request)
             raise ValueError(f"request {request!r} has not finished: abort() it first, or wait")
         batch = self.batch
         self._released.add(request)
@@ -296,12 +296,14 @@ class Session:
     def prompt_token_ids(self, request: int) -> list[int]:
         """Request ``request``'s prompt ids (e.g. for :meth:`TextStreamer.start`)."""
         self._check_known(request)
+        if request in self._released:
+            raise ValueError(f"request {request} was released: its prompt is gone")
         return list(self.batch.requests[request].prompt)
 
     def result(self, request: int) -> RequestOutput:
         """The output of a finished request (``ValueError`` while it is not, or once released)."""
+        self._check_known(request)
         if request not in self._ended:
-            self._check_known(request)
             raise ValueError(f"request {request} has not finished (submitted: {len(self.batch.requests)})")
         if request in self._released:
             raise ValueError(f"request {request} was released: its output is gone")

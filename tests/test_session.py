@@ -147,9 +147,16 @@ def test_finish_reasons_and_release():
     assert session.result(by_token).finish_reason == "stop" and session.result(by_token).token_ids[-1] == free[5]
     assert session.result(by_string).finish_reason == "stop" and len(session.result(by_string).token_ids) <= 5
     assert session.result(by_length).prompt_token_ids == pipe.encode(["def add(a, b):"])[0]
+    for fake in (True, 1.0):  # (equal to 1, and once taken for it: result(True) gave request 1's output,
+        for call in (session.result, session.release, session.prompt_token_ids):  # release(1.0) half-released it)
+            with pytest.raises(ValueError, match=f"no request {fake!r} in this session"):
+                call(fake)
+    assert session.result(1).token_ids[-1] == free[5]
     session.release(by_length)
     with pytest.raises(ValueError, match="released"):
         session.result(by_length)
+    with pytest.raises(ValueError, match="released: its prompt is gone"):
+        session.prompt_token_ids(by_length)
     waiting = session.submit("import os", max_new_tokens=4)
     with pytest.raises(ValueError, match="has not finished"):
         session.release(waiting)
