@@ -66,7 +66,7 @@ class NgramDrafter(Drafter):
 
         best_end = torch.full((batch,), -1, dtype=torch.long, device=device)
         match = usable
-        for n in range(1, self.config.max_n + 1):
+        for n in range(1, min(self.config.max_n, width) + 1):  # (no n-gram longer than the buffer matches)
             # suffix token n from the end, compared with the token n-1 before each window end
             suffix_token = tokens.gather(1, (lengths - n).clamp(min=0).unsqueeze(1))  # [B, 1]
             # same[:, e] = (tokens[:, e - (n-1)] == suffix_token), False where e < n-1

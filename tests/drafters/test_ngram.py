@@ -56,6 +56,17 @@ def test_periodic_drafts_continue_a_repeating_text():
     assert proposal.tokens.tolist() == [[3, 1, 2, 3, 1], [4, 4, 4, 4, 4]] and proposal.num_tokens.tolist() == [5, 5]
 
 
+def test_max_n_past_the_token_buffer_matches_as_the_longest_that_fits():
+    """A ``max_n`` longer than the buffer (prompt + budget + lookahead) once crashed on a short
+    request (a negative slice width); n-grams that long cannot match, so the result is max_n = width's."""
+    contexts = [[5, 6, 7, 5, 6], [1, 2, 1]]
+    for max_n in (9, 10, 11, 40):
+        drafter = NgramDrafter(NgramConfig(num_speculative_tokens=3, min_n=1, max_n=max_n), target=None, sampler=None)
+        proposal = drafter.propose(state_of(contexts, width=8), torch.zeros(2, 0))
+        for b, context in enumerate(contexts):
+            assert proposal.tokens[b, :proposal.num_tokens[b]].tolist() == reference(context, 3, 1, max_n)
+
+
 def test_bad_n_range_is_an_error():
     with pytest.raises(ValueError, match="needs 1 <= min_n <= max_n, got min_n=3, max_n=2"):
         NgramDrafter(NgramConfig(min_n=3, max_n=2), target=None, sampler=None)
