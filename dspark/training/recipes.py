@@ -287,7 +287,7 @@ def _build_module(cfg: TrainConfig, tokenizer):
     from dspark.training.modules import DistillationModule, LanguageModelModule, build_hf_model
 
     if cfg.kind == "drafter":
-        return _block_drafter_module(cfg)
+        return _block_drafter_module(cfg, tokenizer)
     model = build_hf_model({**cfg.model, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None})
     byte_lengths = token_byte_lengths(tokenizer)
@@ -304,12 +304,33 @@ def _build_module(cfg: TrainConfig, tokenizer):
                               temperature=cfg.distill_temperature, ce_weight=cfg.ce_weight)
 
 
-def _block_drafter_module(cfg: TrainConfig):
+def _check_teacher_tokenizer(cfg: TrainConfig, tokenizer, vocab_size: int) -> None:
+    """Refuse training text tokenized otherwise than the teacher's: more tokens than its vocabulary,
+    or (``cfg.tokenizer`` set, and the teacher's checkpoint holding its own) another vocabulary."""
+    from dspark.models.loading import resolve_checkpoint
+    from dspark.tokenization import has_tokenizer_files, load_tokenizer
+
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the training tokenizer has {len(tokenizer)} tokens, more than the teacher's vocabulary "
+                         f"({vocab_size}): the data must be tokenized as the teacher's was (tokenizer)")
+    if cfg.tokenizer is not None and has_tokenizer_files(resolve_checkpoint(cfg.teacher)):
+        own = load_tokenizer(resolve_checkpoint(cfg.teacher))
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"tokenizer {cfg.tokenizer!r} is not the teacher's ({len(tokenizer)} tokens; the "
+                             f"teacher's own has {len(own)}): the drafter would learn from text the teacher never "
+                             "saw tokenized that way; leave tokenizer unset to use the teacher's")
+
+
+def _block_drafter_module(cfg: TrainConfig, tokenizer):
     """The drafter network (random init) for the frozen ``teacher`` target, wrapped for Lightning:
     ``model.architecture`` ``dspark`` (a block drafter; ``head: none`` is DFlash) or ``eagle3``."""
     from dspark.models import load_model
 
     target = load_model(cfg.teacher, dtype="float32", device="cpu")
+    if not hasattr(target, "cache_shape"):  # (the transformers adapter exposes no hidden-state layout)
+        raise ValueError(f"teacher {cfg.teacher!r}: a drafter trains against a target dspark runs natively "
+                         "(Llama / Qwen2 / Qwen3 families), and this one runs through transformers")
+    _check_teacher_tokenizer(cfg, tokenizer, target.vocab_size)
     architecture = cfg.model.get("architecture", "dspark")
     allowed = {"dspark": {"gamma", "head", "num_layers", "rank", "intermediate_size", "target_layers",
                           "context_input_norm", "confidence", "qk_norm"},

@@ -107,3 +107,31 @@ def test_eagle3_recipe_trains_and_exports_a_loadable_head(assets, tmp_path):
     with pytest.raises(ValueError, match=r"unknown eagle3 model keys \['head'\]"):
         train(load_train_config(None, eagle_config("{architecture: eagle3, head: markov}", "max_steps=1")),
               documents=corpus())
+
+
+def test_a_teacher_or_tokenizer_the_recipe_cannot_use_is_refused(assets, tmp_path):
+    """Once these trained silently on text the teacher never saw tokenized that way, or failed
+    deep inside with an AttributeError (a teacher on the transformers adapter)."""
+    import shutil
+
+    from dspark.assets import ASSETS
+    from dspark.models import random_hf_model
+    from dspark.tokenization import byte_tokenizer
+
+    def run(*extra):
+        args = [a for a in drafter_config(assets, tmp_path, "max_steps=1")
+                if not a.startswith(tuple(f"{e.split('=')[0]}=" for e in extra))]
+        train(load_train_config(None, [*args, *extra]), documents=corpus())
+
+    teacher = tmp_path / "teacher"  # a teacher checkpoint with its own tokenizer, another one named
+    shutil.copytree(assets / "target", teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    with pytest.raises(ValueError, match="is not the teacher's .* leave tokenizer unset"):
+        run(f"teacher={teacher}")
+    with pytest.raises(ValueError, match=r"tokenizer has 4096 tokens, more than the teacher's vocabulary \(\d+\)"):
+        run(f"tokenizer={ASSETS / 'dspark-tiny' / 'tokenizer'}")
+    gpt2 = tmp_path / "gpt2"
+    random_hf_model(dict(model_type="gpt2", vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+                    ).save_pretrained(gpt2)
+    with pytest.raises(ValueError, match="trains against a target dspark runs natively"):
+        run(f"teacher={gpt2}")
