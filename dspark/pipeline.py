@@ -385,12 +385,12 @@ class Pipeline:
         if not isinstance(logit_bias, dict):
             raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {type(logit_bias).__name__}")
         vocab = self.engine.target.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in logit_bias):
+        if not all(_is_integer(t) for t in logit_bias):
             raise ValueError(f"logit_bias keys must be token ids (integers), got {list(logit_bias)!r}")
-        outside = [t for t in logit_bias if not 0 <= t < vocab]
+        outside = [int(t) for t in logit_bias if not 0 <= t < vocab]
         if outside:
             raise ValueError(f"logit_bias token ids {outside} are outside the target's vocabulary (0..{vocab - 1})")
-        return tuple(sorted((t, _as_float(b)) for t, b in logit_bias.items()))
+        return tuple(sorted((int(t), _as_float(b)) for t, b in logit_bias.items()))
 
     def chat(self, conversations, *, chat_template: str | None = None, chat_template_kwargs: dict | None = None,
              **generate_kwargs) -> GenerationResult:

@@ -170,3 +170,6 @@ def test_numpy_integers_are_integers(pipe):
                          temperature=1.0).token_ids == want
     assert pipe.generate([[1, 2]], max_new_tokens=[np.int64(3)], seed=[np.int64(3)], min_new_tokens=1,
                          temperature=1.0).token_ids == want
+    biased = pipe.generate([[1, 2]], max_new_tokens=3, seed=3, temperature=1.0, logit_bias={5: 50.0}).token_ids
+    assert pipe.generate([[1, 2]], max_new_tokens=3, seed=3, temperature=1.0,
+                         logit_bias={np.int64(5): 50.0}).token_ids == biased  # (keys were refused)
