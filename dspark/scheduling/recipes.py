@@ -53,6 +53,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
 
     from tqdm.auto import tqdm
 
+    from dspark.assets import ASSETS
     from dspark.bench.runner import load_prompts
     from dspark.config import load_config
     from dspark.drafters import DRAFTERS
@@ -81,7 +82,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
                          "target's layers): name the file with output= (--output)")
     if output is None:
         directory = Path(resolve_checkpoint(cfg.drafter.path)).resolve()
-        if directory.is_relative_to(Path(__file__).resolve().parents[1]):
+        if directory.is_relative_to(ASSETS.resolve()):
             raise ValueError(f"{directory} is a checkpoint shipped with dspark: the calibration.json beside it is the "
                              "shipped map, and a fit would overwrite it inside the installed package. Write yours with "
                              "output= (--output FILE) and decode with drafter.calibration=FILE; to replace the shipped "
