@@ -50,8 +50,8 @@ class TrainConfig:
         precision: Lightning precision (``bf16-mixed`` uses the CPU's bfloat16 units when present).
         val_every: steps between validations (and checkpoints); log_every: steps between logged
             training losses; max_eval_blocks caps evaluation.
-        distill_temperature, ce_weight: distillation settings (``draft`` only).
-        anchors_per_sequence, loss_weights: block-drafter settings (``drafter`` only): blocks drafted
+        distill_temperature, ce_weight: distillation settings (``draft`` only; another kind refuses them).
+        anchors_per_sequence, loss_weights: drafter settings (``drafter`` only; another kind refuses them): blocks drafted
             per training sequence; weights of the ``ce``, ``tv`` and ``conf`` loss terms (the paper's
             0.1 / 0.9 / 1.0) and of an optional ``kl`` term (``KL(p_t ‖ p_d)``, default 0; the DSpark
             and DFlash drafters — the EAGLE-3 head trains on the soft cross-entropy alone).
@@ -100,6 +100,11 @@ class TrainConfig:
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
 
+#: settings that only some kinds of run read (key → those kinds); another kind refuses them changed from the default
+KIND_KEYS = {"distill_temperature": ("draft",), "ce_weight": ("draft",), "anchors_per_sequence": ("drafter",),
+             "loss_weights": ("drafter",)}
+
+
 def load_train_config(path=None, overrides=()) -> TrainConfig:
     """Structured training config from YAML + dotlist overrides (unknown keys are errors)."""
     cfg = load_structured(TrainConfig, path, overrides)
@@ -118,6 +123,11 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
     if not (cfg.ce_weight >= 0 and math.isfinite(cfg.ce_weight)):
         raise ValueError(f"ce_weight (of the data's cross-entropy, added to the distillation KL) must be a finite "
                          f"number >= 0, got {cfg.ce_weight}")
+    defaults = TrainConfig()
+    for key, kinds in KIND_KEYS.items():  # (a value other than the default: it would be silently ignored)
+        if cfg.kind not in kinds and getattr(cfg, key) != getattr(defaults, key):
+            raise ValueError(f"{key} is read by {' and '.join(kinds)} runs only, and this is a {cfg.kind} run: "
+                             f"it would be ignored; remove it from the config")
     from dspark.models.loading import resolve_dtype
 
     try:  # (checked now: the export comes after the whole training)

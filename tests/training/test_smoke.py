@@ -98,6 +98,24 @@ def test_bad_training_configs():
             load_train_config(None, [override, "model={model_type: qwen3}"])
 
 
+def test_settings_the_kind_does_not_read_are_refused():
+    """A key that only other kinds read (set away from its default) is refused before any work,
+    naming it, the run's kind and the kinds that read it (it was silently ignored)."""
+    target, drafter = ["model={model_type: qwen3}"], ["kind=drafter", "teacher=dspark-tiny"]
+    draft = ["kind=draft", "teacher=dspark-tiny", *target]
+    for args, key, kind, readers in (([*drafter, "distill_temperature=2.0"], "distill_temperature", "drafter", "draft"),
+                                     ([*drafter, "model={architecture: eagle3}", "ce_weight=0.5"], "ce_weight",
+                                      "drafter", "draft"),
+                                     ([*target, "loss_weights={ce: 1.0}"], "loss_weights", "target", "drafter"),
+                                     ([*draft, "anchors_per_sequence=4"], "anchors_per_sequence", "draft", "drafter")):
+        with pytest.raises(ValueError, match=f"^{key} is read by {readers} runs only, and this is a {kind} run"):
+            load_train_config(None, args)
+    assert load_train_config(None, [*draft, "distill_temperature=2.0", "ce_weight=0.5"]).ce_weight == 0.5
+    assert load_train_config(None, [*drafter, "anchors_per_sequence=4"]).anchors_per_sequence == 4
+    # the defaults written out (as configs/train/draft.yaml does) are no setting of another kind's
+    assert load_train_config(None, [*drafter, "distill_temperature=1.0", "ce_weight=0.0"]).kind == "drafter"
+
+
 def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_one_does(tmp_path, tokenizer_dir, monkeypatch):
     """A run that stops at step 3 and resumes from its step-2 checkpoint trains on the same batch
     at every step as a run that never stopped (it used to end its epoch early and repeat the
