@@ -43,6 +43,8 @@ class TrainConfig:
         tokenizer: tokenizer directory (built by ``dspark data build``); ``null`` = the teacher's
             tokenizer when there is a teacher, else the embedded one.
         teacher: for ``draft`` and ``drafter``: the teacher (target) checkpoint directory or embedded name.
+        trust_remote_code: allow ``transformers`` to run code shipped with the teacher's checkpoint and the
+            tokenizer (off by default, as the inference side's ``target.trust_remote_code``).
         seq_len, batch_size, max_steps: sequence length, sequences per step (per process under
             ddp: ``devices`` processes train on ``devices × batch_size`` distinct sequences a
             step), optimiser steps.
@@ -73,6 +75,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     teacher: str | None = None
+    trust_remote_code: bool = False
     seq_len: int = 512
     batch_size: int = 8
     max_steps: int = 4000
@@ -189,7 +192,7 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
         torch.set_num_threads(cfg.threads)
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg), trust_remote_code=cfg.trust_remote_code)
     train_stream = None
     if cfg.train_data is not None:  # checked before any model is built
         from dspark.data.regenerate import load_regenerated
@@ -250,7 +253,8 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
 
 
 #: the settings a resumed run may change (how long it runs, how it reports, where it exports)
-RESUMABLE_CHANGES = ("max_steps", "val_every", "log_every", "plot", "output_dir", "threads", "resume")
+RESUMABLE_CHANGES = ("max_steps", "val_every", "log_every", "plot", "output_dir", "threads", "resume",
+                     "trust_remote_code")
 RUN_CONFIG = "config.json"
 
 
@@ -307,7 +311,8 @@ def _build_module(cfg: TrainConfig, tokenizer):
 
     from dspark.models.loading import resolve_checkpoint
 
-    teacher = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.teacher), dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.teacher), dtype=torch.float32,
+                                                   trust_remote_code=cfg.trust_remote_code)
     if teacher.config.vocab_size != len(tokenizer):
         raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != tokenizer vocabulary {len(tokenizer)}")
     return DistillationModule(model, teacher, byte_lengths, cfg.optim, cfg.max_steps,
@@ -324,7 +329,7 @@ def _check_teacher_tokenizer(cfg: TrainConfig, tokenizer, vocab_size: int) -> No
         raise ValueError(f"the training tokenizer has {len(tokenizer)} tokens, more than the teacher's vocabulary "
                          f"({vocab_size}): the data must be tokenized as the teacher's was (tokenizer)")
     if cfg.tokenizer is not None and has_tokenizer_files(resolve_checkpoint(cfg.teacher)):
-        own = load_tokenizer(resolve_checkpoint(cfg.teacher))
+        own = load_tokenizer(resolve_checkpoint(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
         if own.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"tokenizer {cfg.tokenizer!r} is not the teacher's ({len(tokenizer)} tokens; the "
                              f"teacher's own has {len(own)}): the drafter would learn from text the teacher never "
@@ -336,7 +341,7 @@ def _block_drafter_module(cfg: TrainConfig, tokenizer):
     ``model.architecture`` ``dspark`` (a block drafter; ``head: none`` is DFlash) or ``eagle3``."""
     from dspark.models import load_model
 
-    target = load_model(cfg.teacher, dtype="float32", device="cpu")
+    target = load_model(cfg.teacher, dtype="float32", device="cpu", trust_remote_code=cfg.trust_remote_code)
     if not hasattr(target, "cache_shape"):  # (the transformers adapter exposes no hidden-state layout)
         raise ValueError(f"teacher {cfg.teacher!r}: a drafter trains against a target dspark runs natively "
                          "(Llama / Qwen2 / Qwen3 families), and this one runs through transformers")

@@ -69,6 +69,49 @@ def test_distillation_steps_lower_the_kl(tmp_path, tokenizer_dir):
     assert "test/code_top1_agreement" in report["test"]
 
 
+def test_trust_remote_code_reaches_the_teacher_and_its_tokenizer(tmp_path, tokenizer_dir):
+    """A teacher whose checkpoint ships its own model and tokenizer classes loads only when the
+    training config's ``trust_remote_code`` asks (as ``target.trust_remote_code`` does at inference);
+    the teacher's load took no such setting, and such teachers could not be used at all."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dspark.models import random_hf_model
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tokenizer_dir, teacher)
+    vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    random_hf_model({**TINY_MODEL, "vocab_size": vocab_size}, seed=0).save_pretrained(teacher)
+    spec = json.loads((teacher / "config.json").read_text())
+    spec.update(model_type="custom_lm", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "custom_model.CustomConfig",
+                            "AutoModelForCausalLM": "custom_model.CustomForCausalLM"})
+    (teacher / "config.json").write_text(json.dumps(spec))
+    (teacher / "custom_model.py").write_text(
+        "from transformers import Qwen3Config, Qwen3ForCausalLM\n\n\n"
+        "class CustomConfig(Qwen3Config):\n    model_type = 'custom_lm'\n\n\n"
+        "class CustomForCausalLM(Qwen3ForCausalLM):\n    config_class = CustomConfig\n")
+    settings = json.loads((teacher / "tokenizer_config.json").read_text())
+    settings.pop("tokenizer_class", None)
+    settings["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    (teacher / "tokenizer_config.json").write_text(json.dumps(settings))
+    (teacher / "custom_tokenizer.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+
+    def run(name, **overrides):  # (tokenizer null: the teacher's own)
+        cfg = config(tmp_path / name, tokenizer_dir, max_steps=2, kind="draft", teacher=teacher, **overrides)
+        return train(cfg, documents=tiny_corpus())
+
+    with pytest.raises(ValueError, match="custom code"):
+        run("refused", tokenizer="null")
+    with pytest.raises(ValueError, match="custom code"):  # the model's classes too, not only the tokenizer's
+        run("model")
+    assert run("trusted", tokenizer="null", trust_remote_code="true")["kind"] == "draft"
+
+
 def test_distillation_kl_on_hand_made_distributions():
     p = torch.tensor([[0.5, 0.5, 0.0]])
     q = torch.tensor([[0.25, 0.25, 0.5]])
