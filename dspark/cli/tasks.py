@@ -48,7 +48,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from dspark.drafters.checkpoint import read_drafter_spec
+    from dspark.drafters.checkpoint import read_drafter_args
     from dspark.drafters.eagle3 import CHECKPOINT_KEY, load_eagle3
     from dspark.drafters.eagle3_export import export_eagle3, export_problems
     from dspark.drafters.eagle_model import Eagle3Args
@@ -60,8 +60,8 @@ def export_command(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--target {args.target!r} has no config.json: give the target's checkpoint "
                                 "directory (or an embedded model name)")
     dtype = resolve_dtype(args.dtype)
-    _, spec = read_drafter_spec(args.drafter, CHECKPOINT_KEY)  # refuse before loading the target
-    problems = export_problems(Eagle3Args(**{**spec, "target_layers": tuple(spec["target_layers"])}))
+    _, head_args = read_drafter_args(args.drafter, CHECKPOINT_KEY, Eagle3Args)  # refuse before loading the target
+    problems = export_problems(head_args)
     if problems:
         raise ValueError("this EAGLE-3 head cannot be written in the EAGLE / SpecForge format: " + "; ".join(problems))
     target = load_model(args.target)

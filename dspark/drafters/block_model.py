@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.drafters.checkpoint import TargetShape
+from dspark.drafters.checkpoint import TargetShape, check_size
 from dspark.models.linear import Linear
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
@@ -86,7 +86,7 @@ class BlockDrafterArgs(TargetShape):
         if qk_norm is not None:
             shape["qk_norm"] = bool(qk_norm)
         return cls(**shape, gamma=gamma, num_layers=num_layers,
-                   intermediate_size=intermediate_size or target.args.intermediate_size,
+                   intermediate_size=target.args.intermediate_size if intermediate_size is None else intermediate_size,
                    target_layers=tuple(int(i) for i in target_layers), head=head, rank=rank,
                    context_input_norm=context_input_norm, confidence=confidence,
                    anchor_predicts=anchor_predicts).validate()
@@ -97,10 +97,10 @@ class BlockDrafterArgs(TargetShape):
             raise ValueError(f"drafter.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.confidence not in CONFIDENCE_INPUTS:
             raise ValueError(f"confidence must be one of {', '.join(CONFIDENCE_INPUTS)}, got {self.confidence!r}")
+        for name in ("gamma", "num_layers", "intermediate_size"):
+            check_size(name, getattr(self, name))
         needs_w1 = self.head != "none" or self.confidence == "token"
-        if self.gamma < 1 or self.num_layers < 1 or self.rank < (1 if needs_w1 else 0):
-            raise ValueError(f"gamma and num_layers must be >= 1 and rank >= {int(needs_w1)} (W1 is "
-                             f"{'' if needs_w1 else 'not '}used), got {self.gamma}, {self.num_layers}, {self.rank}")
+        check_size("rank", self.rank, int(needs_w1), f"W1 is {'' if needs_w1 else 'not '}used")
         if not self.target_layers:
             raise ValueError("target_layers must name at least one target layer")
         self.check_target_layers(self.target_layers)

@@ -5,10 +5,13 @@ never stored). Loading checks the checkpoint against the target before building 
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
+from numbers import Integral
 from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
@@ -62,6 +65,13 @@ def per_head_rows(norm: torch.Tensor, heads: int, name: str, where: str) -> torc
     if norm.dim() != 1:
         raise CheckpointError(f"{where}: {name} has shape {tuple(norm.shape)}, expected one weight per head dimension")
     return norm.expand(heads, -1)
+
+
+def check_size(name: str, value, minimum: int = 1, why: str = "") -> None:
+    """Raise ``ValueError`` naming ``name`` and the allowed range unless ``value`` is an integer
+    (not a bool) of at least ``minimum``; ``why`` is said in parentheses."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{f' ({why})' if why else ''}, got {value!r}")
 
 
 def rope_mismatch(config: dict, head_dim: int, target) -> str | None:
@@ -140,21 +150,74 @@ def save_drafter(net: nn.Module, directory: str | Path, key: str, extra: dict | 
 def read_drafter_spec(source, key: str) -> tuple[Path, dict]:
     """The checkpoint directory of ``source`` (directory or embedded name) and its ``config.json[key]``.
 
-    Raises :class:`~dspark.models.CheckpointError` when the file is missing, unreadable or holds
-    another kind of drafter (naming the kinds it does hold)."""
+    Raises :class:`~dspark.models.CheckpointError` when the file is missing, unreadable, not a
+    JSON object or holds another kind of drafter (naming the kinds it does hold)."""
     from dspark.models.loading import CheckpointError, resolve_checkpoint
 
     directory = Path(resolve_checkpoint(source))
-    if not (directory / CONFIG_FILE).is_file():
+    path = directory / CONFIG_FILE
+    if not path.is_file():
         raise CheckpointError(f"drafter checkpoint {str(directory)!r} has no {CONFIG_FILE}")
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
+        config = json.loads(path.read_text())
     except ValueError as err:
-        raise CheckpointError(f"cannot read {directory / CONFIG_FILE}: {err}") from err
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__} {_clip(config)}")
     if key not in config:
         kinds = [k for k in config if isinstance(config[k], dict)]
-        raise CheckpointError(f"{directory / CONFIG_FILE} holds no {key!r} drafter (found: {kinds or 'none'})")
+        raise CheckpointError(f"{path} holds no {key!r} drafter (found: {kinds or 'none'})")
+    if not isinstance(config[key], dict):
+        raise CheckpointError(f"{path}: {key!r} must be a JSON object (the drafter's architecture), "
+                              f"got {type(config[key]).__name__} {_clip(config[key])}")
     return directory, dict(config[key])
+
+
+def read_drafter_args(source, key: str, args_class: type) -> tuple[Path, TargetShape]:
+    """The checkpoint directory of ``source`` and the architecture ``args_class`` its
+    ``config.json[key]`` holds (not yet validated). A hand-edited or damaged spec is refused
+    before anything is built: :class:`~dspark.models.CheckpointError` naming the file, the
+    missing and unknown keys (with a near miss), values of the wrong type and the allowed keys."""
+    from dspark.models.loading import CheckpointError
+
+    directory, spec = read_drafter_spec(source, key)
+    hints = get_type_hints(args_class)
+    required = [f.name for f in fields(args_class) if f.default is MISSING]
+    optional = [f.name for f in fields(args_class) if f.default is not MISSING]
+    missing = [k for k in required if k not in spec]
+    problems = [f"missing keys {missing}"] if missing else []
+    for name in spec:
+        if name not in hints:
+            close = difflib.get_close_matches(name, required + optional, n=1, cutoff=0.8)
+            problems.append(f"unknown key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif not _json_fits(spec[name], hints[name]):
+            problems.append(f"{name} must be {_json_kind(hints[name])}, got {_clip(spec[name])}")
+    if problems:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: the {key!r} drafter architecture is invalid: "
+                              + "; ".join(problems)
+                              + f"; allowed keys: {', '.join(required)} (optional: {', '.join(optional)})")
+    return directory, args_class(**{**spec, "target_layers": tuple(spec["target_layers"])})
+
+
+def _json_fits(value, hint) -> bool:
+    """Whether a ``config.json`` value suits a field annotated ``hint`` (a number for a float, a
+    list for a tuple; a bool is no integer)."""
+    if get_origin(hint) is tuple:
+        return isinstance(value, list) and all(_json_fits(v, get_args(hint)[0]) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _json_kind(hint) -> str:
+    if get_origin(hint) is tuple:
+        return "a list of integers"  # (the only tuples: layer ids)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+def _clip(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_fits_target(args: TargetShape, target, directory) -> None:
@@ -183,15 +246,19 @@ def checkpoint_args(source, key: str, args_class: type, target):
     another target of the same shape gets a warning: decoding stays lossless, but the drafts
     were learnt from another model's distributions (a base model's drafter on its instruct
     variant, say) and are accepted less."""
-    directory, spec = read_drafter_spec(source, key)
-    args = args_class(**{**spec, "target_layers": tuple(spec["target_layers"])})
+    from dspark.models.loading import CheckpointError
+
+    directory, args = read_drafter_args(source, key, args_class)
     check_fits_target(args, target, directory)
     recorded = json.loads((directory / CONFIG_FILE).read_text()).get("target_identity")
     if isinstance(recorded, str) and recorded != (target_identity(target) or recorded):
         log.warning("drafter checkpoint %r was trained for another target of the same shape (its target_identity "
                     "differs from this target's): decoding stays lossless, but expect fewer drafts accepted",
                     str(directory))
-    return args.validate()
+    try:
+        return args.validate()
+    except ValueError as err:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {err}") from None
 
 
 def drafter_network(kind: str, net_class: type, load, build, *, target, draft_model, path, requested=None):

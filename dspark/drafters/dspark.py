@@ -13,7 +13,7 @@ from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.block_model import BlockDrafter, BlockDrafterArgs
 from dspark.drafters.calibrated import find_calibration
-from dspark.drafters.checkpoint import checkpoint_args, drafter_network, load_weights, save_drafter
+from dspark.drafters.checkpoint import check_size, checkpoint_args, drafter_network, load_weights, save_drafter
 from dspark.drafters.deepspec_import import import_deepspec, read_deepspec_config
 from dspark.models.compiled import compile_forward
 from dspark.models.graphs import GraphedFunction
@@ -147,12 +147,16 @@ class DSparkDrafter(Drafter):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
         if config.bias_table_mib < 0:
             raise ValueError(f"drafter.bias_table_mib must be >= 0 (0: never keep a bias table), got {config.bias_table_mib}")
+        for key in ("num_layers", "intermediate_size"):
+            if getattr(config, key) is not None:
+                check_size(f"drafter.{key}", getattr(config, key), why="null: the default")
 
         def build() -> BlockDrafter:
             torch.manual_seed(config.seed)
             layers = tuple(config.target_layers) or default_target_layers(target.num_layers)
             return BlockDrafter(BlockDrafterArgs.for_target(
-                target, gamma=config.num_speculative_tokens, num_layers=config.num_layers or 1, target_layers=layers,
+                target, gamma=config.num_speculative_tokens, target_layers=layers,
+                num_layers=1 if config.num_layers is None else config.num_layers,
                 head=config.head or "markov", rank=128 if config.rank is None else config.rank,
                 intermediate_size=config.intermediate_size,
                 context_input_norm=True if config.context_input_norm is None else config.context_input_norm,

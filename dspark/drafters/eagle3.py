@@ -12,7 +12,7 @@ import torch
 from dspark.cache import StaticKVCache
 from dspark.drafters.base import Drafter, DrafterConfig, register_drafter
 from dspark.drafters.calibrated import find_calibration
-from dspark.drafters.checkpoint import checkpoint_args, drafter_network, load_weights, save_drafter
+from dspark.drafters.checkpoint import check_size, checkpoint_args, drafter_network, load_weights, save_drafter
 from dspark.drafters.eagle3_import import DEFAULT_GAMMA, import_eagle3, published_args, read_published_config
 from dspark.drafters.eagle_model import Eagle3Args, Eagle3Head
 from dspark.drafters.early_stop import check_min_survival, draft_while_likely, top_probability
@@ -139,6 +139,8 @@ class Eagle3Drafter(Drafter):
     def __init__(self, config: Eagle3Config, *, target, sampler, draft_model=None):
         super().__init__(config, target=target, sampler=sampler, draft_model=draft_model)
         self.min_survival = check_min_survival(config.min_survival)
+        if config.intermediate_size is not None:
+            check_size("drafter.intermediate_size", config.intermediate_size, why="null: the target's MLP width")
 
         def build() -> Eagle3Head:
             torch.manual_seed(config.seed)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.drafters.checkpoint import TargetShape
+from dspark.drafters.checkpoint import TargetShape, check_size
 from dspark.models.linear import Linear
 from dspark.models.native import Block, ModelArgs, NativeCausalLM
 
@@ -61,18 +61,19 @@ class Eagle3Args(TargetShape):
         if qk_norm is not None:
             shape["qk_norm"] = bool(qk_norm)
         return cls(**shape, gamma=gamma, target_layers=tuple(int(i) for i in target_layers),
-                   intermediate_size=intermediate_size or target.args.intermediate_size,
+                   intermediate_size=target.args.intermediate_size if intermediate_size is None else intermediate_size,
                    draft_vocab_size=draft_vocab_size, norm_before_residual=norm_before_residual).validate()
 
     def validate(self) -> "Eagle3Args":
         """Raise ``ValueError`` naming the bad setting."""
-        if self.gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        check_size("gamma", self.gamma)
+        check_size("intermediate_size", self.intermediate_size)
         if not self.target_layers:
             raise ValueError("target_layers must name the target layers to fuse (EAGLE-3: three, a low, a middle "
                              "and a high one), got none")
         self.check_target_layers(self.target_layers)
-        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+        check_size("draft_vocab_size", self.draft_vocab_size, 0, "0: the target's vocabulary")
+        if self.draft_vocab_size > self.vocab_size:
             raise ValueError(f"draft_vocab_size must be in [0, {self.vocab_size}] (0 = the target's vocabulary), "
                              f"got {self.draft_vocab_size}")
         return self

@@ -269,3 +269,23 @@ def test_bad_drafter_settings():
     with pytest.raises(ValueError, match=r"num_speculative_tokens=5 exceeds the block size this drafter was built for \(3\)"):
         dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "num_speculative_tokens": 5}},
                               target_model=target_hf, draft_model=net)
+
+
+@pytest.mark.parametrize("key, value", [("num_layers", 0), ("num_layers", -1), ("intermediate_size", 0),
+                                        ("intermediate_size", -2)])
+def test_sizes_of_a_random_drafter_must_be_positive(key, value):
+    """0 was silently taken for the default (a falsy ``or``), a negative size failed inside torch."""
+    with pytest.raises(ValueError, match=rf"drafter.{key} must be an integer >= 1 \(null: the default\), got {value}"):
+        dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {"name": "dspark", "path": None, key: value}},
+                              target_model=tiny_hf_model("qwen3"))
+
+
+def test_block_drafter_sizes_are_integers_and_none_is_the_default():
+    target = load_model(tiny_hf_model("qwen3"))
+    sizes = dict(gamma=3, num_layers=1, target_layers=(0,), head="markov", rank=8)
+    for key, value in (("num_layers", True), ("intermediate_size", 2.5), ("intermediate_size", 0), ("gamma", 0)):
+        with pytest.raises(ValueError, match=rf"{key} must be an integer >= 1, got {value}"):
+            BlockDrafterArgs.for_target(target, **{**sizes, key: value})
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 1 \(W1 is used\), got -1"):
+        BlockDrafterArgs.for_target(target, **{**sizes, "rank": -1})
+    assert BlockDrafterArgs.for_target(target, **sizes, intermediate_size=None).intermediate_size == 112

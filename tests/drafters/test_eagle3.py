@@ -233,3 +233,21 @@ def test_confidence_is_the_heads_top_probability():
     expected = firsts[0].amax(-1)
     torch.testing.assert_close(proposal.confidence[:, 0], expected.to(proposal.confidence.dtype))
     assert drafter.provides_confidence and ((proposal.confidence > 0) & (proposal.confidence <= 1)).all()
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_the_intermediate_size_of_a_random_head_must_be_positive(value):
+    """0 was silently taken for the target's width (a falsy ``or``), a negative one failed inside torch."""
+    with pytest.raises(ValueError, match=rf"drafter.intermediate_size must be an integer >= 1 \(null: the target's "
+                                         rf"MLP width\), got {value}"):
+        eagle_pipeline(tiny_hf_model("qwen3"), intermediate_size=value)
+
+
+def test_eagle3_sizes_are_integers_and_none_is_the_default():
+    target = load_model(tiny_hf_model("qwen3"))
+    for key, value, allowed in (("intermediate_size", True, ">= 1"), ("gamma", 1.5, ">= 1"),
+                                ("draft_vocab_size", -1, r">= 0 \(0: the target's vocabulary\)")):
+        with pytest.raises(ValueError, match=rf"{key} must be an integer {allowed}, got {value}"):
+            Eagle3Args.for_target(target, **{"gamma": 3, "target_layers": (0, 1, 2), key: value})
+    head_args = Eagle3Args.for_target(target, gamma=3, target_layers=(0, 1, 2), intermediate_size=None)
+    assert head_args.intermediate_size == 112  # the target's
