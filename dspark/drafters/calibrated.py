@@ -4,10 +4,11 @@ calibrate``, :mod:`dspark.scheduling.recipes`), read from ``calibration.json`` b
 checkpoint or from a file the config names.
 
 File layout: ``{"temperatures": [...], "biases": [...], "greedy": {"temperatures": [...],
-"biases": [...]}}``. The top-level map applies when sampling; the ``greedy`` one at temperature 0,
-where acceptance is a different event (the draft equals the target's argmax) — without it the
-top-level map applies to both; without a top-level map sampled confidences stay raw. ``biases``
-may be left out (STS).
+"biases": [...]}, "drafter": "dspark"}``. The top-level map applies when sampling; the ``greedy`` one
+at temperature 0, where acceptance is a different event (the draft equals the target's argmax) —
+without it the top-level map applies to both; without a top-level map sampled confidences stay raw.
+``biases`` may be left out (STS). ``drafter`` (written by ``dspark calibrate``) names the drafter the
+maps were fitted for: a pipeline with another drafter refuses the file; one without it applies to any.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,10 +34,20 @@ class Calibration:
     Attributes:
         sampled: applied when sampling (temperature > 0).
         greedy: applied at temperature 0.
+        drafter: the drafter the maps were fitted for (``None``: the file does not say); path: the file.
     """
 
     sampled: Map | None
     greedy: Map | None
+    drafter: str | None = None
+    path: str | None = None
+
+    def check_drafter(self, name: str) -> None:
+        """Refuse to calibrate drafter ``name`` with maps fitted for another one."""
+        if self.drafter is not None and self.drafter != name:
+            raise ValueError(f"{self.path}: its confidence maps were fitted for drafter {self.drafter!r}, not for "
+                             f"this {name!r} drafter (each drafter needs its own: `dspark calibrate --config {name} "
+                             "--output FILE` fits one; drafter.calibration=null keeps the raw confidences)")
 
     def apply(self, confidence: torch.Tensor, start: int, stop: int, params) -> torch.Tensor:
         """Calibrated confidences of positions ``start+1..stop`` ``[B, stop − start]`` (same dtype),
@@ -62,7 +73,7 @@ class Calibration:
     def to(self, device) -> "Calibration":
         move = lambda m: None if m is None else (m[0].to(device), m[1].to(device))  # noqa: E731
         sampled = move(self.sampled)
-        return Calibration(sampled, sampled if self.greedy is self.sampled else move(self.greedy))
+        return replace(self, sampled=sampled, greedy=sampled if self.greedy is self.sampled else move(self.greedy))
 
 
 def _read_map(entry, path, positions: int, where: str) -> Map:
@@ -94,7 +105,11 @@ def load_calibration(path, positions: int) -> Calibration:
     sampled = _read_map(data, path, positions, "") if "temperatures" in data else None
     if greedy is not None and not isinstance(greedy, dict):
         raise ValueError(f"{path}: 'greedy' must be an object with 'temperatures' (and 'biases'), got {greedy!r}")
-    return Calibration(sampled, _read_map(greedy, path, positions, " in 'greedy'") if greedy is not None else sampled)
+    drafter = data.get("drafter", (greedy or {}).get("drafter"))  # (a file with a greedy map alone records it there)
+    if drafter is not None and not isinstance(drafter, str):
+        raise ValueError(f"{path}: 'drafter' must be the name of the drafter the maps were fitted for, got {drafter!r}")
+    return Calibration(sampled, _read_map(greedy, path, positions, " in 'greedy'") if greedy is not None else sampled,
+                       drafter, str(path))
 
 
 def find_calibration(source: str | None, checkpoint, positions: int, device=None) -> Calibration | None:

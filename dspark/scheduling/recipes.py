@@ -90,7 +90,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
         output = str(directory / CALIBRATION_FILE)
     existing, greedy = {}, temperature == 0
     if Path(output).is_file():  # its other map is kept; a file the drafters could not read is refused
-        load_calibration(output, 1)
+        load_calibration(output, 1).check_drafter(cfg.drafter.name)  # (one file's maps are one drafter's)
         existing = json.loads(Path(output).read_text())
         other = existing if greedy else existing.get("greedy")
         gamma = cfg.drafter.num_speculative_tokens

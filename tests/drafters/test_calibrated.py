@@ -32,3 +32,32 @@ def test_auto_reads_the_file_beside_the_checkpoint_and_skips_one_fitted_at_a_sma
     (draft_dir / "calibration.json").write_text("{broken")
     with pytest.raises(ValueError, match="cannot read confidence temperatures"):  # a broken file is not skipped
         calibration(2)
+
+
+def test_a_file_fitted_for_another_drafter_is_refused(tmp_path):
+    """A calibration file records the drafter ``dspark calibrate`` fitted it for: another drafter
+    refuses it, found beside its checkpoint or named, naming both (it was applied silently); the
+    file's own drafter, or a file that does not say (the shipped DSpark map), applies."""
+    draft_dir = tmp_path / "draft"
+    tiny_hf_model("qwen3", seed=1, num_hidden_layers=1).save_pretrained(draft_dir)
+    beside = draft_dir / "calibration.json"
+
+    def calibration(**section):
+        return dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": {
+            "name": "draft_model", "num_speculative_tokens": 2, "path": str(draft_dir), **section}},
+            target_model=tiny_hf_model("qwen3")).drafter.calibration
+
+    refused = "fitted for drafter 'eagle3', not for this 'draft_model' drafter"
+    for content in ({"temperatures": [2.0, 0.5], "drafter": "eagle3"},
+                    {"greedy": {"temperatures": [2.0, 0.5], "drafter": "eagle3"}}):  # (a greedy map alone)
+        beside.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=f"{beside}: its confidence maps were {refused}"):
+            calibration()
+        with pytest.raises(ValueError, match=refused):
+            calibration(calibration=str(beside))
+    assert calibration(calibration=None) is None
+    beside.write_text(json.dumps({"temperatures": [2.0, 0.5], "drafter": "draft_model"}))
+    assert calibration().drafter == "draft_model"
+    beside.write_text(json.dumps({"temperatures": [2.0, 0.5], "drafter": 3}))
+    with pytest.raises(ValueError, match="'drafter' must be the name of the drafter"):
+        calibration()

@@ -175,6 +175,10 @@ def test_bad_calibration_inputs(tmp_path):
         calibrate("eagle3", SETUPS["eagle3"], prompts=str(tmp_path / "nowhere.jsonl"), output=str(tmp_path / "c.json"))
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(tmp_path / "c.json"), temperature=-1.0)
+    other = tmp_path / "dspark_calibration.json"  # a map of another drafter's is not added to (nor replaced)
+    other.write_text('{"temperatures": [1.0, 1.0, 1.0], "drafter": "dspark"}')
+    with pytest.raises(ValueError, match="fitted for drafter 'dspark', not for this 'eagle3' drafter"):
+        calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(other), temperature=0.0)
     short_greedy = "its greedy map covers 1 draft positions, fewer than the 3 fitted now"
     for content, message, when_fitting in (
             ('{"temperatures": [1.0, 1.0, 1.0], "biases": [0.0, 1.0]}', "expected 3 finite biases", None),
