@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dspark.streaming import CONTEXT_TOKENS, REPLACEMENT
+from dspark.streaming import CONTEXT_TOKENS, REPLACEMENT, char_end, char_start
 
 
 class StopStrings:
@@ -39,6 +39,7 @@ class StopStrings:
     def __init__(self, tokenizer, stops: list[str], min_new_tokens: int = 0, prompt: Sequence[int] = ()):
         self.tokenizer, self.stops, self.min_new_tokens = tokenizer, list(stops), min_new_tokens
         self.context = list(prompt[-CONTEXT_TOKENS:])
+        self.context = self.context[char_start(tokenizer, self.context):]
         self.window = 4 * max(len(s) for s in self.stops) + 4
         self.generated: dict[int, list[int]] = {}
 
@@ -55,10 +56,14 @@ class StopStrings:
         ends past the text of those before the new one (whose incomplete last character, if any,
         the new token may finish), beginning in the generated text (the last ``generated`` ids)."""
         window = ids[-self.window - 1:]
-        decode = lambda x: self.tokenizer.decode(x, skip_special_tokens=True)  # noqa: E731
-        before, text = decode(window[:-1]).rstrip(REPLACEMENT), decode(window)
+        window = window[char_start(self.tokenizer, window):]  # (not inside a character's byte tokens)
+        # (text of a run of tokens: up to a character they leave incomplete, whose bytes may
+        # otherwise decode to U+FFFD together with the characters before it)
+        read = lambda x: self.tokenizer.decode(x[:char_end(self.tokenizer, x)], skip_special_tokens=True  # noqa: E731
+                                               ).rstrip(REPLACEMENT)
+        before, text = read(window[:-1]), self.tokenizer.decode(window, skip_special_tokens=True)
         context = len(window) - generated  # context tokens still in the window
-        start = len(decode(window[:context]).rstrip(REPLACEMENT)) if context > 0 else 0
+        start = len(read(window[:context])) if context > 0 else 0
         return any(text.find(stop, max(start, len(before) - len(stop) + 1)) >= 0 for stop in self.stops)
 
 

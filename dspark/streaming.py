@@ -13,11 +13,14 @@ tokens (:data:`CONTEXT_TOKENS`) before the end, so that a token decodes with the
 window starts with the last tokens of its prompt (:meth:`TextStreamer.start`; ``generate`` does
 it): a SentencePiece tokenizer (Llama 2, Mistral) drops the word-start space of the first token
 it decodes, so ``▁Paris`` alone reads ``Paris`` but ``is▁Paris`` reads ``is Paris``.
-:func:`decode_continuation` is the same rule for a whole output.
+:func:`decode_continuation` is the same rule for a whole output. No window starts or ends inside
+a character written as byte tokens (:func:`char_start`, :func:`char_end`): a byte-fallback
+tokenizer would read the whole run of byte tokens as U+FFFD.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -26,6 +29,48 @@ REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence 
 CONTEXT_TOKENS = 8
 #: a window longer than this moves on once everything in it is written
 WINDOW_TOKENS = 64
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
+def _byte(tokenizer, token_id: int) -> int | None:
+    """The byte a SentencePiece byte-fallback token (``<0xNN>``) stands for; ``None`` for any
+    other token, and for every token of a tokenizer without byte pieces."""
+    name = getattr(tokenizer, "convert_ids_to_tokens", None)
+    piece = name(int(token_id)) if name is not None else None
+    match = _BYTE_PIECE.fullmatch(piece) if isinstance(piece, str) else None
+    return None if match is None else int(match.group(1), 16)
+
+
+def _continues(byte: int | None) -> bool:
+    return byte is not None and 0x80 <= byte < 0xC0  # a UTF-8 continuation byte
+
+
+def char_start(tokenizer, ids: Sequence[int]) -> int:
+    """Where a decoding window over ``ids`` can start: past the UTF-8 continuation bytes (at most
+    3, a character's) that lead ``ids``, whose character began before them.
+
+    A SentencePiece tokenizer with byte fallback (Llama 2, Mistral, Gemma) writes a character it
+    has no piece for as ``<0xNN>`` byte tokens and decodes a run of them at once: a run that is not
+    valid UTF-8 as a whole decodes to U+FFFD throughout, so a window starting mid-character would
+    garble every character of its run. Other tokenizers have no byte pieces: 0."""
+    start = 0
+    while start < min(3, len(ids)) and _continues(_byte(tokenizer, ids[start])):
+        start += 1
+    return start
+
+
+def char_end(tokenizer, ids: Sequence[int]) -> int:
+    """``len(ids)``, less the byte tokens of a character ``ids`` leave incomplete at their end (a
+    run of byte tokens ending mid-character decodes to U+FFFD throughout, its complete characters
+    too: the text of ``ids[:char_end(...)]`` is what ``ids`` have written for sure)."""
+    lead = len(ids)
+    while lead > 0 and len(ids) - lead < 3 and _continues(_byte(tokenizer, ids[lead - 1])):
+        lead -= 1
+    byte = _byte(tokenizer, ids[lead - 1]) if lead > 0 else None
+    if byte is None or byte < 0xC0:  # the last character is complete, or not made of byte tokens
+        return len(ids)
+    size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+    return lead - 1 if len(ids) - lead + 1 < size else len(ids)
 
 
 def decode_continuation(tokenizer, context: Sequence[int], ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -35,9 +80,11 @@ def decode_continuation(tokenizer, context: Sequence[int], ids: Sequence[int], *
     incomplete character that ``ids`` complete, the character counts as theirs; when decoding is
     not prefix-stable there, ``ids`` are decoded alone."""
     decode = lambda x: tokenizer.decode(list(x), skip_special_tokens=skip_special_tokens)  # noqa: E731
+    context = list(context)[char_start(tokenizer, context):]
     if not context:
         return decode(ids)
-    head, whole = decode(context).rstrip(REPLACEMENT), decode([*context, *ids])
+    head = decode(context[:char_end(tokenizer, context)]).rstrip(REPLACEMENT)
+    whole = decode([*context, *ids])
     return whole[len(head):] if whole.startswith(head) else decode(ids)
 
 
@@ -81,15 +128,18 @@ class TextStreamer:
         the left context the first tokens decode with (never written themselves)."""
         if self.prompt_context:
             context = list(prompt_ids[-CONTEXT_TOKENS:])
-            self._streams[index] = _Stream(context, self._decode(context).rstrip(REPLACEMENT))
+            context = context[char_start(self.tokenizer, context):]
+            self._streams[index] = _Stream(context, self._decode(context[:char_end(self.tokenizer, context)]).rstrip(REPLACEMENT))
 
     def __call__(self, index: int, token_ids: list[int]) -> None:
         stream = self._streams.setdefault(index, _Stream())
         stream.ids.extend(token_ids)
-        text = self._decode(stream.ids)
-        self._write(index, stream, text.rstrip(REPLACEMENT))  # an incomplete character waits for its other bytes
-        if stream.written == text and len(stream.ids) > WINDOW_TOKENS:  # all written: the window moves on
+        end = char_end(self.tokenizer, stream.ids)  # an incomplete character waits for its other bytes
+        text = self._decode(stream.ids[:end])
+        self._write(index, stream, text.rstrip(REPLACEMENT))
+        if end == len(stream.ids) and stream.written == text and len(stream.ids) > WINDOW_TOKENS:  # all written: the window moves on
             stream.ids = stream.ids[-CONTEXT_TOKENS:]
+            stream.ids = stream.ids[char_start(self.tokenizer, stream.ids):]
             stream.written = self._decode(stream.ids)
 
     def finish(self, index: int | None = None) -> None:
@@ -105,13 +155,19 @@ class TextStreamer:
 
     def _write(self, index: int, stream: _Stream, text: str) -> None:
         shown = stream.written
-        # decoding is prefix-stable for byte-level tokenizers; text that rewrites what was shown
-        # is not written (texts[i] keeps what was), here or in finish()
-        if len(text) > len(shown) and text.startswith(shown):
-            stream.written = text
-            if self.keep_texts:
-                self.texts[index] = self.texts.get(index, "") + text[len(shown):]
-            self.on_text(index, text[len(shown):])
+        if len(text) <= len(shown):  # nothing new (or a character whose bytes are still arriving)
+            return
+        if text.startswith(shown):
+            new = text[len(shown):]
+        else:
+            # the decoding rewrote text already written (a tokenizer that cleans up spaces before
+            # punctuation; a run of byte tokens that proved invalid UTF-8): what was written stays,
+            # and the text past the common prefix is written, so the stream goes on
+            new = text[next(i for i, (a, b) in enumerate(zip(shown, text)) if a != b):]
+        stream.written = text
+        if self.keep_texts:
+            self.texts[index] = self.texts.get(index, "") + new
+        self.on_text(index, new)
 
 
 def _write_stdout(index: int, text: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from dspark.data.corpus import Document
@@ -158,3 +160,28 @@ def sentencepiece_style_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def byte_fallback_tokenizer():
+    """A BPE tokenizer with byte fallback, split and decoded as Llama 2's, Mistral's and Gemma's
+    SentencePiece ones are: a character missing from its vocabulary (here: anything not Latin) is
+    a run of ``<0xNN>`` byte tokens, which the decoder turns back into text a run at a time — a
+    run that is not valid UTF-8 as a whole decodes to U+FFFD throughout. Trained here on a few
+    English lines (deterministic); ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = ["Hello world, the capital of France is Paris.", "Once upon a time there was a little girl.",
+             "The quick brown fox jumps over the lazy dog.", "import numpy as np\nprint(np.zeros(3))"] * 10
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    core.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    spec = json.loads(core.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # the byte pieces it falls back to
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")

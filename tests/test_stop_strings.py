@@ -129,3 +129,33 @@ def test_a_stop_string_may_start_with_the_first_words_space():
     assert stopped.token_ids == [[paris]] and stopped.texts == [" Paris"]
     spanning = pipe.generate([prompt], max_new_tokens=3, logit_bias={paris: 100.0}, stop=["France is Paris"])
     assert spanning.token_ids == [[paris] * 3]
+
+
+def test_non_latin_stop_strings_under_a_byte_fallback_tokenizer():
+    """A SentencePiece byte-fallback tokenizer (:func:`helpers.byte_fallback_tokenizer`) writes
+    non-Latin characters as runs of byte tokens that decode a run at a time: the check's window
+    never starts inside a character (which would garble its whole run), so stop strings of any
+    script end the request right after the token that completes them, the first time they occur
+    in the text the output adds to its prompt; fed in rounds of random sizes."""
+    import random
+
+    from helpers import byte_fallback_tokenizer
+
+    tokenizer = byte_fallback_tokenizer()
+    prompt = tokenizer.encode("Hello 日本語", add_special_tokens=False)
+    ids = tokenizer.encode("のテキストです。日本語" * 4 + " and Paris, Ünïcödé — ✓ 😀 end", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == "▁"
+    ids = ids[1:]  # (no space: the prompt's run of byte tokens goes on into the output)
+    head = tokenizer.decode(prompt)
+
+    def brute_force(stop: str) -> int:
+        return next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(prompt + ids[:k])[len(head):])
+
+    rng = random.Random(0)
+    for stop in ["テキ", "のテキ", "す。日本", "。日", "テキストです。日本語の", "😀", "✓ 😀", "Ünï", "Paris, Ü"]:
+        check, at, kept = StopStrings(tokenizer, [stop], 0, prompt), 0, None
+        while kept is None and at < len(ids):
+            step = rng.randint(1, 5)
+            kept = check(0, ids[at:at + step])
+            at += step if kept is None else kept
+        assert at == brute_force(stop), stop

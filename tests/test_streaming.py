@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dspark
+from dspark import streaming
 from dspark.scheduling import ThroughputProfile
 from dspark.streaming import TextStreamer
 
@@ -139,7 +140,6 @@ def test_a_stop_check_ends_a_request_between_rounds(device):
 def test_text_streamer_decodes_a_window_not_the_whole_output():
     """A long stream (split characters across window moves included) writes exactly the decoded
     text, and no call decodes more than a window's tokens: streaming stays linear in the output."""
-    from dspark import streaming
     from dspark.assets import resolve_model
     from dspark.tokenization import load_tokenizer
 
@@ -212,3 +212,59 @@ def test_a_streamer_forgets_finished_requests():
         streamer.finish(request)
     assert streamer._streams == {} and streamer.texts == {}
     assert "".join(text for i, text in pieces if i == 7) == " Paris ."
+
+
+def test_byte_fallback_text_streams_whole_characters():
+    """A SentencePiece byte-fallback tokenizer (:func:`helpers.byte_fallback_tokenizer`) writes
+    non-Latin text as runs of ``<0xNN>`` tokens and decodes a run at once (U+FFFD throughout when
+    it is not valid UTF-8): no window — the prompt's context, a window moving on, a token's own
+    context — may start mid-character. Streamed in rounds of random sizes, from a prompt whose last
+    tokens start inside a character, the text is the output's continuation of the prompt, with no
+    U+FFFD in any piece; per-token names (the server's log-probability tokens) join into it too."""
+    import random
+
+    from helpers import byte_fallback_tokenizer
+
+    tokenizer = byte_fallback_tokenizer()
+    prompt = tokenizer.encode("Hello 日本語", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(prompt[-streaming.CONTEXT_TOKENS]) == "<0x97>"  # mid-character
+    ids = tokenizer.encode("のテキスト 😀 and Paris, Ünïcödé — ✓ 日本。" * 12, add_special_tokens=False)
+    assert len(ids) > 4 * streaming.WINDOW_TOKENS
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
+    expected = tokenizer.decode(prompt + ids, skip_special_tokens=True)[len(head):]
+    assert streaming.decode_continuation(tokenizer, prompt[-streaming.CONTEXT_TOKENS:], ids) == expected
+    rng = random.Random(0)
+    for _ in range(3):
+        pieces: list[str] = []
+        streamer = TextStreamer(tokenizer, lambda index, piece: pieces.append(piece))
+        streamer.start(0, prompt)
+        at = 0
+        while at < len(ids):
+            step = rng.randint(1, 6)
+            streamer(0, ids[at:at + step])
+            at += step
+        streamer.finish()
+        assert "".join(pieces) == streamer.texts[0] == expected
+        assert all("\ufffd" not in piece for piece in pieces)
+    context = prompt + ids
+    names = [streaming.decode_continuation(tokenizer, context[:len(prompt) + j][-streaming.CONTEXT_TOKENS:], [token])
+             .rstrip(streaming.REPLACEMENT) for j, token in enumerate(ids)]
+    assert "".join(names) == expected
+
+
+def test_a_stream_goes_on_after_its_text_is_rewritten():
+    """A decoding may rewrite text already written (here: a stray lead byte makes the run of byte
+    tokens before it invalid, so the character they wrote turns into U+FFFD): what was written
+    stays, and what follows is written — the stream does not stop for good."""
+    from helpers import byte_fallback_tokenizer
+
+    tokenizer = byte_fallback_tokenizer()
+    byte = lambda value: tokenizer.convert_tokens_to_ids(f"<0x{value:02X}>")  # noqa: E731
+    words = tokenizer.encode(" world, the capital of France is Paris.", add_special_tokens=False)
+    pieces: list[str] = []
+    streamer = TextStreamer(tokenizer, lambda index, piece: pieces.append(piece))
+    streamer.start(0, tokenizer.encode("Hello", add_special_tokens=False))
+    for token in [byte(0xE6), byte(0x97), byte(0xA5), byte(0xE6), *words]:  # 日, then a lone lead byte
+        streamer(0, [token])
+    assert pieces[0] == "日"
+    assert "".join(pieces).endswith(" world, the capital of France is Paris.")
