@@ -283,10 +283,7 @@ class Session:
 
     def _check_known(self, request) -> None:
         """``ValueError`` naming ``request`` unless it is an id this session gave out."""
-        submitted = len(self.batch.requests)
-        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < submitted:
-            known = f"ids 0..{submitted - 1}" if submitted else "none submitted yet"
-            raise ValueError(f"no request {request!r} in this session ({known})")
+        self.batch.check_request(request, "session", "none submitted yet")
 
     @property
     def unfinished(self) -> int:

@@ -174,6 +174,14 @@ class Batch:
         included)."""
         return len(self.waiting) + len(self.prefilling) + self.running
 
+    def check_request(self, request, where: str = "batch", none: str = "none added yet") -> None:
+        """``ValueError`` naming ``request`` unless it is the id of a request added to this batch
+        (``where`` / ``none``: how the caller names the batch and its having no requests). Ids are
+        ints: True and 1.0 equal 1, and are refused."""
+        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(self.requests):
+            known = f"ids 0..{len(self.requests) - 1}" if self.requests else none
+            raise ValueError(f"no request {request!r} in this {where} ({known})")
+
     def finish_reason(self, request: int) -> str:
         """Why a finished request ended: ``"abort"`` (:meth:`Engine.abort`), ``"error"`` (its next
         token's distribution had no mass: :attr:`errors` says why), ``"stop"`` (EOS, one of its

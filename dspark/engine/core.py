@@ -380,9 +380,7 @@ class Engine(Admission):
         The other requests decode as they would have: the row rides along done (while a busier
         slot follows it) until a request takes it. Returns whether it was unfinished."""
         self._check_owner(batch)
-        if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < len(batch.requests):
-            raise ValueError(f"no request {request!r} in this batch (" + (
-                f"ids 0..{len(batch.requests) - 1})" if batch.requests else "none added yet)"))
+        batch.check_request(request)
         now = time.perf_counter() - batch.started
         prefilling = [b for b, i in batch.prefilling.items() if i == request]
         if request in batch.waiting or prefilling:  # (its slot, if it has one, keeps the chunks for a next prompt)
