@@ -214,8 +214,9 @@ def train(cfg: TrainConfig, *, documents=None) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     resuming = cfg.resume and last.is_file()
     check_resumable(cfg, run_dir) if resuming else record_run_config(cfg, run_dir)
-    # our own Lightning checkpoint from this run directory (not a downloaded file)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
+    # our own Lightning checkpoint from this run directory, still read as weights only (tensors and
+    # plain values: never unpickles objects, whoever left the file there)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None, weights_only=True)
     train_seconds = time.time() - started
 
     test = trainer.test(module, datamodule=data, verbose=False)

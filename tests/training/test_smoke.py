@@ -211,3 +211,28 @@ def test_ddp_processes_train_on_distinct_blocks_and_resume_where_they_stopped(to
     for rank in (0, 1):
         assert [b.tolist() for b in blocks(rank)] == [every[i].tolist() for i in range(rank, 16, 2)]
         assert [b.tolist() for b in blocks(rank, step=2)][:4] == [every[i].tolist() for i in range(8 + rank, 16, 2)]
+
+
+class _Planted:
+    """Unpickling this object would run code (here: set a flag)."""
+    ran = False
+
+    def __reduce__(self):
+        return (_Planted.mark, ())
+
+    @staticmethod
+    def mark():
+        _Planted.ran = True
+        return {}
+
+
+def test_resuming_never_unpickles_objects_from_the_checkpoint(tmp_path, tokenizer_dir):
+    """A run directory's last.ckpt is read as weights only (tensors and plain values): a file that
+    would run code when unpickled is refused, whoever left it there, and its code never runs."""
+    import pickle
+
+    train(config(tmp_path, tokenizer_dir, max_steps=2), documents=tiny_corpus())
+    torch.save({"state_dict": {}, "planted": _Planted()}, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(config(tmp_path, tokenizer_dir, max_steps=4), documents=tiny_corpus())
+    assert not _Planted.ran
