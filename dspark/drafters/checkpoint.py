@@ -204,6 +204,8 @@ def _json_fits(value, hint) -> bool:
     list for a tuple; a bool is no integer)."""
     if get_origin(hint) is tuple:
         return isinstance(value, list) and all(_json_fits(v, get_args(hint)[0]) for v in value)
+    if not isinstance(hint, type):  # (an annotation this check does not know: left to validate())
+        return True
     if isinstance(value, bool):
         return hint is bool
     return isinstance(value, (int, float) if hint is float else hint)
@@ -212,7 +214,7 @@ def _json_fits(value, hint) -> bool:
 def _json_kind(hint) -> str:
     if get_origin(hint) is tuple:
         return "a list of integers"  # (the only tuples: layer ids)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
 def _clip(value) -> str:
