@@ -104,6 +104,8 @@ class Grammar:
         if (not isinstance(options, (list, tuple)) or not options
                 or not all(isinstance(o, str) and o for o in options)):
             raise ValueError(f"choices are a non-empty list of non-empty strings, got {options!r}")
+        if any("\0" in o for o in options):  # (xgrammar's strings end at a NUL)
+            raise ValueError(f"a choice cannot contain a NUL character, got {options!r}")
         return cls("choice", json.dumps(list(options)))
 
     @classmethod
@@ -170,7 +172,7 @@ class GrammarCompiler:
                 elif grammar.kind == "regex":
                     compiled = compiler.compile_regex(grammar.text)
                 elif grammar.kind == "choice":
-                    compiled = compiler.compile_regex("|".join(_regex_literal(o) for o in json.loads(grammar.text)))
+                    compiled = compiler.compile_grammar(_choice_ebnf(json.loads(grammar.text)))
                 else:
                     compiled = compiler.compile_grammar(grammar.text)
             except (RuntimeError, ValueError) as err:  # (xgrammar's parse errors)
@@ -183,9 +185,17 @@ class GrammarCompiler:
         return compiled
 
 
-def _regex_literal(text: str) -> str:
-    """``text`` as a regex matching itself alone (every character outside [A-Za-z0-9 ] escaped)."""
-    return "(" + "".join(c if c.isalnum() or c == " " else "\\" + c if c.isascii() else c for c in text) + ")"
+def _choice_ebnf(options: list[str]) -> str:
+    """An EBNF grammar whose strings are exactly ``options``."""
+    return "root ::= " + " | ".join(_ebnf_literal(o) for o in options)
+
+
+def _ebnf_literal(text: str) -> str:
+    """``text`` as an EBNF string literal: ``\\`` and ``"`` escaped, control characters as
+    ``\\uNNNN`` (a raw newline ends the literal; xgrammar's ``\\x`` takes any number of digits),
+    everything else as is."""
+    return '"' + "".join("\\" + c if c in '\\"' else f"\\u{ord(c):04x}" if c < " " else c
+                         for c in text) + '"'
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -602,3 +602,36 @@ def test_the_compiler_keeps_the_last_grammars_used(monkeypatch):
     for g in grammars[3:]:
         c.compile(g)
     assert list(c._compiled) == [grammars[0], grammars[3], grammars[4]]
+
+
+def test_choices_with_punctuation_quotes_and_newlines_compile_quietly_to_exactly_themselves(capfd):
+    """Choices are EBNF string literals escaping only what the syntax needs (``\\``, ``"``, control
+    characters): every ASCII punctuation mark escaped made xgrammar warn "Escape sequence ... not
+    recognized". Walking every token sequence the grammar allows (one character a token) finds
+    exactly the choices."""
+    import xgrammar as xgr
+
+    choices = ['a,b!', 'x-y?', '(1+2)*[3]', 'say "hi"', 'C:\\dir\\', 'two\nlines\tand\r', '\\u0041\\x41', '日本✓',
+               '#{|}~$^.', "it's"]
+    vocabulary = sorted({c for choice in choices for c in choice}) + ["</s>"]
+    eos = len(vocabulary) - 1
+    compiled = GrammarCompiler(vocabulary=vocabulary, vocab_size=len(vocabulary), stop_token_ids=[eos]).compile(
+        Grammar.choice(choices))
+    assert "Escape sequence" not in capfd.readouterr().err
+    matcher, found = xgr.GrammarMatcher(compiled), []
+    bitmask = xgr.allocate_token_bitmask(1, len(vocabulary))
+
+    def walk(text: str) -> None:
+        matcher.fill_next_token_bitmask(bitmask)
+        for token in unpack_bitmask(bitmask, len(vocabulary))[0].nonzero().flatten().tolist():
+            if token == eos:
+                found.append(text)
+                continue
+            assert matcher.accept_token(token)
+            walk(text + vocabulary[token])
+            matcher.rollback(1)
+
+    walk("")
+    assert sorted(found) == sorted(choices)
+    with pytest.raises(ValueError, match="NUL"):
+        Grammar.choice(["a\0b"])
