@@ -46,12 +46,18 @@ def _byte_of(symbol: str) -> int:
 def token_bytes(tokenizer, token_id: int) -> bytes | None:
     """The raw bytes token ``token_id`` stands for (OpenAI's logprobs ``bytes``: a character split
     across tokens is rebuilt by joining them), where the tokenizer says them: a byte-level BPE's
-    symbols (GPT-2, Llama 3, Qwen) or a SentencePiece byte-fallback token ``<0xNN>``; else ``None``
-    (the token's text is whole characters: its UTF-8)."""
+    symbols (GPT-2, Llama 3, Qwen), a SentencePiece byte-fallback token ``<0xNN>``, or an added
+    token's text (its UTF-8: neither byte symbols nor byte pieces); else ``None`` (the token's text
+    is whole characters: its UTF-8)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or token_id >= backend.get_vocab_size(with_added_tokens=False):  # (added ids come last)
+        added = getattr(tokenizer, "added_tokens_decoder", {}).get(int(token_id))  # (a dict built per call)
+        if added is not None:  # (its content: its piece may be normalized, "▁" prepended)
+            return added.content.encode("utf-8")
     piece = tokenizer.convert_ids_to_tokens(int(token_id))
     if not isinstance(piece, str):
         return None
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    decoder = getattr(backend, "decoder", None)
     if type(decoder).__name__ == "ByteLevel" and all(c in _BYTES for c in piece):
         return bytes(_BYTES[c] for c in piece)
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
