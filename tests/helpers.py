@@ -185,3 +185,30 @@ def byte_fallback_tokenizer():
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
                                    bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def needs_custom_code(model_dir=None, tokenizer_dir=None) -> None:
+    """Make a saved checkpoint's model (a Qwen3) and/or tokenizer load only through classes it ships
+    as code (``custom_model.py``, ``custom_tokenizer.py``): what ``trust_remote_code`` guards."""
+    from pathlib import Path
+
+    if model_dir is not None:
+        path = Path(model_dir) / "config.json"
+        spec = json.loads(path.read_text())
+        spec.update(model_type="custom_lm", architectures=["CustomForCausalLM"],
+                    auto_map={"AutoConfig": "custom_model.CustomConfig",
+                              "AutoModelForCausalLM": "custom_model.CustomForCausalLM"})
+        path.write_text(json.dumps(spec))
+        (Path(model_dir) / "custom_model.py").write_text(
+            "from transformers import Qwen3Config, Qwen3ForCausalLM\n\n\n"
+            "class CustomConfig(Qwen3Config):\n    model_type = 'custom_lm'\n\n\n"
+            "class CustomForCausalLM(Qwen3ForCausalLM):\n    config_class = CustomConfig\n")
+    if tokenizer_dir is not None:
+        path = Path(tokenizer_dir) / "tokenizer_config.json"
+        settings = json.loads(path.read_text())
+        settings.pop("tokenizer_class", None)
+        settings["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+        path.write_text(json.dumps(settings))
+        (Path(tokenizer_dir) / "custom_tokenizer.py").write_text(
+            "from transformers import PreTrainedTokenizerFast\n\n\n"
+            "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")

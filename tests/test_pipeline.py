@@ -171,30 +171,13 @@ def test_trust_remote_code_reaches_the_tokenizer_and_the_draft_model(tmp_path):
     """A tokenizer or a draft model whose checkpoint ships its own classes loads only when asked:
     ``target.trust_remote_code`` covers the target's tokenizer, ``drafter.trust_remote_code`` the
     draft model (once neither reached them, and such checkpoints could not be used at all)."""
-    import json
-
-    from helpers import TINY
+    from helpers import TINY, needs_custom_code
     from dspark.tokenization import byte_tokenizer
 
     tokenizer_dir, draft_dir = tmp_path / "tokenizer", tmp_path / "draft"
     byte_tokenizer().save_pretrained(tokenizer_dir)
-    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    settings.pop("tokenizer_class", None)
-    settings["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(settings))
-    (tokenizer_dir / "custom_tokenizer.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     tiny_hf_model("qwen3", seed=3, num_hidden_layers=1).save_pretrained(draft_dir)
-    config = json.loads((draft_dir / "config.json").read_text())
-    config.update(model_type="custom_lm", architectures=["CustomForCausalLM"],
-                  auto_map={"AutoConfig": "custom_model.CustomConfig",
-                            "AutoModelForCausalLM": "custom_model.CustomForCausalLM"})
-    (draft_dir / "config.json").write_text(json.dumps(config))
-    (draft_dir / "custom_model.py").write_text(
-        "from transformers import Qwen3Config, Qwen3ForCausalLM\n\n\n"
-        "class CustomConfig(Qwen3Config):\n    model_type = 'custom_lm'\n\n\n"
-        "class CustomForCausalLM(Qwen3ForCausalLM):\n    config_class = CustomConfig\n")
+    needs_custom_code(draft_dir, tokenizer_dir)
     target = "{" + ", ".join(f"{k}: {v}" for k, v in TINY["qwen3"].items()) + "}"
     setup = ["target.device=cpu", "target.dtype=float64", f"target.random={target}"]
 

@@ -73,33 +73,18 @@ def test_trust_remote_code_reaches_the_teacher_and_its_tokenizer(tmp_path, token
     """A teacher whose checkpoint ships its own model and tokenizer classes loads only when the
     training config's ``trust_remote_code`` asks (as ``target.trust_remote_code`` does at inference);
     the teacher's load took no such setting, and such teachers could not be used at all."""
-    import json
     import shutil
 
     from transformers import AutoTokenizer
 
     from dspark.models import random_hf_model
+    from helpers import needs_custom_code
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tokenizer_dir, teacher)
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     random_hf_model({**TINY_MODEL, "vocab_size": vocab_size}, seed=0).save_pretrained(teacher)
-    spec = json.loads((teacher / "config.json").read_text())
-    spec.update(model_type="custom_lm", architectures=["CustomForCausalLM"],
-                  auto_map={"AutoConfig": "custom_model.CustomConfig",
-                            "AutoModelForCausalLM": "custom_model.CustomForCausalLM"})
-    (teacher / "config.json").write_text(json.dumps(spec))
-    (teacher / "custom_model.py").write_text(
-        "from transformers import Qwen3Config, Qwen3ForCausalLM\n\n\n"
-        "class CustomConfig(Qwen3Config):\n    model_type = 'custom_lm'\n\n\n"
-        "class CustomForCausalLM(Qwen3ForCausalLM):\n    config_class = CustomConfig\n")
-    settings = json.loads((teacher / "tokenizer_config.json").read_text())
-    settings.pop("tokenizer_class", None)
-    settings["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
-    (teacher / "tokenizer_config.json").write_text(json.dumps(settings))
-    (teacher / "custom_tokenizer.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    needs_custom_code(teacher, teacher)
 
     def run(name, **overrides):  # (tokenizer null: the teacher's own)
         cfg = config(tmp_path / name, tokenizer_dir, max_steps=2, kind="draft", teacher=teacher, **overrides)
