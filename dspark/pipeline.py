@@ -257,7 +257,8 @@ class Pipeline:
 
         All arguments are checked before any compute; a bad one raises ``ValueError``/``TypeError``.
         """
-        check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs)
+        top_logprobs, prompt_top_logprobs = check_score_options(logprobs, top_logprobs, prompt_logprobs,
+                                                                prompt_top_logprobs)
         if on_tokens is not None and not callable(on_tokens):
             raise TypeError("on_tokens must be a callable on_tokens(request_index, token_ids), "
                             f"got {type(on_tokens).__name__}")
@@ -368,9 +369,9 @@ class Pipeline:
             value = {name: (lists[name][index] if name in lists else settings[name]) for name in settings}
             try:
                 return SamplingParams(
-                    _as_float(value["temperature"]), value["top_k"], _as_float(value["top_p"]), _as_float(value["min_p"]),
-                    _as_float(value["repetition_penalty"]), _as_float(value["presence_penalty"]),
-                    _as_float(value["frequency_penalty"]), value["no_repeat_ngram_size"],
+                    _as_float(value["temperature"]), _as_int(value["top_k"]), _as_float(value["top_p"]),
+                    _as_float(value["min_p"]), _as_float(value["repetition_penalty"]), _as_float(value["presence_penalty"]),
+                    _as_float(value["frequency_penalty"]), _as_int(value["no_repeat_ngram_size"]),
                     self._logit_bias(value["logit_bias"])).validate()
             except ValueError as err:
                 raise ValueError(f"request {index}: {err}" if index is not None else str(err)) from None
@@ -411,26 +412,33 @@ class Pipeline:
                              **generate_kwargs)
 
 
-def check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs=0) -> None:
+def check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs=0) -> tuple[int, int]:
     """Refuse bad ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs`` / ``prompt_top_logprobs``
-    options (``TypeError`` / ``ValueError`` naming the option)."""
+    options (``TypeError`` / ``ValueError`` naming the option); return the two counts as ints
+    (numpy's are taken)."""
     for name, flag in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     for name, count in (("top_logprobs", top_logprobs), ("prompt_top_logprobs", prompt_top_logprobs)):
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_TOP_LOGPROBS:
+        if not _is_integer(count) or not 0 <= count <= MAX_TOP_LOGPROBS:
             raise ValueError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {count!r}")
     if top_logprobs and not logprobs:
         raise ValueError("top_logprobs needs logprobs=True (the likeliest tokens come with the chosen one's)")
     if prompt_top_logprobs and not prompt_logprobs:
         raise ValueError("prompt_top_logprobs needs prompt_logprobs=True (the likeliest tokens come with the "
                          "prompt token's)")
+    return int(top_logprobs), int(prompt_top_logprobs)
 
 
 def _as_float(value):
     """An int (not a bool) as a float, so that ``1`` and ``1.0`` make the same parameters; anything
     else unchanged (validation names it)."""
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _as_int(value):
+    """An integer (numpy's too; not a bool) as an int; anything else unchanged (validation names it)."""
+    return int(value) if _is_integer(value) else value
 
 
 def _integer_dtype(dtype: torch.dtype) -> bool:

@@ -98,14 +98,15 @@ class Session:
 
     def __init__(self, pipeline, *, max_len: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
                  prompt_logprobs: bool = False, prompt_top_logprobs: int = 0):
-        from dspark.pipeline import check_score_options
+        from dspark.pipeline import _is_integer, check_score_options
 
         engine = pipeline.engine
         if not engine.continuous:
             raise ValueError("a Session needs continuous batching, and this engine decodes in static batches "
                              f"(engine.batching={engine.config.batching}; the drafter must implement admit() and the "
                              "cache have row views)")
-        check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logprobs)
+        top_logprobs, prompt_top_logprobs = check_score_options(logprobs, top_logprobs, prompt_logprobs,
+                                                                prompt_top_logprobs)
         lookahead = engine.drafter.gamma + 1
         positions = getattr(engine.target, "max_position_embeddings", None)
         limit = None if positions is None else positions + lookahead  # (more could never be used)
@@ -116,8 +117,9 @@ class Session:
                                  f"{lookahead} at most; dspark serve: --max-len), or cache.max_len in the config")
             if limit is not None and max_len > limit:
                 max_len = limit  # (cache.max_len may be sized for larger batches of other models)
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < engine.drafter.gamma + 2:
+        if not _is_integer(max_len) or max_len < engine.drafter.gamma + 2:
             raise ValueError(f"max_len must be an integer >= {engine.drafter.gamma + 2}, got {max_len!r}")
+        max_len = int(max_len)
         self.pipeline, self.engine = pipeline, engine
         self._emitted: dict[int, list[int]] = {}
         self._checks: list = []
@@ -192,11 +194,12 @@ class Session:
 
         scores = prompt_scores = None  # (None: the session's setting)
         if logprobs is not None or top_logprobs is not None:
-            check_score_options(False if logprobs is None else logprobs, top_logprobs or 0, False)
-            scores = (top_logprobs or 0) if logprobs else -1
+            top, _ = check_score_options(False if logprobs is None else logprobs, top_logprobs or 0, False)
+            scores = top if logprobs else -1
         if prompt_logprobs is not None or prompt_top_logprobs is not None:
-            check_score_options(False, 0, False if prompt_logprobs is None else prompt_logprobs, prompt_top_logprobs or 0)
-            prompt_scores = (prompt_top_logprobs or 0) if prompt_logprobs else -1
+            _, top = check_score_options(False, 0, False if prompt_logprobs is None else prompt_logprobs,
+                                         prompt_top_logprobs or 0)
+            prompt_scores = top if prompt_logprobs else -1
         encoded, budgets, params, seeds, (ignore, stop_ids, checks, min_new) = self.pipeline._requests(
             [prompt], max_new_tokens, [seed], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,

@@ -173,3 +173,16 @@ def test_numpy_integers_are_integers(pipe):
     biased = pipe.generate([[1, 2]], max_new_tokens=3, seed=3, temperature=1.0, logit_bias={5: 50.0}).token_ids
     assert pipe.generate([[1, 2]], max_new_tokens=3, seed=3, temperature=1.0,
                          logit_bias={np.int64(5): 50.0}).token_ids == biased  # (keys were refused)
+
+
+def test_numpy_integers_are_integer_sampling_settings(pipe):
+    """numpy ints were refused as top_k and no_repeat_ngram_size (and a session's max_len)."""
+    np = pytest.importorskip("numpy")
+    settings = dict(max_new_tokens=6, seed=3, temperature=1.0, top_k=4, no_repeat_ngram_size=2)
+    want = pipe.generate([[1, 2]], **settings).token_ids
+    assert pipe.generate([[1, 2]], **{**settings, "top_k": np.int64(4), "no_repeat_ngram_size": np.int32(2)}
+                         ).token_ids == want
+    assert pipe.generate([[1, 2]], **{**settings, "top_k": [np.int64(4)]}).token_ids == want
+    assert pipe.session(max_len=np.int64(16)).batch.max_len == 16
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        pipe.generate([[1, 2]], **{**settings, "top_k": np.bool_(True)})

@@ -140,6 +140,28 @@ def test_top_logprobs_are_checked():
         pipe.generate([[3, 4]], max_new_tokens=2, prompt_logprobs=True, prompt_top_logprobs=21)
 
 
+def test_top_logprobs_take_numpy_integers():
+    """numpy ints were refused as top_logprobs / prompt_top_logprobs (generate, sessions and their
+    requests), though taken as max_new_tokens and seeds; numpy's bools stay refused."""
+    np = pytest.importorskip("numpy")
+    pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
+    scores = dict(logprobs=True, top_logprobs=2, prompt_logprobs=True, prompt_top_logprobs=3)
+    want = pipe.generate([[3, 4]], max_new_tokens=3, **scores)
+    got = pipe.generate([[3, 4]], max_new_tokens=3, **{**scores, "top_logprobs": np.int64(2),
+                                                         "prompt_top_logprobs": np.int32(3)})
+    assert (got.top_logprobs, got.prompt_top_logprobs) == (want.top_logprobs, want.prompt_top_logprobs)
+    session = pipe.session(max_len=np.int64(16), logprobs=True, top_logprobs=np.int64(2))
+    index = session.submit([3, 4], max_new_tokens=3, logprobs=True, top_logprobs=np.int16(2), prompt_logprobs=True,
+                           prompt_top_logprobs=np.uint8(3))
+    while session.unfinished:
+        session.step()
+    output = session.result(index)
+    assert (output.top_logprobs, output.prompt_top_logprobs) == (want.top_logprobs[0], want.prompt_top_logprobs[0])
+    for bad in (np.bool_(True), np.int64(21), np.float64(2.0)):
+        with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 20\]"):
+            pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True, top_logprobs=bad)
+
+
 def test_logprobs_must_be_a_flag():
     pipe = dspark.build_pipeline({"target": {"device": "cpu"}, "drafter": "none"}, target_model=tiny_hf_model("qwen3"))
     with pytest.raises(TypeError, match="logprobs must be True or False"):
