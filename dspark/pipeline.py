@@ -431,9 +431,10 @@ def check_score_options(logprobs, top_logprobs, prompt_logprobs, prompt_top_logp
 
 
 def _as_float(value):
-    """An int (not a bool) as a float, so that ``1`` and ``1.0`` make the same parameters; anything
-    else unchanged (validation names it)."""
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    """A real number (an int, numpy's float32 or int64 too; not a bool) as a float, so that ``1``,
+    ``1.0`` and ``np.float32(1)`` make the same parameters; anything else unchanged (validation
+    names it)."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
 
 
 def _as_int(value):

@@ -186,3 +186,18 @@ def test_numpy_integers_are_integer_sampling_settings(pipe):
     assert pipe.session(max_len=np.int64(16)).batch.max_len == 16
     with pytest.raises(ValueError, match="top_k must be an integer"):
         pipe.generate([[1, 2]], **{**settings, "top_k": np.bool_(True)})
+
+
+def test_numpy_floats_are_number_settings(pipe):
+    """numpy float32 (not a Python float, unlike float64) was refused as temperature, top_p and the
+    other number settings; it makes the same parameters as the float, and numpy bools stay refused."""
+    np = pytest.importorskip("numpy")
+    settings = dict(max_new_tokens=6, seed=3, temperature=0.75, top_p=0.5, min_p=0.25, repetition_penalty=1.5,
+                    presence_penalty=0.5, frequency_penalty=-0.5)
+    want = pipe.generate([[1, 2]], **settings).token_ids
+    as_numpy = {name: np.float32(value) if name not in ("max_new_tokens", "seed") else value
+                for name, value in settings.items()}
+    assert pipe.generate([[1, 2]], **as_numpy).token_ids == want
+    assert pipe.generate([[1, 2]], **{**settings, "temperature": [np.float32(0.75)]}).token_ids == want
+    with pytest.raises(ValueError, match="temperature must be a number"):
+        pipe.generate([[1, 2]], **{**settings, "temperature": np.bool_(True)})
