@@ -265,3 +265,14 @@ def test_an_in_memory_peer_is_converted_on_a_copy():
     assert peer.dtype == torch.float32 and model.dtype == torch.float64  # the caller's model is left as it was
     assert hf_model_of(build_pipeline(None, target_model=peer, overrides=[
         "target.tokenizer=null", "target.device=cpu", "drafter=none"]).target) is peer  # (no copy when none is needed)
+
+
+def test_a_missing_or_short_prompt_set_is_refused_before_any_model_loads(tmp_path):
+    """A misspelt domain (or one with fewer prompts than num_prompts) failed only once every
+    pipeline and peer had loaded: the config refuses it."""
+    with pytest.raises(FileNotFoundError, match="prompt set 'cod' is neither a shipped one .*code.* nor a file"):
+        load_bench_config(None, ["domains=[cod]"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"num_prompts is 8 but prompt set .* has 2 prompts"):
+        load_bench_config(None, [f"domains=[{prompts}]", "batch_sizes=[1]"])

@@ -97,7 +97,9 @@ class BenchConfig:
                     frequency_penalty=self.frequency_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size)
 
     def validate(self) -> "BenchConfig":
-        """Raise ``ValueError`` naming the bad setting."""
+        """Raise ``ValueError`` naming the bad setting (``FileNotFoundError`` for a prompt set)."""
+        from dspark.bench.runner import read_prompts
+
         if not self.pipelines:
             raise ValueError("bench needs at least one pipeline")
         labels = [p.label for p in self.pipelines]
@@ -123,6 +125,8 @@ class BenchConfig:
                              f"{self.num_prompts} (a batch of fewer requests would run under that label)")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        for domain in self.domains:  # (a missing or short prompt set, before any model loads)
+            read_prompts(domain, self.num_prompts)
         SamplingParams(1.0, **self.penalties).validate()
         if self.peers.any and (self.presence_penalty or self.frequency_penalty):
             raise ValueError("transformers' generate has no presence_penalty or frequency_penalty: turn the peers off "

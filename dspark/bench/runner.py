@@ -63,8 +63,8 @@ class CellResult:
     phase_stats: GenerationStats | None = None  # the untimed pass that split each round (CUDA)
 
 
-def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
-    """Token ids of the first ``count`` prompts of a shipped set or a JSONL file."""
+def read_prompts(domain: str, count: int) -> list[str]:
+    """The first ``count`` prompts of a shipped set or a JSONL file (checked before any model loads)."""
     from dspark.assets import PROMPT_SETS, prompt_set_path
     from dspark.data.eval_sets import read_jsonl
 
@@ -74,9 +74,15 @@ def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
     records = read_jsonl(path)
     if len(records) < count:
         raise ValueError(f"num_prompts is {count} but prompt set {domain!r} has {len(records)} prompts")
+    return [r["prompt"] for r in records[:count]]
+
+
+def load_prompts(domain: str, tokenizer, count: int) -> list[list[int]]:
+    """Token ids of the first ``count`` prompts of a shipped set or a JSONL file."""
+    texts = read_prompts(domain, count)
     if tokenizer is None:
         raise ValueError("bench prompts are text: the pipelines need a tokenizer")
-    return [tokenizer(r["prompt"])["input_ids"] for r in records[:count]]
+    return [tokenizer(text)["input_ids"] for text in texts]
 
 
 def dspark_variant(label: str, family: str, gamma: int | None, pipe, seed: int, **penalties) -> Variant:
