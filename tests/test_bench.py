@@ -121,6 +121,10 @@ def test_bad_bench_configs():
         load_bench_config(None, ["pipelines=[{label: none, config: ngram}]"])
     with pytest.raises(ValueError, match="batch size 16 needs at least as many prompts: num_prompts is 8"):
         load_bench_config(None, ["batch_sizes=[1,16]", "num_prompts=8"])
+    for threads in (0, -2):  # (0 was taken as the default; -2 a traceback from torch once the models had loaded)
+        with pytest.raises(ValueError, match=rf"threads must be an integer >= 1 \(null = torch's default\), got {threads}"):
+            load_bench_config(None, [f"threads={threads}"])
+    assert load_bench_config(None, ["threads=1"]).threads == 1 and load_bench_config(None).threads is None
 
 
 def test_greedy_check_uses_transformers_else_the_none_pipeline():

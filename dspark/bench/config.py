@@ -127,6 +127,8 @@ class BenchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         for domain in self.domains:  # (a missing or short prompt set, before any model loads)
             read_prompts(domain, self.num_prompts)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1 (null = torch's default), got {self.threads}")
         SamplingParams(1.0, **self.penalties).validate()
         if self.peers.any and (self.presence_penalty or self.frequency_penalty):
             raise ValueError("transformers' generate has no presence_penalty or frequency_penalty: turn the peers off "
