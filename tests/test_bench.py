@@ -125,6 +125,8 @@ def test_bad_bench_configs():
         with pytest.raises(ValueError, match=rf"threads must be an integer >= 1 \(null = torch's default\), got {threads}"):
             load_bench_config(None, [f"threads={threads}"])
     assert load_bench_config(None, ["threads=1"]).threads == 1 and load_bench_config(None).threads is None
+    with pytest.raises(ValueError, match=r"temperature must be a number >= 0 \(0 = greedy; otherwise finite and at least"):
+        load_bench_config(None, ["temperatures=[0.0,1e-9]"])
 
 
 def test_greedy_check_uses_transformers_else_the_none_pipeline():

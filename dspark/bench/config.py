@@ -129,7 +129,8 @@ class BenchConfig:
             read_prompts(domain, self.num_prompts)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be an integer >= 1 (null = torch's default), got {self.threads}")
-        SamplingParams(1.0, **self.penalties).validate()
+        for temperature in self.temperatures:  # (e.g. 1e-9: refused by generate once the models had loaded)
+            SamplingParams(temperature, **self.penalties).validate()
         if self.peers.any and (self.presence_penalty or self.frequency_penalty):
             raise ValueError("transformers' generate has no presence_penalty or frequency_penalty: turn the peers off "
                              "(peers.plain=false peers.assisted=false peers.prompt_lookup=false peers.early_exit=false) "
