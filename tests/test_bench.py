@@ -282,3 +282,14 @@ def test_a_missing_or_short_prompt_set_is_refused_before_any_model_loads(tmp_pat
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     with pytest.raises(ValueError, match=r"num_prompts is 8 but prompt set .* has 2 prompts"):
         load_bench_config(None, [f"domains=[{prompts}]", "batch_sizes=[1]"])
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path):
+    """bench.json, bench.md and the plots go into output_dir: a file there (or above it) made the
+    final mkdir raise a traceback once every variant had run."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for output_dir in (taken, taken / "sub"):
+        with pytest.raises(ValueError, match=f"output_dir '{output_dir}' must be a directory .* '{taken}' is a file"):
+            load_bench_config(None, [f"output_dir={output_dir}"])
+    assert load_bench_config(None, [f"output_dir={tmp_path / 'new' / 'dir'}"]).output_dir == str(tmp_path / "new" / "dir")

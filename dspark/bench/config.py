@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dspark.config import load_structured
 from dspark.records import SamplingParams
@@ -125,6 +126,11 @@ class BenchConfig:
                              f"{self.num_prompts} (a batch of fewer requests would run under that label)")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        out = Path(self.output_dir)
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if not existing.is_dir():  # (mkdir failed with a traceback once every variant had run)
+            raise ValueError(f"output_dir {self.output_dir!r} must be a directory (created if missing), but "
+                             f"{str(existing)!r} is a file")
         for domain in self.domains:  # (a missing or short prompt set, before any model loads)
             read_prompts(domain, self.num_prompts)
         if self.threads is not None and self.threads < 1:
