@@ -121,6 +121,9 @@ def test_bad_bench_configs():
         load_bench_config(None, ["pipelines=[{label: none, config: ngram}]"])
     with pytest.raises(ValueError, match="batch size 16 needs at least as many prompts: num_prompts is 8"):
         load_bench_config(None, ["batch_sizes=[1,16]", "num_prompts=8"])
+    with pytest.raises(ValueError, match=r"num_prompts \(10\) must be a multiple of every batch size: at batch size 4 "
+                                         "the last batch would run 2 requests"):
+        load_bench_config(None, ["batch_sizes=[1,4]", "num_prompts=10"])
     for threads in (0, -2):  # (0 was taken as the default; -2 a traceback from torch once the models had loaded)
         with pytest.raises(ValueError, match=rf"threads must be an integer >= 1 \(null = torch's default\), got {threads}"):
             load_bench_config(None, [f"threads={threads}"])

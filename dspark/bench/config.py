@@ -54,7 +54,7 @@ class BenchConfig:
     Attributes:
         pipelines: the dspark pipelines; one labelled ``none`` is the baseline for speedups.
         domains: shipped prompt sets (``code``, ``prose``, ``calibration``) or JSONL files of ``{"prompt": ...}``.
-        num_prompts: prompts per domain (the first ones of each set).
+        num_prompts: prompts per domain (the first ones of each set; a multiple of every batch size).
         temperatures, batch_sizes, gammas: the matrix (γ applies to speculative pipelines).
         max_new_tokens: tokens generated per prompt (EOS ignored, so every variant does the same work).
         repeats, warmup: measured and discarded passes; passes alternate over the variants (with
@@ -124,6 +124,11 @@ class BenchConfig:
         if max(self.batch_sizes) > self.num_prompts:
             raise ValueError(f"batch size {max(self.batch_sizes)} needs at least as many prompts: num_prompts is "
                              f"{self.num_prompts} (a batch of fewer requests would run under that label)")
+        uneven = [b for b in self.batch_sizes if self.num_prompts % b]
+        if uneven:
+            raise ValueError(f"num_prompts ({self.num_prompts}) must be a multiple of every batch size: at batch size "
+                             f"{uneven[0]} the last batch would run {self.num_prompts % uneven[0]} requests under "
+                             "that label")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         out = Path(self.output_dir)
