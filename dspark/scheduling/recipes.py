@@ -54,7 +54,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     from tqdm.auto import tqdm
 
     from dspark.assets import ASSETS
-    from dspark.bench.runner import load_prompts
+    from dspark.bench.runner import load_prompts, read_prompts
     from dspark.config import load_config
     from dspark.drafters import DRAFTERS
     from dspark.drafters.calibrated import CALIBRATION_FILE, load_calibration
@@ -103,6 +103,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
     fixed = ["scheduler.name=fixed", "drafter.calibration=null"]
     if "min_survival" in keys:
         fixed.append("drafter.min_survival=0")
+    read_prompts(prompts, num_prompts)  # (a missing or short prompt set, before the models load)
     pipe = build_pipeline(config, overrides=[*overrides, *fixed])
     if not pipe.drafter.provides_confidence:  # e.g. a released DFlash drafter: no confidence head
         raise ValueError(f"dspark calibrate needs confidences, and this {cfg.drafter.name!r} drafter's checkpoint "

@@ -194,6 +194,17 @@ def test_bad_calibration_inputs(tmp_path):
         assert bad.read_text() == content
 
 
+def test_a_missing_or_short_prompt_set_is_refused_before_calibrate_loads_the_models(tmp_path, monkeypatch):
+    import dspark.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the target loaded before the check"))
+    output = str(tmp_path / "c.json")
+    with pytest.raises(FileNotFoundError, match=r"prompt set '\S*nowhere.jsonl' is neither a shipped one"):
+        calibrate("eagle3", SETUPS["eagle3"], prompts=str(tmp_path / "nowhere.jsonl"), output=output)
+    with pytest.raises(ValueError, match="num_prompts is 500 but prompt set 'calibration' has 120 prompts"):
+        calibrate("eagle3", SETUPS["eagle3"], num_prompts=500, output=output)
+
+
 def test_bad_profile_inputs_are_refused_before_the_target_loads(tmp_path, capsys, monkeypatch):
     import dspark.pipeline as pipeline
     from dspark.scheduling.recipes import profile
