@@ -39,6 +39,17 @@ class RoundRecorder:
 CALIBRATION_METHODS = ("sts", "platt")
 
 
+def check_output_file(name: str, path) -> None:
+    """Refuse an output file path that cannot be written (a directory, or under a file) before any
+    work is done; missing directories are created when it is written."""
+    given = Path(path)
+    if given.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a directory: name a file")
+    existing = next(p for p in given.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory")
+
+
 def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts: int = 120, max_new_tokens: int = 128,
               temperature: float = 1.0, batch_size: int = 8, method: str | None = None, output: str | None = None,
               plot: str | None = None, seed: int = 0) -> dict:
@@ -88,6 +99,9 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
                              "output= (--output FILE) and decode with drafter.calibration=FILE; to replace the shipped "
                              "map on purpose, name its path as the output")
         output = str(directory / CALIBRATION_FILE)
+    check_output_file("output", output)
+    if plot:
+        check_output_file("plot", plot)
     existing, greedy = {}, temperature == 0
     if Path(output).is_file():  # its other map is kept; a file the drafters could not read is refused
         load_calibration(output, 1).check_drafter(cfg.drafter.name)  # (one file's maps are one drafter's)
@@ -202,8 +216,11 @@ def profile(config, overrides=(), *, token_counts=(1, 2, 4, 8, 16, 32, 64, 128),
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
+    check_output_file("output", output)
+
     pipe = build_pipeline(config, overrides=[*overrides, "drafter=none", "scheduler=fixed"])
     table = profile_target(pipe.target, tuple(token_counts), context_length=context_length, repeats=repeats,
                            model_name=pipe.engine.scheduler.model_name)  # the name the scheduler checks
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     table.save(output)
     return table

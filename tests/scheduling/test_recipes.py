@@ -205,6 +205,34 @@ def test_a_missing_or_short_prompt_set_is_refused_before_calibrate_loads_the_mod
         calibrate("eagle3", SETUPS["eagle3"], num_prompts=500, output=output)
 
 
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_models_load(tmp_path, monkeypatch):
+    """calibrate's --output and --plot and profile's --output: a directory, or a path under a file,
+    failed with a traceback (or matplotlib wrote DIR.png) once everything had been decoded or measured."""
+    import dspark.pipeline as pipeline
+    from dspark.scheduling.recipes import profile
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the target loaded before the check"))
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    good = str(tmp_path / "c.json")
+    for path, problem in ((tmp_path, "is a directory: name a file"), (taken / "c.json", "is a file, not a directory")):
+        with pytest.raises(ValueError, match=f"output '{path}' .*{problem}"):
+            calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=str(path))
+        with pytest.raises(ValueError, match=f"plot '{path}' .*{problem}"):
+            calibrate("eagle3", SETUPS["eagle3"], num_prompts=1, output=good, plot=str(path))
+        with pytest.raises(ValueError, match=f"output '{path}' .*{problem}"):
+            profile("ar", output=str(path))
+
+
+def test_profile_creates_the_output_s_directory(tmp_path):
+    from dspark.scheduling.recipes import profile
+
+    output = tmp_path / "new" / "sps.json"  # (a missing directory failed after measuring)
+    profile("ar", [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"], token_counts=[1, 2],
+            context_length=8, repeats=1, output=str(output))
+    assert ThroughputProfile.load(output).token_counts == [1, 2]
+
+
 def test_bad_profile_inputs_are_refused_before_the_target_loads(tmp_path, capsys, monkeypatch):
     import dspark.pipeline as pipeline
     from dspark.scheduling.recipes import profile
