@@ -448,3 +448,13 @@ def test_generate_tells_overrides_prompts_and_line_keys_apart(capsys, tmp_path):
               "--ignore-eos"])
         outputs.add(capsys.readouterr().out)
     assert len(outputs) > 1  # fresh seeds: a 12-token sample repeating thrice has probability ~0 here
+
+
+def test_generate_refuses_an_output_file_that_is_a_directory(tmp_path, monkeypatch):
+    """--output DIR and --stats-json DIR raised IsADirectoryError once everything was generated."""
+    import dspark.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the target loaded before the check"))
+    for flag in ("--output", "--stats-json"):
+        with pytest.raises(SystemExit, match=f"{flag} {re.escape(str(tmp_path))} is a directory: name a file"):
+            main(["generate", "--config", "ar", "--prompt", "x", flag, str(tmp_path), "target.device=cpu"])

@@ -62,6 +62,8 @@ def generate_command(args: argparse.Namespace) -> int:
     for flag, path in (("--output", args.output), ("--stats-json", args.stats_json)):
         if path and not Path(path).resolve().parent.is_dir():
             raise SystemExit(f"dspark generate: {flag} {path}: its directory does not exist")
+        if path and Path(path).is_dir():
+            raise SystemExit(f"dspark generate: {flag} {path} is a directory: name a file")
     if args.stream and len(prompts) != 1:
         raise SystemExit(f"dspark generate: --stream prints one request as it is generated; got {len(prompts)} "
                          "prompts (drop --stream to generate a batch)")
