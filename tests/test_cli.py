@@ -458,3 +458,9 @@ def test_generate_refuses_an_output_file_that_is_a_directory(tmp_path, monkeypat
     for flag in ("--output", "--stats-json"):
         with pytest.raises(SystemExit, match=f"{flag} {re.escape(str(tmp_path))} is a directory: name a file"):
             main(["generate", "--config", "ar", "--prompt", "x", flag, str(tmp_path), "target.device=cpu"])
+
+
+def test_generate_names_a_prompt_ids_value_that_is_not_token_ids():
+    with pytest.raises(SystemExit, match=r"--prompt-ids takes integer token ids separated by spaces or commas, e\.g\. "
+                                         r"'1 2 3'; got '1 x'"):
+        main(["generate", "--config", "ar", "--prompt-ids", "1 x", "target.device=cpu"])

@@ -26,7 +26,11 @@ def generate_command(args: argparse.Namespace) -> int:
     overrides = [o for o in args.overrides if is_override(o)]
     prompts: list = positional + list(args.prompt or [])
     for ids in args.prompt_ids or []:
-        prompts.append([int(t) for t in ids.replace(",", " ").split()])
+        try:
+            prompts.append([int(t) for t in ids.replace(",", " ").split()])
+        except ValueError:
+            raise SystemExit(f"dspark generate: --prompt-ids takes integer token ids separated by spaces or commas, "
+                             f"e.g. '1 2 3'; got {ids!r}") from None
     budgets = [args.max_new_tokens] * len(prompts)
     lines: list[dict] = [{} for _ in prompts]  # each prompt's own settings (a JSONL line's)
     if args.prompts_file:
