@@ -219,6 +219,10 @@ def profile(config, overrides=(), *, token_counts=(1, 2, 4, 8, 16, 32, 64, 128),
     check_output_file("output", output)
 
     pipe = build_pipeline(config, overrides=[*overrides, "drafter=none", "scheduler=fixed"])
+    positions = getattr(pipe.target, "max_position_embeddings", None)
+    if positions is not None and context_length >= positions:  # (measured positions the model never serves)
+        raise ValueError(f"context_length must be below the target's max_position_embeddings ({positions}): each "
+                         f"measured token sits at position context_length; got {context_length}")
     table = profile_target(pipe.target, tuple(token_counts), context_length=context_length, repeats=repeats,
                            model_name=pipe.engine.scheduler.model_name)  # the name the scheduler checks
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -224,13 +224,18 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_models_load
             profile("ar", output=str(path))
 
 
-def test_profile_creates_the_output_s_directory(tmp_path):
+def test_profile_creates_the_output_s_directory_and_refuses_a_context_past_the_model_s_positions(tmp_path):
     from dspark.scheduling.recipes import profile
 
     output = tmp_path / "new" / "sps.json"  # (a missing directory failed after measuring)
     profile("ar", [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"], token_counts=[1, 2],
             context_length=8, repeats=1, output=str(output))
     assert ThroughputProfile.load(output).token_counts == [1, 2]
+
+    with pytest.raises(ValueError, match=r"context_length must be below the target's max_position_embeddings \(512\).*"
+                                         "got 512"):  # (it measured positions the model never serves)
+        profile("ar", [f"target.random={TINY}", "target.tokenizer=bytes", "target.device=cpu"], token_counts=[1],
+                context_length=512, repeats=1, output=str(output))
 
 
 def test_bad_profile_inputs_are_refused_before_the_target_loads(tmp_path, capsys, monkeypatch):
