@@ -464,3 +464,13 @@ def test_generate_names_a_prompt_ids_value_that_is_not_token_ids():
     with pytest.raises(SystemExit, match=r"--prompt-ids takes integer token ids separated by spaces or commas, e\.g\. "
                                          r"'1 2 3'; got '1 x'"):
         main(["generate", "--config", "ar", "--prompt-ids", "1 x", "target.device=cpu"])
+
+
+def test_export_refuses_an_out_directory_that_is_a_file(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for out in (taken, taken / "sub"):
+        assert main(["export", "eagle3", "--drafter", "dspark-tiny-eagle3", "--target", "dspark-tiny",
+                     "--out", str(out)]) == 2
+        assert f"--out '{out}' must be a directory (created if missing), but '{taken}' is a file" in \
+            capsys.readouterr().err

@@ -55,6 +55,10 @@ def export_command(args: argparse.Namespace) -> int:
     from dspark.models import load_model
     from dspark.models.loading import resolve_checkpoint, resolve_dtype
 
+    out = Path(args.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():  # (mkdir raised FileExistsError once the target and head had loaded)
+        raise ValueError(f"--out {args.out!r} must be a directory (created if missing), but {str(existing)!r} is a file")
     config_file = Path(resolve_checkpoint(args.target)) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"--target {args.target!r} has no config.json: give the target's checkpoint "
