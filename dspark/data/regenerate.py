@@ -61,6 +61,9 @@ class RegenerateConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
     def __post_init__(self):
+        from dspark.models.loading import resolve_dtype
+        from dspark.records import SamplingParams
+
         for name in ("prompt_tokens", "new_tokens", "samples_per_temperature", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"regenerate.{name} must be >= 1, got {getattr(self, name)}")
@@ -69,6 +72,15 @@ class RegenerateConfig:
                              f"of batch_size ({self.batch_size}): every batch keeps one shape")
         if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise ValueError(f"regenerate.temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
+        for temperature in self.temperatures:  # (as generate checks them, before the corpus is built)
+            SamplingParams(temperature).validate()
+        out = Path(self.output)
+        if out.is_dir():
+            raise ValueError(f"regenerate.output {self.output!r} is a directory: name the safetensors file")
+        existing = next(p for p in out.parents if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"regenerate.output {self.output!r} cannot be written: {str(existing)!r} is a file")
+        resolve_dtype(self.dtype)
 
 
 def load_regenerate_config(path=None, overrides=()) -> RegenerateConfig:
@@ -89,9 +101,13 @@ def regenerate(cfg: RegenerateConfig, *, documents=None, progress: bool = True) 
     from dspark.training.data import RandomBlocks, token_stream
 
     started = time.time()
+    checkpoint = resolve_checkpoint(cfg.target)
+    if not (Path(checkpoint) / "config.json").is_file():  # (before the corpus is built)
+        raise FileNotFoundError(f"regenerate.target {cfg.target!r} has no config.json: give a checkpoint directory "
+                                "or an embedded model name (dspark-tiny)")
     documents = documents if documents is not None else build_corpus(**vars(cfg.corpus))
     pipe = build_pipeline("ar", overrides=[
-        f"target.path={resolve_checkpoint(cfg.target)}", f"target.dtype={cfg.dtype}", f"engine.max_batch_size={cfg.batch_size}",
+        f"target.path={checkpoint}", f"target.dtype={cfg.dtype}", f"engine.max_batch_size={cfg.batch_size}",
         f"engine.compile={str(cfg.compile).lower()}", f"cache.max_len={cfg.prompt_tokens + cfg.new_tokens + 1}"])  # + the one-token lookahead
     tokenizer = pipe.tokenizer
     stream = token_stream([d for d in documents if d.split == "train"], tokenizer)

@@ -90,13 +90,28 @@ def test_drafter_trains_on_regenerated_text_and_refuses_another_targets(target_d
         load_regenerated(path, target=str(target_dir), vocab_size=4096)
 
 
-def test_bad_regenerate_inputs_are_refused_before_any_work(target_dir, tmp_path):
+def test_bad_regenerate_inputs_are_refused_before_any_work(target_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="multiple of batch_size"):
         regen_config(target_dir, tmp_path / "x", samples_per_temperature=5)
     with pytest.raises(ValueError, match="temperatures must be a non-empty list of values >= 0"):
         regen_config(target_dir, tmp_path / "x", temperatures="[-1.0]")
     with pytest.raises(ValueError, match="prompt_tokens must be >= 1"):
         regen_config(target_dir, tmp_path / "x", prompt_tokens=0)
+    # each of these was met only once the corpus was built (and the output ones once everything was generated)
+    with pytest.raises(ValueError, match="temperature must be a number >= 0 .* at least 1e-06"):
+        regen_config(target_dir, tmp_path / "x", temperatures="[1e-9]")
+    with pytest.raises(ValueError, match=f"regenerate.output '{tmp_path}' is a directory: name the safetensors file"):
+        regen_config(target_dir, tmp_path)
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match=f"cannot be written: '{tmp_path / 'taken'}' is a file"):
+        regen_config(target_dir, tmp_path / "taken" / "x.safetensors")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; allowed: float32"):
+        regen_config(target_dir, tmp_path / "x", dtype="float8")
+    import dspark.data.corpus
+
+    monkeypatch.setattr(dspark.data.corpus, "build_corpus", lambda **k: pytest.fail("the corpus was built first"))
+    with pytest.raises(FileNotFoundError, match="regenerate.target '\\S*nowhere' has no config.json"):
+        regenerate(regen_config(tmp_path / "nowhere", tmp_path / "x"), progress=False)
     with pytest.raises(FileNotFoundError, match="dspark data regenerate"):
         load_regenerated(tmp_path / "missing.safetensors", target="t", vocab_size=8)
     other = tmp_path / "other.safetensors"
