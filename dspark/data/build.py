@@ -25,6 +25,14 @@ class CorpusConfig:
     test_percent: int = 5
     min_docstring_chars: int = 200
 
+    def __post_init__(self):
+        for name in ("validation_percent", "test_percent", "min_docstring_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"corpus.{name} must be >= 0, got {getattr(self, name)}")
+        if self.validation_percent + self.test_percent >= 100:  # (the train split would be empty)
+            raise ValueError(f"corpus.validation_percent + corpus.test_percent must be below 100 (the rest is the "
+                             f"train split), got {self.validation_percent} + {self.test_percent}")
+
 
 @dataclass
 class DataBuildConfig:
@@ -37,6 +45,13 @@ class DataBuildConfig:
     tokenizer_dir: str = "dspark/assets/dspark-tiny/tokenizer"
     eval_dir: str = "dspark/assets/eval"
     manifest: str = "dspark/assets/dspark-tiny/manifest.json"
+
+    def __post_init__(self):  # (each was met only once the corpus was built, or not at all)
+        if not 512 <= self.vocab_size <= 65536:
+            raise ValueError(f"vocab_size must be in [512, 65536], got {self.vocab_size}")
+        for name in ("prompts_per_domain", "calibration_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def load_data_config(path=None, overrides=()) -> DataBuildConfig:

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from dspark.data.corpus import build_corpus, code_files, corpus_manifest, docstrings, split_of
 
 
@@ -43,3 +45,20 @@ def test_docstrings_skip_short_ones_and_bad_source():
     source = 'def f():\n    """short"""\n\nclass C:\n    def g(self):\n        """' + "long " * 50 + '"""\n'
     assert [name for name, _ in docstrings(source, 100)] == ["C.g"]
     assert docstrings("def (:", 10) == []
+
+
+def test_bad_data_build_settings_are_refused_before_the_corpus_is_built():
+    """corpus.validation_percent=150 built a corpus with no train split (and a tokenizer trained on
+    nothing); a bad vocab_size was refused only after the corpus was built."""
+    from dspark.data.build import load_data_config
+    from dspark.data.regenerate import load_regenerate_config
+
+    for override, message in (("corpus.validation_percent=150", r"validation_percent \+ corpus.test_percent must be "
+                                                                r"below 100 .* got 150 \+ 5"),
+                              ("corpus.test_percent=-1", "corpus.test_percent must be >= 0, got -1"),
+                              ("vocab_size=0", r"vocab_size must be in \[512, 65536\], got 0"),
+                              ("prompts_per_domain=0", "prompts_per_domain must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            load_data_config(None, [override])
+    with pytest.raises(ValueError, match="below 100"):  # (regenerate cuts the corpus the same way)
+        load_regenerate_config(None, ["corpus.test_percent=95"])
