@@ -119,6 +119,12 @@ def test_bad_bench_configs():
             load_bench_config(None, [f"{key}={value}"])
     with pytest.raises(ValueError, match="labelled `none` is the baseline .* must be plain decoding"):
         load_bench_config(None, ["pipelines=[{label: none, config: ngram}]"])
+    # composed before any model loads: a misspelt override in any pipeline, and a `none` that drafts
+    with pytest.raises(ValueError, match="pipeline 'ngram': unknown key drafter.max_m for NgramConfig; allowed keys"):
+        load_bench_config(None, ["pipelines=[{label: none, config: ar, speculative: false},"
+                                 " {label: ngram, config: ngram, overrides: [drafter.max_m=2]}]"])
+    with pytest.raises(ValueError, match="labelled `none` .* must be plain decoding \\(drafter=none\\), got drafter 'ngram'"):
+        load_bench_config(None, ["pipelines=[{label: none, config: ngram, speculative: false}]"])
     with pytest.raises(ValueError, match="batch size 16 needs at least as many prompts: num_prompts is 8"):
         load_bench_config(None, ["batch_sizes=[1,16]", "num_prompts=8"])
     with pytest.raises(ValueError, match=r"num_prompts \(10\) must be a multiple of every batch size: at batch size 4 "

@@ -100,6 +100,7 @@ class BenchConfig:
     def validate(self) -> "BenchConfig":
         """Raise ``ValueError`` naming the bad setting (``FileNotFoundError`` for a prompt set)."""
         from dspark.bench.runner import read_prompts
+        from dspark.config import load_config
 
         if not self.pipelines:
             raise ValueError("bench needs at least one pipeline")
@@ -136,6 +137,14 @@ class BenchConfig:
         if not existing.is_dir():  # (mkdir failed with a traceback once every variant had run)
             raise ValueError(f"output_dir {self.output_dir!r} must be a directory (created if missing), but "
                              f"{str(existing)!r} is a file")
+        for spec in self.pipelines:  # (a misspelt key in a pipeline's overrides, before any model loads)
+            try:
+                composed = load_config(spec.config, [*self.common_overrides, *spec.overrides])
+            except ValueError as err:
+                raise ValueError(f"pipeline {spec.label!r}: {err}") from err
+            if spec.label == "none" and composed.drafter.name != "none":
+                raise ValueError(f"the pipeline labelled `none` is the baseline every speedup divides by: it must be "
+                                 f"plain decoding (drafter=none), got drafter {composed.drafter.name!r}")
         for domain in self.domains:  # (a missing or short prompt set, before any model loads)
             read_prompts(domain, self.num_prompts)
         if self.threads is not None and self.threads < 1:
