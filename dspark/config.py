@@ -254,3 +254,24 @@ def section_object(cfg: DictConfig, section: str):
 def to_yaml(cfg: DictConfig) -> str:
     """The composed config as YAML (for logs and reproducibility)."""
     return OmegaConf.to_yaml(cfg)
+
+
+def check_output_file(name: str, path, what: str = "a file") -> None:
+    """Refuse an output file path that cannot be written — a directory, or a path under a file —
+    before any work is done (missing directories are created when it is written); ``name``: the
+    setting or flag, ``what``: the file it should name."""
+    given = Path(path)
+    if given.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a directory: name {what}")
+    existing = next(p for p in given.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory")
+
+
+def check_output_dir(name: str, path) -> None:
+    """Refuse an output directory path that is a file or lies under one, before any work is done
+    (a missing directory is created when written)."""
+    given = Path(path)
+    existing = next(p for p in (given, *given.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r} must be a directory (created if missing), but {str(existing)!r} is a file")

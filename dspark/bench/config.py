@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dspark.config import load_structured
+from dspark.config import check_output_dir, load_structured
 from dspark.records import SamplingParams
 
 
@@ -132,11 +131,7 @@ class BenchConfig:
                              "that label")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        out = Path(self.output_dir)
-        existing = next(p for p in (out, *out.parents) if p.exists())
-        if not existing.is_dir():  # (mkdir failed with a traceback once every variant had run)
-            raise ValueError(f"output_dir {self.output_dir!r} must be a directory (created if missing), but "
-                             f"{str(existing)!r} is a file")
+        check_output_dir("output_dir", self.output_dir)  # (mkdir failed with a traceback once every variant had run)
         for spec in self.pipelines:  # (a misspelt key in a pipeline's overrides, before any model loads)
             try:
                 composed = load_config(spec.config, [*self.common_overrides, *spec.overrides])

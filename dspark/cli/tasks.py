@@ -48,6 +48,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from dspark.config import check_output_dir
     from dspark.drafters.checkpoint import read_drafter_args
     from dspark.drafters.eagle3 import CHECKPOINT_KEY, load_eagle3
     from dspark.drafters.eagle3_export import export_eagle3, export_problems
@@ -55,10 +56,7 @@ def export_command(args: argparse.Namespace) -> int:
     from dspark.models import load_model
     from dspark.models.loading import resolve_checkpoint, resolve_dtype
 
-    out = Path(args.out)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():  # (mkdir raised FileExistsError once the target and head had loaded)
-        raise ValueError(f"--out {args.out!r} must be a directory (created if missing), but {str(existing)!r} is a file")
+    check_output_dir("--out", args.out)  # (mkdir raised FileExistsError once the target and head had loaded)
     config_file = Path(resolve_checkpoint(args.target)) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"--target {args.target!r} has no config.json: give the target's checkpoint "

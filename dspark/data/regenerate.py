@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.config import load_structured
+from dspark.config import check_output_file, load_structured
 from dspark.data.build import CorpusConfig
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,7 @@ class RegenerateConfig:
             raise ValueError(f"regenerate.temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
         for temperature in self.temperatures:  # (as generate checks them, before the corpus is built)
             SamplingParams(temperature).validate()
-        out = Path(self.output)
-        if out.is_dir():
-            raise ValueError(f"regenerate.output {self.output!r} is a directory: name the safetensors file")
-        existing = next(p for p in out.parents if p.exists())
-        if not existing.is_dir():
-            raise ValueError(f"regenerate.output {self.output!r} cannot be written: {str(existing)!r} is a file")
+        check_output_file("regenerate.output", self.output, "the safetensors file")
         resolve_dtype(self.dtype)
 
 

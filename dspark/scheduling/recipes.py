@@ -39,17 +39,6 @@ class RoundRecorder:
 CALIBRATION_METHODS = ("sts", "platt")
 
 
-def check_output_file(name: str, path) -> None:
-    """Refuse an output file path that cannot be written (a directory, or under a file) before any
-    work is done; missing directories are created when it is written."""
-    given = Path(path)
-    if given.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a directory: name a file")
-    existing = next(p for p in given.parents if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{name} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory")
-
-
 def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts: int = 120, max_new_tokens: int = 128,
               temperature: float = 1.0, batch_size: int = 8, method: str | None = None, output: str | None = None,
               plot: str | None = None, seed: int = 0) -> dict:
@@ -66,7 +55,7 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
 
     from dspark.assets import ASSETS
     from dspark.bench.runner import load_prompts, read_prompts
-    from dspark.config import load_config
+    from dspark.config import check_output_file, load_config
     from dspark.drafters import DRAFTERS
     from dspark.drafters.calibrated import CALIBRATION_FILE, load_calibration
     from dspark.models.loading import resolve_checkpoint
@@ -205,6 +194,7 @@ def profile(config, overrides=(), *, token_counts=(1, 2, 4, 8, 16, 32, 64, 128),
     """Measure the configured target's SPS(B) and save the cost table; returns it. The arguments
     are checked before the target is loaded: ``token_counts`` increasing integers ≥ 1 (a
     forward's tokens), ``context_length`` ≥ 0 and ``repeats`` ≥ 1."""
+    from dspark.config import check_output_file
     from dspark.pipeline import build_pipeline
     from dspark.scheduling.profile import profile_target
 
