@@ -86,7 +86,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         print(f"| {before['position']} | {before['events']} | {before['ece']:.4f} | {after['ece']:.4f} | "
               f"{before['brier']:.4f} | {after['brier']:.4f} | {after['auroc']:.3f} | {t:.3f} | {b:.3f} |")
     print(f"[dspark] {report['request_rounds']} request-rounds; {report['method']} {report['map']} map saved to "
-          f"{report['saved_to']}", file=sys.stderr)
+          f"{report['saved_to']}" + (f"; reliability diagram: {report['plot']}" if report.get("plot") else ""),
+          file=sys.stderr)
     return 0
 
 

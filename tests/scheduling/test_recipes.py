@@ -33,7 +33,8 @@ def test_calibrate_records_fits_and_the_drafter_applies_the_temperatures(tmp_pat
     setup = SETUPS[config]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"line {i}: def f(x): return x + {i}"}) + "\n" for i in range(6)))
-    output, plot = tmp_path / "calibration.json", tmp_path / "reliability.png"
+    # (a plot path without an extension: matplotlib writes PNG under name.png, which the report names)
+    output, plot = tmp_path / "calibration.json", tmp_path / ("reliability" if config == "dspark" else "reliability.png")
     report = calibrate(config, setup, prompts=str(prompts), num_prompts=6, max_new_tokens=12, batch_size=3,
                        output=str(output), plot=str(plot))
     assert report["request_rounds"] >= 12 and len(report["temperatures"]) == 3 and report["drafter"] == config
@@ -42,7 +43,8 @@ def test_calibrate_records_fits_and_the_drafter_applies_the_temperatures(tmp_pat
     assert report["map"] == "sampled"
     assert (report["method"] == "platt") or report["biases"] == [0.0, 0.0, 0.0]
     assert [row["position"] for row in report["after"]] == [1, 2, 3]
-    assert plot.stat().st_size > 1000
+    assert report["plot"] == (f"{plot}.png" if config == "dspark" else str(plot))
+    assert Path(report["plot"]).stat().st_size > 1000
     saved = json.loads(output.read_text())
     assert saved["temperatures"] == report["temperatures"] and saved["biases"] == report["biases"]
     raw = dspark.build_pipeline(config, overrides=[*setup, "drafter.calibration=null"])
