@@ -90,8 +90,10 @@ def calibrate(config, overrides=(), *, prompts: str = "calibration", num_prompts
         output = str(directory / CALIBRATION_FILE)
     check_output_file("output", output)
     if plot:
-        plot = plot if Path(plot).suffix else f"{plot}.png"  # (what matplotlib writes: the report names it)
         check_output_file("plot", plot)
+        if not Path(plot).suffix:  # (matplotlib writes PNG under name.png: the report names that file)
+            plot = f"{plot}.png"
+            check_output_file("plot", plot)
     existing, greedy = {}, temperature == 0
     if Path(output).is_file():  # its other map is kept; a file the drafters could not read is refused
         load_calibration(output, 1).check_drafter(cfg.drafter.name)  # (one file's maps are one drafter's)
