@@ -11,7 +11,7 @@ import sys
 from dspark.cli.generate import generate_command
 from dspark.cli.serve import serve_command
 from dspark.cli.tasks import (bench_command, calibrate_command, data_build_command, data_regenerate_command,
-                              export_command, profile_command, train_command)
+                              export_command, profile_command, token_counts, train_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure the target's verification steps per second against batch tokens")
     prof.add_argument("--config", default=None, help="a pipeline config (its target is profiled)")
-    prof.add_argument("--tokens", default="1,2,4,8,16,32,64,128", help="token counts to measure, comma-separated")
+    prof.add_argument("--tokens", type=token_counts, default="1,2,4,8,16,32,64,128", help="token counts to measure, comma-separated")
     prof.add_argument("--context-length", type=int, default=256)
     prof.add_argument("--output", default="sps.json")
     prof.add_argument("overrides", nargs="*")

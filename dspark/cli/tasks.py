@@ -91,15 +91,19 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def token_counts(text: str) -> list[int]:
+    """``--tokens 1,2,4``: the token counts of ``dspark profile`` (argparse reports a bad list as a usage error)."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes increasing integers >= 1 separated by commas, e.g. 1,2,4,8; "
+                                         f"got {text!r}") from None
+
+
 def profile_command(args: argparse.Namespace) -> int:
     from dspark.scheduling.recipes import profile
 
-    try:
-        counts = [int(t) for t in args.tokens.split(",")]
-    except ValueError:
-        raise SystemExit(f"dspark profile: --tokens takes increasing integers >= 1 separated by commas, e.g. "
-                         f"1,2,4,8; got {args.tokens!r}") from None
-    table = profile(args.config, args.overrides, token_counts=counts, context_length=args.context_length,
+    table = profile(args.config, args.overrides, token_counts=args.tokens, context_length=args.context_length,
                     output=args.output)
     print("| tokens in the forward | steps/s | tokens/s |")
     print("|---|---|---|")

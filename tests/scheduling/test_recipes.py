@@ -251,8 +251,12 @@ def test_bad_profile_inputs_are_refused_before_the_target_loads(tmp_path, capsys
     for name, value in (("context_length", -1), ("repeats", 0)):
         with pytest.raises(ValueError, match=f"{name} must be an integer >= "):
             profile("ar", **{name: value}, output=str(tmp_path / "p.json"))
-    with pytest.raises(SystemExit, match=r"--tokens takes increasing integers >= 1 separated by commas.*'1,a'"):
-        main(["profile", "--config", "ar", "--tokens", "1,a", "--output", str(tmp_path / "p.json")])
+    for bad in ("1,a", "", "1,,2"):  # a usage error, like any other bad flag: exit status 2, "error:" named
+        with pytest.raises(SystemExit) as exited:
+            main(["profile", "--config", "ar", "--tokens", bad, "--output", str(tmp_path / "p.json")])
+        assert exited.value.code == 2
+        assert (f"dspark profile: error: argument --tokens: takes increasing integers >= 1 separated by commas, "
+                f"e.g. 1,2,4,8; got {bad!r}") in capsys.readouterr().err
     assert main(["profile", "--config", "ar", "--tokens", "0,4", "--output", str(tmp_path / "p.json")]) == 2
     assert "token_counts must be increasing integers >= 1" in capsys.readouterr().err
 
