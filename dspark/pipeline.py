@@ -555,8 +555,6 @@ def build_pipeline(config=None, *, target_model=None, draft_model=None, tokenize
     sampler = sampler_cls(section_object(cfg, "sampler"))
     verifier = verifier_cls(section_object(cfg, "verifier"))
     drafter = drafter_cls(drafter_cfg, target=target, sampler=sampler, draft_model=draft_model)
-    if getattr(drafter, "calibration", None) is not None:  # (a file `dspark calibrate` fitted for another drafter)
-        drafter.calibration.check_drafter(cfg.drafter.name)
     if scheduler_cls.needs_confidence and not drafter.provides_confidence:  # e.g. a checkpoint without the head
         raise ValueError(f"scheduler {cfg.scheduler.name!r} reads draft confidences, which this {cfg.drafter.name!r} "
                          "drafter does not produce (its checkpoint has no confidence head); use scheduler: adaptive "

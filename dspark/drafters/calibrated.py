@@ -8,7 +8,7 @@ File layout: ``{"temperatures": [...], "biases": [...], "greedy": {"temperatures
 at temperature 0, where acceptance is a different event (the draft equals the target's argmax) —
 without it the top-level map applies to both; without a top-level map sampled confidences stay raw.
 ``biases`` may be left out (STS). ``drafter`` (written by ``dspark calibrate``) names the drafter the
-maps were fitted for: a pipeline with another drafter refuses the file; one without it applies to any.
+maps were fitted for: another drafter refuses the file (however it is built); one without it applies to any.
 """
 
 from __future__ import annotations
@@ -112,12 +112,14 @@ def load_calibration(path, positions: int) -> Calibration:
                        drafter, str(path))
 
 
-def find_calibration(source: str | None, checkpoint, positions: int, device=None) -> Calibration | None:
+def find_calibration(source: str | None, checkpoint, positions: int, device=None, *,
+                     drafter: str) -> Calibration | None:
     """The calibration a drafter's ``calibration`` key asks for, on ``device``: ``None`` keeps the
     raw confidences; ``"auto"`` reads ``calibration.json`` beside ``checkpoint`` (a directory or
     embedded name; a network passed in memory has none) when there is one that covers
     ``positions`` (one fitted at a smaller γ is skipped with a warning); any other string is a
-    file to read, which must cover them."""
+    file to read, which must cover them. A file fitted for a drafter other than ``drafter`` (the
+    asking drafter's config name) is refused (:meth:`Calibration.check_drafter`)."""
     from dspark.models.loading import resolve_checkpoint
 
     if source is None:
@@ -129,10 +131,13 @@ def find_calibration(source: str | None, checkpoint, positions: int, device=None
         if not source.is_file():
             return None
         calibration = load_calibration(source, 1)
+        calibration.check_drafter(drafter)
         if calibration.positions < positions:  # fitted at a smaller γ: not an error of the user's
             warnings.warn(f"{source} calibrates {calibration.positions} draft positions, fewer than the {positions} "
                           f"drafted: the confidences stay raw (run `dspark calibrate` at this γ, or name a file with "
                           f"drafter.calibration)", stacklevel=2)
             return None
         return calibration.to(device)
-    return load_calibration(source, positions).to(device)
+    calibration = load_calibration(source, positions)
+    calibration.check_drafter(drafter)
+    return calibration.to(device)

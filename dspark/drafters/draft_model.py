@@ -106,7 +106,8 @@ class DraftModelDrafter(Drafter):
         """What drafting needs besides :attr:`model`: the early stop, the calibration (found beside
         ``checkpoint``, when there is one), the caches (made by :meth:`start`) and the forwards."""
         self.min_survival = check_min_survival(self.config.min_survival)
-        self.calibration = find_calibration(self.config.calibration, checkpoint, self.gamma, self.target.device)
+        self.calibration = find_calibration(self.config.calibration, checkpoint, self.gamma, self.target.device,
+                                            drafter=self.config.name)
         self.cache = self.whole_cache = None  # the rows the rounds run over (a view of whole_cache); every slot's
         self._forward, self._draft_steps, self._static_kv = self.model, self.draft_steps, False
         self._catch_up = self.catch_up

@@ -184,7 +184,7 @@ class DSparkDrafter(Drafter):
         self.cache: StaticKVCache | None = None  # the rows the rounds run over (a view of whole_cache)
         self.whole_cache: StaticKVCache | None = None  # every slot's
         self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
-                                            self.gamma, target.device)
+                                            self.gamma, target.device, drafter=config.name)
         self._draft_block, self._append_round, self._static_kv = self.draft_block, self._append_context, False
         self._block_logits = self.block_logits  # (the backbone alone: rounds with a grammar's masks)
         self._append_and_draft = None  # compiled: a round's append runs in the next round's draft call

@@ -159,7 +159,7 @@ class Eagle3Drafter(Drafter):
                                path=config.path, requested=requested)
         self.head = head.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
         self.calibration = find_calibration(config.calibration, config.path if draft_model is None else draft_model,
-                                            self.gamma, target.device)
+                                            self.gamma, target.device, drafter=config.name)
         self.hidden_layers = tuple(head.args.target_layers)
         self.cache: StaticKVCache | None = None  # the rows the rounds run over (a view of whole_cache)
         self.whole_cache: StaticKVCache | None = None  # every slot's

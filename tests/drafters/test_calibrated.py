@@ -61,3 +61,26 @@ def test_a_file_fitted_for_another_drafter_is_refused(tmp_path):
     beside.write_text(json.dumps({"temperatures": [2.0, 0.5], "drafter": 3}))
     with pytest.raises(ValueError, match="'drafter' must be the name of the drafter"):
         calibration()
+
+
+def test_a_drafter_built_without_a_pipeline_refuses_another_drafters_file_too(tmp_path):
+    """The check lives where the file is read (``find_calibration``), so a drafter class built
+    directly — a user's script, a subclass — refuses a file fitted for another drafter as
+    ``build_pipeline`` does."""
+    from dspark.drafters.draft_model import DraftModelConfig, DraftModelDrafter
+    from dspark.models import load_model
+    from dspark.samplers import DefaultSampler
+
+    draft_dir = tmp_path / "draft"
+    tiny_hf_model("qwen3", seed=1, num_hidden_layers=1).save_pretrained(draft_dir)
+    named = tmp_path / "eagle3_calibration.json"
+    named.write_text(json.dumps({"temperatures": [2.0, 0.5], "drafter": "eagle3"}))
+    (draft_dir / "calibration.json").write_text(named.read_text())
+    target = load_model(tiny_hf_model("qwen3"))
+    for calibration in (str(named), "auto"):
+        with pytest.raises(ValueError, match="fitted for drafter 'eagle3', not for this 'draft_model' drafter"):
+            DraftModelDrafter(DraftModelConfig(path=str(draft_dir), num_speculative_tokens=2, calibration=calibration),
+                              target=target, sampler=DefaultSampler())
+    kept = DraftModelDrafter(DraftModelConfig(path=str(draft_dir), num_speculative_tokens=2, calibration=None),
+                             target=target, sampler=DefaultSampler())
+    assert kept.calibration is None
