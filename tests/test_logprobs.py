@@ -156,7 +156,14 @@ def test_top_logprobs_take_numpy_integers():
     while session.unfinished:
         session.step()
     output = session.result(index)
-    assert (output.top_logprobs, output.prompt_top_logprobs) == (want.top_logprobs[0], want.prompt_top_logprobs[0])
+    # (a session's cache is another size than generate's: its attention sums round differently, by an ulp or so)
+    for got_steps, want_steps in ((output.top_logprobs, want.top_logprobs[0]),
+                                  (output.prompt_top_logprobs, want.prompt_top_logprobs[0])):
+        assert [step is None or len(step) for step in got_steps] == [step is None or len(step) for step in want_steps]
+        got_pairs = [pair for step in got_steps for pair in step or ()]  # (the first prompt token has no scores)
+        want_pairs = [pair for step in want_steps for pair in step or ()]
+        assert [token for token, _ in got_pairs] == [token for token, _ in want_pairs]
+        assert [value for _, value in got_pairs] == pytest.approx([value for _, value in want_pairs], abs=1e-5)
     for bad in (np.bool_(True), np.int64(21), np.float64(2.0)):
         with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 20\]"):
             pipe.generate([[3, 4]], max_new_tokens=2, logprobs=True, top_logprobs=bad)
