@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # (`pytest -n N`: the workers share the cores, not each take all)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU tensors; set before
     os.environ.setdefault("TRITON_INTERPRET", "1")  # any kernel module is imported (decoration reads it)
 from hypothesis import settings
