@@ -24,8 +24,9 @@ class StopStrings:
 
     A token completes a stop string when an occurrence ends in the text it adds. Each new token is
     checked by decoding the request's last few generated tokens with and without it (enough to
-    hold the longest stop string: a character is at most 4 bytes, a token at least one), so the
-    cost per token does not grow with the output.
+    hold the longest stop string: a character is at most 4 bytes, a token at least one; more
+    where special tokens, skipped in the text, leave them short of it), so the cost per token does
+    not grow with the output.
 
     Args:
         tokenizer: anything with ``decode(ids, skip_special_tokens=...)``.
@@ -40,7 +41,8 @@ class StopStrings:
         self.tokenizer, self.stops, self.min_new_tokens = tokenizer, list(stops), min_new_tokens
         self.context = list(prompt[-CONTEXT_TOKENS:])
         self.context = self.context[char_start(tokenizer, self.context):]
-        self.window = 4 * max(len(s) for s in self.stops) + 4
+        self.longest = max(len(s) for s in self.stops)
+        self.window = 4 * self.longest + 4  # tokens: a character is at most 4 bytes, a token at least one
         self.generated: dict[int, list[int]] = {}
 
     def __call__(self, index: int, new_ids: list[int]) -> int | None:
@@ -55,13 +57,21 @@ class StopStrings:
         """Whether ``ids[-1]`` completes a stop string: one occurs in the text of the last tokens and
         ends past the text of those before the new one (whose incomplete last character, if any,
         the new token may finish), beginning in the generated text (the last ``generated`` ids)."""
-        window = ids[-self.window - 1:]
-        window = window[char_start(self.tokenizer, window):]  # (not inside a character's byte tokens)
         # (text of a run of tokens: up to a character they leave incomplete, whose bytes may
         # otherwise decode to U+FFFD together with the characters before it)
         read = lambda x: self.tokenizer.decode(x[:char_end(self.tokenizer, x)], skip_special_tokens=True  # noqa: E731
                                                ).rstrip(REPLACEMENT)
-        before, text = read(window[:-1]), self.tokenizer.decode(window, skip_special_tokens=True)
+        size = self.window
+        while True:
+            window = ids[-size - 1:]
+            window = window[char_start(self.tokenizer, window):]  # (not inside a character's byte tokens)
+            before = read(window[:-1])
+            # a stop string ending in the new text starts at most its length − 1 characters before it:
+            # tokens without text (skipped special tokens) can leave a window of tokens short of that
+            if len(before) >= self.longest or size + 1 >= len(ids):
+                break
+            size *= 2
+        text = self.tokenizer.decode(window, skip_special_tokens=True)
         context = len(window) - generated  # context tokens still in the window
         start = len(read(window[:context])) if context > 0 else 0
         return any(text.find(stop, max(start, len(before) - len(stop) + 1)) >= 0 for stop in self.stops)

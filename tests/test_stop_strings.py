@@ -105,6 +105,24 @@ def test_the_window_is_enough_for_split_characters():
         assert kept == first_completion(tokenizer, ids, [stop]) and stop in tokenizer.decode(ids[:kept])
 
 
+def test_a_stop_string_across_a_run_of_skipped_special_tokens():
+    """Special tokens add no text (they are skipped, as in the output's text), so a run of them
+    longer than the check's window of tokens sat between a stop string's halves and hid it: the
+    window now reaches back until it holds enough text."""
+    from dspark.assets import resolve_model
+    from dspark.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model("dspark-tiny"))
+    special = tokenizer.all_special_ids[0]
+    head, tail = tokenizer.encode("x = add(a, b", add_special_tokens=False), tokenizer.encode(")", add_special_tokens=False)
+    for run in (1, 40, 200):
+        ids = head + [special] * run + tail + head
+        for stop in ("b)", "(a, b)"):
+            check = StopStrings(tokenizer, [stop])
+            kept = next((k for k, token in enumerate(ids, 1) if check(0, [token])), None)
+            assert kept == first_completion(tokenizer, ids, [stop]) == len(head) + run + len(tail), (run, stop)
+
+
 def test_bad_stop_strings_are_refused_before_work():
     pipe = dspark.build_pipeline("ar", overrides=["target.device=cpu"])
     for bad, error, message in (("\n", TypeError, "list of strings"), ([""], ValueError, "non-empty"),
