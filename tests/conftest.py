@@ -10,8 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # (`pytest -n N`: the workers share the cores, not each take all)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU tensors; set before
     os.environ.setdefault("TRITON_INTERPRET", "1")  # any kernel module is imported (decoration reads it)
 from hypothesis import settings
@@ -21,6 +22,12 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from helpers import FAMILIES, tiny_hf_model  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per core available to this process, at most 8 (each worker holds torch,
+    its models and its compiled graphs in memory)."""
+    return max(1, min(CORES, 8))
 
 
 @pytest.fixture(params=FAMILIES)
