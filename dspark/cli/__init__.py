@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure the target's verification steps per second against batch tokens")
     prof.add_argument("--config", default=None, help="a pipeline config (its target is profiled)")
-    prof.add_argument("--tokens", type=token_counts, default="1,2,4,8,16,32,64,128", help="token counts to measure, comma-separated")
+    prof.add_argument("--tokens", type=token_counts, default="1,2,4,8,16,32,64,128",
+                      help="token counts to measure, comma-separated")
     prof.add_argument("--context-length", type=int, default=256)
     prof.add_argument("--output", default="sps.json")
     prof.add_argument("overrides", nargs="*")

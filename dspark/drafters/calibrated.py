@@ -131,13 +131,12 @@ def find_calibration(source: str | None, checkpoint, positions: int, device=None
         if not source.is_file():
             return None
         calibration = load_calibration(source, 1)
-        calibration.check_drafter(drafter)
-        if calibration.positions < positions:  # fitted at a smaller γ: not an error of the user's
-            warnings.warn(f"{source} calibrates {calibration.positions} draft positions, fewer than the {positions} "
-                          f"drafted: the confidences stay raw (run `dspark calibrate` at this γ, or name a file with "
-                          f"drafter.calibration)", stacklevel=2)
-            return None
-        return calibration.to(device)
-    calibration = load_calibration(source, positions)
+    else:
+        calibration = load_calibration(source, positions)  # (a file named must cover them)
     calibration.check_drafter(drafter)
+    if calibration.positions < positions:  # found beside the checkpoint, fitted at a smaller γ: not the user's error
+        warnings.warn(f"{source} calibrates {calibration.positions} draft positions, fewer than the {positions} "
+                      f"drafted: the confidences stay raw (run `dspark calibrate` at this γ, or name a file with "
+                      f"drafter.calibration)", stacklevel=2)
+        return None
     return calibration.to(device)
