@@ -114,7 +114,8 @@ def test_a_stop_string_across_a_run_of_skipped_special_tokens():
 
     tokenizer = load_tokenizer(resolve_model("dspark-tiny"))
     special = tokenizer.all_special_ids[0]
-    head, tail = tokenizer.encode("x = add(a, b", add_special_tokens=False), tokenizer.encode(")", add_special_tokens=False)
+    head = tokenizer.encode("x = add(a, b", add_special_tokens=False)
+    tail = tokenizer.encode(")", add_special_tokens=False)
     for run in (1, 40, 200):
         ids = head + [special] * run + tail + head
         for stop in ("b)", "(a, b)"):
