@@ -79,6 +79,8 @@ def test_caches_made_in_and_out_of_inference_mode_share_compiled_graphs():
         forward(tokens, outside, kv_len=16)
     assert counters["stats"]["unique_graphs"] == before
 
+
+@pytest.mark.inductor_defaults
 def test_compiled_forward_writes_the_cache_in_place():
     """Under torch.compile the cache write is a scatter into the buffer itself: no temporary the
     size of a layer's cache (a write through a view made inductor copy it twice per forward), and
