@@ -105,7 +105,7 @@ class TrainConfig:
 
 #: settings that only some kinds of run read (key → those kinds); another kind refuses them changed from the default
 KIND_KEYS = {"distill_temperature": ("draft",), "ce_weight": ("draft",), "anchors_per_sequence": ("drafter",),
-             "loss_weights": ("drafter",)}
+             "loss_weights": ("drafter",), "teacher": ("draft", "drafter")}  # (a target learns from the data alone)
 
 
 def load_train_config(path=None, overrides=()) -> TrainConfig:

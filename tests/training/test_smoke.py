@@ -135,6 +135,7 @@ def test_settings_the_kind_does_not_read_are_refused():
                                      ([*drafter, "model={architecture: eagle3}", "ce_weight=0.5"], "ce_weight",
                                       "drafter", "draft"),
                                      ([*target, "loss_weights={ce: 1.0}"], "loss_weights", "target", "drafter"),
+                                     ([*target, "teacher=dspark-tiny"], "teacher", "target", "draft and drafter"),
                                      ([*draft, "anchors_per_sequence=4"], "anchors_per_sequence", "draft", "drafter")):
         with pytest.raises(ValueError, match=f"^{key} is read by {readers} runs only, and this is a {kind} run"):
             load_train_config(None, args)
